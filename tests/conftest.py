@@ -1,0 +1,23 @@
+"""Test setup. Triton's interpreter must be switched on before triton is first imported."""
+
+import os
+import shutil
+
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One ffnsplit cache for the whole test session (GGUF conversions are done once)."""
+    path = os.environ.get("FFNSPLIT_TEST_CACHE") or str(tmp_path_factory.mktemp("ffnsplit-cache"))
+    os.environ["FFNSPLIT_CACHE"] = path
+    return path
