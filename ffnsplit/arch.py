@@ -1,0 +1,526 @@
+"""Architecture adapters: where each model family keeps its FFNs, in one canonical form.
+
+Every supported family is described by a `_Family` record (attribute paths relative to one
+repeated layer); `get_ffn_blocks` turns a live model into `FFNBlock`s that read the weights in
+canonical nn.Linear orientation, reorder neurons in place and swap in a replacement FFN. Anything
+not understood (unknown `model_type`, mixture of experts, a layer without the expected FFN, an
+activation other than the canonical ones) raises `UnsupportedModelError`: a model is never
+half-processed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from ffnsplit.errors import UnsupportedModelError
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "silu": nn.functional.silu,
+    "gelu": nn.functional.gelu,
+    "gelu_tanh": lambda t: nn.functional.gelu(t, approximate="tanh"),
+    "relu": nn.functional.relu,
+}
+
+
+def apply_activation(name: str, t: Tensor) -> Tensor:
+    """Apply the canonical activation `name` (one of `ACTIVATIONS`)."""
+    return ACTIVATIONS[name](t)
+
+
+@dataclass
+class FFNParts:
+    """One FFN's weights in canonical nn.Linear orientation (see docs/ARCHITECTURE.md)."""
+
+    up: Tensor  # [I, H]
+    gate: Tensor | None  # [I, H]
+    down: Tensor  # [H, I]
+    up_bias: Tensor | None
+    gate_bias: Tensor | None
+    down_bias: Tensor | None
+    activation: str
+
+    @property
+    def gated(self) -> bool:
+        return self.gate is not None
+
+    @property
+    def hidden_size(self) -> int:
+        return self.up.shape[1]
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.up.shape[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Reference computation y = down(act(gate x) * up x) (or down(act(up x))), in x's dtype."""
+        up = nn.functional.linear(x, self.up.to(x.dtype), _cast(self.up_bias, x.dtype))
+        if self.gate is None:
+            hidden = apply_activation(self.activation, up)
+        else:
+            gate = nn.functional.linear(x, self.gate.to(x.dtype), _cast(self.gate_bias, x.dtype))
+            hidden = apply_activation(self.activation, gate) * up
+        return nn.functional.linear(hidden, self.down.to(x.dtype), _cast(self.down_bias, x.dtype))
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+@dataclass(frozen=True)
+class _Family:
+    """Where one family keeps its FFN. Paths are relative to one repeated layer ("" = the layer).
+
+    `install_at` is the module that receives the FFN input x and is replaced by the new FFN;
+    `identities` are modules turned into nn.Identity so that the replacement's output y passes
+    unchanged through the rest of the layer (for FFNs split over several layer attributes).
+    """
+
+    layer_paths: tuple[str, ...]
+    root: str
+    up: str
+    gate: str | None
+    down: str
+    act: str
+    install_at: str
+    identities: tuple[str, ...] = ()
+    fused_gate_up: bool = False  # up path holds [gate; up] stacked along the output dim (Phi-3)
+    conv1d: bool = False  # GPT-2 Conv1D: weights stored [in, out]
+
+
+_DECODER_PATHS = (
+    "model.layers",
+    "layers",
+    "model.language_model.layers",
+    "language_model.layers",
+)
+_GATED = _Family(
+    layer_paths=_DECODER_PATHS,
+    root="mlp",
+    up="mlp.up_proj",
+    gate="mlp.gate_proj",
+    down="mlp.down_proj",
+    act="mlp.act_fn",
+    install_at="mlp",
+)
+
+_FAMILIES: dict[str, _Family] = {
+    "llama": _GATED,
+    "mistral": _GATED,
+    "qwen2": _GATED,
+    "qwen3": _GATED,
+    "gemma": _GATED,
+    "gemma2": _GATED,
+    "gemma3": _GATED,
+    "gemma3_text": _GATED,
+    # Phi3MLP: gate, up = gate_up_proj(x).chunk(2, dim=-1): the first half of the rows is the gate.
+    "phi3": _Family(
+        layer_paths=_DECODER_PATHS,
+        root="mlp",
+        up="mlp.gate_up_proj",
+        gate=None,
+        down="mlp.down_proj",
+        act="mlp.activation_fn",
+        install_at="mlp",
+        fused_gate_up=True,
+    ),
+    "gpt2": _Family(
+        layer_paths=("transformer.h", "h"),
+        root="mlp",
+        up="mlp.c_fc",
+        gate=None,
+        down="mlp.c_proj",
+        act="mlp.act",
+        install_at="mlp",
+        conv1d=True,
+    ),
+    # OPTDecoderLayer runs fc1 -> activation_fn -> fc2 -> dropout -> + residual inline: the
+    # replacement takes fc1's place and activation_fn, fc2 become identities.
+    "opt": _Family(
+        layer_paths=("model.decoder.layers", "decoder.layers"),
+        root="",
+        up="fc1",
+        gate=None,
+        down="fc2",
+        act="activation_fn",
+        install_at="fc1",
+        identities=("activation_fn", "fc2"),
+    ),
+    "gpt_neox": _Family(
+        layer_paths=("gpt_neox.layers", "layers"),
+        root="mlp",
+        up="mlp.dense_h_to_4h",
+        gate=None,
+        down="mlp.dense_4h_to_h",
+        act="mlp.act",
+        install_at="mlp",
+    ),
+    # BertLayer: output(intermediate(x), x) with intermediate = act(dense x) and
+    # output = LayerNorm(dropout(dense a) + x): the replacement takes intermediate's place and
+    # output.dense becomes an identity, so dropout, residual and LayerNorm stay as they were.
+    "bert": _Family(
+        layer_paths=("bert.encoder.layer", "encoder.layer"),
+        root="",
+        up="intermediate.dense",
+        gate=None,
+        down="output.dense",
+        act="intermediate.intermediate_act_fn",
+        install_at="intermediate",
+        identities=("output.dense",),
+    ),
+}
+
+_MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def supported_families() -> list[str]:
+    """The `config.model_type` values ffnsplit can process."""
+    return sorted(_FAMILIES)
+
+
+def _unsupported(reason: str) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"{reason}; ffnsplit supports dense FFNs of: {', '.join(supported_families())}"
+    )
+
+
+def _family(model: nn.Module) -> tuple[str, _Family]:
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type is None:
+        raise _unsupported(f"{type(model).__name__} has no Hugging Face config with a model_type")
+    if model_type not in _FAMILIES:
+        raise _unsupported(f"model type {model_type!r} is not supported")
+    for cfg in {id(config): config, id(c := config.get_text_config()): c}.values():
+        for key in _MOE_KEYS:
+            experts = getattr(cfg, key, None)
+            if isinstance(experts, int) and experts > 0:
+                raise _unsupported(
+                    f"model type {model_type!r} with {key}={experts} is a mixture of experts"
+                )
+    return model_type, _FAMILIES[model_type]
+
+
+def _find_layers(model: nn.Module, model_type: str, family: _Family) -> tuple[str, nn.ModuleList]:
+    for path in family.layer_paths:
+        try:
+            layers = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            return path, layers
+    raise _unsupported(
+        f"{type(model).__name__} ({model_type!r}) has none of the layer lists "
+        f"{', '.join(family.layer_paths)}"
+    )
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's repeated transformer layers, in order (for layer-by-layer calibration)."""
+    model_type, family = _family(model)
+    return _find_layers(model, model_type, family)[1]
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def _split_path(path: str) -> tuple[str, str]:
+    parent, _, attr = path.rpartition(".")
+    return parent, attr
+
+
+_PROBE = torch.linspace(-10.0, 10.0, 4001, dtype=torch.float32)
+
+
+def _identify_activation(act: nn.Module | Callable[[Tensor], Tensor], where: str) -> str:
+    """Canonical name of a live activation, found by comparing outputs on a fixed probe.
+
+    Probing covers every Hugging Face spelling (silu/swish, gelu_new/gelu_pytorch_tanh/gelu_fast,
+    ...) in every transformers version; anything not equal to a canonical activation to fp32
+    rounding (quick_gelu, gelu_10, relu2, ...) is unsupported.
+    """
+    label = type(act).__name__
+    if isinstance(act, nn.Module) and any(True for _ in act.parameters()):
+        raise _unsupported(f"{where}: activation {label} has learned parameters")
+    with torch.no_grad():
+        out = act(_PROBE.clone())
+        for name in ACTIVATIONS:
+            if torch.allclose(out, apply_activation(name, _PROBE), rtol=1e-5, atol=1e-6):
+                return name
+    raise _unsupported(f"{where}: activation {label} is not one of {', '.join(ACTIVATIONS)}")
+
+
+@dataclass
+class FFNBlock:
+    """One FFN of a live model: read its canonical parts, reorder its neurons, replace it."""
+
+    layer: int
+    name: str
+    module: nn.Module
+    down_module: nn.Module
+    up_input_module: nn.Module
+    _layer_module: nn.Module
+    _family: _Family
+    _activation: str
+    _installed: bool = False
+
+    def _sub(self, path: str) -> nn.Module:
+        return self._layer_module.get_submodule(path)
+
+    def _weights(self) -> FFNParts:
+        """Canonical views of the live weights (no copy except the Conv1D transpose)."""
+        family = self._family
+        up_mod, down_mod = self._sub(family.up), self._sub(family.down)
+        up_w, down_w = up_mod.weight, down_mod.weight
+        if family.conv1d:
+            up_w, down_w = up_w.t(), down_w.t()
+        up_b, down_b = up_mod.bias, down_mod.bias
+        gate_w = gate_b = None
+        if family.fused_gate_up:
+            size = up_w.shape[0] // 2
+            gate_w, up_w = up_w[:size], up_w[size:]
+            if up_b is not None:
+                gate_b, up_b = up_b[:size], up_b[size:]
+        elif family.gate is not None:
+            gate_mod = self._sub(family.gate)
+            gate_w, gate_b = gate_mod.weight, gate_mod.bias
+        return FFNParts(
+            up=up_w,
+            gate=gate_w,
+            down=down_w,
+            up_bias=up_b,
+            gate_bias=gate_b,
+            down_bias=down_b,
+            activation=self._activation,
+        )
+
+    def _check_live(self) -> None:
+        if self._installed:
+            raise RuntimeError(f"{self.name}: the FFN was replaced; get the blocks again")
+
+    def parts(self) -> FFNParts:
+        """Detached clones of the weights in canonical orientation, in the dtype they are stored."""
+        self._check_live()
+        live = self._weights()
+
+        def copy(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.detach().clone().contiguous()
+
+        return FFNParts(
+            up=copy(live.up),
+            gate=copy(live.gate),
+            down=copy(live.down),
+            up_bias=copy(live.up_bias),
+            gate_bias=copy(live.gate_bias),
+            down_bias=copy(live.down_bias),
+            activation=live.activation,
+        )
+
+    def permute_(self, perm: Tensor) -> None:
+        """Reorder the intermediate neurons in place: new neuron i is old neuron perm[i].
+
+        Rows of up/gate (and their biases) and columns of down move together, so the FFN's
+        function is unchanged. The Parameters keep their identity (data is copied in place).
+        """
+        self._check_live()
+        family = self._family
+        size = self._weights().intermediate_size
+        perm = torch.as_tensor(perm, dtype=torch.long)
+        if perm.shape != (size,) or not torch.equal(perm.sort().values, torch.arange(size)):
+            raise ValueError(f"{self.name}: perm must be a permutation of range({size})")
+        up_mod, down_mod = self._sub(family.up), self._sub(family.down)
+        up_rows = torch.cat([perm, perm + size]) if family.fused_gate_up else perm
+        with torch.no_grad():
+            up_dim, down_dim = (1, 0) if family.conv1d else (0, 1)
+            _permute_param(up_mod.weight, up_rows, up_dim)
+            if up_mod.bias is not None:
+                _permute_param(up_mod.bias, up_rows, 0)
+            if family.gate is not None:
+                gate_mod = self._sub(family.gate)
+                _permute_param(gate_mod.weight, perm, 0)
+                if gate_mod.bias is not None:
+                    _permute_param(gate_mod.bias, perm, 0)
+            _permute_param(down_mod.weight, perm, down_dim)
+
+    def install(self, replacement: nn.Module) -> None:
+        """Put `replacement` (x [..., H] -> y [..., H], down bias included) in the FFN's place.
+
+        Whole-FFN modules (llama `mlp`, gpt2 `mlp`, ...) are swapped in their parent. For FFNs
+        spread over a layer (OPT, BERT), the replacement takes the place of the module that
+        receives x and the rest of the FFN path becomes nn.Identity (see `_FAMILIES`).
+        """
+        self._check_live()
+        family = self._family
+        for path in (family.install_at, *family.identities):
+            new = replacement if path == family.install_at else nn.Identity()
+            parent, attr = _split_path(path)
+            setattr(self._sub(parent), attr, new)
+        if family.root == family.install_at:
+            self.module = replacement
+        self.up_input_module = replacement
+        self._installed = True
+
+
+def _permute_param(param: Tensor, index: Tensor, dim: int) -> None:
+    param.copy_(param.index_select(dim, index.to(param.device)))
+
+
+def _check_linear(mod: nn.Module, out_features: int | None, in_features: int | None, conv1d: bool):
+    """Return (out, in) of a Linear / Conv1D, or None when it is not one (or shapes mismatch)."""
+    kind = Conv1D if conv1d else nn.Linear
+    if type(mod) is not kind or not mod.weight.is_floating_point():
+        return None
+    out, inp = (mod.weight.shape[1], mod.weight.shape[0]) if conv1d else tuple(mod.weight.shape)
+    if (out_features is not None and out != out_features) or (
+        in_features is not None and inp != in_features
+    ):
+        return None
+    return out, inp
+
+
+def _make_block(
+    index: int, prefix: str, layer: nn.Module, family: _Family, hidden_size: int | None
+) -> FFNBlock:
+    def find(path: str) -> nn.Module | None:
+        try:
+            return layer.get_submodule(path)
+        except AttributeError:
+            return None
+
+    up_mod, down_mod, act = find(family.up), find(family.down), find(family.act)
+    up_shape = None if up_mod is None else _check_linear(up_mod, None, hidden_size, family.conv1d)
+    ok = up_shape is not None and act is not None
+    if ok:
+        rows = up_shape[0]
+        size = rows // 2 if family.fused_gate_up else rows
+        ok = (not family.fused_gate_up or rows % 2 == 0) and down_mod is not None
+        ok = ok and _check_linear(down_mod, up_shape[1], size, family.conv1d) is not None
+        if family.gate is not None:
+            gate_mod = find(family.gate)
+            ok = ok and gate_mod is not None
+            ok = ok and _check_linear(gate_mod, size, up_shape[1], family.conv1d) is not None
+    if not ok:
+        expected = ", ".join(p for p in (family.up, family.gate, family.down) if p)
+        raise _unsupported(
+            f"layer {index} ({prefix}) lacks the expected dense FFN ({expected}); "
+            "it may be a mixture of experts or already compressed"
+        )
+    name = _join(prefix, family.root)
+    return FFNBlock(
+        layer=index,
+        name=name,
+        module=layer.get_submodule(family.root),
+        down_module=down_mod,
+        up_input_module=layer.get_submodule(family.install_at),
+        _layer_module=layer,
+        _family=family,
+        _activation=_identify_activation(act, name),
+    )
+
+
+def get_ffn_blocks(model: nn.Module) -> list[FFNBlock]:
+    """Every FFN of the model, in layer order; raises UnsupportedModelError if any is not dense."""
+    model_type, family = _family(model)
+    path, layers = _find_layers(model, model_type, family)
+    blocks: list[FFNBlock] = []
+    hidden_size = None
+    for index, layer in enumerate(layers):
+        block = _make_block(index, f"{path}.{index}", layer, family, hidden_size)
+        hidden_size = block._weights().hidden_size
+        blocks.append(block)
+    return blocks
+
+
+_VOLATILE_CONFIG_KEYS = frozenset(
+    {
+        "transformers_version",
+        "_name_or_path",
+        "name_or_path",
+        "torch_dtype",
+        "dtype",
+        "_commit_hash",
+        "_attn_implementation",
+        "_attn_implementation_autoset",
+        "attn_implementation",
+        "use_cache",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+    }
+)
+
+
+def _stable(value: object) -> object:
+    if isinstance(value, dict):
+        return {k: _stable(v) for k, v in value.items() if k not in _VOLATILE_CONFIG_KEYS}
+    if isinstance(value, list):
+        return [_stable(v) for v in value]
+    return value
+
+
+def _hash_tensor(digest: hashlib._Hash, t: Tensor | None) -> None:
+    if t is None:
+        digest.update(b"none")
+        return
+    t = t.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    digest.update(json.dumps(list(t.shape)).encode())
+    digest.update(t.view(torch.uint8).numpy().data)
+
+
+def model_fingerprint(model: nn.Module) -> dict:
+    """Identify a model: family, config hash, FFN shapes and a checksum of the FFN weights.
+
+    Stable across save_pretrained / from_pretrained and dtype casts that keep the values
+    (weights are hashed as float32, canonical orientation). JSON-serializable.
+    """
+    blocks = get_ffn_blocks(model)
+    config = json.loads(model.config.to_json_string())
+    config_hash = hashlib.sha256(json.dumps(_stable(config), sort_keys=True).encode())
+    weights_hash = hashlib.sha256()
+    for block in blocks:
+        parts = block._weights()
+        weights_hash.update(parts.activation.encode())
+        for t in (
+            parts.up,
+            parts.gate,
+            parts.down,
+            parts.up_bias,
+            parts.gate_bias,
+            parts.down_bias,
+        ):
+            _hash_tensor(weights_hash, t)
+    first = blocks[0]._weights()
+    return {
+        "model_type": model.config.model_type,
+        "config_sha256": config_hash.hexdigest(),
+        "num_ffn_blocks": len(blocks),
+        "hidden_size": first.hidden_size,
+        "intermediate_sizes": [b._weights().intermediate_size for b in blocks],
+        "ffn_sha256": weights_hash.hexdigest(),
+    }
+
+
+def fingerprint_matches(a: dict, b: dict) -> bool:
+    """True when two fingerprints describe the same model (same config and FFN weights)."""
+    keys = (
+        "model_type",
+        "config_sha256",
+        "num_ffn_blocks",
+        "hidden_size",
+        "intermediate_sizes",
+        "ffn_sha256",
+    )
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def fingerprint_id(fingerprint: dict) -> str:
+    """A short (12 hex) id of a fingerprint, for messages."""
+    text = json.dumps(fingerprint, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
