@@ -236,7 +236,8 @@ def _split_path(path: str) -> tuple[str, str]:
     return parent, attr
 
 
-_PROBE = torch.linspace(-10.0, 10.0, 4001, dtype=torch.float32)
+# Dense near 0 where the activations differ most, wide enough to catch clipped variants (gelu_10).
+_PROBE = torch.cat([torch.linspace(-8.0, 8.0, 4001), torch.linspace(-1e3, 1e3, 2001)])
 
 
 def _identify_activation(act: nn.Module | Callable[[Tensor], Tensor], where: str) -> str:
@@ -441,6 +442,7 @@ def get_ffn_blocks(model: nn.Module) -> list[FFNBlock]:
 _VOLATILE_CONFIG_KEYS = frozenset(
     {
         "transformers_version",
+        "architectures",
         "_name_or_path",
         "name_or_path",
         "torch_dtype",

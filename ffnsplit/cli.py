@@ -1,0 +1,167 @@
+"""The `ffnsplit` command line: thin typer commands over `ffnsplit.api`, rich output, one-line errors."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="ffnsplit",
+    help="Split transformer FFNs into heavy-hitter neurons (kept fp16) and light neurons "
+    "(compressed hard); profile, compress, evaluate and benchmark.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+ModelArg = Annotated[
+    str,
+    typer.Argument(
+        help="Packaged model short name (smollm2-135m, gemma3-270m, minilm-l6), a local HF folder, "
+        "a compressed ffnsplit folder, or a cached hub id."
+    ),
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")]
+DtypeOpt = Annotated[
+    str, typer.Option("--dtype", help="Compute dtype: auto (as stored), float32, float16, bfloat16.")
+]
+TrustOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code", help="Allow models whose code lives in their folder (runs that code)."
+    ),
+]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def friendly_errors(func):
+    """Turn every failure into one line on stderr and a non-zero exit; never a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        from ffnsplit.errors import FFNSplitError
+        from ffnsplit.runtime import is_out_of_memory
+
+        try:
+            return func(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except FFNSplitError as exc:
+            _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, exc.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted: nothing was left half-written", 130)
+        except FileNotFoundError as exc:
+            _fail(f"no such file or folder: {exc.filename or exc}: check the path")
+        except PermissionError as exc:
+            _fail(f"permission denied: {exc.filename or exc}: check the file's permissions")
+        except IsADirectoryError as exc:
+            _fail(f"{exc.filename} is a folder where a file was expected")
+        except Exception as exc:  # noqa: BLE001 - the last line of defence for the CLI
+            if is_out_of_memory(exc):
+                _fail(
+                    "out of memory: lower --batch-size, use --sequential (one layer on the GPU "
+                    "at a time) or another --device"
+                )
+            if os.environ.get("FFNSPLIT_DEBUG"):
+                raise
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            _fail(
+                f"internal error ({type(exc).__name__}: {first[:300]}); "
+                "rerun with FFNSPLIT_DEBUG=1 for the traceback and report it",
+                1,
+            )
+
+    return wrapper
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    from ffnsplit.fsutil import atomic_write_text
+
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+@app.command("models")
+@friendly_errors
+def models_command() -> None:
+    """List the packaged models: family, parameters, FFN share, cached or not."""
+    from rich.table import Table
+
+    from ffnsplit.models import DEFAULT_MODEL, packaged_models
+
+    table = Table(title="Packaged models (no download needed)")
+    for column in ("name", "family", "parameters", "FFN share", "installed", "cached"):
+        table.add_column(column, justify="right" if column in ("parameters", "FFN share") else "left")
+    for info in packaged_models():
+        name = info.name + (" (default)" if info.name == DEFAULT_MODEL else "")
+        params = f"{info.parameters / 1e6:.1f} M" if info.parameters else "-"
+        share = f"{info.ffn_share:.1%}" if info.ffn_share is not None else "-"
+        installed = "yes" if info.installed else f"no: {info.install}"
+        cached = "yes" if info.cached else "no (converted on first use)"
+        table.add_row(name, info.family, params, share, installed, cached)
+    console.print(table)
+
+
+@app.command("info")
+@friendly_errors
+def info_command(
+    model: ModelArg = "smollm2-135m",
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """Per-layer FFN table (shapes, activation, dtype, parameters) and the FFN share of the model."""
+    from rich.table import Table
+
+    from ffnsplit.api import model_info, open_model
+
+    loaded, _ = open_model(model, trust_remote_code=trust_remote_code)
+    info = model_info(loaded)
+    table = Table(title=f"{model}: {info.model_type}, {len(info.layers)} FFN blocks")
+    for column in ("layer", "module", "kind", "H -> I", "act", "gated", "dtype", "params", "bytes"):
+        table.add_column(column, justify="right" if column in ("layer", "params", "bytes") else "left")
+    for layer in info.layers:
+        table.add_row(
+            str(layer.layer),
+            layer.name,
+            layer.kind,
+            f"{layer.hidden_size} -> {layer.intermediate_size}",
+            layer.activation,
+            "yes" if layer.gated else "no",
+            layer.dtype,
+            f"{layer.parameters:,}",
+            _human_bytes(layer.nbytes),
+        )
+    console.print(table)
+    console.print(
+        f"FFN: {info.ffn_parameters:,} of {info.total_parameters:,} parameters "
+        f"([bold]{info.ffn_parameters / info.total_parameters:.1%}[/]), "
+        f"{_human_bytes(info.ffn_bytes)} of {_human_bytes(info.total_bytes)} weight bytes "
+        f"([bold]{info.ffn_bytes / info.total_bytes:.1%}[/])"
+    )
+
+
+def main() -> None:  # pragma: no cover - console entry point alias
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,834 @@
+"""Profile the FFN neurons of a model on calibration text: which few carry most of the output.
+
+Definitions (per FFN layer with intermediate size I; every position of every calibration block is a
+token t = 1..T, there is no padding). `a_t` in R^I is the input of the down projection for token t
+(act(gate x) * up x, or act(up x)), taken in the dtype the model runs in and converted to float32
+before any arithmetic; `c_i = ||W_down[:, i]||_2` is the norm of neuron i's down column, computed
+once in float32. All sums are float32 running sums over every token.
+
+- `out_norm_mean[i]`  = (1/T) sum_t |a_ti| c_i: mean norm of neuron i's contribution a_ti W_down[:, i]
+  to the FFN output (the FFSplit heavy-hitter score).
+- `abs_mean[i]`       = (1/T) sum_t |a_ti|
+- `abs_max[i]`        = max_t |a_ti|
+- `sq_mean[i]`        = (1/T) sum_t a_ti^2
+- `topk_freq[i]`      = (1/T) #{t : i is among the k = ceil(topk_fraction * I) neurons with the
+  largest |a_ti| c_i for token t} (exactly k per token; ties broken by torch.topk).
+- `out_norm_mean_first_half` / `out_norm_mean_second_half`: `out_norm_mean` over the first
+  floor(n_blocks / 2) calibration blocks / over the remaining blocks (disjoint token sets).
+- `down_col_norm[i]`  = c_i.
+
+Summaries: the *top-p share* of a layer is the sum of `out_norm_mean` over its ceil(p * I) largest
+neurons divided by the sum over all I; the *overlap at p* is |A & B| / |A| where A and B are the
+ceil(p * I) neurons with the largest `out_norm_mean_first_half` and `out_norm_mean_second_half`.
+
+Statistics are gathered by forward pre-hooks on each FFN's down projection (always removed). A
+model larger than the GPU is run layer by layer (`sequential=True`): only one decoder layer and the
+calibration activations are on the device at a time, as in llm-compressor's sequential pipeline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import struct
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import Progress, ProgressColumn, Task
+from rich.table import Table
+from rich.text import Text
+from torch import Tensor, nn
+
+from ffnsplit import __version__
+from ffnsplit.arch import (
+    FFNBlock,
+    decoder_layers,
+    fingerprint_id,
+    fingerprint_matches,
+    get_ffn_blocks,
+    model_fingerprint,
+)
+from ffnsplit.errors import CheckpointError, NumericalError, OptionError
+from ffnsplit.fsutil import atomic_path
+from ffnsplit.runtime import dtype_name, resolve_device, resolve_dtype
+
+PROFILE_FORMAT_VERSION = 1
+HEADER_KEY = "ffnsplit"
+PROFILE_KIND = "ffnsplit-profile"
+SHARE_FRACTIONS = (0.01, 0.05, 0.10)
+
+DEFINITIONS: dict[str, str] = {
+    "out_norm_mean": "(1/T) sum_t |a_ti| * ||W_down[:, i]||_2",
+    "abs_mean": "(1/T) sum_t |a_ti|",
+    "abs_max": "max_t |a_ti|",
+    "sq_mean": "(1/T) sum_t a_ti^2",
+    "topk_freq": "(1/T) #{t: i in the ceil(topk_fraction * I) largest |a_ti| * ||W_down[:, i]||_2}",
+    "out_norm_mean_first_half": "out_norm_mean over the first floor(n_blocks / 2) blocks",
+    "out_norm_mean_second_half": "out_norm_mean over the remaining blocks",
+    "down_col_norm": "||W_down[:, i]||_2",
+    "a": "input of the down projection, converted to float32; T = all calibration tokens",
+}
+
+# Score names accepted by `heavy_indices` and friends -> stored statistic.
+SCORES: dict[str, str] = {
+    "out_norm": "out_norm_mean",
+    "abs_mean": "abs_mean",
+    "abs_max": "abs_max",
+    "sq_mean": "sq_mean",
+    "topk_freq": "topk_freq",
+    "weight_norm": "down_col_norm",
+}
+
+ProgressCallback = Callable[[float, int], None]
+
+
+@dataclass
+class LayerStats:
+    """Per-neuron float32 statistics of one FFN (see the module docstring for definitions)."""
+
+    name: str
+    out_norm_mean: Tensor
+    abs_mean: Tensor
+    abs_max: Tensor
+    sq_mean: Tensor
+    topk_freq: Tensor
+    out_norm_mean_first_half: Tensor
+    out_norm_mean_second_half: Tensor
+    down_col_norm: Tensor
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.out_norm_mean.numel()
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "name"}
+
+
+STAT_NAMES: tuple[str, ...] = tuple(f.name for f in fields(LayerStats) if f.name != "name")
+
+
+def _count(fraction: float, size: int) -> int:
+    """Number of neurons in the top `fraction` of `size`: ceil, within [0, size]."""
+    if not 0.0 <= fraction <= 1.0:
+        raise OptionError(f"fraction {fraction} is out of range: use a value in [0, 1]")
+    return min(size, math.ceil(fraction * size - 1e-9))
+
+
+@dataclass
+class Profile:
+    """Per-layer neuron statistics of a model on calibration text, plus what produced them."""
+
+    layers: list[LayerStats]
+    meta: dict[str, Any]
+
+    # ----- queries -----
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def fingerprint(self) -> dict:
+        return self.meta["model"]
+
+    def score(self, layer: int, score: str = "out_norm") -> Tensor:
+        """The per-neuron score `score` (a key of SCORES) of FFN layer `layer`."""
+        if score not in SCORES:
+            raise OptionError(f"unknown score {score!r}: choose one of {', '.join(SCORES)}")
+        return getattr(self.layers[layer], SCORES[score])
+
+    def heavy_indices(
+        self,
+        layer: int,
+        fraction: float | None = None,
+        share: float | None = None,
+        score: str = "out_norm",
+    ) -> Tensor:
+        """Heavy neurons of `layer`, sorted by score descending.
+
+        Either the top `fraction` of the neurons (ceil(fraction * I) of them), or the fewest
+        neurons whose scores add up to at least `share` of the layer's total score.
+        """
+        if (fraction is None) == (share is None):
+            raise OptionError("give exactly one of a heavy fraction or a heavy share")
+        values = self.score(layer, score)
+        order = torch.argsort(values, descending=True, stable=True)
+        if fraction is not None:
+            return order[: _count(fraction, values.numel())]
+        if not 0.0 <= share <= 1.0:
+            raise OptionError(f"heavy share {share} is out of range: use a value in [0, 1]")
+        if share == 0.0:
+            return order[:0]
+        cumulative = torch.cumsum(values[order].double(), 0)
+        target = share * cumulative[-1].item()
+        count = int(torch.searchsorted(cumulative, torch.tensor([target], dtype=torch.float64)))
+        return order[: min(values.numel(), count + 1)]
+
+    def top_share(self, layer: int, fraction: float, score: str = "out_norm") -> float:
+        """Share of the layer's total score carried by its top `fraction` of neurons."""
+        values = self.score(layer, score).double()
+        total = values.sum().item()
+        top = torch.topk(values, _count(fraction, values.numel())).values.sum().item()
+        return top / total if total > 0 else 0.0
+
+    def overlap(self, layer: int, fraction: float) -> float:
+        """|A & B| / |A| of the top-`fraction` sets by output norm on the two calibration halves."""
+        stats = self.layers[layer]
+        k = _count(fraction, stats.intermediate_size)
+        if k == 0:
+            return 1.0
+        first = torch.topk(stats.out_norm_mean_first_half, k).indices
+        second = torch.topk(stats.out_norm_mean_second_half, k).indices
+        return torch.isin(first, second).sum().item() / k
+
+    def summary_rows(self) -> list[dict[str, Any]]:
+        """One JSON-able row per layer: size, top-1/5/10% shares, overlaps, max |a|."""
+        rows = []
+        for index, stats in enumerate(self.layers):
+            row: dict[str, Any] = {
+                "layer": index,
+                "name": stats.name,
+                "intermediate_size": stats.intermediate_size,
+            }
+            for fraction in SHARE_FRACTIONS:
+                row[f"top{round(fraction * 100)}_share"] = self.top_share(index, fraction)
+            for fraction in SHARE_FRACTIONS:
+                row[f"overlap{round(fraction * 100)}"] = self.overlap(index, fraction)
+            row["abs_max"] = stats.abs_max.max().item()
+            rows.append(row)
+        return rows
+
+    # ----- checks -----
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse a model other than the one this profile was made for (CheckpointError)."""
+        current = model_fingerprint(model)
+        if not fingerprint_matches(self.fingerprint, current):
+            raise CheckpointError(
+                f"profile.safetensors was made for another model (fingerprint "
+                f"{fingerprint_id(self.fingerprint)}, this model {fingerprint_id(current)}): "
+                "run ffnsplit profile on this model"
+            )
+
+    # ----- files -----
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a safetensors file (keys `layer.{i}.{stat}`) with a JSON header; atomic."""
+        from safetensors.torch import save
+
+        tensors = {
+            f"layer.{index}.{name}": tensor.detach().to("cpu", torch.float32).contiguous()
+            for index, stats in enumerate(self.layers)
+            for name, tensor in stats.tensors().items()
+        }
+        header = {
+            **self.meta,
+            "kind": PROFILE_KIND,
+            "format_version": PROFILE_FORMAT_VERSION,
+            "ffnsplit_version": __version__,
+            "layers": [
+                {"name": s.name, "intermediate_size": s.intermediate_size} for s in self.layers
+            ],
+            "checksum": _checksum(tensors),
+        }
+        data = save(tensors, metadata={HEADER_KEY: json.dumps(header, sort_keys=True)})
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(data)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Profile:
+        """Read and validate a profile written by `save`; any defect is a one-line CheckpointError."""
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"no profile at {path}: run ffnsplit profile first")
+        data = path.read_bytes()
+        header = _read_header(data, path)
+        tensors = _read_tensors(data, path)
+        if header.get("checksum") != _checksum(tensors):
+            raise CheckpointError(
+                f"{path} is corrupt (checksum mismatch): run ffnsplit profile again"
+            )
+        layers = []
+        try:
+            for index, layer in enumerate(header["layers"]):
+                size = int(layer["intermediate_size"])
+                stats = {}
+                for name in STAT_NAMES:
+                    tensor = tensors.pop(f"layer.{index}.{name}")
+                    if tensor.shape != (size,) or tensor.dtype != torch.float32:
+                        raise ValueError(f"layer.{index}.{name} has shape {tuple(tensor.shape)}")
+                    stats[name] = tensor
+                layers.append(LayerStats(name=str(layer["name"]), **stats))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(
+                f"{path} is not a valid profile ({exc}): run ffnsplit profile again"
+            ) from None
+        if tensors:
+            raise CheckpointError(
+                f"{path} has unexpected tensors ({next(iter(tensors))}): run ffnsplit profile again"
+            )
+        meta = {k: v for k, v in header.items() if k not in ("layers", "checksum", "kind")}
+        return cls(layers=layers, meta=meta)
+
+
+def _checksum(tensors: dict[str, Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        digest.update(key.encode())
+        digest.update(tensors[key].contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _read_header(data: bytes, path: Path) -> dict:
+    corrupt = CheckpointError(
+        f"{path} is truncated or not a profile file: run ffnsplit profile again"
+    )
+    if len(data) < 8:
+        raise corrupt
+    (length,) = struct.unpack("<Q", data[:8])
+    if length > len(data) - 8:
+        raise corrupt
+    try:
+        raw = json.loads(data[8 : 8 + length])
+        header = json.loads(raw["__metadata__"][HEADER_KEY])
+    except (ValueError, KeyError, TypeError):
+        raise corrupt from None
+    if not isinstance(header, dict) or header.get("kind") != PROFILE_KIND:
+        raise corrupt
+    version = header.get("format_version")
+    if not isinstance(version, int):
+        raise corrupt
+    if version > PROFILE_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} was written by a newer ffnsplit ({header.get('ffnsplit_version')}, profile "
+            f"format {version}; this ffnsplit {__version__} reads up to {PROFILE_FORMAT_VERSION}): "
+            "upgrade ffnsplit"
+        )
+    return header
+
+
+def _read_tensors(data: bytes, path: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load
+
+    try:
+        return load(data)
+    except Exception:  # noqa: BLE001 - safetensors raises its own error types for bad files
+        raise CheckpointError(
+            f"{path} is truncated or corrupt: run ffnsplit profile again"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics collection
+
+
+class _RunState:
+    """Which calibration half the batch being run belongs to (read by the hooks)."""
+
+    half = 0
+
+
+class _Accumulator:
+    """Forward pre-hook on one down projection: float32 running sums, accumulated on the device."""
+
+    # Tokens per chunk so that one float32 [chunk, I] temporary stays near 256 MiB.
+    CHUNK_ELEMENTS = 1 << 26
+
+    def __init__(self, block: FFNBlock, topk_fraction: float, state: _RunState) -> None:
+        self.block = block
+        self.topk_fraction = topk_fraction
+        self.state = state
+        self.tokens = [0, 0]
+        self.col_norm: Tensor | None = None
+
+    def _init(self, size: int, device: torch.device) -> None:
+        down = self.block.down_module
+        weight = getattr(down, "weight", None)
+        if isinstance(down, nn.Linear) and weight.shape[1] == size:
+            col = weight.detach()
+        else:
+            col = self.block.parts().down
+        self.col_norm = torch.linalg.vector_norm(col.to(device), dim=0, dtype=torch.float32)
+        self.k = max(1, math.ceil(self.topk_fraction * size - 1e-9))
+        self.abs_sum = torch.zeros(2, size, dtype=torch.float32, device=device)
+        self.sq_sum = torch.zeros(size, dtype=torch.float32, device=device)
+        self.abs_max = torch.zeros(size, dtype=torch.float32, device=device)
+        self.topk_count = torch.zeros(size, dtype=torch.int64, device=device)
+        self.chunk = max(1, self.CHUNK_ELEMENTS // size)
+        self.ones = torch.ones(self.chunk * self.k, dtype=torch.int64, device=device)
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        a = args[0].detach()
+        size = a.shape[-1]
+        if self.col_norm is None:
+            self._init(size, a.device)
+        elif self.col_norm.device != a.device:
+            self._move(a.device)
+        flat = a.reshape(-1, size)
+        half = self.state.half
+        for chunk in flat.split(self.chunk):
+            magnitude = chunk.abs()
+            self.abs_sum[half] += magnitude.sum(0, dtype=torch.float32)
+            torch.maximum(self.abs_max, magnitude.amax(0), out=self.abs_max)
+            self.sq_sum += torch.linalg.vector_norm(chunk, dim=0, dtype=torch.float32).square_()
+            out_norm = torch.mul(magnitude, self.col_norm)  # promotes to float32
+            top = out_norm.topk(self.k, dim=1, sorted=False).indices.reshape(-1)
+            self.topk_count.index_add_(0, top, self.ones[: top.numel()])
+        self.tokens[half] += flat.shape[0]
+
+    def _move(self, device: torch.device) -> None:
+        for name in ("col_norm", "abs_sum", "sq_sum", "abs_max", "topk_count", "ones"):
+            setattr(self, name, getattr(self, name).to(device))
+
+    def finite(self) -> Tensor:
+        """A 0-d bool tensor on the device: no NaN/Inf reached the sums so far."""
+        if self.col_norm is None:
+            return torch.tensor(True)
+        return torch.isfinite(self.abs_sum).all()
+
+    def result(self) -> LayerStats:
+        total = sum(self.tokens)
+        if self.col_norm is None or min(self.tokens) == 0:
+            raise RuntimeError(f"{self.block.name}: the FFN saw tokens {self.tokens} per half")
+        abs_sum = self.abs_sum.cpu()
+        col = self.col_norm.cpu()
+        return LayerStats(
+            name=self.block.name,
+            out_norm_mean=abs_sum.sum(0) / total * col,
+            abs_mean=abs_sum.sum(0) / total,
+            abs_max=self.abs_max.cpu().clone(),
+            sq_mean=self.sq_sum.cpu() / total,
+            topk_freq=(self.topk_count.cpu().double() / total).float(),
+            out_norm_mean_first_half=abs_sum[0] / self.tokens[0] * col,
+            out_norm_mean_second_half=abs_sum[1] / self.tokens[1] * col,
+            down_col_norm=col.clone(),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Running calibration batches (whole model, or one decoder layer at a time)
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass early (after the last decoder layer)."""
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+def _module_bytes(module: nn.Module) -> int:
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def split_batches(input_ids: Tensor, batch_size: int) -> list[Tensor]:
+    """Consecutive batches of at most `batch_size` blocks."""
+    if batch_size < 1:
+        raise OptionError(f"batch size must be at least 1, got {batch_size}")
+    return list(input_ids.split(batch_size))
+
+
+def _call_model(model: nn.Module, input_ids: Tensor) -> None:
+    try:
+        model(input_ids=input_ids, use_cache=False)
+    except _StopForward:
+        return
+    raise RuntimeError("the forward pass did not reach the last decoder layer")
+
+
+@dataclass
+class _LayerCall:
+    """The arguments one decoder layer received besides its hidden states."""
+
+    args: tuple
+    kwargs: dict
+    hidden_key: str | None  # None: hidden states are the first positional argument
+
+
+def _capture_layer_calls(
+    model: nn.Module, layers: nn.ModuleList, batches: Sequence[Tensor]
+) -> tuple[list[Tensor], list[list[_LayerCall]]]:
+    """Run the model up to the decoder layers with every layer stubbed out.
+
+    Returns the hidden states entering the first layer (one per batch) and, for every layer and
+    batch, the other arguments the model passes it (attention mask, position embeddings, ...):
+    these may differ per layer (sliding-window layers of Gemma, Qwen 3).
+    """
+    calls: list[list[_LayerCall]] = [[] for _ in layers]
+    first_hidden: list[Tensor] = []
+    last = len(layers) - 1
+
+    def stub_for(index: int) -> Callable[..., Tensor]:
+        def stub(*args: Any, **kwargs: Any) -> Tensor:
+            if args:
+                hidden, rest, key = args[0], args[1:], None
+            else:
+                key = "hidden_states"
+                hidden, rest = kwargs.pop(key), ()
+            calls[index].append(_LayerCall(rest, kwargs, key))
+            if index == 0:
+                first_hidden.append(hidden)
+            if index == last:
+                raise _StopForward
+            return hidden
+
+        return stub
+
+    saved = [layer.__dict__.get("forward") for layer in layers]
+    try:
+        for index, layer in enumerate(layers):
+            layer.forward = stub_for(index)
+        embed_device = model.get_input_embeddings().weight.device
+        for ids in batches:
+            _call_model(model, ids.to(embed_device))
+    finally:
+        for layer, forward in zip(layers, saved, strict=True):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
+    return first_hidden, calls
+
+
+def _to_device(obj: Any, device: torch.device, memo: dict[int, Any]) -> Any:
+    """Move tensors nested in tuples/lists/dicts to `device`, each shared tensor only once."""
+    if isinstance(obj, Tensor):
+        if id(obj) not in memo:
+            memo[id(obj)] = obj.to(device)
+        return memo[id(obj)]
+    if isinstance(obj, tuple):
+        return tuple(_to_device(x, device, memo) for x in obj)
+    if isinstance(obj, list):
+        return [_to_device(x, device, memo) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device, memo) for k, v in obj.items()}
+    return obj
+
+
+@contextlib.contextmanager
+def _on_device(module: nn.Module, device: torch.device) -> Iterator[None]:
+    """Move `module` to `device` for the block, then put back its original tensors (no copy back)."""
+    params = [
+        (m, n, p, p.data)
+        for m in module.modules()
+        for n, p in m._parameters.items()
+        if p is not None
+    ]
+    buffers = [(m, n, b) for m in module.modules() for n, b in m._buffers.items() if b is not None]
+    module.to(device)
+    try:
+        yield
+    finally:
+        for owner, name, param, data in params:
+            param.data = data
+            owner._parameters[name] = param
+        for owner, name, buffer in buffers:
+            owner._buffers[name] = buffer
+
+
+def _hidden_store(
+    device: torch.device, hidden: Sequence[Tensor], layers: nn.ModuleList
+) -> torch.device:
+    """Keep activations between layers on the device when they fit comfortably, else on the CPU."""
+    if device.type != "cuda":
+        return device
+    needed = sum(h.numel() * h.element_size() for h in hidden)
+    free, _ = torch.cuda.mem_get_info(device)
+    layer_bytes = max(_module_bytes(layer) for layer in layers)
+    return device if needed <= 0.5 * (free - layer_bytes) else torch.device("cpu")
+
+
+def run_calibration(
+    model: nn.Module,
+    batches: Sequence[Tensor],
+    *,
+    device: torch.device | str,
+    sequential: bool = False,
+    before_batch: Callable[[int], None] | None = None,
+    after_batch: Callable[[int, int | None], None] | None = None,
+) -> None:
+    """Run calibration batches through the model's decoder layers; hooks placed by the caller see them.
+
+    The forward stops after the last decoder layer (no final norm or LM head). Normal mode moves
+    the model to `device`. Sequential mode leaves the model where it is and moves one decoder layer
+    at a time to `device`, running every batch through it before the next; its outputs become the
+    next layer's inputs. `before_batch(batch)` is called before each batch, `after_batch(batch,
+    layer)` after it (`layer` is None in normal mode, the decoder layer's index in sequential mode).
+    """
+    device = torch.device(device)
+    layers = decoder_layers(model)
+    with torch.no_grad():
+        if not sequential:
+            model.to(device)
+            handle = layers[-1].register_forward_hook(_raise_stop)
+            try:
+                for index, ids in enumerate(batches):
+                    if before_batch:
+                        before_batch(index)
+                    _call_model(model, ids.to(device))
+                    if after_batch:
+                        after_batch(index, None)
+            finally:
+                handle.remove()
+            return
+        hidden, calls = _capture_layer_calls(model, layers, batches)
+        store = _hidden_store(device, hidden, layers)
+        memo: dict[int, Any] = {}
+        hidden = [h.to(store) for h in hidden]
+        for layer_index, layer in enumerate(layers):
+            layer_calls = _to_device(calls[layer_index], device, memo)
+            with _on_device(layer, device):
+                for index, call in enumerate(layer_calls):
+                    if before_batch:
+                        before_batch(index)
+                    states = hidden[index].to(device)
+                    if call.hidden_key is None:
+                        output = layer(states, *call.args, **call.kwargs)
+                    else:
+                        output = layer(*call.args, **{call.hidden_key: states}, **call.kwargs)
+                    if isinstance(output, tuple | list):
+                        output = output[0]
+                    hidden[index] = output.to(store)
+                    if after_batch:
+                        after_batch(index, layer_index)
+
+
+def _raise_stop(module: nn.Module, args: tuple, output: Any) -> None:
+    raise _StopForward
+
+
+# ---------------------------------------------------------------------------------------------
+# The profiler
+
+
+def _fits_on_device(model: nn.Module, device: torch.device) -> bool:
+    free, _ = torch.cuda.mem_get_info(device)
+    return _module_bytes(model) <= 0.8 * free
+
+
+def _choose_sequential(model: nn.Module, device: torch.device, sequential: bool | None) -> bool:
+    if sequential is not None:
+        return sequential
+    on_cpu = _model_device(model).type == "cpu"
+    return device.type == "cuda" and on_cpu and not _fits_on_device(model, device)
+
+
+class TokensPerSecondColumn(ProgressColumn):
+    """A rich progress column showing the task's speed as tokens/s."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(
+            "-- tok/s" if speed is None else f"{speed:,.0f} tok/s", style="progress.data.speed"
+        )
+
+
+def _progress_callback(
+    progress: ProgressCallback | Progress | None, total: int
+) -> ProgressCallback:
+    if progress is None:
+        return lambda done, total: None
+    if isinstance(progress, Progress):
+        task = progress.add_task("profiling", total=total)
+        return lambda done, total: progress.update(task, completed=done)
+    return progress
+
+
+def profile_model(
+    model: nn.Module,
+    input_ids: Tensor,
+    *,
+    topk_fraction: float = 0.05,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | str | None = None,
+    sequential: bool | None = None,
+    progress: ProgressCallback | Progress | None = None,
+    corpus_meta: dict | None = None,
+) -> Profile:
+    """Profile every FFN of `model` on calibration blocks `input_ids` [n_blocks, seq_len].
+
+    `device` None keeps the model where it is; "auto" picks CUDA when available. `dtype` casts the
+    model in place first. `sequential` None runs layer by layer only when the model sits on the CPU
+    and does not fit in the GPU's free memory. `progress` is a rich Progress (a task showing
+    tokens/s is added) or a callback `(tokens_done, tokens_total)`. `corpus_meta` (name, checksum)
+    is stored in the profile's header. Raises NumericalError naming the first layer whose
+    activations hold NaN/Inf.
+    """
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        raise OptionError("calibration input must be a LongTensor [n_blocks, seq_len]")
+    n_blocks, seq_len = input_ids.shape
+    if n_blocks < 2 or seq_len < 1:
+        raise OptionError(
+            f"need at least 2 calibration blocks (got {n_blocks} of {seq_len} tokens) to measure "
+            "stability on two halves: raise --tokens or lower --seq-len"
+        )
+    if not 0.0 < topk_fraction <= 1.0:
+        raise OptionError(f"top-k fraction {topk_fraction} is out of range: use a value in (0, 1]")
+    started = time.perf_counter()
+    blocks = get_ffn_blocks(model)
+    fingerprint = model_fingerprint(model)
+    run_device = _model_device(model) if device is None else resolve_device(str(device))
+    if isinstance(dtype, str):
+        dtype = resolve_dtype(dtype)
+    if dtype is not None:
+        model.to(dtype)
+    sequential = _choose_sequential(model, run_device, sequential)
+    layers = decoder_layers(model)
+
+    state = _RunState()
+    accumulators = [_Accumulator(block, topk_fraction, state) for block in blocks]
+    layer_of_block = _decoder_layer_index(layers, blocks)
+    half_point = n_blocks // 2
+    batches = split_batches(input_ids[:half_point], batch_size)
+    halves = [0] * len(batches)
+    batches += split_batches(input_ids[half_point:], batch_size)
+    halves += [1] * (len(batches) - len(halves))
+    total_tokens = n_blocks * seq_len
+    report = _progress_callback(progress, total_tokens)
+    done = 0.0
+
+    def before_batch(index: int) -> None:
+        state.half = halves[index]
+
+    def after_batch(index: int, layer: int | None) -> None:
+        nonlocal done
+        tokens = batches[index].numel()
+        if layer is None:
+            _check_finite(accumulators)
+            done += tokens
+        else:
+            if index == len(batches) - 1:
+                _check_finite(
+                    [a for a, li in zip(accumulators, layer_of_block, strict=True) if li == layer]
+                )
+            done += tokens / len(layers)
+        report(done, total_tokens)
+
+    was_training = model.training
+    model.eval()
+    handles = [
+        b.down_module.register_forward_pre_hook(acc)
+        for b, acc in zip(blocks, accumulators, strict=True)
+    ]
+    run_started = time.perf_counter()
+    try:
+        run_calibration(
+            model,
+            batches,
+            device=run_device,
+            sequential=sequential,
+            before_batch=before_batch,
+            after_batch=after_batch,
+        )
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    run_seconds = time.perf_counter() - run_started
+    stats = [acc.result() for acc in accumulators]
+    meta = {
+        "model": fingerprint,
+        "corpus": corpus_meta,
+        "tokens": total_tokens,
+        "n_blocks": n_blocks,
+        "seq_len": seq_len,
+        "tokens_per_half": [half_point * seq_len, (n_blocks - half_point) * seq_len],
+        "topk_fraction": topk_fraction,
+        "dtype": dtype_name(_model_dtype(model)),
+        "device": run_device.type,
+        "sequential": sequential,
+        "definitions": DEFINITIONS,
+        "run_seconds": run_seconds,
+        "tokens_per_second": total_tokens / run_seconds if run_seconds > 0 else None,
+        "elapsed_seconds": time.perf_counter() - started,
+    }
+    return Profile(layers=stats, meta=meta)
+
+
+profile = profile_model
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    for param in model.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return torch.float32
+
+
+def _decoder_layer_index(layers: nn.ModuleList, blocks: list[FFNBlock]) -> list[int]:
+    """For each FFN block, the index of the decoder layer holding it."""
+    owner = {}
+    for index, layer in enumerate(layers):
+        for module in layer.modules():
+            owner[id(module)] = index
+    return [owner[id(block.down_module)] for block in blocks]
+
+
+def _check_finite(accumulators: Sequence[_Accumulator]) -> None:
+    """Raise NumericalError naming the first layer whose running sums are NaN/Inf (one sync)."""
+    flags = [acc.finite() for acc in accumulators]
+    flags = torch.stack([flag.to(flags[0].device) for flag in flags]).cpu()
+    bad = (~flags).nonzero()
+    if bad.numel():
+        acc = accumulators[int(bad[0, 0])]
+        raise NumericalError(
+            f"NaN/Inf in the FFN activations of layer {acc.block.layer} ({acc.block.name}): check "
+            "the model's weights, or run in float32 (--dtype float32)"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def summary_table(profile: Profile) -> Table:
+    """Per layer: size, share of the FFN output norm in the top 1/5/10% neurons, overlap, max |a|."""
+    meta = profile.meta
+    corpus = (meta.get("corpus") or {}).get("name", "?")
+    table = Table(
+        title=f"FFN heavy hitters: {meta.get('tokens', '?'):,} tokens of {corpus}, "
+        f"seq len {meta.get('seq_len', '?')}",
+        caption="share = part of the layer's summed mean output norm carried by its top neurons; "
+        "overlap = top-5% sets on two disjoint halves of the tokens",
+    )
+    for column in ("layer", "I", "top 1%", "top 5%", "top 10%", "overlap 5%", "max |a|"):
+        table.add_column(column, justify="right")
+    rows = profile.summary_rows()
+    for row in rows:
+        table.add_row(
+            str(row["layer"]),
+            str(row["intermediate_size"]),
+            _percent(row["top1_share"]),
+            _percent(row["top5_share"]),
+            _percent(row["top10_share"]),
+            _percent(row["overlap5"]),
+            f"{row['abs_max']:.3g}",
+        )
+    if rows:
+
+        def mean(key: str) -> float:
+            return sum(r[key] for r in rows) / len(rows)
+
+        table.add_section()
+        table.add_row(
+            "mean",
+            "",
+            _percent(mean("top1_share")),
+            _percent(mean("top5_share")),
+            _percent(mean("top10_share")),
+            _percent(mean("overlap5")),
+            f"{max(r['abs_max'] for r in rows):.3g}",
+        )
+    return table

@@ -1,0 +1,342 @@
+"""The profiler: statistics against a brute-force loop, sequential mode, files, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+
+import pytest
+import torch
+import transformers
+from rich.console import Console
+from rich.progress import Progress
+
+from ffnsplit.arch import apply_activation, decoder_layers, get_ffn_blocks
+from ffnsplit.errors import CheckpointError, NumericalError, OptionError
+from ffnsplit.profile import (
+    STAT_NAMES,
+    LayerStats,
+    Profile,
+    profile_model,
+    summary_table,
+)
+from tests.tiny_models import tiny_config, tiny_input_ids, tiny_model
+
+
+def _assert_stats_equal(first: Profile, second: Profile, tol: float) -> None:
+    assert first.num_layers == second.num_layers
+    for a, b in zip(first.layers, second.layers, strict=True):
+        for name in STAT_NAMES:
+            torch.testing.assert_close(
+                getattr(a, name), getattr(b, name), rtol=tol, atol=tol, msg=f"{a.name} {name}"
+            )
+
+
+def _brute_force(model: torch.nn.Module, input_ids: torch.Tensor, topk_fraction: float) -> list:
+    """Per-layer statistics from a plain loop over tokens, with a = act(gate x) * up x by hand."""
+    blocks = get_ffn_blocks(model)
+    inputs: dict[int, list[torch.Tensor]] = {b.layer: [] for b in blocks}
+    handles = [
+        b.up_input_module.register_forward_pre_hook(
+            lambda module, args, layer=b.layer: inputs[layer].append(args[0].detach())
+        )
+        for b in blocks
+    ]
+    with torch.no_grad():
+        for row in input_ids:  # one block at a time
+            model(input_ids=row[None])
+    for handle in handles:
+        handle.remove()
+    half = input_ids.shape[0] // 2
+    results = []
+    for block in blocks:
+        parts = block.parts()
+        up, gate, down = (
+            None if t is None else t.double() for t in (parts.up, parts.gate, parts.down)
+        )
+        up_bias, gate_bias = parts.up_bias, parts.gate_bias
+        col = [math.sqrt(sum(float(v) ** 2 for v in down[:, i])) for i in range(down.shape[1])]
+        size = len(col)
+        k = math.ceil(topk_fraction * size)
+        sums = {
+            n: torch.zeros(size, dtype=torch.float64) for n in ("abs", "sq", "out0", "out1", "freq")
+        }
+        count = [0, 0]
+        abs_max = torch.zeros(size, dtype=torch.float64)
+        for block_index, x_block in enumerate(inputs[block.layer]):
+            which = 0 if block_index < half else 1
+            for x in x_block.reshape(-1, x_block.shape[-1]).double():
+                u = up @ x + (0 if up_bias is None else up_bias.double())
+                if gate is None:
+                    a = apply_activation(parts.activation, u)
+                else:
+                    g = gate @ x + (0 if gate_bias is None else gate_bias.double())
+                    a = apply_activation(parts.activation, g) * u
+                out = torch.tensor([abs(float(a[i])) * col[i] for i in range(size)])
+                sums["abs"] += a.abs()
+                sums["sq"] += a * a
+                sums[f"out{which}"] += out
+                abs_max = torch.maximum(abs_max, a.abs())
+                for i in sorted(range(size), key=lambda i: -out[i])[:k]:
+                    sums["freq"][i] += 1
+                count[which] += 1
+        total = sum(count)
+        results.append(
+            {
+                "out_norm_mean": (sums["out0"] + sums["out1"]) / total,
+                "abs_mean": sums["abs"] / total,
+                "abs_max": abs_max,
+                "sq_mean": sums["sq"] / total,
+                "topk_freq": sums["freq"] / total,
+                "out_norm_mean_first_half": sums["out0"] / count[0],
+                "out_norm_mean_second_half": sums["out1"] / count[1],
+                "down_col_norm": torch.tensor(col),
+            }
+        )
+    return results
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_statistics_equal_brute_force(family: str) -> None:
+    """Gated with biases (llama) and plain GELU with Conv1D weights (gpt2); odd block count."""
+    model = tiny_model(family)
+    input_ids = tiny_input_ids(model, batch=5, seq=8)
+    profile = profile_model(model, input_ids, topk_fraction=0.05, batch_size=2)
+    expected = _brute_force(model, input_ids, 0.05)
+    assert profile.meta["tokens"] == 40 and profile.meta["tokens_per_half"] == [16, 24]
+    for stats, reference in zip(profile.layers, expected, strict=True):
+        for name in STAT_NAMES:
+            actual = getattr(stats, name)
+            assert actual.dtype == torch.float32 and actual.shape == (160,)
+            torch.testing.assert_close(
+                actual.double(), reference[name], rtol=1e-5, atol=1e-5, msg=f"{stats.name} {name}"
+            )
+        # every token contributes exactly k = ceil(0.05 * 160) = 8 top-k memberships
+        assert stats.topk_freq.sum().item() == pytest.approx(8.0, abs=1e-4)
+
+
+def _gemma3_mixed_layers() -> torch.nn.Module:
+    """Gemma 3 with a sliding-window layer then a full-attention layer: per-layer masks differ."""
+    config = tiny_config("gemma3_text")
+    config.sliding_window = 4
+    config.layer_types = ["sliding_attention", "full_attention"]
+    torch.manual_seed(0)
+    return transformers.Gemma3ForCausalLM(config).float().eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_mixed", "gpt2", "bert"])
+def test_sequential_equals_normal(family: str) -> None:
+    model = _gemma3_mixed_layers() if family == "gemma3_mixed" else tiny_model(family)
+    input_ids = tiny_input_ids(model, batch=6, seq=16)
+    normal = profile_model(model, input_ids, batch_size=4, sequential=False)
+    sequential = profile_model(model, input_ids, batch_size=2, sequential=True)
+    assert sequential.meta["sequential"] and not normal.meta["sequential"]
+    _assert_stats_equal(normal, sequential, 1e-5)
+
+
+def test_sequential_uses_each_layers_own_arguments() -> None:
+    """Reusing the first layer's mask for every layer would change the full-attention layer."""
+    model = _gemma3_mixed_layers()
+    input_ids = tiny_input_ids(model, batch=2, seq=16)
+    reference = profile_model(model, input_ids, sequential=False)
+    model.config.layer_types = ["sliding_attention", "sliding_attention"]
+    for layer in decoder_layers(model):
+        layer.attention_type = "sliding_attention"
+        layer.self_attn.sliding_window = 4
+    changed = profile_model(model, input_ids, sequential=True)
+    assert not torch.allclose(reference.layers[1].out_norm_mean, changed.layers[1].out_norm_mean)
+    torch.testing.assert_close(reference.layers[0].out_norm_mean, changed.layers[0].out_norm_mean)
+
+
+def _hook_state(model: torch.nn.Module) -> list[int]:
+    return [
+        len(m._forward_pre_hooks) + len(m._forward_hooks) + ("forward" in m.__dict__)
+        for m in model.modules()
+    ]
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_hooks_removed_after_success_and_error(sequential: bool) -> None:
+    model = tiny_model("llama")
+    input_ids = tiny_input_ids(model, batch=4, seq=8)
+    with torch.no_grad():
+        logits = model(input_ids).logits
+    clean = _hook_state(model)
+    calls = []
+    profile_model(
+        model, input_ids, batch_size=1, sequential=sequential, progress=lambda d, t: calls.append(d)
+    )
+    assert _hook_state(model) == clean
+    assert calls[-1] == pytest.approx(32) and calls == sorted(calls)
+
+    def fail(done: float, total: int) -> None:
+        raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        profile_model(model, input_ids, batch_size=1, sequential=sequential, progress=fail)
+    assert _hook_state(model) == clean
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids).logits, logits, rtol=0, atol=0)
+
+
+def test_rich_progress_reaches_total() -> None:
+    model = tiny_model("llama")
+    input_ids = tiny_input_ids(model, batch=2, seq=8)
+    with Progress(console=Console(file=open("/dev/null", "w"))) as progress:
+        profile_model(model, input_ids, progress=progress)
+        task = progress.tasks[0]
+        assert task.completed == task.total == 16
+
+
+@pytest.fixture
+def small_profile() -> tuple[torch.nn.Module, Profile]:
+    model = tiny_model("llama")
+    input_ids = tiny_input_ids(model, batch=4, seq=8)
+    meta = {"name": "tiny", "checksum": "abc"}
+    return model, profile_model(model, input_ids, corpus_meta=meta)
+
+
+def test_save_load_round_trip_exact(small_profile, tmp_path) -> None:
+    model, profile = small_profile
+    path = tmp_path / "profile.safetensors"
+    profile.save(path)
+    loaded = Profile.load(path)
+    for a, b in zip(profile.layers, loaded.layers, strict=True):
+        assert a.name == b.name
+        for name in STAT_NAMES:
+            assert torch.equal(getattr(a, name), getattr(b, name))
+    assert {k: loaded.meta[k] for k in profile.meta} == profile.meta
+    assert loaded.meta["format_version"] == 1
+    assert loaded.meta["corpus"] == {"name": "tiny", "checksum": "abc"}
+    assert loaded.summary_rows() == profile.summary_rows()
+    loaded.check_model(model)
+    assert [p.name for p in tmp_path.iterdir()] == ["profile.safetensors"]  # no temp files left
+
+
+def test_fingerprint_mismatch_refused(small_profile) -> None:
+    _, profile = small_profile
+    with pytest.raises(CheckpointError, match="made for another model.*run ffnsplit profile"):
+        profile.check_model(tiny_model("llama", seed=1))
+
+
+def _rewrite_header(path, change) -> None:
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    raw = json.loads(data[8 : 8 + length])
+    header = json.loads(raw["__metadata__"]["ffnsplit"])
+    change(header)
+    raw["__metadata__"]["ffnsplit"] = json.dumps(header)
+    encoded = json.dumps(raw).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data[8 + length :])
+
+
+def _refused(path, match: str) -> None:
+    with pytest.raises(CheckpointError, match=match) as excinfo:
+        Profile.load(path)
+    assert "\n" not in str(excinfo.value)
+
+
+def test_bad_profile_files_refused(small_profile, tmp_path) -> None:
+    _, profile = small_profile
+    path = tmp_path / "p.safetensors"
+    _refused(path, "no profile at")
+    profile.save(path)
+    good = path.read_bytes()
+    for cut in (4, len(good) // 3, len(good) - 5):
+        path.write_bytes(good[:cut])
+        _refused(path, "truncated")
+    flipped = bytearray(good)
+    flipped[-3] ^= 0x40
+    path.write_bytes(bytes(flipped))
+    _refused(path, "corrupt")
+    path.write_text("not a profile at all")
+    _refused(path, "not a profile file")
+    path.write_bytes(good)
+    _rewrite_header(path, lambda h: h.update(format_version=2))
+    _refused(path, "written by a newer ffnsplit")
+    path.write_bytes(good)
+    _rewrite_header(path, lambda h: h["layers"][0].update(intermediate_size=7))
+    _refused(path, "not a valid profile")
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_nan_activation_names_the_layer(sequential: bool) -> None:
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 0] = float("nan")
+    input_ids = tiny_input_ids(model, batch=2, seq=8)
+    with pytest.raises(NumericalError, match=r"layer 1 \(model\.layers\.1\.mlp\)"):
+        profile_model(model, input_ids, sequential=sequential)
+
+
+def test_bad_arguments() -> None:
+    model = tiny_model("llama")
+    with pytest.raises(OptionError, match="at least 2 calibration blocks"):
+        profile_model(model, tiny_input_ids(model, batch=1, seq=8))
+    with pytest.raises(OptionError, match="top-k fraction"):
+        profile_model(model, tiny_input_ids(model, batch=2, seq=8), topk_fraction=0)
+    with pytest.raises(OptionError, match="LongTensor"):
+        profile_model(model, torch.zeros(2, 8))
+
+
+def _hand_profile(scores: list[float]) -> Profile:
+    values = torch.tensor(scores)
+    stats = {name: values.clone() for name in STAT_NAMES}
+    stats["abs_mean"] = torch.arange(len(scores), dtype=torch.float32)
+    return Profile(layers=[LayerStats(name="ffn", **stats)], meta={})
+
+
+def test_heavy_indices_fraction_and_share() -> None:
+    profile = _hand_profile([1.0, 8.0, 2.0, 0.5, 4.0, 2.5, 1.0, 1.0, 0.0, 0.0])  # total 20
+    assert profile.heavy_indices(0, fraction=0.2).tolist() == [1, 4]
+    assert profile.heavy_indices(0, fraction=0.25).tolist() == [1, 4, 5]  # ceil(2.5)
+    assert profile.heavy_indices(0, fraction=0.0).tolist() == []
+    assert profile.heavy_indices(0, fraction=1.0).numel() == 10
+    assert profile.heavy_indices(0, share=0.4).tolist() == [1]  # 8 / 20 exactly
+    assert profile.heavy_indices(0, share=0.41).tolist() == [1, 4]
+    assert profile.heavy_indices(0, share=0.75).tolist() == [1, 4, 5, 2]  # 16.5 / 20 >= 0.75
+    assert profile.heavy_indices(0, share=1.0).numel() == 8  # the zeros add nothing
+    assert profile.heavy_indices(0, fraction=0.2, score="abs_mean").tolist() == [9, 8]
+    assert profile.top_share(0, 0.2) == pytest.approx(12 / 20)
+    with pytest.raises(OptionError, match="exactly one"):
+        profile.heavy_indices(0, fraction=0.1, share=0.5)
+    with pytest.raises(OptionError, match="unknown score"):
+        profile.heavy_indices(0, fraction=0.1, score="nope")
+
+
+def test_summary_table_and_plot(small_profile, tmp_path) -> None:
+    from ffnsplit.plotting import plot_profile
+
+    _, profile = small_profile
+    console = Console(record=True, width=120, file=open("/dev/null", "w"))
+    console.print(summary_table(profile))
+    text = console.export_text()
+    assert "top 5%" in text and "overlap 5%" in text and "mean" in text
+    rows = profile.summary_rows()
+    assert all(r["top1_share"] <= r["top5_share"] <= r["top10_share"] <= 1 for r in rows)
+    assert all(0 <= r["overlap5"] <= 1 for r in rows)
+    path = tmp_path / "plot.png"
+    plot_profile(profile, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["plot.png"]
+
+
+@pytest.mark.slow
+def test_smollm2_profile_shapes_and_heavy_share(cache_dir) -> None:
+    from ffnsplit.data import load_corpus, token_blocks
+    from ffnsplit.models import load_model
+
+    model, tokenizer = load_model("smollm2-135m")
+    corpus = load_corpus("wiki-calib")
+    input_ids = token_blocks(tokenizer, corpus, 4096, 256, 0, True)
+    profile = profile_model(
+        model, input_ids, corpus_meta={"name": corpus.name, "checksum": corpus.checksum}
+    )
+    assert profile.num_layers == 30
+    assert all(s.out_norm_mean.shape == (1536,) for s in profile.layers)
+    assert profile.meta["tokens"] == 4096
+    shares = [row["top5_share"] for row in profile.summary_rows()]
+    assert sum(shares) / len(shares) > 0.08  # a uniform layer would give 0.05
+    profile.check_model(model)
