@@ -117,7 +117,7 @@ _FAMILIES: dict[str, _Family] = {
     "qwen3": _GATED,
     "gemma": _GATED,
     "gemma2": _GATED,
-    "gemma3": _GATED,
+    "gemma3": _GATED,  # multimodal: the language model's FFNs; the vision tower stays as is
     "gemma3_text": _GATED,
     # Phi3MLP: gate, up = gate_up_proj(x).chunk(2, dim=-1): the first half of the rows is the gate.
     "phi3": _Family(
@@ -190,14 +190,15 @@ def _unsupported(reason: str) -> UnsupportedModelError:
     )
 
 
-def _family(model: nn.Module) -> tuple[str, _Family]:
+def _lookup_family(model: nn.Module) -> tuple[str, _Family]:
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type is None:
         raise _unsupported(f"{type(model).__name__} has no Hugging Face config with a model_type")
     if model_type not in _FAMILIES:
         raise _unsupported(f"model type {model_type!r} is not supported")
-    for cfg in {id(config): config, id(c := config.get_text_config()): c}.values():
+    text_config = config.get_text_config()
+    for cfg in (config,) if text_config is config else (config, text_config):
         for key in _MOE_KEYS:
             experts = getattr(cfg, key, None)
             if isinstance(experts, int) and experts > 0:
@@ -223,7 +224,7 @@ def _find_layers(model: nn.Module, model_type: str, family: _Family) -> tuple[st
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The model's repeated transformer layers, in order (for layer-by-layer calibration)."""
-    model_type, family = _family(model)
+    model_type, family = _lookup_family(model)
     return _find_layers(model, model_type, family)[1]
 
 
@@ -333,7 +334,7 @@ class FFNBlock:
         self._check_live()
         family = self._family
         size = self._weights().intermediate_size
-        perm = torch.as_tensor(perm, dtype=torch.long)
+        perm = torch.as_tensor(perm).to(device="cpu", dtype=torch.long)
         if perm.shape != (size,) or not torch.equal(perm.sort().values, torch.arange(size)):
             raise ValueError(f"{self.name}: perm must be a permutation of range({size})")
         up_mod, down_mod = self._sub(family.up), self._sub(family.down)
@@ -355,7 +356,9 @@ class FFNBlock:
 
         Whole-FFN modules (llama `mlp`, gpt2 `mlp`, ...) are swapped in their parent. For FFNs
         spread over a layer (OPT, BERT), the replacement takes the place of the module that
-        receives x and the rest of the FFN path becomes nn.Identity (see `_FAMILIES`).
+        receives x and the rest of the FFN path becomes nn.Identity (see `_FAMILIES`). Exact in
+        eval mode; a swapped whole module also takes any dropout inside it along (GPT-2's
+        resid_pdrop), which only acts in training.
         """
         self._check_live()
         family = self._family
@@ -373,62 +376,66 @@ def _permute_param(param: Tensor, index: Tensor, dim: int) -> None:
     param.copy_(param.index_select(dim, index.to(param.device)))
 
 
-def _check_linear(mod: nn.Module, out_features: int | None, in_features: int | None, conv1d: bool):
-    """Return (out, in) of a Linear / Conv1D, or None when it is not one (or shapes mismatch)."""
+def _linear_shape(mod: nn.Module | None, conv1d: bool) -> tuple[int, int] | None:
+    """(out_features, in_features) of a plain float Linear (or GPT-2 Conv1D), else None.
+
+    The type must match exactly: quantized Linear subclasses (bitsandbytes, GPTQ, ...) and
+    replacements installed earlier are not dense FFN weights.
+    """
     kind = Conv1D if conv1d else nn.Linear
     if type(mod) is not kind or not mod.weight.is_floating_point():
         return None
-    out, inp = (mod.weight.shape[1], mod.weight.shape[0]) if conv1d else tuple(mod.weight.shape)
-    if (out_features is not None and out != out_features) or (
-        in_features is not None and inp != in_features
-    ):
-        return None
-    return out, inp
+    rows, cols = mod.weight.shape
+    return (cols, rows) if conv1d else (rows, cols)
 
 
-def _make_block(
-    index: int, prefix: str, layer: nn.Module, family: _Family, hidden_size: int | None
-) -> FFNBlock:
+def _ffn_is_dense(layer: nn.Module, family: _Family, hidden_size: int | None) -> bool:
+    """Whether the layer holds the family's dense FFN, with consistent shapes."""
+
     def find(path: str) -> nn.Module | None:
         try:
             return layer.get_submodule(path)
         except AttributeError:
             return None
 
-    up_mod, down_mod, act = find(family.up), find(family.down), find(family.act)
-    up_shape = None if up_mod is None else _check_linear(up_mod, None, hidden_size, family.conv1d)
-    ok = up_shape is not None and act is not None
-    if ok:
-        rows = up_shape[0]
-        size = rows // 2 if family.fused_gate_up else rows
-        ok = (not family.fused_gate_up or rows % 2 == 0) and down_mod is not None
-        ok = ok and _check_linear(down_mod, up_shape[1], size, family.conv1d) is not None
-        if family.gate is not None:
-            gate_mod = find(family.gate)
-            ok = ok and gate_mod is not None
-            ok = ok and _check_linear(gate_mod, size, up_shape[1], family.conv1d) is not None
-    if not ok:
+    up = _linear_shape(find(family.up), family.conv1d)
+    if up is None or find(family.act) is None or hidden_size not in (None, up[1]):
+        return False
+    size, hidden = up
+    if family.fused_gate_up:
+        if size % 2:
+            return False
+        size //= 2
+    if _linear_shape(find(family.down), family.conv1d) != (hidden, size):
+        return False
+    return family.gate is None or _linear_shape(find(family.gate), family.conv1d) == up
+
+
+def _make_block(
+    index: int, prefix: str, layer: nn.Module, family: _Family, hidden_size: int | None
+) -> FFNBlock:
+    if not _ffn_is_dense(layer, family, hidden_size):
         expected = ", ".join(p for p in (family.up, family.gate, family.down) if p)
         raise _unsupported(
             f"layer {index} ({prefix}) lacks the expected dense FFN ({expected}); "
-            "it may be a mixture of experts or already compressed"
+            "it may be a mixture of experts or already quantized or compressed"
         )
     name = _join(prefix, family.root)
     return FFNBlock(
         layer=index,
         name=name,
         module=layer.get_submodule(family.root),
-        down_module=down_mod,
+        down_module=layer.get_submodule(family.down),
         up_input_module=layer.get_submodule(family.install_at),
         _layer_module=layer,
         _family=family,
-        _activation=_identify_activation(act, name),
+        _activation=_identify_activation(layer.get_submodule(family.act), name),
     )
 
 
 def get_ffn_blocks(model: nn.Module) -> list[FFNBlock]:
     """Every FFN of the model, in layer order; raises UnsupportedModelError if any is not dense."""
-    model_type, family = _family(model)
+    model_type, family = _lookup_family(model)
     path, layers = _find_layers(model, model_type, family)
     blocks: list[FFNBlock] = []
     hidden_size = None
@@ -437,6 +444,21 @@ def get_ffn_blocks(model: nn.Module) -> list[FFNBlock]:
         hidden_size = block._weights().hidden_size
         blocks.append(block)
     return blocks
+
+
+def installed_ffns(model: nn.Module, kind: type[nn.Module]) -> list[tuple[int, str, nn.Module]]:
+    """(layer, module path, replacement) for every FFN that `install` replaced by a `kind`.
+
+    This is how a compressed model's FFNs are found again (get_ffn_blocks only accepts dense ones).
+    """
+    model_type, family = _lookup_family(model)
+    path, layers = _find_layers(model, model_type, family)
+    found = []
+    for index, layer in enumerate(layers):
+        module = layer.get_submodule(family.install_at) if family.install_at else layer
+        if isinstance(module, kind):
+            found.append((index, _join(f"{path}.{index}", family.install_at), module))
+    return found
 
 
 _VOLATILE_CONFIG_KEYS = frozenset(

@@ -29,7 +29,7 @@ from ffnsplit.fsutil import atomic_write_text
 
 WIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 # Bump when the cleaning rules change: the cached cleaned text is keyed by it.
-WIKI_CLEANING_VERSION = 1
+WIKI_CLEANING_VERSION = 2
 # One article in WIKI_EVAL_SHARE goes to wiki-eval (by title hash), the rest to wiki-calib.
 WIKI_EVAL_SHARE = 4
 _MIN_PARAGRAPH_WORDS = 8
@@ -121,10 +121,12 @@ def clean_wiki_article(markup: str) -> str:
             if heading[2].strip().lower() in _TAIL_SECTIONS:
                 break
             continue
-        if not line or line[0] in "*#:;|!{}<":
-            continue
         line = _clean_paragraph(line)
-        if len(line.split()) < _MIN_PARAGRAPH_WORDS or line[-1] not in ".!?\"')":
+        if (
+            len(line.split()) < _MIN_PARAGRAPH_WORDS
+            or line[0] in "*#:;|!{}<"  # lists, definitions, tables, leftover tags
+            or line[-1] not in ".!?\"')"
+        ):
             continue
         paragraphs.append(line)
     return "\n".join(paragraphs)
@@ -231,7 +233,9 @@ def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise CorpusError(f"{path} is not UTF-8 text (byte {exc.start}): convert it to UTF-8") from exc
+        raise CorpusError(
+            f"{path} is not UTF-8 text (byte {exc.start}): convert it to UTF-8"
+        ) from exc
 
 
 def _jsonl_texts(path: Path) -> list[str]:

@@ -197,7 +197,9 @@ def _read_config(path: Path) -> dict:
     if not path.exists():
         raise FFNSplitError(f"no such model folder: {path}: check the path")
     if not path.is_dir():
-        raise FFNSplitError(f"{path} is a file, not a model folder: pass the folder with config.json")
+        raise FFNSplitError(
+            f"{path} is a file, not a model folder: pass the folder with config.json"
+        )
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FFNSplitError(
@@ -208,9 +210,13 @@ def _read_config(path: Path) -> dict:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         first = str(exc).splitlines()[0]
-        raise FFNSplitError(f"{config_file} is not valid JSON ({first}): fix or re-save it") from exc
+        raise FFNSplitError(
+            f"{config_file} is not valid JSON ({first}): fix or re-save it"
+        ) from exc
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
-        raise FFNSplitError(f"{config_file} has no model_type: re-save the model with save_pretrained")
+        raise FFNSplitError(
+            f"{config_file} has no model_type: re-save the model with save_pretrained"
+        )
     return config
 
 
@@ -370,7 +376,14 @@ def count_parameters(folder: Path, causal_lm: bool) -> tuple[int, int]:
     ffn = 0
     for block in get_ffn_blocks(model):
         parts = block.parts()
-        tensors = (parts.up, parts.gate, parts.down, parts.up_bias, parts.gate_bias, parts.down_bias)
+        tensors = (
+            parts.up,
+            parts.gate,
+            parts.down,
+            parts.up_bias,
+            parts.gate_bias,
+            parts.down_bias,
+        )
         ffn += sum(t.numel() for t in tensors if t is not None)
     return total, ffn
 

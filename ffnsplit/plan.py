@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
 from ffnsplit.compress.quant import quantized_nbytes
 from ffnsplit.errors import CheckpointError, OptionError
+from ffnsplit.fsutil import atomic_write_text
 from ffnsplit.kernels.format import PACK_ALIGN, SUPPORTED_BITS
 
 PLAN_VERSION = 1
@@ -76,7 +77,9 @@ class LightFormat:
                 )
         if self.kind == "lowrank":
             if (self.rank is None) == (self.rank_fraction is None):
-                raise OptionError("a low-rank light format needs exactly one of rank, rank_fraction")
+                raise OptionError(
+                    "a low-rank light format needs exactly one of rank, rank_fraction"
+                )
             if self.rank is not None and self.rank < 1:
                 raise OptionError(f"low-rank rank must be >= 1, got {self.rank}")
             if self.rank_fraction is not None and not 0 < self.rank_fraction <= 1:
@@ -305,7 +308,9 @@ class SplitPlan:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise CheckpointError(f"plan is not valid JSON ({exc.msg} at line {exc.lineno})")
+            raise CheckpointError(
+                f"plan is not valid JSON ({exc.msg} at line {exc.lineno})"
+            ) from None
         return cls.from_dict(data)
 
     def validate(self) -> None:
@@ -338,8 +343,7 @@ def load_plan(path: str) -> SplitPlan:
 
 
 def save_plan(plan: SplitPlan, path: str) -> None:
-    from ffnsplit.fsutil import atomic_write_text
-
+    """Write plan.json atomically."""
     atomic_write_text(path, plan.to_json())
 
 
@@ -396,9 +400,7 @@ def layer_ffn_bytes(
 def plan_ffn_bytes(plan: SplitPlan) -> list[int]:
     """Per-layer bytes of the SplitFFN tensors the plan produces (exactly what is saved)."""
     return [
-        layer_ffn_bytes(
-            layer.n_heavy, layer.n_light, layer.light, layer.heavy_dtype, plan.geometry
-        )
+        layer_ffn_bytes(layer.n_heavy, layer.n_light, layer.light, layer.heavy_dtype, plan.geometry)
         for layer in plan.layers
     ]
 
@@ -465,7 +467,9 @@ def _selection_orders(
                     f"{size} neurons"
                 )
         else:
-            scores = profile.score(layer, "weight_norm" if selection == "weight_norm" else "out_norm")
+            scores = profile.score(
+                layer, "weight_norm" if selection == "weight_norm" else "out_norm"
+            )
         orders.append(torch.argsort(scores.to(torch.float64), descending=True, stable=True))
     return orders
 
@@ -510,15 +514,15 @@ def _check_geometry_fits(geometry: FFNGeometry, light: LightFormat) -> None:
 def make_plan(
     profile,
     *,
+    geometry: FFNGeometry,
+    light: LightFormat,
     heavy_fraction: float | None = None,
     heavy_share: float | None = None,
-    light: LightFormat,
     prune_fraction: float = 0.0,
     selection: str = "output_norm",
     weight_norms: Sequence[torch.Tensor] | None = None,
     seed: int = 0,
     heavy_dtype: str = "float16",
-    geometry: FFNGeometry | None = None,
 ) -> SplitPlan:
     """One light format everywhere; per layer a heavy set chosen by `selection`.
 
@@ -526,14 +530,14 @@ def make_plan(
     `heavy_share` of its output norm (for the baselines `weight_norm` / `random` the count is the
     same, only the set differs). `selection="none"` is the uniform baseline: no heavy neurons.
     `prune_fraction` of the layer's neurons, the coldest light ones by output norm, are removed.
+    `geometry` is `apply.ffn_geometry(model)`.
     """
-    if selection not in SELECTIONS:
-        raise OptionError(
-            f"unknown heavy selection {selection!r}: choose one of {', '.join(SELECTIONS)}"
-        )
+    _check_selection(selection)
     if selection == "none":
         if heavy_fraction or heavy_share:
-            raise OptionError("selection 'none' (uniform baseline) takes no heavy fraction or share")
+            raise OptionError(
+                "selection 'none' (uniform baseline) takes no heavy fraction or share"
+            )
         heavy_fraction, heavy_share = 0.0, None
     elif (heavy_fraction is None) == (heavy_share is None):
         raise OptionError("give exactly one of heavy_fraction, heavy_share")
@@ -543,27 +547,20 @@ def make_plan(
         raise OptionError(f"heavy share must lie in (0, 1], got {heavy_share}")
     if not 0 <= prune_fraction < 1:
         raise OptionError(f"prune fraction must lie in [0, 1), got {prune_fraction}")
-    if heavy_dtype not in HEAVY_DTYPES:
-        raise OptionError(
-            f"unknown heavy dtype {heavy_dtype!r}: choose one of {', '.join(HEAVY_DTYPES)}"
-        )
-    geometry = _geometry_of(profile, geometry)
+    _check_heavy_dtype(heavy_dtype)
     _check_geometry_fits(geometry, light)
     orders = _selection_orders(profile, selection, weight_norms, seed)
     layers = []
     for layer, order in enumerate(orders):
-        scores = _output_norm_scores(profile, layer)
-        size = scores.numel()
-        if heavy_share is not None:
-            n_heavy = heavy_count_for_share(scores, heavy_share)
-        else:
-            n_heavy = round(heavy_fraction * size)
-        n_prune = round(prune_fraction * size)
+        size = order.numel()
+        n_heavy = _heavy_count(profile, layer, heavy_fraction, heavy_share)
+        n_prune = min(size, math.ceil(prune_fraction * size - 1e-9))
         if n_prune > size - n_heavy:
             raise OptionError(
                 f"layer {layer}: cannot prune {n_prune} neurons, only {size - n_heavy} are light: "
                 "lower the prune fraction or the heavy fraction"
             )
+        scores = profile.score(layer, "out_norm")
         layers.append(_layer_plan(layer, order, n_heavy, n_prune, scores, light, heavy_dtype))
     return SplitPlan(
         layers=layers,
@@ -573,6 +570,20 @@ def make_plan(
         profile_meta=_profile_meta(profile),
         seed=seed,
     )
+
+
+def _check_selection(selection: str) -> None:
+    if selection not in SELECTIONS:
+        raise OptionError(
+            f"unknown heavy selection {selection!r}: choose one of {', '.join(SELECTIONS)}"
+        )
+
+
+def _check_heavy_dtype(heavy_dtype: str) -> None:
+    if heavy_dtype not in HEAVY_DTYPES:
+        raise OptionError(
+            f"unknown heavy dtype {heavy_dtype!r}: choose one of {', '.join(HEAVY_DTYPES)}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -592,6 +603,8 @@ class Candidate:
     light: LightFormat
 
     def label(self) -> str:
+        if self.light.kind == "dense":
+            return "dense"
         return f"{self.light.label()}+{self.heavy_fraction:.4g}heavy"
 
 
@@ -601,24 +614,17 @@ def default_candidates() -> list[Candidate]:
     return [*grid, Candidate(0.0, LightFormat(kind="dense"))]
 
 
-@dataclass
-class LayerStats:
-    """Measured per-neuron quantities of one layer's weights (see apply.quant_error_table).
-
-    down_col_sq: ||W_down[:, i]||^2 [I]. rel_error: light format label -> (up, down) [I] each,
-    the relative squared weight error of neuron i's up and gate rows (summed) and of its down
-    column when the whole matrix is quantized in that format.
-    """
-
-    down_col_sq: torch.Tensor
-    rel_error: dict[str, tuple[torch.Tensor, torch.Tensor]]
+QuantErrors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+"""Per layer: light format label -> (up, down) relative squared weight errors per neuron [I]:
+neuron i's up and gate rows (summed) and its down column, the whole matrix quantized in that
+format (apply.quant_error_table)."""
 
 
 def analytic_rel_error(light: LightFormat, k: int) -> float:
     """Relative squared RTN error of a Gaussian row quantized in groups (fallback estimate).
 
-    A group of g Gaussian weights spans about 2 sigma sqrt(2 ln g); the rounding noise of a
-    uniform grid of 2^b - 1 steps over that span has variance step^2 / 12.
+    A group of g Gaussian weights spans about 2 sigma sqrt(2 ln g); rounding to a uniform grid of
+    2^b - 1 steps over that span adds noise of variance step^2 / 12.
     """
     group = min(group_for(light, k), k)
     span = 2 * math.sqrt(2 * math.log(max(group, 2)))
@@ -626,20 +632,14 @@ def analytic_rel_error(light: LightFormat, k: int) -> float:
     return (span / levels) ** 2 / 12
 
 
-def _sensitivity(profile, layer: int, stats: LayerStats | None) -> torch.Tensor:
-    """E[a_i^2] ||W_down[:, i]||^2: the output energy neuron i contributes."""
+def neuron_energy(profile, layer: int) -> torch.Tensor:
+    """E[a_i^2] ||W_down[:, i]||^2 [I]: the output energy neuron i contributes (float64)."""
     record = profile.layers[layer]
-    second = record.sq_mean.to(torch.float64)
-    if stats is not None:
-        return second * stats.down_col_sq.to(torch.float64)
-    # out_norm_mean = E|a_i| ||W_down[:, i]||, so the column norm is out_norm_mean / abs_mean.
-    abs_mean = record.abs_mean.to(torch.float64)
-    column = torch.where(abs_mean > 0, record.out_norm_mean.to(torch.float64) / abs_mean, 0.0)
-    return second * column**2
+    return record.sq_mean.to(torch.float64) * record.down_col_norm.to(torch.float64) ** 2
 
 
 def _neuron_error(
-    light: LightFormat, size: int, geometry: FFNGeometry, stats: LayerStats | None
+    light: LightFormat, size: int, geometry: FFNGeometry, errors: QuantErrors | None
 ) -> torch.Tensor:
     """Relative output error of each neuron if it is light in format `light` ([I], float64)."""
     if light.kind == "dense":
@@ -650,10 +650,10 @@ def _neuron_error(
         raise OptionError(
             f"budget mode cannot estimate the error of {light.label()}: use quant, dense or pruned"
         )
-    if stats is not None:
-        if light.label() not in stats.rel_error:
-            raise OptionError(f"layer stats lack the measured error of {light.label()}")
-        up, down = stats.rel_error[light.label()]
+    if errors is not None:
+        if light.label() not in errors:
+            raise OptionError(f"the measured errors lack format {light.label()}")
+        up, down = errors[light.label()]
         return up.to(torch.float64) + down.to(torch.float64)
     up = analytic_rel_error(light, geometry.hidden_size) * (geometry.matrices - 1)
     down = analytic_rel_error(light, size)
@@ -664,35 +664,38 @@ def _choose(errors: list[torch.Tensor], costs: list[torch.Tensor], budget: float
     """Multiple-choice knapsack: per layer one candidate, sum(cost) <= budget, least error.
 
     Lagrangian relaxation (bisection on the price of a byte) finds the best allocation on the
-    convex hull under the budget; a greedy pass then spends what is left on the upgrades with
-    the most error removed per extra byte.
+    convex hull under the budget; a greedy pass then spends what is left on the upgrades that
+    remove the most error per extra byte.
     """
 
     def pick(price: float) -> list[int]:
-        return [int(torch.argmin(e + price * c)) for e, c in zip(errors, costs, strict=True)]
+        # Ties go to the cheaper option, so a high enough price always reaches the cheapest.
+        return [
+            int(torch.argmin(e + price * c + 1e-9 * c / c.max()))
+            for e, c in zip(errors, costs, strict=True)
+        ]
 
     def spent(choice: list[int]) -> float:
         return sum(float(c[i]) for c, i in zip(costs, choice, strict=True))
 
     low, high = 0.0, 1.0
-    while spent(pick(high)) > budget:
-        high *= 4
-        if high > 1e30:
-            break
-    choice = pick(high)
-    if spent(pick(low)) > budget:
-        for _ in range(100):
+    while spent(pick(high)) > budget and high < 1e300:
+        high *= 16
+    if spent(pick(low)) <= budget:
+        high = low
+    else:
+        for _ in range(200):
             middle = (low + high) / 2
+            if middle in (low, high):
+                break
             if spent(pick(middle)) > budget:
                 low = middle
             else:
                 high = middle
-        choice = pick(high)
-    else:
-        choice = pick(low)
+    choice = pick(high)
     left = budget - spent(choice)
     while True:
-        best, best_gain = None, 0.0
+        best, best_ratio = None, 0.0
         for layer, (e, c) in enumerate(zip(errors, costs, strict=True)):
             extra = c - c[choice[layer]]
             gain = e[choice[layer]] - e
@@ -701,8 +704,8 @@ def _choose(errors: list[torch.Tensor], costs: list[torch.Tensor], budget: float
                 continue
             ratio = torch.where(ok, gain / extra.clamp(min=1.0), -1.0)
             option = int(torch.argmax(ratio))
-            if float(ratio[option]) > best_gain:
-                best, best_gain = (layer, option), float(ratio[option])
+            if float(ratio[option]) > best_ratio:
+                best, best_ratio = (layer, option), float(ratio[option])
         if best is None:
             return choice
         layer, option = best
@@ -713,46 +716,46 @@ def _choose(errors: list[torch.Tensor], costs: list[torch.Tensor], budget: float
 def plan_for_budget(
     profile,
     *,
+    geometry: FFNGeometry,
     target_bits: float | None = None,
     target_size: float | None = None,
     candidates: Sequence[Candidate] | None = None,
-    layer_stats: Sequence[LayerStats] | None = None,
+    quant_errors: Sequence[QuantErrors] | None = None,
     selection: str = "output_norm",
     weight_norms: Sequence[torch.Tensor] | None = None,
     seed: int = 0,
     heavy_dtype: str = "float16",
-    geometry: FFNGeometry | None = None,
 ) -> SplitPlan:
     """Per layer the (heavy fraction, light format) that minimises the estimated output error
-    of the whole model subject to a byte budget.
+    of the whole model within a byte budget.
 
     Budget: `target_bits` average stored bits per FFN weight, or `target_size` a fraction of the
     dense fp16 FFN bytes. Error estimate of layer l with light set L in format F:
 
         err(l, F, L) = sum_{i in L} E[a_i^2] ||W_down[:, i]||^2 * (e_up_i(F) + e_down_i(F))
 
-    The first factor is neuron i's output energy (from the profile's second moment of a_i and
-    the down column norm). Quantization noise on neuron i's down column adds that energy times
-    the column's relative squared error e_down; noise on its up and gate rows perturbs a_i by
-    about the rows' relative error e_up, which the same column carries to the output. Errors of
-    different neurons and layers are treated as independent, so they add. e_up / e_down are
-    measured per neuron from the real weights when `layer_stats` is given (RTN of every candidate
-    format, apply.quant_error_table); otherwise a Gaussian-weight estimate (`analytic_rel_error`).
-    Heavy neurons (fp16) and dense light parts count as error-free, pruned neurons lose their
-    whole energy. `selection` orders the heavy candidates (baselines at equal bytes: "none"
-    allows heavy fraction 0 only, i.e. mixed-precision quantization without a split).
+    The first factor is neuron i's output energy (profile: sq_mean and down_col_norm). Noise on
+    its down column adds that energy times the column's relative squared error e_down; noise on
+    its up and gate rows perturbs a_i by about the rows' relative error e_up, which the column
+    carries to the output. Neurons and layers are treated as independent, so errors add. e_up /
+    e_down are measured per neuron on the real weights when `quant_errors` is given (RTN in every
+    candidate format: apply.quant_error_table); otherwise `analytic_rel_error` estimates them.
+    Heavy neurons (fp16) and dense light parts count as error-free; pruned neurons lose all their
+    energy. `selection` orders the heavy candidates; "none" keeps heavy fraction 0 only, which
+    gives mixed-precision quantization without a split: the no-split baseline at equal bytes.
     """
     if (target_bits is None) == (target_size is None):
         raise OptionError("give exactly one of target_bits, target_size")
-    geometry = _geometry_of(profile, geometry)
-    count = _profile_layer_count(profile)
-    sizes = [_output_norm_scores(profile, layer).numel() for layer in range(count)]
+    _check_selection(selection)
+    _check_heavy_dtype(heavy_dtype)
+    count = profile.num_layers
+    sizes = [stats.intermediate_size for stats in profile.layers]
     weights = sum(geometry.matrices * size * geometry.hidden_size for size in sizes)
     dense_bytes = dense_ffn_bytes(geometry, sizes)
     if target_bits is not None:
-        budget, wanted = target_bits * weights / 8, f"--target-bits {target_bits:g}"
+        budget, wanted = target_bits * weights / 8, f"target bits {target_bits:g}"
     else:
-        budget, wanted = target_size * dense_bytes, f"--target-size {target_size:g}"
+        budget, wanted = target_size * dense_bytes, f"target size {target_size:g}"
     options = list(candidates) if candidates is not None else default_candidates()
     if selection == "none":
         options = [c for c in options if c.heavy_fraction == 0]
@@ -760,43 +763,50 @@ def plan_for_budget(
         raise OptionError("budget mode needs at least one candidate")
     for option in options:
         _check_geometry_fits(geometry, option.light)
-    if layer_stats is not None and len(layer_stats) != count:
-        raise OptionError(f"layer_stats has {len(layer_stats)} layers, the profile has {count}")
+        if not 0 <= option.heavy_fraction <= 1:
+            raise OptionError(f"candidate heavy fraction {option.heavy_fraction} is not in [0, 1]")
+    if quant_errors is not None and len(quant_errors) != count:
+        raise OptionError(f"quant_errors has {len(quant_errors)} layers, the profile has {count}")
     orders = _selection_orders(profile, selection, weight_norms, seed)
 
-    errors, costs = [], []
+    errors, costs, heavy_counts = [], [], []
     for layer, order in enumerate(orders):
-        stats = None if layer_stats is None else layer_stats[layer]
+        measured = None if quant_errors is None else quant_errors[layer]
         size = sizes[layer]
-        energy = _sensitivity(profile, layer, stats)[order]
+        energy = neuron_energy(profile, layer)[order]
+        counts = [_heavy_count(profile, layer, option.heavy_fraction, None) for option in options]
         layer_errors, layer_costs = [], []
-        for option in options:
-            n_heavy = round(option.heavy_fraction * size)
-            per_neuron = energy * _neuron_error(option.light, size, geometry, stats)[order]
+        for option, n_heavy in zip(options, counts, strict=True):
+            per_neuron = energy * _neuron_error(option.light, size, geometry, measured)[order]
             layer_errors.append(float(per_neuron[n_heavy:].sum()))
             layer_costs.append(
                 layer_ffn_bytes(n_heavy, size - n_heavy, option.light, heavy_dtype, geometry)
             )
         errors.append(torch.tensor(layer_errors, dtype=torch.float64))
         costs.append(torch.tensor(layer_costs, dtype=torch.float64))
+        heavy_counts.append(counts)
 
     lowest = sum(float(c.min()) for c in costs)
-    highest = sum(float(c.max()) for c in costs)
-    if not lowest <= budget <= max(highest, dense_bytes):
-        low_bits, high_bits = 8 * lowest / weights, 8 * max(highest, dense_bytes) / weights
+    highest = max(sum(float(c.max()) for c in costs), dense_bytes)
+    if not lowest <= budget <= highest:
         raise OptionError(
-            f"{wanted} cannot be met: these candidates give {low_bits:.2f} to {high_bits:.2f} "
-            f"average FFN bits ({lowest / dense_bytes:.3f} to "
-            f"{max(highest, dense_bytes) / dense_bytes:.3f} of the dense FFN size)"
+            f"{wanted} cannot be met: these candidates give {8 * lowest / weights:.2f} to "
+            f"{8 * highest / weights:.2f} average FFN bits ({lowest / dense_bytes:.3f} to "
+            f"{highest / dense_bytes:.3f} of the dense fp16 FFN size)"
         )
     choice = _choose(errors, costs, budget)
-    layers = []
-    for layer, (order, pick) in enumerate(zip(orders, choice, strict=True)):
-        option = options[pick]
-        n_heavy = round(option.heavy_fraction * sizes[layer])
-        scores = _output_norm_scores(profile, layer)
-        layers.append(_layer_plan(layer, order, n_heavy, 0, scores, option.light, heavy_dtype))
-    achieved = sum(float(c[i]) for c, i in zip(costs, choice, strict=True))
+    layers = [
+        _layer_plan(
+            layer,
+            orders[layer],
+            heavy_counts[layer][pick],
+            0,
+            profile.score(layer, "out_norm"),
+            options[pick].light,
+            heavy_dtype,
+        )
+        for layer, pick in enumerate(choice)
+    ]
     return SplitPlan(
         layers=layers,
         selection=selection,
@@ -808,13 +818,8 @@ def plan_for_budget(
             "target_bits": target_bits,
             "target_size": target_size,
             "budget_bytes": int(budget),
-            "achieved_bytes": int(achieved),
+            "achieved_bytes": int(sum(float(c[i]) for c, i in zip(costs, choice, strict=True))),
             "estimated_error": sum(float(e[i]) for e, i in zip(errors, choice, strict=True)),
             "choices": [options[i].label() for i in choice],
         },
     )
-
-
-def with_light(plan: SplitPlan, light: LightFormat) -> SplitPlan:
-    """The same split with another light format everywhere."""
-    return replace(plan, layers=[replace(layer, light=light) for layer in plan.layers])

@@ -6,8 +6,8 @@ token t = 1..T, there is no padding). `a_t` in R^I is the input of the down proj
 before any arithmetic; `c_i = ||W_down[:, i]||_2` is the norm of neuron i's down column, computed
 once in float32. All sums are float32 running sums over every token.
 
-- `out_norm_mean[i]`  = (1/T) sum_t |a_ti| c_i: mean norm of neuron i's contribution a_ti W_down[:, i]
-  to the FFN output (the FFSplit heavy-hitter score).
+- `out_norm_mean[i]`  = (1/T) sum_t |a_ti| c_i: mean norm of neuron i's contribution
+  a_ti W_down[:, i] to the FFN output (the FFSplit heavy-hitter score).
 - `abs_mean[i]`       = (1/T) sum_t |a_ti|
 - `abs_max[i]`        = max_t |a_ti|
 - `sq_mean[i]`        = (1/T) sum_t a_ti^2
@@ -36,7 +36,7 @@ import os
 import struct
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +127,7 @@ class Profile:
 
     layers: list[LayerStats]
     meta: dict[str, Any]
+    path: Path | None = field(default=None, compare=False)  # the file it was loaded from
 
     # ----- queries -----
     @property
@@ -209,8 +210,9 @@ class Profile:
         """Refuse a model other than the one this profile was made for (CheckpointError)."""
         current = model_fingerprint(model)
         if not fingerprint_matches(self.fingerprint, current):
+            name = self.path.name if self.path is not None else "the profile"
             raise CheckpointError(
-                f"profile.safetensors was made for another model (fingerprint "
+                f"{name} was made for another model (fingerprint "
                 f"{fingerprint_id(self.fingerprint)}, this model {fingerprint_id(current)}): "
                 "run ffnsplit profile on this model"
             )
@@ -241,7 +243,7 @@ class Profile:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Profile:
-        """Read and validate a profile written by `save`; any defect is a one-line CheckpointError."""
+        """Read and validate a profile written by `save`; any defect is a CheckpointError."""
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"no profile at {path}: run ffnsplit profile first")
@@ -272,7 +274,7 @@ class Profile:
                 f"{path} has unexpected tensors ({next(iter(tensors))}): run ffnsplit profile again"
             )
         meta = {k: v for k, v in header.items() if k not in ("layers", "checksum", "kind")}
-        return cls(layers=layers, meta=meta)
+        return cls(layers=layers, meta=meta, path=path)
 
 
 def _checksum(tensors: dict[str, Tensor]) -> str:
@@ -359,7 +361,7 @@ class _Accumulator:
         self.abs_max = torch.zeros(size, dtype=torch.float32, device=device)
         self.topk_count = torch.zeros(size, dtype=torch.int64, device=device)
         self.chunk = max(1, self.CHUNK_ELEMENTS // size)
-        self.ones = torch.ones(self.chunk * self.k, dtype=torch.int64, device=device)
+        self.one = torch.ones((), dtype=torch.int64, device=device)
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         a = args[0].detach()
@@ -377,11 +379,11 @@ class _Accumulator:
             self.sq_sum += torch.linalg.vector_norm(chunk, dim=0, dtype=torch.float32).square_()
             out_norm = torch.mul(magnitude, self.col_norm)  # promotes to float32
             top = out_norm.topk(self.k, dim=1, sorted=False).indices.reshape(-1)
-            self.topk_count.index_add_(0, top, self.ones[: top.numel()])
+            self.topk_count.index_add_(0, top, self.one.expand(top.numel()))
         self.tokens[half] += flat.shape[0]
 
     def _move(self, device: torch.device) -> None:
-        for name in ("col_norm", "abs_sum", "sq_sum", "abs_max", "topk_count", "ones"):
+        for name in ("col_norm", "abs_sum", "sq_sum", "abs_max", "topk_count", "one"):
             setattr(self, name, getattr(self, name).to(device))
 
     def finite(self) -> Tensor:
@@ -514,7 +516,7 @@ def _to_device(obj: Any, device: torch.device, memo: dict[int, Any]) -> Any:
 
 @contextlib.contextmanager
 def _on_device(module: nn.Module, device: torch.device) -> Iterator[None]:
-    """Move `module` to `device` for the block, then put back its original tensors (no copy back)."""
+    """Move `module` to `device` for the block, then put back its original tensors (no copy)."""
     params = [
         (m, n, p, p.data)
         for m in module.modules()
@@ -554,7 +556,7 @@ def run_calibration(
     before_batch: Callable[[int], None] | None = None,
     after_batch: Callable[[int, int | None], None] | None = None,
 ) -> None:
-    """Run calibration batches through the model's decoder layers; hooks placed by the caller see them.
+    """Run calibration batches through the decoder layers, for hooks placed by the caller to see.
 
     The forward stops after the last decoder layer (no final norm or LM head). Normal mode moves
     the model to `device`. Sequential mode leaves the model where it is and moves one decoder layer
@@ -583,7 +585,14 @@ def run_calibration(
         memo: dict[int, Any] = {}
         hidden = [h.to(store) for h in hidden]
         for layer_index, layer in enumerate(layers):
-            layer_calls = _to_device(calls[layer_index], device, memo)
+            layer_calls = [
+                _LayerCall(
+                    _to_device(call.args, device, memo),
+                    _to_device(call.kwargs, device, memo),
+                    call.hidden_key,
+                )
+                for call in calls[layer_index]
+            ]
             with _on_device(layer, device):
                 for index, call in enumerate(layer_calls):
                     if before_batch:
@@ -621,13 +630,13 @@ def _choose_sequential(model: nn.Module, device: torch.device, sequential: bool 
 
 
 class TokensPerSecondColumn(ProgressColumn):
-    """A rich progress column showing the task's speed as tokens/s."""
+    """A rich progress column: tokens done per second of the task so far (a steady average)."""
 
     def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text(
-            "-- tok/s" if speed is None else f"{speed:,.0f} tok/s", style="progress.data.speed"
-        )
+        elapsed = task.elapsed
+        if not elapsed or not task.completed:
+            return Text("-- tok/s", style="progress.data.speed")
+        return Text(f"{task.completed / elapsed:,.0f} tok/s", style="progress.data.speed")
 
 
 def _progress_callback(
@@ -652,6 +661,7 @@ def profile_model(
     sequential: bool | None = None,
     progress: ProgressCallback | Progress | None = None,
     corpus_meta: dict | None = None,
+    fingerprint: dict | None = None,
 ) -> Profile:
     """Profile every FFN of `model` on calibration blocks `input_ids` [n_blocks, seq_len].
 
@@ -659,8 +669,9 @@ def profile_model(
     model in place first. `sequential` None runs layer by layer only when the model sits on the CPU
     and does not fit in the GPU's free memory. `progress` is a rich Progress (a task showing
     tokens/s is added) or a callback `(tokens_done, tokens_total)`. `corpus_meta` (name, checksum)
-    is stored in the profile's header. Raises NumericalError naming the first layer whose
-    activations hold NaN/Inf.
+    is stored in the profile's header. `fingerprint` is `arch.model_fingerprint(model)` when the
+    caller already has it (hashing a large model's FFN weights takes a while). Raises
+    NumericalError naming the first layer whose activations hold NaN/Inf.
     """
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         raise OptionError("calibration input must be a LongTensor [n_blocks, seq_len]")
@@ -674,7 +685,8 @@ def profile_model(
         raise OptionError(f"top-k fraction {topk_fraction} is out of range: use a value in (0, 1]")
     started = time.perf_counter()
     blocks = get_ffn_blocks(model)
-    fingerprint = model_fingerprint(model)
+    if fingerprint is None:
+        fingerprint = model_fingerprint(model)
     run_device = _model_device(model) if device is None else resolve_device(str(device))
     if isinstance(dtype, str):
         dtype = resolve_dtype(dtype)
@@ -794,7 +806,7 @@ def _percent(value: float) -> str:
 
 
 def summary_table(profile: Profile) -> Table:
-    """Per layer: size, share of the FFN output norm in the top 1/5/10% neurons, overlap, max |a|."""
+    """Per layer: size, output-norm share of the top 1/5/10% neurons, overlap, max |a|."""
     meta = profile.meta
     corpus = (meta.get("corpus") or {}).get("name", "?")
     table = Table(

@@ -10,6 +10,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+# Two xdist workers on two cores: one intra-op thread each, or they fight over the cores and tiny
+# matmuls/SVDs get 10-50x slower.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

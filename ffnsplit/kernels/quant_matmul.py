@@ -1,0 +1,232 @@
+"""Dequantize-in-the-loop GEMM: y = x_heavy @ W_heavy^T + x_light @ dequant(W_light)^T + bias.
+
+One kernel serves `quant_matmul` (no heavy part) and the split FFN's down projection (K is split
+into dense heavy columns and packed light columns, both accumulated into one fp32 tile). Decode
+(M <= 16) splits K across programs so the weight bytes are streamed exactly once by enough programs
+to fill the GPU; the partial sums go to a fp32 workspace and a second tiny kernel adds them in a
+fixed order (deterministic, no atomics). Prefill uses large tensor-core tiles, one program per
+output tile, with the row tiles of one weight tile launched together so the weight is read from
+DRAM about once.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ffnsplit.kernels.format import QuantizedWeight
+from ffnsplit.kernels.tiles import (
+    DECODE_MAX_M,
+    INTERPRET,
+    TileConfig,
+    Tuner,
+    dense_block,
+    dot_precision,
+    fast_unpack,
+    light_block,
+    pack_factor,
+    scale_after_ok,
+    sm_count,
+    torch_to_triton_ok,
+)
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _split_linear_kernel(
+    x_ptr, hw_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
+    M, N, KH, KL, stride_xm, stride_hw, stride_om, stride_os,
+    BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
+    SCALE_AFTER: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_KH: tl.constexpr, INTERLEAVE: tl.constexpr,
+    FAST4: tl.constexpr,
+):  # fmt: skip
+    """One [BLOCK_M, BLOCK_N] output tile over the K-slice of split program_id(2).
+
+    x holds the heavy columns [0, KH) then the light columns [KH, KH + KL). PARTIAL: write the fp32
+    partial sum of this split to out[split] instead of the finished (biased, cast) output.
+    """
+    PACK: tl.constexpr = 32 // (8 if BITS == 8 else (4 if BITS == 4 else 2))
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    n_split = tl.num_programs(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # each split takes a proportional share of the heavy blocks and of the light blocks
+    nb_heavy = tl.cdiv(KH, BLOCK_KH)
+    for b in range(pid_s * nb_heavy // n_split, (pid_s + 1) * nb_heavy // n_split):
+        acc, _ = dense_block(acc, acc, x_ptr, stride_xm, offs_m, mask_m, hw_ptr, hw_ptr,
+                               stride_hw, KH, b * BLOCK_KH, offs_n, mask_n, False, BLOCK_KH,
+                               PRECISION)  # fmt: skip
+    nb_light = tl.cdiv(KL, ROWS * PACK)
+    for b in range(pid_s * nb_light // n_split, (pid_s + 1) * nb_light // n_split):
+        acc, _ = light_block(acc, acc, x_ptr + KH, stride_xm, offs_m, mask_m,
+                               p0_ptr, p1_ptr, s_ptr, z_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr,
+                               N, KL, b * (ROWS * PACK), offs_n, mask_n, BITS, GROUP, SYMMETRIC,
+                               SCALE_AFTER, False, ROWS, INTERLEAVE, FAST4, PRECISION)  # fmt: skip
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    if PARTIAL:
+        out = out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
+        tl.store(out, acc, mask=out_mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _splitk_reduce_kernel(ws_ptr, bias_ptr, out_ptr, MN, N, SPLIT: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """out = sum over splits (in order) of the fp32 partials + bias, cast to out's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in tl.static_range(SPLIT):
+        acc += tl.load(ws_ptr + s * MN + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# configs: one small config under the interpreter, a few per tier on the GPU (first is default)
+
+_INTERPRET_CONFIG = TileConfig(16, 32, 16, 32, num_warps=1, num_stages=1)
+_DECODE = (
+    TileConfig(16, 64, 16, 64, num_warps=4, num_stages=4),
+    TileConfig(16, 128, 16, 64, num_warps=4, num_stages=3),
+    TileConfig(16, 64, 32, 128, num_warps=4, num_stages=3),
+    TileConfig(16, 32, 16, 64, num_warps=2, num_stages=4),
+)
+_SMALL = (  # 16 < M <= 128: still weight-bound, moderate row tiles
+    TileConfig(64, 64, 16, 64, num_warps=4, num_stages=3),
+    TileConfig(32, 64, 16, 64, num_warps=4, num_stages=4),
+    TileConfig(64, 128, 16, 64, num_warps=8, num_stages=3, scale_after=False),
+)
+_PREFILL = (
+    TileConfig(128, 128, 16, 64, num_warps=8, num_stages=3, scale_after=False),
+    TileConfig(128, 64, 16, 64, num_warps=4, num_stages=4, scale_after=False),
+    TileConfig(64, 128, 16, 64, num_warps=4, num_stages=4, scale_after=False),
+)
+_MAX_SPLIT = 32
+
+
+def tier_configs(m: int) -> tuple[str, tuple[TileConfig, ...]]:
+    if INTERPRET:
+        return "interpret", (_INTERPRET_CONFIG,)
+    if m <= DECODE_MAX_M:
+        return "decode", _DECODE
+    if m <= 128:
+        return "small", _SMALL
+    return "prefill", _PREFILL
+
+
+def n_splits(cfg: TileConfig, m: int, n: int, kh: int, kl: int, bits: int, sms: int) -> int:
+    """K-splits so that about 4 programs per SM stream the weight (1 when tiles already do)."""
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    blocks = triton.cdiv(kh, cfg.block_kh) + triton.cdiv(kl, cfg.rows * pack_factor(bits))
+    want = triton.cdiv(4 * sms, tiles)
+    return max(1, min(want, blocks // 4, _MAX_SPLIT))
+
+
+_tuner = Tuner()
+
+
+def _validate(x: torch.Tensor, heavy: torch.Tensor | None, light: QuantizedWeight | None) -> None:
+    torch_to_triton_ok(x)
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"activations must be fp16, bf16 or fp32, got {x.dtype}")
+    kh = 0 if heavy is None else heavy.shape[1]
+    kl = 0 if light is None else light.shape[1]
+    if x.shape[-1] != kh + kl:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight expects {kh + kl}")
+    if heavy is not None and (heavy.dtype != x.dtype or heavy.device != x.device):
+        raise ValueError(f"dense weight must be {x.dtype} on {x.device}, got {heavy.dtype}")
+    if light is not None:
+        if light.device != x.device:
+            raise ValueError(f"quantized weight is on {light.device}, x on {x.device}")
+        if heavy is not None and light.shape[0] != heavy.shape[0]:
+            raise ValueError("dense and quantized parts must have the same output features")
+
+
+def split_linear(
+    x: torch.Tensor,
+    heavy: torch.Tensor | None,
+    light: QuantizedWeight | None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = x[..., :kh] @ heavy^T + x[..., kh:] @ light.dequantize()^T + bias, in x's dtype.
+
+    `heavy` is a dense [N, kh] weight in x's dtype (or None), `light` a packed [N, kl] weight (or
+    None); at least one must be given.
+    """
+    if heavy is None and light is None:
+        raise ValueError("split_linear needs a dense or a quantized part")
+    _validate(x, heavy, light)
+    n = heavy.shape[0] if heavy is not None else light.shape[0]
+    kh = 0 if heavy is None else heavy.shape[1]
+    kl = 0 if light is None else light.shape[1]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out.reshape(*lead, n)
+    if bias is not None and (bias.shape != (n,) or bias.device != x.device):
+        raise ValueError(f"bias must be [{n}] on {x.device}, got {tuple(bias.shape)}")
+    heavy_arg = heavy if heavy is not None else x2
+    if heavy is not None and heavy.stride(-1) != 1:
+        heavy_arg = heavy.contiguous()
+    if light is not None:
+        bits, group = light.bits, light.group_size
+        p0 = light.planes[0]
+        p1 = light.planes[1] if len(light.planes) > 1 else p0
+        scales = light.scales
+        zeros = light.zeros if light.zeros is not None else scales
+        symmetric = light.zeros is None
+    else:  # never read: no light blocks
+        bits, group, p0, p1, scales, zeros, symmetric = 4, 32, x2, x2, x2, x2, True
+    tier, configs = tier_configs(m)
+    sms = sm_count(x.device)
+
+    def run(cfg: TileConfig) -> None:
+        split = n_splits(cfg, m, n, kh, kl, bits, sms)
+        grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
+        ws = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+        _split_linear_kernel[grid](
+            x2, heavy_arg, p0, p1, scales, zeros, bias if bias is not None else out, ws,
+            m, n, kh, kl, x2.stride(0), heavy_arg.stride(0), n, m * n,
+            BITS=bits, GROUP=group, SYMMETRIC=symmetric,
+            SCALE_AFTER=scale_after_ok(cfg, bits, group, kl), HAS_BIAS=bias is not None,
+            PARTIAL=split > 1, PRECISION=dot_precision(x.dtype), BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n, ROWS=cfg.rows, BLOCK_KH=cfg.block_kh, INTERLEAVE=cfg.interleave,
+            FAST4=fast_unpack(cfg, bits, group, kl, x.dtype, x.device),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+        if split > 1:
+            block = 1024
+            _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
+                ws, bias if bias is not None else out, out, m * n, n, SPLIT=split,
+                HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
+            )  # fmt: skip
+
+    key = (tier, n, kh, kl, bits, group, symmetric, x.dtype, x.device.index)
+    run(_tuner.pick(key, configs, run))
+    return out.reshape(*lead, n)
+
+
+def quant_matmul(
+    x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [..., K] @ qw.dequantize().T (+ bias) -> [..., N] in x's dtype (Triton)."""
+    return split_linear(x, None, qw, bias)

@@ -1,0 +1,216 @@
+"""The fused split FFN: two launches (three when decode splits K), no dense copy of any weight.
+
+Kernel A computes a = act(gate x + gate_bias) * (up x + up_bias) (or act(up x + up_bias)) for all
+neurons in one launch: the first programs take tiles of heavy neurons (dense rows in x's dtype),
+the others tiles of light neurons (packed, dequantized in registers); up and gate share the x
+loads, and bias, activation and gating run in the epilogue, so `a` [M, h + l] is written once.
+Kernel B (quant_matmul.split_linear) is the down projection over K = [heavy | light] columns of
+`a`, both parts accumulated into one fp32 tile, then the down bias.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ffnsplit.kernels.format import QuantizedWeight, SplitFFNWeights
+from ffnsplit.kernels.quant_matmul import split_linear
+from ffnsplit.kernels.tiles import (
+    ACTIVATION_NAMES,
+    DECODE_MAX_M,
+    INTERPRET,
+    TileConfig,
+    Tuner,
+    activation,
+    dense_block,
+    dot_precision,
+    fast_unpack,
+    light_block,
+    scale_after_ok,
+    torch_to_triton_ok,
+)
+
+
+@triton.jit
+def _store_activations(acc_u, acc_g, ub_ptr, gb_ptr, a_ptr, stride_am, offs_m, mask_m, cols,
+                       mask_n, GATED: tl.constexpr, ACTIVATION: tl.constexpr,
+                       HAS_UP_BIAS: tl.constexpr, HAS_GATE_BIAS: tl.constexpr):  # fmt: skip
+    """Epilogue: biases, activation and gating on fp32 tiles, one store of `a` columns `cols`."""
+    if HAS_UP_BIAS:
+        acc_u += tl.load(ub_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if GATED:
+        if HAS_GATE_BIAS:
+            acc_g += tl.load(gb_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        out = activation(acc_g, ACTIVATION) * acc_u
+    else:
+        out = activation(acc_u, ACTIVATION)
+    ptrs = a_ptr + offs_m[:, None] * stride_am + cols[None, :]
+    tl.store(ptrs, out.to(a_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit(do_not_specialize=["M"])
+def _split_up_kernel(
+    x_ptr, hu_ptr, hg_ptr, up0_ptr, up1_ptr, us_ptr, uz_ptr, gp0_ptr, gp1_ptr, gs_ptr, gz_ptr,
+    ub_ptr, gb_ptr, a_ptr,
+    M, K, NH, NL, stride_xm, stride_hw, stride_am,
+    BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
+    SCALE_AFTER: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr,
+    HAS_UP_BIAS: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_NH: tl.constexpr, BLOCK_NL: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_KH: tl.constexpr, INTERLEAVE: tl.constexpr,
+    FAST4: tl.constexpr,
+):  # fmt: skip
+    """a[:, tile] for one row tile (program_id 0) and one heavy or light neuron tile (id 1)."""
+    PACK: tl.constexpr = 32 // (8 if BITS == 8 else (4 if BITS == 4 else 2))
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    heavy_tiles = tl.cdiv(NH, BLOCK_NH)
+    if pid_n < heavy_tiles:
+        offs_h = pid_n * BLOCK_NH + tl.arange(0, BLOCK_NH)
+        mask_h = offs_h < NH
+        acc_hu = tl.zeros([BLOCK_M, BLOCK_NH], dtype=tl.float32)
+        acc_hg = tl.zeros([BLOCK_M, BLOCK_NH], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_KH):
+            acc_hu, acc_hg = dense_block(acc_hu, acc_hg, x_ptr, stride_xm, offs_m, mask_m, hu_ptr,
+                                         hg_ptr, stride_hw, K, k0, offs_h, mask_h, GATED, BLOCK_KH,
+                                         PRECISION)  # fmt: skip
+        _store_activations(acc_hu, acc_hg, ub_ptr, gb_ptr, a_ptr, stride_am, offs_m, mask_m,
+                           offs_h, mask_h, GATED, ACTIVATION, HAS_UP_BIAS,
+                           HAS_GATE_BIAS)  # fmt: skip
+    else:
+        offs_l = (pid_n - heavy_tiles) * BLOCK_NL + tl.arange(0, BLOCK_NL)
+        mask_l = offs_l < NL
+        acc_lu = tl.zeros([BLOCK_M, BLOCK_NL], dtype=tl.float32)
+        acc_lg = tl.zeros([BLOCK_M, BLOCK_NL], dtype=tl.float32)
+        for k0 in range(0, K, ROWS * PACK):
+            acc_lu, acc_lg = light_block(acc_lu, acc_lg, x_ptr, stride_xm, offs_m, mask_m,
+                                         up0_ptr, up1_ptr, us_ptr, uz_ptr,
+                                         gp0_ptr, gp1_ptr, gs_ptr, gz_ptr,
+                                         NL, K, k0, offs_l, mask_l, BITS, GROUP, SYMMETRIC,
+                                         SCALE_AFTER, GATED, ROWS, INTERLEAVE, FAST4, PRECISION)  # fmt: skip
+        _store_activations(acc_lu, acc_lg, ub_ptr, gb_ptr, a_ptr, stride_am, offs_m, mask_m,
+                           NH + offs_l, mask_l, GATED, ACTIVATION, HAS_UP_BIAS,
+                           HAS_GATE_BIAS)  # fmt: skip
+
+
+_INTERPRET_CONFIG = TileConfig(16, 32, 16, 32, num_warps=1, num_stages=1, block_nh=16)
+_DECODE = (
+    TileConfig(16, 64, 16, 128, num_warps=4, num_stages=4, block_nh=16),
+    TileConfig(16, 32, 16, 128, num_warps=4, num_stages=4, block_nh=16),
+    TileConfig(16, 64, 32, 256, num_warps=4, num_stages=3, block_nh=32),
+    TileConfig(16, 128, 16, 128, num_warps=8, num_stages=3, block_nh=32),
+)
+_SMALL = (
+    TileConfig(64, 64, 16, 64, num_warps=4, num_stages=3, block_nh=64),
+    TileConfig(32, 64, 16, 64, num_warps=4, num_stages=4, block_nh=32),
+    TileConfig(64, 64, 16, 64, num_warps=4, num_stages=3, scale_after=False, block_nh=64),
+)
+_PREFILL = (
+    TileConfig(128, 64, 16, 64, num_warps=8, num_stages=3, scale_after=False, block_nh=64),
+    TileConfig(128, 128, 16, 64, num_warps=8, num_stages=3, scale_after=False, block_nh=128),
+    TileConfig(64, 64, 16, 64, num_warps=4, num_stages=4, scale_after=False, block_nh=64),
+)
+
+_tuner = Tuner()
+
+
+def _tier(m: int) -> tuple[str, tuple[TileConfig, ...]]:
+    if INTERPRET:
+        return "interpret", (_INTERPRET_CONFIG,)
+    if m <= DECODE_MAX_M:
+        return "decode", _DECODE
+    if m <= 128:
+        return "small", _SMALL
+    return "prefill", _PREFILL
+
+
+def _same_format(a: QuantizedWeight, b: QuantizedWeight) -> bool:
+    return (a.bits, a.group_size, a.shape, a.symmetric) == (b.bits, b.group_size, b.shape,
+                                                             b.symmetric)  # fmt: skip
+
+
+def _validate(x: torch.Tensor, w: SplitFFNWeights) -> None:
+    torch_to_triton_ok(x)
+    if w.activation not in ACTIVATION_NAMES:
+        raise ValueError(f"unknown activation {w.activation!r}: one of {ACTIVATION_NAMES}")
+    if w.n_heavy == 0 and w.n_light == 0:
+        raise ValueError("a split FFN needs heavy or light neurons")
+    hidden = w.hidden_size
+    if x.shape[-1] != hidden:
+        raise ValueError(f"x has {x.shape[-1]} features, the FFN expects {hidden}")
+    for name in ("heavy_up", "heavy_gate", "heavy_down"):
+        t = getattr(w, name)
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise ValueError(f"{name} must be {x.dtype} on {x.device}, got {t.dtype} on {t.device}")
+    for name, size in (("up_bias", w.n_heavy + w.n_light), ("gate_bias", w.n_heavy + w.n_light),
+                       ("down_bias", hidden)):  # fmt: skip
+        t = getattr(w, name)
+        if t is not None and (tuple(t.shape) != (size,) or t.device != x.device):
+            raise ValueError(f"{name} must be [{size}] on {x.device}, got {tuple(t.shape)}")
+    if w.gated and (w.n_heavy and w.heavy_gate is None or w.n_light and w.light_gate is None):
+        raise ValueError("a gated split FFN needs gate weights for heavy and light neurons")
+    if w.n_light:
+        if w.light_down is None or w.light_down.shape != (hidden, w.n_light):
+            raise ValueError(f"light_down must be [{hidden}, {w.n_light}]")
+        if w.gated and not _same_format(w.light_up, w.light_gate):
+            raise ValueError("light_up and light_gate must share bits, group size and symmetry")
+        if w.light_up.device != x.device:
+            raise ValueError(f"light weights are on {w.light_up.device}, x on {x.device}")
+
+
+def split_activations(x: torch.Tensor, w: SplitFFNWeights) -> torch.Tensor:
+    """Kernel A: a [..., h + l] = act(gate x + gate_bias) * (up x + up_bias) (or act(up x + b))."""
+    _validate(x, w)
+    h, l, hidden = w.n_heavy, w.n_light, w.hidden_size
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, hidden)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    a = torch.empty((m, h + l), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return a.reshape(*lead, h + l)
+    hu = w.heavy_up.contiguous() if h else x2
+    hg = w.heavy_gate.contiguous() if h and w.gated else hu
+    if l:
+        up, gate = w.light_up, w.light_gate if w.gated else w.light_up
+        bits, group, symmetric = up.bits, up.group_size, up.symmetric
+        light_args = []
+        for qw in (up, gate):
+            p0 = qw.planes[0]
+            light_args += [p0, qw.planes[1] if len(qw.planes) > 1 else p0, qw.scales,
+                           qw.scales if qw.zeros is None else qw.zeros]  # fmt: skip
+    else:  # never read: no light tiles
+        bits, group, symmetric = 4, 32, True
+        light_args = [x2] * 8
+    tier, configs = _tier(m)
+
+    def run(cfg: TileConfig) -> None:
+        block_nh = cfg.block_nh or cfg.block_n
+        grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(h, block_nh) + triton.cdiv(l, cfg.block_n))
+        _split_up_kernel[grid](
+            x2, hu, hg, *light_args,
+            w.up_bias if w.up_bias is not None else a, w.gate_bias if w.gate_bias is not None else a,
+            a, m, hidden, h, l, x2.stride(0), hu.stride(0), a.stride(0),
+            BITS=bits, GROUP=group, SYMMETRIC=symmetric,
+            SCALE_AFTER=scale_after_ok(cfg, bits, group, hidden), GATED=w.gated,
+            ACTIVATION=w.activation, HAS_UP_BIAS=w.up_bias is not None,
+            HAS_GATE_BIAS=w.gated and w.gate_bias is not None,
+            PRECISION=dot_precision(x.dtype), BLOCK_M=cfg.block_m, BLOCK_NH=block_nh,
+            BLOCK_NL=cfg.block_n, ROWS=cfg.rows, BLOCK_KH=cfg.block_kh, INTERLEAVE=cfg.interleave,
+            FAST4=fast_unpack(cfg, bits, group, hidden, x.dtype, x.device),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+
+    key = (tier, hidden, h, l, bits, group, symmetric, w.gated, x.dtype, x.device.index)
+    run(_tuner.pick(key, configs, run))
+    return a.reshape(*lead, h + l)
+
+
+def split_ffn(x: torch.Tensor, w: SplitFFNWeights) -> torch.Tensor:
+    """y [..., H] = down(a) + down_bias with a from `split_activations` (Triton)."""
+    a = split_activations(x, w)
+    return split_linear(a, w.heavy_down, w.light_down, w.down_bias)

@@ -1,0 +1,408 @@
+"""Triton building blocks shared by the split-FFN kernels, and their launch plumbing.
+
+A *light* block multiplies activations by a K-slice of a packed weight (format.py). A plane word of
+width b holds PACK = 32 // b consecutive k of one output column, so the word tile [ROWS, BLOCK_N]
+of a K-block is loaded once and element j of every word (k = PACK * row + j) is peeled off with a
+shift and a mask: PACK small tensor-core products (K = ROWS each) against the matching strided
+slices of x, instead of expanding the weight tile. Codes become floats by the magic-number trick
+(OR the code into the mantissa of 1024.0 in fp16, 128.0 in bf16, 2^23 in fp32, subtract), never a
+slow int-to-float conversion.
+
+Scales are applied either after the products of a K-block (SCALE_AFTER: the block lies inside one
+quantization group, so s * (x.q - z * sum(x)) is exact for any zero point) or per element (blocks
+that span several groups, and the prefill tier, where one dequantized tile serves many rows).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# FFNSPLIT_AUTOTUNE=0 keeps the first config of each tier (fast GPU test runs, reproducible picks).
+AUTOTUNE = os.environ.get("FFNSPLIT_AUTOTUNE", "1") != "0" and not INTERPRET
+DECODE_MAX_M = 16  # up to this many rows the weights are streamed once (decode tier)
+ACTIVATION_NAMES = ("silu", "gelu", "gelu_tanh", "relu")
+_WIDTH = {8: 8, 4: 4, 3: 2, 2: 2}  # width of the first (or only) bit plane
+
+
+def pack_factor(bits: int) -> int:
+    """Codes per word of the first plane (the K granularity of a light block row)."""
+    return 32 // _WIDTH[bits]
+
+
+@triton.jit
+def codes_to_float(q, OFFSET, DTYPE: tl.constexpr, BITS: tl.constexpr):
+    """Exact float value of small non-negative integer codes q (int32) minus OFFSET, in DTYPE."""
+    if DTYPE == tl.float16:
+        v = (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+        return v - (1024.0 + OFFSET)
+    elif DTYPE == tl.bfloat16 and BITS < 8:
+        v = (q | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        return v - (128.0 + OFFSET)
+    else:
+        v = (q | 0x4B000000).to(tl.float32, bitcast=True)
+        return (v - (8388608.0 + OFFSET)).to(DTYPE)
+
+
+@triton.jit
+def load_words(p0_ptr, p1_ptr, N, K, k0, offs_n, mask_n, BITS: tl.constexpr, ROWS: tl.constexpr):
+    """Word tiles [ROWS, BLOCK_N] of the K-block at k0 (plane 1 only for 3 bits), and row mask."""
+    PACK: tl.constexpr = 32 // (8 if BITS == 8 else (4 if BITS == 4 else 2))
+    offs_r = tl.arange(0, ROWS)
+    rows = k0 // PACK + offs_r
+    mask_r = offs_r < (K - k0) // PACK
+    mask = mask_r[:, None] & mask_n[None, :]
+    w0 = tl.load(p0_ptr + rows[:, None] * N + offs_n[None, :], mask=mask, other=0)
+    if BITS == 3:
+        # element k = 16 * row + j of the 2-bit plane sits in word k // 32 of the 1-bit plane
+        w1 = tl.load(p1_ptr + (k0 // 32 + offs_r // 2)[:, None] * N + offs_n[None, :], mask=mask,
+                     other=0)  # fmt: skip
+    else:
+        w1 = w0
+    return w0, w1, mask_r
+
+
+@triton.jit
+def expand(t, PACK: tl.constexpr, INTERLEAVE: tl.constexpr):
+    """Repeat per-word values t [ROWS, BLOCK_N] for each of the PACK codes: [ROWS * PACK, BLOCK_N]."""
+    if INTERLEAVE:
+        t3 = tl.broadcast_to(t[None, :, :], [PACK, t.shape[0], t.shape[1]])
+    else:
+        t3 = tl.broadcast_to(t[:, None, :], [t.shape[0], PACK, t.shape[1]])
+    return tl.reshape(t3, [t.shape[0] * PACK, t.shape[1]])
+
+
+@triton.jit
+def unpack_codes(w0, w1, BITS: tl.constexpr, INTERLEAVE: tl.constexpr):
+    """Codes [ROWS * PACK, BLOCK_N] (int32) of word tiles [ROWS, BLOCK_N].
+
+    INTERLEAVE=False: tile row r * PACK + j is element j of word row r (natural k order).
+    INTERLEAVE=True: tile row j * ROWS + r is element j of word row r: each thread keeps its words
+    and every code it needs in registers (the dot operand layout repeats along j).
+    """
+    WIDTH: tl.constexpr = 8 if BITS == 8 else (4 if BITS == 4 else 2)
+    PACK: tl.constexpr = 32 // WIDTH
+    ROWS: tl.constexpr = w0.shape[0]
+    j = tl.arange(0, PACK)
+    if INTERLEAVE:
+        shift = tl.reshape(tl.broadcast_to(j[:, None, None], [PACK, ROWS, 1]), [PACK * ROWS, 1])
+    else:
+        shift = tl.reshape(tl.broadcast_to(j[None, :, None], [ROWS, PACK, 1]), [ROWS * PACK, 1])
+    q = (expand(w0, PACK, INTERLEAVE) >> (shift * WIDTH)) & ((1 << WIDTH) - 1)
+    if BITS == 3:
+        # the 1-bit word of row r holds this row's codes at bits 16 * (r % 2) + j
+        r = tl.arange(0, ROWS)
+        half = expand(tl.broadcast_to(((r % 2) * 16)[:, None], [ROWS, 1]), PACK, INTERLEAVE)
+        q = q | (((expand(w1, PACK, INTERLEAVE) >> (half + shift)) & 1) << 2)
+    return q
+
+
+def _unpack4_asm(dtype: str, offset: int) -> str:
+    """PTX turning two int4 words (rows r, r + 1) into their 8 code pairs, minus `offset`.
+
+    Output i is the packed pair (code i of word r, code i of word r + 1), i.e. one tensor-core B
+    fragment register: 1.25 instructions per code (fp16) instead of ~3 for shift/mask/convert.
+    """
+    lines = ["{", ".reg .b32 lo, hi, t;", "prmt.b32 lo, $8, $9, 0x5410;", "prmt.b32 hi, $8, $9, 0x7632;"]
+    if dtype == "fp16":  # 1024 + q from the mantissa; odd nibbles land x16 and are scaled back
+        even = f"0x{_half2(0xE400, 1024 + offset):08x}"  # - (1024 + offset)
+        sub, scale = f"0x{_half2(0xD400, 64 + offset):08x}", "0x2c002c00"  # -(64 + o), 1/16
+        for half, base in (("lo", 0), ("hi", 4)):
+            lines += [
+                f"lop3.b32 $%d, {half}, 0x000f000f, 0x64006400, 0xea;" % base,
+                f"lop3.b32 $%d, {half}, 0x00f000f0, 0x64006400, 0xea;" % (base + 1),
+                f"shr.u32 t, {half}, 8;",
+                "lop3.b32 $%d, t, 0x000f000f, 0x64006400, 0xea;" % (base + 2),
+                "lop3.b32 $%d, t, 0x00f000f0, 0x64006400, 0xea;" % (base + 3),
+            ]
+        for i in range(8):
+            if i % 2 == 0:
+                lines.append(f"add.f16x2 ${i}, ${i}, {even};")
+            else:
+                lines.append(f"fma.rn.f16x2 ${i}, ${i}, {scale}, {sub};")
+    else:  # bf16: 128 + q, every nibble shifted down first (bf16 has no room for q << 4)
+        neg = f"0x{_bf162(128 + offset):08x}"
+        for half, base in (("lo", 0), ("hi", 4)):
+            lines.append(f"lop3.b32 $%d, {half}, 0x000f000f, 0x43004300, 0xea;" % base)
+            for i in (1, 2, 3):
+                lines += [
+                    f"shr.u32 t, {half}, {4 * i};",
+                    "lop3.b32 $%d, t, 0x000f000f, 0x43004300, 0xea;" % (base + i),
+                ]
+        for i in range(8):
+            lines.append(f"fma.rn.bf16x2 ${i}, ${i}, 0x3f803f80, {neg};")
+    return "\n".join(lines + ["}"])
+
+
+def _half2(bits: int, value: int) -> int:
+    """fp16x2 bit pattern of -value (value a small positive integer); `bits` documents intent."""
+    del bits
+    h = int(torch.tensor(-float(value), dtype=torch.float16).view(torch.int16).item()) & 0xFFFF
+    return h | (h << 16)
+
+
+def _bf162(value: int) -> int:
+    """bf16x2 bit pattern of -value."""
+    b = int(torch.tensor(-float(value), dtype=torch.bfloat16).view(torch.int16).item()) & 0xFFFF
+    return b | (b << 16)
+
+
+ASM_F16 = _unpack4_asm("fp16", 0)
+ASM_F16_SYM = _unpack4_asm("fp16", 8)
+ASM_BF16 = _unpack4_asm("bf16", 0)
+ASM_BF16_SYM = _unpack4_asm("bf16", 8)
+
+
+@triton.jit
+def unpack4_fast(w, SYMMETRIC: tl.constexpr, DTYPE: tl.constexpr):
+    """Codes (minus the symmetric offset) of int4 words [ROWS, BLOCK_N] in the INTERLEAVE order,
+    as DTYPE [8 * ROWS, BLOCK_N], by inline PTX (NVIDIA only; see unpack_codes for the rest)."""
+    if DTYPE == tl.float16:
+        asm: tl.constexpr = ASM_F16_SYM if SYMMETRIC else ASM_F16
+    else:
+        asm: tl.constexpr = ASM_BF16_SYM if SYMMETRIC else ASM_BF16
+    c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
+        asm, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [w], dtype=(DTYPE,) * 8, is_pure=True, pack=2
+    )
+    t = tl.join(tl.join(tl.join(c0, c1), tl.join(c2, c3)), tl.join(tl.join(c4, c5), tl.join(c6, c7)))
+    t = tl.permute(t, [4, 3, 2, 0, 1])  # [8, ROWS, BLOCK_N]: code j of word r at (j, r)
+    return tl.reshape(t, [8 * w.shape[0], w.shape[1]])
+
+
+@triton.jit
+def light_block(acc0, acc1, x_ptr, stride_xm, offs_m, mask_m,
+                p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u_ptr,
+                N, K, k0, offs_n, mask_n,
+                BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
+                SCALE_AFTER: tl.constexpr, DUAL: tl.constexpr, ROWS: tl.constexpr,
+                INTERLEAVE: tl.constexpr, FAST4: tl.constexpr,
+                PRECISION: tl.constexpr):  # fmt: skip
+    """acc0 (+= x @ W0[:, k-block]^T) and, when DUAL, acc1 (+= x @ W1^T) for one K-block.
+
+    W0 is (p0, p1, s, z), W1 is (q0, q1, t, u): two weights of the same shape and format sharing
+    the x tile (up and gate). With INTERLEAVE the x tile is gathered in the codes' row order.
+    """
+    PACK: tl.constexpr = 32 // (8 if BITS == 8 else (4 if BITS == 4 else 2))
+    OFFSET: tl.constexpr = (1 << (BITS - 1)) if SYMMETRIC else 0
+    BLOCK_K: tl.constexpr = ROWS * PACK
+    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+    k = tl.arange(0, BLOCK_K)
+    x = tl.load(x_ptr + k0 + offs_m[:, None] * stride_xm + k[None, :],
+                mask=mask_m[:, None] & (k < K - k0)[None, :], other=0.0)  # fmt: skip
+    if INTERLEAVE:  # column j * ROWS + r <- k = r * PACK + j
+        x = tl.reshape(tl.permute(tl.reshape(x, [x.shape[0], ROWS, PACK]), [0, 2, 1]),
+                       [x.shape[0], BLOCK_K])  # fmt: skip
+    w0, w1, mask_r = load_words(p0_ptr, p1_ptr, N, K, k0, offs_n, mask_n, BITS, ROWS)
+    if DUAL:
+        v0, v1, _ = load_words(q0_ptr, q1_ptr, N, K, k0, offs_n, mask_n, BITS, ROWS)
+    if SCALE_AFTER:
+        # the whole block lies in group k0 // GROUP: scale (and zero) once per output column
+        g = k0 // GROUP
+        s0 = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if FAST4:
+            q = unpack4_fast(w0, SYMMETRIC, DTYPE)
+        else:
+            q = codes_to_float(unpack_codes(w0, w1, BITS, INTERLEAVE), OFFSET, DTYPE, BITS)
+        blk0 = tl.dot(x, q, input_precision=PRECISION)
+        if DUAL:
+            s1 = tl.load(t_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            if FAST4:
+                q = unpack4_fast(v0, SYMMETRIC, DTYPE)
+            else:
+                q = codes_to_float(unpack_codes(v0, v1, BITS, INTERLEAVE), OFFSET, DTYPE, BITS)
+            blk1 = tl.dot(x, q, input_precision=PRECISION)
+        if SYMMETRIC:
+            acc0 += blk0 * s0
+            if DUAL:
+                acc1 += blk1 * s1
+        else:
+            # row sums of x, broadcast over the columns, from the tensor cores: exact, and
+            # cheaper than a cross-thread reduction (every B fragment is the same constant)
+            ones = tl.full([BLOCK_K, acc0.shape[1]], 1.0, DTYPE)
+            xsum = tl.dot(x, ones, input_precision=PRECISION)
+            z0 = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            acc0 += (blk0 - xsum * z0) * s0
+            if DUAL:
+                z1 = tl.load(u_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+                acc1 += (blk1 - xsum * z1[None, :]) * s1
+    else:
+        # groups change along the block (a word never straddles one: GROUP % PACK == 0)
+        r = tl.arange(0, ROWS)
+        g_off = ((k0 + r * PACK) // GROUP)[:, None] * N + offs_n[None, :]
+        g_mask = mask_r[:, None] & mask_n[None, :]
+        s0 = expand(tl.load(s_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32), PACK,
+                    INTERLEAVE)  # fmt: skip
+        if SYMMETRIC:
+            z0 = OFFSET
+        else:
+            z0 = expand(tl.load(z_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32), PACK,
+                        INTERLEAVE)  # fmt: skip
+        q = codes_to_float(unpack_codes(w0, w1, BITS, INTERLEAVE), 0, tl.float32, BITS)
+        acc0 = tl.dot(x, ((q - z0) * s0).to(DTYPE), acc0, input_precision=PRECISION)
+        if DUAL:
+            s1 = expand(tl.load(t_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32), PACK,
+                        INTERLEAVE)  # fmt: skip
+            if SYMMETRIC:
+                z1 = OFFSET
+            else:
+                z1 = expand(tl.load(u_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32), PACK,
+                            INTERLEAVE)  # fmt: skip
+            q = codes_to_float(unpack_codes(v0, v1, BITS, INTERLEAVE), 0, tl.float32, BITS)
+            acc1 = tl.dot(x, ((q - z1) * s1).to(DTYPE), acc1, input_precision=PRECISION)
+    return acc0, acc1
+
+
+@triton.jit
+def dense_block(
+    acc0,
+    acc1,
+    x_ptr,
+    stride_xm,
+    offs_m,
+    mask_m,
+    w0_ptr,
+    w1_ptr,
+    stride_wn,
+    K,
+    k0,
+    offs_n,
+    mask_n,
+    DUAL: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """acc0 += x @ W0[:, k-block]^T (and acc1 with W1 when DUAL) for dense [N, K] weights."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    x = tl.load(
+        x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+        mask=mask_m[:, None] & mask_k[None, :],
+        other=0.0,
+    )
+    w_off = offs_n[None, :] * stride_wn + offs_k[:, None]
+    w_mask = mask_k[:, None] & mask_n[None, :]
+    acc0 = tl.dot(
+        x, tl.load(w0_ptr + w_off, mask=w_mask, other=0.0), acc0, input_precision=PRECISION
+    )
+    if DUAL:
+        acc1 = tl.dot(
+            x, tl.load(w1_ptr + w_off, mask=w_mask, other=0.0), acc1, input_precision=PRECISION
+        )
+    return acc0, acc1
+
+
+@triton.jit
+def activation(g, ACTIVATION: tl.constexpr):
+    """The FFN nonlinearity on fp32 `g` (names as in ACTIVATION_NAMES)."""
+    if ACTIVATION == "silu":
+        return g * tl.sigmoid(g)
+    elif ACTIVATION == "gelu":
+        return 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))
+    elif ACTIVATION == "gelu_tanh":
+        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        return g * tl.sigmoid(2.0 * inner)  # 0.5 * (1 + tanh(t)) == sigmoid(2t)
+    else:
+        return tl.maximum(g, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# launch plumbing
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """One launch configuration; ROWS is the word rows of a light K-block (K-block = ROWS*PACK)."""
+
+    block_m: int
+    block_n: int
+    rows: int
+    block_kh: int  # K-block of the dense (heavy) part
+    num_warps: int
+    num_stages: int
+    scale_after: bool = True  # apply scales per block (when groups allow) instead of per element
+    interleave: bool = True  # codes kept in their words' registers, x gathered (decode)
+    block_nh: int = 0  # N-block of heavy neurons in the up kernel (0: same as block_n)
+    fast_unpack: bool = True  # inline-PTX int4 unpack where it applies (see fast_unpack)
+
+
+def scale_after_ok(cfg: TileConfig, bits: int, group: int, k: int) -> bool:
+    """Whether every light K-block of `cfg` lies inside one quantization group."""
+    block_k = cfg.rows * pack_factor(bits)
+    return cfg.scale_after and (group >= k or group % block_k == 0)
+
+
+def fast_unpack(
+    cfg: TileConfig, bits: int, group: int, k: int, dtype: torch.dtype, device: torch.device
+) -> bool:
+    """Whether the inline-PTX int4 unpack applies: NVIDIA GPU (not the interpreter, not ROCm),
+    fp16/bf16 activations, 4 bits, interleaved blocks with per-block scales. Elsewhere the portable
+    shift/mask path runs."""
+    return (
+        cfg.fast_unpack
+        and not INTERPRET
+        and device.type == "cuda"
+        and torch.version.hip is None
+        and bits == 4
+        and dtype in (torch.float16, torch.bfloat16)
+        and cfg.interleave
+        and scale_after_ok(cfg, bits, group, k)
+    )
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs keep full precision (no tf32): they are the accuracy reference of the kernels."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def torch_to_triton_ok(x: torch.Tensor) -> None:
+    """Reject tensors Triton cannot run here (CPU without the interpreter)."""
+    if not x.is_cuda and not INTERPRET:
+        raise ValueError(
+            "the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for CPU); "
+            "use backend='torch' on this device"
+        )
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+class Tuner:
+    """Per-shape choice among a few configs, timed once on the first call (no tuning when one).
+
+    The first call per key runs every candidate; later calls (and CUDA-graph captures) only launch.
+    """
+
+    def __init__(self) -> None:
+        self.cache: dict[tuple, TileConfig] = {}
+
+    def pick(
+        self, key: tuple, configs: Sequence[TileConfig], run: Callable[[TileConfig], object]
+    ) -> TileConfig:
+        if len(configs) == 1 or not AUTOTUNE:
+            return configs[0]
+        best = self.cache.get(key)
+        if best is None:
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(
+                    "ffnsplit kernels tune on their first call: run once before capturing a graph"
+                )
+            timings = {}
+            for cfg in configs:
+                try:
+                    timings[cfg] = triton.testing.do_bench(
+                        lambda cfg=cfg: run(cfg), warmup=5, rep=20, return_mode="median"
+                    )
+                except triton.runtime.errors.OutOfResources:
+                    continue
+            best = min(timings, key=timings.get)
+            self.cache[key] = best
+        return best

@@ -1,0 +1,125 @@
+"""Atomic writes: a process killed mid-write leaves the previous state intact and nothing complete-looking."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from ffnsplit.errors import FFNSplitError
+from ffnsplit.fsutil import atomic_dir, atomic_path, atomic_write_text
+
+WRITER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from ffnsplit.fsutil import atomic_dir, atomic_path
+    target, mode = Path(sys.argv[1]), sys.argv[2]
+    if mode == "file":
+        with atomic_path(target) as tmp:
+            with open(tmp, "wb") as handle:
+                handle.write(b"new-partial")
+                handle.flush()
+                print("writing", flush=True)
+                time.sleep(60)
+    else:
+        with atomic_dir(target, overwrite=True) as tmp:
+            (tmp / "model.safetensors").write_bytes(b"half")
+            print("writing", flush=True)
+            time.sleep(60)
+    """
+)
+
+
+def _start_writer(target: Path, mode: str) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(target), mode],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "writing"
+    return proc
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_file_killed_mid_write_keeps_previous_content(tmp_path: Path, sig: int) -> None:
+    target = tmp_path / "profile.safetensors"
+    target.write_bytes(b"old-complete")
+    proc = _start_writer(target, "file")
+    proc.send_signal(sig)
+    proc.wait(timeout=30)
+    assert target.read_bytes() == b"old-complete"
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != target.name]
+    if sig == signal.SIGINT:  # Ctrl-C cleans up its temporary file
+        assert leftovers == []
+    else:  # a SIGKILL leaves at most a hidden temporary, never the target name
+        assert all(name.startswith(".") and name.endswith(".tmp") for name in leftovers)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_folder_killed_mid_write_keeps_previous_folder(tmp_path: Path, sig: int) -> None:
+    target = tmp_path / "compressed"
+    target.mkdir()
+    (target / "model.safetensors").write_bytes(b"old-complete")
+    proc = _start_writer(target, "dir")
+    time.sleep(0.1)
+    os.kill(proc.pid, sig)
+    proc.wait(timeout=30)
+    assert (target / "model.safetensors").read_bytes() == b"old-complete"
+    others = [p.name for p in tmp_path.iterdir() if p.name != "compressed"]
+    if sig == signal.SIGINT:
+        assert others == []
+    else:
+        assert all(name.startswith(".") and name.endswith(".partial") for name in others)
+
+
+def test_exception_inside_leaves_nothing(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        (tmp / "x").write_text("partial")
+        raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_folder_refused_without_overwrite(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    target.mkdir()
+    with pytest.raises(FFNSplitError, match="--overwrite"), atomic_dir(target):
+        pass
+
+
+def test_overwrite_replaces_only_when_complete(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old").write_text("old")
+    with atomic_dir(target, overwrite=True) as tmp:
+        (tmp / "new").write_text("new")
+        assert (target / "old").exists()
+    assert sorted(p.name for p in target.iterdir()) == ["new"]
+
+
+def test_atomic_write_text_round_trip(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "plan.json"
+    atomic_write_text(target, "{}\n")
+    assert target.read_text() == "{}\n"
+    assert [p.name for p in target.parent.iterdir()] == ["plan.json"]
+
+
+def test_disk_full_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(FFNSplitError, match="no space left"), atomic_path(tmp_path / "f") as tmp:
+        tmp.write_text("x")
+    assert list(tmp_path.iterdir()) == []
