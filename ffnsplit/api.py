@@ -89,7 +89,14 @@ def model_info(model: nn.Module) -> ModelInfo:
             )
             continue
         parts = block.parts()
-        tensors = [parts.up, parts.gate, parts.down, parts.up_bias, parts.gate_bias, parts.down_bias]
+        tensors = [
+            parts.up,
+            parts.gate,
+            parts.down,
+            parts.up_bias,
+            parts.gate_bias,
+            parts.down_bias,
+        ]
         tensors = [t for t in tensors if t is not None]
         layers.append(
             LayerInfo(
@@ -119,3 +126,54 @@ def model_info(model: nn.Module) -> ModelInfo:
         total_parameters=total_count,
         total_bytes=total_bytes,
     )
+
+
+def profile(
+    model_spec: str | os.PathLike,
+    *,
+    corpus: str = "wiki-calib",
+    tokens: int = 32768,
+    seq_len: int = 512,
+    batch_size: int = 8,
+    topk_fraction: float = 0.05,
+    device: str = "auto",
+    dtype: str | None = None,
+    sequential: bool | None = None,
+    seed: int = 0,
+    out: str | os.PathLike | None = None,
+    plot: str | os.PathLike | None = None,
+    trust_remote_code: bool = False,
+    progress=None,
+):
+    """Load a model, profile its FFN neurons on a corpus, optionally save the profile and a plot."""
+    from ffnsplit import data
+    from ffnsplit.errors import OptionError
+    from ffnsplit.plotting import plot_profile
+    from ffnsplit.profile import profile_model
+    from ffnsplit.runtime import resolve_device, resolve_dtype
+
+    if tokens <= 0 or seq_len <= 1 or batch_size <= 0:
+        raise OptionError("--tokens, --seq-len (> 1) and --batch-size must be positive")
+    run_device = resolve_device(device)
+    compute_dtype = resolve_dtype(dtype)
+    load_device = "cpu" if sequential else run_device
+    model, tokenizer = open_model(
+        model_spec, device=load_device, dtype=compute_dtype, trust_remote_code=trust_remote_code
+    )
+    text = data.load_corpus(corpus)
+    input_ids = data.token_blocks(tokenizer, text, tokens, seq_len, seed=seed)
+    result = profile_model(
+        model,
+        input_ids,
+        topk_fraction=topk_fraction,
+        batch_size=batch_size,
+        device=run_device,
+        sequential=sequential,
+        progress=progress,
+        corpus_meta={"name": text.name, "checksum": text.checksum, "seed": seed},
+    )
+    if out is not None:
+        result.save(out)
+    if plot is not None:
+        plot_profile(result, plot)
+    return result

@@ -32,12 +32,14 @@ ModelArg = Annotated[
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")]
 DtypeOpt = Annotated[
-    str, typer.Option("--dtype", help="Compute dtype: auto (as stored), float32, float16, bfloat16.")
+    str,
+    typer.Option("--dtype", help="Compute dtype: auto (as stored), float32, float16, bfloat16."),
 ]
 TrustOpt = Annotated[
     bool,
     typer.Option(
-        "--trust-remote-code", help="Allow models whose code lives in their folder (runs that code)."
+        "--trust-remote-code",
+        help="Allow models whose code lives in their folder (runs that code).",
     ),
 ]
 
@@ -111,7 +113,9 @@ def models_command() -> None:
 
     table = Table(title="Packaged models (no download needed)")
     for column in ("name", "family", "parameters", "FFN share", "installed", "cached"):
-        table.add_column(column, justify="right" if column in ("parameters", "FFN share") else "left")
+        table.add_column(
+            column, justify="right" if column in ("parameters", "FFN share") else "left"
+        )
     for info in packaged_models():
         name = info.name + (" (default)" if info.name == DEFAULT_MODEL else "")
         params = f"{info.parameters / 1e6:.1f} M" if info.parameters else "-"
@@ -137,7 +141,9 @@ def info_command(
     info = model_info(loaded)
     table = Table(title=f"{model}: {info.model_type}, {len(info.layers)} FFN blocks")
     for column in ("layer", "module", "kind", "H -> I", "act", "gated", "dtype", "params", "bytes"):
-        table.add_column(column, justify="right" if column in ("layer", "params", "bytes") else "left")
+        table.add_column(
+            column, justify="right" if column in ("layer", "params", "bytes") else "left"
+        )
     for layer in info.layers:
         table.add_row(
             str(layer.layer),
@@ -157,6 +163,95 @@ def info_command(
         f"{_human_bytes(info.ffn_bytes)} of {_human_bytes(info.total_bytes)} weight bytes "
         f"([bold]{info.ffn_bytes / info.total_bytes:.1%}[/])"
     )
+
+
+def _progress():
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ffnsplit.profile import TokensPerSecondColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed:,.0f}/{task.total:,.0f}"),
+        TokensPerSecondColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=False,
+    )
+
+
+@app.command("profile")
+@friendly_errors
+def profile_command(
+    model: ModelArg = "smollm2-135m",
+    corpus: Annotated[
+        str,
+        typer.Option(
+            help="Corpus name (wiki-calib, lee-news, ...) or a .txt/.jsonl file or folder."
+        ),
+    ] = "wiki-calib",
+    tokens: Annotated[int, typer.Option(help="Calibration tokens.")] = 32768,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration block.")] = 512,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Blocks per forward pass.")] = 8,
+    topk: Annotated[
+        float, typer.Option("--topk", help="Fraction of neurons counted as a token's top neurons.")
+    ] = 0.05,
+    out: Annotated[
+        Path, typer.Option("--out", help="Where to write the profile (safetensors).")
+    ] = Path("profile.safetensors"),
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Also draw the heavy-hitter summary to this PNG.")
+    ] = None,
+    show: Annotated[
+        Path | None,
+        typer.Option("--show", help="Print the summary of an existing profile and exit."),
+    ] = None,
+    sequential: Annotated[
+        bool | None,
+        typer.Option(
+            "--sequential/--no-sequential",
+            help="Run one decoder layer at a time on the device (models larger than the GPU). Default: automatic.",
+        ),
+    ] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    seed: Annotated[int, typer.Option(help="Seed for choosing calibration blocks.")] = 0,
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """Score every FFN neuron on calibration text and show how few carry most of the output."""
+    from ffnsplit import api
+    from ffnsplit.profile import Profile, summary_table
+
+    if show is not None:
+        result = Profile.load(show)
+        if plot is not None:
+            from ffnsplit.plotting import plot_profile
+
+            plot_profile(result, plot)
+    else:
+        with _progress() as progress:
+            result = api.profile(
+                model,
+                corpus=corpus,
+                tokens=tokens,
+                seq_len=seq_len,
+                batch_size=batch_size,
+                topk_fraction=topk,
+                device=device,
+                dtype=dtype,
+                sequential=sequential,
+                seed=seed,
+                out=out,
+                plot=plot,
+                trust_remote_code=trust_remote_code,
+                progress=progress,
+            )
+    console.print(summary_table(result))
+    if show is None:
+        console.print(f"profile written to [bold]{out}[/]")
+    if plot is not None:
+        console.print(f"plot written to [bold]{plot}[/]")
 
 
 def main() -> None:  # pragma: no cover - console entry point alias

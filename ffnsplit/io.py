@@ -248,9 +248,8 @@ def _quantization_config(config: dict, path: Path) -> dict:
         raise CheckpointError(f"{path}/config.json has no integer format_version: it is corrupt")
     if version > ffnsplit.FORMAT_VERSION:
         raise CheckpointError(
-            f"{path} was written by ffnsplit format {version} (ffnsplit "
-            f"{quant.get('ffnsplit_version', '?')}), this ffnsplit reads <= "
-            f"{ffnsplit.FORMAT_VERSION}: upgrade ffnsplit"
+            f"{path} was written by ffnsplit format {version}, this ffnsplit "
+            f"({ffnsplit.__version__}) reads <= {ffnsplit.FORMAT_VERSION}: upgrade ffnsplit"
         )
     for key, kind in (("modules", dict), ("aliases", dict), ("files", dict)):
         if not isinstance(quant.get(key), kind):

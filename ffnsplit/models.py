@@ -312,8 +312,8 @@ def load_model(
     quant_method = (config.get("quantization_config") or {}).get("quant_method")
     if quant_method == "ffnsplit":
         raise FFNSplitError(
-            f"{source.name} is a compressed ffnsplit checkpoint: load it with ffnsplit's checkpoint "
-            "loader, not as an uncompressed model"
+            f"{source.name} is a compressed ffnsplit checkpoint: open it with "
+            "ffnsplit.api.open_model (as every ffnsplit command does)"
         )
     model_class = AutoModelForCausalLM if source.causal_lm else AutoModel
     try:

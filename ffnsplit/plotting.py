@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from ffnsplit.fsutil import atomic_path  # noqa: E402
 from ffnsplit.profile import SHARE_FRACTIONS, Profile  # noqa: E402
@@ -40,7 +41,7 @@ def plot_profile(profile: Profile, path: str | os.PathLike) -> None:
     shares_axis.set_ylim(0, 105)
     shares_axis.set_xticks(layers[:: max(1, len(rows) // 15)])
     shares_axis.set_title("Output norm carried by the heaviest neurons\n(dotted: a uniform layer)")
-    shares_axis.legend(loc="upper right", fontsize=8, framealpha=0.9)
+    shares_axis.legend(loc="center left", fontsize=8, framealpha=0.9)
     shares_axis.grid(axis="y", alpha=0.3)
 
     colormap = plt.get_cmap("plasma")
@@ -51,8 +52,10 @@ def plot_profile(profile: Profile, path: str | os.PathLike) -> None:
         relative = scores / mean if mean > 0 else scores
         rank = np.arange(1, len(scores) + 1) / len(scores) * 100
         curves_axis.plot(rank, relative, color=colormap(norm(index)), linewidth=1, alpha=0.8)
+    curves_axis.set_xscale("log")
+    curves_axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     curves_axis.set_yscale("log")
-    curves_axis.set_xlabel("neuron rank (% of the layer, heaviest first)")
+    curves_axis.set_xlabel("neuron rank (% of the layer, heaviest first; log scale)")
     curves_axis.set_ylabel("mean output norm / layer mean")
     curves_axis.set_title("Sorted neuron scores per layer")
     curves_axis.grid(alpha=0.3, which="both")
@@ -61,7 +64,7 @@ def plot_profile(profile: Profile, path: str | os.PathLike) -> None:
 
     meta = profile.meta
     corpus = (meta.get("corpus") or {}).get("name", "?")
-    model = (meta.get("model") or {}).get("model_type", "?")
+    model = meta.get("model_name") or (meta.get("model") or {}).get("model_type", "?")
     figure.suptitle(
         f"{model}: {meta.get('tokens', 0):,} tokens of {corpus}, seq len {meta.get('seq_len', '?')}"
     )

@@ -747,6 +747,7 @@ def profile_model(
     run_seconds = time.perf_counter() - run_started
     stats = [acc.result() for acc in accumulators]
     meta = {
+        "model_name": Path(str(getattr(model, "name_or_path", "") or "")).name or None,
         "model": fingerprint,
         "corpus": corpus_meta,
         "tokens": total_tokens,
@@ -809,8 +810,9 @@ def summary_table(profile: Profile) -> Table:
     """Per layer: size, output-norm share of the top 1/5/10% neurons, overlap, max |a|."""
     meta = profile.meta
     corpus = (meta.get("corpus") or {}).get("name", "?")
+    model = meta.get("model_name") or (meta.get("model") or {}).get("model_type", "?")
     table = Table(
-        title=f"FFN heavy hitters: {meta.get('tokens', '?'):,} tokens of {corpus}, "
+        title=f"FFN heavy hitters of {model}: {meta.get('tokens', 0):,} tokens of {corpus}, "
         f"seq len {meta.get('seq_len', '?')}",
         caption="share = part of the layer's summed mean output norm carried by its top neurons; "
         "overlap = top-5% sets on two disjoint halves of the tokens",

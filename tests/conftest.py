@@ -24,6 +24,13 @@ def _seed() -> None:
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """One ffnsplit cache for the whole test session (GGUF conversions are done once)."""
-    path = os.environ.get("FFNSPLIT_TEST_CACHE") or str(tmp_path_factory.mktemp("ffnsplit-cache"))
+    path = os.environ.get("FFNSPLIT_TEST_CACHE")
+    if not path:
+        # Shared by the xdist workers of this run (their base temp folders have one parent), so
+        # each packaged model is converted once per run; conversion is locked and atomic.
+        base = tmp_path_factory.getbasetemp()
+        root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+        path = str(root / "ffnsplit-cache")
+        os.makedirs(path, exist_ok=True)
     os.environ["FFNSPLIT_CACHE"] = path
     return path

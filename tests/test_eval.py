@@ -173,12 +173,23 @@ def test_polarity_matches_unbatched_scoring(llama):
     assert result.predicted_positive_share == answered_positive / 7
 
 
-def test_continuation_logprobs_batched_equal_single(llama):
-    pairs = [([1, 5, 6, 7], [8]), ([1, 9], [10, 11, 12]), ([1] + list(range(20, 40)), [41, 42])]
-    batched = continuation_logprobs(llama, char_tokenizer(), pairs, batch_size=3)
-    single = [continuation_logprobs(llama, char_tokenizer(), [p], batch_size=1)[0] for p in pairs]
-    assert batched == pytest.approx(single, abs=1e-4)
-    assert all(score < 0 for score in batched)
+def test_continuation_logprobs_match_one_sequence_at_a_time(llama):
+    requests = [
+        ([1, 5, 6, 7], [[8], [9], [10]]),  # single tokens: the context is run once
+        ([1, 9], [[10, 11, 12], [13]]),  # mixed lengths: one sequence per continuation
+        ([1, *range(20, 40)], [[41, 42]]),
+    ]
+    batched = continuation_logprobs(llama, char_tokenizer(), requests, batch_size=3)
+    for (context, choices), scores in zip(requests, batched, strict=True):
+        for choice, score in zip(choices, scores, strict=True):
+            with torch.no_grad():
+                logits = llama(torch.tensor([context + choice])).logits[0].double()
+            logprobs = F.log_softmax(logits, -1)
+            expected = sum(logprobs[len(context) - 1 + k, t].item() for k, t in enumerate(choice))
+            assert score == pytest.approx(expected, abs=1e-4)
+    single = continuation_logprobs(llama, char_tokenizer(), requests, batch_size=1)
+    for one, many in zip(single, batched, strict=True):
+        assert one == pytest.approx(many, abs=1e-4)
 
 
 def test_spearman_matches_scipy_with_ties():
@@ -334,3 +345,25 @@ def test_evaluate_tiny_models_on_packaged_corpora(llama, bert, monkeypatch):
     assert not encoder.perplexity and encoder.polarity is None
     assert encoder.similarity.documents == 50 and encoder.similarity.pairs > 100
     assert EvalReport.from_dict(encoder.to_dict()) == encoder
+
+
+@pytest.mark.slow
+def test_smollm2_perplexity_on_wiki_eval(cache_dir):
+    from ffnsplit.models import load_model
+
+    model, tokenizer = load_model("smollm2-135m")
+    result = perplexity(model, tokenizer, "wiki-eval", max_tokens=4096)
+    assert (result.tokens, result.windows) == (4096, 9)
+    assert 5.0 < result.ppl < 60.0  # measured 22.05 (16384 tokens: 22.63)
+    assert ffn_bytes(model) == 30 * 3 * 576 * 1536 * 4  # 30 SwiGLU FFNs, fp32, no biases
+
+
+@pytest.mark.slow
+def test_minilm_similarity_tracks_human_ratings(cache_dir):
+    from ffnsplit.models import load_model
+
+    model, tokenizer = load_model("minilm-l6")
+    result = similarity_spearman(model, tokenizer)
+    assert (result.documents, result.pairs) == (50, 1225)
+    assert result.spearman > 0.3  # measured 0.508
+    assert ffn_bytes(model) == 6 * (2 * 384 * 1536 + 1536 + 384) * 4

@@ -7,8 +7,17 @@ import math
 
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
-from ffnsplit.apply import compress_model, ffn_geometry, quant_error_table, weight_norm_scores
+from ffnsplit.apply import (
+    build_split_ffn,
+    compress_model,
+    ffn_geometry,
+    quant_error_table,
+    weight_norm_scores,
+)
+from ffnsplit.arch import FFNParts
 from ffnsplit.errors import CheckpointError, OptionError
 from ffnsplit.modules import SplitFFN
 from ffnsplit.plan import (
@@ -395,3 +404,51 @@ def test_output_norm_plan_beats_a_random_heavy_set():
         with torch.no_grad():
             errors[selection] = float((compressed(ids).logits - reference).square().mean())
     assert errors["output_norm"] < 0.5 * errors["random"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 96), min_size=1, max_size=3),
+    heavy_fraction=st.floats(0.0, 1.0),
+    prune_fraction=st.floats(0.0, 0.9),
+    selection=st.sampled_from(["output_norm", "weight_norm", "random"]),
+    seed=st.integers(0, 2**16),
+)
+def test_plans_are_permutations_and_dense_splits_are_exact(
+    sizes, heavy_fraction, prune_fraction, selection, seed
+):
+    """Any plan permutes range(I); a split with a dense light part computes the same FFN."""
+    profile = synthetic_profile(sizes, seed=seed)
+    geometry = FFNGeometry(hidden_size=16, gated=seed % 2 == 0, up_bias=True, down_bias=True)
+    try:
+        plan = make_plan(
+            profile,
+            geometry=geometry,
+            light=LightFormat(kind="dense"),
+            heavy_fraction=heavy_fraction,
+            prune_fraction=prune_fraction,
+            selection=selection,
+            seed=seed,
+            heavy_dtype="float32",
+        )
+    except OptionError:
+        assume(False)  # more neurons pruned than are light
+    plan = SplitPlan.from_json(plan.to_json())
+    generator = torch.Generator().manual_seed(seed)
+    for layer, size in zip(plan.layers, sizes, strict=True):
+        assert sorted(layer.permutation().tolist()) == list(range(size))
+        assert layer.n_heavy == len(profile.heavy_indices(layer.layer, fraction=heavy_fraction))
+        if layer.pruned_idx or not layer.heavy_idx + layer.light_idx:
+            continue
+        parts = FFNParts(
+            up=torch.randn(size, 16, generator=generator),
+            gate=torch.randn(size, 16, generator=generator) if geometry.gated else None,
+            down=torch.randn(16, size, generator=generator),
+            up_bias=torch.randn(size, generator=generator),
+            gate_bias=None,
+            down_bias=torch.randn(16, generator=generator),
+            activation="gelu",
+        )
+        x = torch.randn(5, 16, generator=generator)
+        split = build_split_ffn(parts, layer)
+        assert (split(x) - parts.forward(x)).abs().max() < 1e-4

@@ -57,8 +57,8 @@ def _brute_force(model: torch.nn.Module, input_ids: torch.Tensor, topk_fraction:
             None if t is None else t.double() for t in (parts.up, parts.gate, parts.down)
         )
         up_bias, gate_bias = parts.up_bias, parts.gate_bias
-        col = [math.sqrt(sum(float(v) ** 2 for v in down[:, i])) for i in range(down.shape[1])]
-        size = len(col)
+        col = down.pow(2).sum(0).sqrt()
+        size = col.numel()
         k = math.ceil(topk_fraction * size)
         sums = {
             n: torch.zeros(size, dtype=torch.float64) for n in ("abs", "sq", "out0", "out1", "freq")
@@ -74,15 +74,12 @@ def _brute_force(model: torch.nn.Module, input_ids: torch.Tensor, topk_fraction:
                 else:
                     g = gate @ x + (0 if gate_bias is None else gate_bias.double())
                     a = apply_activation(parts.activation, g) * u
-                out = torch.tensor(
-                    [abs(float(a[i])) * col[i] for i in range(size)], dtype=torch.float64
-                )
+                out = a.abs() * col
                 sums["abs"] += a.abs()
                 sums["sq"] += a * a
                 sums[f"out{which}"] += out
                 abs_max = torch.maximum(abs_max, a.abs())
-                for i in sorted(range(size), key=lambda i: -out[i])[:k]:
-                    sums["freq"][i] += 1
+                sums["freq"][torch.argsort(out, descending=True)[:k]] += 1
                 count[which] += 1
         total = sum(count)
         results.append(
@@ -94,7 +91,7 @@ def _brute_force(model: torch.nn.Module, input_ids: torch.Tensor, topk_fraction:
                 "topk_freq": sums["freq"] / total,
                 "out_norm_mean_first_half": sums["out0"] / count[0],
                 "out_norm_mean_second_half": sums["out1"] / count[1],
-                "down_col_norm": torch.tensor(col, dtype=torch.float64),
+                "down_col_norm": col,
             }
         )
     return results

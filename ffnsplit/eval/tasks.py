@@ -14,6 +14,7 @@ human-rated pair is compared with the human score by Spearman's rank correlation
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -100,45 +101,83 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class _Scored:
+    """One sequence to run and, for each continuation it scores, (request, choice, start, ids):
+    the continuation's tokens `ids` are predicted from positions start .. start + len(ids) - 1."""
+
+    tokens: list[int]
+    targets: list[tuple[int, int, int, list[int]]]
+
+
+def _sequences(requests: Sequence[tuple[list[int], Sequence[list[int]]]]) -> list[_Scored]:
+    sequences = []
+    for index, (context, choices) in enumerate(requests):
+        if not context or any(not choice for choice in choices):
+            raise OptionError("a scored context or continuation is empty: check the template")
+        start = len(context) - 1
+        if all(len(choice) == 1 for choice in choices):  # one pass over the context scores all
+            targets = [(index, k, start, choice) for k, choice in enumerate(choices)]
+            sequences.append(_Scored(list(context), targets))
+        else:
+            sequences += [
+                _Scored(list(context) + list(choice), [(index, k, start, choice)])
+                for k, choice in enumerate(choices)
+            ]
+    return sequences
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
 def continuation_logprobs(
     model: nn.Module,
     tokenizer,
-    pairs: Sequence[tuple[list[int], list[int]]],
+    requests: Sequence[tuple[list[int], Sequence[list[int]]]],
     batch_size: int = 16,
     device: str | torch.device | None = None,
-) -> list[float]:
-    """Sum of log p(continuation | context) for each (context ids, continuation ids) pair.
+) -> list[list[float]]:
+    """For each (context ids, [continuation ids, ...]): sum of log p(continuation | context).
 
     Sequences are right-padded in batches (sorted by length to waste little compute): with causal
     attention the padding comes after every scored position, so positions and results are those of
-    each sequence alone.
+    each sequence alone. When every continuation of a request is one token, the context is run once
+    for all of them; only the scored positions go through the LM head when the model allows it.
     """
     if batch_size < 1:
         raise OptionError(f"batch_size must be at least 1 (got {batch_size})")
-    scores = [0.0] * len(pairs)
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    scores = [[0.0] * len(choices) for _, choices in requests]
+    sequences = sorted(_sequences(requests), key=lambda item: len(item.tokens))
     pad = _pad_id(tokenizer)
+    keep_logits = _accepts_logits_to_keep(model)
     with inference(model, device) as run_device:
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            sequences = [pairs[i][0] + pairs[i][1] for i in chunk]
-            width = max(len(sequence) for sequence in sequences)
-            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, sequence in enumerate(sequences):
-                input_ids[row, : len(sequence)] = torch.tensor(sequence)
-                attention_mask[row, : len(sequence)] = 1
+        for first in range(0, len(sequences), batch_size):
+            batch = sequences[first : first + batch_size]
+            width = max(len(item.tokens) for item in batch)
+            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, item in enumerate(batch):
+                input_ids[row, : len(item.tokens)] = torch.tensor(item.tokens)
+                attention_mask[row, : len(item.tokens)] = 1
+            needed = sorted(
+                {s + k for item in batch for _, _, s, ids in item.targets for k in range(len(ids))}
+            )
+            extra = {"logits_to_keep": torch.tensor(needed)} if keep_logits else {}
             logits = model(
                 input_ids=input_ids.to(run_device),
                 attention_mask=attention_mask.to(run_device),
                 use_cache=False,
+                **extra,
             ).logits
-            for row, index in enumerate(chunk):
-                context, continuation = pairs[index]
-                positions = slice(len(context) - 1, len(context) + len(continuation) - 1)
-                logprobs = F.log_softmax(logits[row, positions].float(), dim=-1)
-                targets = torch.tensor(continuation, device=logprobs.device)
-                scores[index] = logprobs.gather(1, targets[:, None]).sum(dtype=torch.float64).item()
+            column = {p: (i if keep_logits else p) for i, p in enumerate(needed)}
+            for row, item in enumerate(batch):
+                for index, choice, start, ids in item.targets:
+                    columns = [column[start + k] for k in range(len(ids))]
+                    logprobs = F.log_softmax(logits[row, columns].float(), dim=-1)
+                    targets = torch.tensor(ids, device=logprobs.device)
+                    total = logprobs.gather(1, targets[:, None]).sum(dtype=torch.float64)
+                    scores[index][choice] = total.item()
     return scores
 
 
@@ -169,12 +208,11 @@ def polarity_accuracy(
     if any(not ids for ids in label_ids):
         raise OptionError(f"a polarity label tokenizes to nothing: {labels!r}")
     truth = [_is_positive(label) for _, label in examples]
-    pairs = []
-    for text, _ in examples:
-        context = prefix + _encode(tokenizer, template.format(text=text))
-        pairs.extend((context, ids) for ids in label_ids)
-    scores = continuation_logprobs(model, tokenizer, pairs, batch_size=batch_size, device=device)
-    predicted = [scores[2 * i] >= scores[2 * i + 1] for i in range(len(examples))]
+    requests = [
+        (prefix + _encode(tokenizer, template.format(text=text)), label_ids) for text, _ in examples
+    ]
+    scores = continuation_logprobs(model, tokenizer, requests, batch_size, device)
+    predicted = [positive >= negative for positive, negative in scores]
     n = len(examples)
     return PolarityResult(
         accuracy=sum(p == t for p, t in zip(predicted, truth, strict=True)) / n,

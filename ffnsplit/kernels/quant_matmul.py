@@ -17,8 +17,6 @@ import triton.language as tl
 
 from ffnsplit.kernels.format import QuantizedWeight
 from ffnsplit.kernels.tiles import (
-    DECODE_MAX_M,
-    INTERPRET,
     TileConfig,
     Tuner,
     dense_block,
@@ -28,6 +26,7 @@ from ffnsplit.kernels.tiles import (
     pack_factor,
     scale_after_ok,
     sm_count,
+    tier_configs,
     torch_to_triton_ok,
 )
 
@@ -99,34 +98,31 @@ def _splitk_reduce_kernel(ws_ptr, bias_ptr, out_ptr, MN, N, SPLIT: tl.constexpr,
 # ---------------------------------------------------------------------------------------------
 # configs: one small config under the interpreter, a few per tier on the GPU (first is default)
 
-_INTERPRET_CONFIG = TileConfig(16, 32, 16, 32, num_warps=1, num_stages=1)
-_DECODE = (
-    TileConfig(16, 64, 16, 64, num_warps=4, num_stages=4),
-    TileConfig(16, 128, 16, 64, num_warps=4, num_stages=3),
-    TileConfig(16, 64, 32, 128, num_warps=4, num_stages=3),
-    TileConfig(16, 32, 16, 64, num_warps=2, num_stages=4),
-)
-_SMALL = (  # 16 < M <= 128: still weight-bound, moderate row tiles
-    TileConfig(64, 64, 16, 64, num_warps=4, num_stages=3),
-    TileConfig(32, 64, 16, 64, num_warps=4, num_stages=4),
-    TileConfig(64, 128, 16, 64, num_warps=8, num_stages=3, scale_after=False),
-)
-_PREFILL = (
-    TileConfig(128, 128, 16, 64, num_warps=8, num_stages=3, scale_after=False),
-    TileConfig(128, 64, 16, 64, num_warps=4, num_stages=4, scale_after=False),
-    TileConfig(64, 128, 16, 64, num_warps=4, num_stages=4, scale_after=False),
-)
+_CONFIGS = {
+    "decode": (
+        TileConfig(16, 128, 16, 64, num_warps=4, num_stages=3),
+        TileConfig(16, 64, 16, 64, num_warps=4, num_stages=4),
+        TileConfig(16, 256, 16, 64, num_warps=8, num_stages=3),
+        TileConfig(16, 128, 16, 64, num_warps=4, num_stages=3, fast_unpack=False),
+    ),
+    "small": (  # 16 < M <= 128: still weight-bound, moderate row tiles
+        TileConfig(64, 128, 16, 64, num_warps=4, num_stages=3),
+        TileConfig(32, 128, 16, 64, num_warps=4, num_stages=4),
+        TileConfig(
+            64, 128, 16, 64, num_warps=8, num_stages=3, scale_after=False, interleave=False
+        ),  # fmt: skip
+    ),
+    "prefill": (
+        TileConfig(
+            128, 128, 16, 64, num_warps=8, num_stages=3, scale_after=False, interleave=False
+        ),  # fmt: skip
+        TileConfig(128, 128, 16, 64, num_warps=8, num_stages=3, scale_after=False),
+        TileConfig(
+            128, 64, 16, 64, num_warps=4, num_stages=4, scale_after=False, interleave=False
+        ),  # fmt: skip
+    ),
+}
 _MAX_SPLIT = 32
-
-
-def tier_configs(m: int) -> tuple[str, tuple[TileConfig, ...]]:
-    if INTERPRET:
-        return "interpret", (_INTERPRET_CONFIG,)
-    if m <= DECODE_MAX_M:
-        return "decode", _DECODE
-    if m <= 128:
-        return "small", _SMALL
-    return "prefill", _PREFILL
 
 
 def n_splits(cfg: TileConfig, m: int, n: int, kh: int, kl: int, bits: int, sms: int) -> int:
@@ -162,11 +158,13 @@ def split_linear(
     heavy: torch.Tensor | None,
     light: QuantizedWeight | None,
     bias: torch.Tensor | None = None,
+    *,
+    path: str = "auto",
 ) -> torch.Tensor:
     """y = x[..., :kh] @ heavy^T + x[..., kh:] @ light.dequantize()^T + bias, in x's dtype.
 
     `heavy` is a dense [N, kh] weight in x's dtype (or None), `light` a packed [N, kl] weight (or
-    None); at least one must be given.
+    None); at least one must be given. `path` forces a tier ("decode", "small", "prefill").
     """
     if heavy is None and light is None:
         raise ValueError("split_linear needs a dense or a quantized part")
@@ -196,7 +194,7 @@ def split_linear(
         symmetric = light.zeros is None
     else:  # never read: no light blocks
         bits, group, p0, p1, scales, zeros, symmetric = 4, 32, x2, x2, x2, x2, True
-    tier, configs = tier_configs(m)
+    tier, configs = tier_configs(m, path, x.dtype, _CONFIGS)
     sms = sm_count(x.device)
 
     def run(cfg: TileConfig) -> None:
@@ -220,13 +218,13 @@ def split_linear(
                 HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
             )  # fmt: skip
 
-    key = (tier, n, kh, kl, bits, group, symmetric, x.dtype, x.device.index)
+    key = (tier, triton.next_power_of_2(m), n, kh, kl, bits, group, symmetric, x.dtype, x.device)
     run(_tuner.pick(key, configs, run))
     return out.reshape(*lead, n)
 
 
 def quant_matmul(
-    x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None
+    x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None, *, path: str = "auto"
 ) -> torch.Tensor:
     """x [..., K] @ qw.dequantize().T (+ bias) -> [..., N] in x's dtype (Triton)."""
-    return split_linear(x, None, qw, bias)
+    return split_linear(x, None, qw, bias, path=path)

@@ -18,8 +18,6 @@ from ffnsplit.kernels.format import QuantizedWeight, SplitFFNWeights
 from ffnsplit.kernels.quant_matmul import split_linear
 from ffnsplit.kernels.tiles import (
     ACTIVATION_NAMES,
-    DECODE_MAX_M,
-    INTERPRET,
     TileConfig,
     Tuner,
     activation,
@@ -28,6 +26,7 @@ from ffnsplit.kernels.tiles import (
     fast_unpack,
     light_block,
     scale_after_ok,
+    tier_configs,
     torch_to_triton_ok,
 )
 
@@ -96,35 +95,56 @@ def _split_up_kernel(
                            HAS_GATE_BIAS)  # fmt: skip
 
 
-_INTERPRET_CONFIG = TileConfig(16, 32, 16, 32, num_warps=1, num_stages=1, block_nh=16)
-_DECODE = (
-    TileConfig(16, 64, 16, 128, num_warps=4, num_stages=4, block_nh=16),
-    TileConfig(16, 32, 16, 128, num_warps=4, num_stages=4, block_nh=16),
-    TileConfig(16, 64, 32, 256, num_warps=4, num_stages=3, block_nh=32),
-    TileConfig(16, 128, 16, 128, num_warps=8, num_stages=3, block_nh=32),
-)
-_SMALL = (
-    TileConfig(64, 64, 16, 64, num_warps=4, num_stages=3, block_nh=64),
-    TileConfig(32, 64, 16, 64, num_warps=4, num_stages=4, block_nh=32),
-    TileConfig(64, 64, 16, 64, num_warps=4, num_stages=3, scale_after=False, block_nh=64),
-)
-_PREFILL = (
-    TileConfig(128, 64, 16, 64, num_warps=8, num_stages=3, scale_after=False, block_nh=64),
-    TileConfig(128, 128, 16, 64, num_warps=8, num_stages=3, scale_after=False, block_nh=128),
-    TileConfig(64, 64, 16, 64, num_warps=4, num_stages=4, scale_after=False, block_nh=64),
-)
+_CONFIGS = {
+    "decode": (
+        TileConfig(16, 64, 16, 128, num_warps=4, num_stages=4, block_nh=16),
+        TileConfig(16, 128, 16, 128, num_warps=4, num_stages=3, block_nh=32),
+        TileConfig(16, 32, 16, 128, num_warps=4, num_stages=4, block_nh=16),
+        TileConfig(16, 64, 16, 128, num_warps=4, num_stages=4, block_nh=16, fast_unpack=False),
+    ),
+    "small": (
+        TileConfig(64, 64, 16, 64, num_warps=4, num_stages=3, block_nh=64),
+        TileConfig(32, 64, 16, 64, num_warps=4, num_stages=4, block_nh=32),
+        TileConfig(
+            64,
+            64,
+            16,
+            64,
+            num_warps=4,
+            num_stages=3,
+            scale_after=False,
+            interleave=False,
+            block_nh=64,
+        ),  # fmt: skip
+    ),
+    "prefill": (
+        TileConfig(
+            128,
+            64,
+            16,
+            64,
+            num_warps=8,
+            num_stages=3,
+            scale_after=False,
+            interleave=False,
+            block_nh=64,
+        ),  # fmt: skip
+        TileConfig(128, 64, 16, 64, num_warps=8, num_stages=3, scale_after=False, block_nh=64),
+        TileConfig(
+            64,
+            64,
+            16,
+            64,
+            num_warps=4,
+            num_stages=4,
+            scale_after=False,
+            interleave=False,
+            block_nh=64,
+        ),  # fmt: skip
+    ),
+}
 
 _tuner = Tuner()
-
-
-def _tier(m: int) -> tuple[str, tuple[TileConfig, ...]]:
-    if INTERPRET:
-        return "interpret", (_INTERPRET_CONFIG,)
-    if m <= DECODE_MAX_M:
-        return "decode", _DECODE
-    if m <= 128:
-        return "small", _SMALL
-    return "prefill", _PREFILL
 
 
 def _same_format(a: QuantizedWeight, b: QuantizedWeight) -> bool:
@@ -161,21 +181,21 @@ def _validate(x: torch.Tensor, w: SplitFFNWeights) -> None:
             raise ValueError(f"light weights are on {w.light_up.device}, x on {x.device}")
 
 
-def split_activations(x: torch.Tensor, w: SplitFFNWeights) -> torch.Tensor:
+def split_activations(x: torch.Tensor, w: SplitFFNWeights, *, path: str = "auto") -> torch.Tensor:
     """Kernel A: a [..., h + l] = act(gate x + gate_bias) * (up x + up_bias) (or act(up x + b))."""
     _validate(x, w)
-    h, l, hidden = w.n_heavy, w.n_light, w.hidden_size
+    h, n_light, hidden = w.n_heavy, w.n_light, w.hidden_size
     lead = x.shape[:-1]
     x2 = x.reshape(-1, hidden)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    a = torch.empty((m, h + l), dtype=x.dtype, device=x.device)
+    a = torch.empty((m, h + n_light), dtype=x.dtype, device=x.device)
     if m == 0:
-        return a.reshape(*lead, h + l)
+        return a.reshape(*lead, h + n_light)
     hu = w.heavy_up.contiguous() if h else x2
     hg = w.heavy_gate.contiguous() if h and w.gated else hu
-    if l:
+    if n_light:
         up, gate = w.light_up, w.light_gate if w.gated else w.light_up
         bits, group, symmetric = up.bits, up.group_size, up.symmetric
         light_args = []
@@ -186,15 +206,16 @@ def split_activations(x: torch.Tensor, w: SplitFFNWeights) -> torch.Tensor:
     else:  # never read: no light tiles
         bits, group, symmetric = 4, 32, True
         light_args = [x2] * 8
-    tier, configs = _tier(m)
+    tier, configs = tier_configs(m, path, x.dtype, _CONFIGS)
 
     def run(cfg: TileConfig) -> None:
         block_nh = cfg.block_nh or cfg.block_n
-        grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(h, block_nh) + triton.cdiv(l, cfg.block_n))
+        tiles = triton.cdiv(h, block_nh) + triton.cdiv(n_light, cfg.block_n)
+        grid = (triton.cdiv(m, cfg.block_m), tiles)
         _split_up_kernel[grid](
             x2, hu, hg, *light_args,
             w.up_bias if w.up_bias is not None else a, w.gate_bias if w.gate_bias is not None else a,
-            a, m, hidden, h, l, x2.stride(0), hu.stride(0), a.stride(0),
+            a, m, hidden, h, n_light, x2.stride(0), hu.stride(0), a.stride(0),
             BITS=bits, GROUP=group, SYMMETRIC=symmetric,
             SCALE_AFTER=scale_after_ok(cfg, bits, group, hidden), GATED=w.gated,
             ACTIVATION=w.activation, HAS_UP_BIAS=w.up_bias is not None,
@@ -205,12 +226,13 @@ def split_activations(x: torch.Tensor, w: SplitFFNWeights) -> torch.Tensor:
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
 
-    key = (tier, hidden, h, l, bits, group, symmetric, w.gated, x.dtype, x.device.index)
+    key = (tier, triton.next_power_of_2(m), hidden, h, n_light, bits, group, symmetric, w.gated)
+    key += (x.dtype, x.device)
     run(_tuner.pick(key, configs, run))
-    return a.reshape(*lead, h + l)
+    return a.reshape(*lead, h + n_light)
 
 
-def split_ffn(x: torch.Tensor, w: SplitFFNWeights) -> torch.Tensor:
+def split_ffn(x: torch.Tensor, w: SplitFFNWeights, *, path: str = "auto") -> torch.Tensor:
     """y [..., H] = down(a) + down_bias with a from `split_activations` (Triton)."""
-    a = split_activations(x, w)
-    return split_linear(a, w.heavy_down, w.light_down, w.down_bias)
+    a = split_activations(x, w, path=path)
+    return split_linear(a, w.heavy_down, w.light_down, w.down_bias, path=path)

@@ -1,14 +1,15 @@
 """Triton building blocks shared by the split-FFN kernels, and their launch plumbing.
 
-A *light* block multiplies activations by a K-slice of a packed weight (format.py). A plane word of
-width b holds PACK = 32 // b consecutive k of one output column, so the word tile [ROWS, BLOCK_N]
-of a K-block is loaded once and element j of every word (k = PACK * row + j) is peeled off with a
-shift and a mask: PACK small tensor-core products (K = ROWS each) against the matching strided
-slices of x, instead of expanding the weight tile. Codes become floats by the magic-number trick
-(OR the code into the mantissa of 1024.0 in fp16, 128.0 in bf16, 2^23 in fp32, subtract), never a
-slow int-to-float conversion.
+A *light* block multiplies activations by a K-slice of a packed weight (format.py). The word tile
+[ROWS, BLOCK_N] of a K-block (PACK = 32 // plane width codes per word) is loaded once and expanded
+in registers to the codes [ROWS * PACK, BLOCK_N] of one tensor-core product. With INTERLEAVE the
+codes are ordered (code j, word row r) instead of by k, and the x tile is permuted to match: the
+tensor-core operand layout then repeats each thread's words along j, so no code ever moves between
+threads (decode). Codes become floats exactly by the magic-number trick (OR the code into the
+mantissa of 1024.0 in fp16, 128.0 in bf16, 2^23 in fp32, subtract), never by a slow int-to-float
+conversion; on NVIDIA GPUs int4 pairs are unpacked by a short inline-PTX sequence.
 
-Scales are applied either after the products of a K-block (SCALE_AFTER: the block lies inside one
+Scales are applied either after the product of a K-block (SCALE_AFTER: the block lies inside one
 quantization group, so s * (x.q - z * sum(x)) is exact for any zero point) or per element (blocks
 that span several groups, and the prefill tier, where one dequantized tile serves many rows).
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -37,17 +38,17 @@ def pack_factor(bits: int) -> int:
 
 
 @triton.jit
-def codes_to_float(q, OFFSET, DTYPE: tl.constexpr, BITS: tl.constexpr):
+def codes_to_float(q, OFFSET, out_dtype: tl.constexpr, BITS: tl.constexpr):
     """Exact float value of small non-negative integer codes q (int32) minus OFFSET, in DTYPE."""
-    if DTYPE == tl.float16:
+    if out_dtype == tl.float16:
         v = (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
         return v - (1024.0 + OFFSET)
-    elif DTYPE == tl.bfloat16 and BITS < 8:
+    elif out_dtype == tl.bfloat16 and BITS < 8:
         v = (q | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
         return v - (128.0 + OFFSET)
     else:
         v = (q | 0x4B000000).to(tl.float32, bitcast=True)
-        return (v - (8388608.0 + OFFSET)).to(DTYPE)
+        return (v - (8388608.0 + OFFSET)).to(out_dtype)
 
 
 @triton.jit
@@ -109,68 +110,91 @@ def _unpack4_asm(dtype: str, offset: int) -> str:
     Output i is the packed pair (code i of word r, code i of word r + 1), i.e. one tensor-core B
     fragment register: 1.25 instructions per code (fp16) instead of ~3 for shift/mask/convert.
     """
-    lines = ["{", ".reg .b32 lo, hi, t;", "prmt.b32 lo, $8, $9, 0x5410;", "prmt.b32 hi, $8, $9, 0x7632;"]
+    lines = ["{", ".reg .b32 lo, hi, t, ce, co, cs;"]
+    lines += ["prmt.b32 lo, $8, $9, 0x5410;", "prmt.b32 hi, $8, $9, 0x7632;"]
     if dtype == "fp16":  # 1024 + q from the mantissa; odd nibbles land x16 and are scaled back
-        even = f"0x{_half2(0xE400, 1024 + offset):08x}"  # - (1024 + offset)
-        sub, scale = f"0x{_half2(0xD400, 64 + offset):08x}", "0x2c002c00"  # -(64 + o), 1/16
+        lines += [
+            f"mov.b32 ce, 0x{_neg2(1024 + offset, torch.float16):08x};",  # -(1024 + offset)
+            f"mov.b32 co, 0x{_neg2(64 + offset, torch.float16):08x};",  # -(64 + offset)
+            "mov.b32 cs, 0x2c002c00;",  # 1/16
+        ]
         for half, base in (("lo", 0), ("hi", 4)):
             lines += [
-                f"lop3.b32 $%d, {half}, 0x000f000f, 0x64006400, 0xea;" % base,
-                f"lop3.b32 $%d, {half}, 0x00f000f0, 0x64006400, 0xea;" % (base + 1),
+                f"lop3.b32 ${base}, {half}, 0x000f000f, 0x64006400, 0xea;",
+                f"lop3.b32 ${base + 1}, {half}, 0x00f000f0, 0x64006400, 0xea;",
                 f"shr.u32 t, {half}, 8;",
-                "lop3.b32 $%d, t, 0x000f000f, 0x64006400, 0xea;" % (base + 2),
-                "lop3.b32 $%d, t, 0x00f000f0, 0x64006400, 0xea;" % (base + 3),
+                f"lop3.b32 ${base + 2}, t, 0x000f000f, 0x64006400, 0xea;",
+                f"lop3.b32 ${base + 3}, t, 0x00f000f0, 0x64006400, 0xea;",
             ]
         for i in range(8):
             if i % 2 == 0:
-                lines.append(f"add.f16x2 ${i}, ${i}, {even};")
+                lines.append(f"add.f16x2 ${i}, ${i}, ce;")
             else:
-                lines.append(f"fma.rn.f16x2 ${i}, ${i}, {scale}, {sub};")
+                lines.append(f"fma.rn.f16x2 ${i}, ${i}, cs, co;")
     else:  # bf16: 128 + q, every nibble shifted down first (bf16 has no room for q << 4)
-        neg = f"0x{_bf162(128 + offset):08x}"
+        lines += [
+            f"mov.b32 ce, 0x{_neg2(128 + offset, torch.bfloat16):08x};",
+            "mov.b32 cs, 0x3f803f80;",
+        ]
         for half, base in (("lo", 0), ("hi", 4)):
-            lines.append(f"lop3.b32 $%d, {half}, 0x000f000f, 0x43004300, 0xea;" % base)
+            lines.append(f"lop3.b32 ${base}, {half}, 0x000f000f, 0x43004300, 0xea;")
             for i in (1, 2, 3):
                 lines += [
                     f"shr.u32 t, {half}, {4 * i};",
-                    "lop3.b32 $%d, t, 0x000f000f, 0x43004300, 0xea;" % (base + i),
+                    f"lop3.b32 ${base + i}, t, 0x000f000f, 0x43004300, 0xea;",
                 ]
         for i in range(8):
-            lines.append(f"fma.rn.bf16x2 ${i}, ${i}, 0x3f803f80, {neg};")
+            lines.append(f"fma.rn.bf16x2 ${i}, ${i}, cs, ce;")  # x * 1 - (128 + offset)
     return "\n".join(lines + ["}"])
 
 
-def _half2(bits: int, value: int) -> int:
-    """fp16x2 bit pattern of -value (value a small positive integer); `bits` documents intent."""
-    del bits
-    h = int(torch.tensor(-float(value), dtype=torch.float16).view(torch.int16).item()) & 0xFFFF
-    return h | (h << 16)
+def _neg2(value: int, dtype: torch.dtype) -> int:
+    """Bit pattern of the pair (-value, -value) in a 16-bit float dtype."""
+    bits = int(torch.tensor(-float(value), dtype=dtype).view(torch.int16).item()) & 0xFFFF
+    return bits | (bits << 16)
 
 
-def _bf162(value: int) -> int:
-    """bf16x2 bit pattern of -value."""
-    b = int(torch.tensor(-float(value), dtype=torch.bfloat16).view(torch.int16).item()) & 0xFFFF
-    return b | (b << 16)
-
-
-ASM_F16 = _unpack4_asm("fp16", 0)
-ASM_F16_SYM = _unpack4_asm("fp16", 8)
-ASM_BF16 = _unpack4_asm("bf16", 0)
-ASM_BF16_SYM = _unpack4_asm("bf16", 8)
+ASM_F16 = tl.constexpr(_unpack4_asm("fp16", 0))
+ASM_F16_SYM = tl.constexpr(_unpack4_asm("fp16", 8))
+ASM_BF16 = tl.constexpr(_unpack4_asm("bf16", 0))
+ASM_BF16_SYM = tl.constexpr(_unpack4_asm("bf16", 8))
 
 
 @triton.jit
-def unpack4_fast(w, SYMMETRIC: tl.constexpr, DTYPE: tl.constexpr):
+def _asm8_f16(w, ASM: tl.constexpr):
+    return tl.inline_asm_elementwise(
+        ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [w],
+        dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
+               tl.float16, tl.float16), is_pure=True, pack=2,
+    )  # fmt: skip
+
+
+@triton.jit
+def _asm8_bf16(w, ASM: tl.constexpr):
+    return tl.inline_asm_elementwise(
+        ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [w],
+        dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
+               tl.bfloat16, tl.bfloat16), is_pure=True, pack=2,
+    )  # fmt: skip
+
+
+@triton.jit
+def unpack4_fast(w, SYMMETRIC: tl.constexpr, out_dtype: tl.constexpr):
     """Codes (minus the symmetric offset) of int4 words [ROWS, BLOCK_N] in the INTERLEAVE order,
-    as DTYPE [8 * ROWS, BLOCK_N], by inline PTX (NVIDIA only; see unpack_codes for the rest)."""
-    if DTYPE == tl.float16:
-        asm: tl.constexpr = ASM_F16_SYM if SYMMETRIC else ASM_F16
+    as out_dtype [8 * ROWS, BLOCK_N], by inline PTX (NVIDIA only; unpack_codes elsewhere)."""
+    if out_dtype == tl.float16:
+        if SYMMETRIC:
+            c0, c1, c2, c3, c4, c5, c6, c7 = _asm8_f16(w, ASM_F16_SYM)
+        else:
+            c0, c1, c2, c3, c4, c5, c6, c7 = _asm8_f16(w, ASM_F16)
     else:
-        asm: tl.constexpr = ASM_BF16_SYM if SYMMETRIC else ASM_BF16
-    c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
-        asm, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [w], dtype=(DTYPE,) * 8, is_pure=True, pack=2
+        if SYMMETRIC:
+            c0, c1, c2, c3, c4, c5, c6, c7 = _asm8_bf16(w, ASM_BF16_SYM)
+        else:
+            c0, c1, c2, c3, c4, c5, c6, c7 = _asm8_bf16(w, ASM_BF16)
+    t = tl.join(
+        tl.join(tl.join(c0, c1), tl.join(c2, c3)), tl.join(tl.join(c4, c5), tl.join(c6, c7))
     )
-    t = tl.join(tl.join(tl.join(c0, c1), tl.join(c2, c3)), tl.join(tl.join(c4, c5), tl.join(c6, c7)))
     t = tl.permute(t, [4, 3, 2, 0, 1])  # [8, ROWS, BLOCK_N]: code j of word r at (j, r)
     return tl.reshape(t, [8 * w.shape[0], w.shape[1]])
 
@@ -375,6 +399,40 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+PATHS = ("auto", "decode", "small", "prefill")
+# under the interpreter: one tiny config per path (the decode one interleaves and scales per block,
+# the others keep the natural k order and dequantize per element)
+_INTERPRET = {
+    "decode": TileConfig(16, 32, 16, 32, num_warps=1, num_stages=1, block_nh=16),
+    "small": TileConfig(32, 32, 16, 32, num_warps=1, num_stages=1, block_nh=32),
+    "prefill": TileConfig(
+        32, 32, 16, 32, num_warps=1, num_stages=1, scale_after=False, interleave=False, block_nh=16
+    ),  # fmt: skip
+}
+
+
+def tier_configs(
+    m: int, path: str, dtype: torch.dtype, table: dict[str, tuple[TileConfig, ...]]
+) -> tuple[str, tuple[TileConfig, ...]]:
+    """The tier for M rows ('auto' picks by M; tests and benchmarks force one) and its configs.
+
+    fp32 activations (the accuracy path) get tiles small enough for fp32 operands.
+    """
+    if path not in PATHS:
+        raise ValueError(f"unknown kernel path {path!r}: choose one of {', '.join(PATHS)}")
+    if path == "auto":
+        path = "decode" if m <= DECODE_MAX_M else ("small" if m <= 128 else "prefill")
+    if INTERPRET:
+        return path, (_INTERPRET[path],)
+    if dtype == torch.float32:
+        return path, tuple(
+            replace(c, block_m=min(c.block_m, 64), block_n=min(c.block_n, 64), block_kh=32,
+                    block_nh=min(c.block_nh, 64), num_warps=4, num_stages=2)
+            for c in table[path][:1]
+        )  # fmt: skip
+    return path, table[path]
+
+
 class Tuner:
     """Per-shape choice among a few configs, timed once on the first call (no tuning when one).
 
@@ -383,6 +441,7 @@ class Tuner:
 
     def __init__(self) -> None:
         self.cache: dict[tuple, TileConfig] = {}
+        self.timings: dict[tuple, dict[TileConfig, float]] = {}  # milliseconds, for benchmarks
 
     def pick(
         self, key: tuple, configs: Sequence[TileConfig], run: Callable[[TileConfig], object]
@@ -405,4 +464,5 @@ class Tuner:
                     continue
             best = min(timings, key=timings.get)
             self.cache[key] = best
+            self.timings[key] = timings
         return best

@@ -1,0 +1,296 @@
+"""Triton kernels against a float64 reference: quant_matmul and the split FFN.
+
+On CPU these run under TRITON_INTERPRET=1 (set by conftest), one small config per path; on a GPU
+the same tests run compiled (fp16 and fp32, plus the bf16 / large-shape / CUDA-graph tests marked
+`gpu`). Inputs are fresh random draws; outputs are poisoned with NaN so an unwritten element fails.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from ffnsplit.kernels import ops, reference
+from ffnsplit.kernels import quant_matmul as qmm
+from ffnsplit.kernels import split_ffn as sffn
+from ffnsplit.kernels.format import QuantizedWeight, SplitFFNWeights, n_groups, pack_planes
+from ffnsplit.kernels.tiles import ACTIVATION_NAMES
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ON_GPU = DEVICE == "cuda"
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
+PER_CHANNEL = 1 << 20  # a group size >= K: one group per output channel
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+
+
+def random_qweight(
+    n: int, k: int, bits: int, group: int, symmetric: bool, device: str = DEVICE
+) -> QuantizedWeight:
+    """A packed weight from random codes, scales in [0.5, 1.5] * 1e-2 and fractional zeros."""
+    q = torch.randint(0, 2**bits, (n, k))
+    groups = n_groups(k, group)
+    scales = ((torch.rand(groups, n) + 0.5) * 1e-2).half()
+    zeros = None
+    if not symmetric:  # fractional zero points are valid in the format: the kernels must not care
+        zeros = (torch.rand(groups, n) * (2**bits - 1)).half()
+    qw = QuantizedWeight(pack_planes(q, bits), scales, zeros, bits, group, (n, k))
+    return qw.to(device)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not out.isnan().any(), "unwritten (NaN-poisoned) or non-finite output"
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.fixture
+def poison(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every float tensor the launchers allocate starts as NaN (outputs and split-K partials)."""
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+def ref_linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    y = x.double() @ qw.dequantize(torch.float64).T
+    return y if bias is None else y + bias.double()
+
+
+# bits x group x symmetry x dtype x path; shapes rotate through odd sizes so each case differs
+QMM_CASES = list(
+    itertools.product(
+        (8, 4, 3, 2), (32, 64, 128, PER_CHANNEL), (False, True), (torch.float16, torch.float32)
+    )
+)
+M_SIZES, N_SIZES, K_SIZES = (1, 3, 17, 33), (40, 104), (64, 96, 160)
+
+
+@pytest.mark.parametrize("path", ["decode", "prefill"])
+@pytest.mark.parametrize(("bits", "group", "symmetric", "dtype"), QMM_CASES)
+def test_quant_matmul(poison, bits, group, symmetric, dtype, path) -> None:
+    i = QMM_CASES.index((bits, group, symmetric, dtype))
+    m, n, k = M_SIZES[i % 4], N_SIZES[(i // 4) % 2], K_SIZES[i % 3]
+    qw = random_qweight(n, k, bits, group, symmetric)
+    x = torch.randn(m, k, device=DEVICE).to(dtype)
+    bias = torch.randn(n, device=DEVICE) if i % 2 else None
+    out = qmm.quant_matmul(x, qw, bias, path=path)
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert rel_err(out, ref_linear(x, qw, bias)) < TOL[dtype]
+
+
+def test_quant_matmul_leading_dims_and_noncontiguous(poison) -> None:
+    qw = random_qweight(48, 128, 4, 64, False)
+    x = torch.randn(2, 3, 256, device=DEVICE)[..., ::2]  # strided last dim
+    out = ops.quant_matmul(x, qw, backend="triton")
+    assert out.shape == (2, 3, 48)
+    assert rel_err(out, ref_linear(x.reshape(-1, 128), qw, None).reshape(2, 3, 48)) < 1e-5
+
+
+@pytest.mark.parametrize("path", ["decode", "small"])
+def test_split_linear_heavy_and_light(poison, path) -> None:
+    """The down-projection form: dense columns then packed columns, one output, one bias."""
+    n, kh, kl, m = 72, 40, 96, 5
+    heavy = torch.randn(n, kh, device=DEVICE)
+    light = random_qweight(n, kl, 4, 32, False)
+    bias = torch.randn(n, device=DEVICE)
+    x = torch.randn(m, kh + kl, device=DEVICE)
+    out = qmm.split_linear(x, heavy, light, bias, path=path)
+    ref = x[:, :kh].double() @ heavy.double().T + ref_linear(x[:, kh:], light, bias)
+    assert rel_err(out, ref) < 1e-5
+
+
+def random_split_weights(
+    hidden: int,
+    h: int,
+    light: int,
+    activation: str,
+    gated: bool,
+    biases: bool,
+    dtype: torch.dtype,
+    bits: int = 4,
+    group: int = 32,
+    symmetric: bool = False,
+    device: str = DEVICE,
+) -> SplitFFNWeights:
+    def dense(rows: int, cols: int) -> torch.Tensor:
+        return (torch.randn(rows, cols) / cols**0.5).to(device=device, dtype=dtype)
+
+    def vec(size: int) -> torch.Tensor | None:
+        return torch.randn(size, device=device) * 0.1 if biases else None
+
+    def packed(n: int, k: int) -> QuantizedWeight:
+        return random_qweight(n, k, bits, group, symmetric, device)
+
+    return SplitFFNWeights(
+        activation=activation,
+        gated=gated,
+        heavy_up=dense(h, hidden) if h else None,
+        heavy_gate=dense(h, hidden) if h and gated else None,
+        heavy_down=dense(hidden, h) if h else None,
+        light_up=packed(light, hidden) if light else None,
+        light_gate=packed(light, hidden) if light and gated else None,
+        light_down=packed(hidden, light) if light else None,
+        up_bias=vec(h + light),
+        gate_bias=vec(h + light) if gated else None,
+        down_bias=vec(hidden),
+    )
+
+
+def ref_split_ffn(x: torch.Tensor, w: SplitFFNWeights) -> torch.Tensor:
+    """The split FFN in float64 through the torch reference."""
+    as64 = {
+        name: (None if t is None else t.to(torch.float64))
+        for name in ("heavy_up", "heavy_gate", "heavy_down", "up_bias", "gate_bias", "down_bias")
+        for t in [getattr(w, name)]
+    }
+    w64 = SplitFFNWeights(
+        w.activation, w.gated, light_up=w.light_up, light_gate=w.light_gate,
+        light_down=w.light_down, **as64,
+    )  # fmt: skip
+    return reference.split_ffn(x.to(torch.float64), w64)
+
+
+# (heavy, light) neuron counts: both, all light, all heavy (odd h, light a multiple of 32)
+SPLITS = ((20, 64), (0, 96), (37, 0))
+FFN_CASES = list(itertools.product(ACTIVATION_NAMES, (True, False), (torch.float16, torch.float32)))
+
+
+@pytest.mark.parametrize("path", ["decode", "prefill"])
+@pytest.mark.parametrize(("activation", "gated", "dtype"), FFN_CASES)
+def test_split_ffn(poison, activation, gated, dtype, path) -> None:
+    i = FFN_CASES.index((activation, gated, dtype))
+    h, light = SPLITS[i % 3]
+    hidden, m = (64, 96)[i % 2], (1, 3, 17, 33)[i % 4]
+    w = random_split_weights(hidden, h, light, activation, gated, biases=i % 2 == 0, dtype=dtype)
+    x = torch.randn(m, hidden, device=DEVICE).to(dtype)
+    out = sffn.split_ffn(x, w, path=path)
+    assert out.shape == (m, hidden) and out.dtype == dtype
+    assert rel_err(out, ref_split_ffn(x, w)) < TOL[dtype]
+
+
+@pytest.mark.parametrize(
+    ("bits", "group", "symmetric"), [(8, 64, True), (3, 32, False), (2, 128, True)]
+)
+def test_split_ffn_other_formats(poison, bits, group, symmetric) -> None:
+    w = random_split_weights(
+        128, 16, 64, "silu", True, True, torch.float32, bits=bits, group=group, symmetric=symmetric
+    )
+    x = torch.randn(2, 5, 128, device=DEVICE)
+    out = ops.split_ffn(x, w, backend="triton")
+    assert out.shape == (2, 5, 128)
+    assert rel_err(out, ref_split_ffn(x, w)) < TOL[torch.float32]
+
+
+def test_torch_backend_matches_float64() -> None:
+    w = random_split_weights(64, 8, 32, "gelu_tanh", True, True, torch.float32)
+    x = torch.randn(4, 64, device=DEVICE)
+    assert rel_err(ops.split_ffn(x, w, backend="torch"), ref_split_ffn(x, w)) < 1e-5
+    qw = w.light_up
+    assert rel_err(ops.quant_matmul(x, qw, backend="torch"), ref_linear(x, qw, None)) < 1e-5
+
+
+def test_auto_backend_uses_reference_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    w = random_split_weights(32, 0, 32, "relu", False, False, torch.float32, device="cpu")
+    x = torch.randn(2, 32)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("Triton launched for a CPU tensor with backend='auto'")
+
+    monkeypatch.setattr(sffn, "split_ffn", forbidden)
+    monkeypatch.setattr(qmm, "quant_matmul", forbidden)
+    assert rel_err(ops.split_ffn(x, w), ref_split_ffn(x, w)) < 1e-5
+    assert rel_err(ops.quant_matmul(x, w.light_up), ref_linear(x, w.light_up, None)) < 1e-5
+
+
+def test_heavy_weights_cast_to_activation_dtype(poison) -> None:
+    w = random_split_weights(64, 24, 32, "silu", True, False, torch.float32)
+    x = torch.randn(3, 64, device=DEVICE).half()
+    out = ops.split_ffn(x, w, backend="triton")  # fp32 heavy weights, fp16 activations
+    assert out.dtype == torch.float16
+    assert rel_err(out, ref_split_ffn(x, w)) < TOL[torch.float16]
+
+
+def test_invalid_inputs_raise() -> None:
+    qw = random_qweight(16, 64, 4, 32, True)
+    with pytest.raises(ValueError, match="features"):
+        qmm.quant_matmul(torch.randn(2, 32, device=DEVICE), qw)
+    with pytest.raises(ValueError, match="bias"):
+        qmm.quant_matmul(torch.randn(2, 64, device=DEVICE), qw, torch.randn(3, device=DEVICE))
+    with pytest.raises(ValueError, match="backend"):
+        ops.quant_matmul(torch.randn(2, 64, device=DEVICE), qw, backend="cuda")
+    with pytest.raises(ValueError, match="path"):
+        qmm.quant_matmul(torch.randn(2, 64, device=DEVICE), qw, path="fast")
+    with pytest.raises(TypeError, match="fp16"):
+        qmm.quant_matmul(torch.randn(2, 64, device=DEVICE).double(), qw)
+    w = random_split_weights(64, 8, 32, "swish", True, False, torch.float32)
+    with pytest.raises(ValueError, match="activation"):
+        sffn.split_ffn(torch.randn(2, 64, device=DEVICE), w)
+
+
+def test_empty_batch() -> None:
+    w = random_split_weights(32, 4, 32, "silu", True, True, torch.float32)
+    assert sffn.split_ffn(torch.randn(0, 32, device=DEVICE), w).shape == (0, 32)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only: bf16, realistic shapes, CUDA graphs
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("path", ["decode", "small", "prefill"])
+@pytest.mark.parametrize(
+    ("bits", "group", "symmetric"),
+    [(4, 128, False), (4, 64, True), (8, 128, False), (3, 64, True), (2, 32, False)],
+)
+def test_bf16(poison, bits, group, symmetric, path) -> None:
+    qw = random_qweight(200, 512, bits, group, symmetric)
+    x = torch.randn(37, 512, device=DEVICE, dtype=torch.bfloat16)
+    out = qmm.quant_matmul(x, qw, path=path)
+    assert rel_err(out, ref_linear(x, qw, None)) < TOL[torch.bfloat16]
+    w = random_split_weights(
+        256, 24, 96, "gelu", True, True, torch.bfloat16, bits=bits, group=group, symmetric=symmetric
+    )
+    xs = torch.randn(5, 256, device=DEVICE, dtype=torch.bfloat16)
+    assert rel_err(sffn.split_ffn(xs, w, path=path), ref_split_ffn(xs, w)) < TOL[torch.bfloat16]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 16, 64, 300])
+def test_large_split_ffn(poison, dtype, m) -> None:
+    """A 1024 -> 4096 SwiGLU with 5% heavy neurons and int4 g128 light ones, every tier."""
+    w = random_split_weights(1024, 200, 3904, "silu", True, False, dtype, bits=4, group=128)
+    x = torch.randn(m, 1024, device=DEVICE, dtype=dtype)
+    assert rel_err(sffn.split_ffn(x, w), ref_split_ffn(x, w)) < TOL[dtype]
+
+
+@gpu
+@needs_cuda
+def test_cuda_graph_replay() -> None:
+    """After one warm-up call, split_ffn captures into a CUDA graph and replays on new inputs."""
+    w = random_split_weights(512, 32, 992, "silu", True, True, torch.float16, bits=4, group=128)
+    x = torch.randn(4, 512, device=DEVICE, dtype=torch.float16)
+    sffn.split_ffn(x, w)  # tunes and compiles outside the capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        sffn.split_ffn(x, w)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = sffn.split_ffn(x, w)
+    for _ in range(2):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(y, ref_split_ffn(x, w)) < TOL[torch.float16]
