@@ -14,6 +14,7 @@ and reports microseconds, achieved GB/s of weight bytes and the ratio to the byt
 bytes / device copy bandwidth measured here). Writes JSON and a markdown section.
 
 Usage: PYTHONPATH=. python3 benchmarks/bench_kernels.py [--shape 4096x14336] [--out DIR]
+       [--append benchmarks/RESULTS.md]
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ import os
 import statistics
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import triton
 
+from ffnsplit.fsutil import atomic_write_text
 from ffnsplit.kernels import quant_matmul as qmm
 from ffnsplit.kernels import reference
 from ffnsplit.kernels import split_ffn as sffn
@@ -154,6 +157,10 @@ def main() -> int:
     parser.add_argument("--m", default="1,4,16,64,256,2048")
     parser.add_argument("--copies", type=int, default=3, help="weight copies to rotate through")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks"))
+    parser.add_argument("--append", default="", help="results markdown file to append to")
+    parser.add_argument(
+        "--ncu", type=int, default=0, help="only launch kernels A and B twice at this M (profiling)"
+    )
     args = parser.parse_args()
     hidden, inter = (int(v) for v in args.shape.lower().split("x"))
     h = int(round(args.heavy_fraction * inter / 16)) * 16
@@ -176,6 +183,14 @@ def main() -> int:
         "bits": args.bits,
         "group": args.group,
     }
+    if args.ncu:  # under `ncu`: the default configs, one warm-up and one profiled launch each
+        w = split_weights(hidden, h, light, args.bits, args.group)
+        x = torch.randn(args.ncu, hidden, device=DEVICE, dtype=torch.float16)
+        for _ in range(2):
+            a = sffn.split_activations(x, w)
+            qmm.split_linear(a, w.heavy_down, w.light_down)
+        torch.cuda.synchronize()
+        return 0
     bw = copy_bandwidth()
     info["copy_GBps"] = bw / 1e9
     print(f"{props.name}: copy bandwidth {bw / 1e9:.0f} GB/s (read + write)", flush=True)
@@ -249,18 +264,22 @@ def main() -> int:
             if int4_w:
                 lin = int4_w[0][0]
                 checks[f"torch_int4_up_m{m}"] = rel_err(lin(xbf), xbf.float() @ lin.dense.T)
-        print(" ".join(f"{r['method']}={r.get('us', float('nan')):.1f}us" for r in rows if r["m"] == m),
-              flush=True)  # fmt: skip
+        line = [f"{r['method']}={r.get('us', float('nan')):.1f}us" for r in rows if r["m"] == m]
+        print(f"M={m}", " ".join(line), flush=True)
     for tuner, name in ((sffn._tuner, "kernel_A"), (qmm._tuner, "kernel_B")):
         for key, timings in tuner.timings.items():
             tuned[f"{name} {key[:2]}"] = {str(cfg): round(t * 1e3, 1) for cfg, t in timings.items()}
+    for key, timings in tuned.items():
+        print(key, timings, flush=True)
     result = {**info, "checks": checks, "results": rows, "tuning_us": tuned}
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench_kernels.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    atomic_write_text(os.path.join(args.out, "bench_kernels.json"), json.dumps(result, indent=1))
     md = markdown(result)
-    with open(os.path.join(args.out, "bench_kernels.md"), "w") as f:
-        f.write(md)
+    atomic_write_text(os.path.join(args.out, "bench_kernels.md"), md)
+    if args.append:
+        path = Path(args.append)
+        old = path.read_text() if path.exists() else "# Results\n"
+        atomic_write_text(args.append, old.rstrip("\n") + "\n\n" + md)
     print(md)
     return 0
 

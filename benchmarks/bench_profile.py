@@ -82,13 +82,16 @@ def build_model(shape: dict, device: str, dtype: torch.dtype) -> torch.nn.Module
     finally:
         torch.set_default_dtype(default)
     model.to_empty(device=device)
-    generator = torch.Generator(device=device).manual_seed(0)
+    # Random numbers are drawn on the GPU when there is one (much faster than the CPU for 8B).
+    source = "cuda" if torch.cuda.is_available() else "cpu"
+    generator = torch.Generator(device=source).manual_seed(0)
     with torch.no_grad():
         for param in model.parameters():
             if param.dim() == 1:
                 param.fill_(1.0)
             else:
-                param.normal_(0.0, 0.02, generator=generator)
+                values = torch.empty(param.shape, dtype=param.dtype, device=source)
+                param.copy_(values.normal_(0.0, 0.02, generator=generator))
     # Non-persistent buffers (rotary inverse frequencies) are garbage after to_empty: rebuild.
     rotary = model.model.rotary_emb
     model.model.rotary_emb = type(rotary)(config).to(device)

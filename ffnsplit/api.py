@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -63,31 +63,41 @@ def _tensor_bytes(module: nn.Module) -> tuple[int, int]:
     return sum(t.numel() for t in tensors), sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _split_label(module) -> str:
+    label = f"{module.n_heavy} heavy {dtype_name(module._dtype())}"
+    if module.light_kind == "quant":
+        light = module.light_up.weight()
+        sym = "-sym" if light.symmetric else ""
+        label += f" + {module.n_light} int{light.bits}-g{light.group_size}{sym}"
+    elif module.light_kind == "lowrank":
+        label += f" + {module.n_light} lowrank-r{module.lowrank_down.factors().rank}"
+    return label
+
+
 def model_info(model: nn.Module) -> ModelInfo:
     """Per-FFN shapes, activation, dtype and sizes, and the model's totals."""
-    from ffnsplit.arch import get_ffn_blocks
+    from ffnsplit.arch import get_ffn_blocks, installed_ffns
     from ffnsplit.modules import SplitFFN
 
     layers = []
-    for block in get_ffn_blocks(model):
-        split = block.module if isinstance(block.module, SplitFFN) else None
-        if split is not None:
-            count, nbytes = _tensor_bytes(split)
-            layers.append(
-                LayerInfo(
-                    layer=block.layer,
-                    name=block.name,
-                    kind="split",
-                    hidden_size=split.hidden_size,
-                    intermediate_size=split.intermediate_size,
-                    gated=split.gated,
-                    activation=split.activation,
-                    dtype=split.describe(),
-                    parameters=count,
-                    nbytes=nbytes,
-                )
+    split = installed_ffns(model, SplitFFN)
+    for index, name, module in split:
+        count, nbytes = _tensor_bytes(module)
+        layers.append(
+            LayerInfo(
+                layer=index,
+                name=name,
+                kind="split",
+                hidden_size=module.hidden_size,
+                intermediate_size=module.n_heavy + module.n_light,
+                gated=module.gated,
+                activation=module.activation,
+                dtype=_split_label(module),
+                parameters=count,
+                nbytes=nbytes,
             )
-            continue
+        )
+    for block in [] if split else get_ffn_blocks(model):
         parts = block.parts()
         tensors = [
             parts.up,
@@ -156,7 +166,9 @@ def profile(
         raise OptionError("--tokens, --seq-len (> 1) and --batch-size must be positive")
     run_device = resolve_device(device)
     compute_dtype = resolve_dtype(dtype)
-    load_device = "cpu" if sequential else run_device
+    # Loaded on the CPU: profile_model moves it to the device whole, or layer by layer when it
+    # does not fit (sequential None = automatic) or when asked to.
+    load_device = run_device if sequential is False else "cpu"
     model, tokenizer = open_model(
         model_spec, device=load_device, dtype=compute_dtype, trust_remote_code=trust_remote_code
     )
@@ -172,8 +184,193 @@ def profile(
         progress=progress,
         corpus_meta={"name": text.name, "checksum": text.checksum, "seed": seed},
     )
+    result.meta["model_name"] = str(model_spec)
     if out is not None:
         result.save(out)
     if plot is not None:
         plot_profile(result, plot)
     return result
+
+
+SELECTIONS = {
+    "ffsplit": "output_norm",
+    "uniform": "none",
+    "random": "random",
+    "weight-norm": "weight_norm",
+}
+"""--baseline name -> plan selection: FFSplit's output-norm heavy set, or one of the baselines."""
+
+
+@dataclass
+class CompressOptions:
+    """Everything `ffnsplit compress` decides, JSON-able (kept in the checkpoint)."""
+
+    light: str = "int4-g128"
+    heavy_fraction: float | None = None
+    heavy_share: float | None = None
+    target_bits: float | None = None
+    target_size: float | None = None
+    prune_fraction: float = 0.0
+    heavy_dtype: str = "float16"
+    baseline: str = "ffsplit"
+    calib_corpus: str = "wiki-calib"
+    calib_tokens: int = 8192
+    seq_len: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from ffnsplit.errors import OptionError
+
+        if self.baseline not in SELECTIONS:
+            raise OptionError(
+                f"unknown baseline {self.baseline!r}: choose one of {', '.join(SELECTIONS)}"
+            )
+        budgets = [self.target_bits, self.target_size]
+        heavies = [self.heavy_fraction, self.heavy_share]
+        if all(b is not None for b in budgets) or all(h is not None for h in heavies):
+            raise OptionError(
+                "give one of --target-bits / --target-size, and one of --heavy-fraction / "
+                "--heavy-share"
+            )
+        if any(b is not None for b in budgets) and any(h is not None for h in heavies):
+            raise OptionError(
+                "a budget (--target-bits / --target-size) chooses the heavy fraction per layer: "
+                "drop --heavy-fraction / --heavy-share"
+            )
+        for name in ("heavy_fraction", "heavy_share", "target_size"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise OptionError(f"--{name.replace('_', '-')} {value} is outside [0, 1]")
+        if not 0.0 <= self.prune_fraction < 1.0:
+            raise OptionError(f"--prune-fraction {self.prune_fraction} is outside [0, 1)")
+        if self.target_bits is not None and not 0.0 < self.target_bits <= 16.0:
+            raise OptionError(f"--target-bits {self.target_bits} is outside (0, 16]")
+        if self.calib_tokens <= 0 or self.seq_len <= 1:
+            raise OptionError("--calib-tokens and --seq-len (> 1) must be positive")
+
+    @property
+    def selection(self) -> str:
+        return SELECTIONS[self.baseline]
+
+
+def make_split_plan(model: nn.Module, profile_obj, options: CompressOptions, progress=None):
+    """The SplitPlan `options` ask for on `model` (fixed format, or a budget)."""
+    from ffnsplit import apply, plan
+
+    profile_obj.check_model(model)
+    geometry = apply.ffn_geometry(model)
+    weight_norms = apply.weight_norm_scores(model) if options.selection == "weight_norm" else None
+    common = {
+        "geometry": geometry,
+        "selection": options.selection,
+        "weight_norms": weight_norms,
+        "seed": options.seed,
+        "heavy_dtype": options.heavy_dtype,
+    }
+    if options.target_bits is not None or options.target_size is not None:
+        errors = apply.quant_error_table(model, progress=progress)
+        return plan.plan_for_budget(
+            profile_obj,
+            target_bits=options.target_bits,
+            target_size=options.target_size,
+            quant_errors=errors,
+            **common,
+        )
+    heavy_fraction = options.heavy_fraction
+    if heavy_fraction is None and options.heavy_share is None:
+        heavy_fraction = 0.0 if options.selection == "none" else 0.05
+    return plan.make_plan(
+        profile_obj,
+        light=plan.parse_light_format(options.light),
+        heavy_fraction=heavy_fraction,
+        heavy_share=options.heavy_share,
+        prune_fraction=options.prune_fraction,
+        **common,
+    )
+
+
+def compress(
+    model_spec: str | os.PathLike,
+    profile_path: str | os.PathLike,
+    out: str | os.PathLike,
+    options: CompressOptions | None = None,
+    *,
+    device: str = "auto",
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+    progress=None,
+) -> dict:
+    """Profile file + options -> plan -> compressed model saved to `out`; returns its size report."""
+    from ffnsplit import apply, data, io
+    from ffnsplit.errors import FFNSplitError
+    from ffnsplit.profile import Profile
+    from ffnsplit.runtime import resolve_device
+
+    options = options or CompressOptions()
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FFNSplitError(f"{out} exists: pass --overwrite to replace it")
+    run_device = resolve_device(device)
+    profile_obj = Profile.load(profile_path)
+    model, tokenizer = open_model(model_spec, trust_remote_code=trust_remote_code)
+    split_plan = make_split_plan(model, profile_obj, options, progress=progress)
+    calib_ids = None
+    if any(apply._needs_calibration(layer.light) for layer in split_plan.layers):
+        corpus = data.load_corpus(options.calib_corpus)
+        calib_ids = data.token_blocks(
+            tokenizer, corpus, options.calib_tokens, options.seq_len, seed=options.seed
+        )
+    apply.compress_model(
+        model, split_plan, calib_ids=calib_ids, device=run_device, progress=progress
+    )
+    extra = {"options": asdict(options), "source_model": str(model_spec)}
+    io.save_compressed(model, tokenizer, split_plan, out, overwrite=overwrite, extra=extra)
+    return io.size_report(model, split_plan)
+
+
+def evaluate(
+    model_specs: list[str],
+    *,
+    corpora: tuple[str, ...] = ("wiki-eval", "lee-news"),
+    seq_len: int = 512,
+    max_tokens: int | None = 16384,
+    batch_size: int = 4,
+    device: str = "auto",
+    dtype: str | None = None,
+    json_path: str | os.PathLike | None = None,
+    trust_remote_code: bool = False,
+    progress=None,
+) -> dict:
+    """Evaluate each model (one at a time, freed after) with one protocol; name -> EvalReport."""
+    import gc
+    import json
+
+    from ffnsplit.eval.compare import evaluate as evaluate_model
+    from ffnsplit.fsutil import atomic_write_text
+    from ffnsplit.runtime import resolve_device, resolve_dtype
+
+    run_device = resolve_device(device)
+    compute_dtype = resolve_dtype(dtype)
+    if compute_dtype is None and run_device.type == "cpu":
+        compute_dtype = torch.float32  # fp16 checkpoints run in fp32 on the CPU
+    reports = {}
+    for spec in model_specs:
+        model, tokenizer = open_model(
+            spec, device=run_device, dtype=compute_dtype, trust_remote_code=trust_remote_code
+        )
+        reports[str(spec)] = evaluate_model(
+            model,
+            tokenizer,
+            name=str(spec),
+            corpora=corpora,
+            seq_len=seq_len,
+            max_tokens=max_tokens,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        del model
+        gc.collect()
+    if json_path is not None:
+        payload = {name: report.to_dict() for name, report in reports.items()}
+        atomic_write_text(json_path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    return reports

@@ -254,6 +254,181 @@ def profile_command(
         console.print(f"plot written to [bold]{plot}[/]")
 
 
+def _task_callback(progress, description: str):
+    """A (done, total) callback drawing one rich progress task."""
+    task = progress.add_task(description, total=1)
+
+    def report(done: float, total: float) -> None:
+        progress.update(task, completed=done, total=total)
+
+    return report
+
+
+@app.command("compress")
+@friendly_errors
+def compress_command(
+    model: ModelArg = "smollm2-135m",
+    profile: Annotated[
+        Path, typer.Option("--profile", help="Profile from `ffnsplit profile` (same model).")
+    ] = Path("profile.safetensors"),
+    out: Annotated[Path, typer.Option("--out", help="Output folder (written atomically).")] = Path(
+        "compressed"
+    ),
+    light: Annotated[
+        str,
+        typer.Option(
+            "--light",
+            help="Light part format: intB-gG[-sym][-gptq] (B 2/3/4/8, G 32/64/128/pc), lowrank-rR[-w], lowrank-F[-w], dense, pruned.",
+        ),
+    ] = "int4-g128",
+    heavy_fraction: Annotated[
+        float | None,
+        typer.Option(
+            "--heavy-fraction",
+            help="Fraction of neurons kept dense per layer (default 0.05; 0 for --baseline uniform).",
+        ),
+    ] = None,
+    heavy_share: Annotated[
+        float | None,
+        typer.Option(
+            "--heavy-share",
+            help="Instead: fewest neurons carrying this share of each layer's output norm.",
+        ),
+    ] = None,
+    target_bits: Annotated[
+        float | None,
+        typer.Option(
+            "--target-bits",
+            help="Budget mode: average stored bits per FFN weight; heavy fraction and light format chosen per layer.",
+        ),
+    ] = None,
+    target_size: Annotated[
+        float | None,
+        typer.Option("--target-size", help="Budget mode: fraction of the dense fp16 FFN bytes."),
+    ] = None,
+    prune_fraction: Annotated[
+        float,
+        typer.Option("--prune-fraction", help="Fraction of the coldest neurons removed outright."),
+    ] = 0.0,
+    heavy_dtype: Annotated[
+        str, typer.Option("--heavy-dtype", help="float16 or bfloat16.")
+    ] = "float16",
+    baseline: Annotated[
+        str,
+        typer.Option(
+            "--baseline",
+            help="ffsplit (heavy set by output norm), or a baseline at the same size: uniform (no split), random, weight-norm.",
+        ),
+    ] = "ffsplit",
+    calib_corpus: Annotated[
+        str, typer.Option("--calib-corpus", help="Calibration text for GPTQ / weighted low-rank.")
+    ] = "wiki-calib",
+    calib_tokens: Annotated[
+        int, typer.Option("--calib-tokens", help="Calibration tokens for GPTQ / weighted low-rank.")
+    ] = 8192,
+    seq_len: Annotated[int, typer.Option("--seq-len")] = 512,
+    seed: Annotated[int, typer.Option(help="Seed (random baseline, calibration blocks).")] = 0,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing --out folder.")
+    ] = False,
+    device: DeviceOpt = "auto",
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """Split every FFN into heavy (dense) and light (compressed) neurons and save the model."""
+    from ffnsplit import api
+
+    options = api.CompressOptions(
+        light=light,
+        heavy_fraction=heavy_fraction,
+        heavy_share=heavy_share,
+        target_bits=target_bits,
+        target_size=target_size,
+        prune_fraction=prune_fraction,
+        heavy_dtype=heavy_dtype,
+        baseline=baseline,
+        calib_corpus=calib_corpus,
+        calib_tokens=calib_tokens,
+        seq_len=seq_len,
+        seed=seed,
+    )
+    with _progress() as progress:
+        report = api.compress(
+            model,
+            profile,
+            out,
+            options,
+            device=device,
+            overwrite=overwrite,
+            trust_remote_code=trust_remote_code,
+            progress=_task_callback(progress, "compressing FFNs"),
+        )
+    console.print(
+        f"wrote [bold]{out}[/]: FFN {_human_bytes(report['ffn_bytes'])} "
+        f"({report['ffn_size_fraction']:.1%} of dense fp16, {report['average_ffn_bits']:.2f} bits "
+        f"per weight), model {_human_bytes(report['total_bytes'])}"
+    )
+
+
+def _stage_callback(progress):
+    """A (stage, done, total) callback: one rich progress task per evaluation stage."""
+    tasks: dict[str, int] = {}
+
+    def report(stage: str, done: float, total: float) -> None:
+        if stage not in tasks:
+            tasks[stage] = progress.add_task(stage, total=total or 1)
+        progress.update(tasks[stage], completed=done, total=total or 1)
+
+    return report
+
+
+@app.command("eval")
+@friendly_errors
+def eval_command(
+    model: ModelArg = "smollm2-135m",
+    against: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--against", help="Other model(s) to compare with, side by side (repeatable)."
+        ),
+    ] = None,
+    corpora: Annotated[
+        str, typer.Option("--corpora", help="Comma-separated perplexity corpora.")
+    ] = "wiki-eval,lee-news",
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Perplexity window (tokens).")] = 512,
+    max_tokens: Annotated[
+        int, typer.Option("--max-tokens", help="Evaluated tokens per corpus.")
+    ] = 16384,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 4,
+    json_file: Annotated[
+        Path | None, typer.Option("--json", help="Write all results to this JSON file.")
+    ] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """Perplexity, zero-shot polarity (causal LMs) or similarity (encoders), sizes; side by side."""
+    from ffnsplit import api
+    from ffnsplit.eval.compare import comparison_table
+
+    specs = [model, *(against or [])]
+    with _progress() as progress:
+        reports = api.evaluate(
+            specs,
+            corpora=tuple(c.strip() for c in corpora.split(",") if c.strip()),
+            seq_len=seq_len,
+            max_tokens=max_tokens,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+            json_path=json_file,
+            trust_remote_code=trust_remote_code,
+            progress=_stage_callback(progress),
+        )
+    console.print(comparison_table(reports))
+    if json_file is not None:
+        console.print(f"results written to [bold]{json_file}[/]")
+
+
 def main() -> None:  # pragma: no cover - console entry point alias
     app()
 

@@ -17,6 +17,13 @@ from pathlib import Path
 from ffnsplit.errors import FFNSplitError
 
 
+def _default_mode(is_dir: bool) -> int:
+    """The permissions a plain open()/mkdir() would give (mkstemp/mkdtemp use 0600/0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if is_dir else 0o666) & ~umask
+
+
 def _disk_full_message(path: Path) -> str:
     return f"no space left on the disk while writing {path}: free some space or choose another --out"
 
@@ -32,6 +39,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, _default_mode(is_dir=False))
     try:
         yield tmp
         with open(tmp, "rb+") as handle:
@@ -69,6 +77,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
         raise FFNSplitError(f"{path} already exists: pass --overwrite to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    os.chmod(tmp, _default_mode(is_dir=True))
     try:
         yield tmp
         if path.exists():

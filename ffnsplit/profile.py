@@ -89,7 +89,7 @@ SCORES: dict[str, str] = {
 ProgressCallback = Callable[[float, int], None]
 
 
-@dataclass
+@dataclass(eq=False)
 class LayerStats:
     """Per-neuron float32 statistics of one FFN (see the module docstring for definitions)."""
 
@@ -121,7 +121,7 @@ def _count(fraction: float, size: int) -> int:
     return min(size, math.ceil(fraction * size - 1e-9))
 
 
-@dataclass
+@dataclass(eq=False)
 class Profile:
     """Per-layer neuron statistics of a model on calibration text, plus what produced them."""
 
@@ -561,8 +561,11 @@ def run_calibration(
     The forward stops after the last decoder layer (no final norm or LM head). Normal mode moves
     the model to `device`. Sequential mode leaves the model where it is and moves one decoder layer
     at a time to `device`, running every batch through it before the next; its outputs become the
-    next layer's inputs. `before_batch(batch)` is called before each batch, `after_batch(batch,
-    layer)` after it (`layer` is None in normal mode, the decoder layer's index in sequential mode).
+    next layer's inputs; once a layer is done its original (host) tensors are put back without a
+    copy from the device, so in-place changes to its parameters made meanwhile are dropped (a
+    replacement module must be installed on the layer's original device). `before_batch(batch)`
+    is called before each batch, `after_batch(batch, layer)` after it (`layer` is None in normal
+    mode, the decoder layer's index in sequential mode).
     """
     device = torch.device(device)
     layers = decoder_layers(model)

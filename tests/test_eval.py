@@ -16,7 +16,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerFast
 
 from ffnsplit import arch
-from ffnsplit.errors import CorpusError, NumericalError
+from ffnsplit.errors import CorpusError, NumericalError, OptionError, UnsupportedModelError
 from ffnsplit.eval.compare import (
     EvalReport,
     comparison_table,
@@ -35,6 +35,8 @@ from ffnsplit.eval.tasks import (
     similarity_spearman,
     spearman,
 )
+from ffnsplit.kernels.format import SplitFFNWeights
+from ffnsplit.modules import SplitFFN
 from tests.tiny_models import FAMILIES, tiny_model
 
 TEXTS = [
@@ -127,6 +129,8 @@ def test_perplexity_is_batch_invariant_and_restores_mode(llama):
 def test_perplexity_errors(llama):
     with pytest.raises(CorpusError):
         perplexity(llama, char_tokenizer(False), ["a"], seq_len=8)
+    with pytest.raises(OptionError, match="64 positions"):
+        perplexity(llama, char_tokenizer(), TEXTS, seq_len=65)
     broken = tiny_model("llama")
     with torch.no_grad():
         broken.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
@@ -173,21 +177,23 @@ def test_polarity_matches_unbatched_scoring(llama):
     assert result.predicted_positive_share == answered_positive / 7
 
 
-def test_continuation_logprobs_match_one_sequence_at_a_time(llama):
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "bert"])
+def test_continuation_logprobs_match_one_sequence_at_a_time(family):
+    model = tiny_model(family)  # right padding must not move any family's positions
     requests = [
         ([1, 5, 6, 7], [[8], [9], [10]]),  # single tokens: the context is run once
         ([1, 9], [[10, 11, 12], [13]]),  # mixed lengths: one sequence per continuation
         ([1, *range(20, 40)], [[41, 42]]),
     ]
-    batched = continuation_logprobs(llama, char_tokenizer(), requests, batch_size=3)
+    batched = continuation_logprobs(model, char_tokenizer(), requests, batch_size=3)
     for (context, choices), scores in zip(requests, batched, strict=True):
         for choice, score in zip(choices, scores, strict=True):
             with torch.no_grad():
-                logits = llama(torch.tensor([context + choice])).logits[0].double()
+                logits = model(torch.tensor([context + choice])).logits[0].double()
             logprobs = F.log_softmax(logits, -1)
             expected = sum(logprobs[len(context) - 1 + k, t].item() for k, t in enumerate(choice))
             assert score == pytest.approx(expected, abs=1e-4)
-    single = continuation_logprobs(llama, char_tokenizer(), requests, batch_size=1)
+    single = continuation_logprobs(model, char_tokenizer(), requests, batch_size=1)
     for one, many in zip(single, batched, strict=True):
         assert one == pytest.approx(many, abs=1e-4)
 
@@ -246,29 +252,39 @@ def test_ffn_bytes_are_the_ffn_weights(family):
     assert ffn_bytes(model) < total_bytes(model)
 
 
-class _Replacement(nn.Module):
-    """Stands in for a compressed FFN: stored buffers plus a non-persistent one."""
+def _dense_split_ffn(block: arch.FFNBlock) -> SplitFFN:
+    """A SplitFFN keeping every neuron heavy in fp16 (no light part)."""
+    parts = block.parts()
 
-    def __init__(self, hidden: int):
-        super().__init__()
-        self.register_buffer("packed", torch.zeros(hidden, 8, dtype=torch.int32))
-        self.register_buffer("scales", torch.ones(hidden, dtype=torch.float16))
-        self.register_buffer("scratch", torch.zeros(1000), persistent=False)
+    def half(t):
+        return None if t is None else t.half()
 
-    def forward(self, x):
-        return x * self.scales.float()
+    weights = SplitFFNWeights(
+        activation=parts.activation,
+        gated=parts.gated,
+        heavy_up=half(parts.up),
+        heavy_gate=half(parts.gate),
+        heavy_down=half(parts.down),
+        up_bias=half(parts.up_bias),
+        gate_bias=half(parts.gate_bias),
+        down_bias=half(parts.down_bias),
+    )
+    return SplitFFN(weights)
 
 
-@pytest.mark.parametrize("family", ["llama", "bert"])
-def test_ffn_bytes_count_replacements(family):
+@pytest.mark.parametrize("family", ["llama", "bert", "opt"])
+def test_ffn_bytes_count_split_ffns(family):
     model = tiny_model(family)
     dense_ffn, dense_total = ffn_bytes(model), total_bytes(model)
     blocks = arch.get_ffn_blocks(model)
-    removed = _parts_bytes(model) // len(blocks)
-    blocks[0].install(_Replacement(64))
-    replacement = 64 * 8 * 4 + 64 * 2
-    assert ffn_bytes(model) == dense_ffn - removed + replacement
-    assert total_bytes(model) == dense_total - removed + replacement
+    blocks[0].install(_dense_split_ffn(blocks[0]))
+    with pytest.raises(UnsupportedModelError):  # partly compressed: refused, not miscounted
+        ffn_bytes(model)
+    for block in blocks[1:]:
+        block.install(_dense_split_ffn(block))
+    assert ffn_bytes(model) == dense_ffn // 2  # fp32 -> fp16, same tensors
+    assert total_bytes(model) == dense_total - dense_ffn // 2
+    assert ffn_bytes(model) == sum(m.nbytes() for _, _, m in arch.installed_ffns(model, SplitFFN))
 
 
 def test_total_bytes_counts_tied_weights_once():
@@ -315,6 +331,10 @@ def test_comparison_table_shows_deltas():
     assert "+2.000 (+10.0%)" in text  # perplexity
     assert "-0.00 (-60.0%)" in text  # FFN MiB: 1000 -> 400 bytes
     assert "+0.100 (+16.7%)" in text  # polarity accuracy
+    assert "not comparable" not in text
+    reports["split"].settings["max_tokens"] = 4096
+    console.print(comparison_table(reports))
+    assert "not comparable: split" in console.export_text()
 
 
 def test_evaluate_tiny_models_on_packaged_corpora(llama, bert, monkeypatch):
@@ -338,10 +358,12 @@ def test_evaluate_tiny_models_on_packaged_corpora(llama, bert, monkeypatch):
     assert all(r.tokens == 62 and r.windows == 2 for r in report.perplexity.values())
     assert report.polarity.examples == 40 and 0.0 <= report.polarity.accuracy <= 1.0
     assert report.polarity.positive_share == 0.5
-    assert report.similarity is None and seen
+    assert report.similarity is None
+    assert sorted(set(seen)) == ["perplexity lee-news", "perplexity wiki-eval", "polarity"]
     assert report.ffn_bytes == _parts_bytes(llama)
     assert 0 < report.wall_time_s <= time.perf_counter() - started
-    encoder = evaluate(bert, tokenizer, name="tiny-bert")
+    encoder = evaluate(bert, tokenizer, name="tiny-bert", progress=lambda *args: seen.append(args))
+    assert seen[-1] == ("similarity", 50, 50)
     assert not encoder.perplexity and encoder.polarity is None
     assert encoder.similarity.documents == 50 and encoder.similarity.pairs > 100
     assert EvalReport.from_dict(encoder.to_dict()) == encoder

@@ -1,9 +1,9 @@
 """Evaluate one model on every check that fits it, and compare models side by side.
 
 Sizes are bytes as stored: parameters and persistent buffers in their own dtype (packed int32
-planes, fp16 scales, ...), each shared tensor counted once. FFN bytes are those of the tensors
-under the FFN module paths of each layer (up, gate and down projections of a dense FFN, or the whole
-replacement module of a compressed one, whatever its class).
+planes, fp16 scales, ...), each shared tensor counted once. FFN bytes are those of the FFN modules'
+tensors: the up (and gate) and down projections of a dense FFN with their biases, or everything a
+compressed FFN's SplitFFN stores.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from rich.text import Text
 from torch import Tensor, nn
 
 from ffnsplit import arch
-from ffnsplit.errors import FFNSplitError
+from ffnsplit.errors import FFNSplitError, UnsupportedModelError
 from ffnsplit.eval.perplexity import PerplexityResult, model_device, perplexity
 from ffnsplit.eval.tasks import (
     PolarityResult,
@@ -32,6 +32,7 @@ from ffnsplit.eval.tasks import (
     similarity_spearman,
 )
 from ffnsplit.fsutil import atomic_write_text
+from ffnsplit.modules import SplitFFN
 
 DEFAULT_CORPORA = ("wiki-eval", "lee-news")
 REPORT_VERSION = 1
@@ -63,21 +64,20 @@ def total_bytes(model: nn.Module) -> int:
 
 
 def _ffn_modules(model: nn.Module) -> list[nn.Module]:
-    """Modules at each layer's FFN paths: the replacement point and the up/gate/down projections.
+    """The modules holding each FFN's tensors.
 
-    Works for dense, compressed and partly compressed models alike (arch.get_ffn_blocks refuses
-    the last two), so it reads the family's paths (arch has no public accessor for them).
+    Dense: the module that receives the FFN input (the whole FFN for most families, the up
+    projection for FFNs spread over a layer) and the down projection. Compressed: the SplitFFN
+    installed in each FFN's place (the rest of its old path is an identity).
     """
-    _, family = arch._family(model)
-    paths = [p for p in (family.install_at, family.up, family.gate, family.down) if p]
-    modules = []
-    for layer in arch.decoder_layers(model):
-        for path in paths:
-            try:
-                modules.append(layer.get_submodule(path))
-            except AttributeError:
-                continue  # replaced by a module without this child, e.g. a SplitFFN
-    return modules
+    try:
+        blocks = arch.get_ffn_blocks(model)
+    except UnsupportedModelError:
+        replaced = arch.installed_ffns(model, SplitFFN)
+        if not replaced or len(replaced) != len(arch.decoder_layers(model)):
+            raise  # unsupported, or only some FFNs compressed (ffnsplit never writes that)
+        return [module for _, _, module in replaced]
+    return [module for block in blocks for module in (block.up_input_module, block.down_module)]
 
 
 def ffn_bytes(model: nn.Module) -> int:
@@ -230,9 +230,15 @@ def evaluate(
                     progress=stage_progress(stage),
                 ),
             )
-        report.polarity = timed("polarity", lambda: polarity_accuracy(model, tokenizer))
+        report.polarity = timed(
+            "polarity",
+            lambda: polarity_accuracy(model, tokenizer, progress=stage_progress("polarity")),
+        )
     else:
-        report.similarity = timed("similarity", lambda: similarity_spearman(model, tokenizer))
+        report.similarity = timed(
+            "similarity",
+            lambda: similarity_spearman(model, tokenizer, progress=stage_progress("similarity")),
+        )
     report.wall_time_s = time.perf_counter() - start
     return report
 
@@ -317,6 +323,18 @@ def comparison_table(reports: dict[str, EvalReport]) -> Table:
         table.add_column(name, justify="right")
         table.add_column(f"Δ {name}", justify="right")
     reference = reports[names[0]]
+    protocol = ("seq_len", "max_tokens")
+    differ = [
+        name
+        for name in names[1:]
+        if any(reports[name].settings.get(k) != reference.settings.get(k) for k in protocol)
+    ]
+    if differ:
+        table.caption = (
+            f"not comparable: {', '.join(differ)} evaluated with another seq_len / max_tokens "
+            f"than {names[0]}"
+        )
+        table.caption_style = "bold red"
     for metric in _metrics(list(reports.values())):
         ref_value = metric.value(reference)
         row: list[str | Text] = [metric.label, _format(ref_value, metric)]

@@ -81,6 +81,15 @@ def inference(model: nn.Module, device: str | torch.device | None) -> Iterator[t
         model.train(was_training)
 
 
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model was built for (None when its config does not say)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
+    return int(limit) if isinstance(limit, int) and limit > 0 else None
+
+
 def corpus_texts(corpus: Corpus | str | Sequence[str]) -> tuple[str, list[str]]:
     """(name, documents) of a corpus given as a Corpus, a corpus name, or a list of documents."""
     if isinstance(corpus, str):
@@ -177,6 +186,11 @@ def perplexity(
         raise OptionError(f"batch_size must be at least 1 (got {batch_size})")
     if max_tokens is not None and max_tokens < 1:
         raise OptionError(f"max_tokens must be at least 1 (got {max_tokens})")
+    limit = max_positions(model)
+    if limit is not None and seq_len > limit:
+        raise OptionError(
+            f"seq_len {seq_len} is longer than the model's {limit} positions: use --seq-len {limit}"
+        )
     name, texts = corpus_texts(corpus)
     bos = bos_id(tokenizer)
     needed = stream_tokens_needed(bos is not None, seq_len, max_tokens)

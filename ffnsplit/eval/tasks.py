@@ -25,7 +25,7 @@ from scipy.stats import rankdata
 from torch import nn
 
 from ffnsplit.errors import CorpusError, OptionError
-from ffnsplit.eval.perplexity import bos_id, inference
+from ffnsplit.eval.perplexity import Progress, bos_id, inference, max_positions
 
 POLARITY_TEMPLATE = "Review: {text}\nSentiment:"
 POLARITY_LABELS = (" positive", " negative")
@@ -137,6 +137,7 @@ def continuation_logprobs(
     requests: Sequence[tuple[list[int], Sequence[list[int]]]],
     batch_size: int = 16,
     device: str | torch.device | None = None,
+    progress: Progress | None = None,
 ) -> list[list[float]]:
     """For each (context ids, [continuation ids, ...]): sum of log p(continuation | context).
 
@@ -163,7 +164,9 @@ def continuation_logprobs(
             needed = sorted(
                 {s + k for item in batch for _, _, s, ids in item.targets for k in range(len(ids))}
             )
-            extra = {"logits_to_keep": torch.tensor(needed)} if keep_logits else {}
+            extra = (
+                {"logits_to_keep": torch.tensor(needed, device=run_device)} if keep_logits else {}
+            )
             logits = model(
                 input_ids=input_ids.to(run_device),
                 attention_mask=attention_mask.to(run_device),
@@ -178,6 +181,8 @@ def continuation_logprobs(
                     targets = torch.tensor(ids, device=logprobs.device)
                     total = logprobs.gather(1, targets[:, None]).sum(dtype=torch.float64)
                     scores[index][choice] = total.item()
+            if progress is not None:
+                progress(first + len(batch), len(sequences))
     return scores
 
 
@@ -189,6 +194,7 @@ def polarity_accuracy(
     labels: tuple[str, str] = POLARITY_LABELS,
     batch_size: int = 16,
     device: str | torch.device | None = None,
+    progress: Progress | None = None,
 ) -> PolarityResult:
     """Zero-shot accuracy of a causal LM on labelled sentences (default: the `polarity` corpus).
 
@@ -211,7 +217,7 @@ def polarity_accuracy(
     requests = [
         (prefix + _encode(tokenizer, template.format(text=text)), label_ids) for text, _ in examples
     ]
-    scores = continuation_logprobs(model, tokenizer, requests, batch_size, device)
+    scores = continuation_logprobs(model, tokenizer, requests, batch_size, device, progress)
     predicted = [positive >= negative for positive, negative in scores]
     n = len(examples)
     return PolarityResult(
@@ -239,7 +245,7 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 def _max_length(model: nn.Module, tokenizer) -> int:
-    limits = [getattr(model.config, "max_position_embeddings", None), tokenizer.model_max_length]
+    limits = [max_positions(model), tokenizer.model_max_length]
     return min(int(limit) for limit in limits if limit is not None and limit > 0)
 
 
@@ -249,6 +255,7 @@ def embed_documents(
     documents: Sequence[str],
     batch_size: int = 8,
     device: str | torch.device | None = None,
+    progress: Progress | None = None,
 ) -> torch.Tensor:
     """Attention-masked mean of the last hidden states per document: float32 [n_docs, hidden]."""
     if batch_size < 1:
@@ -268,6 +275,8 @@ def embed_documents(
             hidden = output.hidden_states[-1].float()
             mask = batch["attention_mask"].unsqueeze(-1).float()
             embeddings.append(((hidden * mask).sum(1) / mask.sum(1).clamp_min(1)).cpu())
+            if progress is not None:
+                progress(min(start + batch_size, len(documents)), len(documents))
     return torch.cat(embeddings)
 
 
@@ -278,6 +287,7 @@ def similarity_spearman(
     pairs: Sequence[tuple[int, int, float]] | None = None,
     batch_size: int = 8,
     device: str | torch.device | None = None,
+    progress: Progress | None = None,
 ) -> SimilarityResult:
     """Spearman correlation of embedding cosine similarity with human ratings (default: Lee)."""
     if documents is None or pairs is None:
@@ -286,9 +296,8 @@ def similarity_spearman(
         documents, pairs = lee_similarity()
     if len(pairs) < 2:
         raise CorpusError("similarity needs at least two rated document pairs")
-    embeddings = F.normalize(
-        embed_documents(model, tokenizer, documents, batch_size, device), dim=-1
-    )
+    embeddings = embed_documents(model, tokenizer, documents, batch_size, device, progress)
+    embeddings = F.normalize(embeddings, dim=-1)
     first = torch.tensor([i for i, _, _ in pairs])
     second = torch.tensor([j for _, j, _ in pairs])
     cosines = (embeddings[first] * embeddings[second]).sum(-1).double()

@@ -19,11 +19,12 @@ from ffnsplit.kernels.format import QuantizedWeight
 from ffnsplit.kernels.tiles import (
     TileConfig,
     Tuner,
+    block_scales,
     dense_block,
     dot_precision,
     fast_unpack,
     light_block,
-    pack_factor,
+    light_rows,
     scale_after_ok,
     sm_count,
     tier_configs,
@@ -33,10 +34,10 @@ from ffnsplit.kernels.tiles import (
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit(do_not_specialize=["M", "n_split"])
 def _split_linear_kernel(
     x_ptr, hw_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
-    M, N, KH, KL, stride_xm, stride_hw, stride_om, stride_os,
+    M, N, KH, KL, stride_xm, stride_hw, stride_om, stride_os, n_split,
     BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
     SCALE_AFTER: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -52,7 +53,6 @@ def _split_linear_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
-    n_split = tl.num_programs(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
@@ -64,12 +64,20 @@ def _split_linear_kernel(
         acc, _ = dense_block(acc, acc, x_ptr, stride_xm, offs_m, mask_m, hw_ptr, hw_ptr,
                                stride_hw, KH, b * BLOCK_KH, offs_n, mask_n, False, BLOCK_KH,
                                PRECISION)  # fmt: skip
-    nb_light = tl.cdiv(KL, ROWS * PACK)
-    for b in range(pid_s * nb_light // n_split, (pid_s + 1) * nb_light // n_split):
+    BLOCK_KL: tl.constexpr = ROWS * PACK
+    nb_light = tl.cdiv(KL, BLOCK_KL)
+    b0 = pid_s * nb_light // n_split
+    s_next, z_next = block_scales(s_ptr, z_ptr, N, KL, b0 * BLOCK_KL, offs_n, mask_n, GROUP,
+                                  SYMMETRIC, SCALE_AFTER)  # fmt: skip
+    for b in range(b0, (pid_s + 1) * nb_light // n_split):
+        s, z = s_next, z_next
+        s_next, z_next = block_scales(s_ptr, z_ptr, N, KL, (b + 1) * BLOCK_KL, offs_n, mask_n,
+                                      GROUP, SYMMETRIC, SCALE_AFTER)  # fmt: skip
         acc, _ = light_block(acc, acc, x_ptr + KH, stride_xm, offs_m, mask_m,
-                               p0_ptr, p1_ptr, s_ptr, z_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr,
-                               N, KL, b * (ROWS * PACK), offs_n, mask_n, BITS, GROUP, SYMMETRIC,
-                               SCALE_AFTER, False, ROWS, INTERLEAVE, FAST4, PRECISION)  # fmt: skip
+                             p0_ptr, p1_ptr, s_ptr, z_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr,
+                             s, z, s, z, N, KL, b * BLOCK_KL, offs_n, mask_n, BITS, GROUP,
+                             SYMMETRIC, SCALE_AFTER, False, ROWS, INTERLEAVE, FAST4,
+                             PRECISION)  # fmt: skip
     out_mask = mask_m[:, None] & mask_n[None, :]
     if PARTIAL:
         out = out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
@@ -98,38 +106,32 @@ def _splitk_reduce_kernel(ws_ptr, bias_ptr, out_ptr, MN, N, SPLIT: tl.constexpr,
 # ---------------------------------------------------------------------------------------------
 # configs: one small config under the interpreter, a few per tier on the GPU (first is default)
 
-_CONFIGS = {
+_T = TileConfig
+_CONFIGS = {  # (block_m, block_n, block_kl (light K-block, codes), block_kh (dense K-block))
     "decode": (
-        TileConfig(16, 128, 16, 64, num_warps=4, num_stages=3),
-        TileConfig(16, 64, 16, 64, num_warps=4, num_stages=4),
-        TileConfig(16, 256, 16, 64, num_warps=8, num_stages=3),
-        TileConfig(16, 128, 16, 64, num_warps=4, num_stages=3, fast_unpack=False),
+        _T(16, 64, 128, 64, num_warps=4, num_stages=4, interleave=False),
+        _T(16, 128, 128, 64, num_warps=4, num_stages=3),
+        _T(16, 128, 128, 64, num_warps=8, num_stages=3, fast_unpack=False),
     ),
     "small": (  # 16 < M <= 128: still weight-bound, moderate row tiles
-        TileConfig(64, 128, 16, 64, num_warps=4, num_stages=3),
-        TileConfig(32, 128, 16, 64, num_warps=4, num_stages=4),
-        TileConfig(
-            64, 128, 16, 64, num_warps=8, num_stages=3, scale_after=False, interleave=False
-        ),  # fmt: skip
+        _T(64, 128, 128, 64, num_warps=8, num_stages=3, scale_after=False, interleave=False),
+        _T(32, 128, 128, 64, num_warps=4, num_stages=4, scale_after=False, interleave=False),
+        _T(64, 128, 128, 64, num_warps=8, num_stages=3, scale_after=False),
     ),
     "prefill": (
-        TileConfig(
-            128, 128, 16, 64, num_warps=8, num_stages=3, scale_after=False, interleave=False
-        ),  # fmt: skip
-        TileConfig(128, 128, 16, 64, num_warps=8, num_stages=3, scale_after=False),
-        TileConfig(
-            128, 64, 16, 64, num_warps=4, num_stages=4, scale_after=False, interleave=False
-        ),  # fmt: skip
+        _T(128, 128, 128, 64, num_warps=8, num_stages=3, scale_after=False),
+        _T(128, 128, 128, 64, num_warps=8, num_stages=3, scale_after=False, interleave=False),
+        _T(128, 128, 64, 64, num_warps=8, num_stages=4, scale_after=False),
     ),
-}
+}  # fmt: skip
 _MAX_SPLIT = 32
 
 
 def n_splits(cfg: TileConfig, m: int, n: int, kh: int, kl: int, bits: int, sms: int) -> int:
-    """K-splits so that about 4 programs per SM stream the weight (1 when tiles already do)."""
+    """K-splits so that about 2 programs per SM stream the weight (1 when tiles already do)."""
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-    blocks = triton.cdiv(kh, cfg.block_kh) + triton.cdiv(kl, cfg.rows * pack_factor(bits))
-    want = triton.cdiv(4 * sms, tiles)
+    blocks = triton.cdiv(kh, cfg.block_kh) + triton.cdiv(kl, cfg.block_kl)
+    want = triton.cdiv(2 * sms, tiles)
     return max(1, min(want, blocks // 4, _MAX_SPLIT))
 
 
@@ -192,8 +194,9 @@ def split_linear(
         scales = light.scales
         zeros = light.zeros if light.zeros is not None else scales
         symmetric = light.zeros is None
-    else:  # never read: no light blocks
-        bits, group, p0, p1, scales, zeros, symmetric = 4, 32, x2, x2, x2, x2, True
+    else:  # never read (no light blocks), but typed like planes and scales
+        dummy = torch.zeros(1, dtype=torch.int32, device=x.device)
+        bits, group, p0, p1, scales, zeros, symmetric = 4, 32, dummy, dummy, x2, x2, True
     tier, configs = tier_configs(m, path, x.dtype, _CONFIGS)
     sms = sm_count(x.device)
 
@@ -203,11 +206,12 @@ def split_linear(
         ws = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
         _split_linear_kernel[grid](
             x2, heavy_arg, p0, p1, scales, zeros, bias if bias is not None else out, ws,
-            m, n, kh, kl, x2.stride(0), heavy_arg.stride(0), n, m * n,
+            m, n, kh, kl, x2.stride(0), heavy_arg.stride(0), n, m * n, split,
             BITS=bits, GROUP=group, SYMMETRIC=symmetric,
             SCALE_AFTER=scale_after_ok(cfg, bits, group, kl), HAS_BIAS=bias is not None,
             PARTIAL=split > 1, PRECISION=dot_precision(x.dtype), BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n, ROWS=cfg.rows, BLOCK_KH=cfg.block_kh, INTERLEAVE=cfg.interleave,
+            BLOCK_N=cfg.block_n, ROWS=light_rows(cfg, bits), BLOCK_KH=cfg.block_kh,
+            INTERLEAVE=cfg.interleave,
             FAST4=fast_unpack(cfg, bits, group, kl, x.dtype, x.device),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip

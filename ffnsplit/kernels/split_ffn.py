@@ -21,10 +21,12 @@ from ffnsplit.kernels.tiles import (
     TileConfig,
     Tuner,
     activation,
+    block_scales,
     dense_block,
     dot_precision,
     fast_unpack,
     light_block,
+    light_rows,
     scale_after_ok,
     tier_configs,
     torch_to_triton_ok,
@@ -84,65 +86,49 @@ def _split_up_kernel(
         mask_l = offs_l < NL
         acc_lu = tl.zeros([BLOCK_M, BLOCK_NL], dtype=tl.float32)
         acc_lg = tl.zeros([BLOCK_M, BLOCK_NL], dtype=tl.float32)
+        su_next, zu_next = block_scales(us_ptr, uz_ptr, NL, K, 0, offs_l, mask_l, GROUP,
+                                        SYMMETRIC, SCALE_AFTER)  # fmt: skip
+        sg_next, zg_next = block_scales(gs_ptr, gz_ptr, NL, K, 0, offs_l, mask_l, GROUP,
+                                        SYMMETRIC, SCALE_AFTER and GATED)  # fmt: skip
         for k0 in range(0, K, ROWS * PACK):
+            su, zu, sg, zg = su_next, zu_next, sg_next, zg_next
+            su_next, zu_next = block_scales(us_ptr, uz_ptr, NL, K, k0 + ROWS * PACK, offs_l,
+                                            mask_l, GROUP, SYMMETRIC, SCALE_AFTER)  # fmt: skip
+            sg_next, zg_next = block_scales(gs_ptr, gz_ptr, NL, K, k0 + ROWS * PACK, offs_l,
+                                            mask_l, GROUP, SYMMETRIC,
+                                            SCALE_AFTER and GATED)  # fmt: skip
             acc_lu, acc_lg = light_block(acc_lu, acc_lg, x_ptr, stride_xm, offs_m, mask_m,
                                          up0_ptr, up1_ptr, us_ptr, uz_ptr,
-                                         gp0_ptr, gp1_ptr, gs_ptr, gz_ptr,
+                                         gp0_ptr, gp1_ptr, gs_ptr, gz_ptr, su, zu, sg, zg,
                                          NL, K, k0, offs_l, mask_l, BITS, GROUP, SYMMETRIC,
-                                         SCALE_AFTER, GATED, ROWS, INTERLEAVE, FAST4, PRECISION)  # fmt: skip
+                                         SCALE_AFTER, GATED, ROWS, INTERLEAVE, FAST4,
+                                         PRECISION)  # fmt: skip
         _store_activations(acc_lu, acc_lg, ub_ptr, gb_ptr, a_ptr, stride_am, offs_m, mask_m,
                            NH + offs_l, mask_l, GATED, ACTIVATION, HAS_UP_BIAS,
                            HAS_GATE_BIAS)  # fmt: skip
 
 
-_CONFIGS = {
+_T = TileConfig
+_CONFIGS = {  # (block_m, block_n (light neurons), block_kl, block_kh); block_nh: heavy neurons
     "decode": (
-        TileConfig(16, 64, 16, 128, num_warps=4, num_stages=4, block_nh=16),
-        TileConfig(16, 128, 16, 128, num_warps=4, num_stages=3, block_nh=32),
-        TileConfig(16, 32, 16, 128, num_warps=4, num_stages=4, block_nh=16),
-        TileConfig(16, 64, 16, 128, num_warps=4, num_stages=4, block_nh=16, fast_unpack=False),
+        _T(16, 64, 128, 128, num_warps=4, num_stages=4, block_nh=16, interleave=False),
+        _T(16, 64, 128, 128, num_warps=4, num_stages=4, block_nh=16),
+        _T(16, 64, 128, 128, num_warps=4, num_stages=4, block_nh=16, fast_unpack=False),
     ),
     "small": (
-        TileConfig(64, 64, 16, 64, num_warps=4, num_stages=3, block_nh=64),
-        TileConfig(32, 64, 16, 64, num_warps=4, num_stages=4, block_nh=32),
-        TileConfig(
-            64,
-            64,
-            16,
-            64,
-            num_warps=4,
-            num_stages=3,
-            scale_after=False,
-            interleave=False,
-            block_nh=64,
-        ),  # fmt: skip
+        _T(64, 64, 128, 64, num_warps=4, num_stages=3, block_nh=64, scale_after=False,
+           interleave=False),
+        _T(32, 64, 128, 64, num_warps=4, num_stages=4, block_nh=32, scale_after=False,
+           interleave=False),
+        _T(64, 64, 128, 64, num_warps=4, num_stages=3, block_nh=64, scale_after=False),
     ),
     "prefill": (
-        TileConfig(
-            128,
-            64,
-            16,
-            64,
-            num_warps=8,
-            num_stages=3,
-            scale_after=False,
-            interleave=False,
-            block_nh=64,
-        ),  # fmt: skip
-        TileConfig(128, 64, 16, 64, num_warps=8, num_stages=3, scale_after=False, block_nh=64),
-        TileConfig(
-            64,
-            64,
-            16,
-            64,
-            num_warps=4,
-            num_stages=4,
-            scale_after=False,
-            interleave=False,
-            block_nh=64,
-        ),  # fmt: skip
+        _T(128, 64, 128, 64, num_warps=8, num_stages=3, block_nh=64, scale_after=False),
+        _T(128, 64, 128, 64, num_warps=8, num_stages=3, block_nh=64, scale_after=False,
+           interleave=False),
+        _T(128, 64, 64, 64, num_warps=8, num_stages=4, block_nh=64, scale_after=False),
     ),
-}
+}  # fmt: skip
 
 _tuner = Tuner()
 
@@ -203,25 +189,28 @@ def split_activations(x: torch.Tensor, w: SplitFFNWeights, *, path: str = "auto"
             p0 = qw.planes[0]
             light_args += [p0, qw.planes[1] if len(qw.planes) > 1 else p0, qw.scales,
                            qw.scales if qw.zeros is None else qw.zeros]  # fmt: skip
-    else:  # never read: no light tiles
+    else:  # never read (no light tiles), but typed like planes and scales
         bits, group, symmetric = 4, 32, True
-        light_args = [x2] * 8
+        dummy = torch.zeros(1, dtype=torch.int32, device=x.device)
+        light_args = [dummy, dummy, x2, x2] * 2
     tier, configs = tier_configs(m, path, x.dtype, _CONFIGS)
 
     def run(cfg: TileConfig) -> None:
         block_nh = cfg.block_nh or cfg.block_n
         tiles = triton.cdiv(h, block_nh) + triton.cdiv(n_light, cfg.block_n)
         grid = (triton.cdiv(m, cfg.block_m), tiles)
+        up_bias = w.up_bias if w.up_bias is not None else a
+        gate_bias = w.gate_bias if w.gate_bias is not None else a
         _split_up_kernel[grid](
-            x2, hu, hg, *light_args,
-            w.up_bias if w.up_bias is not None else a, w.gate_bias if w.gate_bias is not None else a,
-            a, m, hidden, h, n_light, x2.stride(0), hu.stride(0), a.stride(0),
+            x2, hu, hg, *light_args, up_bias, gate_bias, a,
+            m, hidden, h, n_light, x2.stride(0), hu.stride(0), a.stride(0),
             BITS=bits, GROUP=group, SYMMETRIC=symmetric,
             SCALE_AFTER=scale_after_ok(cfg, bits, group, hidden), GATED=w.gated,
             ACTIVATION=w.activation, HAS_UP_BIAS=w.up_bias is not None,
             HAS_GATE_BIAS=w.gated and w.gate_bias is not None,
             PRECISION=dot_precision(x.dtype), BLOCK_M=cfg.block_m, BLOCK_NH=block_nh,
-            BLOCK_NL=cfg.block_n, ROWS=cfg.rows, BLOCK_KH=cfg.block_kh, INTERLEAVE=cfg.interleave,
+            BLOCK_NL=cfg.block_n, ROWS=light_rows(cfg, bits), BLOCK_KH=cfg.block_kh,
+            INTERLEAVE=cfg.interleave,
             FAST4=fast_unpack(cfg, bits, group, hidden, x.dtype, x.device),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip

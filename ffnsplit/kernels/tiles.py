@@ -71,7 +71,7 @@ def load_words(p0_ptr, p1_ptr, N, K, k0, offs_n, mask_n, BITS: tl.constexpr, ROW
 
 @triton.jit
 def expand(t, PACK: tl.constexpr, INTERLEAVE: tl.constexpr):
-    """Repeat per-word values t [ROWS, BLOCK_N] for each of the PACK codes: [ROWS * PACK, BLOCK_N]."""
+    """Per-word values t [ROWS, BLOCK_N] repeated for each of their PACK codes (tile row order)."""
     if INTERLEAVE:
         t3 = tl.broadcast_to(t[None, :, :], [PACK, t.shape[0], t.shape[1]])
     else:
@@ -200,9 +200,29 @@ def unpack4_fast(w, SYMMETRIC: tl.constexpr, out_dtype: tl.constexpr):
 
 
 @triton.jit
+def block_scales(s_ptr, z_ptr, N, K, k0, offs_n, mask_n, GROUP: tl.constexpr,
+                 SYMMETRIC: tl.constexpr, SCALE_AFTER: tl.constexpr):  # fmt: skip
+    """Scale and zero [1, BLOCK_N] (fp32) of the K-block at k0 when it lies in one group (zeros
+    past K). Loaded one block ahead by the loops: a plain load per block would put a full memory
+    latency on every iteration (these small loads are not in the cp.async pipeline)."""
+    if SCALE_AFTER:
+        g = k0 // GROUP
+        mask = mask_n & ((offs_n * 0 + k0) < K)
+        s = tl.load(s_ptr + g * N + offs_n, mask=mask, other=0.0).to(tl.float32)[None, :]
+        if SYMMETRIC:
+            z = s
+        else:
+            z = tl.load(z_ptr + g * N + offs_n, mask=mask, other=0.0).to(tl.float32)[None, :]
+    else:
+        s = tl.zeros([1, offs_n.shape[0]], dtype=tl.float32)
+        z = s
+    return s, z
+
+
+@triton.jit
 def light_block(acc0, acc1, x_ptr, stride_xm, offs_m, mask_m,
                 p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u_ptr,
-                N, K, k0, offs_n, mask_n,
+                sa0, za0, sa1, za1, N, K, k0, offs_n, mask_n,
                 BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
                 SCALE_AFTER: tl.constexpr, DUAL: tl.constexpr, ROWS: tl.constexpr,
                 INTERLEAVE: tl.constexpr, FAST4: tl.constexpr,
@@ -210,7 +230,8 @@ def light_block(acc0, acc1, x_ptr, stride_xm, offs_m, mask_m,
     """acc0 (+= x @ W0[:, k-block]^T) and, when DUAL, acc1 (+= x @ W1^T) for one K-block.
 
     W0 is (p0, p1, s, z), W1 is (q0, q1, t, u): two weights of the same shape and format sharing
-    the x tile (up and gate). With INTERLEAVE the x tile is gathered in the codes' row order.
+    the x tile (up and gate). With INTERLEAVE the x tile is permuted to the codes' row order.
+    With SCALE_AFTER the block's scales/zeros come in as sa*/za* (block_scales, prefetched).
     """
     PACK: tl.constexpr = 32 // (8 if BITS == 8 else (4 if BITS == 4 else 2))
     OFFSET: tl.constexpr = (1 << (BITS - 1)) if SYMMETRIC else 0
@@ -225,36 +246,30 @@ def light_block(acc0, acc1, x_ptr, stride_xm, offs_m, mask_m,
     w0, w1, mask_r = load_words(p0_ptr, p1_ptr, N, K, k0, offs_n, mask_n, BITS, ROWS)
     if DUAL:
         v0, v1, _ = load_words(q0_ptr, q1_ptr, N, K, k0, offs_n, mask_n, BITS, ROWS)
-    if SCALE_AFTER:
-        # the whole block lies in group k0 // GROUP: scale (and zero) once per output column
-        g = k0 // GROUP
-        s0 = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if SCALE_AFTER:  # the whole block lies in one group: scale (and zero) per output column
         if FAST4:
             q = unpack4_fast(w0, SYMMETRIC, DTYPE)
         else:
             q = codes_to_float(unpack_codes(w0, w1, BITS, INTERLEAVE), OFFSET, DTYPE, BITS)
         blk0 = tl.dot(x, q, input_precision=PRECISION)
         if DUAL:
-            s1 = tl.load(t_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             if FAST4:
                 q = unpack4_fast(v0, SYMMETRIC, DTYPE)
             else:
                 q = codes_to_float(unpack_codes(v0, v1, BITS, INTERLEAVE), OFFSET, DTYPE, BITS)
             blk1 = tl.dot(x, q, input_precision=PRECISION)
         if SYMMETRIC:
-            acc0 += blk0 * s0
+            acc0 += blk0 * sa0
             if DUAL:
-                acc1 += blk1 * s1
+                acc1 += blk1 * sa1
         else:
             # row sums of x, broadcast over the columns, from the tensor cores: exact, and
             # cheaper than a cross-thread reduction (every B fragment is the same constant)
             ones = tl.full([BLOCK_K, acc0.shape[1]], 1.0, DTYPE)
             xsum = tl.dot(x, ones, input_precision=PRECISION)
-            z0 = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            acc0 += (blk0 - xsum * z0) * s0
+            acc0 += (blk0 - xsum * za0) * sa0
             if DUAL:
-                z1 = tl.load(u_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-                acc1 += (blk1 - xsum * z1[None, :]) * s1
+                acc1 += (blk1 - xsum * za1) * sa1
     else:
         # groups change along the block (a word never straddles one: GROUP % PACK == 0)
         r = tl.arange(0, ROWS)
@@ -341,11 +356,11 @@ def activation(g, ACTIVATION: tl.constexpr):
 
 @dataclass(frozen=True)
 class TileConfig:
-    """One launch configuration; ROWS is the word rows of a light K-block (K-block = ROWS*PACK)."""
+    """One launch configuration. A light K-block is `block_kl` codes (its word rows: light_rows)."""
 
     block_m: int
     block_n: int
-    rows: int
+    block_kl: int
     block_kh: int  # K-block of the dense (heavy) part
     num_warps: int
     num_stages: int
@@ -355,9 +370,14 @@ class TileConfig:
     fast_unpack: bool = True  # inline-PTX int4 unpack where it applies (see fast_unpack)
 
 
+def light_rows(cfg: TileConfig, bits: int) -> int:
+    """Word rows of a light K-block of `cfg` for this bit width."""
+    return max(2, cfg.block_kl // pack_factor(bits))
+
+
 def scale_after_ok(cfg: TileConfig, bits: int, group: int, k: int) -> bool:
     """Whether every light K-block of `cfg` lies inside one quantization group."""
-    block_k = cfg.rows * pack_factor(bits)
+    block_k = light_rows(cfg, bits) * pack_factor(bits)
     return cfg.scale_after and (group >= k or group % block_k == 0)
 
 
@@ -403,10 +423,10 @@ PATHS = ("auto", "decode", "small", "prefill")
 # under the interpreter: one tiny config per path (the decode one interleaves and scales per block,
 # the others keep the natural k order and dequantize per element)
 _INTERPRET = {
-    "decode": TileConfig(16, 32, 16, 32, num_warps=1, num_stages=1, block_nh=16),
-    "small": TileConfig(32, 32, 16, 32, num_warps=1, num_stages=1, block_nh=32),
+    "decode": TileConfig(16, 32, 128, 32, num_warps=1, num_stages=1, block_nh=16),
+    "small": TileConfig(32, 32, 128, 32, num_warps=1, num_stages=1, block_nh=32, interleave=False),
     "prefill": TileConfig(
-        32, 32, 16, 32, num_warps=1, num_stages=1, scale_after=False, interleave=False, block_nh=16
+        32, 32, 128, 32, num_warps=1, num_stages=1, scale_after=False, interleave=False, block_nh=16
     ),  # fmt: skip
 }
 
