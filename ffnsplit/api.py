@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ffnsplit.runtime import DTYPES as RUNTIME_DTYPES
 from ffnsplit.runtime import dtype_name
 
 
@@ -323,6 +324,8 @@ def compress(
     apply.compress_model(
         model, split_plan, calib_ids=calib_ids, device=run_device, progress=progress
     )
+    # The rest of the model is stored in the heavy dtype too (packed weights are unaffected).
+    model.to(RUNTIME_DTYPES[options.heavy_dtype])
     extra = {"options": asdict(options), "source_model": str(model_spec)}
     io.save_compressed(model, tokenizer, split_plan, out, overwrite=overwrite, extra=extra)
     return io.size_report(model, split_plan)
@@ -341,7 +344,11 @@ def evaluate(
     trust_remote_code: bool = False,
     progress=None,
 ) -> dict:
-    """Evaluate each model (one at a time, freed after) with one protocol; name -> EvalReport."""
+    """Evaluate each model (one at a time, freed after) with one protocol; name -> EvalReport.
+
+    Sizes count floating-point tensors at 16 bits (as deployed on a GPU), whatever dtype the
+    model runs in here, so a dense original and its compressed version compare fairly.
+    """
     import gc
     import json
 
@@ -367,6 +374,7 @@ def evaluate(
             max_tokens=max_tokens,
             batch_size=batch_size,
             progress=progress,
+            size_float_bits=16,
         )
         del model
         gc.collect()

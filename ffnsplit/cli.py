@@ -406,11 +406,14 @@ def eval_command(
     dtype: DtypeOpt = "auto",
     trust_remote_code: TrustOpt = False,
 ) -> None:
-    """Perplexity, zero-shot polarity (causal LMs) or similarity (encoders), sizes; side by side."""
+    """Perplexity, zero-shot polarity (causal LMs) or similarity (encoders), sizes; side by side.
+
+    With --against, that model is the reference column and MODEL's deltas are against it.
+    """
     from ffnsplit import api
     from ffnsplit.eval.compare import comparison_table
 
-    specs = [model, *(against or [])]
+    specs = [*(against or []), model]  # the --against model(s) are the reference column
     with _progress() as progress:
         reports = api.evaluate(
             specs,

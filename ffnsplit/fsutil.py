@@ -25,7 +25,9 @@ def _default_mode(is_dir: bool) -> int:
 
 
 def _disk_full_message(path: Path) -> str:
-    return f"no space left on the disk while writing {path}: free some space or choose another --out"
+    return (
+        f"no space left on the disk while writing {path}: free some space or choose another --out"
+    )
 
 
 @contextlib.contextmanager

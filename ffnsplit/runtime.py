@@ -26,11 +26,11 @@ def resolve_device(name: str | None) -> torch.device:
         raise OptionError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from exc
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise OptionError(f"--device {name} was asked for but no CUDA GPU is visible: use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
             raise OptionError(
-                f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible"
+                f"--device {name} was asked for but no CUDA GPU is visible: use --device cpu"
             )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise OptionError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible")
     elif device.type != "cpu":
         raise OptionError(f"unsupported device {name!r}: use cpu, cuda or cuda:N")
     return device

@@ -41,7 +41,8 @@ StageProgress = Callable[[str, int, int], None]
 """Progress callback: (stage, done, total), e.g. ("perplexity wiki-eval", 2048, 16384)."""
 
 
-def _unique_bytes(tensors: Iterable[Tensor]) -> int:
+def _unique_bytes(tensors: Iterable[Tensor], float_bits: int | None = None) -> int:
+    """Bytes of distinct tensors; with `float_bits`, floating-point ones count at that width."""
     seen: set[tuple] = set()
     total = 0
     for tensor in tensors:
@@ -49,7 +50,10 @@ def _unique_bytes(tensors: Iterable[Tensor]) -> int:
         key = (tensor.device, pointer, tensor.nbytes) if pointer else ("id", id(tensor))
         if key not in seen:
             seen.add(key)
-            total += tensor.nbytes
+            if float_bits is not None and tensor.is_floating_point():
+                total += tensor.numel() * float_bits // 8
+            else:
+                total += tensor.nbytes
     return total
 
 
@@ -58,9 +62,12 @@ def _stored_tensors(module: nn.Module) -> list[Tensor]:
     return list(module.state_dict(keep_vars=True).values())
 
 
-def total_bytes(model: nn.Module) -> int:
-    """Bytes of all parameters and persistent buffers as stored, shared tensors counted once."""
-    return _unique_bytes(_stored_tensors(model))
+def total_bytes(model: nn.Module, float_bits: int | None = None) -> int:
+    """Bytes of all parameters and persistent buffers as stored, shared tensors counted once.
+
+    `float_bits` counts floating-point tensors at that width (e.g. 16: as deployed on a GPU,
+    whatever dtype the model was loaded in for evaluation)."""
+    return _unique_bytes(_stored_tensors(model), float_bits)
 
 
 def _ffn_modules(model: nn.Module) -> list[nn.Module]:
@@ -80,9 +87,10 @@ def _ffn_modules(model: nn.Module) -> list[nn.Module]:
     return [module for block in blocks for module in (block.up_input_module, block.down_module)]
 
 
-def ffn_bytes(model: nn.Module) -> int:
+def ffn_bytes(model: nn.Module, float_bits: int | None = None) -> int:
     """Bytes of every FFN's stored tensors (dense weights and biases, or the replacement's)."""
-    return _unique_bytes(t for module in _ffn_modules(model) for t in _stored_tensors(module))
+    tensors = (t for module in _ffn_modules(model) for t in _stored_tensors(module))
+    return _unique_bytes(tensors, float_bits)
 
 
 def _main_dtype(model: nn.Module) -> str:
@@ -181,9 +189,11 @@ def evaluate(
     batch_size: int = 4,
     device: str | torch.device | None = None,
     progress: StageProgress | None = None,
+    size_float_bits: int | None = None,
 ) -> EvalReport:
     """Sizes plus perplexity on `corpora` and polarity accuracy (causal LMs) or similarity
-    Spearman (encoders); `device` None runs where the model is."""
+    Spearman (encoders); `device` None runs where the model is. `size_float_bits` counts
+    floating-point tensors at that width in the sizes (None: as loaded)."""
     start = time.perf_counter()
     if device is not None:
         model.to(device)
@@ -194,9 +204,10 @@ def evaluate(
         model_type=str(getattr(config, "model_type", "unknown")),
         dtype=_main_dtype(model),
         causal_lm=causal,
-        ffn_bytes=ffn_bytes(model),
-        total_bytes=total_bytes(model),
+        ffn_bytes=ffn_bytes(model, size_float_bits),
+        total_bytes=total_bytes(model, size_float_bits),
         settings={
+            "size_float_bits": size_float_bits,
             "seq_len": seq_len,
             "max_tokens": max_tokens,
             "batch_size": batch_size,

@@ -88,8 +88,10 @@ class QuantizedWeight:
         _check_bits(self.bits)
         self.shape = (int(self.shape[0]), int(self.shape[1]))
         n, k = self.shape
-        if k % PACK_ALIGN or self.group_size <= 0 or (
-            self.group_size % PACK_ALIGN and self.group_size < k
+        if (
+            k % PACK_ALIGN
+            or self.group_size <= 0
+            or (self.group_size % PACK_ALIGN and self.group_size < k)
         ):
             raise ValueError(
                 f"bad quantized shape K={k}, group_size={self.group_size}: K must be a multiple "
