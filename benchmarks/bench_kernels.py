@@ -33,8 +33,8 @@ import torch.nn.functional as F
 import triton
 
 from ffnsplit.fsutil import atomic_write_text
+from ffnsplit.kernels import gemv, reference, tiles
 from ffnsplit.kernels import quant_matmul as qmm
-from ffnsplit.kernels import reference
 from ffnsplit.kernels import split_ffn as sffn
 from ffnsplit.kernels.format import QuantizedWeight, SplitFFNWeights, n_groups, pack_planes
 
@@ -155,6 +155,10 @@ def main() -> int:
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group", type=int, default=128)
     parser.add_argument("--m", default="1,4,16,64,256,2048")
+    parser.add_argument(
+        "--gemv-max-m", type=int, default=tiles.GEMV_MAX_M,
+        help="largest M that takes the CUDA-core GEMV path (threshold experiments)",
+    )  # fmt: skip
     parser.add_argument("--copies", type=int, default=3, help="weight copies to rotate through")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks"))
     parser.add_argument("--append", default="", help="results markdown file to append to")
@@ -162,6 +166,7 @@ def main() -> int:
         "--ncu", type=int, default=0, help="only launch kernels A and B twice at this M (profiling)"
     )
     args = parser.parse_args()
+    tiles.GEMV_MAX_M = args.gemv_max_m
     hidden, inter = (int(v) for v in args.shape.lower().split("x"))
     h = int(round(args.heavy_fraction * inter / 16)) * 16
     light = -(-(inter - h) // 32) * 32
@@ -182,6 +187,7 @@ def main() -> int:
         "light": light,
         "bits": args.bits,
         "group": args.group,
+        "gemv_max_m": args.gemv_max_m,
     }
     if args.ncu:  # under `ncu`: the default configs, one warm-up and one profiled launch each
         w = split_weights(hidden, h, light, args.bits, args.group)
@@ -266,7 +272,7 @@ def main() -> int:
                 checks[f"torch_int4_up_m{m}"] = rel_err(lin(xbf), xbf.float() @ lin.dense.T)
         line = [f"{r['method']}={r.get('us', float('nan')):.1f}us" for r in rows if r["m"] == m]
         print(f"M={m}", " ".join(line), flush=True)
-    for tuner, name in ((sffn._tuner, "kernel_A"), (qmm._tuner, "kernel_B")):
+    for tuner, name in ((sffn._tuner, "kernel_A"), (qmm._tuner, "kernel_B"), (gemv._tuner, "gemv")):
         for key, timings in tuner.timings.items():
             tuned[f"{name} {key[:2]}"] = {str(cfg): round(t * 1e3, 1) for cfg, t in timings.items()}
     for key, timings in tuned.items():

@@ -168,6 +168,14 @@ def save_compressed(
     shards = _shards(tensors)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
+    # The loader builds the skeleton in the config's dtype: record the one the dense tensors
+    # really have (a model cast after loading keeps its original dtype in the config).
+    embeddings = model.get_input_embeddings()
+    if embeddings is not None and embeddings.weight.is_floating_point():
+        stored = str(embeddings.weight.dtype).removeprefix("torch.")
+        config["dtype"] = stored
+        if "torch_dtype" in config:
+            config["torch_dtype"] = stored
     if not config.get("architectures"):
         config["architectures"] = [type(model).__name__]
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:

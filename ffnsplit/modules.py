@@ -193,8 +193,45 @@ class SplitFFN(nn.Module):
             down_bias=self.down_bias,
         )
 
+    def _apply(self, fn, recurse: bool = True):
+        self._dense_cache = None  # moved or cast: the dequantized copy is stale
+        return super()._apply(fn, recurse)
+
+    def _dense_weights(self, dtype: torch.dtype) -> SplitFFNWeights:
+        """Heavy and light weights as one dense FFN in `dtype`, built once (CPU path).
+
+        The Triton kernels read the packed weights directly; the torch path would dequantize
+        every light weight on every call, which makes CPU evaluation several times slower. A
+        dense copy costs the memory of the uncompressed FFN, which the CPU path can afford.
+        """
+        cache = getattr(self, "_dense_cache", None)
+        if cache is not None and cache[0] == dtype:
+            return cache[1]
+        w = self.split_weights()
+
+        def joined(heavy: Tensor | None, light: QuantizedWeight | None, dim: int) -> Tensor | None:
+            parts = [
+                t for t in (heavy, None if light is None else light.dequantize()) if t is not None
+            ]
+            return None if not parts else torch.cat([t.to(dtype) for t in parts], dim=dim)
+
+        dense = SplitFFNWeights(
+            activation=w.activation,
+            gated=w.gated,
+            heavy_up=joined(w.heavy_up, w.light_up, 0),
+            heavy_gate=joined(w.heavy_gate, w.light_gate, 0),
+            heavy_down=joined(w.heavy_down, w.light_down, 1),
+            up_bias=w.up_bias,
+            gate_bias=w.gate_bias,
+            down_bias=w.down_bias,
+        )
+        self._dense_cache = (dtype, dense)
+        return dense
+
     def forward(self, x: Tensor) -> Tensor:
-        if self.heavy_up is not None or self.light_up is not None:
+        if (self.heavy_up is not None or self.light_up is not None) and not x.is_cuda:
+            y = split_ffn(x, self._dense_weights(x.dtype))
+        elif self.heavy_up is not None or self.light_up is not None:
             y = split_ffn(x, self.split_weights())
         else:
             y = torch.zeros(*x.shape[:-1], self.hidden_size, dtype=x.dtype, device=x.device)

@@ -12,7 +12,8 @@ once in float32. All sums are float32 running sums over every token.
 - `abs_max[i]`        = max_t |a_ti|
 - `sq_mean[i]`        = (1/T) sum_t a_ti^2
 - `topk_freq[i]`      = (1/T) #{t : i is among the k = ceil(topk_fraction * I) neurons with the
-  largest |a_ti| c_i for token t} (exactly k per token; ties broken by torch.topk).
+  largest |a_ti| c_i for token t} (exactly k per token; of neurons tied at the k-th largest
+  value, the lowest indices are counted).
 - `out_norm_mean_first_half` / `out_norm_mean_second_half`: `out_norm_mean` over the first
   floor(n_blocks / 2) calibration blocks / over the remaining blocks (disjoint token sets).
 - `down_col_norm[i]`  = c_i.
@@ -21,7 +22,10 @@ Summaries: the *top-p share* of a layer is the sum of `out_norm_mean` over its c
 neurons divided by the sum over all I; the *overlap at p* is |A & B| / |A| where A and B are the
 ceil(p * I) neurons with the largest `out_norm_mean_first_half` and `out_norm_mean_second_half`.
 
-Statistics are gathered by forward pre-hooks on each FFN's down projection (always removed). A
+Statistics are gathered by forward pre-hooks on each FFN's down projection (always removed): on
+CUDA by one fused Triton kernel per FFN and batch (`kernels.profile_stats`), elsewhere by torch ops
+giving the same numbers. The NaN/Inf check syncs with the host once per run (once per layer in
+sequential mode): NaN/Inf stays in the running sums, and the first layer holding it is named. A
 model larger than the GPU is run layer by layer (`sequential=True`): only one decoder layer and the
 calibration activations are on the device at a time, as in llm-compressor's sequential pipeline.
 """
@@ -69,7 +73,8 @@ DEFINITIONS: dict[str, str] = {
     "abs_mean": "(1/T) sum_t |a_ti|",
     "abs_max": "max_t |a_ti|",
     "sq_mean": "(1/T) sum_t a_ti^2",
-    "topk_freq": "(1/T) #{t: i in the ceil(topk_fraction * I) largest |a_ti| * ||W_down[:, i]||_2}",
+    "topk_freq": "(1/T) #{t: i in the ceil(topk_fraction * I) largest |a_ti| * ||W_down[:, i]||_2}"
+    " (ties at the k-th value: lowest indices)",
     "out_norm_mean_first_half": "out_norm_mean over the first floor(n_blocks / 2) blocks",
     "out_norm_mean_second_half": "out_norm_mean over the remaining blocks",
     "down_col_norm": "||W_down[:, i]||_2",
@@ -334,6 +339,44 @@ class _RunState:
     half = 0
 
 
+def _kernel_max_size() -> int:
+    """Largest FFN the fused Triton statistics kernel takes (0 without Triton)."""
+    try:
+        from ffnsplit.kernels.profile_stats import MAX_SIZE
+    except ImportError:
+        return 0
+    return MAX_SIZE
+
+
+def accumulate_stats_torch(
+    a: Tensor,
+    col_norm: Tensor,
+    k: int,
+    abs_sum: Tensor,
+    sq_sum: Tensor,
+    abs_max: Tensor,
+    topk_count: Tensor,
+) -> None:
+    """Add the statistics of activations `a` [T, I] to the accumulators, in place (torch ops).
+
+    The reference for `kernels.profile_stats.accumulate_stats` (same arguments and results): the
+    top-k set of a token is the neurons with o > the k-th largest o, plus the lowest-indexed
+    neurons with o equal to it until there are exactly k.
+    """
+    magnitude = a.abs()
+    abs_sum += magnitude.sum(0, dtype=torch.float32)
+    torch.maximum(abs_max, magnitude.amax(0), out=abs_max)
+    sq_sum += torch.linalg.vector_norm(a, dim=0, dtype=torch.float32).square_()
+    out_norm = torch.mul(magnitude, col_norm)  # promotes to float32
+    kth = out_norm.topk(k, dim=1, sorted=False).values.amin(1, keepdim=True)
+    selected = out_norm >= kth
+    counts = selected.sum(1, keepdim=True)
+    if bool((counts > k).any()):  # ties across the k-th value: keep the lowest tied indices
+        tied = out_norm == kth
+        selected &= ~tied | (tied.cumsum(1) <= k - (counts - tied.sum(1, keepdim=True)))
+    topk_count += selected.sum(0)
+
+
 class _Accumulator:
     """Forward pre-hook on one down projection: float32 running sums, accumulated on the device."""
 
@@ -361,7 +404,6 @@ class _Accumulator:
         self.abs_max = torch.zeros(size, dtype=torch.float32, device=device)
         self.topk_count = torch.zeros(size, dtype=torch.int64, device=device)
         self.chunk = max(1, self.CHUNK_ELEMENTS // size)
-        self.one = torch.ones((), dtype=torch.int64, device=device)
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         a = args[0].detach()
@@ -372,18 +414,18 @@ class _Accumulator:
             self._move(a.device)
         flat = a.reshape(-1, size)
         half = self.state.half
-        for chunk in flat.split(self.chunk):
-            magnitude = chunk.abs()
-            self.abs_sum[half] += magnitude.sum(0, dtype=torch.float32)
-            torch.maximum(self.abs_max, magnitude.amax(0), out=self.abs_max)
-            self.sq_sum += torch.linalg.vector_norm(chunk, dim=0, dtype=torch.float32).square_()
-            out_norm = torch.mul(magnitude, self.col_norm)  # promotes to float32
-            top = out_norm.topk(self.k, dim=1, sorted=False).indices.reshape(-1)
-            self.topk_count.index_add_(0, top, self.one.expand(top.numel()))
+        sums = (self.abs_sum[half], self.sq_sum, self.abs_max, self.topk_count)
+        if flat.is_cuda and size <= _kernel_max_size():
+            from ffnsplit.kernels.profile_stats import accumulate_stats
+
+            accumulate_stats(flat, self.col_norm, self.k, *sums)
+        else:
+            for chunk in flat.split(self.chunk):
+                accumulate_stats_torch(chunk, self.col_norm, self.k, *sums)
         self.tokens[half] += flat.shape[0]
 
     def _move(self, device: torch.device) -> None:
-        for name in ("col_norm", "abs_sum", "sq_sum", "abs_max", "topk_count", "one"):
+        for name in ("col_norm", "abs_sum", "sq_sum", "abs_max", "topk_count"):
             setattr(self, name, getattr(self, name).to(device))
 
     def finite(self) -> Tensor:
@@ -717,7 +759,8 @@ def profile_model(
         nonlocal done
         tokens = batches[index].numel()
         if layer is None:
-            _check_finite(accumulators)
+            if index == len(batches) - 1:  # one host sync per run: NaN/Inf stays in the sums
+                _check_finite(accumulators)
             done += tokens
         else:
             if index == len(batches) - 1:

@@ -73,7 +73,7 @@ QMM_CASES = list(
 M_SIZES, N_SIZES, K_SIZES = (1, 3, 17, 33), (40, 104), (64, 96, 160)
 
 
-@pytest.mark.parametrize("path", ["decode", "prefill"])
+@pytest.mark.parametrize("path", ["gemv", "decode", "prefill"])
 @pytest.mark.parametrize(("bits", "group", "symmetric", "dtype"), QMM_CASES)
 def test_quant_matmul(poison, bits, group, symmetric, dtype, path) -> None:
     i = QMM_CASES.index((bits, group, symmetric, dtype))
@@ -94,7 +94,7 @@ def test_quant_matmul_leading_dims_and_noncontiguous(poison) -> None:
     assert rel_err(out, ref_linear(x.reshape(-1, 128), qw, None).reshape(2, 3, 48)) < 1e-5
 
 
-@pytest.mark.parametrize("path", ["decode", "small"])
+@pytest.mark.parametrize("path", ["gemv", "decode", "small"])
 def test_split_linear_heavy_and_light(poison, path) -> None:
     """The down-projection form: dense columns then packed columns, one output, one bias."""
     n, kh, kl, m = 72, 40, 96, 5
@@ -163,7 +163,7 @@ SPLITS = ((20, 64), (0, 96), (37, 0))
 FFN_CASES = list(itertools.product(ACTIVATION_NAMES, (True, False), (torch.float16, torch.float32)))
 
 
-@pytest.mark.parametrize("path", ["decode", "prefill"])
+@pytest.mark.parametrize("path", ["gemv", "decode", "prefill"])
 @pytest.mark.parametrize(("activation", "gated", "dtype"), FFN_CASES)
 def test_split_ffn(poison, activation, gated, dtype, path) -> None:
     i = FFN_CASES.index((activation, gated, dtype))
@@ -235,6 +235,24 @@ def test_invalid_inputs_raise() -> None:
         sffn.split_ffn(torch.randn(2, 64, device=DEVICE), w)
 
 
+def test_gemv_deterministic_and_split_k(poison) -> None:
+    """Many K-slices (split-K partials, fixed-order reduction): bitwise repeatable results."""
+    w = random_split_weights(256, 8, 64, "silu", True, True, torch.float32, bits=4, group=64)
+    x = torch.randn(2, 256, device=DEVICE)
+    first = sffn.split_ffn(x, w, path="gemv")
+    assert rel_err(first, ref_split_ffn(x, w)) < TOL[torch.float32]
+    assert torch.equal(first, sffn.split_ffn(x, w, path="gemv"))
+
+
+def test_auto_path_picks_gemv_for_few_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    w = random_split_weights(64, 8, 32, "relu", False, False, torch.float32)
+    calls = []
+    monkeypatch.setattr(sffn.gemv, "split_activations", lambda *a: calls.append("A"))
+    monkeypatch.setattr(qmm.gemv, "split_linear", lambda *a: calls.append("B"))
+    sffn.split_ffn(torch.randn(1, 64, device=DEVICE), w)
+    assert calls == ["A", "B"]
+
+
 def test_empty_batch() -> None:
     w = random_split_weights(32, 4, 32, "silu", True, True, torch.float32)
     assert sffn.split_ffn(torch.randn(0, 32, device=DEVICE), w).shape == (0, 32)
@@ -246,7 +264,7 @@ def test_empty_batch() -> None:
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("path", ["decode", "small", "prefill"])
+@pytest.mark.parametrize("path", ["gemv", "decode", "small", "prefill"])
 @pytest.mark.parametrize(
     ("bits", "group", "symmetric"),
     [(4, 128, False), (4, 64, True), (8, 128, False), (3, 64, True), (2, 32, False)],
@@ -266,7 +284,7 @@ def test_bf16(poison, bits, group, symmetric, path) -> None:
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 16, 64, 300])
+@pytest.mark.parametrize("m", [1, 3, 16, 64, 300])
 def test_large_split_ffn(poison, dtype, m) -> None:
     """A 1024 -> 4096 SwiGLU with 5% heavy neurons and int4 g128 light ones, every tier."""
     w = random_split_weights(1024, 200, 3904, "silu", True, False, dtype, bits=4, group=128)

@@ -79,7 +79,7 @@ def _brute_force(model: torch.nn.Module, input_ids: torch.Tensor, topk_fraction:
                 sums["sq"] += a * a
                 sums[f"out{which}"] += out
                 abs_max = torch.maximum(abs_max, a.abs())
-                sums["freq"][torch.argsort(out, descending=True)[:k]] += 1
+                sums["freq"][torch.argsort(out, descending=True, stable=True)[:k]] += 1
                 count[which] += 1
         total = sum(count)
         results.append(
@@ -114,6 +114,54 @@ def test_statistics_equal_brute_force(family: str) -> None:
             )
         # every token contributes exactly k = ceil(0.05 * 160) = 8 top-k memberships
         assert stats.topk_freq.sum().item() == pytest.approx(8.0, abs=1e-4)
+
+
+def _stats_inputs(tokens: int, size: int, dtype: torch.dtype, ties: bool) -> tuple:
+    """Activations (a view with a row stride wider than `size`), norms, fresh accumulators."""
+    wide = torch.randn(tokens, size + 3)
+    if ties:  # few distinct values and equal norms: many ties at the k-th largest, zeros too
+        wide = torch.randint(-3, 4, wide.shape).float()
+    a = wide.to(dtype)[:, :size]
+    col = torch.ones(size) if ties else torch.rand(size) + 0.1
+    accumulators = [
+        torch.rand(size),
+        torch.rand(size),
+        torch.rand(size),
+        torch.randint(0, 9, (size,)),
+    ]
+    return a, col, accumulators
+
+
+@pytest.mark.parametrize(
+    ("tokens", "size", "k", "dtype", "ties"),
+    [
+        (37, 160, 8, torch.float32, False),
+        (6, 1000, 50, torch.bfloat16, False),
+        (11, 200, 1, torch.float16, False),
+        (9, 7, 7, torch.float32, False),
+        (10, 100, 9, torch.float32, True),
+    ],
+)
+def test_stats_kernel_equals_torch_path(tokens, size, k, dtype, ties) -> None:
+    """The fused Triton kernel (interpreted on the CPU) gives the torch path's numbers; top-k
+    counts exactly, ties at the k-th value going to the lowest indices."""
+    from ffnsplit.kernels.profile_stats import accumulate_stats
+    from ffnsplit.profile import accumulate_stats_torch
+
+    a, col, expected = _stats_inputs(tokens, size, dtype, ties)
+    actual = [t.clone() for t in expected]
+    start_count = expected[3].clone()
+    accumulate_stats_torch(a, col, k, *expected)
+    accumulate_stats(a, col, k, *actual)
+    for name, x, y in zip(("abs", "sq", "max", "count"), actual, expected, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, msg=name)
+    assert torch.equal(actual[3], expected[3])
+    out = a.float().abs() * col
+    brute = torch.zeros(size, dtype=torch.int64)
+    for row in out:
+        brute[torch.argsort(row, descending=True, stable=True)[:k]] += 1
+    assert torch.equal(actual[3] - start_count, brute)
+    assert (actual[3] - start_count).sum().item() == k * tokens
 
 
 def _gemma3_mixed_layers() -> torch.nn.Module:

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ffnsplit.kernels import gemv
 from ffnsplit.kernels.format import QuantizedWeight
 from ffnsplit.kernels.tiles import (
     TileConfig,
@@ -29,6 +30,7 @@ from ffnsplit.kernels.tiles import (
     sm_count,
     tier_configs,
     torch_to_triton_ok,
+    use_gemv,
 )
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -184,6 +186,9 @@ def split_linear(
         return out.reshape(*lead, n)
     if bias is not None and (bias.shape != (n,) or bias.device != x.device):
         raise ValueError(f"bias must be [{n}] on {x.device}, got {tuple(bias.shape)}")
+    if use_gemv(m, path):
+        gemv.split_linear(x2, heavy, light, bias, out)
+        return out.reshape(*lead, n)
     heavy_arg = heavy if heavy is not None else x2
     if heavy is not None and heavy.stride(-1) != 1:
         heavy_arg = heavy.contiguous()

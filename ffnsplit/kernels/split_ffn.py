@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ffnsplit.kernels import gemv
 from ffnsplit.kernels.format import QuantizedWeight, SplitFFNWeights
 from ffnsplit.kernels.quant_matmul import split_linear
 from ffnsplit.kernels.tiles import (
@@ -30,6 +31,7 @@ from ffnsplit.kernels.tiles import (
     scale_after_ok,
     tier_configs,
     torch_to_triton_ok,
+    use_gemv,
 )
 
 
@@ -178,6 +180,9 @@ def split_activations(x: torch.Tensor, w: SplitFFNWeights, *, path: str = "auto"
     m = x2.shape[0]
     a = torch.empty((m, h + n_light), dtype=x.dtype, device=x.device)
     if m == 0:
+        return a.reshape(*lead, h + n_light)
+    if use_gemv(m, path):
+        gemv.split_activations(x2, w, a)
         return a.reshape(*lead, h + n_light)
     hu = w.heavy_up.contiguous() if h else x2
     hg = w.heavy_gate.contiguous() if h and w.gated else hu

@@ -28,6 +28,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # FFNSPLIT_AUTOTUNE=0 keeps the first config of each tier (fast GPU test runs, reproducible picks).
 AUTOTUNE = os.environ.get("FFNSPLIT_AUTOTUNE", "1") != "0" and not INTERPRET
 DECODE_MAX_M = 16  # up to this many rows the weights are streamed once (decode tier)
+GEMV_MAX_M = 4  # up to this many rows "auto" takes the CUDA-core path (gemv.py), no tensor cores
 ACTIVATION_NAMES = ("silu", "gelu", "gelu_tanh", "relu")
 _WIDTH = {8: 8, 4: 4, 3: 2, 2: 2}  # width of the first (or only) bit plane
 
@@ -419,7 +420,16 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-PATHS = ("auto", "decode", "small", "prefill")
+PATHS = ("auto", "gemv", "decode", "small", "prefill")
+
+
+def use_gemv(m: int, path: str) -> bool:
+    """Whether M rows take the CUDA-core GEMV path ("auto" below GEMV_MAX_M, or forced)."""
+    if path not in PATHS:
+        raise ValueError(f"unknown kernel path {path!r}: choose one of {', '.join(PATHS)}")
+    return path == "gemv" or (path == "auto" and m <= GEMV_MAX_M)
+
+
 # under the interpreter: one tiny config per path (the decode one interleaves and scales per block,
 # the others keep the natural k order and dequantize per element)
 _INTERPRET = {
