@@ -44,6 +44,17 @@ TrustOpt = Annotated[
 ]
 
 
+@app.callback()
+def _quiet_libraries() -> None:
+    """ffnsplit draws its own progress: silence transformers' bars and advisory warnings."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def _fail(message: str, code: int = 2) -> None:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
@@ -430,6 +441,68 @@ def eval_command(
     console.print(comparison_table(reports))
     if json_file is not None:
         console.print(f"results written to [bold]{json_file}[/]")
+
+
+@app.command("demo")
+@friendly_errors
+def demo_command(
+    model: ModelArg = "smollm2-135m",
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for the profile, plot, checkpoint and results.")
+    ] = Path("ffnsplit-demo"),
+    tokens: Annotated[int, typer.Option(help="Calibration tokens for the profile.")] = 8192,
+    light: Annotated[str, typer.Option("--light", help="Light part format.")] = "int4-g128",
+    heavy_fraction: Annotated[float, typer.Option("--heavy-fraction")] = 0.05,
+    eval_tokens: Annotated[
+        int, typer.Option("--eval-tokens", help="Evaluated tokens per corpus.")
+    ] = 4096,
+    device: DeviceOpt = "auto",
+) -> None:
+    """The main job end to end: profile -> compress -> evaluate against the original."""
+    from ffnsplit import api
+    from ffnsplit.eval.compare import comparison_table
+    from ffnsplit.profile import summary_table
+
+    out.mkdir(parents=True, exist_ok=True)
+    console.rule(f"[bold]1/3 profile {model}")
+    with _progress() as progress:
+        profile_result = api.profile(
+            model,
+            tokens=tokens,
+            device=device,
+            out=out / "profile.safetensors",
+            plot=out / "profile.png",
+            progress=progress,
+        )
+    console.print(summary_table(profile_result))
+    console.rule(f"[bold]2/3 compress: {light} light neurons, {heavy_fraction:.0%} heavy in fp16")
+    options = api.CompressOptions(light=light, heavy_fraction=heavy_fraction)
+    with _progress() as progress:
+        report = api.compress(
+            model,
+            out / "profile.safetensors",
+            out / "compressed",
+            options,
+            device=device,
+            overwrite=True,
+            progress=_task_callback(progress, "compressing FFNs"),
+        )
+    console.print(
+        f"FFN {_human_bytes(report['ffn_bytes'])} = {report['ffn_size_fraction']:.1%} of dense "
+        f"fp16, {report['average_ffn_bits']:.2f} bits per weight"
+    )
+    console.rule("[bold]3/3 evaluate against the original")
+    with _progress() as progress:
+        reports = api.evaluate(
+            [model, str(out / "compressed")],
+            corpora=("wiki-eval",),
+            max_tokens=eval_tokens,
+            device=device,
+            json_path=out / "eval.json",
+            progress=_stage_callback(progress),
+        )
+    console.print(comparison_table(reports))
+    console.print(f"profile, plot, checkpoint and eval.json are in [bold]{out}[/]")
 
 
 def main() -> None:  # pragma: no cover - console entry point alias

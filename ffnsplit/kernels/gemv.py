@@ -69,21 +69,24 @@ def _light_steps(acc0, acc1, x_ptr, stride_xm, offs_m, mask_m, p0_ptr, p1_ptr, s
             z0 = tl.load(z_ptr + g_off, mask=mask_n, other=0.0).to(tl.float32)
             if DUAL:
                 z1 = tl.load(u_ptr + g_off, mask=mask_n, other=0.0).to(tl.float32)
-        t0 = tl.zeros(acc0.shape, dtype=tl.float32)
-        t1 = tl.zeros(acc1.shape, dtype=tl.float32)
-        xs = tl.zeros([acc0.shape[0], 1], dtype=tl.float32)
+        # per-row fp32 FMA chains over the codes of each word; rows summed once per step
+        t0 = tl.zeros([acc0.shape[0], ROWS, acc0.shape[1]], dtype=tl.float32)
+        t1 = tl.zeros([acc1.shape[0], ROWS, acc1.shape[1]], dtype=tl.float32)
         x_mask = mask_m[:, None] & mask_r[None, :]
         for j in tl.static_range(PACK):
             xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + r * PACK + j)[None, :],
                          mask=x_mask, other=0.0).to(tl.float32)  # fmt: skip
-            xs += tl.sum(xj, axis=1)[:, None]
             x3 = xj[:, :, None]
-            t0 += tl.sum(x3 * _code_float(w0, w1, r, j, BITS)[None, :, :], axis=1)
+            t0 += x3 * _code_float(w0, w1, r, j, BITS)[None, :, :]
             if DUAL:
-                t1 += tl.sum(x3 * _code_float(v0, v1, r, j, BITS)[None, :, :], axis=1)
-        acc0 += (s0 * TWO_B)[None, :] * t0 - (s0 * (TWO_B + z0))[None, :] * xs
+                t1 += x3 * _code_float(v0, v1, r, j, BITS)[None, :, :]
+        kk = k0 + tl.arange(0, ROWS * PACK)
+        xb = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
+                     mask=mask_m[:, None] & (kk < K)[None, :], other=0.0)  # fmt: skip
+        xs = tl.sum(xb.to(tl.float32), axis=1)[:, None]
+        acc0 += (s0 * TWO_B)[None, :] * tl.sum(t0, axis=1) - (s0 * (TWO_B + z0))[None, :] * xs
         if DUAL:
-            acc1 += (s1 * TWO_B)[None, :] * t1 - (s1 * (TWO_B + z1))[None, :] * xs
+            acc1 += (s1 * TWO_B)[None, :] * tl.sum(t1, axis=1) - (s1 * (TWO_B + z1))[None, :] * xs
     return acc0, acc1
 
 
@@ -120,6 +123,48 @@ def _store_partials(ws_ptr, acc0, acc1, slot, M, NOUT, offs_m, mask_m, cols, mas
         tl.store(out + M * NOUT, acc1, mask=out_mask)
 
 
+@triton.jit
+def _dense_program(x_ptr, dw0_ptr, dw1_ptr, ws_ptr, tile, split, M, stride_xm, ND, KD,
+                   stride_dw, OD, SD, NOUT, DUAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_ND: tl.constexpr, BLOCK_KD: tl.constexpr):  # fmt: skip
+    """Dense rows tile*BLOCK_ND.. over K-slice `split` of SD -> ws slot `split`, columns OD.."""
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    offs_n = tile * BLOCK_ND + tl.arange(0, BLOCK_ND)
+    mask_n = offs_n < ND
+    acc0 = tl.zeros([BLOCK_M, BLOCK_ND], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, BLOCK_ND], dtype=tl.float32)
+    nb = tl.cdiv(KD, BLOCK_KD)
+    acc0, acc1 = _dense_steps(acc0, acc1, x_ptr, stride_xm, offs_m, mask_m, dw0_ptr, dw1_ptr,
+                              stride_dw, KD, split * nb // SD, (split + 1) * nb // SD, offs_n,
+                              mask_n, DUAL, BLOCK_KD)  # fmt: skip
+    _store_partials(ws_ptr, acc0, acc1, split, M, NOUT, offs_m, mask_m, OD + offs_n, mask_n,
+                    DUAL)  # fmt: skip
+
+
+@triton.jit
+def _light_program(x_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u_ptr, ws_ptr,
+                   tile, split, M, stride_xm, NL, KL, OL, SL, SLOT_L, NOUT,
+                   BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
+                   DUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   ROWS: tl.constexpr):  # fmt: skip
+    """Packed columns tile*BLOCK_N.. over K-slice `split` of SL -> ws slot SLOT_L + split."""
+    PACK: tl.constexpr = 32 // (8 if BITS == 8 else (4 if BITS == 4 else 2))
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < NL
+    acc0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    nb = tl.cdiv(KL, ROWS * PACK)
+    acc0, acc1 = _light_steps(acc0, acc1, x_ptr, stride_xm, offs_m, mask_m, p0_ptr, p1_ptr, s_ptr,
+                              z_ptr, q0_ptr, q1_ptr, t_ptr, u_ptr, NL, KL, split * nb // SL,
+                              (split + 1) * nb // SL, offs_n, mask_n, BITS, GROUP, SYMMETRIC,
+                              DUAL, ROWS)  # fmt: skip
+    _store_partials(ws_ptr, acc0, acc1, SLOT_L + split, M, NOUT, offs_m, mask_m, OL + offs_n,
+                    mask_n, DUAL)  # fmt: skip
+
+
 @triton.jit(do_not_specialize=["M", "SD", "SL"])
 def _gemv_kernel(
     x_ptr, dw0_ptr, dw1_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u_ptr, ws_ptr,
@@ -135,40 +180,18 @@ def _gemv_kernel(
     write columns OL.. of slots SLOT_L + 0..SL.
     """
     pid = tl.program_id(0)
-    offs_m = tl.arange(0, BLOCK_M)
-    mask_m = offs_m < M
     tiles_d = tl.cdiv(ND, BLOCK_ND)
     if pid < tiles_d * SD:
-        tile = pid % tiles_d
-        split = pid // tiles_d
-        offs_n = tile * BLOCK_ND + tl.arange(0, BLOCK_ND)
-        mask_n = offs_n < ND
-        acc0 = tl.zeros([BLOCK_M, BLOCK_ND], dtype=tl.float32)
-        acc1 = tl.zeros([BLOCK_M, BLOCK_ND], dtype=tl.float32)
-        nb = tl.cdiv(KD, BLOCK_KD)
-        acc0, acc1 = _dense_steps(acc0, acc1, x_ptr + XD, stride_xm, offs_m, mask_m, dw0_ptr,
-                                  dw1_ptr, stride_dw, KD, split * nb // SD,
-                                  (split + 1) * nb // SD, offs_n, mask_n, DUAL,
-                                  BLOCK_KD)  # fmt: skip
-        _store_partials(ws_ptr, acc0, acc1, split, M, NOUT, offs_m, mask_m, OD + offs_n, mask_n,
-                        DUAL)  # fmt: skip
+        _dense_program(x_ptr + XD, dw0_ptr, dw1_ptr, ws_ptr, pid % tiles_d, pid // tiles_d, M,
+                       stride_xm, ND, KD, stride_dw, OD, SD, NOUT, DUAL, BLOCK_M, BLOCK_ND,
+                       BLOCK_KD)  # fmt: skip
     else:
         pid = pid - tiles_d * SD
         tiles_l = tl.cdiv(NL, BLOCK_N)
-        tile = pid % tiles_l
-        split = pid // tiles_l
-        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < NL
-        acc0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        PACK: tl.constexpr = 32 // (8 if BITS == 8 else (4 if BITS == 4 else 2))
-        nb = tl.cdiv(KL, ROWS * PACK)
-        acc0, acc1 = _light_steps(acc0, acc1, x_ptr + XL, stride_xm, offs_m, mask_m, p0_ptr,
-                                  p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u_ptr, NL, KL,
-                                  split * nb // SL, (split + 1) * nb // SL, offs_n, mask_n, BITS,
-                                  GROUP, SYMMETRIC, DUAL, ROWS)  # fmt: skip
-        _store_partials(ws_ptr, acc0, acc1, SLOT_L + split, M, NOUT, offs_m, mask_m, OL + offs_n,
-                        mask_n, DUAL)  # fmt: skip
+        _light_program(x_ptr + XL, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u_ptr,
+                       ws_ptr, pid % tiles_l, pid // tiles_l, M, stride_xm, NL, KL, OL, SL,
+                       SLOT_L, NOUT, BITS, GROUP, SYMMETRIC, DUAL, BLOCK_M, BLOCK_N,
+                       ROWS)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["M", "C0", "S0", "S1", "SMAX"])
@@ -232,10 +255,10 @@ _INTERPRET_CONFIG = GemvConfig(32, 4, 8, 32, num_warps=1, waves=1)
 _tuner = Tuner()
 
 
-def _rows(cfg: GemvConfig, bits: int, group: int, k: int) -> int:
-    """Word rows per step so that a step lies inside one quantization group (>= 2 for 3 bits,
-    whose 1-bit plane word covers two rows)."""
-    rows, pack = cfg.rows, pack_factor(bits)
+def _rows(cfg: GemvConfig, m: int, bits: int, group: int, k: int) -> int:
+    """Word rows per step: fewer for more rows of x (one fp32 accumulator per row, word and
+    column), inside one quantization group, >= 2 (a 3-bit 1-bit plane word covers two rows)."""
+    rows, pack = max(2, cfg.rows // triton.next_power_of_2(m)), pack_factor(bits)
     while rows > 2 and group < k and group % (rows * pack):
         rows //= 2
     return rows
@@ -284,7 +307,7 @@ def _launch(
     bits = 4 if light is None else light[0].bits
     group = 32 if light is None else light[0].group_size
     symmetric = True if light is None else light[0].symmetric
-    rows = _rows(cfg, bits, group, kl)
+    rows = _rows(cfg, m, bits, group, kl)
     pack = pack_factor(bits)
     tiles_d, tiles_l = triton.cdiv(nd, cfg.block_nd), triton.cdiv(nl, cfg.block_n)
     nb_d, nb_l = triton.cdiv(kd, cfg.block_kd), triton.cdiv(kl, rows * pack)
