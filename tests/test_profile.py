@@ -149,10 +149,12 @@ def test_stats_kernel_equals_torch_path(tokens, size, k, dtype, ties) -> None:
     from ffnsplit.profile import accumulate_stats_torch
 
     a, col, expected = _stats_inputs(tokens, size, dtype, ties)
-    actual = [t.clone() for t in expected]
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter takes CPU tensors
+    actual = [t.to(device, copy=True) for t in expected]
     start_count = expected[3].clone()
     accumulate_stats_torch(a, col, k, *expected)
-    accumulate_stats(a, col, k, *actual)
+    accumulate_stats(a.to(device), col.to(device), k, *actual)
+    actual = [t.cpu() for t in actual]
     for name, x, y in zip(("abs", "sq", "max", "count"), actual, expected, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, msg=name)
     assert torch.equal(actual[3], expected[3])
