@@ -14,6 +14,7 @@ and reports microseconds, achieved GB/s of weight bytes and the ratio to the byt
 bytes / device copy bandwidth measured here). Writes JSON and a markdown section.
 
 Usage: PYTHONPATH=. python3 benchmarks/bench_kernels.py [--shape 4096x14336] [--out DIR]
+       [--gemv-max-m M (largest M on the CUDA-core GEMV path)]
        [--append benchmarks/RESULTS.md]
 """
 

@@ -382,3 +382,91 @@ def evaluate(
         payload = {name: report.to_dict() for name, report in reports.items()}
         atomic_write_text(json_path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
     return reports
+
+
+def _paragraphs(corpus: str, count: int) -> list[str]:
+    """The first `count` paragraphs of a corpus (documents split on blank lines)."""
+    from ffnsplit.data import load_corpus
+
+    paragraphs = [p.strip() for t in load_corpus(corpus).texts for p in t.split("\n") if p.strip()]
+    return paragraphs[:count]
+
+
+DEFAULT_SWEEP_POINTS = ("int2-g32", "int3-g64", "int3-g32", "int4-g64", "int4-g32", "int8-g32")
+"""Uniform formats naming the budgets: 3, 3.5, 4, 4.5, 5 and 9 bits per FFN weight (int8-g32 is
+56% of the dense fp16 FFN: the paper's ~43% size reduction)."""
+
+
+def sweep(
+    model_spec: str | os.PathLike,
+    profile_path: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    points: tuple[str, ...] = DEFAULT_SWEEP_POINTS,
+    methods: tuple[str, ...] = ("uniform", "ffsplit", "random", "weight-norm"),
+    corpus: str = "wiki-eval",
+    max_tokens: int = 4096,
+    seq_len: int = 512,
+    batch_size: int = 4,
+    seed: int = 0,
+    trust_remote_code: bool = False,
+    progress=None,
+) -> dict:
+    """FFSplit vs baselines at equal FFN bytes over budgets; writes sweep.json and sweep.png."""
+    import json
+
+    from ffnsplit import sweep as sweep_module
+    from ffnsplit.eval.perplexity import perplexity
+    from ffnsplit.eval.tasks import embed_documents, is_causal_lm, similarity_spearman
+    from ffnsplit.fsutil import atomic_write_text
+    from ffnsplit.profile import Profile
+
+    out = Path(out)
+    profile_obj = Profile.load(profile_path)
+    model, tokenizer = open_model(model_spec, trust_remote_code=trust_remote_code)
+    causal = is_causal_lm(model)
+    # Encoders: the Lee similarity Spearman is coarse (quantization noise can raise it), so the
+    # primary metric is how far embeddings move: mean cosine distance to the dense embeddings
+    # of the held-out wiki-eval paragraphs.
+    metric = f"ppl {corpus}" if causal else "embedding cosine distance"
+    paragraphs = [] if causal else _paragraphs(corpus, 64)
+    reference = None if causal else embed_documents(model, tokenizer, paragraphs)
+
+    def evaluate_fn(candidate: nn.Module, tok) -> dict:
+        if causal:
+            result = perplexity(
+                candidate, tok, corpus, seq_len=seq_len, max_tokens=max_tokens,
+                batch_size=batch_size,
+            )  # fmt: skip
+            return {metric: result.ppl}
+        embedded = embed_documents(candidate, tok, paragraphs)
+        distance = 1.0 - torch.nn.functional.cosine_similarity(embedded, reference).mean()
+        return {
+            metric: float(distance),
+            "similarity spearman": similarity_spearman(candidate, tok).spearman,
+        }
+
+    dense = evaluate_fn(model, tokenizer)
+    results = sweep_module.sweep(
+        model,
+        tokenizer,
+        profile_obj,
+        list(points),
+        evaluate_fn=evaluate_fn,
+        methods=methods,
+        seed=seed,
+        progress=progress,
+    )
+    payload = {
+        "model": str(model_spec),
+        "metric": metric,
+        "dense": dense,
+        "settings": {"corpus": corpus, "max_tokens": max_tokens, "seq_len": seq_len},
+        "profile": profile_obj.meta.get("corpus"),
+        "results": sweep_module.results_dict(results),
+    }
+    atomic_write_text(out / "sweep.json", json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    sweep_module.plot_sweep(
+        results, metric, out / "sweep.png", reference=dense[metric], title=f"{model_spec}: {metric}"
+    )
+    return payload

@@ -13,6 +13,7 @@ every batch went through it).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -32,18 +33,21 @@ from ffnsplit.compress.lowrank import lowrank_factorize
 from ffnsplit.compress.quant import check_finite, quantize_rtn
 from ffnsplit.errors import CheckpointError, OptionError
 from ffnsplit.kernels.format import PACK_ALIGN, QuantizedWeight, SplitFFNWeights
-from ffnsplit.modules import LowRankLight, SplitFFN
+from ffnsplit.modules import LowRankLight, QuantizedHeavy, SplitFFN
 from ffnsplit.plan import (
-    DEFAULT_LIGHT_FORMATS,
-    HEAVY_DTYPES,
+    HEAVY_INT8,
     SCALE_DTYPE,
     FFNGeometry,
     LayerPlan,
     LightFormat,
     QuantErrors,
     SplitPlan,
+    candidate_formats,
+    default_candidates,
+    dense_dtype,
     group_for,
-    padded_light,
+    stored_heavy,
+    stored_light,
 )
 from ffnsplit.profile import run_calibration, split_batches
 
@@ -115,6 +119,32 @@ def _quantize(w: Tensor, light: LightFormat, hessian: Tensor | None, what: str) 
     return quantize_rtn(w, light.bits, group, light.symmetric, scale_dtype=SCALE_DTYPE)
 
 
+def _quantize_neurons(
+    parts: FFNParts,
+    index: Tensor,
+    stored: int,
+    fmt: LightFormat,
+    input_hessian: Tensor | None,
+    neuron_hessian: Tensor | None,
+    where: str,
+) -> tuple[QuantizedWeight, QuantizedWeight | None, QuantizedWeight]:
+    """Quantize neurons `index` (up/gate rows, down columns), zero-padded to `stored` neurons."""
+    up, down = parts.up.to(torch.float32), parts.down.to(torch.float32)
+    q_up = _quantize(
+        _pad_rows(up.index_select(0, index), stored), fmt, input_hessian, f"{where} up"
+    )
+    q_gate = None
+    if parts.gate is not None:
+        gate = _pad_rows(parts.gate.to(torch.float32).index_select(0, index), stored)
+        q_gate = _quantize(gate, fmt, input_hessian, f"{where} gate")
+    columns = _pad_rows(down.index_select(1, index).t(), stored).t().contiguous()
+    if neuron_hessian is not None:
+        pad = stored - index.numel()
+        neuron_hessian = F.pad(neuron_hessian, (0, pad, 0, pad))
+    q_down = _quantize(columns, fmt, neuron_hessian, f"{where} down")
+    return q_up, q_gate, q_down
+
+
 def build_split_ffn(
     parts: FFNParts,
     layer: LayerPlan,
@@ -133,91 +163,106 @@ def build_split_ffn(
             f"plan layer {layer.layer} covers {layer.intermediate_size} neurons, the FFN has {size}"
         )
     light = layer.light
-    dtype = HEAVY_DTYPES[layer.heavy_dtype]
+    dtype = dense_dtype(layer.heavy_dtype)
     where = f"layer {layer.layer}"
     for name in ("up", "gate", "down", "up_bias", "gate_bias", "down_bias"):
         t = getattr(parts, name)
         if t is not None:
             check_finite(t, f"the FFN {name} weights of {where}")
     device = parts.up.device
-    heavy_list = layer.heavy_idx + (layer.light_idx if light.kind == "dense" else [])
-    heavy = torch.tensor(heavy_list, dtype=torch.long, device=device)
-    light_idx = torch.tensor(layer.light_idx, dtype=torch.long, device=device)
+
+    def indices(values: list[int]) -> Tensor:
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    int8_heavy = layer.heavy_dtype == "int8" and layer.n_heavy > 0
+    dense_list = [] if layer.heavy_dtype == "int8" else list(layer.heavy_idx)
+    if light.kind == "dense":
+        dense_list += layer.light_idx
+    dense_idx, light_idx = indices(dense_list), indices(layer.light_idx)
     compressed = light.kind in ("quant", "lowrank") and layer.n_light > 0
-    if not heavy_list and not compressed:
+    if not dense_list and not compressed and not int8_heavy:
         raise OptionError(f"{where}: the plan keeps no neuron of this FFN")
-
-    def f32(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.detach().to(torch.float32)
-
-    up, gate, down = f32(parts.up), f32(parts.gate), f32(parts.down)
+    stored = stored_light(layer.n_light, light) if compressed else 0
 
     def dense(t: Tensor | None, dim: int = 0) -> Tensor | None:
-        if t is None or not heavy_list:
+        if t is None or not dense_list:
             return None
-        return t.index_select(dim, heavy).to(dtype).contiguous()
+        return t.to(torch.float32).index_select(dim, dense_idx).to(dtype).contiguous()
+
+    def neuron_bias(t: Tensor | None, index: Tensor, count: int) -> Tensor | None:
+        if t is None:
+            return None
+        return _pad_vector(t.to(torch.float32).index_select(0, index), count).to(dtype)
 
     light_up = light_gate = light_down = None
     lowrank = None
-    stored = padded_light(layer.n_light, light) if compressed else 0
-
-    def light_bias(t: Tensor | None) -> Tensor | None:
-        if t is None:
-            return None
-        return _pad_vector(f32(t).index_select(0, light_idx), stored)
-
     if compressed and light.kind == "quant":
-        up_rows = _pad_rows(up.index_select(0, light_idx), stored)
-        light_up = _quantize(up_rows, light, input_hessian, f"{where} up")
-        if gate is not None:
-            gate_rows = _pad_rows(gate.index_select(0, light_idx), stored)
-            light_gate = _quantize(gate_rows, light, input_hessian, f"{where} gate")
-        down_cols = _pad_rows(down.index_select(1, light_idx).t(), stored).t()
-        hessian = None
-        if light_hessian is not None:
-            hessian = F.pad(light_hessian, (0, stored - layer.n_light, 0, stored - layer.n_light))
-        light_down = _quantize(down_cols.contiguous(), light, hessian, f"{where} down")
+        light_up, light_gate, light_down = _quantize_neurons(
+            parts, light_idx, stored, light, input_hessian, light_hessian, where
+        )
     elif compressed:
         if light.weighted and (input_hessian is None or light_hessian is None):
             raise OptionError(f"{where}: weighted low-rank needs calibration tokens (calib_ids)")
         rank = light.light_rank(layer.n_light, parts.hidden_size)
-        x_hessian = input_hessian if light.weighted else None
-        a_hessian = light_hessian if light.weighted else None
 
-        def factorize(w: Tensor, hessian: Tensor | None):
-            return lowrank_factorize(w, rank, hessian=hessian, dtype=dtype)
+        def factorize(w: Tensor | None, dim: int, hessian: Tensor | None):
+            if w is None:
+                return None
+            rows = w.to(torch.float32).index_select(dim, light_idx)
+            return lowrank_factorize(
+                rows, rank, hessian=hessian if light.weighted else None, dtype=dtype
+            )
 
         lowrank = LowRankLight(
-            up=factorize(up.index_select(0, light_idx), x_hessian),
-            gate=None if gate is None else factorize(gate.index_select(0, light_idx), x_hessian),
-            down=factorize(down.index_select(1, light_idx), a_hessian),
-            up_bias=None if parts.up_bias is None else light_bias(parts.up_bias).to(dtype),
-            gate_bias=None if parts.gate_bias is None else light_bias(parts.gate_bias).to(dtype),
+            up=factorize(parts.up, 0, input_hessian),
+            gate=factorize(parts.gate, 0, input_hessian),
+            down=factorize(parts.down, 1, light_hessian),
+            up_bias=neuron_bias(parts.up_bias, light_idx, stored),
+            gate_bias=neuron_bias(parts.gate_bias, light_idx, stored),
         )
 
-    def bias(t: Tensor | None) -> Tensor | None:
+    def main_bias(t: Tensor | None) -> Tensor | None:
         if t is None:
             return None
-        pieces = [f32(t).index_select(0, heavy)] if heavy_list else []
-        if light.kind == "quant" and compressed:
-            pieces.append(light_bias(t))
-        return torch.cat(pieces).to(dtype) if pieces else None
+        pieces = [neuron_bias(t, dense_idx, len(dense_list))] if dense_list else []
+        if light_up is not None:
+            pieces.append(neuron_bias(t, light_idx, stored))
+        return torch.cat(pieces) if pieces else None
 
+    quantized_heavy = None
+    if int8_heavy:
+        heavy_idx = indices(layer.heavy_idx)
+        padded = stored_heavy(layer.n_heavy, layer.n_light, light, "int8")
+        up, gate, down = _quantize_neurons(
+            parts, heavy_idx, padded, HEAVY_INT8, None, None, f"{where} heavy"
+        )
+        quantized_heavy = QuantizedHeavy(
+            up=up,
+            gate=gate,
+            down=down,
+            up_bias=neuron_bias(parts.up_bias, heavy_idx, padded),
+            gate_bias=neuron_bias(parts.gate_bias, heavy_idx, padded),
+        )
     weights = SplitFFNWeights(
         activation=parts.activation,
         gated=parts.gated,
-        heavy_up=dense(up),
-        heavy_gate=dense(gate),
-        heavy_down=dense(down, 1),
+        heavy_up=dense(parts.up),
+        heavy_gate=dense(parts.gate),
+        heavy_down=dense(parts.down, 1),
         light_up=light_up,
         light_gate=light_gate,
         light_down=light_down,
-        up_bias=bias(parts.up_bias),
-        gate_bias=bias(parts.gate_bias),
-        down_bias=None if parts.down_bias is None else f32(parts.down_bias).to(dtype),
+        up_bias=main_bias(parts.up_bias),
+        gate_bias=main_bias(parts.gate_bias),
+        down_bias=None if parts.down_bias is None else parts.down_bias.to(dtype),
     )
-    n_light = layer.n_light if compressed else 0
-    return SplitFFN(weights, lowrank=lowrank, n_light=n_light)
+    return SplitFFN(
+        weights,
+        lowrank=lowrank,
+        n_light=layer.n_light if compressed else 0,
+        quantized_heavy=quantized_heavy,
+        n_heavy=layer.n_heavy,
+    )
 
 
 def _needs_calibration(light: LightFormat) -> bool:
@@ -361,7 +406,7 @@ def _relative_rows(w: Tensor, qw: QuantizedWeight) -> Tensor:
 
 def quant_error_table(
     model: nn.Module,
-    formats: Sequence[LightFormat] = DEFAULT_LIGHT_FORMATS,
+    formats: Sequence[LightFormat] | None = None,
     *,
     device: torch.device | str | None = None,
     progress: Progress | None = None,
@@ -374,6 +419,7 @@ def quant_error_table(
     with zero columns to a multiple of 32).
     """
     report = progress or (lambda done, total: None)
+    formats = candidate_formats(default_candidates()) if formats is None else formats
     blocks = get_ffn_blocks(model)
     table: list[QuantErrors] = []
     for done, block in enumerate(blocks, 1):
@@ -383,17 +429,12 @@ def quant_error_table(
         gate = None if parts.gate is None else parts.gate.to(run_device, torch.float32)
         down = parts.down.to(run_device, torch.float32)
         size = down.shape[1]
-        padded = -(-size // PACK_ALIGN) * PACK_ALIGN
-        down_rows = _pad_rows(down.t(), padded).t().contiguous()
+        down_rows = F.pad(down, (0, -(-size // PACK_ALIGN) * PACK_ALIGN - size))
         errors: QuantErrors = {}
         for light in formats:
             if light.kind != "quant":
                 raise OptionError(f"quant_error_table measures quant formats, not {light.label()}")
-            rtn = (
-                light
-                if light.method == "rtn"
-                else LightFormat(**{**light.to_dict(), "method": "rtn"})
-            )
+            rtn = replace(light, method="rtn")
             up_error = _relative_rows(up, _quantize(up, rtn, None, "up"))
             if gate is not None:
                 up_error = up_error + _relative_rows(gate, _quantize(gate, rtn, None, "gate"))

@@ -505,6 +505,71 @@ def demo_command(
     console.print(f"profile, plot, checkpoint and eval.json are in [bold]{out}[/]")
 
 
+@app.command("sweep")
+@friendly_errors
+def sweep_command(
+    model: ModelArg = "smollm2-135m",
+    profile: Annotated[Path, typer.Option("--profile", help="Profile of MODEL.")] = Path(
+        "profile.safetensors"
+    ),
+    out: Annotated[Path, typer.Option("--out", help="Folder for sweep.json and sweep.png.")] = Path(
+        "sweep"
+    ),
+    points: Annotated[
+        str,
+        typer.Option(
+            "--points", help="Comma-separated uniform formats naming the budgets (group 32 or 64)."
+        ),
+    ] = "int2-g32,int3-g64,int3-g32,int4-g64,int4-g32,int8-g32",
+    methods: Annotated[
+        str, typer.Option("--methods", help="uniform, ffsplit, random, weight-norm, budget.")
+    ] = "uniform,ffsplit,random,weight-norm",
+    corpus: Annotated[
+        str, typer.Option("--corpus", help="Perplexity corpus (causal LMs).")
+    ] = "wiki-eval",
+    max_tokens: Annotated[int, typer.Option("--max-tokens")] = 4096,
+    seq_len: Annotated[int, typer.Option("--seq-len")] = 512,
+    seed: Annotated[int, typer.Option(help="Seed of the random baseline.")] = 0,
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """FFSplit against uniform, random-heavy and weight-norm-heavy baselines at equal FFN bytes."""
+    from rich.table import Table
+
+    from ffnsplit import api
+
+    with _progress() as progress:
+        payload = api.sweep(
+            model,
+            profile,
+            out,
+            points=tuple(p.strip() for p in points.split(",") if p.strip()),
+            methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+            corpus=corpus,
+            max_tokens=max_tokens,
+            seq_len=seq_len,
+            seed=seed,
+            trust_remote_code=trust_remote_code,
+            progress=_task_callback(progress, "compress + evaluate"),
+        )
+    metric = payload["metric"]
+    table = Table(
+        title=f"{model}: {metric} at equal FFN bytes (dense: {payload['dense'][metric]:.4g})"
+    )
+    for column in ("budget (uniform fmt)", "method", "light", "heavy %", "avg bits", metric):
+        table.add_column(column)
+    for row in payload["results"]:
+        table.add_row(
+            row["point"],
+            row["method"],
+            row["light"],
+            f"{row['heavy_fraction']:.1%}",
+            f"{row['average_bits']:.3f}",
+            f"{row['metrics'][metric]:.4g}",
+        )
+    console.print(table)
+    console.print(f"sweep.json and sweep.png written to [bold]{out}[/]")
+
+
 def main() -> None:  # pragma: no cover - console entry point alias
     app()
 

@@ -158,9 +158,12 @@ def save_compressed(
         raise FFNSplitError(f"{out_dir} exists: pass --overwrite to replace it")
     modules = _split_modules(model)
     metas = [module.meta() for _, module in modules.values()]
-    if len(plan.layers) != len(modules):
+    planned = plan_ffn_bytes(plan)
+    stored = [module.nbytes() for _, module in modules.values()]
+    heavy = [module.n_heavy for _, module in modules.values()]
+    if stored != planned or heavy != [layer.n_heavy for layer in plan.layers]:
         raise FFNSplitError(
-            f"the plan has {len(plan.layers)} layers, the model {len(modules)} SplitFFNs: save the "
+            "the model's SplitFFNs do not match the plan (sizes or heavy counts differ): save the "
             "model with the plan it was compressed with"
         )
     report = size_report(model, plan)

@@ -1,4 +1,4 @@
-"""SplitFFN: an FFN as a dense heavy branch plus a compressed light branch.
+"""SplitFFN: an FFN as a heavy branch (dense, or int8) plus a compressed light branch.
 
 Neurons are ordered [heavy | light] (pruned neurons are gone). The quantized case is one call to
 `kernels.ops.split_ffn` (Triton on GPU, torch reference elsewhere); a low-rank light branch runs
@@ -9,12 +9,13 @@ same names, shapes and dtypes for `load_state_dict(assign=True)`.
 State-dict keys under the module: `heavy_up`, `heavy_gate`, `heavy_down`, `up_bias`, `gate_bias`,
 `down_bias`; `light_{up,gate,down}.plane{i}`, `.scales`, `.zeros` (packed quantized light part);
 `lowrank_{up,gate,down}.lowrank_a`, `.lowrank_b`, `light_up_bias`, `light_gate_bias` (low-rank
-light part).
+light part); `qheavy_{up,gate,down}.plane0`, `.scales`, `qheavy_up_bias`, `qheavy_gate_bias`
+(int8 heavy part, a second split-FFN tier).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +29,7 @@ from ffnsplit.kernels.ops import split_ffn
 MODULE_FORMAT = "splitffn"
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 LIGHT_KINDS = ("quant", "lowrank", "none")
+HEAVY_KINDS = ("dense", "int8", "none")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -123,13 +125,31 @@ class LowRankLight:
     gate_bias: Tensor | None = None  # [l]
 
 
-class SplitFFN(nn.Module):
-    """x [..., H] -> y [..., H] (in x's dtype): heavy dense neurons + light compressed neurons.
+@dataclass
+class QuantizedHeavy:
+    """A heavy part stored int8 per channel (h padded with zero neurons to a multiple of 32)."""
 
-    `weights` holds the heavy part, an optional quantized light part and the biases (for h + l
-    neurons, l padded to a multiple of 32). `lowrank` is an alternative light part kept as
-    factors; it and a quantized light part are exclusive. `n_light` is the number of real
-    (unpadded) light neurons, kept for reports.
+    up: QuantizedWeight  # [hp, H]
+    gate: QuantizedWeight | None  # [hp, H]
+    down: QuantizedWeight  # [H, hp]
+    up_bias: Tensor | None = None  # [hp]
+    gate_bias: Tensor | None = None  # [hp]
+
+
+_PARTS = ("up", "gate", "down")
+_BIASES = ("up_bias", "gate_bias", "down_bias", "light_up_bias", "light_gate_bias")
+_BIASES += ("qheavy_up_bias", "qheavy_gate_bias")
+
+
+class SplitFFN(nn.Module):
+    """x [..., H] -> y [..., H] (in x's dtype): heavy neurons kept nearly exact + light neurons
+    compressed hard.
+
+    `weights` holds the dense heavy part, an optional quantized light part and their biases (for
+    h + l neurons, l padded to a multiple of 32). `lowrank` is an alternative light part kept as
+    factors (exclusive with a quantized one). `quantized_heavy` replaces the dense heavy part by
+    an int8 one, run as a second split-FFN tier whose output is added. `n_heavy` / `n_light` are
+    the real (unpadded) neuron counts, kept for reports.
     """
 
     def __init__(
@@ -137,28 +157,40 @@ class SplitFFN(nn.Module):
         weights: SplitFFNWeights,
         lowrank: LowRankLight | None = None,
         n_light: int | None = None,
+        quantized_heavy: QuantizedHeavy | None = None,
+        n_heavy: int | None = None,
     ) -> None:
         super().__init__()
         if weights.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {weights.activation!r}")
         if lowrank is not None and weights.light_up is not None:
             raise ValueError("a SplitFFN has a quantized or a low-rank light part, not both")
-        if weights.heavy_up is None and weights.light_up is None and lowrank is None:
+        if quantized_heavy is not None and weights.heavy_up is not None:
+            raise ValueError("a SplitFFN has a dense or a quantized heavy part, not both")
+        if all(p is None for p in (weights.heavy_up, weights.light_up, lowrank, quantized_heavy)):
             raise ValueError("a SplitFFN needs a heavy or a light part")
         self.activation = weights.activation
         self.gated = weights.gated
-        self.hidden_size = (
-            int(lowrank.down.shape[0]) if lowrank is not None else weights.hidden_size
-        )
+        if lowrank is not None:
+            self.hidden_size = int(lowrank.down.shape[0])
+        elif quantized_heavy is not None:
+            self.hidden_size = int(quantized_heavy.down.shape[0])
+        else:
+            self.hidden_size = weights.hidden_size
         for name in ("heavy_up", "heavy_gate", "heavy_down", "up_bias", "gate_bias", "down_bias"):
             self.register_buffer(name, getattr(weights, name))
-        for name in ("light_up", "light_gate", "light_down"):
-            qw = getattr(weights, name)
-            setattr(self, name, None if qw is None else PackedWeight(qw))
+        for part in _PARTS:
+            qw = getattr(weights, f"light_{part}")
+            setattr(self, f"light_{part}", None if qw is None else PackedWeight(qw))
+            qw = None if quantized_heavy is None else getattr(quantized_heavy, part)
+            setattr(self, f"qheavy_{part}", None if qw is None else PackedWeight(qw))
+            setattr(self, f"lowrank_{part}", None)
         self.light_kind = "quant" if weights.light_up is not None else "none"
-        self.lowrank_up = self.lowrank_gate = self.lowrank_down = None
-        self.register_buffer("light_up_bias", None)
-        self.register_buffer("light_gate_bias", None)
+        for name in ("light_up_bias", "light_gate_bias", "qheavy_up_bias", "qheavy_gate_bias"):
+            self.register_buffer(name, None)
+        if quantized_heavy is not None:
+            self.qheavy_up_bias = quantized_heavy.up_bias
+            self.qheavy_gate_bias = quantized_heavy.gate_bias
         if lowrank is not None:
             self.light_kind = "lowrank"
             self.lowrank_up = LowRankFactors(lowrank.up)
@@ -168,13 +200,20 @@ class SplitFFN(nn.Module):
             self.light_gate_bias = lowrank.gate_bias
         stored_light = weights.n_light if lowrank is None else int(lowrank.up.shape[0])
         self.n_light = stored_light if n_light is None else int(n_light)
+        stored_heavy = weights.n_heavy
+        if quantized_heavy is not None:
+            stored_heavy = int(quantized_heavy.up.shape[0])
+        self.n_heavy = stored_heavy if n_heavy is None else int(n_heavy)
+        self._dense_cache: tuple[torch.dtype, SplitFFNWeights] | None = None
 
     @property
-    def n_heavy(self) -> int:
-        return 0 if self.heavy_up is None else int(self.heavy_up.shape[0])
+    def heavy_kind(self) -> str:
+        if self.qheavy_up is not None:
+            return "int8"
+        return "dense" if self.heavy_up is not None else "none"
 
     def split_weights(self) -> SplitFFNWeights:
-        """The heavy and quantized light tensors as the kernels take them (no copies)."""
+        """The dense heavy and quantized light tensors as the kernels take them (no copies)."""
 
         def packed(module: PackedWeight | None) -> QuantizedWeight | None:
             return None if module is None else module.weight()
@@ -193,46 +232,84 @@ class SplitFFN(nn.Module):
             down_bias=self.down_bias,
         )
 
+    def _tiers(self) -> list[SplitFFNWeights]:
+        """The split-FFN calls whose outputs add up to the FFN (low-rank part aside); the down
+        bias goes with the first."""
+        tiers = []
+        if self.heavy_up is not None or self.light_up is not None:
+            tiers.append(replace(self.split_weights(), down_bias=None))
+        if self.qheavy_up is not None:
+            gate = None if self.qheavy_gate is None else self.qheavy_gate.weight()
+            tiers.append(
+                SplitFFNWeights(
+                    activation=self.activation,
+                    gated=self.gated,
+                    light_up=self.qheavy_up.weight(),
+                    light_gate=gate,
+                    light_down=self.qheavy_down.weight(),
+                    up_bias=self.qheavy_up_bias,
+                    gate_bias=self.qheavy_gate_bias,
+                )
+            )
+        if tiers:
+            tiers[0] = replace(tiers[0], down_bias=self.down_bias)
+        return tiers
+
     def _apply(self, fn, recurse: bool = True):
         self._dense_cache = None  # moved or cast: the dequantized copy is stale
         return super()._apply(fn, recurse)
 
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._dense_cache = None  # new tensors: the dequantized copy is stale
+        super()._load_from_state_dict(*args, **kwargs)
+
     def _dense_weights(self, dtype: torch.dtype) -> SplitFFNWeights:
-        """Heavy and light weights as one dense FFN in `dtype`, built once (CPU path).
+        """Every tier as one dense FFN in `dtype`, built once (CPU path).
 
         The Triton kernels read the packed weights directly; the torch path would dequantize
         every light weight on every call, which makes CPU evaluation several times slower. A
         dense copy costs the memory of the uncompressed FFN, which the CPU path can afford.
         """
-        cache = getattr(self, "_dense_cache", None)
+        cache = self._dense_cache
         if cache is not None and cache[0] == dtype:
             return cache[1]
-        w = self.split_weights()
+        tiers = self._tiers()
 
-        def joined(heavy: Tensor | None, light: QuantizedWeight | None, dim: int) -> Tensor | None:
-            parts = [
-                t for t in (heavy, None if light is None else light.dequantize()) if t is not None
-            ]
-            return None if not parts else torch.cat([t.to(dtype) for t in parts], dim=dim)
+        def joined(name: str, dim: int = 0) -> Tensor | None:
+            parts = []
+            for tier in tiers:
+                for t in (getattr(tier, f"heavy_{name}"), getattr(tier, f"light_{name}")):
+                    if isinstance(t, QuantizedWeight):
+                        t = t.dequantize()
+                    if t is not None:
+                        parts.append(t.to(dtype))
+            return torch.cat(parts, dim=dim) if parts else None
+
+        def bias(name: str) -> Tensor | None:
+            parts = [getattr(t, name) for t in tiers if getattr(t, name) is not None]
+            return torch.cat(parts) if parts else None
 
         dense = SplitFFNWeights(
-            activation=w.activation,
-            gated=w.gated,
-            heavy_up=joined(w.heavy_up, w.light_up, 0),
-            heavy_gate=joined(w.heavy_gate, w.light_gate, 0),
-            heavy_down=joined(w.heavy_down, w.light_down, 1),
-            up_bias=w.up_bias,
-            gate_bias=w.gate_bias,
-            down_bias=w.down_bias,
+            activation=self.activation,
+            gated=self.gated,
+            heavy_up=joined("up"),
+            heavy_gate=joined("gate"),
+            heavy_down=joined("down", 1),
+            up_bias=bias("up_bias"),
+            gate_bias=bias("gate_bias"),
+            down_bias=self.down_bias,
         )
         self._dense_cache = (dtype, dense)
         return dense
 
     def forward(self, x: Tensor) -> Tensor:
-        if (self.heavy_up is not None or self.light_up is not None) and not x.is_cuda:
+        tiers = self._tiers()
+        if tiers and not x.is_cuda:
             y = split_ffn(x, self._dense_weights(x.dtype))
-        elif self.heavy_up is not None or self.light_up is not None:
-            y = split_ffn(x, self.split_weights())
+        elif tiers:
+            y = split_ffn(x, tiers[0])
+            for tier in tiers[1:]:
+                y = y + split_ffn(x, tier)
         else:
             y = torch.zeros(*x.shape[:-1], self.hidden_size, dtype=x.dtype, device=x.device)
             if self.down_bias is not None:
@@ -260,7 +337,7 @@ class SplitFFN(nn.Module):
 
     def _dtype(self) -> torch.dtype:
         """The dtype of the dense tensors (heavy weights, biases, low-rank factors)."""
-        for name in ("heavy_up", "up_bias", "down_bias", "light_up_bias"):
+        for name in ("heavy_up", *_BIASES):
             t = getattr(self, name)
             if t is not None:
                 return t.dtype
@@ -271,12 +348,13 @@ class SplitFFN(nn.Module):
     def meta(self) -> dict:
         """JSON-able description from which `from_meta` rebuilds an empty skeleton."""
         light: dict = {}
-        for part in ("up", "gate", "down"):
-            module = getattr(self, f"light_{part}")
-            if module is None:
-                module = getattr(self, f"lowrank_{part}")
+        heavy: dict = {}
+        for part in _PARTS:
+            module = getattr(self, f"light_{part}") or getattr(self, f"lowrank_{part}")
             if module is not None:
                 light[part] = module.meta()
+            if getattr(self, f"qheavy_{part}") is not None:
+                heavy[part] = getattr(self, f"qheavy_{part}").meta()
         return {
             "format": MODULE_FORMAT,
             "activation": self.activation,
@@ -284,18 +362,11 @@ class SplitFFN(nn.Module):
             "hidden_size": self.hidden_size,
             "n_heavy": self.n_heavy,
             "n_light": self.n_light,
+            "heavy_kind": self.heavy_kind,
             "light_kind": self.light_kind,
             "dtype": _dtype_name(self._dtype()),
-            "biases": {
-                name: getattr(self, name) is not None
-                for name in (
-                    "up_bias",
-                    "gate_bias",
-                    "down_bias",
-                    "light_up_bias",
-                    "light_gate_bias",
-                )
-            },
+            "biases": {name: getattr(self, name) is not None for name in _BIASES},
+            "heavy": heavy,
             "light": light,
         }
 
@@ -304,7 +375,7 @@ class SplitFFN(nn.Module):
         """An empty skeleton (uninitialised buffers on `device`) with the layout `meta` gives."""
         try:
             return cls._skeleton(meta, device)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(
                 f"SplitFFN metadata is malformed ({type(exc).__name__}: {exc}): file is corrupt"
             ) from None
@@ -313,36 +384,50 @@ class SplitFFN(nn.Module):
     def _skeleton(cls, meta: dict, device: torch.device | str) -> SplitFFN:
         if meta.get("format") != MODULE_FORMAT:
             raise CheckpointError(f"module format {meta.get('format')!r} is not {MODULE_FORMAT!r}")
-        kind = meta["light_kind"]
-        if kind not in LIGHT_KINDS:
-            raise CheckpointError(f"SplitFFN metadata has light kind {kind!r}: file is corrupt")
+        kind, heavy_kind = meta["light_kind"], meta["heavy_kind"]
+        if kind not in LIGHT_KINDS or heavy_kind not in HEAVY_KINDS:
+            raise CheckpointError(
+                f"SplitFFN metadata has heavy/light kinds {heavy_kind!r}/{kind!r}: file is corrupt"
+            )
         dtype = _parse_dtype(meta["dtype"])
         hidden, heavy, gated = int(meta["hidden_size"]), int(meta["n_heavy"]), bool(meta["gated"])
         biases, light = meta["biases"], meta["light"]
+        dense_heavy = heavy if heavy_kind == "dense" else 0
 
         def empty(*shape: int) -> Tensor:
             return torch.empty(*shape, dtype=dtype, device=device)
 
-        def quantized(part: str) -> QuantizedWeight | None:
-            if kind != "quant" or part not in light:
+        def quantized(layout: dict, part: str) -> QuantizedWeight | None:
+            if part not in layout:
                 return None
-            return PackedWeight.skeleton(light[part], device).weight()
+            return PackedWeight.skeleton(layout[part], device).weight()
 
-        light_up = quantized("up")
+        light_up = quantized(light, "up") if kind == "quant" else None
         stored_light = 0 if light_up is None else light_up.shape[0]
+        main = dense_heavy + stored_light
         weights = SplitFFNWeights(
             activation=str(meta["activation"]),
             gated=gated,
-            heavy_up=empty(heavy, hidden) if heavy else None,
-            heavy_gate=empty(heavy, hidden) if heavy and gated else None,
-            heavy_down=empty(hidden, heavy) if heavy else None,
+            heavy_up=empty(dense_heavy, hidden) if dense_heavy else None,
+            heavy_gate=empty(dense_heavy, hidden) if dense_heavy and gated else None,
+            heavy_down=empty(hidden, dense_heavy) if dense_heavy else None,
             light_up=light_up,
-            light_gate=quantized("gate"),
-            light_down=quantized("down"),
-            up_bias=empty(heavy + stored_light) if biases["up_bias"] else None,
-            gate_bias=empty(heavy + stored_light) if biases["gate_bias"] else None,
+            light_gate=quantized(light, "gate") if kind == "quant" else None,
+            light_down=quantized(light, "down") if kind == "quant" else None,
+            up_bias=empty(main) if biases["up_bias"] else None,
+            gate_bias=empty(main) if biases["gate_bias"] else None,
             down_bias=empty(hidden) if biases["down_bias"] else None,
         )
+        quantized_heavy = None
+        if heavy_kind == "int8":
+            up = quantized(meta["heavy"], "up")
+            quantized_heavy = QuantizedHeavy(
+                up=up,
+                gate=quantized(meta["heavy"], "gate"),
+                down=quantized(meta["heavy"], "down"),
+                up_bias=empty(up.shape[0]) if biases["qheavy_up_bias"] else None,
+                gate_bias=empty(up.shape[0]) if biases["qheavy_gate_bias"] else None,
+            )
         lowrank = None
         if kind == "lowrank":
 
@@ -359,4 +444,10 @@ class SplitFFN(nn.Module):
                 up_bias=empty(up.shape[0]) if biases["light_up_bias"] else None,
                 gate_bias=empty(up.shape[0]) if biases["light_gate_bias"] else None,
             )
-        return cls(weights, lowrank=lowrank, n_light=int(meta["n_light"]))
+        return cls(
+            weights,
+            lowrank=lowrank,
+            n_light=int(meta["n_light"]),
+            quantized_heavy=quantized_heavy,
+            n_heavy=heavy,
+        )

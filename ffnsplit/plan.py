@@ -25,7 +25,8 @@ LIGHT_FORMAT_VERSION = 1
 LIGHT_KINDS = ("quant", "lowrank", "dense", "pruned")
 METHODS = ("rtn", "gptq")
 SELECTIONS = ("output_norm", "weight_norm", "random", "none")
-HEAVY_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DENSE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+HEAVY_DTYPES = (*DENSE_DTYPES, "int8")  # int8: per-channel symmetric, see HEAVY_INT8
 SCALE_DTYPE = torch.float16  # quantization scales and zero points are stored in fp16
 
 
@@ -119,6 +120,10 @@ class LightFormat:
         return cls(**data)
 
 
+HEAVY_INT8 = LightFormat(bits=8, group_size=-1, symmetric=True)
+"""The format of an int8 heavy part: symmetric, one scale per output channel."""
+
+
 def parse_light_format(text: str) -> LightFormat:
     """Parse a light format label: `int4-g128`, `int3-g64-sym-gptq`, `int8-pc`, `lowrank-r64`,
     `lowrank-0.25-w`, `dense`, `pruned` (the inverse of `LightFormat.label`)."""
@@ -188,10 +193,7 @@ class LayerPlan:
     heavy_dtype: str = "float16"
 
     def __post_init__(self) -> None:
-        if self.heavy_dtype not in HEAVY_DTYPES:
-            raise OptionError(
-                f"unknown heavy dtype {self.heavy_dtype!r}: choose one of {', '.join(HEAVY_DTYPES)}"
-            )
+        _check_heavy(self.heavy_dtype, self.light)
 
     @property
     def n_heavy(self) -> int:
@@ -351,13 +353,29 @@ def save_plan(plan: SplitPlan, path: str) -> None:
 # Byte model
 
 
-def padded_light(n_light: int, light: LightFormat) -> int:
-    """Light neurons as stored: quantized light parts are zero-padded to a multiple of 32."""
+def stored_light(n_light: int, light: LightFormat) -> int:
+    """Light neurons stored beside the heavy part: a quantized light part is zero-padded to a
+    multiple of 32, a dense one joins the heavy part, a pruned one is gone."""
     if light.kind == "quant":
-        return -(-n_light // PACK_ALIGN) * PACK_ALIGN
-    if light.kind == "pruned":
-        return 0
-    return n_light
+        return _pad(n_light)
+    return n_light if light.kind == "lowrank" else 0
+
+
+def stored_heavy(n_heavy: int, n_light: int, light: LightFormat, heavy_dtype: str) -> int:
+    """Heavy neurons as stored: an int8 heavy part is zero-padded to a multiple of 32; a dense
+    light part is kept with a dense heavy part."""
+    if heavy_dtype == "int8":
+        return _pad(n_heavy)
+    return n_heavy + (n_light if light.kind == "dense" else 0)
+
+
+def _pad(count: int) -> int:
+    return -(-count // PACK_ALIGN) * PACK_ALIGN
+
+
+def dense_dtype(heavy_dtype: str) -> torch.dtype:
+    """The dtype of the dense tensors (dense heavy part, biases, low-rank factors)."""
+    return DENSE_DTYPES.get(heavy_dtype, torch.float16)
 
 
 def group_for(light: LightFormat, k: int) -> int:
@@ -365,34 +383,38 @@ def group_for(light: LightFormat, k: int) -> int:
     return k if light.group_size == -1 else light.group_size
 
 
+def _quantized_ffn_bytes(neurons: int, light: LightFormat, geometry: FFNGeometry) -> int:
+    """Bytes of `neurons` FFN neurons quantized in format `light` (up, gate rows; down columns)."""
+    if not neurons:
+        return 0
+    hidden = geometry.hidden_size
+    row = quantized_nbytes(
+        neurons, hidden, light.bits, group_for(light, hidden), light.symmetric, SCALE_DTYPE
+    )
+    column = quantized_nbytes(
+        hidden, neurons, light.bits, group_for(light, neurons), light.symmetric, SCALE_DTYPE
+    )
+    return (geometry.matrices - 1) * row + column
+
+
 def layer_ffn_bytes(
     n_heavy: int, n_light: int, light: LightFormat, heavy_dtype: str, geometry: FFNGeometry
 ) -> int:
-    """Bytes SplitFFN stores for one FFN: heavy weights, light part, biases (heavy dtype)."""
+    """Bytes SplitFFN stores for one FFN: heavy part, light part, biases (dense dtype)."""
     hidden = geometry.hidden_size
-    item = HEAVY_DTYPES[heavy_dtype].itemsize
-    mats = geometry.matrices
-    stored_light = padded_light(n_light, light)
-    dense_neurons = n_heavy + (n_light if light.kind == "dense" else 0)
-    total = mats * dense_neurons * hidden * item
-    if light.kind == "quant" and stored_light:
-        row = quantized_nbytes(
-            stored_light, hidden, light.bits, group_for(light, hidden), light.symmetric, SCALE_DTYPE
-        )
-        total += (mats - 1) * row
-        total += quantized_nbytes(
-            hidden,
-            stored_light,
-            light.bits,
-            group_for(light, stored_light),
-            light.symmetric,
-            SCALE_DTYPE,
-        )
+    item = dense_dtype(heavy_dtype).itemsize
+    heavy = stored_heavy(n_heavy, n_light, light, heavy_dtype)
+    extra = stored_light(n_light, light)
+    if heavy_dtype == "int8":
+        total = _quantized_ffn_bytes(heavy, HEAVY_INT8, geometry)
+    else:
+        total = geometry.matrices * heavy * hidden * item
+    if light.kind == "quant":
+        total += _quantized_ffn_bytes(extra, light, geometry)
     elif light.kind == "lowrank":
-        rank = light.light_rank(n_light, hidden)
-        total += mats * rank * (n_light + hidden) * item
-    biased = n_heavy + (stored_light if light.kind != "dense" else n_light)
-    total += (int(geometry.up_bias) + int(geometry.gate_bias and geometry.gated)) * biased * item
+        total += geometry.matrices * light.light_rank(n_light, hidden) * (n_light + hidden) * item
+    biases = int(geometry.up_bias) + int(geometry.gate_bias and geometry.gated)
+    total += biases * (heavy + extra) * item
     total += int(geometry.down_bias) * hidden * item
     return total
 
@@ -547,7 +569,7 @@ def make_plan(
         raise OptionError(f"heavy share must lie in (0, 1], got {heavy_share}")
     if not 0 <= prune_fraction < 1:
         raise OptionError(f"prune fraction must lie in [0, 1), got {prune_fraction}")
-    _check_heavy_dtype(heavy_dtype)
+    _check_heavy(heavy_dtype, light)
     _check_geometry_fits(geometry, light)
     orders = _selection_orders(profile, selection, weight_norms, seed)
     layers = []
@@ -579,11 +601,13 @@ def _check_selection(selection: str) -> None:
         )
 
 
-def _check_heavy_dtype(heavy_dtype: str) -> None:
+def _check_heavy(heavy_dtype: str, light: LightFormat) -> None:
     if heavy_dtype not in HEAVY_DTYPES:
         raise OptionError(
             f"unknown heavy dtype {heavy_dtype!r}: choose one of {', '.join(HEAVY_DTYPES)}"
         )
+    if heavy_dtype == "int8" and light.kind == "dense":
+        raise OptionError("an int8 heavy part with a dense light part makes no sense: use float16")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -597,27 +621,46 @@ DEFAULT_LIGHT_FORMATS = tuple(
 
 @dataclass(frozen=True)
 class Candidate:
-    """One per-layer choice of budget mode: a heavy fraction and a light format."""
+    """One per-layer choice of budget mode: a heavy fraction (dense, or int8 when `heavy_int8`)
+    and a light format."""
 
     heavy_fraction: float
     light: LightFormat
+    heavy_int8: bool = False
 
     def label(self) -> str:
         if self.light.kind == "dense":
             return "dense"
-        return f"{self.light.label()}+{self.heavy_fraction:.4g}heavy"
+        heavy = "-int8" if self.heavy_int8 else ""
+        return f"{self.light.label()}+{self.heavy_fraction:.4g}heavy{heavy}"
 
 
 def default_candidates() -> list[Candidate]:
-    """Heavy fractions {0, 1/32, 1/16, 1/8, 1/4} x light int{2,3,4,8} x g{32,64,128}, plus dense."""
-    grid = [Candidate(f, light) for f in DEFAULT_HEAVY_FRACTIONS for light in DEFAULT_LIGHT_FORMATS]
+    """Light int{2,3,4,8} x g{32,64,128} with no heavy part, or with 1/32, 1/16, 1/8 or 1/4 of
+    the neurons heavy in the dense dtype or in int8; plus the dense FFN."""
+    grid = [Candidate(0.0, light) for light in DEFAULT_LIGHT_FORMATS]
+    grid += [
+        Candidate(fraction, light, heavy_int8)
+        for fraction in DEFAULT_HEAVY_FRACTIONS[1:]
+        for heavy_int8 in (False, True)
+        for light in DEFAULT_LIGHT_FORMATS
+        if not (heavy_int8 and light.bits == 8)  # int8 heavy over int8 light gains nothing
+    ]
     return [*grid, Candidate(0.0, LightFormat(kind="dense"))]
 
 
+def candidate_formats(candidates: Sequence[Candidate]) -> list[LightFormat]:
+    """The quantized formats whose errors budget mode needs measured (apply.quant_error_table)."""
+    formats = {c.light.label(): c.light for c in candidates if c.light.kind == "quant"}
+    if any(c.heavy_int8 for c in candidates):
+        formats[HEAVY_INT8.label()] = HEAVY_INT8
+    return list(formats.values())
+
+
 QuantErrors = dict[str, tuple[torch.Tensor, torch.Tensor]]
-"""Per layer: light format label -> (up, down) relative squared weight errors per neuron [I]:
-neuron i's up and gate rows (summed) and its down column, the whole matrix quantized in that
-format (apply.quant_error_table)."""
+"""Per layer: format label -> (up, down) relative squared weight errors per neuron [I]: neuron
+i's up and gate rows (summed) and its down column, the whole matrix RTN-quantized in that format
+(apply.quant_error_table)."""
 
 
 def analytic_rel_error(light: LightFormat, k: int) -> float:
@@ -632,16 +675,25 @@ def analytic_rel_error(light: LightFormat, k: int) -> float:
     return (span / levels) ** 2 / 12
 
 
-def neuron_energy(profile, layer: int) -> torch.Tensor:
-    """E[a_i^2] ||W_down[:, i]||^2 [I]: the output energy neuron i contributes (float64)."""
-    record = profile.layers[layer]
-    return record.sq_mean.to(torch.float64) * record.down_col_norm.to(torch.float64) ** 2
+def neuron_weights(profile, layer: int) -> torch.Tensor:
+    """Each neuron's share of its layer's squared output norm, out_norm_mean_i^2 / sum ([I]).
+
+    The squared mean output norm stands for neuron i's output energy: a second moment would be
+    dominated by the rare tokens (BOS) that carry massive activations. Shares, not absolute
+    energies, are compared across layers: the residual stream and the FFN outputs grow with
+    depth while what a later layer sees is normalised, so the same absolute error matters less
+    deep in the model. (Absolute energies starved the first layers: SmolLM2-135M at 4.5 bits,
+    wiki-eval perplexity 30.1 against 25.2 with shares and 25.4 for uniform int4 g64.)
+    """
+    energy = profile.score(layer, "out_norm").to(torch.float64) ** 2
+    total = float(energy.sum())
+    return energy / total if total > 0 else energy
 
 
-def _neuron_error(
+def _format_error(
     light: LightFormat, size: int, geometry: FFNGeometry, errors: QuantErrors | None
 ) -> torch.Tensor:
-    """Relative output error of each neuron if it is light in format `light` ([I], float64)."""
+    """Relative output error of each neuron if it is stored in format `light` ([I], float64)."""
     if light.kind == "dense":
         return torch.zeros(size, dtype=torch.float64)
     if light.kind == "pruned":
@@ -669,11 +721,12 @@ def _choose(errors: list[torch.Tensor], costs: list[torch.Tensor], budget: float
     """
 
     def pick(price: float) -> list[int]:
-        # Ties go to the cheaper option, so a high enough price always reaches the cheapest.
-        return [
-            int(torch.argmin(e + price * c + 1e-9 * c / c.max()))
-            for e, c in zip(errors, costs, strict=True)
-        ]
+        choice = []
+        for e, c in zip(errors, costs, strict=True):
+            value = e + price * c
+            best = value <= value.min() * (1 + 1e-12)  # ties go to the cheapest option
+            choice.append(int(torch.argmin(torch.where(best, c, math.inf))))
+        return choice
 
     def spent(choice: list[int]) -> float:
         return sum(float(c[i]) for c, i in zip(costs, choice, strict=True))
@@ -726,28 +779,33 @@ def plan_for_budget(
     seed: int = 0,
     heavy_dtype: str = "float16",
 ) -> SplitPlan:
-    """Per layer the (heavy fraction, light format) that minimises the estimated output error
-    of the whole model within a byte budget.
+    """Per layer the (heavy fraction, heavy dtype, light format) that minimises the estimated
+    output error of the whole model within a byte budget.
 
     Budget: `target_bits` average stored bits per FFN weight, or `target_size` a fraction of the
-    dense fp16 FFN bytes. Error estimate of layer l with light set L in format F:
+    dense fp16 FFN bytes. Error estimate of layer l, heavy set S in format G, light set L in F:
 
-        err(l, F, L) = sum_{i in L} E[a_i^2] ||W_down[:, i]||^2 * (e_up_i(F) + e_down_i(F))
+        err(l) = sum_{i in S} w_i e_i(G) + sum_{i in L} w_i e_i(F),   e_i = e_up_i + e_down_i
 
-    The first factor is neuron i's output energy (profile: sq_mean and down_col_norm). Noise on
-    its down column adds that energy times the column's relative squared error e_down; noise on
-    its up and gate rows perturbs a_i by about the rows' relative error e_up, which the column
-    carries to the output. Neurons and layers are treated as independent, so errors add. e_up /
-    e_down are measured per neuron on the real weights when `quant_errors` is given (RTN in every
-    candidate format: apply.quant_error_table); otherwise `analytic_rel_error` estimates them.
-    Heavy neurons (fp16) and dense light parts count as error-free; pruned neurons lose all their
+    w_i is neuron i's share of the layer's output energy (`neuron_weights`). Noise on its down
+    column adds that energy times the column's relative squared error e_down; noise on its up and
+    gate rows perturbs a_i by about the rows' relative error e_up, which the column carries to
+    the output. Neurons and layers are treated as independent, so errors add. e_up / e_down are
+    measured per neuron on the real weights when `quant_errors` is given (RTN in every candidate
+    format, apply.quant_error_table; a GPTQ candidate is estimated by its RTN error); otherwise
+    `analytic_rel_error` estimates them. A dense heavy part (`heavy_dtype`) and a dense light
+    part count as error-free, an int8 heavy part as HEAVY_INT8; pruned neurons lose all their
     energy. `selection` orders the heavy candidates; "none" keeps heavy fraction 0 only, which
     gives mixed-precision quantization without a split: the no-split baseline at equal bytes.
     """
     if (target_bits is None) == (target_size is None):
         raise OptionError("give exactly one of target_bits, target_size")
     _check_selection(selection)
-    _check_heavy_dtype(heavy_dtype)
+    if heavy_dtype not in DENSE_DTYPES:
+        raise OptionError(
+            f"budget mode's dense heavy dtype must be one of {', '.join(DENSE_DTYPES)} (int8 "
+            f"heavy parts are candidates of their own), got {heavy_dtype!r}"
+        )
     count = profile.num_layers
     sizes = [stats.intermediate_size for stats in profile.layers]
     weights = sum(geometry.matrices * size * geometry.hidden_size for size in sizes)
@@ -763,24 +821,36 @@ def plan_for_budget(
         raise OptionError("budget mode needs at least one candidate")
     for option in options:
         _check_geometry_fits(geometry, option.light)
+        _check_heavy("int8" if option.heavy_int8 else heavy_dtype, option.light)
         if not 0 <= option.heavy_fraction <= 1:
             raise OptionError(f"candidate heavy fraction {option.heavy_fraction} is not in [0, 1]")
     if quant_errors is not None and len(quant_errors) != count:
         raise OptionError(f"quant_errors has {len(quant_errors)} layers, the profile has {count}")
     orders = _selection_orders(profile, selection, weight_norms, seed)
 
+    def dtype_of(option: Candidate) -> str:
+        return "int8" if option.heavy_int8 else heavy_dtype
+
     errors, costs, heavy_counts = [], [], []
     for layer, order in enumerate(orders):
         measured = None if quant_errors is None else quant_errors[layer]
         size = sizes[layer]
-        energy = neuron_energy(profile, layer)[order]
+        energy = neuron_weights(profile, layer)[order]
+        int8 = None
+        if any(option.heavy_int8 for option in options):
+            int8 = torch.cumsum(
+                energy * _format_error(HEAVY_INT8, size, geometry, measured)[order], 0
+            )
         counts = [_heavy_count(profile, layer, option.heavy_fraction, None) for option in options]
         layer_errors, layer_costs = [], []
         for option, n_heavy in zip(options, counts, strict=True):
-            per_neuron = energy * _neuron_error(option.light, size, geometry, measured)[order]
-            layer_errors.append(float(per_neuron[n_heavy:].sum()))
+            per_neuron = energy * _format_error(option.light, size, geometry, measured)[order]
+            error = float(per_neuron[n_heavy:].sum())
+            if option.heavy_int8 and n_heavy:
+                error += float(int8[n_heavy - 1])
+            layer_errors.append(error)
             layer_costs.append(
-                layer_ffn_bytes(n_heavy, size - n_heavy, option.light, heavy_dtype, geometry)
+                layer_ffn_bytes(n_heavy, size - n_heavy, option.light, dtype_of(option), geometry)
             )
         errors.append(torch.tensor(layer_errors, dtype=torch.float64))
         costs.append(torch.tensor(layer_costs, dtype=torch.float64))
@@ -803,7 +873,7 @@ def plan_for_budget(
             0,
             profile.score(layer, "out_norm"),
             options[pick].light,
-            heavy_dtype,
+            dtype_of(options[pick]),
         )
         for layer, pick in enumerate(choice)
     ]

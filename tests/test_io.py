@@ -15,13 +15,12 @@ from ffnsplit import io
 from ffnsplit.apply import compress_model, ffn_geometry
 from ffnsplit.errors import CheckpointError, FFNSplitError
 from ffnsplit.io import is_compressed_dir, load_compressed, save_compressed
-from ffnsplit.modules import SplitFFN
 from ffnsplit.plan import LightFormat, load_plan, make_plan, plan_ffn_bytes
 from ffnsplit.profile import profile_model
 from tests.tiny_models import tiny_config, tiny_input_ids, tiny_model
 
 LIGHTS = {
-    "llama": LightFormat(bits=4, group_size=32),
+    "llama": LightFormat(bits=4, group_size=32),  # with an int8 heavy part
     "gpt2": LightFormat(bits=3, group_size=64, symmetric=True),
     "bert": LightFormat(bits=2, group_size=-1),
     "phi3": LightFormat(kind="lowrank", rank=8),
@@ -46,6 +45,7 @@ def compressed(family: str, light: LightFormat | None = None, model=None):
         light=light or LIGHTS[family],
         heavy_fraction=0.1,
         prune_fraction=0.05,
+        heavy_dtype="int8" if family == "llama" else "float16",
     )
     compress_model(model, plan)
     return model, plan, ids
@@ -181,7 +181,7 @@ def test_wrong_shapes_in_the_header_are_refused_before_reading(saved, tmp_path):
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(folder / "model.safetensors")
-    key = next(k for k in tensors if k.endswith("heavy_up"))
+    key = next(k for k in tensors if k.endswith("qheavy_up.scales"))
     tensors[key] = tensors[key][:-1].clone()
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     _one_line_error(folder, f"tensor {key} is")
@@ -227,8 +227,11 @@ def test_a_planted_pickle_is_never_unpickled(saved, tmp_path):
     assert marker.exists()
 
 
-def test_save_refuses_an_uncompressed_model(tmp_path):
+def test_save_refuses_an_uncompressed_model_or_another_plan(tmp_path):
     model, plan, _ = compressed("llama")
     with pytest.raises(FFNSplitError, match="compress the model"):
         save_compressed(tiny_model("llama"), None, plan, tmp_path / "x")
-    assert sum(isinstance(m, SplitFFN) for m in model.modules()) == 2
+    _, other_plan, _ = compressed("llama", light=LightFormat(bits=3, group_size=64))
+    with pytest.raises(FFNSplitError, match="do not match the plan"):
+        save_compressed(model, None, other_plan, tmp_path / "y")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -12,7 +12,7 @@ import itertools
 import pytest
 import torch
 
-from ffnsplit.kernels import ops, reference
+from ffnsplit.kernels import ops, reference, tiles
 from ffnsplit.kernels import quant_matmul as qmm
 from ffnsplit.kernels import split_ffn as sffn
 from ffnsplit.kernels.format import QuantizedWeight, SplitFFNWeights, n_groups, pack_planes
@@ -246,10 +246,14 @@ def test_gemv_deterministic_and_split_k(poison) -> None:
 
 def test_auto_path_picks_gemv_for_few_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     w = random_split_weights(64, 8, 32, "relu", False, False, torch.float32)
+    monkeypatch.setattr(tiles, "GEMV_MAX_M", 2)
     calls = []
     monkeypatch.setattr(sffn.gemv, "split_activations", lambda *a: calls.append("A"))
     monkeypatch.setattr(qmm.gemv, "split_linear", lambda *a: calls.append("B"))
     sffn.split_ffn(torch.randn(1, 64, device=DEVICE), w)
+    assert calls == ["A", "B"]
+    x = torch.randn(3, 64, device=DEVICE)  # 3 rows > 2: the tensor-core tier runs
+    assert rel_err(sffn.split_ffn(x, w), ref_split_ffn(x, w)) < TOL[torch.float32]
     assert calls == ["A", "B"]
 
 

@@ -10,6 +10,7 @@ import torch
 from ffnsplit.apply import build_split_ffn, check_plan, compress_model, ffn_geometry
 from ffnsplit.arch import get_ffn_blocks
 from ffnsplit.errors import CheckpointError, NumericalError, OptionError
+from ffnsplit.kernels.ops import split_ffn
 from ffnsplit.modules import SplitFFN
 from ffnsplit.plan import LayerPlan, LightFormat, make_plan
 from ffnsplit.profile import profile_model
@@ -98,6 +99,51 @@ def test_quantized_split_equals_the_dense_ffn_of_its_dequantized_weights(family,
         original.abs().max() / (2 ** (light.bits - 1) - 1) / 2
     )  # the coarser, symmetric grid
     assert (restored - original).abs().max() <= half_step * 1.01
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_int8_heavy_tier_equals_its_dequantized_ffn(family):
+    model = tiny_model(family)
+    parts = get_ffn_blocks(model)[0].parts()
+    layer = random_layer_plan(160, 20, LightFormat(bits=3, group_size=32), n_pruned=4)
+    layer.heavy_dtype = "int8"
+    module = build_split_ffn(parts, layer)
+    assert module.heavy_kind == "int8" and module.n_heavy == 20
+    assert module.qheavy_up.weight().shape == (32, parts.hidden_size)  # 20 padded to 32
+    light, heavy = module.split_weights(), module._tiers()[1]
+    order = [*layer.heavy_idx, *layer.light_idx]
+
+    def rows(name: str, dim: int = 0) -> torch.Tensor:
+        tiers = (getattr(heavy, f"light_{name}"), getattr(light, f"light_{name}"))
+        full = [t.dequantize() for t in tiers if t is not None]
+        kept = [f.narrow(dim, 0, n) for f, n in zip(full, (20, layer.n_light), strict=True)]
+        return torch.cat(kept, dim=dim)
+
+    def biases(name: str) -> torch.Tensor | None:
+        pair = (getattr(heavy, name), getattr(light, name))
+        if pair[0] is None:
+            return None
+        return torch.cat([pair[0][:20].float(), pair[1][: layer.n_light].float()])
+
+    dense = type(parts)(
+        up=rows("up"),
+        gate=rows("gate") if parts.gated else None,
+        down=rows("down", 1),
+        up_bias=biases("up_bias"),
+        gate_bias=biases("gate_bias"),
+        down_bias=None if parts.down_bias is None else parts.down_bias.half().float(),
+        activation=parts.activation,
+    )
+    x = torch.randn(2, 9, parts.hidden_size)
+    assert (module(x) - dense.forward(x)).abs().max() < 1e-4
+    # The per-tier path (the GPU's) agrees with the dense CPU cache.
+    tiers = module._tiers()
+    by_tier = sum(split_ffn(x, tier, backend="torch") for tier in tiers)
+    assert (by_tier - module(x)).abs().max() < 1e-4
+    # int8 heavy rows are close to the originals: much closer than the 3-bit light rows.
+    heavy_error = (dense.up[:20] - parts.up[order[:20]]).abs().max()
+    light_error = (dense.up[20:] - parts.up[order[20:]]).abs().max()
+    assert heavy_error < light_error / 8
 
 
 def test_lowrank_light_part_matches_its_factors():

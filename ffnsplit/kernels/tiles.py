@@ -28,7 +28,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # FFNSPLIT_AUTOTUNE=0 keeps the first config of each tier (fast GPU test runs, reproducible picks).
 AUTOTUNE = os.environ.get("FFNSPLIT_AUTOTUNE", "1") != "0" and not INTERPRET
 DECODE_MAX_M = 16  # up to this many rows the weights are streamed once (decode tier)
-GEMV_MAX_M = 4  # up to this many rows "auto" takes the CUDA-core path (gemv.py), no tensor cores
+# up to this many rows "auto" takes the CUDA-core path (gemv.py). 0: measured slower than the
+# tensor-core decode tier on an H200 (docs/kernels_notes.md, version 6); path="gemv" forces it.
+GEMV_MAX_M = 0
 ACTIVATION_NAMES = ("silu", "gelu", "gelu_tanh", "relu")
 _WIDTH = {8: 8, 4: 4, 3: 2, 2: 2}  # width of the first (or only) bit plane
 
