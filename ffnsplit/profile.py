@@ -91,6 +91,10 @@ SCORES: dict[str, str] = {
     "weight_norm": "down_col_norm",
 }
 
+# Wall-clock measurements kept in memory (for reports) but not written: the same model, corpus,
+# options and seed must give a byte-identical profile file.
+RUN_TIMING_KEYS = frozenset({"run_seconds", "tokens_per_second", "elapsed_seconds"})
+
 ProgressCallback = Callable[[float, int], None]
 
 
@@ -233,7 +237,7 @@ class Profile:
             for name, tensor in stats.tensors().items()
         }
         header = {
-            **self.meta,
+            **{k: v for k, v in self.meta.items() if k not in RUN_TIMING_KEYS},
             "kind": PROFILE_KIND,
             "format_version": PROFILE_FORMAT_VERSION,
             "ffnsplit_version": __version__,

@@ -274,3 +274,30 @@ def test_nan_weights_name_the_layer(tmp_path: Path, workspace: dict[str, Path]) 
     )  # fmt: skip
     assert_one_line_error(code, output, "layer 1")
     assert not (tmp_path / "p.safetensors").exists()
+
+
+def _digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_same_inputs_give_byte_identical_files(workspace: dict[str, Path], tmp_path: Path) -> None:
+    """Determinism: two runs with the same model, corpus, options and seed write the same bytes."""
+    model, corpus = workspace["model"], workspace["corpus"]
+    digests = []
+    for run_index in range(2):
+        root = tmp_path / f"run{run_index}"
+        profile = root / "profile.safetensors"
+        out = root / "compressed"
+        assert run("profile", model, "--corpus", corpus, "--tokens", 256, "--seq-len", 32,
+                   "--out", profile, "--device", "cpu", "--seed", 3)[0] == 0  # fmt: skip
+        code, output = run(
+            "compress", model, "--profile", profile, "--out", out, "--light", "int3-g32-gptq",
+            "--heavy-fraction", 0.1, "--calib-corpus", corpus, "--calib-tokens", 256,
+            "--seq-len", 32, "--device", "cpu",
+        )  # fmt: skip
+        assert code == 0, output
+        files = sorted(p for p in out.iterdir() if p.is_file())
+        digests.append([_digest(profile)] + [(p.name, _digest(p)) for p in files])
+    assert digests[0] == digests[1]
