@@ -167,6 +167,8 @@ def plot_sweep(
         )
     if reference is not None:
         axes.axhline(reference, color="grey", linestyle="--", label="dense")
+    if metric.startswith("ppl") or metric.startswith("embedding"):
+        axes.set_yscale("log")  # errors span orders of magnitude across bit widths
     axes.set_xlabel("average stored bits per FFN weight")
     axes.set_ylabel(metric)
     axes.set_title(title or f"{metric} vs FFN size")
