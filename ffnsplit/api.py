@@ -253,9 +253,18 @@ class CompressOptions:
     def selection(self) -> str:
         return SELECTIONS[self.baseline]
 
+    @property
+    def budget_mode(self) -> bool:
+        return self.target_bits is not None or self.target_size is not None
 
-def make_split_plan(model: nn.Module, profile_obj, options: CompressOptions, progress=None):
-    """The SplitPlan `options` ask for on `model` (fixed format, or a budget)."""
+
+def make_split_plan(
+    model: nn.Module, profile_obj, options: CompressOptions, calib_ids=None, progress=None
+):
+    """The SplitPlan `options` ask for on `model` (fixed format, or a budget).
+
+    Budget mode measures each neuron's error in every candidate format on `calib_ids`.
+    """
     from ffnsplit import apply, plan
 
     profile_obj.check_model(model)
@@ -268,13 +277,13 @@ def make_split_plan(model: nn.Module, profile_obj, options: CompressOptions, pro
         "seed": options.seed,
         "heavy_dtype": options.heavy_dtype,
     }
-    if options.target_bits is not None or options.target_size is not None:
-        errors = apply.quant_error_table(model, progress=progress)
+    if options.budget_mode:
+        errors = apply.measure_errors(model, calib_ids, progress=progress)
         return plan.plan_for_budget(
             profile_obj,
             target_bits=options.target_bits,
             target_size=options.target_size,
-            quant_errors=errors,
+            neuron_errors=errors,
             **common,
         )
     heavy_fraction = options.heavy_fraction
@@ -314,13 +323,17 @@ def compress(
     run_device = resolve_device(device)
     profile_obj = Profile.load(profile_path)
     model, tokenizer = open_model(model_spec, trust_remote_code=trust_remote_code)
-    split_plan = make_split_plan(model, profile_obj, options, progress=progress)
-    calib_ids = None
-    if any(apply._needs_calibration(layer.light) for layer in split_plan.layers):
-        corpus = data.load_corpus(options.calib_corpus)
-        calib_ids = data.token_blocks(
+    corpus = data.load_corpus(options.calib_corpus)
+
+    def calibration():
+        return data.token_blocks(
             tokenizer, corpus, options.calib_tokens, options.seq_len, seed=options.seed
         )
+
+    calib_ids = calibration() if options.budget_mode else None
+    split_plan = make_split_plan(model, profile_obj, options, calib_ids, progress=progress)
+    if calib_ids is None and any(apply.needs_calibration(lp.light) for lp in split_plan.layers):
+        calib_ids = calibration()
     apply.compress_model(
         model, split_plan, calib_ids=calib_ids, device=run_device, progress=progress
     )
@@ -409,6 +422,8 @@ def sweep(
     seq_len: int = 512,
     batch_size: int = 4,
     seed: int = 0,
+    calib_corpus: str = "wiki-calib",
+    calib_tokens: int = 4096,
     trust_remote_code: bool = False,
     progress=None,
 ) -> dict:
@@ -447,6 +462,12 @@ def sweep(
         }
 
     dense = evaluate_fn(model, tokenizer)
+    calib_ids = None
+    if "budget" in methods:
+        from ffnsplit import data
+
+        calib = data.load_corpus(calib_corpus)
+        calib_ids = data.token_blocks(tokenizer, calib, calib_tokens, seq_len, seed=seed)
     results = sweep_module.sweep(
         model,
         tokenizer,
@@ -455,6 +476,7 @@ def sweep(
         evaluate_fn=evaluate_fn,
         methods=methods,
         seed=seed,
+        calib_ids=calib_ids,
         progress=progress,
     )
     payload = {

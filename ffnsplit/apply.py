@@ -12,6 +12,7 @@ every batch went through it).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 from ffnsplit.arch import (
     FFNBlock,
     FFNParts,
+    apply_activation,
     decoder_layers,
     fingerprint_id,
     fingerprint_matches,
@@ -40,7 +42,7 @@ from ffnsplit.plan import (
     FFNGeometry,
     LayerPlan,
     LightFormat,
-    QuantErrors,
+    NeuronErrors,
     SplitPlan,
     candidate_formats,
     default_candidates,
@@ -265,7 +267,7 @@ def build_split_ffn(
     )
 
 
-def _needs_calibration(light: LightFormat) -> bool:
+def needs_calibration(light: LightFormat) -> bool:
     return (light.kind == "quant" and light.method == "gptq") or (
         light.kind == "lowrank" and light.weighted
     )
@@ -328,7 +330,7 @@ def compress_model(
     total = len(blocks)
     report = progress or (lambda done, total: None)
     run_device = _model_device(model) if device is None else torch.device(device)
-    calibrated = [_needs_calibration(layer.light) for layer in plan.layers]
+    calibrated = [needs_calibration(layer.light) for layer in plan.layers]
     if any(calibrated) and calib_ids is None:
         raise OptionError(
             "GPTQ and weighted low-rank light formats need calibration tokens: pass calib_ids"
@@ -397,54 +399,175 @@ def compress_model(
     return model
 
 
-def _relative_rows(w: Tensor, qw: QuantizedWeight) -> Tensor:
-    """||w_i - q_i||^2 / ||w_i||^2 per row (0 for zero rows)."""
-    error = (w - qw.dequantize(torch.float32)).square().sum(1)
-    norm = w.square().sum(1)
-    return torch.where(norm > 0, error / norm.clamp(min=1e-30), 0.0)
+def _activations(parts: FFNParts, x: Tensor, up: Tensor, gate: Tensor | None) -> Tensor:
+    """a = act(gate x + b) * (up x + b) (or act(up x + b)) in fp32, for given up/gate weights."""
+    u = F.linear(x, up, None if parts.up_bias is None else parts.up_bias.float())
+    if gate is None:
+        return apply_activation(parts.activation, u)
+    gate_bias = None if parts.gate_bias is None else parts.gate_bias.float()
+    return apply_activation(parts.activation, F.linear(x, gate, gate_bias)) * u
 
 
-def quant_error_table(
+def _rtn_dequantized(w: Tensor, light: LightFormat) -> Tensor:
+    return _quantize(w, light, None, "measure").dequantize(torch.float32)
+
+
+def _layer_errors(parts: FFNParts, x: Tensor, formats: Sequence[LightFormat]) -> NeuronErrors:
+    """Per-neuron relative output errors of one FFN on inputs x [T, H] (see measure_errors)."""
+    up, down = parts.up.float(), parts.down.float()
+    gate = None if parts.gate is None else parts.gate.float()
+    a = _activations(parts, x, up, gate)
+    y = F.linear(a, down, None if parts.down_bias is None else parts.down_bias.float())
+    norm = y.square().sum(1)
+    weight = (1.0 / norm.clamp(min=float(norm.mean()) * 1e-6 + 1e-30))[:, None] / x.shape[0]
+    column = down.square().sum(0)
+    energy = (weight * a.square()).sum(0)  # E_t[a_ti^2 / ||y_t||^2]
+    size = down.shape[1]
+    padded_down = F.pad(down, (0, -(-size // PACK_ALIGN) * PACK_ALIGN - size))
+    errors: NeuronErrors = {"pruned": (energy * column).double().cpu()}
+    for light in formats:
+        if light.kind != "quant":
+            raise OptionError(f"measure_errors measures quant formats, not {light.label()}")
+        rtn = replace(light, method="rtn")
+        gate_q = None if gate is None else _rtn_dequantized(gate, rtn)
+        a_q = _activations(parts, x, _rtn_dequantized(up, rtn), gate_q)
+        up_error = (weight * (a_q - a).square()).sum(0) * column
+        down_error = (padded_down - _rtn_dequantized(padded_down, rtn))[:, :size].square().sum(0)
+        errors[light.label()] = (up_error + energy * down_error).double().cpu()
+    return errors
+
+
+def _model_output(model: nn.Module, ids: Tensor) -> tuple[Tensor, bool]:
+    """(fp32 log-probabilities, True) for a causal LM; (last hidden state, False) otherwise."""
+    out = model(input_ids=ids)
+    logits = getattr(out, "logits", None)
+    if logits is not None:
+        return torch.log_softmax(logits.float(), dim=-1), True
+    return out.last_hidden_state.float(), False
+
+
+def _divergence(reference: tuple[Tensor, bool], output: tuple[Tensor, bool]) -> float:
+    """Mean per-token KL(reference || output) of log-probabilities, or for hidden states the
+    mean relative squared error."""
+    (expected, log_probs), (actual, _) = reference, output
+    if log_probs:
+        return float((expected.exp() * (expected - actual)).sum(-1).mean())
+    error = (actual - expected).square().sum(-1) / expected.square().sum(-1).clamp(min=1e-30)
+    return float(error.mean())
+
+
+def layer_sensitivities(
     model: nn.Module,
+    ids: Tensor,
+    reference: LightFormat,
+) -> list[float]:
+    """Per FFN layer, the divergence of the model's output (KL of the next-token distribution,
+    or relative error of an encoder's last hidden state) when that layer alone is RTN-quantized
+    in `reference`, on tokens `ids` [n, seq_len]. Each layer is swapped for a quantized copy
+    of its decoder layer and put back: the model is unchanged afterwards. Runs where the model
+    is."""
+    layers = decoder_layers(model)
+    was_training = model.training
+    model.eval()
+    sensitivities = []
+    ids = ids.to(model.get_input_embeddings().weight.device)
+    try:
+        with torch.no_grad():
+            dense = _model_output(model, ids)
+            for index in range(len(layers)):
+                original = layers[index]
+                layers[index] = copy.deepcopy(original)
+                try:
+                    block = get_ffn_blocks(model)[index]
+                    parts = block.parts()
+                    size = parts.intermediate_size
+                    plan = LayerPlan(index, [], list(range(size)), [], reference, "float32")
+                    block.install(build_split_ffn(parts, plan))
+                    sensitivities.append(_divergence(dense, _model_output(model, ids)))
+                finally:
+                    layers[index] = original
+    finally:
+        model.train(was_training)
+    return sensitivities
+
+
+REFERENCE_FORMAT = LightFormat(bits=3, group_size=64)
+"""The format layer sensitivities are measured in (a mid-range candidate)."""
+
+
+def measure_errors(
+    model: nn.Module,
+    calib_ids: Tensor,
     formats: Sequence[LightFormat] | None = None,
     *,
+    sensitivity_blocks: int = 2,
     device: torch.device | str | None = None,
+    batch_size: int = 8,
     progress: Progress | None = None,
-) -> list[QuantErrors]:
-    """Measured relative quantization errors per neuron, per layer and RTN format.
+) -> list[NeuronErrors]:
+    """Per layer and format, each neuron's estimated contribution to the model's output error,
+    for plan_for_budget(neuron_errors=...).
 
-    For plan_for_budget(quant_errors=...): per layer, format label -> (up, down) [I], where up is
-    the relative squared error of neuron i's up row plus its gate row, and down that of its down
-    column, when the whole matrix is RTN-quantized in the format (down's input dimension padded
-    with zero columns to a multiple of 32).
+    Within a layer (on the tokens of `calib_ids` [n_blocks, seq_len]; a few thousand are
+    enough): for every format (default: those of the default budget candidates) the whole up,
+    gate and down weights are RTN-quantized and neuron i's error is
+    E_t[|dA_ti|^2 c_i^2 + a_ti^2 |dW_down[:, i]|^2] / ||y_t||^2, dA_ti being the change of its
+    activation under quantized up/gate rows, c_i its down column norm and y_t the token's FFN
+    output (E_t: mean over tokens); "pruned" holds the neuron's whole relative output energy.
+    Across layers the same relative error does not cost the same: each layer's errors are
+    scaled so that, in REFERENCE_FORMAT, they sum to the measured divergence of the model's
+    output with that layer alone quantized (`layer_sensitivities`, on the first
+    `sensitivity_blocks` blocks). Per-neuron errors run one layer at a time (sequential
+    calibration: one layer's inputs in memory); the sensitivities need one forward per layer.
     """
+    formats = list(candidate_formats(default_candidates()) if formats is None else formats)
+    if REFERENCE_FORMAT not in formats:
+        formats.append(REFERENCE_FORMAT)
+    if not isinstance(calib_ids, Tensor) or calib_ids.dim() != 2 or calib_ids.dtype != torch.long:
+        raise OptionError("calibration input must be a LongTensor [n_blocks, seq_len]")
     report = progress or (lambda done, total: None)
-    formats = candidate_formats(default_candidates()) if formats is None else formats
     blocks = get_ffn_blocks(model)
-    table: list[QuantErrors] = []
-    for done, block in enumerate(blocks, 1):
-        parts = block.parts()
-        run_device = parts.up.device if device is None else torch.device(device)
-        up = parts.up.to(run_device, torch.float32)
-        gate = None if parts.gate is None else parts.gate.to(run_device, torch.float32)
-        down = parts.down.to(run_device, torch.float32)
-        size = down.shape[1]
-        down_rows = F.pad(down, (0, -(-size // PACK_ALIGN) * PACK_ALIGN - size))
-        errors: QuantErrors = {}
-        for light in formats:
-            if light.kind != "quant":
-                raise OptionError(f"quant_error_table measures quant formats, not {light.label()}")
-            rtn = replace(light, method="rtn")
-            up_error = _relative_rows(up, _quantize(up, rtn, None, "up"))
-            if gate is not None:
-                up_error = up_error + _relative_rows(gate, _quantize(gate, rtn, None, "gate"))
-            quantized = _quantize(down_rows, rtn, None, "down").dequantize(torch.float32)
-            column_error = (down_rows - quantized)[:, :size].square().sum(0)
-            column_norm = down.square().sum(0)
-            down_error = torch.where(
-                column_norm > 0, column_error / column_norm.clamp(min=1e-30), 0.0
+    if len(decoder_layers(model)) != len(blocks):
+        raise OptionError("measuring errors needs one FFN per decoder layer")
+    run_device = _model_device(model) if device is None else torch.device(device)
+    batches = split_batches(calib_ids, batch_size)
+    inputs: list[list[Tensor]] = [[] for _ in blocks]
+    results: list[NeuronErrors] = []
+
+    def capture(layer: int):
+        def hook(module: nn.Module, args: tuple) -> None:
+            inputs[layer].append(args[0].detach().reshape(-1, args[0].shape[-1]).float())
+
+        return hook
+
+    def after_batch(index: int, layer: int | None) -> None:
+        if index == len(batches) - 1:
+            x = torch.cat(inputs[layer])
+            inputs[layer].clear()
+            results.append(_layer_errors(blocks[layer].parts(), x, formats))
+            report(len(results), len(blocks))
+
+    handles = [
+        block.up_input_module.register_forward_pre_hook(capture(block.layer)) for block in blocks
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            run_calibration(
+                model, batches, device=run_device, sequential=True, after_batch=after_batch
             )
-            errors[light.label()] = (up_error.cpu(), down_error.cpu())
-        table.append(errors)
-        report(done, len(blocks))
-    return table
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    sensitivities = layer_sensitivities(
+        model, calib_ids[: max(1, sensitivity_blocks)], REFERENCE_FORMAT
+    )
+    label = REFERENCE_FORMAT.label()
+    for errors, sensitivity in zip(results, sensitivities, strict=True):
+        predicted = float(errors[label].sum())
+        scale = sensitivity / predicted if predicted > 0 else 0.0
+        for key in errors:
+            errors[key] = errors[key] * scale
+    return results

@@ -82,11 +82,13 @@ def sweep(
     evaluate_fn,
     methods: tuple[str, ...] = ("uniform", "ffsplit", "random", "weight-norm"),
     seed: int = 0,
+    calib_ids=None,
     progress=None,
 ) -> list[SweepPoint]:
     """Compress a copy of `model` for every (point, method) and evaluate it with `evaluate_fn`.
 
     `evaluate_fn(model, tokenizer) -> dict of metrics`. The dense model is left untouched.
+    `calib_ids` (token blocks) are needed by the budget method's error measurements.
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -94,7 +96,9 @@ def sweep(
     profile.check_model(model)
     geometry = apply.ffn_geometry(model)
     weight_norms = apply.weight_norm_scores(model)
-    quant_errors = apply.quant_error_table(model) if "budget" in methods else None
+    if "budget" in methods and calib_ids is None:
+        raise OptionError("the budget method measures errors on calibration tokens: pass calib_ids")
+    errors = apply.measure_errors(model, calib_ids) if "budget" in methods else None
     results: list[SweepPoint] = []
     total = len(points) * len(methods)
     for label in points:
@@ -111,7 +115,7 @@ def sweep(
                     profile,
                     geometry=geometry,
                     target_bits=plan.average_bits(uniform_plan),
-                    quant_errors=quant_errors,
+                    neuron_errors=errors,
                     seed=seed,
                 )
             else:

@@ -9,7 +9,6 @@ if shutil.which("nvidia-smi") is None:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-
 # Two xdist workers on two cores: one intra-op thread each, or they fight over the cores and tiny
 # matmuls/SVDs get 10-50x slower.
 if os.environ.get("PYTEST_XDIST_WORKER"):

@@ -11,13 +11,16 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from ffnsplit.apply import (
+    REFERENCE_FORMAT,
     build_split_ffn,
     compress_model,
     ffn_geometry,
-    quant_error_table,
+    layer_sensitivities,
+    measure_errors,
     weight_norm_scores,
 )
-from ffnsplit.arch import FFNParts
+from ffnsplit.arch import FFNParts, get_ffn_blocks
+from ffnsplit.compress.quant import quantize_rtn
 from ffnsplit.errors import CheckpointError, OptionError
 from ffnsplit.modules import SplitFFN
 from ffnsplit.plan import (
@@ -289,16 +292,10 @@ def test_budget_mode_target_size_and_sensitive_layers_get_more():
     for layer in range(6):
         factor = (1.0, 3.0, 10.0)[layer % 3]
         errors.append(
-            {
-                c.light.label(): (
-                    torch.full((160,), factor * 4.0**-c.light.bits),
-                    torch.full((160,), factor * 4.0**-c.light.bits),
-                )
-                for c in candidates
-            }
+            {c.light.label(): torch.full((160,), factor * 4.0**-c.light.bits) for c in candidates}
         )
     plan = plan_for_budget(
-        profile, geometry=GEOMETRY, target_size=0.25, candidates=candidates, quant_errors=errors
+        profile, geometry=GEOMETRY, target_size=0.25, candidates=candidates, neuron_errors=errors
     )
     dense = dense_ffn_bytes(GEOMETRY, [160] * 6)
     assert 0.24 * dense <= sum(plan_ffn_bytes(plan)) <= 0.25 * dense
@@ -348,25 +345,65 @@ def test_budget_mode_refuses_impossible_budgets(kwargs):
         plan_for_budget(profile, geometry=GEOMETRY, target_bits=4, target_size=0.3)
 
 
-def test_budget_mode_with_measured_errors():
+def test_measured_errors_predict_the_output_error_and_drive_budget_mode():
     model = tiny_model("llama")
-    ids = tiny_input_ids(model, batch=2, seq=8)
+    ids = tiny_input_ids(model, batch=4, seq=16)
     profile = profile_model(model, ids, batch_size=2)
     formats = [LightFormat(bits=b, group_size=g) for b in (2, 4) for g in (32, 64)]
-    errors = quant_error_table(model, formats)
-    assert set(errors[0]) == {f.label() for f in formats}
-    up, down = errors[0]["int2-g32"]
-    assert up.shape == down.shape == (160,)
-    assert float(errors[0]["int4-g32"][1].mean()) < float(down.mean())
+    errors = measure_errors(model, ids, formats, batch_size=3)
+    labels = {"pruned", "int3-g64", *(f.label() for f in formats)}  # + the reference format
+    assert len(errors) == 2 and set(errors[0]) == labels
+    assert all(e.shape == (160,) and bool((e >= 0).all()) for e in errors[0].values())
+    assert errors[0]["int4-g32"].sum() < errors[0]["int2-g32"].sum() < errors[0]["pruned"].sum()
+    # Layers are scaled to their measured end-to-end sensitivity in the reference format.
+    sensitivities = layer_sensitivities(model, ids[:2], REFERENCE_FORMAT)
+    for layer, sensitivity in enumerate(sensitivities):
+        assert float(errors[layer]["int3-g64"].sum()) == pytest.approx(sensitivity, rel=1e-6)
+
+    # Within a layer, the per-neuron sums predict how much worse one format is than another.
+    block = get_ffn_blocks(model)[1]
+    inputs = []
+    handle = block.up_input_module.register_forward_pre_hook(
+        lambda module, args: inputs.append(args[0].reshape(-1, args[0].shape[-1]))
+    )
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    x, parts = torch.cat(inputs), block.parts()
+
+    def real_error(bits: int, group: int) -> float:
+        def rtn(w):
+            return quantize_rtn(w, bits, group).dequantize()
+
+        quantized = FFNParts(
+            up=rtn(parts.up), gate=rtn(parts.gate), down=rtn(parts.down),
+            up_bias=parts.up_bias, gate_bias=parts.gate_bias, down_bias=parts.down_bias,
+            activation=parts.activation,
+        )  # fmt: skip
+        with torch.no_grad():
+            y = parts.forward(x)
+            return float(((quantized.forward(x) - y).square().sum(1) / y.square().sum(1)).mean())
+
+    predicted = float(errors[1]["int2-g32"].sum() / errors[1]["int3-g64"].sum())
+    assert 0.5 < predicted / (real_error(2, 32) / real_error(3, 64)) < 2.0
+
     candidates = [Candidate(f, light) for f in (0.0, 0.125) for light in formats]
     plan = plan_for_budget(
         profile,
         geometry=ffn_geometry(model),
         target_bits=3.5,
         candidates=candidates,
-        quant_errors=errors,
+        neuron_errors=errors,
     )
     assert average_bits(plan) <= 3.5
+    with pytest.raises(OptionError, match="lack format int3-g128"):
+        plan_for_budget(
+            profile,
+            geometry=ffn_geometry(model),
+            target_bits=4.0,
+            candidates=[Candidate(0.0, LightFormat(bits=3, group_size=128))],
+            neuron_errors=errors,
+        )
 
 
 def test_weight_norm_scores_feed_the_weight_norm_baseline():
