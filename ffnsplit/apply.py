@@ -12,7 +12,6 @@ every batch went through it).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
@@ -412,87 +411,97 @@ def _rtn_dequantized(w: Tensor, light: LightFormat) -> Tensor:
     return _quantize(w, light, None, "measure").dequantize(torch.float32)
 
 
-def _layer_errors(parts: FFNParts, x: Tensor, formats: Sequence[LightFormat]) -> NeuronErrors:
-    """Per-neuron relative output errors of one FFN on inputs x [T, H] (see measure_errors)."""
+def _layer_errors(
+    parts: FFNParts, x: Tensor, grad: Tensor, formats: Sequence[LightFormat]
+) -> NeuronErrors:
+    """Per-neuron first-order loss errors of one FFN from inputs x and output gradients grad
+    [T, H] (see measure_errors)."""
     up, down = parts.up.float(), parts.down.float()
     gate = None if parts.gate is None else parts.gate.float()
     a = _activations(parts, x, up, gate)
-    y = F.linear(a, down, None if parts.down_bias is None else parts.down_bias.float())
-    norm = y.square().sum(1)
-    weight = (1.0 / norm.clamp(min=float(norm.mean()) * 1e-6 + 1e-30))[:, None] / x.shape[0]
-    column = down.square().sum(0)
-    energy = (weight * a.square()).sum(0)  # E_t[a_ti^2 / ||y_t||^2]
+    reach = (grad @ down).square()  # (g_t . W_down[:, i])^2: how much a_i moves the loss
     size = down.shape[1]
     padded_down = F.pad(down, (0, -(-size // PACK_ALIGN) * PACK_ALIGN - size))
-    errors: NeuronErrors = {"pruned": (energy * column).double().cpu()}
+    errors: NeuronErrors = {"pruned": (a.square() * reach).mean(0).double().cpu()}
     for light in formats:
         if light.kind != "quant":
             raise OptionError(f"measure_errors measures quant formats, not {light.label()}")
         rtn = replace(light, method="rtn")
         gate_q = None if gate is None else _rtn_dequantized(gate, rtn)
         a_q = _activations(parts, x, _rtn_dequantized(up, rtn), gate_q)
-        up_error = (weight * (a_q - a).square()).sum(0) * column
-        down_error = (padded_down - _rtn_dequantized(padded_down, rtn))[:, :size].square().sum(0)
-        errors[light.label()] = (up_error + energy * down_error).double().cpu()
+        down_q = _rtn_dequantized(padded_down, rtn)[:, :size]
+        up_error = ((a_q - a).square() * reach).mean(0)
+        down_error = (a * (grad @ (down - down_q))).square().mean(0)
+        errors[light.label()] = (up_error + down_error).double().cpu()
     return errors
 
 
-def _model_output(model: nn.Module, ids: Tensor) -> tuple[Tensor, bool]:
-    """(fp32 log-probabilities, True) for a causal LM; (last hidden state, False) otherwise."""
-    out = model(input_ids=ids)
-    logits = getattr(out, "logits", None)
-    if logits is not None:
-        return torch.log_softmax(logits.float(), dim=-1), True
-    return out.last_hidden_state.float(), False
+def _ffn_inputs_and_gradients(
+    model: nn.Module, blocks: list[FFNBlock], ids: Tensor, batch_size: int, seed: int
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Per FFN, its inputs x and the gradients g of the loss w.r.t. its output, [T, H] fp32.
 
+    Causal LMs: the loss is the log-likelihood of next tokens sampled from the model itself
+    (so E[(g . d)^2] / 2 is the Fisher estimate of the KL a perturbation d causes); encoders:
+    a fixed random projection of the last hidden state (E[(g . d)^2] = the squared change of
+    the output). Only activations get gradients: parameters are frozen meanwhile.
+    """
+    inputs: list[list[Tensor]] = [[] for _ in blocks]
+    grads: list[list[Tensor]] = [[] for _ in blocks]
 
-def _divergence(reference: tuple[Tensor, bool], output: tuple[Tensor, bool]) -> float:
-    """Mean per-token KL(reference || output) of log-probabilities, or for hidden states the
-    mean relative squared error."""
-    (expected, log_probs), (actual, _) = reference, output
-    if log_probs:
-        return float((expected.exp() * (expected - actual)).sum(-1).mean())
-    error = (actual - expected).square().sum(-1) / expected.square().sum(-1).clamp(min=1e-30)
-    return float(error.mean())
+    def keep_input(layer: int):
+        def hook(module: nn.Module, args: tuple) -> None:
+            inputs[layer].append(args[0].detach().reshape(-1, args[0].shape[-1]).float())
 
+        return hook
 
-def layer_sensitivities(
-    model: nn.Module,
-    ids: Tensor,
-    reference: LightFormat,
-) -> list[float]:
-    """Per FFN layer, the divergence of the model's output (KL of the next-token distribution,
-    or relative error of an encoder's last hidden state) when that layer alone is RTN-quantized
-    in `reference`, on tokens `ids` [n, seq_len]. Each layer is swapped for a quantized copy
-    of its decoder layer and put back: the model is unchanged afterwards. Runs where the model
-    is."""
-    layers = decoder_layers(model)
+    def keep_grad(layer: int):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            output.register_hook(
+                lambda g: grads[layer].append(g.detach().reshape(-1, g.shape[-1]).float())
+            )
+
+        return hook
+
+    def track(module: nn.Module, args: tuple, output: Tensor) -> None:
+        output.requires_grad_()
+
+    embeddings = model.get_input_embeddings()
+    device = embeddings.weight.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    handles = [embeddings.register_forward_hook(track)]
+    for block in blocks:
+        handles.append(block.up_input_module.register_forward_pre_hook(keep_input(block.layer)))
+        handles.append(block.down_module.register_forward_hook(keep_grad(block.layer)))
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
     model.eval()
-    sensitivities = []
-    ids = ids.to(model.get_input_embeddings().weight.device)
     try:
-        with torch.no_grad():
-            dense = _model_output(model, ids)
-            for index in range(len(layers)):
-                original = layers[index]
-                layers[index] = copy.deepcopy(original)
-                try:
-                    block = get_ffn_blocks(model)[index]
-                    parts = block.parts()
-                    size = parts.intermediate_size
-                    plan = LayerPlan(index, [], list(range(size)), [], reference, "float32")
-                    block.install(build_split_ffn(parts, plan))
-                    sensitivities.append(_divergence(dense, _model_output(model, ids)))
-                finally:
-                    layers[index] = original
+        for param, _ in frozen:
+            param.requires_grad_(False)
+        for batch in split_batches(ids, batch_size):
+            with torch.enable_grad():
+                out = model(input_ids=batch.to(device))
+                logits = getattr(out, "logits", None)
+                if logits is not None:
+                    flat = logits.float().reshape(-1, logits.shape[-1])
+                    probs = torch.softmax(flat.detach(), dim=-1)
+                    labels = torch.multinomial(probs, 1, generator=generator).flatten()
+                    loss = F.cross_entropy(flat, labels, reduction="sum")
+                else:
+                    hidden = out.last_hidden_state.float()
+                    probe = torch.randn(
+                        hidden.shape, generator=generator, device=device, dtype=hidden.dtype
+                    )
+                    loss = (hidden * probe).sum()
+                loss.backward()
     finally:
+        for handle in handles:
+            handle.remove()
+        for param, flag in frozen:
+            param.requires_grad_(flag)
         model.train(was_training)
-    return sensitivities
-
-
-REFERENCE_FORMAT = LightFormat(bits=3, group_size=64)
-"""The format layer sensitivities are measured in (a mid-range candidate)."""
+    return [torch.cat(x) for x in inputs], [torch.cat(g) for g in grads]
 
 
 def measure_errors(
@@ -500,74 +509,40 @@ def measure_errors(
     calib_ids: Tensor,
     formats: Sequence[LightFormat] | None = None,
     *,
-    sensitivity_blocks: int = 2,
-    device: torch.device | str | None = None,
-    batch_size: int = 8,
+    max_tokens: int = 2048,
+    batch_size: int = 1,
+    seed: int = 0,
     progress: Progress | None = None,
 ) -> list[NeuronErrors]:
     """Per layer and format, each neuron's estimated contribution to the model's output error,
     for plan_for_budget(neuron_errors=...).
 
-    Within a layer (on the tokens of `calib_ids` [n_blocks, seq_len]; a few thousand are
-    enough): for every format (default: those of the default budget candidates) the whole up,
-    gate and down weights are RTN-quantized and neuron i's error is
-    E_t[|dA_ti|^2 c_i^2 + a_ti^2 |dW_down[:, i]|^2] / ||y_t||^2, dA_ti being the change of its
-    activation under quantized up/gate rows, c_i its down column norm and y_t the token's FFN
-    output (E_t: mean over tokens); "pruned" holds the neuron's whole relative output energy.
-    Across layers the same relative error does not cost the same: each layer's errors are
-    scaled so that, in REFERENCE_FORMAT, they sum to the measured divergence of the model's
-    output with that layer alone quantized (`layer_sensitivities`, on the first
-    `sensitivity_blocks` blocks). Per-neuron errors run one layer at a time (sequential
-    calibration: one layer's inputs in memory); the sensitivities need one forward per layer.
+    On the first blocks of `calib_ids` [n_blocks, seq_len] holding `max_tokens` tokens, one
+    forward and backward pass records every FFN's inputs x_t and the gradient g_t of the loss
+    w.r.t. its output (`_ffn_inputs_and_gradients`). For every format (default: those of the
+    default budget candidates) the up, gate and down weights are RTN-quantized and neuron i's
+    error is the first-order (Fisher) estimate of the loss change its quantization causes,
+
+        E_t[ (dA_ti (g_t . W_down[:, i]))^2 + (a_ti (g_t . dW_down[:, i]))^2 ]
+
+    with a_ti its activation, dA_ti the change of it under quantized up/gate rows and dW_down
+    the down column's quantization error; "pruned" holds E_t[(a_ti (g_t . W_down[:, i]))^2].
+    One unit across all layers (how much the model's predictions move), so layers of any scale
+    and sensitivity compare directly. Runs where the model is; memory: inputs and gradients of
+    every FFN for `max_tokens` tokens.
     """
-    formats = list(candidate_formats(default_candidates()) if formats is None else formats)
-    if REFERENCE_FORMAT not in formats:
-        formats.append(REFERENCE_FORMAT)
+    formats = candidate_formats(default_candidates()) if formats is None else formats
     if not isinstance(calib_ids, Tensor) or calib_ids.dim() != 2 or calib_ids.dtype != torch.long:
         raise OptionError("calibration input must be a LongTensor [n_blocks, seq_len]")
     report = progress or (lambda done, total: None)
     blocks = get_ffn_blocks(model)
-    if len(decoder_layers(model)) != len(blocks):
-        raise OptionError("measuring errors needs one FFN per decoder layer")
-    run_device = _model_device(model) if device is None else torch.device(device)
-    batches = split_batches(calib_ids, batch_size)
-    inputs: list[list[Tensor]] = [[] for _ in blocks]
-    results: list[NeuronErrors] = []
-
-    def capture(layer: int):
-        def hook(module: nn.Module, args: tuple) -> None:
-            inputs[layer].append(args[0].detach().reshape(-1, args[0].shape[-1]).float())
-
-        return hook
-
-    def after_batch(index: int, layer: int | None) -> None:
-        if index == len(batches) - 1:
-            x = torch.cat(inputs[layer])
-            inputs[layer].clear()
-            results.append(_layer_errors(blocks[layer].parts(), x, formats))
+    ids = calib_ids[: max(1, -(-max_tokens // calib_ids.shape[1]))]
+    inputs, grads = _ffn_inputs_and_gradients(model, blocks, ids, batch_size, seed)
+    results = []
+    with torch.no_grad():
+        for block in blocks:
+            x, g = inputs[block.layer], grads[block.layer]
+            inputs[block.layer] = grads[block.layer] = None  # free as we go
+            results.append(_layer_errors(block.parts(), x, g, formats))
             report(len(results), len(blocks))
-
-    handles = [
-        block.up_input_module.register_forward_pre_hook(capture(block.layer)) for block in blocks
-    ]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            run_calibration(
-                model, batches, device=run_device, sequential=True, after_batch=after_batch
-            )
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    sensitivities = layer_sensitivities(
-        model, calib_ids[: max(1, sensitivity_blocks)], REFERENCE_FORMAT
-    )
-    label = REFERENCE_FORMAT.label()
-    for errors, sensitivity in zip(results, sensitivities, strict=True):
-        predicted = float(errors[label].sum())
-        scale = sensitivity / predicted if predicted > 0 else 0.0
-        for key in errors:
-            errors[key] = errors[key] * scale
     return results

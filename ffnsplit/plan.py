@@ -662,9 +662,8 @@ def candidate_formats(candidates: Sequence[Candidate]) -> list[LightFormat]:
 
 
 NeuronErrors = dict[str, torch.Tensor]
-"""Per layer: format label (or "pruned") -> [I], neuron i's contribution to the expected
-relative squared error of the FFN output per token when it alone is stored in that format
-(apply.measure_errors)."""
+"""Per layer: format label (or "pruned") -> [I], neuron i's estimated contribution to the
+model's output error when it is stored in that format (apply.measure_errors)."""
 
 
 def analytic_rel_error(light: LightFormat, k: int) -> float:
@@ -792,21 +791,17 @@ def plan_for_budget(
 
         err(l) = sum_{i in S} E_i(G) + sum_{i in L} E_i(F)
 
-    E_i(F) is measured when `neuron_errors` is given (apply.measure_errors): on calibration
-    tokens, the squared change of neuron i's contribution a_i W_down[:, i] to the FFN output
-    when its up/gate rows and down column are RTN-quantized in F, relative to the token's FFN
-    output norm, averaged over tokens; then each layer is scaled by its measured end-to-end
-    sensitivity (the KL of the model's next-token distribution with that layer alone quantized
-    in a reference format), because the same relative FFN error costs very different amounts in
-    different layers. A GPTQ candidate is estimated by its RTN error. Without measurements
-    E_i(F) = w_i (e_up(F) + e_down(F)), w_i the neuron's output-energy share (`neuron_weights`)
-    and e the relative weight errors of Gaussian weights (`analytic_rel_error`): much cruder (it
-    weighs all layers alike and ignores that heavy neurons' rows are aligned with their inputs).
-    On SmolLM2-135M at 4.5 / 3.5 bits the measured estimate gave wiki-eval perplexities 24.3 /
-    35.1 where the unmeasured one gave 24.8 / 47.9 and absolute (unnormalised) energies 30.1 at
-    4.5 bits (uniform int4-g64 / int3-g64: 25.4 / 40.8; 4096 tokens, RTN). A dense heavy part
-    (`heavy_dtype`) and a dense light part count as error-free, an int8 heavy part as HEAVY_INT8,
-    a pruned neuron loses its whole contribution.
+    E_i(F) is measured when `neuron_errors` is given (apply.measure_errors): the first-order
+    (Fisher) estimate of how much quantizing neuron i's up/gate rows and down column in F moves
+    the model's predictions, from one forward and backward pass on calibration tokens; one unit
+    for every layer, so no layer weighting is guessed (half of it predicts the KL a layer's
+    quantization causes to within 20% on the tiny test models). A GPTQ candidate is estimated by
+    its RTN error. Without measurements E_i(F) = w_i (e_up(F) + e_down(F)), w_i the neuron's
+    output-energy share in its layer (`neuron_weights`) and e the relative weight errors of
+    Gaussian weights (`analytic_rel_error`): much cruder, it weighs all layers alike and ignores
+    that heavy neurons' rows are aligned with their inputs. A dense heavy part (`heavy_dtype`)
+    and a dense light part count as error-free, an int8 heavy part as HEAVY_INT8, a pruned
+    neuron loses its whole contribution.
     `selection` orders the heavy candidates; "none" keeps heavy fraction 0 only, which gives
     mixed-precision quantization without a split: the no-split baseline at equal bytes.
     """

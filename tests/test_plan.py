@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -11,21 +12,19 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from ffnsplit.apply import (
-    REFERENCE_FORMAT,
     build_split_ffn,
     compress_model,
     ffn_geometry,
-    layer_sensitivities,
     measure_errors,
     weight_norm_scores,
 )
 from ffnsplit.arch import FFNParts, get_ffn_blocks
-from ffnsplit.compress.quant import quantize_rtn
 from ffnsplit.errors import CheckpointError, OptionError
 from ffnsplit.modules import SplitFFN
 from ffnsplit.plan import (
     Candidate,
     FFNGeometry,
+    LayerPlan,
     LightFormat,
     SplitPlan,
     average_bits,
@@ -345,47 +344,39 @@ def test_budget_mode_refuses_impossible_budgets(kwargs):
         plan_for_budget(profile, geometry=GEOMETRY, target_bits=4, target_size=0.3)
 
 
-def test_measured_errors_predict_the_output_error_and_drive_budget_mode():
+def _kl_with_layer_quantized(model, ids, layer: int, bits: int, group: int) -> float:
+    """KL(dense || model with FFN `layer` RTN-quantized) per token, on a copy of the model."""
+    with torch.no_grad():
+        reference = torch.log_softmax(model(ids).logits, -1)
+        quantized = copy.deepcopy(model)
+        block = get_ffn_blocks(quantized)[layer]
+        parts = block.parts()
+        all_light = LayerPlan(
+            layer, [], list(range(160)), [], LightFormat(bits=bits, group_size=group), "float32"
+        )
+        block.install(build_split_ffn(parts, all_light))
+        output = torch.log_softmax(quantized(ids).logits, -1)
+        return float((reference.exp() * (reference - output)).sum(-1).mean())
+
+
+def test_measured_errors_predict_the_loss_change_and_drive_budget_mode():
     model = tiny_model("llama")
     ids = tiny_input_ids(model, batch=4, seq=16)
     profile = profile_model(model, ids, batch_size=2)
     formats = [LightFormat(bits=b, group_size=g) for b in (2, 4) for g in (32, 64)]
     errors = measure_errors(model, ids, formats, batch_size=3)
-    labels = {"pruned", "int3-g64", *(f.label() for f in formats)}  # + the reference format
-    assert len(errors) == 2 and set(errors[0]) == labels
+    assert len(errors) == 2 and set(errors[0]) == {"pruned", *(f.label() for f in formats)}
     assert all(e.shape == (160,) and bool((e >= 0).all()) for e in errors[0].values())
     assert errors[0]["int4-g32"].sum() < errors[0]["int2-g32"].sum() < errors[0]["pruned"].sum()
-    # Layers are scaled to their measured end-to-end sensitivity in the reference format.
-    sensitivities = layer_sensitivities(model, ids[:2], REFERENCE_FORMAT)
-    for layer, sensitivity in enumerate(sensitivities):
-        assert float(errors[layer]["int3-g64"].sum()) == pytest.approx(sensitivity, rel=1e-6)
-
-    # Within a layer, the per-neuron sums predict how much worse one format is than another.
-    block = get_ffn_blocks(model)[1]
-    inputs = []
-    handle = block.up_input_module.register_forward_pre_hook(
-        lambda module, args: inputs.append(args[0].reshape(-1, args[0].shape[-1]))
-    )
-    with torch.no_grad():
-        model(ids)
-    handle.remove()
-    x, parts = torch.cat(inputs), block.parts()
-
-    def real_error(bits: int, group: int) -> float:
-        def rtn(w):
-            return quantize_rtn(w, bits, group).dequantize()
-
-        quantized = FFNParts(
-            up=rtn(parts.up), gate=rtn(parts.gate), down=rtn(parts.down),
-            up_bias=parts.up_bias, gate_bias=parts.gate_bias, down_bias=parts.down_bias,
-            activation=parts.activation,
-        )  # fmt: skip
-        with torch.no_grad():
-            y = parts.forward(x)
-            return float(((quantized.forward(x) - y).square().sum(1) / y.square().sum(1)).mean())
-
-    predicted = float(errors[1]["int2-g32"].sum() / errors[1]["int3-g64"].sum())
-    assert 0.5 < predicted / (real_error(2, 32) / real_error(3, 64)) < 2.0
+    again = measure_errors(model, ids, formats, batch_size=2)  # seeded: batching aside, equal
+    assert torch.allclose(again[1]["int2-g64"], errors[1]["int2-g64"], rtol=1e-4, atol=0)
+    # Half the Fisher estimate predicts the KL each layer's quantization causes, across layers
+    # and formats alike (sampled labels: a few tokens give a rough estimate).
+    for layer in (0, 1):
+        for bits, group in ((2, 32), (4, 64)):
+            predicted = 0.5 * float(errors[layer][f"int{bits}-g{group}"].sum())
+            real = _kl_with_layer_quantized(model, ids, layer, bits, group)
+            assert 0.5 < predicted / real < 2.0, (layer, bits, predicted, real)
 
     candidates = [Candidate(f, light) for f in (0.0, 0.125) for light in formats]
     plan = plan_for_budget(
