@@ -301,3 +301,14 @@ def test_same_inputs_give_byte_identical_files(workspace: dict[str, Path], tmp_p
         files = sorted(p for p in out.iterdir() if p.is_file())
         digests.append([_digest(profile)] + [(p.name, _digest(p)) for p in files])
     assert digests[0] == digests[1]
+
+
+def test_out_of_memory_says_what_to_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ffnsplit import api
+
+    def exhausted(*_args, **_kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(api, "profile", exhausted)
+    code, output = run("profile", "smollm2-135m")
+    assert_one_line_error(code, output, "--batch-size", "--sequential")
