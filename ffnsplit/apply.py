@@ -1,13 +1,14 @@
 """Apply a split plan to a live model: every FFN becomes a SplitFFN, in place.
 
 For each FFN the canonical weights (arch.FFNBlock.parts) are reordered [heavy | light | pruned]
-by the plan; heavy neurons are kept dense in the plan's heavy dtype, light ones are compressed
-(RTN or GPTQ group quantization, low-rank factors, kept dense, or pruned) and the result is
-installed in the FFN's place. Calibration-driven formats (GPTQ, activation-weighted low-rank) run
+by the plan; heavy neurons are kept dense in the plan's heavy dtype (or int8), light ones are
+compressed (RTN or GPTQ group quantization, low-rank factors, kept dense, or pruned) and the
+result is installed in the FFN's place. Calibration-driven formats (GPTQ, activation-weighted low-rank) run
 the calibration tokens one decoder layer at a time (profile.run_calibration, sequential mode), so
 only one layer's Hessians are in memory: the FFN input's [H, H] and the light activations'
 [l, l]. Hessians are gathered on the dense model's activations (each layer is compressed after
-every batch went through it).
+every batch went through it). `measure_errors` feeds budget mode with each neuron's measured
+error in every candidate format.
 """
 
 from __future__ import annotations
@@ -31,7 +32,14 @@ from ffnsplit.arch import (
 )
 from ffnsplit.compress.gptq import HessianAccumulator, quantize_gptq
 from ffnsplit.compress.lowrank import lowrank_factorize
-from ffnsplit.compress.quant import check_finite, quantize_rtn
+from ffnsplit.compress.quant import (
+    check_finite,
+    dequantize_codes,
+    group_grid,
+    quantize_codes,
+    quantize_rtn,
+    validate_quant_options,
+)
 from ffnsplit.errors import CheckpointError, OptionError
 from ffnsplit.kernels.format import PACK_ALIGN, QuantizedWeight, SplitFFNWeights
 from ffnsplit.modules import LowRankLight, QuantizedHeavy, SplitFFN
@@ -408,7 +416,17 @@ def _activations(parts: FFNParts, x: Tensor, up: Tensor, gate: Tensor | None) ->
 
 
 def _rtn_dequantized(w: Tensor, light: LightFormat) -> Tensor:
-    return _quantize(w, light, None, "measure").dequantize(torch.float32)
+    """RTN of fp32 w [N, K] in format `light`, dequantized: the grid of quantize_rtn (same
+    quant.py helpers) without packing the codes, which would dominate the measurement's time."""
+    n, k = w.shape
+    group = min(group_for(light, k), k)
+    validate_quant_options(k, light.bits, group, SCALE_DTYPE)
+    groups = -(-k // group)
+    padded = F.pad(w, (0, groups * group - k)).view(n, groups, group)
+    scale, zero = group_grid(padded, light.bits, light.symmetric, SCALE_DTYPE)
+    scale, zero = scale[..., None], None if zero is None else zero[..., None]
+    codes = quantize_codes(padded, scale, zero, light.bits)
+    return dequantize_codes(codes, scale, zero, light.bits).view(n, -1)[:, :k]
 
 
 def _layer_errors(
@@ -509,7 +527,7 @@ def measure_errors(
     calib_ids: Tensor,
     formats: Sequence[LightFormat] | None = None,
     *,
-    max_tokens: int = 2048,
+    max_tokens: int = 1024,
     batch_size: int = 1,
     seed: int = 0,
     progress: Progress | None = None,

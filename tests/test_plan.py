@@ -12,6 +12,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from ffnsplit.apply import (
+    _rtn_dequantized,
     build_split_ffn,
     compress_model,
     ffn_geometry,
@@ -19,6 +20,7 @@ from ffnsplit.apply import (
     weight_norm_scores,
 )
 from ffnsplit.arch import FFNParts, get_ffn_blocks
+from ffnsplit.compress.quant import quantize_rtn
 from ffnsplit.errors import CheckpointError, OptionError
 from ffnsplit.modules import SplitFFN
 from ffnsplit.plan import (
@@ -342,6 +344,15 @@ def test_budget_mode_refuses_impossible_budgets(kwargs):
     assert "\n" not in str(info.value)
     with pytest.raises(OptionError):
         plan_for_budget(profile, geometry=GEOMETRY, target_bits=4, target_size=0.3)
+
+
+@pytest.mark.parametrize("light", ["int2-g32", "int3-g64-sym", "int4-pc", "int8-g128"])
+def test_measurement_quantizes_on_the_grid_of_quantize_rtn(light):
+    light = parse_light_format(light)
+    w = torch.randn(48, 160) * torch.rand(48, 1) * 3
+    group = 160 if light.group_size == -1 else light.group_size
+    packed = quantize_rtn(w, light.bits, group, light.symmetric)
+    assert torch.equal(_rtn_dequantized(w, light), packed.dequantize())
 
 
 def _kl_with_layer_quantized(model, ids, layer: int, bits: int, group: int) -> float:
