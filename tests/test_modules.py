@@ -213,4 +213,4 @@ def test_compress_refuses_another_models_plan_and_non_finite_weights():
     parts = get_ffn_blocks(model)[1].parts()
     parts.down[3, 5] = float("nan")
     with pytest.raises(NumericalError, match="layer 1"):
-        build_split_ffn(parts, plan.layers[1].__class__(**{**plan.layers[1].__dict__}))
+        build_split_ffn(parts, plan.layers[1])
