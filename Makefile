@@ -33,8 +33,11 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format ffnsplit tests benchmarks
 	$(VENV)/bin/ruff check --fix ffnsplit tests benchmarks
 
+# GPU: the Llama-3-8B FFN layer over M and a Llama-3-8B-shaped model end to end (a few minutes).
+BENCH_ARGS ?= --shape 4096x14336 --e2e-shape llama3-8b
 bench:
-	python3 benchmarks/bench_kernels.py
+	PYTHONPATH=. python3 -m ffnsplit.cli bench $(BENCH_ARGS) --json benchmarks/results/bench.json \
+		--append benchmarks/RESULTS.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

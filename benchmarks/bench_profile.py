@@ -176,7 +176,16 @@ def bench_normal(name: str, shape: dict, args: argparse.Namespace) -> list[dict]
             }
         )
     if args.trace:
-        rows[-1]["top_ops"] = trace_ops(profile)
+        plain_trace = trace_ops(runs["plain forward (decoder layers)"])
+        profile_trace = trace_ops(profile)
+        rows[-1]["top_ops"] = top_ops(profile_trace["ops"])
+        rows[-1]["added_ops"] = added_ops(plain_trace["ops"], profile_trace["ops"])
+        rows[-1]["trace_totals"] = {
+            "plain_device_ms": plain_trace["device_ms"],
+            "profile_device_ms": profile_trace["device_ms"],
+            "plain_wall_s": plain_trace["wall_s"],
+            "profile_wall_s": profile_trace["wall_s"],
+        }
     return rows
 
 
@@ -234,24 +243,60 @@ def bench_sequential(name: str, shape: dict, args: argparse.Namespace) -> list[d
     return rows
 
 
-def trace_ops(fn: Callable[[], object], top: int = 15) -> list[dict]:
-    """The ops taking the most self time (device time on CUDA) during one call of `fn`."""
+def trace_ops(fn: Callable[[], object]) -> dict:
+    """One traced call of `fn`: {"ops": op name -> {"self_ms", "calls"} (self device time on CUDA,
+    else CPU time), "device_ms": the summed time of the device events (kernels, copies; None
+    without CUDA), "wall_s": the call's wall time under the profiler}."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(ProfilerActivity.CUDA)
     with profile(activities=activities) as prof:
+        synchronize()
+        start = time.perf_counter()
         fn()
         synchronize()
+        wall = time.perf_counter() - start
     events = prof.key_averages()
     device_time = "self_device_time_total"
-    if not torch.cuda.is_available() or not hasattr(events[0], device_time):
+    if not torch.cuda.is_available() or not events or not hasattr(events[0], device_time):
         device_time = "self_cpu_time_total"
-    ranked = sorted(events, key=lambda e: getattr(e, device_time), reverse=True)[:top]
-    return [
-        {"op": e.key, "self_ms": getattr(e, device_time) / 1000, "calls": e.count} for e in ranked
-    ]
+    device_ms = None
+    if device_time == "self_device_time_total":
+        device_ms = (
+            sum(getattr(e, device_time) for e in events if e.device_type != DeviceType.CPU) / 1000
+        )
+    ops = {e.key: {"self_ms": getattr(e, device_time) / 1000, "calls": e.count} for e in events}
+    return {"ops": ops, "device_ms": device_ms, "wall_s": wall}
+
+
+def top_ops(ops: dict[str, dict], top: int = 15) -> list[dict]:
+    """The `top` ops taking the most self time."""
+    ranked = sorted(ops.items(), key=lambda item: item[1]["self_ms"], reverse=True)[:top]
+    return [{"op": name, **value} for name, value in ranked]
+
+
+def added_ops(plain: dict[str, dict], profiled: dict[str, dict], top: int = 20) -> list[dict]:
+    """The ops whose self time grows most from the plain forward to profiling (by op name):
+    where the overhead goes. `added_ms` = profiling minus plain; `calls` are profiling's."""
+    rows = []
+    for name in profiled.keys() | plain.keys():
+        mine = profiled.get(name, {"self_ms": 0.0, "calls": 0})
+        base = plain.get(name, {"self_ms": 0.0, "calls": 0})
+        rows.append(
+            {
+                "op": name,
+                "added_ms": mine["self_ms"] - base["self_ms"],
+                "profile_ms": mine["self_ms"],
+                "plain_ms": base["self_ms"],
+                "calls": mine["calls"],
+                "plain_calls": base["calls"],
+            }
+        )
+    rows.sort(key=lambda row: row["added_ms"], reverse=True)
+    return rows[:top]
 
 
 def print_results(rows: list[dict]) -> None:
@@ -279,8 +324,33 @@ def print_results(rows: list[dict]) -> None:
         )
     console.print(table)
     for row in rows:
+        if row.get("top_ops"):
+            console.print(f"top ops of {row['run']} ({row['model']}), self time:")
         for op in row.get("top_ops", []):
             console.print(f"  {op['self_ms']:9.2f} ms  {op['calls']:6d}x  {op['op']}")
+        if row.get("added_ops"):
+            console.print(
+                "ops that profiling adds (self time, profile - plain forward; calls in profile):"
+            )
+            total = sum(op["added_ms"] for op in row["added_ops"] if op["added_ms"] > 0)
+        for op in row.get("added_ops", []):
+            per_call = 1000 * op["profile_ms"] / op["calls"] if op["calls"] else 0.0
+            console.print(
+                f"  {op['added_ms']:+9.2f} ms  {op['calls']:6d}x ({per_call:8.1f} us each, "
+                f"plain {op['plain_calls']}x)  {op['op']}"
+            )
+        if row.get("added_ops"):
+            console.print(f"  {total:9.2f} ms added by the ops above")
+        totals = row.get("trace_totals")
+        if totals and totals["plain_device_ms"] is not None:
+            plain_ms, profile_ms = totals["plain_device_ms"], totals["profile_device_ms"]
+            console.print(
+                f"  traced once each: device time (kernels, copies) plain {plain_ms:.2f} ms, "
+                f"profile {profile_ms:.2f} ms ({profile_ms - plain_ms:+.2f} ms); wall plain "
+                f"{1000 * totals['plain_wall_s']:.2f} ms, profile "
+                f"{1000 * totals['profile_wall_s']:.2f} ms: the wall time added beyond the "
+                "device time is host-side (launches, syncs, setup) or idle device"
+            )
 
 
 def main() -> None:
@@ -295,7 +365,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--repeats-large", type=int, default=1)
     parser.add_argument("--skip-large", action="store_true", help="no 8B-shape sequential run")
-    parser.add_argument("--trace", action="store_true", help="list the top ops of profiling")
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="trace the plain forward and profiling once each: top ops, and the ops profiling adds",
+    )
     args = parser.parse_args()
     small, large = SMOLLM2_135M, LLAMA3_8B
     if args.smoke:

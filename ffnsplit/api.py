@@ -492,3 +492,66 @@ def sweep(
         results, metric, out / "sweep.png", reference=dense[metric], title=f"{model_spec}: {metric}"
     )
     return payload
+
+
+def bench(
+    model: str | os.PathLike | None = None,
+    *,
+    shapes: tuple[str, ...] = (),
+    against: str | None = None,
+    e2e_shape: str | None = None,
+    ms: tuple[int, ...] | str = (1, 4, 16, 64, 256, 2048),
+    light: str = "int4-g128",
+    heavy_fraction: float = 0.05,
+    copies: int | None = None,
+    repeats: int | None = None,
+    batch: int = 1,
+    prompt_len: int = 512,
+    decode_steps: int = 128,
+    graphs: bool = True,
+    seed: int = 0,
+    device: str = "auto",
+    json_path: str | os.PathLike | None = None,
+    append: str | os.PathLike | None = None,
+    command: str | None = None,
+    trust_remote_code: bool = False,
+    log=None,
+) -> dict:
+    """FFN-layer latency (`shapes`, or the layers of the compressed folder `model`) and end-to-end
+    throughput (`model` against its original `against`, and/or a random model of `e2e_shape`
+    against its compressed twin); writes JSON and appends markdown when asked. See
+    `ffnsplit.eval.bench` for what is measured and how. Returns the JSON-able payload."""
+    import shlex
+    import sys
+
+    from ffnsplit.eval import bench as bench_module
+
+    options = bench_module.BenchOptions(
+        model=None if model is None else str(model),
+        shapes=tuple(shapes),
+        against=against,
+        e2e_shape=e2e_shape,
+        ms=ms,
+        light=light,
+        heavy_fraction=heavy_fraction,
+        copies=copies,
+        repeats=repeats,
+        batch=batch,
+        prompt_len=prompt_len,
+        decode_steps=decode_steps,
+        graphs=graphs,
+        seed=seed,
+        device=device,
+        trust_remote_code=trust_remote_code,
+        command=shlex.join(sys.argv) if command is None else command,
+    )
+
+    def save_so_far(partial: dict) -> None:  # a run stopped by a time limit keeps its rows
+        bench_module.write_outputs({**partial, "complete": False}, json_path=json_path)
+
+    payload = bench_module.run_bench(
+        options, log=log, checkpoint=save_so_far if json_path is not None else None
+    )
+    payload["complete"] = True
+    bench_module.write_outputs(payload, json_path=json_path, append=append)
+    return payload

@@ -570,6 +570,222 @@ def sweep_command(
     console.print(f"sweep.json and sweep.png written to [bold]{out}[/]")
 
 
+def _layer_table(case: dict):
+    from rich.table import Table
+
+    from ffnsplit.eval.bench import METHODS, max_errors
+
+    by = {(r["m"], r["method"]): r for r in case["rows"] if "us" in r}
+    methods = [method for method in METHODS if any(key[1] == method for key in by)]
+    short = {"torch_int4": "int4", "kernel_A": "A", "kernel_B": "B", "reference": "ref"}
+    table = Table(
+        title=f"{case['label']}: us per call; ffnsplit x byte floor, speedup vs dense",
+        title_justify="left",
+        show_footer=True,
+    )
+    table.add_column("M", "max err", justify="right")
+    errors = max_errors(case)
+    for method in methods:
+        table.add_column(short.get(method, method), f"{errors[method]:.0e}", justify="right")
+    table.add_column("x floor", justify="right")
+    table.add_column("speedup", justify="right")
+    for m in sorted({r["m"] for r in case["rows"]}):
+        cells = [f"{by[(m, k)]['us']:.1f}" if (m, k) in by else "-" for k in methods]
+        split = by.get((m, "ffnsplit"), {})
+        floor, speedup = split.get("x_floor"), split.get("vs_dense")
+        table.add_row(
+            str(m),
+            *cells,
+            "-" if floor is None else f"{floor:.2f}",
+            "-" if speedup is None else f"{speedup:.2f}x",
+        )
+    return table
+
+
+def _e2e_table(run: dict):
+    from rich.table import Table
+
+    dense, compressed = run["dense"], run["compressed"]
+    timing = {dense["decode_timing"], compressed["decode_timing"]}
+    table = Table(
+        title=f"end-to-end {run['source']}: batch {run['batch']}, prompt {run['prompt_len']}, "
+        f"{run['decode_steps']} decode steps ({', '.join(sorted(timing))}), {run['dtype']}",
+        title_justify="left",
+    )
+    for column in ("model", "weights", "prefill tok/s", "decode tok/s", "ms/step", "peak mem"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for label, m in (("dense", dense), ("compressed", compressed)):
+        peak = m["peak_memory_bytes"]
+        table.add_row(
+            label,
+            _human_bytes(m["weights_bytes"]),
+            f"{m['prefill_tokens_per_s']:,.0f}",
+            f"{m['decode_tokens_per_s']:,.1f}",
+            f"{m['decode_ms_per_step']:.2f}",
+            "-" if peak is None else _human_bytes(peak),
+        )
+
+    def ratio(key: str) -> str:
+        return "-" if run[key] is None else f"{run[key]:.2f}x"
+
+    table.add_row(
+        "[bold]ratio",
+        ratio("weights_ratio"),
+        ratio("prefill_speedup"),
+        f"[bold]{ratio('decode_speedup')}",
+        "",
+        ratio("peak_memory_ratio"),
+    )
+    return table
+
+
+def _command_line(ctx: typer.Context) -> str:
+    """The command as typed, normalised: the arguments, then every option not at its default."""
+    import shlex
+
+    words = ["ffnsplit", ctx.info_name or "bench"]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if value is None or value == param.default or value == ():
+            continue
+        if param.param_type_name == "argument":
+            words.append(str(value))
+        elif getattr(param, "is_flag", False):  # differs from its default: the other spelling
+            words.append(param.opts[0] if value else param.secondary_opts[0])
+        elif getattr(param, "multiple", False):
+            for item in value:
+                words += [param.opts[0], str(item)]
+        else:
+            words += [param.opts[0], str(value)]
+    return shlex.join(words)
+
+
+@app.command("bench")
+@friendly_errors
+def bench_command(
+    ctx: typer.Context,
+    model: Annotated[
+        str | None,
+        typer.Argument(
+            help="A compressed ffnsplit folder: benchmark its FFN layers (and the whole model "
+            "with --against)."
+        ),
+    ] = None,
+    shape: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--shape",
+            help="FFN layer shape HxI with random weights (repeatable); 4096x14336 (Llama-3-8B) "
+            "when nothing else is asked for.",
+        ),
+    ] = None,
+    m: Annotated[
+        str, typer.Option("--m", help="Comma-separated row counts M (tokens per layer call).")
+    ] = "1,4,16,64,256,2048",
+    light: Annotated[
+        str,
+        typer.Option("--light", help="Light format of --shape layers and the e2e twin (RTN)."),
+    ] = "int4-g128",
+    heavy_fraction: Annotated[
+        float,
+        typer.Option("--heavy-fraction", help="Heavy (fp16) neurons of --shape layers / twin."),
+    ] = 0.05,
+    against: Annotated[
+        str | None,
+        typer.Option(
+            "--against", help="Dense original of MODEL: end-to-end prefill/decode comparison."
+        ),
+    ] = None,
+    e2e_shape: Annotated[
+        str | None,
+        typer.Option(
+            "--e2e-shape",
+            help="End-to-end on a random-weight model of this shape and its compressed twin: "
+            "llama3-8b, llama2-7b, llama3.2-1b, smollm2-135m, tiny.",
+        ),
+    ] = None,
+    batch: Annotated[int, typer.Option("--batch", help="End-to-end batch size.")] = 1,
+    prompt_len: Annotated[
+        int, typer.Option("--prompt-len", help="End-to-end prompt (prefill) tokens.")
+    ] = 512,
+    decode_steps: Annotated[
+        int, typer.Option("--decode-steps", help="End-to-end timed decode steps.")
+    ] = 128,
+    copies: Annotated[
+        int | None,
+        typer.Option(
+            "--copies", help="Rotating weight copies (default: enough to defeat the L2 cache)."
+        ),
+    ] = None,
+    repeats: Annotated[
+        int | None,
+        typer.Option("--repeats", help="Timed repetitions per median (default 15 GPU, 3 CPU)."),
+    ] = None,
+    graphs: Annotated[
+        bool, typer.Option("--graphs/--no-graphs", help="Time through CUDA graphs.")
+    ] = True,
+    seed: Annotated[int, typer.Option(help="Seed of random weights, heavy sets, prompts.")] = 0,
+    json_file: Annotated[
+        Path | None, typer.Option("--json", help="Write every result to this JSON file.")
+    ] = None,
+    append: Annotated[
+        Path | None,
+        typer.Option("--append", help="Append a markdown section to this results file."),
+    ] = None,
+    device: Annotated[
+        str,
+        typer.Option("--device", help="auto (a GPU), cuda, cuda:N, or cpu (smoke numbers only)."),
+    ] = "auto",
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """FFN-layer latency against dense fp16 and torch int4, and end-to-end tokens/s and memory."""
+    from ffnsplit import api
+
+    payload = api.bench(
+        model,
+        shapes=tuple(shape or ()),
+        against=against,
+        e2e_shape=e2e_shape,
+        ms=m,
+        light=light,
+        heavy_fraction=heavy_fraction,
+        copies=copies,
+        repeats=repeats,
+        batch=batch,
+        prompt_len=prompt_len,
+        decode_steps=decode_steps,
+        graphs=graphs,
+        seed=seed,
+        device=device,
+        json_path=json_file,
+        append=append,
+        command=_command_line(ctx),
+        trust_remote_code=trust_remote_code,
+        log=lambda message: err_console.print(message, markup=False, highlight=False),
+    )
+    bandwidth = payload.get("copy_GBps")
+    console.print(
+        f"[bold]{payload['card']}[/], torch {payload['torch']}, triton {payload['triton']}, "
+        f"transformers {payload['transformers']}"
+        + (f"; copy bandwidth {bandwidth:.0f} GB/s" if bandwidth else "")
+    )
+    for case in payload["layers"]:
+        console.print(_layer_table(case))
+        for note in case["notes"]:
+            console.print(f"note: {note}", highlight=False)
+    for run in payload["e2e"]:
+        console.print(_e2e_table(run))
+        console.print(
+            f"compressed vs dense logits: relative error {run['logits_rel_err']:.2e}, top-1 "
+            f"agreement {run['top1_agreement']:.1%}"
+        )
+    for note in payload["notes"]:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+    for path, what in ((json_file, "results"), (append, "markdown")):
+        if path is not None:
+            console.print(f"{what} written to [bold]{path}[/]")
+
+
 def main() -> None:  # pragma: no cover - console entry point alias
     app()
 

@@ -23,11 +23,12 @@ neurons divided by the sum over all I; the *overlap at p* is |A & B| / |A| where
 ceil(p * I) neurons with the largest `out_norm_mean_first_half` and `out_norm_mean_second_half`.
 
 Statistics are gathered by forward pre-hooks on each FFN's down projection (always removed): on
-CUDA by one fused Triton kernel per FFN and batch (`kernels.profile_stats`), elsewhere by torch ops
-giving the same numbers. The NaN/Inf check syncs with the host once per run (once per layer in
-sequential mode): NaN/Inf stays in the running sums, and the first layer holding it is named. A
-model larger than the GPU is run layer by layer (`sequential=True`): only one decoder layer and the
-calibration activations are on the device at a time, as in llm-compressor's sequential pipeline.
+CUDA by Triton kernels per FFN and batch (`kernels.profile_stats`, I <= its MAX_SIZE), elsewhere
+by torch ops giving the same numbers. The NaN/Inf check syncs with the host once per run (once per
+layer in sequential mode): NaN/Inf stays in the running sums, and the first layer holding it is
+named. A model larger than the GPU is run layer by layer (`sequential=True`): only one decoder layer
+and the calibration activations are on the device at a time, as in llm-compressor's sequential
+pipeline.
 """
 
 from __future__ import annotations
@@ -343,6 +344,12 @@ class _RunState:
     half = 0
 
 
+def _stats_kernel() -> Callable[..., None]:
+    from ffnsplit.kernels.profile_stats import accumulate_stats
+
+    return accumulate_stats
+
+
 def _kernel_max_size() -> int:
     """Largest FFN the fused Triton statistics kernel takes (0 without Triton)."""
     try:
@@ -393,6 +400,8 @@ class _Accumulator:
         self.state = state
         self.tokens = [0, 0]
         self.col_norm: Tensor | None = None
+        self.sums: list[tuple[Tensor, ...]] | None = None
+        self.kernel: Callable[..., None] | None = None
 
     def _init(self, size: int, device: torch.device) -> None:
         down = self.block.down_module
@@ -418,11 +427,15 @@ class _Accumulator:
             self._move(a.device)
         flat = a.reshape(-1, size)
         half = self.state.half
-        sums = (self.abs_sum[half], self.sq_sum, self.abs_max, self.topk_count)
-        if flat.is_cuda and size <= _kernel_max_size():
-            from ffnsplit.kernels.profile_stats import accumulate_stats
-
-            accumulate_stats(flat, self.col_norm, self.k, *sums)
+        # the per-half argument tuples are built once: a hook call on a fast GPU is host-bound
+        if self.sums is None or self.sums[0][0].device != a.device:
+            self.sums = [
+                (self.abs_sum[h], self.sq_sum, self.abs_max, self.topk_count) for h in (0, 1)
+            ]
+            self.kernel = _stats_kernel() if a.is_cuda and size <= _kernel_max_size() else None
+        sums = self.sums[half]
+        if self.kernel is not None:
+            self.kernel(flat, self.col_norm, self.k, *sums)
         else:
             for chunk in flat.split(self.chunk):
                 accumulate_stats_torch(chunk, self.col_norm, self.k, *sums)
@@ -438,23 +451,46 @@ class _Accumulator:
             return torch.tensor(True)
         return torch.isfinite(self.abs_sum).all()
 
-    def result(self) -> LayerStats:
-        total = sum(self.tokens)
+    def host_tensors(self) -> list[Tensor]:
+        """The accumulators to bring to the host (see `_results`: one transfer for all layers)."""
         if self.col_norm is None or min(self.tokens) == 0:
             raise RuntimeError(f"{self.block.name}: the FFN saw tokens {self.tokens} per half")
-        abs_sum = self.abs_sum.cpu()
-        col = self.col_norm.cpu()
+        return [self.abs_sum, self.col_norm, self.abs_max, self.sq_sum, self.topk_count]
+
+    def result(self, host: Sequence[Tensor] | None = None) -> LayerStats:
+        """LayerStats from the accumulators, or from their host copies `host` (host_tensors)."""
+        total = sum(self.tokens)
+        abs_sum, col, abs_max, sq_sum, topk_count = (
+            [t.cpu() for t in self.host_tensors()] if host is None else host
+        )
         return LayerStats(
             name=self.block.name,
             out_norm_mean=abs_sum.sum(0) / total * col,
             abs_mean=abs_sum.sum(0) / total,
-            abs_max=self.abs_max.cpu().clone(),
-            sq_mean=self.sq_sum.cpu() / total,
-            topk_freq=(self.topk_count.cpu().double() / total).float(),
+            abs_max=abs_max.clone(),
+            sq_mean=sq_sum / total,
+            topk_freq=(topk_count.double() / total).float(),
             out_norm_mean_first_half=abs_sum[0] / self.tokens[0] * col,
             out_norm_mean_second_half=abs_sum[1] / self.tokens[1] * col,
             down_col_norm=col.clone(),
         )
+
+
+def _results(accumulators: Sequence[_Accumulator]) -> list[LayerStats]:
+    """Every layer's LayerStats with one device-to-host transfer per device and dtype (a copy
+    per tensor would sync with the device some 150 times for a 30-layer model)."""
+    tensors = [acc.host_tensors() for acc in accumulators]
+    flat = [t for group in tensors for t in group]
+    host: list[Tensor | None] = [None] * len(flat)
+    buckets: dict[tuple, list[int]] = {}
+    for i, t in enumerate(flat):
+        buckets.setdefault((t.device, t.dtype), []).append(i)
+    for indices in buckets.values():
+        joined = torch.cat([flat[i].reshape(-1) for i in indices]).cpu()
+        for i, part in zip(indices, joined.split([flat[i].numel() for i in indices]), strict=True):
+            host[i] = part.view(flat[i].shape)
+    per = len(tensors[0]) if tensors else 0
+    return [acc.result(host[j * per : (j + 1) * per]) for j, acc in enumerate(accumulators)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -795,7 +831,7 @@ def profile_model(
             handle.remove()
         model.train(was_training)
     run_seconds = time.perf_counter() - run_started
-    stats = [acc.result() for acc in accumulators]
+    stats = _results(accumulators)
     meta = {
         "model_name": Path(str(getattr(model, "name_or_path", "") or "")).name or None,
         "model": fingerprint,

@@ -117,13 +117,18 @@ def test_statistics_equal_brute_force(family: str) -> None:
         assert stats.topk_freq.sum().item() == pytest.approx(8.0, abs=1e-4)
 
 
-def _stats_inputs(tokens: int, size: int, dtype: torch.dtype, ties: bool) -> tuple:
-    """Activations (a view with a row stride wider than `size`), norms, fresh accumulators."""
+def _stats_inputs(tokens: int, size: int, dtype: torch.dtype, kind: str) -> tuple:
+    """Activations (a view with a row stride wider than `size`), norms, fresh accumulators.
+
+    kind: "randn"; "ties": few distinct values and equal norms, so many exact ties at the k-th
+    largest (zeros too); "zeros": every other row all zero, the rest with ties."""
     wide = torch.randn(tokens, size + 3)
-    if ties:  # few distinct values and equal norms: many ties at the k-th largest, zeros too
+    if kind in ("ties", "zeros"):
         wide = torch.randint(-3, 4, wide.shape).float()
+    if kind == "zeros":
+        wide[::2] = 0.0
     a = wide.to(dtype)[:, :size]
-    col = torch.ones(size) if ties else torch.rand(size) + 0.1
+    col = torch.ones(size) if kind != "randn" else torch.rand(size) + 0.1
     accumulators = [
         torch.rand(size),
         torch.rand(size),
@@ -133,26 +138,15 @@ def _stats_inputs(tokens: int, size: int, dtype: torch.dtype, ties: bool) -> tup
     return a, col, accumulators
 
 
-@pytest.mark.parametrize(
-    ("tokens", "size", "k", "dtype", "ties"),
-    [
-        (37, 160, 8, torch.float32, False),
-        (6, 1000, 50, torch.bfloat16, False),
-        (11, 200, 1, torch.float16, False),
-        (9, 7, 7, torch.float32, False),
-        (10, 100, 9, torch.float32, True),
-    ],
-)
-def test_stats_kernel_equals_torch_path(tokens, size, k, dtype, ties) -> None:
-    """The fused Triton kernel (interpreted on the CPU) gives the torch path's numbers; top-k
-    counts exactly, ties at the k-th value going to the lowest indices."""
+def _check_stats_kernel(a: torch.Tensor, col: torch.Tensor, k: int, start: list) -> list:
+    """Run the kernel on copies of the accumulators `start`; compare with the torch path (counts
+    bit-identical, sums close) and with a stable argsort per token; return the kernel's."""
     from ffnsplit.kernels.profile_stats import accumulate_stats
     from ffnsplit.profile import accumulate_stats_torch
 
-    a, col, expected = _stats_inputs(tokens, size, dtype, ties)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter takes CPU tensors
-    actual = [t.to(device, copy=True) for t in expected]
-    start_count = expected[3].clone()
+    expected = [t.clone() for t in start]
+    actual = [t.to(device, copy=True) for t in start]
     accumulate_stats_torch(a, col, k, *expected)
     accumulate_stats(a.to(device), col.to(device), k, *actual)
     actual = [t.cpu() for t in actual]
@@ -160,11 +154,119 @@ def test_stats_kernel_equals_torch_path(tokens, size, k, dtype, ties) -> None:
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, msg=name)
     assert torch.equal(actual[3], expected[3])
     out = a.float().abs() * col
-    brute = torch.zeros(size, dtype=torch.int64)
+    brute = torch.zeros(a.shape[1], dtype=torch.int64)
     for row in out:
         brute[torch.argsort(row, descending=True, stable=True)[:k]] += 1
-    assert torch.equal(actual[3] - start_count, brute)
-    assert (actual[3] - start_count).sum().item() == k * tokens
+    assert torch.equal(actual[3] - start[3], brute)
+    assert (actual[3] - start[3]).sum().item() == k * a.shape[0]
+    return actual
+
+
+@pytest.mark.parametrize(
+    ("tokens", "size", "k", "dtype", "kind"),
+    [
+        (13, 160, 8, torch.float32, "randn"),  # row pieces 128 + 32
+        (7, 1000, 50, torch.bfloat16, "randn"),  # 512 + 256 + 256 (232 real)
+        (11, 200, 1, torch.float16, "randn"),  # k = 1; 128 + 64 + 8
+        (9, 7, 7, torch.float32, "randn"),  # k = I; 4 + 2 + 1
+        (10, 100, 9, torch.float32, "ties"),  # 64 + 32 + 4
+        (8, 33, 32, torch.float16, "ties"),  # k = I - 1; 32 + 1
+        (12, 45, 5, torch.float32, "zeros"),  # all-zero rows: the cut falls inside the zeros
+        (5, 1536, 77, torch.float32, "randn"),  # SmolLM2-135M: 1024 + 512
+        (4, 1, 1, torch.float16, "randn"),
+    ],
+)
+def test_stats_kernel_equals_torch_path(tokens, size, k, dtype, kind) -> None:
+    """The Triton kernels (interpreted on the CPU, with a few programs each looping over rows
+    and token splits) give the torch path's numbers; top-k counts exactly, ties at the k-th value
+    going to the lowest indices."""
+    a, col, start = _stats_inputs(tokens, size, dtype, kind)
+    _check_stats_kernel(a, col, k, start)
+
+
+def test_stats_kernel_deterministic() -> None:
+    """Two calls on the same input give bit-identical accumulators (fixed summation order)."""
+    from ffnsplit.kernels.profile_stats import accumulate_stats
+
+    a, col, start = _stats_inputs(9, 130, torch.float32, "randn")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    results = []
+    for _ in range(2):
+        sums = [t.to(device, copy=True) for t in start]
+        accumulate_stats(a.to(device), col.to(device), 13, *sums)
+        results.append([t.cpu() for t in sums])
+    for x, y in zip(*results, strict=True):
+        assert torch.equal(x, y)
+
+
+def test_stats_kernel_launch_shapes() -> None:
+    from ffnsplit.kernels.profile_stats import MAX_SIZE, col_split, row_pieces, row_warps
+
+    for size in [1, 2, 3, 7, 45, 160, 1000, 1536, 2560, 5632, 8192, 14336, MAX_SIZE]:
+        pieces = row_pieces(size)
+        assert pieces[0] >= pieces[1] >= pieces[2] >= 0
+        assert all(p & (p - 1) == 0 for p in pieces)  # powers of two (or 0)
+        assert size <= sum(pieces) < size + max(1, pieces[2] if size <= 8192 else pieces[0] // 2)
+        assert 32 * row_warps(size) * 64 >= sum(pieces) or row_warps(size) == 1
+    assert row_pieces(1536) == (1024, 512, 0) and row_warps(1536) == 1
+    assert row_pieces(5632) == (4096, 1024, 512) and row_warps(5632) == 4
+    assert row_pieces(14336) == (16384, 0, 0) and row_warps(14336) == 8
+    for tokens, programs, block_t in [(1, 3, 4), (37, 3, 4), (16384, 528, 16), (100, 10**6, 16)]:
+        splits, rows = col_split(tokens, 1536, programs, block_t)
+        assert rows % block_t == 0 and splits * rows >= tokens > (splits - 1) * rows
+    assert col_split(16384, 1536, 528, 16) == (86, 192)  # 6 x 86 programs: one wave of 132 x 4
+
+
+def test_stats_kernel_resident_blocks() -> None:
+    """Programs per SM from the compiled kernel's registers (a GPU), else the estimate."""
+    from ffnsplit.kernels.profile_stats import _row_select_kernel, blocks_per_sm, resident_blocks
+
+    assert blocks_per_sm(72, 1) == 28 and blocks_per_sm(128, 4) == 4 and blocks_per_sm(8, 1) == 32
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a = torch.randn(64, 1536, device=device, dtype=torch.bfloat16)
+    col = torch.rand(1536, device=device)
+    cuts = torch.empty(2, 64, dtype=torch.int32, device=device)
+    const = {"B0": 1024, "B1": 512, "B2": 0, "GALLOP": 2 << 23}
+    blocks = resident_blocks(_row_select_kernel, (a, col, cuts, 64, 1536, 1536, 77, 2), const, 1, 7)
+    assert blocks == 7 if device == "cpu" else 1 <= blocks <= 32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernels need a CUDA GPU")
+@pytest.mark.parametrize(
+    ("tokens", "size", "k", "dtype", "ties"),
+    [
+        (16384, 1536, 77, torch.bfloat16, False),  # SmolLM2-135M batch: one warp per row
+        (3001, 1536, 77, torch.bfloat16, True),  # norms 1: bf16 |a| ties at the k-th value
+        (4099, 2560, 128, torch.bfloat16, False),  # 2 warps per row, 2048 + 512
+        (1027, 14336, 717, torch.bfloat16, True),  # Llama-3-8B: 8 warps, one padded piece
+        (513, 5632, 282, torch.bfloat16, False),  # 4 warps, 4096 + 1024 + 512
+        (2048, 1000, 1, torch.float16, False),
+        (777, 333, 333, torch.float32, False),
+    ],
+)
+def test_stats_kernel_gpu_real_shapes(tokens, size, k, dtype, ties) -> None:
+    """Compiled kernels at real shapes (GPU only): exact counts, close sums, deterministic."""
+    from ffnsplit.kernels.profile_stats import accumulate_stats
+    from ffnsplit.profile import accumulate_stats_torch
+
+    a = torch.randn(tokens, size, device="cuda").to(dtype)
+    a[::7, : size // 3] = 0  # zeros in part of the rows
+    a[5::11] = 0  # rows of zeros: the cut falls inside them
+    col = torch.ones(size, device="cuda") if ties else torch.rand(size, device="cuda") + 0.1
+    start = [torch.zeros(size, device="cuda") for _ in range(3)]
+    start.append(torch.zeros(size, dtype=torch.int64, device="cuda"))
+    expected = [t.clone() for t in start]
+    accumulate_stats_torch(a, col, k, *expected)
+    results = []
+    for _ in range(2):
+        actual = [t.clone() for t in start]
+        accumulate_stats(a, col, k, *actual)
+        results.append(actual)
+    for name, x, y in zip(("abs", "sq", "max", "count"), results[0], expected, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-3, msg=name)  # other sum order
+    assert torch.equal(results[0][3], expected[3])
+    for x, y in zip(*results, strict=True):
+        assert torch.equal(x, y)
 
 
 def _gemma3_mixed_layers() -> torch.nn.Module:

@@ -1,15 +1,19 @@
-"""Decode (M <= GEMV_MAX_M rows) split-FFN products on CUDA cores: no tensor cores, no shared memory.
+"""Decode (few rows) split-FFN products on CUDA cores: no tensor cores, no shared memory.
 
 At M = 1 a tensor-core tile pads M to 16 and stages the packed words through shared memory; here
 each program owns a block of output columns and a K-slice (split-K) and streams its weights
-straight into registers:
-  * light (packed) part: a [ROWS, BLOCK_N] tile of int32 words per step, 16-byte loads along N
-    (planes are K-major, consecutive columns contiguous); every thread keeps whole columns, so
-    the reduction over K never leaves the thread. A code c of b bits is OR-ed into the top of an
-    fp32 mantissa: v = 1 + c * 2^-b exactly (shift + lop3, no int-to-float conversion, no
-    subtraction), and sum_k x v = sum_k x + 2^-b sum_k x c. A step lies inside one quantization
-    group, so per column sum_k w x = s * 2^b * T - s * (2^b + z) * sum_k x with T = sum_k x v.
-  * dense (heavy) part: [BLOCK_ND, BLOCK_KD] tiles of rows (K contiguous), reduced along K.
+straight into registers, with every tensor of the inner loop one-dimensional over the program's
+columns (one layout: no data ever moves between threads inside the loop):
+  * light (packed) part: per 32 k, each word row of the planes (K-major, so consecutive columns
+    are contiguous: 16-byte loads, 4 columns per thread) is loaded as a [BLOCK_N] vector and each
+    of its codes meets one scalar of x (a broadcast load). A code c of b bits is OR-ed into the
+    top of an fp32 mantissa: v = 1 + c * 2^-b exactly (one shift + one and-or, no int-to-float
+    conversion, no subtraction), and sum_k x v = sum_k x + 2^-b sum_k x c. A chunk of k lies
+    inside one quantization group, so per column sum_k w x = s 2^b T - s (2^b + z) sum_k x with
+    T = sum_k x v: one scale and zero per column and chunk.
+  * dense (heavy) part: [BLOCK_ND, BLOCK_KD] tiles of rows (K contiguous, 16-byte loads), fp32
+    products accumulated elementwise and reduced along K once per program.
+Up to four rows of x per program (explicit per-row accumulators); more rows take more programs.
 Both parts of one call run in one launch (first programs dense, the rest light) and write fp32
 partial sums per K-slice to a workspace; `_gemv_reduce_kernel` adds them in a fixed order
 (deterministic, no atomics) and applies bias, activation and gating (kernel A) or bias (kernel B).
@@ -17,6 +21,7 @@ partial sums per K-slice to a workspace; `_gemv_reduce_kernel` adds them in a fi
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -24,183 +29,423 @@ import triton
 import triton.language as tl
 
 from ffnsplit.kernels.format import QuantizedWeight, SplitFFNWeights
-from ffnsplit.kernels.tiles import INTERPRET, Tuner, activation, load_words, pack_factor, sm_count
+from ffnsplit.kernels.tiles import INTERPRET, Tuner, activation, resident_blocks, sm_count
+
+STEP = 32  # k per step: one word row of the 1-bit plane, 4 of int4, 8 of int8, 2 of 2-bit
+STEP_K = tl.constexpr(STEP)
+ONE_BITS = 0x3F800000  # fp32 1.0, passed to the kernel at run time (see _nibble_floats)
 
 
 @triton.jit
-def _code_float(w0, w1, r, j: tl.constexpr, BITS: tl.constexpr):
-    """1 + c * 2^-BITS (exact fp32) for code j of every word of w0 (and plane 1 w1 for 3 bits):
-    the code is moved to the top of the mantissa of 1.0 by one shift and one and-or."""
+def _code_float(w, wb, ONE, rr: tl.constexpr, j: tl.constexpr, BITS: tl.constexpr):
+    """1 + c * 2^-BITS (exact fp32) for code j of the words w of word row rr of a step (wb: the
+    step's 1-bit plane words, 3 bits only): the code moves to the top of the mantissa of 1.0."""
     WIDTH: tl.constexpr = 8 if BITS == 8 else (4 if BITS == 4 else 2)
-    MASK: tl.constexpr = (1 << BITS) - 1
     TOP: tl.constexpr = 23 - BITS  # the code's lowest bit in the mantissa
-    if BITS == 3:  # the 1-bit word of row r holds this row's bit 2 at 16 * (r % 2) + j
-        half = ((r % 2) * 16 + j)[:, None]
-        f = ((((w0 >> (WIDTH * j)) & 3) | (((w1 >> half) & 1) << 2)) << TOP) | 0x3F800000
-    elif WIDTH * j <= TOP:
-        f = ((w0 << (TOP - WIDTH * j)) & (MASK << TOP)) | 0x3F800000
+    LO: tl.constexpr = WIDTH * j
+    LOW_MASK: tl.constexpr = ((1 << WIDTH) - 1) << TOP
+    if LO <= TOP:
+        f = (w << (TOP - LO)) & LOW_MASK
     else:
-        f = ((w0 >> (WIDTH * j - TOP)) & (MASK << TOP)) | 0x3F800000
-    return f.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _light_steps(acc0, acc1, x_ptr, stride_xm, offs_m, mask_m, p0_ptr, p1_ptr, s_ptr, z_ptr,
-                 q0_ptr, q1_ptr, t_ptr, u_ptr, N, K, b_lo, b_hi, offs_n, mask_n,
-                 BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
-                 DUAL: tl.constexpr, ROWS: tl.constexpr):  # fmt: skip
-    """acc0 += x @ W0[:, blocks b_lo..b_hi]^T (acc1 with W1 when DUAL); blocks of ROWS words."""
-    PACK: tl.constexpr = 32 // (8 if BITS == 8 else (4 if BITS == 4 else 2))
-    TWO_B: tl.constexpr = float(1 << BITS)
-    r = tl.arange(0, ROWS)
-    for b in range(b_lo, b_hi):
-        k0 = b * ROWS * PACK
-        w0, w1, mask_r = load_words(p0_ptr, p1_ptr, N, K, k0, offs_n, mask_n, BITS, ROWS)
-        if DUAL:
-            v0, v1, _ = load_words(q0_ptr, q1_ptr, N, K, k0, offs_n, mask_n, BITS, ROWS)
-        g_off = (k0 // GROUP) * N + offs_n
-        s0 = tl.load(s_ptr + g_off, mask=mask_n, other=0.0).to(tl.float32)
-        if DUAL:
-            s1 = tl.load(t_ptr + g_off, mask=mask_n, other=0.0).to(tl.float32)
-        if SYMMETRIC:
-            z0 = tl.full(s0.shape, (1 << (BITS - 1)), tl.float32)
-            z1 = z0
+        f = (w >> (LO - TOP)) & LOW_MASK
+    if BITS == 3:  # bit 2 of code k = 16 rr + j sits at bit 16 (rr % 2) + j of the 1-bit word
+        HB: tl.constexpr = 16 * (rr % 2) + j
+        DST: tl.constexpr = TOP + 2
+        if HB <= DST:
+            f = f | ((wb << (DST - HB)) & (1 << DST))
         else:
-            z0 = tl.load(z_ptr + g_off, mask=mask_n, other=0.0).to(tl.float32)
-            if DUAL:
-                z1 = tl.load(u_ptr + g_off, mask=mask_n, other=0.0).to(tl.float32)
-        # per-row fp32 FMA chains over the codes of each word; rows summed once per step
-        t0 = tl.zeros([acc0.shape[0], ROWS, acc0.shape[1]], dtype=tl.float32)
-        t1 = tl.zeros([acc1.shape[0], ROWS, acc1.shape[1]], dtype=tl.float32)
-        x_mask = mask_m[:, None] & mask_r[None, :]
+            f = f | ((wb >> (HB - DST)) & (1 << DST))
+    return (f | ONE).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _x_at(x_ptr, stride_xm, m: tl.constexpr, M, k):
+    """x[m, k] as an fp32 scalar; rows past M read row M - 1 (never stored: no mask needed)."""
+    return tl.load(x_ptr + tl.minimum(M - 1, m) * stride_xm + k).to(tl.float32)
+
+
+@triton.jit
+def _x_row(x_ptr, stride_xm, m: tl.constexpr, M, w_off0, offs_k, mask2):
+    """x[m, offs_k] as fp32, broadcast to the dense tile's shape [BLOCK_ND, BLOCK_KD] by the
+    pointers (w_off0: zeros of that shape), so it shares the tile's layout (no conversion);
+    rows past M read row M - 1 (never stored)."""
+    row = x_ptr + tl.minimum(M - 1, m) * stride_xm
+    return tl.load(row + w_off0 + offs_k[None, :], mask=mask2, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _light_step(tu0, tu1, tu2, tu3, tg0, tg1, tg2, tg3, xs0, xs1, xs2, xs3,
+                x_ptr, stride_xm, M, p0_ptr, p1_ptr, q0_ptr, q1_ptr, N, k0, offs_n, mask_n, ONE,
+                BITS: tl.constexpr, DUAL: tl.constexpr, BM: tl.constexpr):  # fmt: skip
+    """Add the 32 k at k0 of W0 (p planes) to tu*, of W1 (q planes, DUAL) to tg*, and the x
+    values to xs* (row m of x -> accumulators *m)."""
+    PACK: tl.constexpr = 32 // (8 if BITS == 8 else (4 if BITS == 4 else 2))
+    ROWS: tl.constexpr = STEP_K // PACK
+    if BITS == 3:
+        wb = tl.load(p1_ptr + (k0 // 32) * N + offs_n, mask=mask_n, other=0)
+        vb = wb
+        if DUAL:
+            vb = tl.load(q1_ptr + (k0 // 32) * N + offs_n, mask=mask_n, other=0)
+    else:
+        wb = 0
+        vb = 0
+    for rr in tl.static_range(ROWS):
+        w = tl.load(p0_ptr + (k0 // PACK + rr) * N + offs_n, mask=mask_n, other=0)
+        v = w
+        if DUAL:
+            v = tl.load(q0_ptr + (k0 // PACK + rr) * N + offs_n, mask=mask_n, other=0)
         for j in tl.static_range(PACK):
-            xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + r * PACK + j)[None, :],
-                         mask=x_mask, other=0.0).to(tl.float32)  # fmt: skip
-            x3 = xj[:, :, None]
-            t0 += x3 * _code_float(w0, w1, r, j, BITS)[None, :, :]
+            k = k0 + rr * PACK + j
+            f = _code_float(w, wb, ONE, rr, j, BITS)
+            g = f
             if DUAL:
-                t1 += x3 * _code_float(v0, v1, r, j, BITS)[None, :, :]
-        kk = k0 + tl.arange(0, ROWS * PACK)
-        xb = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
-                     mask=mask_m[:, None] & (kk < K)[None, :], other=0.0)  # fmt: skip
-        xs = tl.sum(xb.to(tl.float32), axis=1)[:, None]
-        acc0 += (s0 * TWO_B)[None, :] * tl.sum(t0, axis=1) - (s0 * (TWO_B + z0))[None, :] * xs
-        if DUAL:
-            acc1 += (s1 * TWO_B)[None, :] * tl.sum(t1, axis=1) - (s1 * (TWO_B + z1))[None, :] * xs
-    return acc0, acc1
+                g = _code_float(v, vb, ONE, rr, j, BITS)
+            x0 = _x_at(x_ptr, stride_xm, 0, M, k)
+            tu0 += x0 * f
+            tg0 += x0 * g
+            xs0 += x0
+            if BM > 1:
+                x1 = _x_at(x_ptr, stride_xm, 1, M, k)
+                tu1 += x1 * f
+                tg1 += x1 * g
+                xs1 += x1
+            if BM > 2:
+                x2 = _x_at(x_ptr, stride_xm, 2, M, k)
+                x3 = _x_at(x_ptr, stride_xm, 3, M, k)
+                tu2 += x2 * f
+                tg2 += x2 * g
+                xs2 += x2
+                tu3 += x3 * f
+                tg3 += x3 * g
+                xs3 += x3
+    return tu0, tu1, tu2, tu3, tg0, tg1, tg2, tg3, xs0, xs1, xs2, xs3
 
 
 @triton.jit
-def _dense_steps(acc0, acc1, x_ptr, stride_xm, offs_m, mask_m, w0_ptr, w1_ptr, stride_w, K,
-                 kb_lo, kb_hi, offs_n, mask_n, DUAL: tl.constexpr,
-                 BLOCK_KD: tl.constexpr):  # fmt: skip
-    """acc0 += x @ W0[:, k-blocks kb_lo..kb_hi]^T (acc1 with W1 when DUAL), W row-major [N, K]."""
-    for kb in range(kb_lo, kb_hi):
-        offs_k = kb * BLOCK_KD + tl.arange(0, BLOCK_KD)
-        mask_k = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)  # fmt: skip
-        x3 = x[:, None, :]
-        w_off = offs_n[:, None] * stride_w + offs_k[None, :]
-        w_mask = mask_n[:, None] & mask_k[None, :]
-        w = tl.load(w0_ptr + w_off, mask=w_mask, other=0.0).to(tl.float32)
-        acc0 += tl.sum(x3 * w[None, :, :], axis=2)
-        if DUAL:
-            w = tl.load(w1_ptr + w_off, mask=w_mask, other=0.0).to(tl.float32)
-            acc1 += tl.sum(x3 * w[None, :, :], axis=2)
-    return acc0, acc1
+def _nibble_floats(c, ONE):
+    """(1 + q 2^-11, 1 + q 2^-7) for the codes q at bits 12..15 and 16..19 of c, exact fp32.
+    ONE (the bits of 1.0) is a kernel argument, not a literal: the compiler then keeps it in the
+    constant bank and each mask-and-or is one instruction instead of a constant move plus one."""
+    lo = ((c & 0xF000) | ONE).to(tl.float32, bitcast=True)
+    hi = ((c & 0xF0000) | ONE).to(tl.float32, bitcast=True)
+    return lo, hi
 
 
 @triton.jit
-def _store_partials(ws_ptr, acc0, acc1, slot, M, NOUT, offs_m, mask_m, cols, mask_n,
-                    DUAL: tl.constexpr):  # fmt: skip
-    """ws[slot, 0 (up) / 1 (gate), m, cols] = acc0 / acc1."""
-    DUALS: tl.constexpr = 2 if DUAL else 1
-    out = ws_ptr + (slot * DUALS * M + offs_m[:, None]) * NOUT + cols[None, :]
-    out_mask = mask_m[:, None] & mask_n[None, :]
-    tl.store(out, acc0, mask=out_mask)
+def _fma_pair(tlo, thi, xe, xo, lo, hi, x_ptr, stride_xm, m: tl.constexpr, M, k):
+    """Row m: tlo += x[m, k] lo, thi += x[m, k + 1] hi; xe, xo: running sums of those x."""
+    x_even = _x_at(x_ptr, stride_xm, m, M, k)
+    x_odd = _x_at(x_ptr, stride_xm, m, M, k + 1)
+    return tlo + x_even * lo, thi + x_odd * hi, xe + x_even, xo + x_odd
+
+
+@triton.jit
+def _load_step4(p0_ptr, q0_ptr, N, k0, offs_n, mask_n, DUAL: tl.constexpr):
+    """The four int4 word rows [BLOCK_N] of the step at k0, of W0 (w*) and W1 (v*, DUAL)."""
+    base = (k0 // 8) * N + offs_n
+    w0 = tl.load(p0_ptr + base, mask=mask_n, other=0)
+    w1 = tl.load(p0_ptr + base + N, mask=mask_n, other=0)
+    w2 = tl.load(p0_ptr + base + 2 * N, mask=mask_n, other=0)
+    w3 = tl.load(p0_ptr + base + 3 * N, mask=mask_n, other=0)
+    v0, v1, v2, v3 = w0, w1, w2, w3
     if DUAL:
-        tl.store(out + M * NOUT, acc1, mask=out_mask)
+        v0 = tl.load(q0_ptr + base, mask=mask_n, other=0)
+        v1 = tl.load(q0_ptr + base + N, mask=mask_n, other=0)
+        v2 = tl.load(q0_ptr + base + 2 * N, mask=mask_n, other=0)
+        v3 = tl.load(q0_ptr + base + 3 * N, mask=mask_n, other=0)
+    return w0, w1, w2, w3, v0, v1, v2, v3
 
 
 @triton.jit
-def _dense_program(x_ptr, dw0_ptr, dw1_ptr, ws_ptr, tile, split, M, stride_xm, ND, KD,
-                   stride_dw, OD, SD, NOUT, DUAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_ND: tl.constexpr, BLOCK_KD: tl.constexpr):  # fmt: skip
-    """Dense rows tile*BLOCK_ND.. over K-slice `split` of SD -> ws slot `split`, columns OD.."""
-    offs_m = tl.arange(0, BLOCK_M)
-    mask_m = offs_m < M
-    offs_n = tile * BLOCK_ND + tl.arange(0, BLOCK_ND)
-    mask_n = offs_n < ND
-    acc0 = tl.zeros([BLOCK_M, BLOCK_ND], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_M, BLOCK_ND], dtype=tl.float32)
-    nb = tl.cdiv(KD, BLOCK_KD)
-    acc0, acc1 = _dense_steps(acc0, acc1, x_ptr, stride_xm, offs_m, mask_m, dw0_ptr, dw1_ptr,
-                              stride_dw, KD, split * nb // SD, (split + 1) * nb // SD, offs_n,
-                              mask_n, DUAL, BLOCK_KD)  # fmt: skip
-    _store_partials(ws_ptr, acc0, acc1, split, M, NOUT, offs_m, mask_m, OD + offs_n, mask_n,
-                    DUAL)  # fmt: skip
+def _word_step4(ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3, gl0, gh0, gl1, gh1, gl2, gh2, gl3, gh3,
+                xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3, w, v, x_ptr, stride_xm, M, k0, ONE,
+                DUAL: tl.constexpr, BM: tl.constexpr):  # fmt: skip
+    """One word row (8 k from k0) of _light_step4."""
+    for i in tl.static_range(4):
+        k = k0 + 2 * i
+        if i < 2:
+            c = w << (12 - 8 * i)
+            d = v << (12 - 8 * i)
+        else:
+            c = w >> (8 * i - 12)
+            d = v >> (8 * i - 12)
+        lo, hi = _nibble_floats(c, ONE)
+        dlo, dhi = _nibble_floats(d, ONE)
+        if DUAL:
+            gl0, gh0, _, _ = _fma_pair(gl0, gh0, xe0, xo0, dlo, dhi, x_ptr, stride_xm, 0, M, k)
+        ul0, uh0, xe0, xo0 = _fma_pair(ul0, uh0, xe0, xo0, lo, hi, x_ptr, stride_xm, 0, M, k)
+        if BM > 1:
+            if DUAL:
+                gl1, gh1, _, _ = _fma_pair(gl1, gh1, xe1, xo1, dlo, dhi, x_ptr, stride_xm, 1, M, k)
+            ul1, uh1, xe1, xo1 = _fma_pair(ul1, uh1, xe1, xo1, lo, hi, x_ptr, stride_xm, 1, M, k)
+        if BM > 2:
+            if DUAL:
+                gl2, gh2, _, _ = _fma_pair(gl2, gh2, xe2, xo2, dlo, dhi, x_ptr, stride_xm, 2, M, k)
+                gl3, gh3, _, _ = _fma_pair(gl3, gh3, xe3, xo3, dlo, dhi, x_ptr, stride_xm, 3, M, k)
+            ul2, uh2, xe2, xo2 = _fma_pair(ul2, uh2, xe2, xo2, lo, hi, x_ptr, stride_xm, 2, M, k)
+            ul3, uh3, xe3, xo3 = _fma_pair(ul3, uh3, xe3, xo3, lo, hi, x_ptr, stride_xm, 3, M, k)
+    return (ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3, gl0, gh0, gl1, gh1, gl2, gh2, gl3, gh3,
+            xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3)  # fmt: skip
+
+
+@triton.jit
+def _light_step4(ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3, gl0, gh0, gl1, gh1, gl2, gh2, gl3, gh3,
+                 xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3, w0, w1, w2, w3, v0, v1, v2, v3,
+                 x_ptr, stride_xm, M, k0, ONE, DUAL: tl.constexpr, BM: tl.constexpr):  # fmt: skip
+    """int4, 16-bit activations: the 32 k at k0 (words w*, v* from _load_step4) with one
+    mask-and-or per code and one shift per two codes. Each word is shifted so that codes 2i and
+    2i + 1 sit at bits 12 and 16, i.e. in the mantissa of 1.0 as 1 + q 2^-11 and 1 + q 2^-7; even
+    and odd codes accumulate apart (u/g l* and h*): sum_k x q = 2^11 (Tl - sum x_even) +
+    2^7 (Th - sum x_odd). xe*, xo*: sums of x over even and odd k per row."""
+    acc = (ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3, gl0, gh0, gl1, gh1, gl2, gh2, gl3, gh3,
+           xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3)  # fmt: skip
+    acc = _word_step4(*acc, w0, v0, x_ptr, stride_xm, M, k0, ONE, DUAL, BM)
+    acc = _word_step4(*acc, w1, v1, x_ptr, stride_xm, M, k0 + 8, ONE, DUAL, BM)
+    acc = _word_step4(*acc, w2, v2, x_ptr, stride_xm, M, k0 + 16, ONE, DUAL, BM)
+    acc = _word_step4(*acc, w3, v3, x_ptr, stride_xm, M, k0 + 24, ONE, DUAL, BM)
+    return acc
+
+
+@triton.jit
+def _scale_pair(s_ptr, z_ptr, g, N, offs_n, mask_n, SYMMETRIC: tl.constexpr):
+    """(s, z) per column of group g as fp32 (z = 8 when symmetric)."""
+    s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    if SYMMETRIC:
+        z = 8.0
+    else:
+        z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    return s, z
+
+
+@triton.jit
+def _finish4(acc, tlo, thi, s, z, xe, xo):
+    """acc + sum_k w x of a chunk: s (2^11 (Tl - x_even) + 2^7 (Th - x_odd) - z sum x)."""
+    return acc + s * (2048.0 * (tlo - xe) + 128.0 * (thi - xo) - z * (xe + xo))
+
+
+@triton.jit
+def _finish_rows4(a0, a1, a2, a3, l0, h0, l1, h1, l2, h2, l3, h3, s, z, xe0, xo0, xe1, xo1, xe2,
+                  xo2, xe3, xo3, BM: tl.constexpr):  # fmt: skip
+    """_finish4 for each of the program's rows of x."""
+    a0 = _finish4(a0, l0, h0, s, z, xe0, xo0)
+    if BM > 1:
+        a1 = _finish4(a1, l1, h1, s, z, xe1, xo1)
+    if BM > 2:
+        a2 = _finish4(a2, l2, h2, s, z, xe2, xo2)
+        a3 = _finish4(a3, l3, h3, s, z, xe3, xo3)
+    return a0, a1, a2, a3
+
+
+@triton.jit
+def _scale_terms(s_ptr, z_ptr, g, N, offs_n, mask_n, BITS: tl.constexpr,
+                 SYMMETRIC: tl.constexpr):  # fmt: skip
+    """(s 2^b, s (2^b + z)) per column for group g: w x summed = A T - B sum x."""
+    TWO_B: tl.constexpr = float(1 << BITS)
+    s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    if SYMMETRIC:
+        z = TWO_B + (1 << (BITS - 1))
+    else:
+        z = TWO_B + tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    return s * TWO_B, s * z
+
+
+@triton.jit
+def _store_rows(ws_ptr, a0, a1, a2, a3, slot, dual: tl.constexpr, DUALS: tl.constexpr, M,
+                NOUT, m0, cols, mask_n, BM: tl.constexpr):  # fmt: skip
+    """ws[slot, dual, m0 + m, cols] = a_m for the program's rows (m < M)."""
+    base = ws_ptr + ((slot * DUALS + dual) * M + m0) * NOUT + cols
+    row = cols * 0 + m0  # the rows as vectors: masks of the stores
+    tl.store(base, a0, mask=mask_n & (row < M))
+    if BM > 1:
+        tl.store(base + NOUT, a1, mask=mask_n & (row + 1 < M))
+    if BM > 2:
+        tl.store(base + 2 * NOUT, a2, mask=mask_n & (row + 2 < M))
+        tl.store(base + 3 * NOUT, a3, mask=mask_n & (row + 3 < M))
 
 
 @triton.jit
 def _light_program(x_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u_ptr, ws_ptr,
-                   tile, split, M, stride_xm, NL, KL, OL, SL, SLOT_L, NOUT,
+                   tile, split, M, m0, stride_xm, NL, KL, OL, SL, SLOT_L, NOUT, CHUNK, ONE,
                    BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
-                   DUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   ROWS: tl.constexpr):  # fmt: skip
-    """Packed columns tile*BLOCK_N.. over K-slice `split` of SL -> ws slot SLOT_L + split."""
-    PACK: tl.constexpr = 32 // (8 if BITS == 8 else (4 if BITS == 4 else 2))
-    offs_m = tl.arange(0, BLOCK_M)
-    mask_m = offs_m < M
+                   DUAL: tl.constexpr, BM: tl.constexpr, BLOCK_N: tl.constexpr,
+                   FAST: tl.constexpr):  # fmt: skip
+    """Packed columns tile*BLOCK_N.. over K-slice `split` of SL -> ws slot SLOT_L + split.
+
+    The slice is a run of chunks of CHUNK steps (32 k each); a chunk lies inside one group."""
+    DUALS: tl.constexpr = 2 if DUAL else 1
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < NL
-    acc0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    nb = tl.cdiv(KL, ROWS * PACK)
-    acc0, acc1 = _light_steps(acc0, acc1, x_ptr, stride_xm, offs_m, mask_m, p0_ptr, p1_ptr, s_ptr,
-                              z_ptr, q0_ptr, q1_ptr, t_ptr, u_ptr, NL, KL, split * nb // SL,
-                              (split + 1) * nb // SL, offs_n, mask_n, BITS, GROUP, SYMMETRIC,
-                              DUAL, ROWS)  # fmt: skip
-    _store_partials(ws_ptr, acc0, acc1, SLOT_L + split, M, NOUT, offs_m, mask_m, OL + offs_n,
-                    mask_n, DUAL)  # fmt: skip
+    zero = tl.zeros([BLOCK_N], dtype=tl.float32)
+    au0, au1, au2, au3, ag0, ag1, ag2, ag3 = zero, zero, zero, zero, zero, zero, zero, zero
+    steps = KL // STEP_K
+    n_chunks = tl.cdiv(steps, CHUNK)
+    c_lo, c_hi = split * n_chunks // SL, (split + 1) * n_chunks // SL
+    if FAST:
+        # software pipeline: the next step's words are loaded before this step is computed
+        st_last = tl.maximum(tl.minimum(c_hi * CHUNK, steps) - 1, 0)
+        nxt = _load_step4(p0_ptr, q0_ptr, NL, tl.minimum(c_lo * CHUNK, st_last) * STEP_K, offs_n,
+                          mask_n, DUAL)  # fmt: skip
+        for c in range(c_lo, c_hi):
+            ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3 = zero, zero, zero, zero, zero, zero, zero, zero
+            gl0, gh0, gl1, gh1, gl2, gh2, gl3, gh3 = zero, zero, zero, zero, zero, zero, zero, zero
+            xe0 = tl.zeros([], dtype=tl.float32)
+            xo0, xe1, xo1, xe2, xo2, xe3, xo3 = xe0, xe0, xe0, xe0, xe0, xe0, xe0
+            for st in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, steps)):
+                cur = nxt
+                nxt = _load_step4(p0_ptr, q0_ptr, NL, tl.minimum(st + 1, st_last) * STEP_K,
+                                  offs_n, mask_n, DUAL)  # fmt: skip
+                (ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3, gl0, gh0, gl1, gh1, gl2, gh2, gl3, gh3,
+                 xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3) = _light_step4(
+                    ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3, gl0, gh0, gl1, gh1, gl2, gh2, gl3,
+                    gh3, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3, *cur, x_ptr, stride_xm, M - m0,
+                    st * STEP_K, ONE, DUAL, BM)  # fmt: skip
+            g = c * CHUNK * STEP_K // GROUP
+            s, z = _scale_pair(s_ptr, z_ptr, g, NL, offs_n, mask_n, SYMMETRIC)
+            au0, au1, au2, au3 = _finish_rows4(au0, au1, au2, au3, ul0, uh0, ul1, uh1, ul2, uh2,
+                                               ul3, uh3, s, z, xe0, xo0, xe1, xo1, xe2, xo2, xe3,
+                                               xo3, BM)  # fmt: skip
+            if DUAL:
+                s, z = _scale_pair(t_ptr, u_ptr, g, NL, offs_n, mask_n, SYMMETRIC)
+                ag0, ag1, ag2, ag3 = _finish_rows4(ag0, ag1, ag2, ag3, gl0, gh0, gl1, gh1, gl2,
+                                                   gh2, gl3, gh3, s, z, xe0, xo0, xe1, xo1, xe2,
+                                                   xo2, xe3, xo3, BM)  # fmt: skip
+    else:
+        for c in range(c_lo, c_hi):
+            tu0, tu1, tu2, tu3, tg0, tg1, tg2, tg3 = zero, zero, zero, zero, zero, zero, zero, zero
+            xs0 = tl.zeros([], dtype=tl.float32)
+            xs1, xs2, xs3 = xs0, xs0, xs0
+            for st in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, steps)):
+                tu0, tu1, tu2, tu3, tg0, tg1, tg2, tg3, xs0, xs1, xs2, xs3 = _light_step(
+                    tu0, tu1, tu2, tu3, tg0, tg1, tg2, tg3, xs0, xs1, xs2, xs3, x_ptr, stride_xm,
+                    M - m0, p0_ptr, p1_ptr, q0_ptr, q1_ptr, NL, st * STEP_K, offs_n, mask_n, ONE,
+                    BITS, DUAL, BM)  # fmt: skip
+            g = c * CHUNK * STEP_K // GROUP
+            a, b = _scale_terms(s_ptr, z_ptr, g, NL, offs_n, mask_n, BITS, SYMMETRIC)
+            au0 += a * tu0 - b * xs0
+            if BM > 1:
+                au1 += a * tu1 - b * xs1
+            if BM > 2:
+                au2 += a * tu2 - b * xs2
+                au3 += a * tu3 - b * xs3
+            if DUAL:
+                a, b = _scale_terms(t_ptr, u_ptr, g, NL, offs_n, mask_n, BITS, SYMMETRIC)
+                ag0 += a * tg0 - b * xs0
+                if BM > 1:
+                    ag1 += a * tg1 - b * xs1
+                if BM > 2:
+                    ag2 += a * tg2 - b * xs2
+                    ag3 += a * tg3 - b * xs3
+    cols = OL + offs_n
+    _store_rows(ws_ptr, au0, au1, au2, au3, SLOT_L + split, 0, DUALS, M, NOUT, m0, cols, mask_n,
+                BM)  # fmt: skip
+    if DUAL:
+        _store_rows(ws_ptr, ag0, ag1, ag2, ag3, SLOT_L + split, 1, DUALS, M, NOUT, m0, cols,
+                    mask_n, BM)  # fmt: skip
 
 
-@triton.jit(do_not_specialize=["M", "SD", "SL"])
+@triton.jit
+def _dense_tiles(dw0_ptr, dw1_ptr, stride_dw, KD, kb, offs_n, mask_n, DUAL: tl.constexpr,
+                 BLOCK_KD: tl.constexpr):  # fmt: skip
+    """The [BLOCK_ND, BLOCK_KD] tiles of K-block kb of W0 and (DUAL) W1, zeros past the edges."""
+    offs_k = kb * BLOCK_KD + tl.arange(0, BLOCK_KD)
+    w_off = offs_n[:, None] * stride_dw + offs_k[None, :]
+    w_mask = mask_n[:, None] & (offs_k < KD)[None, :]
+    wu = tl.load(dw0_ptr + w_off, mask=w_mask, other=0.0)
+    wg = wu
+    if DUAL:
+        wg = tl.load(dw1_ptr + w_off, mask=w_mask, other=0.0)
+    return wu, wg
+
+
+@triton.jit
+def _dense_program(x_ptr, dw0_ptr, dw1_ptr, ws_ptr, tile, split, M, m0, stride_xm, ND, KD,
+                   stride_dw, OD, SD, NOUT, DUAL: tl.constexpr, BM: tl.constexpr,
+                   BLOCK_ND: tl.constexpr, BLOCK_KD: tl.constexpr):  # fmt: skip
+    """Dense rows tile*BLOCK_ND.. over K-slice `split` of SD -> ws slot `split`, columns OD.."""
+    DUALS: tl.constexpr = 2 if DUAL else 1
+    offs_n = tile * BLOCK_ND + tl.arange(0, BLOCK_ND)
+    mask_n = offs_n < ND
+    zero = tl.zeros([BLOCK_ND, BLOCK_KD], dtype=tl.float32)
+    au0, au1, au2, au3, ag0, ag1, ag2, ag3 = zero, zero, zero, zero, zero, zero, zero, zero
+    nb = tl.cdiv(KD, BLOCK_KD)
+    kb_lo, kb_hi = split * nb // SD, (split + 1) * nb // SD
+    zeros2 = offs_n[:, None] * 0
+    # software pipeline: the next K-block's weights are loaded before this one is used
+    nu, ng = _dense_tiles(dw0_ptr, dw1_ptr, stride_dw, KD, kb_lo, offs_n, mask_n, DUAL, BLOCK_KD)
+    for kb in range(kb_lo, kb_hi):
+        wu, wg = nu, ng
+        nu, ng = _dense_tiles(dw0_ptr, dw1_ptr, stride_dw, KD, tl.minimum(kb + 1, kb_hi - 1),
+                              offs_n, mask_n, DUAL, BLOCK_KD)  # fmt: skip
+        wu = wu.to(tl.float32)
+        wg = wg.to(tl.float32)
+        offs_k = kb * BLOCK_KD + tl.arange(0, BLOCK_KD)
+        w_mask = mask_n[:, None] & (offs_k < KD)[None, :]
+        x0 = _x_row(x_ptr, stride_xm, 0, M - m0, zeros2, offs_k, w_mask)
+        au0 += wu * x0
+        ag0 += wg * x0
+        if BM > 1:
+            x1 = _x_row(x_ptr, stride_xm, 1, M - m0, zeros2, offs_k, w_mask)
+            au1 += wu * x1
+            ag1 += wg * x1
+        if BM > 2:
+            x2 = _x_row(x_ptr, stride_xm, 2, M - m0, zeros2, offs_k, w_mask)
+            x3 = _x_row(x_ptr, stride_xm, 3, M - m0, zeros2, offs_k, w_mask)
+            au2 += wu * x2
+            ag2 += wg * x2
+            au3 += wu * x3
+            ag3 += wg * x3
+    cols = OD + offs_n
+    _store_rows(ws_ptr, tl.sum(au0, axis=1), tl.sum(au1, axis=1), tl.sum(au2, axis=1),
+                tl.sum(au3, axis=1), split, 0, DUALS, M, NOUT, m0, cols, mask_n,
+                BM)  # fmt: skip
+    if DUAL:
+        _store_rows(ws_ptr, tl.sum(ag0, axis=1), tl.sum(ag1, axis=1), tl.sum(ag2, axis=1),
+                    tl.sum(ag3, axis=1), split, 1, DUALS, M, NOUT, m0, cols, mask_n,
+                    BM)  # fmt: skip
+
+
+@triton.jit(do_not_specialize=["M", "SD", "SL", "CHUNK", "ONE", "RD"])
 def _gemv_kernel(
     x_ptr, dw0_ptr, dw1_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u_ptr, ws_ptr,
-    M, stride_xm, ND, KD, stride_dw, XD, OD, SD, NL, KL, XL, OL, SL, SLOT_L, NOUT,
+    M, stride_xm, ND, KD, stride_dw, XD, OD, SD, RD, NL, KL, XL, OL, SL, SLOT_L, NOUT, CHUNK, ONE,
     BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, DUAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
-    BLOCK_ND: tl.constexpr, BLOCK_KD: tl.constexpr,
+    BM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_ND: tl.constexpr, BLOCK_KD: tl.constexpr,
+    FAST: tl.constexpr,
 ):  # fmt: skip
-    """One (column tile, K-slice) program; fp32 partials to ws[slot, dual, m, column].
+    """One (column tile, K-slice) program for rows program_id(1)*BM..; fp32 partials to
+    ws[slot, dual, m, column].
 
-    Dense programs (the first cdiv(ND, BLOCK_ND) * SD) read rows [ND, KD] against x[:, XD:] and
-    write columns OD.. of slots 0..SD; light programs read packed [KL, NL] against x[:, XL:] and
-    write columns OL.. of slots SLOT_L + 0..SL.
+    Dense programs (the first cdiv(cdiv(ND, BLOCK_ND), RD) * SD, RD row tiles each) read rows
+    [ND, KD] against x[:, XD:] and write columns OD.. of slots 0..SD; light programs read packed
+    [KL, NL] against x[:, XL:] and write columns OL.. of slots SLOT_L + 0..SL.
     """
     pid = tl.program_id(0)
-    tiles_d = tl.cdiv(ND, BLOCK_ND)
-    if pid < tiles_d * SD:
-        _dense_program(x_ptr + XD, dw0_ptr, dw1_ptr, ws_ptr, pid % tiles_d, pid // tiles_d, M,
-                       stride_xm, ND, KD, stride_dw, OD, SD, NOUT, DUAL, BLOCK_M, BLOCK_ND,
-                       BLOCK_KD)  # fmt: skip
+    m0 = tl.program_id(1) * BM
+    x_rows = x_ptr + m0 * stride_xm
+    groups_d = tl.cdiv(tl.cdiv(ND, BLOCK_ND), RD)  # dense programs own RD row tiles each
+    if pid < groups_d * SD:
+        for rt in range(0, RD):
+            _dense_program(x_rows + XD, dw0_ptr, dw1_ptr, ws_ptr, (pid % groups_d) * RD + rt,
+                           pid // groups_d, M, m0, stride_xm, ND, KD, stride_dw, OD, SD, NOUT,
+                           DUAL, BM, BLOCK_ND, BLOCK_KD)  # fmt: skip
     else:
-        pid = pid - tiles_d * SD
+        pid = pid - groups_d * SD
         tiles_l = tl.cdiv(NL, BLOCK_N)
-        _light_program(x_ptr + XL, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u_ptr,
-                       ws_ptr, pid % tiles_l, pid // tiles_l, M, stride_xm, NL, KL, OL, SL,
-                       SLOT_L, NOUT, BITS, GROUP, SYMMETRIC, DUAL, BLOCK_M, BLOCK_N,
-                       ROWS)  # fmt: skip
+        _light_program(x_rows + XL, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u_ptr,
+                       ws_ptr, pid % tiles_l, pid // tiles_l, M, m0, stride_xm, NL, KL, OL, SL,
+                       SLOT_L, NOUT, CHUNK, ONE, BITS, GROUP, SYMMETRIC, DUAL, BM, BLOCK_N,
+                       FAST)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["M", "C0", "S0", "S1", "SMAX"])
 def _gemv_reduce_kernel(ws_ptr, ub_ptr, gb_ptr, out_ptr, M, NOUT, stride_om, C0, S0, S1, SMAX,
                         DUAL: tl.constexpr, ACT: tl.constexpr, ACTIVATION: tl.constexpr,
                         HAS_UP_BIAS: tl.constexpr, HAS_GATE_BIAS: tl.constexpr,
-                        BLOCK: tl.constexpr):  # fmt: skip
+                        BLOCK: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
     """out[m, c] = finish(sum of slots) with slots 0..S0 for columns c < C0, 0..S1 for the rest.
 
+    A [BLOCK_S slots, BLOCK outputs] tile per iteration: every slot's load is in flight at once
+    (a loop of one load per slot would put a memory latency on each); slots are added in order.
     finish: + up bias; with DUAL act(gate + gate bias) * up, else act(up) when ACT, else up.
     """
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -212,11 +457,13 @@ def _gemv_reduce_kernel(ws_ptr, ub_ptr, gb_ptr, out_ptr, M, NOUT, stride_om, C0,
     DUALS: tl.constexpr = 2 if DUAL else 1
     up = tl.zeros([BLOCK], dtype=tl.float32)
     gate = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in range(0, SMAX):
-        m_s = mask & (s < n_slots)
-        up += tl.load(ws_ptr + s * DUALS * mn + offs, mask=m_s, other=0.0)
+    for s0 in range(0, SMAX, BLOCK_S):
+        slots = s0 + tl.arange(0, BLOCK_S)
+        m_s = mask[None, :] & (slots[:, None] < n_slots[None, :])
+        ptrs = ws_ptr + (slots * DUALS * mn)[:, None] + offs[None, :]
+        up += tl.sum(tl.load(ptrs, mask=m_s, other=0.0), axis=0)
         if DUAL:
-            gate += tl.load(ws_ptr + (s * DUALS + 1) * mn + offs, mask=m_s, other=0.0)
+            gate += tl.sum(tl.load(ptrs + mn, mask=m_s, other=0.0), axis=0)
     if HAS_UP_BIAS:
         up += tl.load(ub_ptr + col, mask=mask, other=0.0).to(tl.float32)
     if DUAL:
@@ -234,41 +481,48 @@ def _gemv_reduce_kernel(ws_ptr, ub_ptr, gb_ptr, out_ptr, M, NOUT, stride_om, C0,
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """Light tiles [rows words, block_n columns]; dense tiles [block_nd rows, block_kd]; programs
-    aimed at `waves` per SM."""
+    """Light tiles of block_n columns (4 or 8 words a thread: block_n = 128 or 256 * num_warps on
+    a GPU); dense tiles [block_nd rows, block_kd]; grids of `waves` full waves (every SM holding
+    as many programs as its registers allow)."""
 
     block_n: int
-    rows: int
     block_nd: int
     block_kd: int
     num_warps: int
-    waves: int = 4
+    waves: int = 1
+    fast: bool = True  # int4 with 16-bit activations: two mantissa positions (_light_step4)
 
 
-# block_n = 4 words (16 bytes) per thread x 32 lanes x warps: every thread owns whole columns
-_CONFIGS = (
-    GemvConfig(512, 8, 16, 256, num_warps=4),
-    GemvConfig(256, 8, 8, 256, num_warps=2, waves=8),
-    GemvConfig(1024, 4, 16, 256, num_warps=4),
+_CONFIGS = (  # block_n / (32 * num_warps) columns per thread: 4 (one 16-byte load) or 8 (two)
+    GemvConfig(512, 4, 256, num_warps=4),
+    GemvConfig(256, 2, 256, num_warps=2),
+    GemvConfig(1024, 4, 256, num_warps=4),
+    GemvConfig(512, 2, 256, num_warps=2),
+    GemvConfig(512, 4, 256, num_warps=4, waves=2),
 )
-_INTERPRET_CONFIG = GemvConfig(32, 4, 8, 32, num_warps=1, waves=1)
+_INTERPRET_CONFIG = GemvConfig(32, 4, 32, num_warps=1, waves=1)
+FAST_OK = os.environ.get("FFNSPLIT_GEMV_FAST", "1") != "0"  # 0: exact path only (benchmarks)
+MAX_ROWS = 4  # rows of x per program (explicit accumulators); more rows: more programs
 _tuner = Tuner()
 
 
-def _rows(cfg: GemvConfig, m: int, bits: int, group: int, k: int) -> int:
-    """Word rows per step: fewer for more rows of x (one fp32 accumulator per row, word and
-    column), inside one quantization group, >= 2 (a 3-bit 1-bit plane word covers two rows)."""
-    rows, pack = max(2, cfg.rows // triton.next_power_of_2(m)), pack_factor(bits)
-    while rows > 2 and group < k and group % (rows * pack):
-        rows //= 2
-    return rows
+def _light_split(k: int, group: int, want: int) -> tuple[int, int]:
+    """(steps of 32 k per chunk, K-slices) for at most `want` slices of equal chunk counts.
 
-
-def _splits(work: int, tiles: int, blocks: int, per_program: float) -> int:
-    """K-slices so that each program streams about `per_program` bytes (at most one per block)."""
-    if tiles == 0 or blocks == 0:
-        return 0
-    return max(1, min(blocks, round(work / tiles / per_program)))
+    A chunk stays inside one quantization group (its steps divide the group's); larger chunks
+    apply the scales less often, smaller ones let the slices come out even: the largest chunk
+    that fills 85% of the `want` slots with equal slices, else the one filling the most."""
+    steps = k // STEP
+    per_group = max(1, min(group, k) // STEP)
+    best = None
+    for chunk in (c for c in range(per_group, 0, -1) if per_group % c == 0):
+        n_chunks = triton.cdiv(steps, chunk)
+        slices = triton.cdiv(n_chunks, triton.cdiv(n_chunks, max(1, want)))
+        if slices >= 0.85 * min(want, steps):
+            return chunk, slices
+        if best is None or slices > best[1]:
+            best = (chunk, slices)
+    return best
 
 
 def _light_args(a: QuantizedWeight | None, b: QuantizedWeight | None, x: torch.Tensor) -> list:
@@ -307,37 +561,56 @@ def _launch(
     bits = 4 if light is None else light[0].bits
     group = 32 if light is None else light[0].group_size
     symmetric = True if light is None else light[0].symmetric
-    rows = _rows(cfg, m, bits, group, kl)
-    pack = pack_factor(bits)
     tiles_d, tiles_l = triton.cdiv(nd, cfg.block_nd), triton.cdiv(nl, cfg.block_n)
-    nb_d, nb_l = triton.cdiv(kd, cfg.block_kd), triton.cdiv(kl, rows * pack)
-    bytes_d = 2 * nd * kd * x2.element_size()
+    bytes_d = (2 if dual else 1) * nd * kd * x2.element_size()
     bytes_l = 0 if light is None else light[0].nbytes() * (2 if dual else 1)
-    per_program = (bytes_d + bytes_l) / (cfg.waves * sm_count(x2.device))
-    sd = _splits(bytes_d, tiles_d, nb_d, per_program)
-    sl = _splits(bytes_l, tiles_l, nb_l, per_program)
+    dw0 = x2 if dense is None else dense[0]
+    dw1 = dw0 if dense is None or dense[1] is None else dense[1]
+    bm = min(MAX_ROWS, triton.next_power_of_2(m))
+    constexprs = dict(
+        BITS=bits, GROUP=group, SYMMETRIC=symmetric, DUAL=dual, BM=bm, BLOCK_N=cfg.block_n,
+        BLOCK_ND=cfg.block_nd, BLOCK_KD=cfg.block_kd,
+        FAST=cfg.fast and FAST_OK and bits == 4 and x2.dtype != torch.float32,
+    )  # fmt: skip
+    light_args = _light_args(*(light or (None, None)), x2)
+
+    def args(sd: int, rd: int, sl: int, slot_l: int, chunk: int, ws: torch.Tensor) -> tuple:
+        return (
+            x2, dw0, dw1, *light_args, ws, m, x2.stride(0), nd, kd,
+            dw0.stride(0) if dense is not None else 0, 0, 0, sd, rd, nl, kl,
+            0 if kernel_a else kd, nd if kernel_a else 0, sl, slot_l, out_cols, chunk, ONE_BITS,
+        )  # fmt: skip
+
+    # One wave: as many programs as the SMs hold at once (registers of the compiled variant),
+    # each streaming about the same bytes; a partial second wave would run alone at the end.
+    guess = 2 if INTERPRET else 4 * (8 // cfg.num_warps)
+    capacity = cfg.waves * sm_count(x2.device) * resident_blocks(
+        _gemv_kernel, args(1, 1, 1, 0, 1, x2), constexprs, cfg.num_warps, guess, stages=1
+    )  # fmt: skip
+    per_program = (bytes_d + bytes_l) / capacity
+    sd = 1 if tiles_d else 0
+    rd = max(1, min(tiles_d, int(per_program // max(bytes_d / max(tiles_d, 1), 1))))
+    programs_d = triton.cdiv(tiles_d, rd) if tiles_d else 0
+    want_l = max(1, (capacity - programs_d) // max(tiles_l, 1))
+    chunk, sl = _light_split(kl, group, want_l) if tiles_l else (1, 0)
     slot_l = 0 if kernel_a else sd
     slots = max(sd, sl) if kernel_a else sd + sl
     duals = 2 if dual else 1
     ws = torch.empty((slots, duals, m, out_cols), dtype=torch.float32, device=x2.device)
-    dw0 = x2 if dense is None else dense[0]
-    dw1 = dw0 if dense is None or dense[1] is None else dense[1]
-    _gemv_kernel[(tiles_d * sd + tiles_l * sl,)](
-        x2, dw0, dw1, *_light_args(*(light or (None, None)), x2), ws,
-        m, x2.stride(0), nd, kd, dw0.stride(0) if dense is not None else 0,
-        0, 0, sd, nl, kl, 0 if kernel_a else kd, nd if kernel_a else 0, sl, slot_l, out_cols,
-        BITS=bits, GROUP=group, SYMMETRIC=symmetric, DUAL=dual,
-        BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, ROWS=rows,
-        BLOCK_ND=cfg.block_nd, BLOCK_KD=cfg.block_kd, num_warps=cfg.num_warps, num_stages=1,
-    )  # fmt: skip
-    block = 1024
+    _gemv_kernel[(programs_d * sd + tiles_l * sl, triton.cdiv(m, bm))](
+        *args(sd, rd, sl, slot_l, chunk, ws), **constexprs, num_warps=cfg.num_warps, num_stages=1
+    )
+    smax = max(sd, sl) if kernel_a else slots
+    block_s = min(32, triton.next_power_of_2(smax))
+    block = 4096 // block_s  # a [block_s, block] tile: 4096 fp32 loads in flight per program
     c0, s0, s1 = (nd, sd, sl) if kernel_a else (0, 0, slots)
     _gemv_reduce_kernel[(triton.cdiv(m * out_cols, block),)](
         ws, finish.get("up_bias") if finish.get("up_bias") is not None else out,
         finish.get("gate_bias") if finish.get("gate_bias") is not None else out, out,
-        m, out_cols, out.stride(0), c0, s0, s1, max(s0, s1), DUAL=dual, ACT=kernel_a,
+        m, out_cols, out.stride(0), c0, s0, s1, smax, DUAL=dual, ACT=kernel_a,
         ACTIVATION=finish.get("activation", "relu"), HAS_UP_BIAS=finish.get("up_bias") is not None,
-        HAS_GATE_BIAS=finish.get("gate_bias") is not None, BLOCK=block, num_warps=4,
+        HAS_GATE_BIAS=finish.get("gate_bias") is not None, BLOCK=block, BLOCK_S=block_s,
+        num_warps=4,
     )  # fmt: skip
 
 

@@ -28,9 +28,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # FFNSPLIT_AUTOTUNE=0 keeps the first config of each tier (fast GPU test runs, reproducible picks).
 AUTOTUNE = os.environ.get("FFNSPLIT_AUTOTUNE", "1") != "0" and not INTERPRET
 DECODE_MAX_M = 16  # up to this many rows the weights are streamed once (decode tier)
-# up to this many rows "auto" takes the CUDA-core path (gemv.py). 0: measured slower than the
-# tensor-core decode tier on an H200 (docs/kernels_notes.md, version 6); path="gemv" forces it.
-GEMV_MAX_M = 0
+# up to this many rows "auto" takes the CUDA-core path (gemv.py): on an H200 it beats the
+# tensor-core decode tier at M <= 4 and loses from M = 8 (benchmarks/RESULTS.md, version 7).
+GEMV_MAX_M = 4
 ACTIVATION_NAMES = ("silu", "gelu", "gelu_tanh", "relu")
 _WIDTH = {8: 8, 4: 4, 3: 2, 2: 2}  # width of the first (or only) bit plane
 
@@ -420,6 +420,44 @@ def sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# Programs an SM holds, by the registers of each compiled kernel variant (Triton's warmup compiles
+# it before the first launch): grids are sized to fill the GPU in whole waves.
+_resident: dict[tuple, int] = {}
+
+
+def blocks_per_sm(n_regs: int, warps: int) -> int:
+    """Blocks of `warps` warps that fit an sm_80/sm_90 SM by registers (64K), warps (64) and
+    blocks (32)."""
+    per_warp = 32 * ((n_regs + 7) // 8 * 8)
+    return max(1, min(32, 65536 // (per_warp * warps), 64 // warps))
+
+
+def resident_blocks(
+    kernel, args: tuple, constexprs: dict, warps: int, guess: int, stages: int | None = None
+) -> int:
+    """Programs of `kernel` (launched with these arguments) that an SM holds at once, from the
+    registers of the compiled variant (compiled here by Triton's warmup, as the launch would);
+    `guess` where that is not available (the interpreter, a Triton without these internals)."""
+    if INTERPRET or not args[0].is_cuda:
+        return guess
+    spec = tuple(
+        (t.dtype, t.data_ptr() % 16 == 0) if isinstance(t, torch.Tensor) else (t == 1, t % 16 == 0)
+        for t in args
+    )
+    key = (kernel.fn.__name__, args[0].device.index, spec, tuple(constexprs.items()), warps, stages)
+    if key not in _resident:
+        options = (
+            {"num_warps": warps} if stages is None else {"num_warps": warps, "num_stages": stages}
+        )
+        try:
+            compiled = kernel.warmup(*args, **constexprs, **options, grid=(1,))
+            compiled._init_handles()
+            _resident[key] = blocks_per_sm(int(compiled.n_regs), warps)
+        except Exception:  # noqa: BLE001 - a Triton without these internals: keep the estimate
+            _resident[key] = guess
+    return _resident[key]
 
 
 PATHS = ("auto", "gemv", "decode", "small", "prefill")
