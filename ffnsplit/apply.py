@@ -32,14 +32,7 @@ from ffnsplit.arch import (
 )
 from ffnsplit.compress.gptq import HessianAccumulator, quantize_gptq
 from ffnsplit.compress.lowrank import lowrank_factorize
-from ffnsplit.compress.quant import (
-    check_finite,
-    dequantize_codes,
-    group_grid,
-    quantize_codes,
-    quantize_rtn,
-    validate_quant_options,
-)
+from ffnsplit.compress.quant import check_finite, quantize_rtn, rtn_dequantize
 from ffnsplit.errors import CheckpointError, OptionError
 from ffnsplit.kernels.format import PACK_ALIGN, QuantizedWeight, SplitFFNWeights
 from ffnsplit.modules import LowRankLight, QuantizedHeavy, SplitFFN
@@ -416,17 +409,9 @@ def _activations(parts: FFNParts, x: Tensor, up: Tensor, gate: Tensor | None) ->
 
 
 def _rtn_dequantized(w: Tensor, light: LightFormat) -> Tensor:
-    """RTN of fp32 w [N, K] in format `light`, dequantized: the grid of quantize_rtn (same
-    quant.py helpers) without packing the codes, which would dominate the measurement's time."""
-    n, k = w.shape
-    group = min(group_for(light, k), k)
-    validate_quant_options(k, light.bits, group, SCALE_DTYPE)
-    groups = -(-k // group)
-    padded = F.pad(w, (0, groups * group - k)).view(n, groups, group)
-    scale, zero = group_grid(padded, light.bits, light.symmetric, SCALE_DTYPE)
-    scale, zero = scale[..., None], None if zero is None else zero[..., None]
-    codes = quantize_codes(padded, scale, zero, light.bits)
-    return dequantize_codes(codes, scale, zero, light.bits).view(n, -1)[:, :k]
+    """RTN of fp32 w [N, K] in format `light`, dequantized (compress.quant.rtn_dequantize)."""
+    k = w.shape[1]
+    return rtn_dequantize(w, light.bits, min(group_for(light, k), k), light.symmetric, SCALE_DTYPE)
 
 
 def _layer_errors(

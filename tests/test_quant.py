@@ -174,3 +174,16 @@ def test_bits_per_weight_values() -> None:
         8 + 64 / 1536
     )
     assert bits_per_weight(64, 64, 2, 64) < bits_per_weight(64, 64, 2, 32)
+
+
+@pytest.mark.parametrize(
+    ("bits", "group", "symmetric"), [(4, 32, False), (3, 64, True), (2, 96, False), (8, 4096, True)]
+)
+def test_rtn_dequantize_equals_packed_round_trip(bits, group, symmetric) -> None:
+    """The unpacked RTN used by error measurements equals quantize_rtn + dequantize exactly,
+    partial last group and per-channel groups included."""
+    from ffnsplit.compress.quant import rtn_dequantize
+
+    w = torch.randn(37, 160) * torch.rand(37, 1)
+    packed = quantize_rtn(w, bits, group, symmetric).dequantize(torch.float32)
+    assert torch.equal(rtn_dequantize(w, bits, group, symmetric), packed)

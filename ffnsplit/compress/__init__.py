@@ -8,6 +8,7 @@ from ffnsplit.compress.quant import (
     quantization_error,
     quantize_rtn,
     quantized_nbytes,
+    rtn_dequantize,
     validate_quant_options,
 )
 
@@ -22,6 +23,7 @@ __all__ = [
     "quantize_rtn",
     "quantized_nbytes",
     "rank_for_budget",
+    "rtn_dequantize",
     "select_pruned",
     "validate_quant_options",
 ]

@@ -110,14 +110,11 @@ def dequantize_codes(
     return (q - offset) * scale
 
 
-def quantize_rtn(
-    W: torch.Tensor,
-    bits: int,
-    group_size: int,
-    symmetric: bool = False,
-    scale_dtype: torch.dtype = torch.float16,
-) -> QuantizedWeight:
-    """Round-to-nearest group quantization of W [N, K] along K (computed in fp32)."""
+def _rtn(
+    W: torch.Tensor, bits: int, group_size: int, symmetric: bool, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """RTN of W [N, K] along K: codes [N, groups, size] (fp32, zero-padded last group), scales
+    and zeros [N, groups, 1] (zeros None when symmetric)."""
     if W.dim() != 2:
         raise OptionError(f"expected a 2-D weight [N, K], got shape {tuple(W.shape)}")
     n, k = W.shape
@@ -129,16 +126,43 @@ def quantize_rtn(
     # Zero padding of the last partial group does not change its grid: the grid always holds 0.
     padded = F.pad(w, (0, groups * size - k)).view(n, groups, size)
     scale, zero = group_grid(padded, bits, symmetric, scale_dtype)  # [N, groups]
-    q = quantize_codes(padded, scale[..., None], None if zero is None else zero[..., None], bits)
-    q = q.view(n, groups * size)[:, :k].to(torch.uint8)
+    scale, zero = scale[..., None], None if zero is None else zero[..., None]
+    return quantize_codes(padded, scale, zero, bits), scale, zero
+
+
+def quantize_rtn(
+    W: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool = False,
+    scale_dtype: torch.dtype = torch.float16,
+) -> QuantizedWeight:
+    """Round-to-nearest group quantization of W [N, K] along K (computed in fp32)."""
+    q, scale, zero = _rtn(W, bits, group_size, symmetric, scale_dtype)
+    n, k = W.shape
+    q = q.view(n, -1)[:, :k].to(torch.uint8)
     return QuantizedWeight(
         planes=pack_planes(q, bits),
-        scales=scale.t().to(scale_dtype).contiguous(),
-        zeros=None if zero is None else zero.t().to(scale_dtype).contiguous(),
+        scales=scale[..., 0].t().to(scale_dtype).contiguous(),
+        zeros=None if zero is None else zero[..., 0].t().to(scale_dtype).contiguous(),
         bits=bits,
         group_size=group_size,
         shape=(n, k),
     )
+
+
+def rtn_dequantize(
+    W: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool = False,
+    scale_dtype: torch.dtype = torch.float16,
+) -> torch.Tensor:
+    """quantize_rtn(W, ...).dequantize() in fp32, without packing the codes (for error
+    measurements that try many formats: packing would dominate their time)."""
+    q, scale, zero = _rtn(W, bits, group_size, symmetric, scale_dtype)
+    n, k = W.shape
+    return dequantize_codes(q, scale, zero, bits).view(n, -1)[:, :k]
 
 
 def quantization_error(W: torch.Tensor, qw: QuantizedWeight) -> dict[str, float]:
