@@ -601,8 +601,11 @@ def _launch(
         *args(sd, rd, sl, slot_l, chunk, ws), **constexprs, num_warps=cfg.num_warps, num_stages=1
     )
     smax = max(sd, sl) if kernel_a else slots
-    block_s = min(32, triton.next_power_of_2(smax))
-    block = 4096 // block_s  # a [block_s, block] tile: 4096 fp32 loads in flight per program
+    # [block_s, block] tiles: all slots of an output loaded at once (up to 128), and at least
+    # ~2 programs per SM, so that the reduction costs about one memory latency
+    block_s = min(128, triton.next_power_of_2(smax))
+    per_sm = max(1, m * out_cols // (2 * sm_count(x2.device)))
+    block = max(16, min(4096 // block_s, 1 << (per_sm.bit_length() - 1)))
     c0, s0, s1 = (nd, sd, sl) if kernel_a else (0, 0, slots)
     _gemv_reduce_kernel[(triton.cdiv(m * out_cols, block),)](
         ws, finish.get("up_bias") if finish.get("up_bias") is not None else out,
