@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -214,3 +215,28 @@ def test_compress_refuses_another_models_plan_and_non_finite_weights():
     parts.down[3, 5] = float("nan")
     with pytest.raises(NumericalError, match="layer 1"):
         build_split_ffn(parts, plan.layers[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels need a CUDA GPU")
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float16, 2e-2), (torch.bfloat16, 6e-2)])
+def test_whole_smollm2_shape_model_triton_matches_reference(dtype, tol) -> None:
+    """A whole SmolLM2-135M-shaped model (random weights: the packaged GGUF cannot travel to the
+    GPU machine), every FFN split (5% heavy: even layers fp16, odd layers int8; int4 g128 light),
+    run on CUDA through the Triton kernels at one token (GEMV path) and at 2 x 33 tokens (tensor
+    cores), against the same compressed model on the CPU in fp32 (the torch reference path)."""
+    from ffnsplit.eval.bench import random_llama, random_plan, split_model_
+
+    torch.manual_seed(0)
+    model = random_llama("smollm2-135m", torch.device("cpu"), torch.float32, max_positions=128)
+    plan = random_plan(model, heavy_fraction=0.05, light=LightFormat(bits=4, group_size=128))
+    for layer in plan.layers[1::2]:
+        layer.heavy_dtype = "int8"
+    split_model_(model, plan)
+    gpu = copy.deepcopy(model).to("cuda", dtype)
+    # the reference holds the same (cast) weights and scales, exactly, in fp32 on the CPU
+    reference = copy.deepcopy(gpu).to("cpu", torch.float32)
+    for ids in (torch.randint(0, 49152, (1, 1)), torch.randint(0, 49152, (2, 33))):
+        with torch.no_grad():
+            ref = reference(input_ids=ids, use_cache=False).logits.double()
+            out = gpu(input_ids=ids.cuda(), use_cache=False).logits.double().cpu()
+        assert ((out - ref).norm() / ref.norm()).item() < tol
