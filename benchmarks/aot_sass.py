@@ -49,7 +49,7 @@ _PROFILE = "ffnsplit.kernels.profile_stats"
 _ROW_ARGS = "a_ptr=*bf16 c_ptr=*fp32 cut_ptr=*i32 T=16384 size={size} stride_t={size} k={k} "
 _ROW_ARGS += "n_prog=3277 B0={b0} B1={b1} B2={b2} GALLOP=16777216"
 _COL_ARGS = "a_ptr=*bf16 c_ptr=*fp32 cut_ptr=*i32 part_ptr=*fp32 count_ptr=*i32 T=16384 "
-_COL_ARGS += "size=1536 stride_t=1536 rows_per_split=192 BLOCK_T=16 BLOCK_C=256 WARPS=4"
+_COL_ARGS += "size=1536 stride_t=1536 rows_per_split=192 BLOCK_T=16 BLOCK_C=256 WARPS=4 ACCUMULATE=True"
 _FINISH_ARGS = "part_ptr=*fp32 count_ptr=*i32 abs_ptr=*fp32 sq_ptr=*fp32 max_ptr=*fp32 "
 _FINISH_ARGS += "total_ptr=*i64 size=1536 n_prog=86 BLOCK_P=64 BLOCK_C=32"
 

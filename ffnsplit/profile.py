@@ -344,10 +344,15 @@ class _RunState:
     half = 0
 
 
-def _stats_kernel() -> Callable[..., None]:
-    from ffnsplit.kernels.profile_stats import accumulate_stats
+def _use_kernels(a: Tensor, size: int) -> bool:
+    """Whether the Triton statistics kernels run this FFN (CUDA, I <= their MAX_SIZE)."""
+    return a.is_cuda and size <= _kernel_max_size()
 
-    return accumulate_stats
+
+def _stats_partials():  # noqa: ANN202 - kernels.profile_stats.StatsPartials (imports triton)
+    from ffnsplit.kernels.profile_stats import StatsPartials
+
+    return StatsPartials()
 
 
 def _kernel_max_size() -> int:
@@ -401,7 +406,9 @@ class _Accumulator:
         self.tokens = [0, 0]
         self.col_norm: Tensor | None = None
         self.sums: list[tuple[Tensor, ...]] | None = None
-        self.kernel: Callable[..., None] | None = None
+        # CUDA: per-half running partials of the Triton kernels (two launches a call, one
+        # torch reduction per layer and half when flushed); None: the torch path
+        self.partials: tuple | None = None
 
     def _init(self, size: int, device: torch.device) -> None:
         down = self.block.down_module
@@ -432,16 +439,24 @@ class _Accumulator:
             self.sums = [
                 (self.abs_sum[h], self.sq_sum, self.abs_max, self.topk_count) for h in (0, 1)
             ]
-            self.kernel = _stats_kernel() if a.is_cuda and size <= _kernel_max_size() else None
+            kernel = _use_kernels(a, size)
+            self.partials = (_stats_partials(), _stats_partials()) if kernel else None
         sums = self.sums[half]
-        if self.kernel is not None:
-            self.kernel(flat, self.col_norm, self.k, *sums)
+        if self.partials is not None:
+            self.partials[half].add(flat, self.col_norm, self.k)
         else:
             for chunk in flat.split(self.chunk):
                 accumulate_stats_torch(chunk, self.col_norm, self.k, *sums)
         self.tokens[half] += flat.shape[0]
 
+    def flush(self) -> None:
+        """Add the kernels' running partials into the accumulators (no-op on the torch path)."""
+        if self.partials is not None and self.sums is not None:
+            for half in (0, 1):
+                self.partials[half].flush(*self.sums[half])
+
     def _move(self, device: torch.device) -> None:
+        self.flush()
         for name in ("col_norm", "abs_sum", "sq_sum", "abs_max", "topk_count"):
             setattr(self, name, getattr(self, name).to(device))
 
@@ -449,12 +464,14 @@ class _Accumulator:
         """A 0-d bool tensor on the device: no NaN/Inf reached the sums so far."""
         if self.col_norm is None:
             return torch.tensor(True)
+        self.flush()
         return torch.isfinite(self.abs_sum).all()
 
     def host_tensors(self) -> list[Tensor]:
         """The accumulators to bring to the host (see `_results`: one transfer for all layers)."""
         if self.col_norm is None or min(self.tokens) == 0:
             raise RuntimeError(f"{self.block.name}: the FFN saw tokens {self.tokens} per half")
+        self.flush()
         return [self.abs_sum, self.col_norm, self.abs_max, self.sq_sum, self.topk_count]
 
     def result(self, host: Sequence[Tensor] | None = None) -> LayerStats:

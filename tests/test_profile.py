@@ -184,6 +184,48 @@ def test_stats_kernel_equals_torch_path(tokens, size, k, dtype, kind) -> None:
     _check_stats_kernel(a, col, k, start)
 
 
+def test_stats_partials_over_calls_equal_torch_path() -> None:
+    """The profiler's running partials (two launches a call, one flush per half at the end) add
+    up calls of different lengths, split by half, exactly as the torch path does."""
+    from ffnsplit.kernels.profile_stats import StatsPartials
+    from ffnsplit.profile import accumulate_stats_torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    size, k = 130, 13
+    col = (torch.rand(size) + 0.1).to(device)
+    batches = [(0, 9, "randn"), (1, 6, "ties"), (0, 5, "zeros"), (1, 11, "randn")]
+    halves = (StatsPartials(), StatsPartials())
+    actual = [torch.zeros(2, size), torch.zeros(size), torch.zeros(size)]
+    actual = [t.to(device) for t in actual] + [torch.zeros(size, dtype=torch.int64, device=device)]
+    expected = [t.clone().cpu() for t in actual]
+    for half, tokens, kind in batches:
+        a = _stats_inputs(tokens, size, torch.float32, kind)[0]
+        halves[half].add(a.to(device), col, k)
+        accumulate_stats_torch(a, col.cpu(), k, expected[0][half], *expected[1:])
+    for half in (0, 1):
+        halves[half].flush(actual[0][half], *actual[1:])
+        halves[half].flush(actual[0][half], *actual[1:])  # a second flush adds nothing
+    for name, x, y in zip(("abs", "sq", "max", "count"), actual, expected, strict=True):
+        torch.testing.assert_close(x.cpu(), y, rtol=1e-5, atol=1e-5, msg=name)
+    assert torch.equal(actual[3].cpu(), expected[3])
+
+
+def test_profile_with_kernel_partials_equals_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """profile_model through the kernels' running partials (forced onto the interpreter here;
+    CUDA uses them by default): flushed at the NaN check and the results, the same statistics
+    as the torch path, halves included."""
+    import ffnsplit.profile as profile_module
+
+    model = tiny_model("llama")
+    input_ids = tiny_input_ids(model, batch=5, seq=8)
+    expected = profile_model(model, input_ids, batch_size=2)
+    monkeypatch.setattr(profile_module, "_use_kernels", lambda a, size: True)
+    actual = profile_model(model, input_ids, batch_size=2)
+    for x, y in zip(actual.layers, expected.layers, strict=True):
+        for name in STAT_NAMES:
+            torch.testing.assert_close(getattr(x, name), getattr(y, name), rtol=1e-5, atol=1e-6)
+
+
 def test_stats_kernel_deterministic() -> None:
     """Two calls on the same input give bit-identical accumulators (fixed summation order)."""
     from ffnsplit.kernels.profile_stats import accumulate_stats

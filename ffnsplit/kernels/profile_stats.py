@@ -25,7 +25,10 @@ exactly k per token). Three kernels, all deterministic (no float atomics):
    count (from the row cuts: bits >= thr + (i >= first), two instructions an element) accumulate
    in registers, and the warps are reduced once at the end into one row of partials per program.
 3. `_finish_kernel` adds the partials of every program, in program order, into the running
-   accumulators.
+   accumulators (`accumulate_stats`, one call = three launches). The profiler instead keeps
+   `StatsPartials` per layer and calibration half: the column kernel adds into each program's own
+   slot call after call (ACCUMULATE), and the slots are reduced once at the end (`flush`), so a
+   hook call costs two launches.
 """
 
 from __future__ import annotations
@@ -142,9 +145,10 @@ def _row_select_kernel(
 def _col_stats_kernel(
     a_ptr, c_ptr, cut_ptr, part_ptr, count_ptr, T, size, stride_t, rows_per_split,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, WARPS: tl.constexpr,
+    ACCUMULATE: tl.constexpr = False,
 ):  # fmt: skip
     """Neurons of block pid_c, tokens of split pid_t: partial sum |a|, sum a^2, max |a| and
-    top-k count, written to row pid_t of the partials. Row r of a tile goes to warp r % WARPS
+    top-k count, written to (ACCUMULATE: added to) row pid_t of the partials. Row r of a tile goes to warp r % WARPS
     and a thread holds 8 neurons of its rows, so the reductions over tokens stay in registers
     (per-warp accumulators) until one reduction across the warps at the end."""
     pid_c = tl.program_id(0)
@@ -188,10 +192,25 @@ def _col_stats_kernel(
         acc_max = tl.maximum(acc_max, part_max)
         acc_count += tl.sum(tl.reshape(hit, [BLOCK_T // WARPS, WARPS, BLOCK_C]), axis=0)
     out = pid_t * size + cols
-    tl.store(part_ptr + out, tl.sum(acc_abs, axis=0), mask=col_ok)
-    tl.store(part_ptr + n_split * size + out, tl.sum(acc_sq, axis=0), mask=col_ok)
-    tl.store(part_ptr + 2 * n_split * size + out, tl.max(acc_max, axis=0), mask=col_ok)
-    tl.store(count_ptr + out, tl.sum(acc_count, axis=0), mask=col_ok)
+    # ACCUMULATE: this program's own slot, updated call after call in stream order; one
+    # statistic at a time (fewer live registers than loading all four slots at once)
+    total = tl.sum(acc_abs, axis=0)
+    if ACCUMULATE:
+        total += tl.load(part_ptr + out, mask=col_ok, other=0.0)
+    tl.store(part_ptr + out, total, mask=col_ok)
+    total = tl.sum(acc_sq, axis=0)
+    if ACCUMULATE:
+        total += tl.load(part_ptr + n_split * size + out, mask=col_ok, other=0.0)
+    tl.store(part_ptr + n_split * size + out, total, mask=col_ok)
+    total = tl.max(acc_max, axis=0)
+    if ACCUMULATE:
+        old_max = tl.load(part_ptr + 2 * n_split * size + out, mask=col_ok, other=0.0)
+        total = tl.maximum(total, old_max)
+    tl.store(part_ptr + 2 * n_split * size + out, total, mask=col_ok)
+    count = tl.sum(acc_count, axis=0)
+    if ACCUMULATE:
+        count += tl.load(count_ptr + out, mask=col_ok, other=0)
+    tl.store(count_ptr + out, count, mask=col_ok)
 
 
 @triton.jit
@@ -325,3 +344,63 @@ def _plan(a: torch.Tensor, col_norm: torch.Tensor, k: int) -> tuple:
     partials = torch.empty(3, splits, size, dtype=torch.float32, device=a.device)
     counts = torch.empty(splits, size, dtype=torch.int32, device=a.device)
     return programs, row_const, warps, col_const, splits, rows, cuts, partials, counts
+
+
+class StatsPartials:
+    """Running per-program partials of one FFN's statistics (one per calibration half).
+
+    `add(a, col_norm, k)` runs the row and column kernels with the column kernel adding into
+    persistent partials (one slot per program: deterministic), so a profiler hook costs two
+    launches and no finish; `flush(abs_sum, sq_sum, abs_max, topk_count)` adds the partials into
+    the accumulators (torch reductions in a fixed order) and zeroes them. The token split is
+    fixed by the first call; later calls of other lengths keep it (rows per split vary)."""
+
+    def __init__(self) -> None:
+        self.partials: torch.Tensor | None = None
+        self.counts: torch.Tensor | None = None
+        self.splits = 0
+        self.pending = False
+
+    def add(self, a: torch.Tensor, col_norm: torch.Tensor, k: int) -> None:
+        tokens, size = a.shape
+        if not 1 <= k <= size <= MAX_SIZE or tokens >= 2**30:
+            raise ValueError(f"profile stats kernel: unsupported shape {tuple(a.shape)}, k={k}")
+        if tokens == 0:
+            return
+        if a.stride(1) != 1:
+            a = a.contiguous()
+        key = (tokens, size, a.stride(0), a.dtype, a.device, k, a.data_ptr() % 16 == 0)
+        plan = _plans.get(key)
+        if plan is None:
+            plan = _plans[key] = _plan(a, col_norm, k)
+        programs, row_const, warps, col_const, splits, rows, cuts, _, _ = plan
+        if self.partials is None or self.partials.device != a.device:
+            self.splits = splits
+            self.partials = torch.zeros(3, splits, size, dtype=torch.float32, device=a.device)
+            self.counts = torch.zeros(splits, size, dtype=torch.int32, device=a.device)
+        block_t = col_const["BLOCK_T"]
+        rows = triton.cdiv(triton.cdiv(tokens, self.splits), block_t) * block_t
+        _row_select_kernel[(programs,)](a, col_norm, cuts, tokens, size, a.stride(0), k, programs,
+                                        **row_const, num_warps=warps)  # fmt: skip
+        _col_stats_kernel[(triton.cdiv(size, _COL_BLOCK_C), self.splits)](
+            a, col_norm, cuts, self.partials, self.counts, tokens, size, a.stride(0), rows,
+            **col_const, ACCUMULATE=True, num_warps=_COL_WARPS,
+        )  # fmt: skip
+        self.pending = True
+
+    def flush(
+        self,
+        abs_sum: torch.Tensor,
+        sq_sum: torch.Tensor,
+        abs_max: torch.Tensor,
+        topk_count: torch.Tensor,
+    ) -> None:
+        if not self.pending:
+            return
+        abs_sum += self.partials[0].sum(0)
+        sq_sum += self.partials[1].sum(0)
+        torch.maximum(abs_max, self.partials[2].amax(0), out=abs_max)
+        topk_count += self.counts.sum(0, dtype=torch.int64)
+        self.partials.zero_()
+        self.counts.zero_()
+        self.pending = False
