@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# GPU checks and benchmarks in stages that each fit one device call (<= 10 minutes), everything
+# written under $OUT (logs, JSON). Run from the repository root on the GPU machine:
+#   bash benchmarks/gpu_checks.sh tests      # GPU tests: kernels, profiler, whole model, bench (~4 min)
+#   bash benchmarks/gpu_checks.sh decode     # GEMV configs at M = 1, 2, 4 + profiler batch 8 / 16 (~4 min)
+#   bash benchmarks/gpu_checks.sh bench      # ffnsplit bench: layer over M + Llama-3-8B end to end (~3 min)
+# Each step has its own time limit, so one slow step cannot take the whole call.
+set -uo pipefail
+export PYTHONPATH=.
+OUT=${OUT:-benchmarks/out}
+mkdir -p "$OUT"
+stage=${1:-tests}
+
+run() {  # run LIMIT NAME CMD...: log to $OUT/NAME.log, print its tail
+    local limit=$1 name=$2
+    shift 2
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    echo "== $name: rc=$? ($(date -u +%H:%M:%S))"
+    tail -n 3 "$OUT/$name.log"
+}
+
+case "$stage" in
+tests)
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+    # no xdist here: a timed-out xdist run leaves workers on the GPU that spoil later timings
+    run 150 test_kernels env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -x tests/test_kernels.py \
+        -k "gemv or large_split or cuda_graph or bf16"
+    run 60 test_profile python3 -m pytest -q -x tests/test_profile.py -k "kernel or partials or cuda"
+    run 90 test_modules python3 -m pytest -q -x tests/test_modules.py -k whole
+    run 90 test_bench env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -x tests/test_bench.py
+    ;;
+decode)
+    run 200 bench_decode python3 benchmarks/bench_decode.py --m 1,2,4 --fast-only \
+        --out "$OUT/bench_decode.json"
+    for bs in 8 16; do
+        run 90 "bench_profile_b$bs" python3 benchmarks/bench_profile.py --tokens 65536 \
+            --batch-size "$bs" --skip-large --out "$OUT/bench_profile_b$bs.json"
+    done
+    ;;
+bench)
+    run 480 bench python3 -m ffnsplit.cli bench --shape 4096x14336 --e2e-shape llama3-8b \
+        --json "$OUT/bench.json"
+    ;;
+*)
+    echo "unknown stage $stage: tests, decode or bench" >&2
+    exit 2
+    ;;
+esac
