@@ -16,15 +16,16 @@ run() {  # run LIMIT NAME CMD...: log to $OUT/NAME.log, print its tail
     shift 2
     timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
     echo "== $name: rc=$? ($(date -u +%H:%M:%S))"
+    # a timed-out pytest -n leaves xdist workers on the GPU: they would spoil later timings
+    pkill -f 'm pytes[t]' 2> /dev/null
     tail -n 3 "$OUT/$name.log"
 }
 
 case "$stage" in
 tests)
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-    # no xdist here: a timed-out xdist run leaves workers on the GPU that spoil later timings
-    run 150 test_kernels env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -x tests/test_kernels.py \
-        -k "gemv or large_split or cuda_graph or bf16"
+    run 150 test_kernels env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -x -n 8 \
+        tests/test_kernels.py -k "gemv or large_split or cuda_graph or bf16"
     run 60 test_profile python3 -m pytest -q -x tests/test_profile.py -k "kernel or partials or cuda"
     run 90 test_modules python3 -m pytest -q -x tests/test_modules.py -k whole
     run 90 test_bench env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -x tests/test_bench.py
