@@ -798,12 +798,25 @@ def _rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _repeat_kv(t: Tensor, groups: int) -> Tensor:
-    """[B, kv, L, D] -> [B, kv * groups, L, D], each key/value head repeated `groups` times."""
-    if groups == 1:
-        return t
-    b, kv, length, dim = t.shape
-    return t[:, :, None].expand(b, kv, groups, length, dim).reshape(b, kv * groups, length, dim)
+def _fuse_qkv(attn: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """One [q + k + v, H] weight (and bias) for the three projections of `attn`; the modules'
+    parameters are re-pointed at slices of it, so the model holds no second copy."""
+    projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+    with torch.no_grad():
+        weight = torch.cat([p.weight.detach() for p in projs])
+        bias = None
+        if all(p.bias is not None for p in projs):
+            bias = torch.cat([p.bias.detach() for p in projs])
+        start = 0
+        for proj in projs:
+            rows = proj.weight.shape[0]
+            proj.weight = nn.Parameter(weight[start : start + rows], requires_grad=False)
+            if bias is not None:
+                proj.bias = nn.Parameter(bias[start : start + rows], requires_grad=False)
+            start += rows
+    if bias is None and any(p.bias is not None for p in projs):
+        raise UnsupportedModelError("q/k/v projections with biases on only some of them")
+    return weight, bias
 
 
 class StaticDecoder:
@@ -848,6 +861,9 @@ class StaticDecoder:
             getattr(layer.self_attn, "sliding_window", getattr(config, "sliding_window", None))
             for layer in self.layers
         ]
+        # one projection launch for q, k and v; rotary on q and k in one pass (see _attention)
+        self.qkv = [_fuse_qkv(layer.self_attn) for layer in self.layers]
+        self.q_heads = config.num_attention_heads
         self.batch, self.max_len = batch, max_len
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)
@@ -857,21 +873,22 @@ class StaticDecoder:
         positions: Tensor, mask: Tensor,
     ) -> Tensor:  # fmt: skip
         b, t, _ = x.shape
-        q = attn.q_proj(x).view(b, t, -1, self.head_dim)
-        k = attn.k_proj(x).view(b, t, -1, self.head_dim)
-        v = attn.v_proj(x).view(b, t, -1, self.head_dim)
+        weight, bias = self.qkv[index]
+        qkv = F.linear(x, weight, bias).view(b, t, -1, self.head_dim)
+        heads = self.q_heads + (qkv.shape[2] - self.q_heads) // 2  # q heads + k heads
+        qk, v = qkv[:, :, :heads], qkv[:, :, heads:]
         if getattr(attn, "q_norm", None) is not None:  # Qwen3: RMSNorm per head before rotary
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+            qk = torch.cat((attn.q_norm(qk[:, :, : self.q_heads]),
+                            attn.k_norm(qk[:, :, self.q_heads :])), dim=2)  # fmt: skip
+        qk = qk.transpose(1, 2)  # [B, q + k heads, T, D]: rotary once for both
+        qk = qk * cos + _rotate_half(qk) * sin
+        q, k = qk[:, : self.q_heads], qk[:, self.q_heads :]
         keys, values = self.keys[index], self.values[index]
         keys.index_copy_(2, positions, k)
-        values.index_copy_(2, positions, v)
+        values.index_copy_(2, positions, v.transpose(1, 2))
         out = F.scaled_dot_product_attention(
-            q, _repeat_kv(keys, self.groups), _repeat_kv(values, self.groups), attn_mask=mask,
-            scale=attn.scaling,
-        )  # fmt: skip
+            q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=self.groups > 1
+        )
         return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
     def forward(self, ids: Tensor, positions: Tensor, last_only: bool = True) -> Tensor:
