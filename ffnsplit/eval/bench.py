@@ -798,6 +798,14 @@ def _rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _repeat_kv(t: Tensor, groups: int) -> Tensor:
+    """[B, kv, L, D] -> [B, kv * groups, L, D], each key/value head repeated `groups` times."""
+    if groups == 1:
+        return t
+    b, kv, length, dim = t.shape
+    return t[:, :, None].expand(b, kv, groups, length, dim).reshape(b, kv * groups, length, dim)
+
+
 def _fuse_qkv(attn: nn.Module) -> tuple[Tensor, Tensor | None]:
     """One [q + k + v, H] weight (and bias) for the three projections of `attn`; the modules'
     parameters are re-pointed at slices of it, so the model holds no second copy."""
@@ -886,9 +894,12 @@ class StaticDecoder:
         keys, values = self.keys[index], self.values[index]
         keys.index_copy_(2, positions, k)
         values.index_copy_(2, positions, v.transpose(1, 2))
+        # the cache repeated per query head (a copy): SDPA's own enable_gqa would send a masked
+        # call to its math backend on torch 2.11 (several kernels), not measured yet
         out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=self.groups > 1
-        )
+            q, _repeat_kv(keys, self.groups), _repeat_kv(values, self.groups), attn_mask=mask,
+            scale=attn.scaling,
+        )  # fmt: skip
         return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
     def forward(self, ids: Tensor, positions: Tensor, last_only: bool = True) -> Tensor:
