@@ -585,7 +585,8 @@ def _launch(
     # each streaming about the same bytes; a partial second wave would run alone at the end.
     guess = 2 if INTERPRET else 4 * (8 // cfg.num_warps)
     capacity = cfg.waves * sm_count(x2.device) * resident_blocks(
-        _gemv_kernel, args(1, 1, 1, 0, 1, x2), constexprs, cfg.num_warps, guess, stages=1
+        _gemv_kernel, args(1, 1, 1, 0, 1, torch.empty(1, dtype=torch.float32, device=x2.device)),
+        constexprs, cfg.num_warps, guess, stages=1,
     )  # fmt: skip
     per_program = (bytes_d + bytes_l) / capacity
     sd = 1 if tiles_d else 0
