@@ -237,6 +237,18 @@ def _finish_rows4(a0, a1, a2, a3, l0, h0, l1, h1, l2, h2, l3, h3, s, z, xe0, xo0
 
 
 @triton.jit
+def _scaled_rows(a0, a1, a2, a3, t0, t1, t2, t3, A, B, xs0, xs1, xs2, xs3, BM: tl.constexpr):
+    """a_m + A T_m - B sum x_m for each of the program's rows (the exact path's chunk end)."""
+    a0 += A * t0 - B * xs0
+    if BM > 1:
+        a1 += A * t1 - B * xs1
+    if BM > 2:
+        a2 += A * t2 - B * xs2
+        a3 += A * t3 - B * xs3
+    return a0, a1, a2, a3
+
+
+@triton.jit
 def _scale_terms(s_ptr, z_ptr, g, N, offs_n, mask_n, BITS: tl.constexpr,
                  SYMMETRIC: tl.constexpr):  # fmt: skip
     """(s 2^b, s (2^b + z)) per column for group g: w x summed = A T - B sum x."""
@@ -321,20 +333,12 @@ def _light_program(x_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u
                     BITS, DUAL, BM)  # fmt: skip
             g = c * CHUNK * STEP_K // GROUP
             a, b = _scale_terms(s_ptr, z_ptr, g, NL, offs_n, mask_n, BITS, SYMMETRIC)
-            au0 += a * tu0 - b * xs0
-            if BM > 1:
-                au1 += a * tu1 - b * xs1
-            if BM > 2:
-                au2 += a * tu2 - b * xs2
-                au3 += a * tu3 - b * xs3
+            au0, au1, au2, au3 = _scaled_rows(au0, au1, au2, au3, tu0, tu1, tu2, tu3, a, b, xs0,
+                                              xs1, xs2, xs3, BM)  # fmt: skip
             if DUAL:
                 a, b = _scale_terms(t_ptr, u_ptr, g, NL, offs_n, mask_n, BITS, SYMMETRIC)
-                ag0 += a * tg0 - b * xs0
-                if BM > 1:
-                    ag1 += a * tg1 - b * xs1
-                if BM > 2:
-                    ag2 += a * tg2 - b * xs2
-                    ag3 += a * tg3 - b * xs3
+                ag0, ag1, ag2, ag3 = _scaled_rows(ag0, ag1, ag2, ag3, tg0, tg1, tg2, tg3, a, b,
+                                                  xs0, xs1, xs2, xs3, BM)  # fmt: skip
     cols = OL + offs_n
     _store_rows(ws_ptr, au0, au1, au2, au3, SLOT_L + split, 0, DUALS, M, NOUT, m0, cols, mask_n,
                 BM)  # fmt: skip

@@ -287,17 +287,10 @@ def accumulate_stats(
     all contiguous on a's device. `abs_max` must start at 0 (|a| >= 0). Needs I <= MAX_SIZE,
     1 <= k <= I and fewer than 2**30 tokens.
     """
-    tokens, size = a.shape
-    if not 1 <= k <= size <= MAX_SIZE or tokens >= 2**30:
-        raise ValueError(f"profile stats kernel: unsupported shape {tuple(a.shape)}, k={k}")
-    if tokens == 0:
-        return
-    if a.stride(1) != 1:
-        a = a.contiguous()
-    key = (tokens, size, a.stride(0), a.dtype, a.device, k, a.data_ptr() % 16 == 0)
-    plan = _plans.get(key)
+    a, plan = _prepare(a, col_norm, k)
     if plan is None:
-        plan = _plans[key] = _plan(a, col_norm, k)
+        return
+    tokens, size = a.shape
     programs, row_const, warps, col_const, splits, rows, cuts, partials, counts = plan
     _row_select_kernel[(programs,)](a, col_norm, cuts, tokens, size, a.stride(0), k, programs,
                                     **row_const, num_warps=warps)  # fmt: skip
@@ -318,6 +311,22 @@ def accumulate_stats(
 # stream run in order, and each call's finish kernel has read them before the next call writes.
 # Not evicted: a calibration run uses a handful of shapes (a few MB of scratch each).
 _plans: dict[tuple, tuple] = {}
+
+
+def _prepare(a: torch.Tensor, col_norm: torch.Tensor, k: int) -> tuple[torch.Tensor, tuple | None]:
+    """Checked, row-contiguous `a` and its launch plan (None: no tokens, nothing to launch)."""
+    tokens, size = a.shape
+    if not 1 <= k <= size <= MAX_SIZE or tokens >= 2**30:
+        raise ValueError(f"profile stats kernel: unsupported shape {tuple(a.shape)}, k={k}")
+    if tokens == 0:
+        return a, None
+    if a.stride(1) != 1:
+        a = a.contiguous()
+    key = (tokens, size, a.stride(0), a.dtype, a.device, k, a.data_ptr() % 16 == 0)
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _plans[key] = _plan(a, col_norm, k)
+    return a, plan
 
 
 def _plan(a: torch.Tensor, col_norm: torch.Tensor, k: int) -> tuple:
@@ -362,17 +371,10 @@ class StatsPartials:
         self.pending = False
 
     def add(self, a: torch.Tensor, col_norm: torch.Tensor, k: int) -> None:
-        tokens, size = a.shape
-        if not 1 <= k <= size <= MAX_SIZE or tokens >= 2**30:
-            raise ValueError(f"profile stats kernel: unsupported shape {tuple(a.shape)}, k={k}")
-        if tokens == 0:
-            return
-        if a.stride(1) != 1:
-            a = a.contiguous()
-        key = (tokens, size, a.stride(0), a.dtype, a.device, k, a.data_ptr() % 16 == 0)
-        plan = _plans.get(key)
+        a, plan = _prepare(a, col_norm, k)
         if plan is None:
-            plan = _plans[key] = _plan(a, col_norm, k)
+            return
+        tokens, size = a.shape
         programs, row_const, warps, col_const, splits, rows, cuts, _, _ = plan
         if self.partials is None or self.partials.device != a.device:
             self.splits = splits
