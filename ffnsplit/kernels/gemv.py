@@ -10,12 +10,17 @@ columns (one layout: no data ever moves between threads inside the loop):
     top of an fp32 mantissa: v = 1 + c * 2^-b exactly (one shift + one and-or, no int-to-float
     conversion, no subtraction), and sum_k x v = sum_k x + 2^-b sum_k x c. A chunk of k lies
     inside one quantization group, so per column sum_k w x = s 2^b T - s (2^b + z) sum_k x with
-    T = sum_k x v: one scale and zero per column and chunk.
+    T = sum_k x v: one scale and zero per column and chunk. int4 with fp16/bf16 activations
+    (FAST, `_light_step4`): one logic op per code instead, the codes of a word shifted to two
+    mantissa positions (1 + q 2^-11 and 1 + q 2^-7, accumulated apart); the next step's words
+    are loaded before the current step is computed (a register double buffer).
   * dense (heavy) part: [BLOCK_ND, BLOCK_KD] tiles of rows (K contiguous, 16-byte loads), fp32
-    products accumulated elementwise and reduced along K once per program.
+    products accumulated elementwise and reduced along K once per row tile; a program owns RD
+    row tiles so that its bytes match a light program's.
 Up to four rows of x per program (explicit per-row accumulators); more rows take more programs.
-Both parts of one call run in one launch (first programs dense, the rest light) and write fp32
-partial sums per K-slice to a workspace; `_gemv_reduce_kernel` adds them in a fixed order
+Both parts of one call run in one launch (first programs dense, the rest light) whose grid is one
+full wave (programs an SM holds, from the compiled kernel's registers, times the SMs), and write
+fp32 partial sums per K-slice to a workspace; `_gemv_reduce_kernel` adds them in a fixed order
 (deterministic, no atomics) and applies bias, activation and gating (kernel A) or bias (kernel B).
 """
 
