@@ -513,6 +513,7 @@ _INTERPRET_CONFIG = GemvConfig(32, 4, 32, num_warps=1, waves=1)
 FAST_OK = os.environ.get("FFNSPLIT_GEMV_FAST", "1") != "0"  # 0: exact path only (benchmarks)
 MAX_ROWS = 4  # rows of x per program (explicit accumulators); more rows: more programs
 _tuner = Tuner()
+_capacity: dict[tuple, int] = {}  # programs in one full wave, by launch shape (see _launch)
 
 
 def _light_split(k: int, group: int, want: int) -> tuple[int, int]:
@@ -592,11 +593,16 @@ def _launch(
 
     # One wave: as many programs as the SMs hold at once (registers of the compiled variant),
     # each streaming about the same bytes; a partial second wave would run alone at the end.
-    guess = 2 if INTERPRET else 4 * (8 // cfg.num_warps)
-    capacity = cfg.waves * sm_count(x2.device) * resident_blocks(
-        _gemv_kernel, args(1, 1, 1, 0, 1, torch.empty(1, dtype=torch.float32, device=x2.device)),
-        constexprs, cfg.num_warps, guess, stages=1,
-    )  # fmt: skip
+    # Cached by shape (not pointer alignment): the decode hot path pays a dict lookup only,
+    # and the same shape always gets the same split (the same summation order).
+    key = (cfg, tuple(constexprs.items()), x2.dtype, x2.device, nd, kd, nl, kl, kernel_a)
+    capacity = _capacity.get(key)
+    if capacity is None:
+        guess = 2 if INTERPRET else 4 * (8 // cfg.num_warps)
+        ws0 = torch.empty(1, dtype=torch.float32, device=x2.device)
+        capacity = _capacity[key] = cfg.waves * sm_count(x2.device) * resident_blocks(
+            _gemv_kernel, args(1, 1, 1, 0, 1, ws0), constexprs, cfg.num_warps, guess, stages=1
+        )  # fmt: skip
     per_program = (bytes_d + bytes_l) / capacity
     sd = 1 if tiles_d else 0
     rd = max(1, min(tiles_d, int(per_program // max(bytes_d / max(tiles_d, 1), 1))))
@@ -610,17 +616,16 @@ def _launch(
     _gemv_kernel[(programs_d * sd + tiles_l * sl, triton.cdiv(m, bm))](
         *args(sd, rd, sl, slot_l, chunk, ws), **constexprs, num_warps=cfg.num_warps, num_stages=1
     )
-    smax = max(sd, sl) if kernel_a else slots
     # [block_s, block] tiles: all slots of an output loaded at once (up to 128), and at least
     # ~2 programs per SM, so that the reduction costs about one memory latency
-    block_s = min(128, triton.next_power_of_2(smax))
+    block_s = min(128, triton.next_power_of_2(slots))
     per_sm = max(1, m * out_cols // (2 * sm_count(x2.device)))
     block = max(16, min(4096 // block_s, 1 << (per_sm.bit_length() - 1)))
     c0, s0, s1 = (nd, sd, sl) if kernel_a else (0, 0, slots)
     _gemv_reduce_kernel[(triton.cdiv(m * out_cols, block),)](
         ws, finish.get("up_bias") if finish.get("up_bias") is not None else out,
         finish.get("gate_bias") if finish.get("gate_bias") is not None else out, out,
-        m, out_cols, out.stride(0), c0, s0, s1, smax, DUAL=dual, ACT=kernel_a,
+        m, out_cols, out.stride(0), c0, s0, s1, slots, DUAL=dual, ACT=kernel_a,
         ACTIVATION=finish.get("activation", "relu"), HAS_UP_BIAS=finish.get("up_bias") is not None,
         HAS_GATE_BIAS=finish.get("gate_bias") is not None, BLOCK=block, BLOCK_S=block_s,
         num_warps=4,
