@@ -1,0 +1,466 @@
+"""The attention-side plumbing of a decode step, a few launches per layer (eval/bench.StaticDecoder).
+
+Hugging Face's Llama layer spends ~7 tiny kernels on an RMSNorm, ~6 on the rotary, two cache
+copies, two repeated-cache copies and a masked SDPA: at decode (one token) these launches, not the
+weights, set the time of everything but the FFN. Here:
+
+- `add_rms_norm` / `rms_norm`: the residual add and the next RMSNorm in one pass per row, in
+  LlamaRMSNorm's order of casts (fp32 statistics, normalized value rounded to the input dtype, then
+  times the weight).
+- `rope_kv_write`: from the fused q/k/v projection, the rotary on q and k (optionally the per-head
+  RMSNorm of Qwen3 first), k and v written into the static cache at `positions`, q returned.
+- `decode_attention`: grouped-query attention over the static cache without repeating it (each
+  program loads a key/value block once for all the query heads of its kv head), split-K
+  (flash-decoding) when there are few query rows: programs own fixed key chunks, those past the
+  furthest query position (or before its sliding window) do nothing, a second launch combines
+  the chunks' partial softmaxes. The grid depends on shapes only, so a CUDA graph replays it at
+  any position, and the work scales with the current length, not the cache's.
+
+Every launcher validates its inputs; kernels/reference.py holds a torch twin of each (same
+signature). No host syncs, no data-dependent shapes.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ffnsplit.kernels.tiles import INTERPRET, sm_count, torch_to_triton_ok
+
+MAX_NORM_BLOCK = 16384  # a row up to this size stays in registers; longer rows loop twice
+LOG2E = 1.4426950408889634
+MAX_SPLITS = 128  # key chunks of a split attention call at most (partials: splits x D floats a row)
+
+
+def _float_ok(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"decode ops take fp16, bf16 or fp32 tensors, not {t.dtype}")
+    torch_to_triton_ok(tensors[0])
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise ValueError(f"tensors on several devices: {sorted(map(str, devices))}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Residual add + RMSNorm
+
+
+@triton.jit
+def _add_rms_norm_kernel(
+    x_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr,
+    H, stride_x, stride_r, stride_o, stride_n, eps,
+    HAS_RESIDUAL: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    res_row = res_ptr + row * stride_r
+    new_row = new_res_ptr + row * stride_n
+    out_row = out_ptr + row * stride_o
+    dtype = x_ptr.dtype.element_ty
+    if ONE_PASS:
+        cols = tl.arange(0, BLOCK)
+        mask = cols < H
+        h = tl.load(x_row + cols, mask=mask, other=0.0)
+        if HAS_RESIDUAL:  # rounded to the activations' dtype, as torch's `residual + x` is
+            h = (h.to(tl.float32) + tl.load(res_row + cols, mask=mask, other=0.0)).to(dtype)
+            tl.store(new_row + cols, h, mask=mask)
+        hf = h.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(hf * hf, axis=0) / H + eps)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        normed = (hf * rstd).to(dtype).to(tl.float32)
+        tl.store(out_row + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
+    else:  # pass 1: the new residual and the sum of squares; pass 2 re-reads the residual
+        squares = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, H, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < H
+            h = tl.load(x_row + cols, mask=mask, other=0.0)
+            if HAS_RESIDUAL:
+                h = (h.to(tl.float32) + tl.load(res_row + cols, mask=mask, other=0.0)).to(dtype)
+                tl.store(new_row + cols, h, mask=mask)
+            hf = h.to(tl.float32)
+            squares += hf * hf
+        rstd = tl.rsqrt(tl.sum(squares, axis=0) / H + eps)
+        src = new_row if HAS_RESIDUAL else x_row
+        for start in range(0, H, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < H
+            hf = tl.load(src + cols, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            normed = (hf * rstd).to(dtype).to(tl.float32)
+            tl.store(out_row + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _rows(t: torch.Tensor, hidden: int) -> torch.Tensor:
+    """t [..., H] as [rows, H] with unit stride along H (a view when possible)."""
+    rows = t.reshape(-1, hidden)
+    return rows if rows.stride(1) == 1 else rows.contiguous()
+
+
+def _norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    hidden = x.shape[-1]
+    if weight.shape != (hidden,):
+        raise ValueError(f"norm weight of shape {tuple(weight.shape)} for rows of {hidden}")
+    tensors = (x, weight) if residual is None else (x, weight, residual)
+    _float_ok(*tensors)
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(
+            f"residual {tuple(residual.shape)} {residual.dtype} does not match x "
+            f"{tuple(x.shape)} {x.dtype}"
+        )
+    x2 = _rows(x, hidden)
+    res2 = x2 if residual is None else _rows(residual, hidden)
+    out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    new_res = torch.empty_like(x) if residual is not None else None
+    out2, new2 = out.view(-1, hidden), (out if new_res is None else new_res).view(-1, hidden)
+    block = triton.next_power_of_2(hidden)
+    one_pass = block <= MAX_NORM_BLOCK
+    block = min(block, MAX_NORM_BLOCK)
+    if x2.shape[0]:
+        _add_rms_norm_kernel[(x2.shape[0],)](
+            x2, res2, weight, out2, new2,
+            hidden, x2.stride(0), res2.stride(0), out2.stride(0), new2.stride(0), float(eps),
+            HAS_RESIDUAL=residual is not None, ONE_PASS=one_pass, BLOCK=block,
+            num_warps=1 if INTERPRET else min(16, max(1, block // 512)),
+        )  # fmt: skip
+    return out, new_res
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm of x [..., H]: weight * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype)."""
+    return _norm(x, None, weight, eps)[0]
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(residual + x), residual + x) in one pass: the sum is rounded to x's dtype first,
+    as the model's own `residual + x` is."""
+    out, new_residual = _norm(x, residual, weight, eps)
+    return out, new_residual
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary + KV cache write
+
+
+@triton.jit
+def _rope_kv_kernel(
+    qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, q_ptr, qn_ptr, kn_ptr,
+    T, HQ, HKV, D, eps,
+    stride_xb, stride_xt, stride_cos, stride_sin,
+    stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
+    stride_qb, stride_qh, stride_qt,
+    HAS_QK_NORM: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """One token (program 0) x BLOCK_H of its q | k | v heads (program 1)."""
+    token = tl.program_id(0)
+    b = token // T
+    t = token % T
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    half = D // 2
+    partner = tl.where(d < half, d + half, d - half)  # rotate_half's source element
+    sign = tl.where(d < half, -1.0, 1.0)
+    is_q = heads < HQ
+    is_k = (heads >= HQ) & (heads < HQ + HKV)
+    is_v = (heads >= HQ + HKV) & (heads < HQ + 2 * HKV)
+    d_ok = d < D
+    mask = (heads < HQ + 2 * HKV)[:, None] & d_ok[None, :]
+    row = qkv_ptr + b.to(tl.int64) * stride_xb + t.to(tl.int64) * stride_xt + heads[:, None] * D
+    dtype = qkv_ptr.dtype.element_ty
+    x = tl.load(row + d[None, :], mask=mask, other=0.0)
+    xp = tl.load(row + partner[None, :], mask=mask, other=0.0)
+    if HAS_QK_NORM:  # per-head RMSNorm of q and k, in LlamaRMSNorm's order of casts
+        xf = x.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(xf * xf, axis=1) / D + eps)[:, None]
+        wq = tl.load(qn_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+        wk = tl.load(kn_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+        wqp = tl.load(qn_ptr + partner, mask=d_ok, other=0.0).to(tl.float32)
+        wkp = tl.load(kn_ptr + partner, mask=d_ok, other=0.0).to(tl.float32)
+        w = tl.where(is_q[:, None], wq[None, :], wk[None, :])
+        wp = tl.where(is_q[:, None], wqp[None, :], wkp[None, :])
+        xn = (w * (xf * rstd).to(dtype).to(tl.float32)).to(dtype)
+        xpn = (wp * (xp.to(tl.float32) * rstd).to(dtype).to(tl.float32)).to(dtype)
+        rotary = (is_q | is_k)[:, None]
+        x = tl.where(rotary, xn, x)
+        xp = tl.where(rotary, xpn, xp)
+    cos = tl.load(cos_ptr + t * stride_cos + d, mask=d_ok, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + t * stride_sin + d, mask=d_ok, other=0.0).to(tl.float32)
+    # x * cos + rotate_half(x) * sin, each product rounded to the dtype as the model's torch ops do
+    first = (x.to(tl.float32) * cos[None, :]).to(dtype).to(tl.float32)
+    second = (sign[None, :] * xp.to(tl.float32) * sin[None, :]).to(dtype).to(tl.float32)
+    rotated = (first + second).to(dtype)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    q_dst = q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + t * stride_qt
+    tl.store(q_dst + d[None, :], rotated, mask=mask & is_q[:, None])
+    kv_head = tl.where(is_k, heads - HQ, heads - HQ - HKV)[:, None]
+    k_dst = k_ptr + b.to(tl.int64) * stride_kb + kv_head * stride_kh + pos * stride_kl
+    tl.store(k_dst + d[None, :], rotated.to(k_ptr.dtype.element_ty), mask=mask & is_k[:, None])
+    v_dst = v_ptr + b.to(tl.int64) * stride_vb + kv_head * stride_vh + pos * stride_vl
+    tl.store(v_dst + d[None, :], x.to(v_ptr.dtype.element_ty), mask=mask & is_v[:, None])
+
+
+def rope_kv_write(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    q_heads: int,
+    kv_heads: int,
+    head_dim: int,
+    q_norm: torch.Tensor | None = None,
+    k_norm: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Rotary on the q and k heads of qkv [B, T, (q + 2 kv) * D] (cos, sin [T, D] gathered for
+    `positions`), rotated k and raw v written into the caches [B, kv, L, D] at `positions` [T] (a
+    device tensor), q returned as [B, q, T, D] (a view of a [B, T, q, D] buffer). q_norm / k_norm
+    (Qwen3, both or neither): RMSNorm weights [D] applied per head first. One launch."""
+    b, t, width = qkv.shape
+    heads = q_heads + 2 * kv_heads
+    if width != heads * head_dim or head_dim % 2:
+        raise ValueError(
+            f"qkv of width {width} is not ({q_heads} + 2 x {kv_heads}) heads x {head_dim} "
+            "(an even head size)"
+        )
+    for name, table in (("cos", cos), ("sin", sin)):
+        if table.shape != (t, head_dim) or table.stride(1) != 1:
+            raise ValueError(f"{name} must be [T={t}, D={head_dim}], got {tuple(table.shape)}")
+    if positions.shape != (t,) or positions.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"positions must be an integer tensor [T={t}], got {positions.shape}")
+    cache_shape = (b, kv_heads, k_cache.shape[2], head_dim)
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if tuple(cache.shape) != cache_shape or cache.stride(3) != 1:
+            raise ValueError(f"{name} must be [B, kv, L, D] = {cache_shape}, got {cache.shape}")
+    norms = [n for n in (q_norm, k_norm) if n is not None]
+    if len(norms) == 1 or any(n.shape != (head_dim,) for n in norms):
+        raise ValueError(f"q and k norm weights come together, each [D={head_dim}]")
+    _float_ok(qkv, cos, sin, k_cache, v_cache, *norms)
+    if positions.device != qkv.device:
+        raise ValueError("positions must be on the device of qkv")
+    if qkv.stride(2) != 1:
+        qkv = qkv.contiguous()
+    q = torch.empty(b, t, q_heads, head_dim, dtype=qkv.dtype, device=qkv.device).transpose(1, 2)
+    block_d = triton.next_power_of_2(head_dim)
+    block_h = max(1, min(triton.next_power_of_2(heads), 4096 // block_d))
+    if b * t:
+        _rope_kv_kernel[(b * t, triton.cdiv(heads, block_h))](
+            qkv, cos, sin, positions, k_cache, v_cache, q,
+            q_norm if q_norm is not None else qkv, k_norm if k_norm is not None else qkv,
+            t, q_heads, kv_heads, head_dim, float(eps),
+            qkv.stride(0), qkv.stride(1), cos.stride(0), sin.stride(0),
+            *k_cache.stride()[:3], *v_cache.stride()[:3], *q.stride()[:3],
+            HAS_QK_NORM=q_norm is not None,
+            BLOCK_H=block_h, BLOCK_D=block_d, num_warps=1 if INTERPRET else 4,
+        )  # fmt: skip
+    return q
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention over the static cache
+
+
+@triton.jit
+def _attention_kernel(
+    q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, acc_ptr, m_ptr, l_ptr,
+    HKV, GROUPS, T, L, D, CHUNK, SPLITS, qk_scale, window,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl, stride_ob, stride_oh, stride_ot,
+    HAS_WINDOW: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Programs: (batch x kv head, tile of BLOCK_M query rows, key chunk). Row r of a kv head is
+    query token r // GROUPS of its query head r % GROUPS, so one key/value block serves them all.
+    Scores are in base-2 units (qk_scale includes log2(e))."""
+    bh = tl.program_id(0)
+    b = (bh // HKV).to(tl.int64)
+    kvh = bh % HKV
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    split = tl.program_id(2)
+    row_ok = rows < GROUPS * T
+    t = rows // GROUPS
+    head = kvh * GROUPS + rows % GROUPS
+    pos = tl.load(pos_ptr + t, mask=row_ok, other=0).to(tl.int32)
+    start = split * CHUNK
+    end = tl.minimum(tl.minimum(start + CHUNK, tl.max(tl.where(row_ok, pos, -1), axis=0) + 1), L)
+    lo = start
+    if HAS_WINDOW:  # blocks before every row's window are skipped (lo stays BLOCK_N-aligned)
+        first = tl.min(tl.where(row_ok, pos, L), axis=0) - window + 1
+        lo = tl.maximum(start, (tl.maximum(first, 0) // BLOCK_N) * BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    q_rows = q_ptr + b * stride_qb + head[:, None] * stride_qh + t[:, None] * stride_qt
+    q = tl.load(q_rows + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_head = k_ptr + b * stride_kb + kvh * stride_kh
+    v_head = v_ptr + b * stride_vb + kvh * stride_vh
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30  # finite: fully masked rows stay 0
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for n in range(lo, end, BLOCK_N):
+        keys = n + tl.arange(0, BLOCK_N)
+        visible = row_ok[:, None] & (keys[None, :] <= pos[:, None]) & (keys[None, :] < end)
+        if HAS_WINDOW:
+            visible = visible & (keys[None, :] > pos[:, None] - window)
+        # only keys some row sees are read: what lies elsewhere in the cache never matters
+        key_ok = tl.max(visible.to(tl.int32), axis=0) > 0
+        kv_mask = key_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_head + keys[:, None] * stride_kl + d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_head + keys[:, None] * stride_vl + d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    if SPLIT:  # partial softmax of this chunk: [B * kv, rows, SPLITS] (+ D for acc)
+        if lo < end:
+            slot = (bh.to(tl.int64) * GROUPS * T + rows) * SPLITS + split
+            tl.store(m_ptr + slot, m_i, mask=row_ok)
+            tl.store(l_ptr + slot, l_i, mask=row_ok)
+            tl.store(acc_ptr + slot[:, None] * D + d[None, :], acc,
+                     mask=row_ok[:, None] & d_ok[None, :])  # fmt: skip
+    else:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # (padding rows see nothing)
+        o_rows = o_ptr + b * stride_ob + head[:, None] * stride_oh + t[:, None] * stride_ot
+        tl.store(o_rows + d[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok[None, :])  # fmt: skip
+
+
+@triton.jit
+def _combine_kernel(
+    acc_ptr, m_ptr, l_ptr, pos_ptr, o_ptr,
+    HKV, GROUPS, T, D, CHUNK, SPLITS, window,
+    stride_ob, stride_oh, stride_ot,
+    HAS_WINDOW: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """One query row: the softmax-weighted sum of the partials of the chunks it sees (exactly
+    those the attention kernel wrote for it: others are never read)."""
+    pid = tl.program_id(0)
+    rows = GROUPS * T
+    bh = pid // rows
+    row = pid % rows
+    t = row // GROUPS
+    b = (bh // HKV).to(tl.int64)
+    head = (bh % HKV) * GROUPS + row % GROUPS
+    pos = tl.load(pos_ptr + t).to(tl.int32)
+    hi = tl.minimum(pos // CHUNK + 1, SPLITS)  # chunks holding keys <= pos
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(pos - window + 1, 0) // CHUNK
+    base = pid.to(tl.int64) * SPLITS
+    splits = tl.arange(0, BLOCK_S)
+    m_max = tl.zeros([BLOCK_S], dtype=tl.float32) - 1.0e30
+    for s0 in range(lo, hi, BLOCK_S):
+        ok = (s0 + splits) < hi
+        m_max = tl.maximum(m_max, tl.load(m_ptr + base + s0 + splits, mask=ok, other=-1.0e30))
+    m = tl.max(m_max, axis=0)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    total = tl.zeros([BLOCK_S], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
+    for s0 in range(lo, hi, BLOCK_S):
+        ok = (s0 + splits) < hi
+        w = tl.exp2(tl.load(m_ptr + base + s0 + splits, mask=ok, other=float("-inf")) - m)
+        total += w * tl.load(l_ptr + base + s0 + splits, mask=ok, other=0.0)
+        part = tl.load(acc_ptr + (base + s0 + splits)[:, None] * D + d[None, :],
+                       mask=ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+        acc += w[:, None] * part
+    out = tl.sum(acc, axis=0) / tl.sum(total, axis=0)
+    o_row = o_ptr + b * stride_ob + head * stride_oh + t * stride_ot
+    tl.store(o_row + d, out.to(o_ptr.dtype.element_ty), mask=d_ok)
+
+
+def _attention_blocks(device: torch.device, rows: int, batch_heads: int) -> tuple[int, int, bool]:
+    """(BLOCK_M, BLOCK_N, split): split-K when the query-row tiles alone leave the GPU idle."""
+    if INTERPRET:
+        return 16, 16, rows <= 16
+    block_m = 16 if rows <= 16 else 64
+    tiles = batch_heads * triton.cdiv(rows, block_m)
+    return block_m, 64, rows <= 16 and tiles < 2 * sm_count(device)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    positions: torch.Tensor,
+    scale: float,
+    groups: int,
+    window: int | None = None,
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """Grouped-query attention of q [B, groups * kv, T, D] over the caches [B, kv, L, D] (never
+    repeated): query t sees the keys at cache positions p <= positions[t] (and, with a sliding
+    `window`, p > positions[t] - window); fp32 softmax, out [B, q heads, T, D] in q's dtype (a view
+    of a [B, T, q, D] buffer, so merging the heads afterwards is free).
+
+    Few query rows (decode): the key range is split into chunks of `chunk` keys (default: enough
+    for at most MAX_SPLITS chunks), one program each, then combined; chunks past the furthest
+    position return at once. Many rows (prefill): one program per tile of rows walks the keys up
+    to its last position. `chunk` >= L forces one pass (tests)."""
+    b, q_heads, t, dim = q.shape
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"caches must be [B, kv, L, D] alike: {k_cache.shape}, {v_cache.shape}")
+    _, kv_heads, length, _ = k_cache.shape
+    if (k_cache.shape[0], k_cache.shape[3]) != (b, dim) or q_heads != kv_heads * groups:
+        raise ValueError(
+            f"q {tuple(q.shape)} does not match caches {tuple(k_cache.shape)} with {groups} "
+            "query heads per kv head"
+        )
+    if positions.shape != (t,) or positions.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"positions must be an integer tensor [T={t}], got {positions.shape}")
+    if window is not None and window < 1:
+        raise ValueError(f"sliding window {window} must be at least 1")
+    _float_ok(q, k_cache, v_cache)
+    if len({q.dtype, k_cache.dtype, v_cache.dtype}) > 1 or positions.device != q.device:
+        raise ValueError("q and the caches must share a dtype, and positions their device")
+    if q.stride(3) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        raise ValueError("q and the caches need unit stride along the head dim")
+    rows = groups * t
+    block_m, block_n, split = _attention_blocks(q.device, rows, b * kv_heads)
+    if chunk is None:
+        blocks = triton.cdiv(length, block_n)
+        chunk = block_n * triton.cdiv(blocks, MAX_SPLITS)
+    else:
+        split = True
+        chunk = block_n * triton.cdiv(chunk, block_n)
+    splits = triton.cdiv(length, chunk) if split else 1
+    if splits == 1:
+        chunk = block_n * triton.cdiv(length, block_n)
+    out = torch.empty(b, t, q_heads, dim, dtype=q.dtype, device=q.device).transpose(1, 2)
+    if out.numel() == 0:
+        return out
+    block_d = max(16, triton.next_power_of_2(dim))
+    if splits > 1:
+        acc = torch.empty(b * kv_heads * rows * splits, dim, dtype=torch.float32, device=q.device)
+        m = torch.empty(b * kv_heads * rows * splits, dtype=torch.float32, device=q.device)
+        lse = torch.empty_like(m)
+    else:
+        acc = m = lse = out
+    grid = (b * kv_heads, triton.cdiv(rows, block_m), splits)
+    _attention_kernel[grid](
+        q, k_cache, v_cache, positions, out, acc, m, lse,
+        kv_heads, groups, t, length, dim, chunk, splits, float(scale) * LOG2E, window or 0,
+        *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *out.stride()[:3],
+        HAS_WINDOW=window is not None, SPLIT=splits > 1,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=1 if INTERPRET else 4,
+    )  # fmt: skip
+    if splits > 1:
+        _combine_kernel[(b * kv_heads * rows,)](
+            acc, m, lse, positions, out,
+            kv_heads, groups, t, dim, chunk, splits, window or 0, *out.stride()[:3],
+            HAS_WINDOW=window is not None, BLOCK_S=min(16, triton.next_power_of_2(splits)),
+            BLOCK_D=block_d, num_warps=1 if INTERPRET else 4,
+        )  # fmt: skip
+    return out
