@@ -724,6 +724,14 @@ def bench_command(
     graphs: Annotated[
         bool, typer.Option("--graphs/--no-graphs", help="Time through CUDA graphs.")
     ] = True,
+    decoder_kernels: Annotated[
+        str,
+        typer.Option(
+            "--decoder-kernels",
+            help="End-to-end norms / rotary / cache / attention: auto (triton on CUDA), triton "
+            "(fused kernels), torch (the model's own modules and SDPA).",
+        ),
+    ] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of random weights, heavy sets, prompts.")] = 0,
     json_file: Annotated[
         Path | None, typer.Option("--json", help="Write every result to this JSON file.")
@@ -755,6 +763,7 @@ def bench_command(
         prompt_len=prompt_len,
         decode_steps=decode_steps,
         graphs=graphs,
+        decoder_kernels=decoder_kernels,
         seed=seed,
         device=device,
         json_path=json_file,

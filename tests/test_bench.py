@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from ffnsplit.eval import bench
+from ffnsplit.kernels import tiles
 from ffnsplit.plan import parse_light_format
 from tests.test_cli import assert_one_line_error, run
 from tests.test_data import word_tokenizer
@@ -71,15 +72,28 @@ def test_a_wrong_kernel_output_shows_in_its_check(monkeypatch: pytest.MonkeyPatc
     assert errors["reference"] < TOLERANCE["reference"]
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
-def test_static_decoder_matches_the_hf_forward(family: str) -> None:
+KERNELS = ["torch", "triton"]
+
+
+def _decoder_model(family: str, kernels: str) -> torch.nn.Module:
+    """A tiny fp32 model; on the GPU the triton decoder runs it there (the CPU one needs the
+    interpreter), the torch decoder stays on the CPU."""
     model = tiny_model(family)
+    return model.to("cuda") if kernels == "triton" and not tiles.INTERPRET else model
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_static_decoder_matches_the_hf_forward(family: str, kernels: str) -> None:
+    model = _decoder_model(family, kernels)
     if family == "mistral":
         model.config.sliding_window = 5  # shorter than the sequence: the window mask matters
-    ids = tiny_input_ids(model, batch=2, seq=12)
+    ids = tiny_input_ids(model, batch=2, seq=12).to(model.device)
     with torch.no_grad():
         expected = model(ids).logits
-        decoder = bench.StaticDecoder(model, batch=2, max_len=16)
+        # 40 positions: the triton attention splits the cache into chunks of 16 keys
+        decoder = bench.StaticDecoder(model, batch=2, max_len=40, kernels=kernels)
+        assert decoder.kernels == (kernels == "triton")
         prefill = decoder.forward(ids[:, :8], decoder.key_positions[:8], last_only=False)
         steps = [decoder.forward(ids[:, t : t + 1], decoder.key_positions[t : t + 1])
                  for t in range(8, 12)]  # fmt: skip
@@ -87,11 +101,12 @@ def test_static_decoder_matches_the_hf_forward(family: str) -> None:
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_decode_steps_are_greedy_generation() -> None:
-    model = tiny_model("llama")
-    ids = tiny_input_ids(model, batch=2, seq=6)
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_decode_steps_are_greedy_generation(kernels: str) -> None:
+    model = _decoder_model("llama", kernels)
+    ids = tiny_input_ids(model, batch=2, seq=6).to(model.device)
     with torch.no_grad():
-        decoder = bench.StaticDecoder(model, batch=2, max_len=16)
+        decoder = bench.StaticDecoder(model, batch=2, max_len=16, kernels=kernels)
         logits = decoder.forward(ids, decoder.key_positions[:6])
         decoder.start_decode(logits[:, -1].argmax(-1, keepdim=True), 6)
         sequence = torch.cat([ids, decoder.tokens.clone()], dim=1)
@@ -131,6 +146,21 @@ def test_e2e_twin_with_every_neuron_heavy_is_the_dense_model() -> None:
     assert result["logits_rel_err"] < (1e-2 if cuda else 1e-5)
     assert result["top1_agreement"] >= (0.9 if cuda else 1.0)
     assert result["twin"]["heavy_dtype"] == ("float16" if cuda else "float32")
+
+
+def test_e2e_through_the_triton_decoder() -> None:
+    """--decoder-kernels triton (the interpreter on the CPU): recorded, and a twin with every
+    neuron heavy still gives the dense model's logits through it."""
+    options = bench.BenchOptions(e2e_shape="tiny", heavy_fraction=1.0, prompt_len=4,
+                                 decode_steps=1, repeats=1, device=DEVICE,
+                                 decoder_kernels="triton")  # fmt: skip
+    payload = bench.run_bench(options)
+    assert payload["settings"]["decoder_kernels"] == "triton"
+    result = payload["e2e"][0]
+    assert result["compressed"]["decode_tokens_per_s"] > 0
+    assert result["logits_rel_err"] < (1e-2 if DEVICE == "cuda" else 1e-5)
+    with pytest.raises(bench.OptionError, match="--decoder-kernels"):
+        bench.BenchOptions(e2e_shape="tiny", decoder_kernels="cuda")
 
 
 def test_e2e_twin_error_grows_as_its_format_shrinks() -> None:

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from ffnsplit.errors import FFNSplitError, OptionError, UnsupportedModelError
 from ffnsplit.fsutil import atomic_write_text
-from ffnsplit.kernels import ops, reference, tiles
+from ffnsplit.kernels import decode_ops, ops, reference, tiles
 from ffnsplit.kernels import quant_matmul as qmm
 from ffnsplit.kernels import split_ffn as sffn
 from ffnsplit.kernels.format import PACK_ALIGN, QuantizedWeight, SplitFFNWeights, pack_planes
@@ -147,6 +147,7 @@ class BenchOptions:
     prompt_len: int = 512
     decode_steps: int = 128
     graphs: bool = True  # CUDA graphs (layer timings and decode steps)
+    decoder_kernels: str = "auto"  # StaticDecoder's kernels: auto (triton on CUDA), triton, torch
     gemv_max_m: int | None = None  # kernels.tiles.GEMV_MAX_M for this run (threshold experiments)
     seed: int = 0
     device: str = "auto"
@@ -189,6 +190,11 @@ class BenchOptions:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise OptionError(f"--{name} must be at least 1")
+        if self.decoder_kernels not in ops.BACKENDS:
+            raise OptionError(
+                f"unknown --decoder-kernels {self.decoder_kernels!r}: choose one of "
+                f"{', '.join(ops.BACKENDS)}"
+            )
 
     @property
     def light_format(self) -> LightFormat:
@@ -793,11 +799,6 @@ def tuning_timings() -> dict:
 DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def _repeat_kv(t: Tensor, groups: int) -> Tensor:
     """[B, kv, L, D] -> [B, kv * groups, L, D], each key/value head repeated `groups` times."""
     if groups == 1:
@@ -827,18 +828,38 @@ def _fuse_qkv(attn: nn.Module) -> tuple[Tensor, Tensor | None]:
     return weight, bias
 
 
+def _rms_norm_args(norm: nn.Module) -> tuple[Tensor, float]:
+    """(weight, eps) of a LlamaRMSNorm-style module (the fused kernels take them)."""
+    eps = getattr(norm, "variance_epsilon", None)
+    if eps is None or getattr(norm, "weight", None) is None:
+        raise UnsupportedModelError(
+            f"{type(norm).__name__} is not an RMSNorm with a weight and variance_epsilon: "
+            "use kernels='torch'"
+        )
+    return norm.weight, float(eps)
+
+
 class StaticDecoder:
     """A Llama-style causal LM run over a static KV cache; every step is CUDA-graph capturable.
 
-    Uses the model's own modules (embeddings, norms, q/k/v/o projections, rotary embedding, lm
-    head, and the FFN, whatever it is: the dense MLP or a SplitFFN); only the attention plumbing
-    is here: a [layers, B, kv heads, max_len, head dim] cache written at `positions` (a device
-    tensor) and attention over the whole cache with a mask built from `positions`, so shapes
-    never change and nothing waits on the host. Supports DECODER_TYPES (q/k norms of Qwen3,
-    biases, grouped-query attention, sliding windows).
+    Uses the model's own embeddings, q/k/v/o projections, rotary tables, lm head and FFN
+    (whatever it is: the dense MLP or a SplitFFN, called as `layer.mlp(x)`); the attention
+    plumbing is here: a [layers, B, kv heads, max_len, head dim] cache written at `positions` (a
+    device tensor), attention over it limited by `positions`, so shapes never change and nothing
+    waits on the host. Supports DECODER_TYPES (q/k norms of Qwen3, biases, grouped-query
+    attention, sliding windows).
+
+    `kernels`: "torch" runs the model's own norms and torch ops (rotary, cache copies, the cache
+    repeated per query head, masked SDPA); "triton" runs kernels/decode_ops.py: each RMSNorm fused
+    with the residual add before it, rotary + cache write in one launch, attention over the
+    unrepeated cache whose cost follows the position (prefill too: one pass per tile of query
+    rows); "auto" is triton on CUDA, torch elsewhere. Both models of a comparison run the same.
     """
 
-    def __init__(self, model: nn.Module, batch: int, max_len: int) -> None:
+    def __init__(self, model: nn.Module, batch: int, max_len: int, kernels: str = "auto") -> None:
+        if kernels not in ops.BACKENDS:
+            raise OptionError(f"unknown decoder kernels {kernels!r}: choose one of "
+                              f"{', '.join(ops.BACKENDS)}")  # fmt: skip
         config = model.config
         base = getattr(model, "model", None)
         if (
@@ -875,6 +896,29 @@ class StaticDecoder:
         self.batch, self.max_len = batch, max_len
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.kernels = kernels == "triton" or (kernels == "auto" and device.type == "cuda")
+        if self.kernels:
+            if device.type != "cuda" and not tiles.INTERPRET:
+                raise OptionError(
+                    "kernels='triton' needs a CUDA model (or TRITON_INTERPRET=1 on the CPU)"
+                )
+            self.norms = [
+                (_rms_norm_args(layer.input_layernorm),
+                 _rms_norm_args(layer.post_attention_layernorm))
+                for layer in self.layers
+            ]  # fmt: skip
+            self.final_norm = _rms_norm_args(base.norm)
+            self.qk_norms = [self._qk_norm_args(layer.self_attn) for layer in self.layers]
+
+    @staticmethod
+    def _qk_norm_args(attn: nn.Module) -> dict:
+        """rope_kv_write's q_norm / k_norm / eps arguments (Qwen3), {} without q/k norms."""
+        if getattr(attn, "q_norm", None) is None:
+            return {}
+        (q_norm, eps), (k_norm, k_eps) = _rms_norm_args(attn.q_norm), _rms_norm_args(attn.k_norm)
+        if eps != k_eps:
+            raise UnsupportedModelError("q and k norms with different eps: use kernels='torch'")
+        return {"q_norm": q_norm, "k_norm": k_norm, "eps": eps}
 
     def _attention(
         self, attn: nn.Module, x: Tensor, index: int, cos: Tensor, sin: Tensor,
@@ -889,7 +933,7 @@ class StaticDecoder:
             qk = torch.cat((attn.q_norm(qk[:, :, : self.q_heads]),
                             attn.k_norm(qk[:, :, self.q_heads :])), dim=2)  # fmt: skip
         qk = qk.transpose(1, 2)  # [B, q + k heads, T, D]: rotary once for both
-        qk = qk * cos + _rotate_half(qk) * sin
+        qk = qk * cos + reference.rotate_half(qk) * sin
         q, k = qk[:, : self.q_heads], qk[:, self.q_heads :]
         keys, values = self.keys[index], self.values[index]
         keys.index_copy_(2, positions, k)
@@ -902,12 +946,52 @@ class StaticDecoder:
         )  # fmt: skip
         return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
+    def _attention_kernels(
+        self, attn: nn.Module, x: Tensor, index: int, cos: Tensor, sin: Tensor, positions: Tensor
+    ) -> Tensor:
+        """_attention through decode_ops: qkv projection, rotary + cache write, attention."""
+        b, t, _ = x.shape
+        weight, bias = self.qkv[index]
+        keys, values = self.keys[index], self.values[index]
+        q = decode_ops.rope_kv_write(
+            F.linear(x, weight, bias), cos, sin, positions, keys, values, self.q_heads,
+            keys.shape[1], self.head_dim, **self.qk_norms[index],
+        )  # fmt: skip
+        out = decode_ops.decode_attention(
+            q, keys, values, positions, attn.scaling, self.groups, self.windows[index]
+        )
+        return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))  # a view: out is [B, T, H, D]
+
+    def _hidden_kernels(
+        self, h: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, last_only: bool
+    ) -> Tensor:
+        """The layers and final norm over the embeddings `h`, each RMSNorm fused with the
+        residual add before it (the FFN output of layer i goes into layer i + 1's input norm)."""
+        residual = None
+        for index, layer in enumerate(self.layers):
+            (in_weight, in_eps), post = self.norms[index]
+            if residual is None:
+                residual, x = h, decode_ops.rms_norm(h, in_weight, in_eps)
+            else:
+                x, residual = decode_ops.add_rms_norm(h, residual, in_weight, in_eps)
+            out = self._attention_kernels(layer.self_attn, x, index, cos, sin, positions)
+            x, residual = decode_ops.add_rms_norm(out, residual, *post)
+            h = layer.mlp(x)
+        if last_only:
+            h = h[:, -1:]
+            residual = None if residual is None else residual[:, -1:]
+        if residual is None:
+            return decode_ops.rms_norm(h, *self.final_norm)
+        return decode_ops.add_rms_norm(h, residual, *self.final_norm)[0]
+
     def forward(self, ids: Tensor, positions: Tensor, last_only: bool = True) -> Tensor:
         """Logits [B, T (1 if last_only), V] of tokens `ids` [B, T] at `positions` [T] (a long
         tensor on the device), whose keys and values are written into the cache."""
         h = self.base.embed_tokens(ids)
         cos = self.cos.index_select(0, positions)
         sin = self.sin.index_select(0, positions)
+        if self.kernels:
+            return self.model.lm_head(self._hidden_kernels(h, cos, sin, positions, last_only))
         keys, queries = self.key_positions[None, :], positions[:, None]
         causal = keys <= queries
         masks = {None: causal}
@@ -1036,10 +1120,12 @@ def measure_model(
     check_len: int = 64,
     graphs: bool = True,
     reps: int | None = None,
+    kernels: str = "auto",
     log: Log | None = None,
 ) -> tuple[dict, Tensor]:
     """Prefill and decode throughput and peak memory of `model` on `prompt` [B, P] (on the
-    model's device), and its logits on the first `check_len` prompt tokens (fp32, CPU)."""
+    model's device) through StaticDecoder(kernels=`kernels`), and its logits on the first
+    `check_len` prompt tokens (fp32, CPU)."""
     log = log or (lambda message: None)
     device = prompt.device
     cuda = device.type == "cuda"
@@ -1051,7 +1137,7 @@ def measure_model(
     weights_bytes, ffn_bytes = _model_bytes(model)
     max_len = -(-(prompt_len + decode_steps) // 64) * 64
     with torch.no_grad():
-        decoder = StaticDecoder(model, batch, max_len)
+        decoder = StaticDecoder(model, batch, max_len, kernels=kernels)
         check_len = min(check_len, prompt_len)
         check = decoder.forward(prompt[:, :check_len], decoder.key_positions[:check_len], False)
         check = check.float().cpu()
@@ -1150,7 +1236,8 @@ def e2e_random(options: BenchOptions, device: torch.device, log: Log | None = No
     model = random_llama(name, device, dtype, max_positions=length)
     prompt = _prompt(options.batch, options.prompt_len, model.config.vocab_size, options.seed,
                      device)  # fmt: skip
-    measure = {"decode_steps": options.decode_steps, "graphs": options.graphs, "log": log}
+    measure = {"decode_steps": options.decode_steps, "graphs": options.graphs,
+               "kernels": options.decoder_kernels, "log": log}  # fmt: skip
     log(f"end-to-end {name}: dense")
     dense = measure_model(model, prompt, **measure)
     light = options.light_format
@@ -1176,7 +1263,8 @@ def e2e_against(options: BenchOptions, device: torch.device, log: Log | None = N
     log = log or (lambda message: None)
     folder = _require_compressed(options.model)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    measure = {"decode_steps": options.decode_steps, "graphs": options.graphs, "log": log}
+    measure = {"decode_steps": options.decode_steps, "graphs": options.graphs,
+               "kernels": options.decoder_kernels, "log": log}  # fmt: skip
     log(f"end-to-end: dense {options.against}")
     model = _open_model(options.against, device, dtype, options.trust_remote_code)
     vocab = model.config.get_text_config().vocab_size
@@ -1250,6 +1338,7 @@ def run_bench(
         "copies": options.copies, "repeats": options.repeats, "graphs": options.graphs,
         "batch": options.batch, "prompt_len": options.prompt_len,
         "decode_steps": options.decode_steps, "seed": options.seed,
+        "decoder_kernels": options.decoder_kernels,
         "gemv_max_m": options.gemv_max_m if options.gemv_max_m is not None else tiles.GEMV_MAX_M,
     }  # fmt: skip
     payload.update(layers=[], e2e=[], notes=[])

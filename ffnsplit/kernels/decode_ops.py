@@ -30,7 +30,9 @@ from ffnsplit.kernels.tiles import INTERPRET, sm_count, torch_to_triton_ok
 
 MAX_NORM_BLOCK = 16384  # a row up to this size stays in registers; longer rows loop twice
 LOG2E = 1.4426950408889634
-MAX_SPLITS = 128  # key chunks of a split attention call at most (partials: splits x D floats a row)
+# key chunks of a split attention call at most (partials: splits x D floats a row); two under the
+# interpreter, which runs programs one by one
+MAX_SPLITS = 2 if INTERPRET else 128
 
 
 def _float_ok(*tensors: torch.Tensor) -> None:
