@@ -20,6 +20,21 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def poison(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every float tensor torch.empty allocates starts as NaN: a kernel output (or split-K
+    partial) left unwritten fails the test that reads it."""
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """One ffnsplit cache for the whole test session (GGUF conversions are done once)."""

@@ -4,7 +4,8 @@ On the CPU they run under TRITON_INTERPRET=1 at tiny odd shapes (hidden 72, head
 and 3 kv heads, a 37-long cache); the `gpu` tests run Llama-3-8B shapes (hidden 4096, 32 / 8
 heads of 128, an 8192-long cache at position 600) in fp16 and bf16, a CUDA graph replayed at
 moving positions, and the cost of attention following the position, not the cache length.
-Outputs are NaN-poisoned where launchers allocate them; cache entries no query may see are NaN.
+Outputs are NaN-poisoned where launchers allocate them (conftest's `poison`); cache entries no
+query may see are NaN.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from ffnsplit.kernels import decode_ops, reference
+from tests.test_kernels import rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
@@ -20,25 +22,6 @@ DTYPES = [torch.float32, torch.float16]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    assert not out.isnan().any(), "unwritten (NaN-poisoned) or NaN-reading output"
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
-@pytest.fixture
-def poison(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every float tensor allocated with torch.empty starts as NaN (outputs and partials)."""
-    empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
 
 
 def randn(*shape: int, dtype: torch.dtype, device: str = DEVICE) -> torch.Tensor:

@@ -45,20 +45,6 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-@pytest.fixture
-def poison(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every float tensor the launchers allocate starts as NaN (outputs and split-K partials)."""
-    empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
-
-
 def ref_linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
     y = x.double() @ qw.dequantize(torch.float64).T
     return y if bias is None else y + bias.double()
@@ -242,6 +228,24 @@ def test_gemv_deterministic_and_split_k(poison) -> None:
     first = sffn.split_ffn(x, w, path="gemv")
     assert rel_err(first, ref_split_ffn(x, w)) < TOL[torch.float32]
     assert torch.equal(first, sffn.split_ffn(x, w, path="gemv"))
+
+
+@pytest.mark.parametrize("heavy", [0, 9])
+def test_gemv_fused_reduction_matches_separate_launch(poison, monkeypatch, heavy) -> None:
+    """The in-kernel split-K reduction (last program of a tile adds the slots) against the
+    separate reduction launch: same sums (different association only), bias and activation
+    included, and counters left at zero for the next launch (a second call agrees bitwise)."""
+    from ffnsplit.kernels import gemv
+
+    w = random_split_weights(192, heavy, 72, "gelu", True, True, torch.float32, bits=4, group=32)
+    x = torch.randn(3, 192, device=DEVICE)
+    fused = sffn.split_ffn(x, w, path="gemv")
+    monkeypatch.setattr(gemv, "FUSED_OK", False)
+    separate = sffn.split_ffn(x, w, path="gemv")
+    torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(gemv, "FUSED_OK", True)
+    assert torch.equal(fused, sffn.split_ffn(x, w, path="gemv"))
+    assert rel_err(fused, ref_split_ffn(x, w)) < TOL[torch.float32]
 
 
 def test_auto_path_picks_gemv_for_few_rows(monkeypatch: pytest.MonkeyPatch) -> None:
