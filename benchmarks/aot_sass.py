@@ -49,9 +49,25 @@ _PROFILE = "ffnsplit.kernels.profile_stats"
 _ROW_ARGS = "a_ptr=*bf16 c_ptr=*fp32 cut_ptr=*i32 T=16384 size={size} stride_t={size} k={k} "
 _ROW_ARGS += "n_prog=3277 B0={b0} B1={b1} B2={b2} GALLOP=16777216"
 _COL_ARGS = "a_ptr=*bf16 c_ptr=*fp32 cut_ptr=*i32 part_ptr=*fp32 count_ptr=*i32 T=16384 "
-_COL_ARGS += "size=1536 stride_t=1536 rows_per_split=192 BLOCK_T=16 BLOCK_C=256 WARPS=4 ACCUMULATE=True"
+_COL_ARGS += (
+    "size=1536 stride_t=1536 rows_per_split=192 BLOCK_T=16 BLOCK_C=256 WARPS=4 ACCUMULATE=True"
+)
 _FINISH_ARGS = "part_ptr=*fp32 count_ptr=*i32 abs_ptr=*fp32 sq_ptr=*fp32 max_ptr=*fp32 "
 _FINISH_ARGS += "total_ptr=*i64 size=1536 n_prog=86 BLOCK_P=64 BLOCK_C=32"
+
+
+_GEMV = "ffnsplit.kernels.gemv:_gemv_kernel"
+# Llama-3-8B FFN at M = 1: kernel A (up/gate: 720 dense rows + 13,632 int4 g128 columns, K 4096)
+# and kernel B (down: 4096 outputs, K = 720 dense + 13,632 int4), fused reduction
+_GEMV_ARGS = (
+    "x_ptr=*fp16 dw0_ptr=*fp16 dw1_ptr=*fp16 p0_ptr=*i32 p1_ptr=*i32 s_ptr=*fp16 z_ptr=*fp16 "
+    "q0_ptr=*i32 q1_ptr=*i32 t_ptr=*fp16 u_ptr=*fp16 ws_ptr=*fp32 cnt_ptr=*i32 out_ptr=*fp16 "
+    "ub_ptr=*fp16 gb_ptr=*fp16 M=i32 stride_xm={sx} ND={nd} KD={kd} stride_dw={kd} XD=0 OD=0 "
+    "SD=i32 RD=i32 NL={nl} KL={kl} XL={xl} OL={ol} SL=i32 SLOT_L=i32 NOUT={nout} CHUNK=i32 "
+    "ONE=i32 NFT=i32 stride_om={nout} BITS=4 GROUP=128 SYMMETRIC=False DUAL={dual} BM=1 "
+    "BLOCK_N=256 BLOCK_ND=2 BLOCK_KD=256 FAST=True FUSED=True KA={ka} ACTIVATION=silu "
+    "HAS_UP_BIAS=False HAS_GATE_BIAS=False BLOCK_S=8"
+)
 
 
 def _row(size: int) -> tuple[str, str, int]:
@@ -79,6 +95,38 @@ PRESETS: dict[str, tuple[str, str, int]] = {
     ),
     "profile-col": (f"{_PROFILE}:_col_stats_kernel", _COL_ARGS, 4),
     "profile-finish": (f"{_PROFILE}:_finish_kernel", _FINISH_ARGS, 4),
+    "gemv-a": (
+        _GEMV,
+        _GEMV_ARGS.format(
+            sx=4096,
+            nd=720,
+            kd=4096,
+            nl=13632,
+            kl=4096,
+            xl=0,
+            ol=720,
+            nout=14336,
+            dual=True,
+            ka=True,
+        ),  # fmt: skip
+        2,
+    ),
+    "gemv-b": (
+        _GEMV,
+        _GEMV_ARGS.format(
+            sx=14336,
+            nd=4096,
+            kd=720,
+            nl=4096,
+            kl=13632,
+            xl=720,
+            ol=0,
+            nout=4096,
+            dual=False,
+            ka=False,
+        ),  # fmt: skip
+        2,
+    ),
 }
 
 
@@ -98,7 +146,11 @@ def _constexpr(text: str):
     try:
         return int(text, 0)
     except ValueError:
+        pass
+    try:
         return float(text)
+    except ValueError:
+        return text  # a string constexpr (an activation name)
 
 
 def build_source(fn: triton.runtime.JITFunction, values: dict[str, str]) -> ASTSource:

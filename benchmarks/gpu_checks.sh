@@ -27,7 +27,7 @@ tests)
     run 150 test_kernels env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -x -n 8 \
         tests/test_kernels.py -k "gemv or large_split or cuda_graph or bf16"
     run 60 test_profile python3 -m pytest -q -x tests/test_profile.py -k "kernel or partials or cuda"
-    run 90 test_modules python3 -m pytest -q -x tests/test_modules.py -k whole
+    run 150 test_modules env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -x tests/test_modules.py -k whole
     run 90 test_bench env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -x tests/test_bench.py
     ;;
 decode)

@@ -230,20 +230,21 @@ def test_gemv_deterministic_and_split_k(poison) -> None:
     assert torch.equal(first, sffn.split_ffn(x, w, path="gemv"))
 
 
-@pytest.mark.parametrize("heavy", [0, 9])
-def test_gemv_fused_reduction_matches_separate_launch(poison, monkeypatch, heavy) -> None:
+@pytest.mark.parametrize(("heavy", "mode"), [(0, "a"), (9, "a"), (0, "all"), (9, "all")])
+def test_gemv_fused_reduction_matches_separate_launch(poison, monkeypatch, heavy, mode) -> None:
     """The in-kernel split-K reduction (last program of a tile adds the slots) against the
     separate reduction launch: same sums (different association only), bias and activation
     included, and counters left at zero for the next launch (a second call agrees bitwise)."""
     from ffnsplit.kernels import gemv
 
-    w = random_split_weights(192, heavy, 72, "gelu", True, True, torch.float32, bits=4, group=32)
+    w = random_split_weights(192, heavy, 96, "gelu", True, True, torch.float32, bits=4, group=32)
     x = torch.randn(3, 192, device=DEVICE)
+    monkeypatch.setattr(gemv, "FUSED_MODE", mode)
     fused = sffn.split_ffn(x, w, path="gemv")
-    monkeypatch.setattr(gemv, "FUSED_OK", False)
+    monkeypatch.setattr(gemv, "FUSED_MODE", "0")
     separate = sffn.split_ffn(x, w, path="gemv")
     torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-6)
-    monkeypatch.setattr(gemv, "FUSED_OK", True)
+    monkeypatch.setattr(gemv, "FUSED_MODE", mode)
     assert torch.equal(fused, sffn.split_ffn(x, w, path="gemv"))
     assert rel_err(fused, ref_split_ffn(x, w)) < TOL[torch.float32]
 

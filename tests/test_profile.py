@@ -217,7 +217,10 @@ def test_profile_with_kernel_partials_equals_torch_path(monkeypatch: pytest.Monk
     import ffnsplit.profile as profile_module
 
     model = tiny_model("llama")
+    if torch.cuda.is_available():  # the kernels need CUDA tensors there (no interpreter)
+        model = model.cuda()
     input_ids = tiny_input_ids(model, batch=5, seq=8)
+    monkeypatch.setattr(profile_module, "_use_kernels", lambda a, size: False)
     expected = profile_model(model, input_ids, batch_size=2)
     monkeypatch.setattr(profile_module, "_use_kernels", lambda a, size: True)
     actual = profile_model(model, input_ids, batch_size=2)

@@ -367,10 +367,75 @@ def _dense_tiles(dw0_ptr, dw1_ptr, stride_dw, KD, kb, offs_n, mask_n, DUAL: tl.c
 
 
 @triton.jit
+def _store_out(out_ptr, ub_ptr, gb_ptr, row, stride_om, cols, mask, up, gate, KA: tl.constexpr,
+               DUAL: tl.constexpr, ACTIVATION: tl.constexpr, HAS_UP_BIAS: tl.constexpr,
+               HAS_GATE_BIAS: tl.constexpr):  # fmt: skip
+    """out[row, cols] = finish(up, gate): + up bias; kernel A: act(gate + gate bias) * up when
+    DUAL, else act(up); kernel B: up (+ bias) as is."""
+    if HAS_UP_BIAS:
+        up += tl.load(ub_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if KA:
+        if DUAL:
+            if HAS_GATE_BIAS:
+                gate += tl.load(gb_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            up = activation(gate, ACTIVATION) * up
+        else:
+            up = activation(up, ACTIVATION)
+    tl.store(out_ptr + row * stride_om + cols, up.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _finish_tile(ws_ptr, out_ptr, ub_ptr, gb_ptr, cols, mask_c, M, m0, NOUT, stride_om, NS,
+                 KA: tl.constexpr, DUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+                 HAS_UP_BIAS: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, BM: tl.constexpr,
+                 BLOCK_S: tl.constexpr):  # fmt: skip
+    """out[m0 + m, cols] = finish(sum of ws slots 0..NS in slot order) for the program's rows:
+    the fixed order makes the result independent of which program finishes. Loads bypass L1
+    (.cg): the partials were written by other programs of this launch."""
+    DUALS: tl.constexpr = 2 if DUAL else 1
+    mn = M * NOUT
+    for m in tl.static_range(BM):
+        row = m0 + m
+        if row < M:
+            up = tl.zeros([cols.shape[0]], dtype=tl.float32)
+            gate = up
+            for s0 in range(0, NS, BLOCK_S):
+                slots = s0 + tl.arange(0, BLOCK_S)
+                ptrs = ws_ptr + (slots * DUALS * mn + row * NOUT)[:, None] + cols[None, :]
+                ok = (slots < NS)[:, None] & mask_c[None, :]
+                up += tl.sum(tl.load(ptrs, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
+                if DUAL:
+                    gate += tl.sum(tl.load(ptrs + mn, mask=ok, other=0.0, cache_modifier=".cg"),
+                                   axis=0)  # fmt: skip
+            _store_out(out_ptr, ub_ptr, gb_ptr, row, stride_om, cols, mask_c, up, gate, KA, DUAL,
+                       ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS)  # fmt: skip
+
+
+@triton.jit
+def _arrive(cnt_ptr, index, expected, ws_ptr, out_ptr, ub_ptr, gb_ptr, cols, mask_c, M, m0, NOUT,
+            stride_om, NS, KA: tl.constexpr, DUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+            HAS_UP_BIAS: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, BM: tl.constexpr,
+            BLOCK_S: tl.constexpr):  # fmt: skip
+    """Count this program's partials of output tile `index` in (after its stores: barrier, then
+    one acq_rel atomic); the program that brings the count to `expected` adds every slot of the
+    tile (_finish_tile) and resets the counter for the next launch."""
+    tl.debug_barrier()
+    ticket = tl.atomic_add(cnt_ptr + index, 1, sem="acq_rel", scope="gpu")
+    if ticket == expected - 1:
+        tl.debug_barrier()
+        _finish_tile(ws_ptr, out_ptr, ub_ptr, gb_ptr, cols, mask_c, M, m0, NOUT, stride_om, NS,
+                     KA, DUAL, ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS, BM, BLOCK_S)  # fmt: skip
+        tl.atomic_xchg(cnt_ptr + index, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
 def _dense_program(x_ptr, dw0_ptr, dw1_ptr, ws_ptr, tile, split, M, m0, stride_xm, ND, KD,
-                   stride_dw, OD, SD, NOUT, DUAL: tl.constexpr, BM: tl.constexpr,
-                   BLOCK_ND: tl.constexpr, BLOCK_KD: tl.constexpr):  # fmt: skip
-    """Dense rows tile*BLOCK_ND.. over K-slice `split` of SD -> ws slot `split`, columns OD.."""
+                   stride_dw, OD, SD, NOUT, out_ptr, ub_ptr, gb_ptr, stride_om,
+                   DUAL: tl.constexpr, BM: tl.constexpr, BLOCK_ND: tl.constexpr,
+                   BLOCK_KD: tl.constexpr, DIRECT: tl.constexpr, ACTIVATION: tl.constexpr,
+                   HAS_UP_BIAS: tl.constexpr, HAS_GATE_BIAS: tl.constexpr):  # fmt: skip
+    """Dense rows tile*BLOCK_ND.. over K-slice `split` of SD -> ws slot `split`, columns OD..
+    DIRECT (kernel A, unsplit K): the finished activations go straight to out instead."""
     DUALS: tl.constexpr = 2 if DUAL else 1
     offs_n = tile * BLOCK_ND + tl.arange(0, BLOCK_ND)
     mask_n = offs_n < ND
@@ -404,22 +469,42 @@ def _dense_program(x_ptr, dw0_ptr, dw1_ptr, ws_ptr, tile, split, M, m0, stride_x
             au3 += wu * x3
             ag3 += wg * x3
     cols = OD + offs_n
-    _store_rows(ws_ptr, tl.sum(au0, axis=1), tl.sum(au1, axis=1), tl.sum(au2, axis=1),
-                tl.sum(au3, axis=1), split, 0, DUALS, M, NOUT, m0, cols, mask_n,
-                BM)  # fmt: skip
-    if DUAL:
-        _store_rows(ws_ptr, tl.sum(ag0, axis=1), tl.sum(ag1, axis=1), tl.sum(ag2, axis=1),
-                    tl.sum(ag3, axis=1), split, 1, DUALS, M, NOUT, m0, cols, mask_n,
+    if DIRECT:
+        rows = offs_n * 0 + m0  # the rows as vectors: masks of the stores
+        _store_out(out_ptr, ub_ptr, gb_ptr, m0, stride_om, cols, mask_n, tl.sum(au0, axis=1),
+                   tl.sum(ag0, axis=1), True, DUAL, ACTIVATION, HAS_UP_BIAS,
+                   HAS_GATE_BIAS)  # fmt: skip
+        if BM > 1:
+            _store_out(out_ptr, ub_ptr, gb_ptr, m0 + 1, stride_om, cols, mask_n & (rows + 1 < M),
+                       tl.sum(au1, axis=1), tl.sum(ag1, axis=1), True, DUAL, ACTIVATION,
+                       HAS_UP_BIAS, HAS_GATE_BIAS)  # fmt: skip
+        if BM > 2:
+            _store_out(out_ptr, ub_ptr, gb_ptr, m0 + 2, stride_om, cols, mask_n & (rows + 2 < M),
+                       tl.sum(au2, axis=1), tl.sum(ag2, axis=1), True, DUAL, ACTIVATION,
+                       HAS_UP_BIAS, HAS_GATE_BIAS)  # fmt: skip
+            _store_out(out_ptr, ub_ptr, gb_ptr, m0 + 3, stride_om, cols, mask_n & (rows + 3 < M),
+                       tl.sum(au3, axis=1), tl.sum(ag3, axis=1), True, DUAL, ACTIVATION,
+                       HAS_UP_BIAS, HAS_GATE_BIAS)  # fmt: skip
+    else:
+        _store_rows(ws_ptr, tl.sum(au0, axis=1), tl.sum(au1, axis=1), tl.sum(au2, axis=1),
+                    tl.sum(au3, axis=1), split, 0, DUALS, M, NOUT, m0, cols, mask_n,
                     BM)  # fmt: skip
+        if DUAL:
+            _store_rows(ws_ptr, tl.sum(ag0, axis=1), tl.sum(ag1, axis=1), tl.sum(ag2, axis=1),
+                        tl.sum(ag3, axis=1), split, 1, DUALS, M, NOUT, m0, cols, mask_n,
+                        BM)  # fmt: skip
 
 
-@triton.jit(do_not_specialize=["M", "SD", "SL", "CHUNK", "ONE", "RD"])
+@triton.jit(do_not_specialize=["M", "SD", "SL", "CHUNK", "ONE", "RD", "NFT"])
 def _gemv_kernel(
     x_ptr, dw0_ptr, dw1_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u_ptr, ws_ptr,
+    cnt_ptr, out_ptr, ub_ptr, gb_ptr,
     M, stride_xm, ND, KD, stride_dw, XD, OD, SD, RD, NL, KL, XL, OL, SL, SLOT_L, NOUT, CHUNK, ONE,
+    NFT, stride_om,
     BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, DUAL: tl.constexpr,
     BM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_ND: tl.constexpr, BLOCK_KD: tl.constexpr,
-    FAST: tl.constexpr,
+    FAST: tl.constexpr, FUSED: tl.constexpr, KA: tl.constexpr, ACTIVATION: tl.constexpr,
+    HAS_UP_BIAS: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
     """One (column tile, K-slice) program for rows program_id(1)*BM..; fp32 partials to
     ws[slot, dual, m, column].
@@ -427,23 +512,54 @@ def _gemv_kernel(
     Dense programs (the first cdiv(cdiv(ND, BLOCK_ND), RD) * SD, RD row tiles each) read rows
     [ND, KD] against x[:, XD:] and write columns OD.. of slots 0..SD; light programs read packed
     [KL, NL] against x[:, XL:] and write columns OL.. of slots SLOT_L + 0..SL.
+
+    FUSED: no reduction launch. Kernel A (KA): dense programs (K never split) write their
+    finished activations to out; light column tiles count their SL K-slices in at cnt_ptr and the
+    last one finishes the tile. Kernel B: output tiles of BLOCK_N columns (NFT per row block)
+    count in their SL light slices and the dense programs that cover them (slot 0), and the last
+    one adds the slots and the bias.
     """
     pid = tl.program_id(0)
-    m0 = tl.program_id(1) * BM
+    m_blk = tl.program_id(1)
+    m0 = m_blk * BM
     x_rows = x_ptr + m0 * stride_xm
     groups_d = tl.cdiv(tl.cdiv(ND, BLOCK_ND), RD)  # dense programs own RD row tiles each
+    rows_d = RD * BLOCK_ND  # output columns of kernel B per dense program
     if pid < groups_d * SD:
         for rt in range(0, RD):
             _dense_program(x_rows + XD, dw0_ptr, dw1_ptr, ws_ptr, (pid % groups_d) * RD + rt,
                            pid // groups_d, M, m0, stride_xm, ND, KD, stride_dw, OD, SD, NOUT,
-                           DUAL, BM, BLOCK_ND, BLOCK_KD)  # fmt: skip
+                           out_ptr, ub_ptr, gb_ptr, stride_om, DUAL, BM, BLOCK_ND, BLOCK_KD,
+                           FUSED and KA, ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS)  # fmt: skip
+        if FUSED and not KA:  # count in at every output tile this program's rows touch
+            r0 = (pid % groups_d) * rows_d
+            r1 = tl.minimum(r0 + rows_d, ND)
+            for t in range(r0 // BLOCK_N, (r1 - 1) // BLOCK_N + 1):
+                cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
+                first = t * BLOCK_N // rows_d
+                last = tl.minimum((t * BLOCK_N + BLOCK_N - 1) // rows_d, groups_d - 1)
+                _arrive(cnt_ptr, m_blk * NFT + t, SL + last - first + 1, ws_ptr, out_ptr,
+                        ub_ptr, gb_ptr, cols, cols < NOUT, M, m0, NOUT, stride_om, SLOT_L + SL,
+                        KA, DUAL, ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS, BM,
+                        BLOCK_S)  # fmt: skip
     else:
         pid = pid - groups_d * SD
         tiles_l = tl.cdiv(NL, BLOCK_N)
+        tile = pid % tiles_l
         _light_program(x_rows + XL, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u_ptr,
-                       ws_ptr, pid % tiles_l, pid // tiles_l, M, m0, stride_xm, NL, KL, OL, SL,
+                       ws_ptr, tile, pid // tiles_l, M, m0, stride_xm, NL, KL, OL, SL,
                        SLOT_L, NOUT, CHUNK, ONE, BITS, GROUP, SYMMETRIC, DUAL, BM, BLOCK_N,
                        FAST)  # fmt: skip
+        if FUSED:
+            cols = OL + tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            expected = SL
+            if not KA and ND > 0:  # kernel B: the dense programs covering this tile too
+                first = tile * BLOCK_N // rows_d
+                last = tl.minimum((tile * BLOCK_N + BLOCK_N - 1) // rows_d, groups_d - 1)
+                expected += last - first + 1
+            _arrive(cnt_ptr, m_blk * NFT + tile, expected, ws_ptr, out_ptr, ub_ptr, gb_ptr, cols,
+                    cols < OL + NL, M, m0, NOUT, stride_om, SLOT_L + SL, KA, DUAL, ACTIVATION,
+                    HAS_UP_BIAS, HAS_GATE_BIAS, BM, BLOCK_S)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["M", "C0", "S0", "S1", "SMAX"])
@@ -500,6 +616,7 @@ class GemvConfig:
     num_warps: int
     waves: int = 1
     fast: bool = True  # int4 with 16-bit activations: two mantissa positions (_light_step4)
+    fused: bool = True  # the split-K reduction inside the kernel (last program of a tile)
 
 
 _CONFIGS = (  # block_n / (32 * num_warps) columns per thread: 4 (one 16-byte load) or 8 (two)
@@ -511,6 +628,28 @@ _CONFIGS = (  # block_n / (32 * num_warps) columns per thread: 4 (one 16-byte lo
 )
 _INTERPRET_CONFIG = GemvConfig(32, 4, 32, num_warps=1, waves=1)
 FAST_OK = os.environ.get("FFNSPLIT_GEMV_FAST", "1") != "0"  # 0: exact path only (benchmarks)
+# Where the split-K partials are reduced inside the kernel (the last program of a tile) instead of
+# by a second launch (_gemv_reduce_kernel): "a" kernel A (default), "all" kernels A and B, "0" none
+FUSED_MODE = os.environ.get("FFNSPLIT_GEMV_FUSED", "a")
+_FINISH_SLOTS = 8  # slots per load of _finish_tile ([8, BLOCK_N] tiles)
+_counters: dict[tuple, torch.Tensor] = {}
+_counters_kept: list[torch.Tensor] = []
+
+
+def _tile_counters(device: torch.device, size: int) -> torch.Tensor:
+    """Arrival counters of the fused reduction, zero between launches (the last program of each
+    tile resets its own). One buffer per device and stream: launches on one stream run in order,
+    so they can share it; two streams must not. A buffer first needed while a CUDA graph is
+    captured (a graph's private capture stream) is made, and zeroed, by the graph itself."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    buf = _counters.get(key)
+    if buf is None or buf.numel() < size:
+        buf = _counters[key] = torch.zeros(max(size, 4096), dtype=torch.int32, device=device)
+        _counters_kept.append(buf)  # a captured graph may still point at a smaller one
+    return buf
+
+
 MAX_ROWS = 4  # rows of x per program (explicit accumulators); more rows: more programs
 _tuner = Tuner()
 _capacity: dict[tuple, int] = {}  # programs in one full wave, by launch shape (see _launch)
@@ -582,13 +721,27 @@ def _launch(
         BLOCK_ND=cfg.block_nd, BLOCK_KD=cfg.block_kd,
         FAST=cfg.fast and FAST_OK and bits == 4 and x2.dtype != torch.float32,
     )  # fmt: skip
+    # kernel A by default: kernel B's tiles have ~90 K-slices at M = 1, and one program adding
+    # them at the end costs more than the second launch saves (+2.8 vs -1.5 us on an H200)
+    fused = cfg.fused and (FUSED_MODE == "all" or FUSED_MODE == "a" and kernel_a)
+    up_bias, gate_bias = finish.get("up_bias"), finish.get("gate_bias")
+    constexprs.update(
+        FUSED=fused, KA=kernel_a, ACTIVATION=finish.get("activation", "relu"),
+        HAS_UP_BIAS=up_bias is not None, HAS_GATE_BIAS=gate_bias is not None,
+        BLOCK_S=_FINISH_SLOTS,
+    )  # fmt: skip
     light_args = _light_args(*(light or (None, None)), x2)
+    n_ft = tiles_l if kernel_a else triton.cdiv(out_cols, cfg.block_n)  # output tiles a row block
+    row_blocks = triton.cdiv(m, bm)
+    cnt = _tile_counters(x2.device, row_blocks * n_ft) if fused else out
+    biases = (out if up_bias is None else up_bias, out if gate_bias is None else gate_bias)
 
     def args(sd: int, rd: int, sl: int, slot_l: int, chunk: int, ws: torch.Tensor) -> tuple:
         return (
-            x2, dw0, dw1, *light_args, ws, m, x2.stride(0), nd, kd,
+            x2, dw0, dw1, *light_args, ws, cnt, out, *biases, m, x2.stride(0), nd, kd,
             dw0.stride(0) if dense is not None else 0, 0, 0, sd, rd, nl, kl,
             0 if kernel_a else kd, nd if kernel_a else 0, sl, slot_l, out_cols, chunk, ONE_BITS,
+            n_ft, out.stride(0),
         )  # fmt: skip
 
     # One wave: as many programs as the SMs hold at once (registers of the compiled variant),
@@ -613,9 +766,11 @@ def _launch(
     slots = max(sd, sl) if kernel_a else sd + sl
     duals = 2 if dual else 1
     ws = torch.empty((slots, duals, m, out_cols), dtype=torch.float32, device=x2.device)
-    _gemv_kernel[(programs_d * sd + tiles_l * sl, triton.cdiv(m, bm))](
+    _gemv_kernel[(programs_d * sd + tiles_l * sl, row_blocks)](
         *args(sd, rd, sl, slot_l, chunk, ws), **constexprs, num_warps=cfg.num_warps, num_stages=1
     )
+    if fused:
+        return
     # [block_s, block] tiles: all slots of an output loaded at once (up to 128), and at least
     # ~2 programs per SM, so that the reduction costs about one memory latency
     block_s = min(128, triton.next_power_of_2(slots))
