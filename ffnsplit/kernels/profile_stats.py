@@ -216,9 +216,10 @@ def _col_stats_kernel(
 @triton.jit
 def _finish_kernel(
     part_ptr, count_ptr, abs_ptr, sq_ptr, max_ptr, total_ptr, size, n_prog,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ZERO: tl.constexpr = False,
 ):  # fmt: skip
-    """Add the partials of every program, in program order, into the running accumulators."""
+    """Add the partials of every program, in program order, into the running accumulators;
+    ZERO: and set the partials to zero once read (StatsPartials' running partials)."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < size
     sum_abs = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -234,6 +235,12 @@ def _finish_kernel(
         part_max = tl.load(part_ptr + 2 * n_prog * size + offsets, mask=mask, other=0.0)
         max_abs = tl.maximum(max_abs, tl.max(part_max, axis=0))
         sum_count += tl.sum(tl.load(count_ptr + offsets, mask=mask, other=0), axis=0)
+        if ZERO:
+            zero = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+            tl.store(part_ptr + offsets, zero, mask=mask)
+            tl.store(part_ptr + n_prog * size + offsets, zero, mask=mask)
+            tl.store(part_ptr + 2 * n_prog * size + offsets, zero, mask=mask)
+            tl.store(count_ptr + offsets, zero.to(tl.int32), mask=mask)
     tl.store(abs_ptr + cols, tl.load(abs_ptr + cols, mask=col_ok) + sum_abs, mask=col_ok)
     tl.store(sq_ptr + cols, tl.load(sq_ptr + cols, mask=col_ok) + sum_sq, mask=col_ok)
     old_max = tl.load(max_ptr + cols, mask=col_ok)
@@ -361,7 +368,7 @@ class StatsPartials:
     `add(a, col_norm, k)` runs the row and column kernels with the column kernel adding into
     persistent partials (one slot per program: deterministic), so a profiler hook costs two
     launches and no finish; `flush(abs_sum, sq_sum, abs_max, topk_count)` adds the partials into
-    the accumulators (torch reductions in a fixed order) and zeroes them. The token split is
+    the accumulators (one launch: `_finish_kernel`, program order) and zeroes them. The token split is
     fixed by the first call; later calls of other lengths keep it (rows per split vary)."""
 
     def __init__(self) -> None:
@@ -399,10 +406,10 @@ class StatsPartials:
     ) -> None:
         if not self.pending:
             return
-        abs_sum += self.partials[0].sum(0)
-        sq_sum += self.partials[1].sum(0)
-        torch.maximum(abs_max, self.partials[2].amax(0), out=abs_max)
-        topk_count += self.counts.sum(0, dtype=torch.int64)
-        self.partials.zero_()
-        self.counts.zero_()
+        size = self.counts.shape[1]
+        block_c = 32
+        _finish_kernel[(triton.cdiv(size, block_c),)](
+            self.partials, self.counts, abs_sum, sq_sum, abs_max, topk_count, size, self.splits,
+            BLOCK_P=64, BLOCK_C=block_c, ZERO=True, num_warps=4,
+        )  # fmt: skip
         self.pending = False
