@@ -91,6 +91,7 @@ def _row_select_kernel(
 ):  # fmt: skip
     """Rows pid, pid + n_prog, ... of a: the cut (thr, first) of each row's top k (see above)."""
     pid = tl.program_id(0)
+    prev = tl.zeros([], dtype=tl.int32)  # the last row's cut: the next row's first guess
     for row in range(pid, T, n_prog):
         row_off = tl.cast(row, tl.int64) * stride_t
         bits0 = _piece_bits(a_ptr, c_ptr, row_off, size, 0, B0)
@@ -108,21 +109,35 @@ def _row_select_kernel(
         n_lo = lo + size
         n_hi = lo
         gallop = lo + (GALLOP - 1)  # the next gallop step, minus 1
+        guess = prev  # tried first (rows of one layer have similar cuts), then 0: used up
+        slow = lo  # 1: the last step left more than half the bracket: bisect next
         while (top_in > lo) & (n_lo != k):
-            # gallop while no count reached k (lo == 0), then bisect; lo < mid <= top_in
-            bisect = lo + 1 + ((top_in - lo - 1) >> 1)
-            mid = tl.where(lo == 0, tl.maximum(top_in - gallop, 1), bisect)
+            # No lower bound yet (lo == 0): the last row's cut, then a gallop down from the top.
+            # Then a safeguarded interpolation: the cut placed as if the n_lo - n_hi values in
+            # [lo, top_in] were spread evenly over the bit patterns, or a bisection when the
+            # last step did not halve the bracket. Always lo < mid <= top_in.
+            width = top_in - lo
+            bisect = lo + 1 + ((width - 1) >> 1)
+            share = (k - n_hi).to(tl.float32) / (n_lo - n_hi).to(tl.float32)
+            est = top_in.to(tl.float32) + 1.0 - share * width.to(tl.float32)
+            est = tl.minimum(tl.maximum(est, 1.0), 2147483520.0).to(tl.int32)
+            interp = tl.minimum(tl.maximum(est, lo + 1), top_in)
+            down = tl.where((guess > 0) & (guess <= top_in), guess, tl.maximum(top_in - gallop, 1))
+            mid = tl.where(lo == 0, down, tl.where(slow == 1, bisect, interp))
             n = _count_ge(bits0, mid - 1)
             if B1 > 0:
                 n += _count_ge(bits1, mid - 1)
             if B2 > 0:
                 n += _count_ge(bits2, mid - 1)
             up = n >= k
+            was_open = lo == 0
             lo = tl.where(up, mid, lo)
             n_lo = tl.where(up, n, n_lo)
             top_in = tl.where(up, top_in, mid - 1)
             n_hi = tl.where(up, n_hi, n)
-            gallop = tl.where(up, gallop, tl.minimum(gallop, 0x3FFFFFFF) * 2 + 1)
+            gallop = tl.where(up | (guess > 0), gallop, tl.minimum(gallop, 0x3FFFFFFF) * 2 + 1)
+            guess = guess * 0
+            slow = tl.where(was_open | ((top_in - lo) <= (width >> 1)), 0, 1)
         # n_lo == k: exactly k values >= lo. Else top_in == lo: lo is the k-th largest value and
         # n_lo - n_hi > k - n_hi values equal it: keep the first k - n_hi of them.
         first = size
@@ -139,6 +154,7 @@ def _row_select_kernel(
             first = before + 1
         tl.store(cut_ptr + row, lo)
         tl.store(cut_ptr + T + row, first)
+        prev = lo
 
 
 @triton.jit
