@@ -739,7 +739,7 @@ def _launch(
         BLOCK_S=_FINISH_SLOTS,
         # scales loaded at a chunk's start (FFNSPLIT_GEMV_EARLY: 0 none, 1 kernel B, 2 both;
         # on sm_90 kernel A keeps its 128 registers, kernel B goes from 80 to 96)
-        EARLY=EARLY_SCALES >= (2 if dual else 1),
+        EARLY=EARLY_SCALES >= (1 if not dual else 2),
     )  # fmt: skip
     light_args = _light_args(*(light or (None, None)), x2)
     n_ft = tiles_l if kernel_a else triton.cdiv(out_cols, cfg.block_n)  # output tiles a row block
