@@ -285,7 +285,7 @@ def _light_program(x_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u
                    tile, split, M, m0, stride_xm, NL, KL, OL, SL, SLOT_L, NOUT, CHUNK, ONE,
                    BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
                    DUAL: tl.constexpr, BM: tl.constexpr, BLOCK_N: tl.constexpr,
-                   FAST: tl.constexpr, EARLY: tl.constexpr):  # fmt: skip
+                   FAST: tl.constexpr):  # fmt: skip
     """Packed columns tile*BLOCK_N.. over K-slice `split` of SL -> ws slot SLOT_L + split.
 
     The slice is a run of chunks of CHUNK steps (32 k each); a chunk lies inside one group."""
@@ -307,11 +307,6 @@ def _light_program(x_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u
             gl0, gh0, gl1, gh1, gl2, gh2, gl3, gh3 = zero, zero, zero, zero, zero, zero, zero, zero
             xe0 = tl.zeros([], dtype=tl.float32)
             xo0, xe1, xo1, xe2, xo2, xe3, xo3 = xe0, xe0, xe0, xe0, xe0, xe0, xe0
-            g = c * CHUNK * STEP_K // GROUP
-            if EARLY:  # the chunk's scales in flight during its steps (no stall at its end)
-                s, z = _scale_pair(s_ptr, z_ptr, g, NL, offs_n, mask_n, SYMMETRIC)
-                if DUAL:
-                    sg, zg = _scale_pair(t_ptr, u_ptr, g, NL, offs_n, mask_n, SYMMETRIC)
             for st in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, steps)):
                 cur = nxt
                 nxt = _load_step4(p0_ptr, q0_ptr, NL, tl.minimum(st + 1, st_last) * STEP_K,
@@ -321,16 +316,15 @@ def _light_program(x_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u
                     ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3, gl0, gh0, gl1, gh1, gl2, gh2, gl3,
                     gh3, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3, *cur, x_ptr, stride_xm, M - m0,
                     st * STEP_K, ONE, DUAL, BM)  # fmt: skip
-            if not EARLY:
-                s, z = _scale_pair(s_ptr, z_ptr, g, NL, offs_n, mask_n, SYMMETRIC)
+            g = c * CHUNK * STEP_K // GROUP
+            s, z = _scale_pair(s_ptr, z_ptr, g, NL, offs_n, mask_n, SYMMETRIC)
             au0, au1, au2, au3 = _finish_rows4(au0, au1, au2, au3, ul0, uh0, ul1, uh1, ul2, uh2,
                                                ul3, uh3, s, z, xe0, xo0, xe1, xo1, xe2, xo2, xe3,
                                                xo3, BM)  # fmt: skip
             if DUAL:
-                if not EARLY:
-                    sg, zg = _scale_pair(t_ptr, u_ptr, g, NL, offs_n, mask_n, SYMMETRIC)
+                s, z = _scale_pair(t_ptr, u_ptr, g, NL, offs_n, mask_n, SYMMETRIC)
                 ag0, ag1, ag2, ag3 = _finish_rows4(ag0, ag1, ag2, ag3, gl0, gh0, gl1, gh1, gl2,
-                                                   gh2, gl3, gh3, sg, zg, xe0, xo0, xe1, xo1, xe2,
+                                                   gh2, gl3, gh3, s, z, xe0, xo0, xe1, xo1, xe2,
                                                    xo2, xe3, xo3, BM)  # fmt: skip
     else:
         for c in range(c_lo, c_hi):
@@ -511,7 +505,6 @@ def _gemv_kernel(
     BM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_ND: tl.constexpr, BLOCK_KD: tl.constexpr,
     FAST: tl.constexpr, FUSED: tl.constexpr, KA: tl.constexpr, ACTIVATION: tl.constexpr,
     HAS_UP_BIAS: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, BLOCK_S: tl.constexpr,
-    EARLY: tl.constexpr,
 ):  # fmt: skip
     """One (column tile, K-slice) program for rows program_id(1)*BM..; fp32 partials to
     ws[slot, dual, m, column].
@@ -556,7 +549,7 @@ def _gemv_kernel(
         _light_program(x_rows + XL, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u_ptr,
                        ws_ptr, tile, pid // tiles_l, M, m0, stride_xm, NL, KL, OL, SL,
                        SLOT_L, NOUT, CHUNK, ONE, BITS, GROUP, SYMMETRIC, DUAL, BM, BLOCK_N,
-                       FAST, EARLY)  # fmt: skip
+                       FAST)  # fmt: skip
         if FUSED:
             cols = OL + tile * BLOCK_N + tl.arange(0, BLOCK_N)
             expected = SL
@@ -638,7 +631,6 @@ FAST_OK = os.environ.get("FFNSPLIT_GEMV_FAST", "1") != "0"  # 0: exact path only
 # Where the split-K partials are reduced inside the kernel (the last program of a tile) instead of
 # by a second launch (_gemv_reduce_kernel): "a" kernel A (default), "all" kernels A and B, "0" none
 FUSED_MODE = os.environ.get("FFNSPLIT_GEMV_FUSED", "a")
-EARLY_SCALES = int(os.environ.get("FFNSPLIT_GEMV_EARLY", "2"))
 _FINISH_SLOTS = 8  # slots per load of _finish_tile ([8, BLOCK_N] tiles)
 _counters: dict[tuple, torch.Tensor] = {}
 _counters_kept: list[torch.Tensor] = []
@@ -737,9 +729,6 @@ def _launch(
         FUSED=fused, KA=kernel_a, ACTIVATION=finish.get("activation", "relu"),
         HAS_UP_BIAS=up_bias is not None, HAS_GATE_BIAS=gate_bias is not None,
         BLOCK_S=_FINISH_SLOTS,
-        # scales loaded at a chunk's start (FFNSPLIT_GEMV_EARLY: 0 none, 1 kernel B, 2 both;
-        # on sm_90 kernel A keeps its 128 registers, kernel B goes from 80 to 96)
-        EARLY=EARLY_SCALES >= (1 if not dual else 2),
     )  # fmt: skip
     light_args = _light_args(*(light or (None, None)), x2)
     n_ft = tiles_l if kernel_a else triton.cdiv(out_cols, cfg.block_n)  # output tiles a row block
