@@ -28,7 +28,7 @@ tests)
         tests/test_kernels.py -k "gemv or large_split or cuda_graph or bf16"
     run 60 test_profile python3 -m pytest -q -x tests/test_profile.py -k "kernel or partials or cuda"
     run 150 test_modules env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -x tests/test_modules.py -k whole
-    run 90 test_bench env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -x tests/test_bench.py
+    run 90 test_bench env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -x tests/test_bench.py tests/test_decode_ops.py
     ;;
 decode)
     run 200 bench_decode python3 benchmarks/bench_decode.py --m 1,2,4 --fast-only \
