@@ -70,6 +70,14 @@ _GEMV_ARGS = (
 )
 
 
+def _gemv_args(sx: int, nd: int, kd: int, nl: int, kl: int, xl: int, ol: int, nout: int, *,
+               kernel_a: bool) -> str:  # fmt: skip
+    """_GEMV_ARGS for x row stride sx, dense [nd, kd], light [kl, nl] read from x[:, xl:],
+    light columns written from ol, nout outputs; kernel A (up/gate, gated) or B (down)."""
+    return _GEMV_ARGS.format(sx=sx, nd=nd, kd=kd, nl=nl, kl=kl, xl=xl, ol=ol, nout=nout,
+                             dual=kernel_a, ka=kernel_a)  # fmt: skip
+
+
 def _row(size: int) -> tuple[str, str, int]:
     """The row kernel as accumulate_stats launches it for intermediate size `size`, k = 5%."""
     from ffnsplit.kernels.profile_stats import row_pieces, row_warps
@@ -95,38 +103,8 @@ PRESETS: dict[str, tuple[str, str, int]] = {
     ),
     "profile-col": (f"{_PROFILE}:_col_stats_kernel", _COL_ARGS, 4),
     "profile-finish": (f"{_PROFILE}:_finish_kernel", _FINISH_ARGS, 4),
-    "gemv-a": (
-        _GEMV,
-        _GEMV_ARGS.format(
-            sx=4096,
-            nd=720,
-            kd=4096,
-            nl=13632,
-            kl=4096,
-            xl=0,
-            ol=720,
-            nout=14336,
-            dual=True,
-            ka=True,
-        ),  # fmt: skip
-        2,
-    ),
-    "gemv-b": (
-        _GEMV,
-        _GEMV_ARGS.format(
-            sx=14336,
-            nd=4096,
-            kd=720,
-            nl=4096,
-            kl=13632,
-            xl=720,
-            ol=0,
-            nout=4096,
-            dual=False,
-            ka=False,
-        ),  # fmt: skip
-        2,
-    ),
+    "gemv-a": (_GEMV, _gemv_args(4096, 720, 4096, 13632, 4096, 0, 720, 14336, kernel_a=True), 2),
+    "gemv-b": (_GEMV, _gemv_args(14336, 4096, 720, 4096, 13632, 720, 0, 4096, kernel_a=False), 2),
 }
 
 
