@@ -20,8 +20,11 @@ columns (one layout: no data ever moves between threads inside the loop):
 Up to four rows of x per program (explicit per-row accumulators); more rows take more programs.
 Both parts of one call run in one launch (first programs dense, the rest light) whose grid is one
 full wave (programs an SM holds, from the compiled kernel's registers, times the SMs), and write
-fp32 partial sums per K-slice to a workspace; `_gemv_reduce_kernel` adds them in a fixed order
-(deterministic, no atomics) and applies bias, activation and gating (kernel A) or bias (kernel B).
+fp32 partial sums per K-slice to a workspace. Kernel A reduces them inside the same launch: the
+last K-slice program of a column tile (an arrival counter per tile) adds the tile's slots in slot
+order and applies bias, activation and gating (`_arrive`); kernel B's partials are added by a
+second launch, `_gemv_reduce_kernel`, which also adds the bias (FUSED_MODE). Both orders are fixed:
+results are bitwise repeatable (no floating-point atomics).
 """
 
 from __future__ import annotations
