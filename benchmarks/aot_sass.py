@@ -53,7 +53,7 @@ _COL_ARGS += (
     "size=1536 stride_t=1536 rows_per_split=192 BLOCK_T=16 BLOCK_C=256 WARPS=4 ACCUMULATE=True"
 )
 _FINISH_ARGS = "part_ptr=*fp32 count_ptr=*i32 abs_ptr=*fp32 sq_ptr=*fp32 max_ptr=*fp32 "
-_FINISH_ARGS += "total_ptr=*i64 size=1536 n_prog=86 BLOCK_P=64 BLOCK_C=32"
+_FINISH_ARGS += "total_ptr=*i64 size=1536 n_prog=86 BLOCK_P=64 BLOCK_C=32 ZERO=True"
 
 
 _GEMV = "ffnsplit.kernels.gemv:_gemv_kernel"
