@@ -592,15 +592,8 @@ def _gemv_reduce_kernel(ws_ptr, ub_ptr, gb_ptr, out_ptr, M, NOUT, stride_om, C0,
         up += tl.sum(tl.load(ptrs, mask=m_s, other=0.0), axis=0)
         if DUAL:
             gate += tl.sum(tl.load(ptrs + mn, mask=m_s, other=0.0), axis=0)
-    if HAS_UP_BIAS:
-        up += tl.load(ub_ptr + col, mask=mask, other=0.0).to(tl.float32)
-    if DUAL:
-        if HAS_GATE_BIAS:
-            gate += tl.load(gb_ptr + col, mask=mask, other=0.0).to(tl.float32)
-        up = activation(gate, ACTIVATION) * up
-    elif ACT:
-        up = activation(up, ACTIVATION)
-    tl.store(out_ptr + row * stride_om + col, up.to(out_ptr.dtype.element_ty), mask=mask)
+    _store_out(out_ptr, ub_ptr, gb_ptr, row, stride_om, col, mask, up, gate, ACT, DUAL, ACTIVATION,
+               HAS_UP_BIAS, HAS_GATE_BIAS)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

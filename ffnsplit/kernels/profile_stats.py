@@ -321,10 +321,26 @@ def accumulate_stats(
         a, col_norm, cuts, partials, counts, tokens, size, a.stride(0), rows,
         **col_const, num_warps=_COL_WARPS,
     )  # fmt: skip
+    _finish(partials, counts, abs_sum, sq_sum, abs_max, topk_count, zero=False)
+
+
+def _finish(
+    partials: torch.Tensor,
+    counts: torch.Tensor,
+    abs_sum: torch.Tensor,
+    sq_sum: torch.Tensor,
+    abs_max: torch.Tensor,
+    topk_count: torch.Tensor,
+    *,
+    zero: bool,
+) -> None:
+    """Launch `_finish_kernel`: partials [3, splits, I] and counts [splits, I] into the
+    accumulators (zero: and the partials set to zero)."""
+    splits, size = counts.shape
     block_c = 32
     _finish_kernel[(triton.cdiv(size, block_c),)](
         partials, counts, abs_sum, sq_sum, abs_max, topk_count, size, splits,
-        BLOCK_P=64, BLOCK_C=block_c, num_warps=4,
+        BLOCK_P=64, BLOCK_C=block_c, ZERO=zero, num_warps=4,
     )  # fmt: skip
 
 
@@ -422,10 +438,5 @@ class StatsPartials:
     ) -> None:
         if not self.pending:
             return
-        size = self.counts.shape[1]
-        block_c = 32
-        _finish_kernel[(triton.cdiv(size, block_c),)](
-            self.partials, self.counts, abs_sum, sq_sum, abs_max, topk_count, size, self.splits,
-            BLOCK_P=64, BLOCK_C=block_c, ZERO=True, num_warps=4,
-        )  # fmt: skip
+        _finish(self.partials, self.counts, abs_sum, sq_sum, abs_max, topk_count, zero=True)
         self.pending = False
