@@ -25,7 +25,7 @@ case "$stage" in
 tests)
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
     run 150 test_kernels env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -x -n 8 \
-        tests/test_kernels.py -k "gemv or large_split or cuda_graph or bf16"
+        tests/test_kernels.py -k "gemv or large_split or cuda_graph or bf16 or every_config"
     run 60 test_profile python3 -m pytest -q -x tests/test_profile.py -k "kernel or partials or cuda"
     run 150 test_modules env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -x tests/test_modules.py -k whole
     run 90 test_bench env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -x tests/test_bench.py tests/test_decode_ops.py

@@ -301,6 +301,29 @@ def test_large_split_ffn(poison, dtype, m) -> None:
     assert rel_err(sffn.split_ffn(x, w), ref_split_ffn(x, w)) < TOL[dtype]
 
 
+def _tier_cases() -> list[tuple[str, int]]:
+    return [(tier, i) for tier in ("decode", "small", "prefill")
+            for i in range(max(len(qmm._CONFIGS[tier]), len(sffn._CONFIGS[tier])))]  # fmt: skip
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("tier", "index"), _tier_cases())
+def test_every_config(poison, monkeypatch, dtype, tier, index) -> None:
+    """Each candidate config of a tier (autotune may pick any of them), alone, at odd shapes:
+    int4 g128 (blocks inside a group: the uniform dequant) and int4 g32 (scales per word row)."""
+    m = {"decode": 11, "small": 77, "prefill": 300}[tier]
+    for module in (qmm, sffn):
+        configs = module._CONFIGS[tier]
+        monkeypatch.setitem(module._CONFIGS, tier, (configs[min(index, len(configs) - 1)],))
+    for group, symmetric in ((128, False), (32, True)):
+        w = random_split_weights(1000, 72, 2000, "silu", True, True, dtype, bits=4, group=group,
+                                 symmetric=symmetric)  # fmt: skip
+        x = torch.randn(m, 1000, device=DEVICE, dtype=dtype)
+        assert rel_err(sffn.split_ffn(x, w, path=tier), ref_split_ffn(x, w)) < TOL[dtype]
+
+
 @gpu
 @needs_cuda
 def test_cuda_graph_replay() -> None:

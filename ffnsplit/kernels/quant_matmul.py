@@ -30,6 +30,7 @@ from ffnsplit.kernels.tiles import (
     sm_count,
     tier_configs,
     torch_to_triton_ok,
+    uniform_ok,
     use_gemv,
 )
 
@@ -44,7 +45,7 @@ def _split_linear_kernel(
     SCALE_AFTER: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_KH: tl.constexpr, INTERLEAVE: tl.constexpr,
-    FAST4: tl.constexpr,
+    FAST4: tl.constexpr, UNIFORM: tl.constexpr,
 ):  # fmt: skip
     """One [BLOCK_M, BLOCK_N] output tile over the K-slice of split program_id(2).
 
@@ -70,16 +71,16 @@ def _split_linear_kernel(
     nb_light = tl.cdiv(KL, BLOCK_KL)
     b0 = pid_s * nb_light // n_split
     s_next, z_next = block_scales(s_ptr, z_ptr, N, KL, b0 * BLOCK_KL, offs_n, mask_n, GROUP,
-                                  SYMMETRIC, SCALE_AFTER)  # fmt: skip
+                                  SYMMETRIC, SCALE_AFTER or UNIFORM)  # fmt: skip
     for b in range(b0, (pid_s + 1) * nb_light // n_split):
         s, z = s_next, z_next
         s_next, z_next = block_scales(s_ptr, z_ptr, N, KL, (b + 1) * BLOCK_KL, offs_n, mask_n,
-                                      GROUP, SYMMETRIC, SCALE_AFTER)  # fmt: skip
+                                      GROUP, SYMMETRIC, SCALE_AFTER or UNIFORM)  # fmt: skip
         acc, _ = light_block(acc, acc, x_ptr + KH, stride_xm, offs_m, mask_m,
                              p0_ptr, p1_ptr, s_ptr, z_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr,
                              s, z, s, z, N, KL, b * BLOCK_KL, offs_n, mask_n, BITS, GROUP,
                              SYMMETRIC, SCALE_AFTER, False, ROWS, INTERLEAVE, FAST4,
-                             PRECISION)  # fmt: skip
+                             PRECISION, UNIFORM)  # fmt: skip
     out_mask = mask_m[:, None] & mask_n[None, :]
     if PARTIAL:
         out = out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
@@ -120,9 +121,10 @@ _CONFIGS = {  # (block_m, block_n, block_kl (light K-block, codes), block_kh (de
         _T(32, 128, 128, 64, num_warps=4, num_stages=4, scale_after=False, interleave=False),
         _T(64, 128, 128, 64, num_warps=8, num_stages=3, scale_after=False),
     ),
-    "prefill": (
-        _T(128, 128, 128, 64, num_warps=8, num_stages=3, scale_after=False),
+    "prefill": (  # natural k order, blocks inside a group: fp16/bf16 dequant (uniform_ok)
         _T(128, 128, 128, 64, num_warps=8, num_stages=3, scale_after=False, interleave=False),
+        _T(256, 128, 64, 64, num_warps=8, num_stages=3, scale_after=False, interleave=False),
+        _T(128, 256, 64, 64, num_warps=8, num_stages=3, scale_after=False, interleave=False),
         _T(128, 128, 64, 64, num_warps=8, num_stages=4, scale_after=False),
     ),
 }  # fmt: skip
@@ -218,7 +220,7 @@ def split_linear(
             BLOCK_N=cfg.block_n, ROWS=light_rows(cfg, bits), BLOCK_KH=cfg.block_kh,
             INTERLEAVE=cfg.interleave,
             FAST4=fast_unpack(cfg, bits, group, kl, x.dtype, x.device),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            UNIFORM=uniform_ok(cfg, bits, group, kl), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
         if split > 1:
             block = 1024

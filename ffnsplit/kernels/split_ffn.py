@@ -32,6 +32,7 @@ from ffnsplit.kernels.tiles import (
     scale_after_ok,
     tier_configs,
     torch_to_triton_ok,
+    uniform_ok,
     use_gemv,
 )
 
@@ -63,7 +64,7 @@ def _split_up_kernel(
     HAS_UP_BIAS: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_NH: tl.constexpr, BLOCK_NL: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_KH: tl.constexpr, INTERLEAVE: tl.constexpr,
-    FAST4: tl.constexpr,
+    FAST4: tl.constexpr, UNIFORM: tl.constexpr,
 ):  # fmt: skip
     """a[:, tile] for one row tile (program_id 0) and one heavy or light neuron tile (id 1)."""
     PACK: tl.constexpr = 32 // (8 if BITS == 8 else (4 if BITS == 4 else 2))
@@ -89,23 +90,24 @@ def _split_up_kernel(
         mask_l = offs_l < NL
         acc_lu = tl.zeros([BLOCK_M, BLOCK_NL], dtype=tl.float32)
         acc_lg = tl.zeros([BLOCK_M, BLOCK_NL], dtype=tl.float32)
+        PER_BLOCK: tl.constexpr = SCALE_AFTER or UNIFORM  # one scale per column and block
         su_next, zu_next = block_scales(us_ptr, uz_ptr, NL, K, 0, offs_l, mask_l, GROUP,
-                                        SYMMETRIC, SCALE_AFTER)  # fmt: skip
+                                        SYMMETRIC, PER_BLOCK)  # fmt: skip
         sg_next, zg_next = block_scales(gs_ptr, gz_ptr, NL, K, 0, offs_l, mask_l, GROUP,
-                                        SYMMETRIC, SCALE_AFTER and GATED)  # fmt: skip
+                                        SYMMETRIC, PER_BLOCK and GATED)  # fmt: skip
         for k0 in range(0, K, ROWS * PACK):
             su, zu, sg, zg = su_next, zu_next, sg_next, zg_next
             su_next, zu_next = block_scales(us_ptr, uz_ptr, NL, K, k0 + ROWS * PACK, offs_l,
-                                            mask_l, GROUP, SYMMETRIC, SCALE_AFTER)  # fmt: skip
+                                            mask_l, GROUP, SYMMETRIC, PER_BLOCK)  # fmt: skip
             sg_next, zg_next = block_scales(gs_ptr, gz_ptr, NL, K, k0 + ROWS * PACK, offs_l,
                                             mask_l, GROUP, SYMMETRIC,
-                                            SCALE_AFTER and GATED)  # fmt: skip
+                                            PER_BLOCK and GATED)  # fmt: skip
             acc_lu, acc_lg = light_block(acc_lu, acc_lg, x_ptr, stride_xm, offs_m, mask_m,
                                          up0_ptr, up1_ptr, us_ptr, uz_ptr,
                                          gp0_ptr, gp1_ptr, gs_ptr, gz_ptr, su, zu, sg, zg,
                                          NL, K, k0, offs_l, mask_l, BITS, GROUP, SYMMETRIC,
                                          SCALE_AFTER, GATED, ROWS, INTERLEAVE, FAST4,
-                                         PRECISION)  # fmt: skip
+                                         PRECISION, UNIFORM)  # fmt: skip
         _store_activations(acc_lu, acc_lg, ub_ptr, gb_ptr, a_ptr, stride_am, offs_m, mask_m,
                            NH + offs_l, mask_l, GATED, ACTIVATION, HAS_UP_BIAS,
                            HAS_GATE_BIAS)  # fmt: skip
@@ -125,9 +127,12 @@ _CONFIGS = {  # (block_m, block_n (light neurons), block_kl, block_kh); block_nh
            interleave=False),
         _T(64, 64, 128, 64, num_warps=4, num_stages=3, block_nh=64, scale_after=False),
     ),
-    "prefill": (
-        _T(128, 64, 128, 64, num_warps=8, num_stages=3, block_nh=64, scale_after=False),
+    "prefill": (  # natural k order, blocks inside a group: fp16/bf16 dequant (uniform_ok)
         _T(128, 64, 128, 64, num_warps=8, num_stages=3, block_nh=64, scale_after=False,
+           interleave=False),
+        _T(256, 64, 64, 64, num_warps=8, num_stages=3, block_nh=64, scale_after=False,
+           interleave=False),
+        _T(128, 128, 64, 64, num_warps=8, num_stages=3, block_nh=128, scale_after=False,
            interleave=False),
         _T(128, 64, 64, 64, num_warps=8, num_stages=4, block_nh=64, scale_after=False),
     ),
@@ -218,7 +223,7 @@ def split_activations(x: torch.Tensor, w: SplitFFNWeights, *, path: str = "auto"
             BLOCK_NL=cfg.block_n, ROWS=light_rows(cfg, bits), BLOCK_KH=cfg.block_kh,
             INTERLEAVE=cfg.interleave,
             FAST4=fast_unpack(cfg, bits, group, hidden, x.dtype, x.device),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            UNIFORM=uniform_ok(cfg, bits, group, hidden), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
 
     key = (tier, triton.next_power_of_2(m), hidden, h, n_light, bits, group, symmetric, w.gated)

@@ -182,9 +182,11 @@ def _asm8_bf16(w, ASM: tl.constexpr):
 
 
 @triton.jit
-def unpack4_fast(w, SYMMETRIC: tl.constexpr, out_dtype: tl.constexpr):
-    """Codes (minus the symmetric offset) of int4 words [ROWS, BLOCK_N] in the INTERLEAVE order,
-    as out_dtype [8 * ROWS, BLOCK_N], by inline PTX (NVIDIA only; unpack_codes elsewhere)."""
+def unpack4_fast(w, SYMMETRIC: tl.constexpr, out_dtype: tl.constexpr,
+                 INTERLEAVE: tl.constexpr = True):  # fmt: skip
+    """Codes (minus the symmetric offset) of int4 words [ROWS, BLOCK_N] as out_dtype
+    [8 * ROWS, BLOCK_N] in the INTERLEAVE order (or the natural k order), by inline PTX (NVIDIA
+    only; unpack_codes elsewhere)."""
     if out_dtype == tl.float16:
         if SYMMETRIC:
             c0, c1, c2, c3, c4, c5, c6, c7 = _asm8_f16(w, ASM_F16_SYM)
@@ -198,7 +200,10 @@ def unpack4_fast(w, SYMMETRIC: tl.constexpr, out_dtype: tl.constexpr):
     t = tl.join(
         tl.join(tl.join(c0, c1), tl.join(c2, c3)), tl.join(tl.join(c4, c5), tl.join(c6, c7))
     )
-    t = tl.permute(t, [4, 3, 2, 0, 1])  # [8, ROWS, BLOCK_N]: code j of word r at (j, r)
+    if INTERLEAVE:
+        t = tl.permute(t, [4, 3, 2, 0, 1])  # [8, ROWS, BLOCK_N]: code j of word r at (j, r)
+    else:
+        t = tl.permute(t, [0, 4, 3, 2, 1])  # [ROWS, 8, BLOCK_N]: code j of word r at (r, j)
     return tl.reshape(t, [8 * w.shape[0], w.shape[1]])
 
 
@@ -229,7 +234,7 @@ def light_block(acc0, acc1, x_ptr, stride_xm, offs_m, mask_m,
                 BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
                 SCALE_AFTER: tl.constexpr, DUAL: tl.constexpr, ROWS: tl.constexpr,
                 INTERLEAVE: tl.constexpr, FAST4: tl.constexpr,
-                PRECISION: tl.constexpr):  # fmt: skip
+                PRECISION: tl.constexpr, UNIFORM: tl.constexpr = False):  # fmt: skip
     """acc0 (+= x @ W0[:, k-block]^T) and, when DUAL, acc1 (+= x @ W1^T) for one K-block.
 
     W0 is (p0, p1, s, z), W1 is (q0, q1, t, u): two weights of the same shape and format sharing
@@ -273,6 +278,27 @@ def light_block(acc0, acc1, x_ptr, stride_xm, offs_m, mask_m,
             acc0 += (blk0 - xsum * za0) * sa0
             if DUAL:
                 acc1 += (blk1 - xsum * za1) * sa1
+    elif UNIFORM:
+        # the block lies in one group, scales applied per element (prefill: one dequantized tile
+        # serves many rows) in the activation dtype: exact codes, then one fused multiply-add
+        if FAST4:
+            q = unpack4_fast(w0, SYMMETRIC, DTYPE, INTERLEAVE)
+        else:
+            q = codes_to_float(unpack_codes(w0, w1, BITS, INTERLEAVE), OFFSET, DTYPE, BITS)
+        if SYMMETRIC:
+            acc0 = tl.dot(x, q * sa0.to(DTYPE), acc0, input_precision=PRECISION)
+        else:
+            acc0 = tl.dot(x, (q - za0.to(DTYPE)) * sa0.to(DTYPE), acc0, input_precision=PRECISION)
+        if DUAL:
+            if FAST4:
+                q = unpack4_fast(v0, SYMMETRIC, DTYPE, INTERLEAVE)
+            else:
+                q = codes_to_float(unpack_codes(v0, v1, BITS, INTERLEAVE), OFFSET, DTYPE, BITS)
+            if SYMMETRIC:
+                acc1 = tl.dot(x, q * sa1.to(DTYPE), acc1, input_precision=PRECISION)
+            else:
+                acc1 = tl.dot(x, (q - za1.to(DTYPE)) * sa1.to(DTYPE), acc1,
+                              input_precision=PRECISION)  # fmt: skip
     else:
         # groups change along the block (a word never straddles one: GROUP % PACK == 0)
         r = tl.arange(0, ROWS)
@@ -384,12 +410,20 @@ def scale_after_ok(cfg: TileConfig, bits: int, group: int, k: int) -> bool:
     return cfg.scale_after and (group >= k or group % block_k == 0)
 
 
+def uniform_ok(cfg: TileConfig, bits: int, group: int, k: int) -> bool:
+    """Whether the light K-blocks of `cfg` are dequantized per element with one scale (and zero)
+    per column for the whole block: per-element scaling (no scale_after) and every block inside
+    one quantization group. Else the scales are loaded per word row."""
+    block_k = light_rows(cfg, bits) * pack_factor(bits)
+    return not scale_after_ok(cfg, bits, group, k) and (group >= k or group % block_k == 0)
+
+
 def fast_unpack(
     cfg: TileConfig, bits: int, group: int, k: int, dtype: torch.dtype, device: torch.device
 ) -> bool:
     """Whether the inline-PTX int4 unpack applies: NVIDIA GPU (not the interpreter, not ROCm),
-    fp16/bf16 activations, 4 bits, interleaved blocks with per-block scales. Elsewhere the portable
-    shift/mask path runs."""
+    fp16/bf16 activations, 4 bits, blocks inside one group (interleaved with per-block scales, or
+    uniform). Elsewhere the portable shift/mask path runs."""
     return (
         cfg.fast_unpack
         and not INTERPRET
@@ -397,9 +431,9 @@ def fast_unpack(
         and torch.version.hip is None
         and bits == 4
         and dtype in (torch.float16, torch.bfloat16)
-        and cfg.interleave
-        and scale_after_ok(cfg, bits, group, k)
-    )
+        and (cfg.interleave and scale_after_ok(cfg, bits, group, k)
+             or uniform_ok(cfg, bits, group, k))
+    )  # fmt: skip
 
 
 def dot_precision(dtype: torch.dtype) -> str:
