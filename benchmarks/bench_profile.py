@@ -105,14 +105,22 @@ def synchronize() -> None:
 
 def timed(fn: Callable[[], object], repeats: int) -> float:
     """Median wall seconds of `repeats` calls (CUDA synchronized around each)."""
-    times = []
+    return timed_rounds({"run": fn}, repeats)["run"]
+
+
+def timed_rounds(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median wall seconds of each run over `repeats` rounds, each round calling every run once
+    in turn (CUDA synchronized around each call): a drift of the machine's speed over the
+    measurement hits all runs alike."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
-        synchronize()
-        start = time.perf_counter()
-        fn()
-        synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in runs.items():
+            synchronize()
+            start = time.perf_counter()
+            fn()
+            synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def peak_memory(fn: Callable[[], object]) -> int | None:
@@ -140,8 +148,8 @@ def bench_normal(name: str, shape: dict, args: argparse.Namespace) -> list[dict]
     batches = split_batches(ids, args.batch_size)
     fingerprint = model_fingerprint(model)
 
-    def profile() -> None:
-        profile_model(
+    def profile(profiler: Callable[..., object] = profile_model) -> None:
+        profiler(
             model,
             ids,
             batch_size=args.batch_size,
@@ -157,11 +165,15 @@ def bench_normal(name: str, shape: dict, args: argparse.Namespace) -> list[dict]
         ),
         "profile": profile,
     }
+    if args.baseline:
+        sys.path.insert(0, str(Path(args.baseline).resolve()))
+        from ffnsplit_baseline.profile import profile_model as baseline_profile  # noqa: PLC0415
+
+        runs["profile (baseline copy)"] = lambda: profile(baseline_profile)
     for run in runs.values():  # warm-up: kernels, cuBLAS handles, allocator
         run()
     rows = []
-    for run_name, run in runs.items():
-        seconds = timed(run, args.repeats)
+    for run_name, seconds in timed_rounds(runs, args.repeats).items():
         rows.append(
             {
                 "model": name,
@@ -178,9 +190,10 @@ def bench_normal(name: str, shape: dict, args: argparse.Namespace) -> list[dict]
     if args.trace:
         plain_trace = trace_ops(runs["plain forward (decoder layers)"])
         profile_trace = trace_ops(profile)
-        rows[-1]["top_ops"] = top_ops(profile_trace["ops"])
-        rows[-1]["added_ops"] = added_ops(plain_trace["ops"], profile_trace["ops"])
-        rows[-1]["trace_totals"] = {
+        row = next(row for row in rows if row["run"] == "profile")
+        row["top_ops"] = top_ops(profile_trace["ops"])
+        row["added_ops"] = added_ops(plain_trace["ops"], profile_trace["ops"])
+        row["trace_totals"] = {
             "plain_device_ms": plain_trace["device_ms"],
             "profile_device_ms": profile_trace["device_ms"],
             "plain_wall_s": plain_trace["wall_s"],
@@ -365,6 +378,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--repeats-large", type=int, default=1)
     parser.add_argument("--skip-large", action="store_true", help="no 8B-shape sequential run")
+    parser.add_argument(
+        "--baseline",
+        help="also time the profiler of another copy of the package: a folder holding it as "
+        "`ffnsplit_baseline` (its imports renamed), e.g. the previous commit's",
+    )
     parser.add_argument(
         "--trace",
         action="store_true",

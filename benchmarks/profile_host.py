@@ -1,16 +1,22 @@
-"""Host (CPU) time per call of the profiler's hook work and of a plain decoder layer (GPU only).
+"""Host (CPU) time of the profiler's work: per hook call, and fixed per run (GPU only).
 
-With inputs so small that the GPU work is negligible, the wall time per call is the host time
-that launching it costs: if the host time per layer exceeds the device time per layer, profiling
-is host-bound and its overhead is the added host time, not the added device time.
+With inputs so small that the GPU work is negligible, the wall time is the host time that
+launching it costs: if the host time per layer exceeds the device time per layer, profiling is
+host-bound and its overhead is the added host time, not the added device time. The fixed cost
+per run (setup, flushes, the transfer of the results and their arithmetic on the host) is the
+wall time of profiling a few tokens through a SmolLM2-135M-shaped model minus that of the plain
+forward through its decoder layers.
 
-    PYTHONPATH=. python3 benchmarks/profile_host.py
+    PYTHONPATH=. python3 benchmarks/profile_host.py [--baseline DIR]
 """
 
 from __future__ import annotations
 
+import argparse
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,10 +24,12 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ffnsplit.kernels.profile_stats import accumulate_stats  # noqa: E402
+from benchmarks.bench_profile import SMOLLM2_135M, build_model  # noqa: E402
+from ffnsplit.kernels.profile_stats import StatsPartials, accumulate_stats  # noqa: E402
+from ffnsplit.profile import profile_model, run_calibration, split_batches  # noqa: E402
 
 
-def per_call_us(fn, calls: int = 300) -> float:
+def per_call_us(fn: Callable[[], object], calls: int = 300) -> float:
     for _ in range(20):
         fn()
     torch.cuda.synchronize()
@@ -32,15 +40,32 @@ def per_call_us(fn, calls: int = 300) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
+def median_ms(fn: Callable[[], object], repeats: int = 15) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", help="a folder holding another copy as ffnsplit_baseline")
+    args = parser.parse_args()
     dev, size = "cuda", 1536
     a = torch.randn(16, size, device=dev, dtype=torch.bfloat16)
     col = torch.rand(size, device=dev)
     sums = [torch.zeros(size, device=dev) for _ in range(3)]
     count = torch.zeros(size, dtype=torch.int64, device=dev)
+    partials = StatsPartials(1)
     print(
         f"accumulate_stats (3 launches): {per_call_us(lambda: accumulate_stats(a, col, 77, *sums, count)):.1f} us"
     )
+    print(f"StatsPartials.add (2 launches): {per_call_us(lambda: partials.add(a, col, 77)):.1f} us")
     cfg = transformers.LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=1,
                                    num_attention_heads=9, num_key_value_heads=3, vocab_size=1000)  # fmt: skip
     model = transformers.LlamaForCausalLM(cfg).to(dev, torch.bfloat16).eval()
@@ -51,6 +76,30 @@ def main() -> int:
         )
     x = torch.randn(16, 16, device=dev)
     print(f"one torch op (add): {per_call_us(lambda: x.add(1)):.1f} us")
+
+    model = build_model(SMOLLM2_135M, dev, torch.bfloat16)
+    ids = torch.randint(0, 1000, (2, 16))
+    fingerprint = {"model_type": "llama"}
+    runs = {
+        "plain forward (decoder layers), 2 batches": lambda: run_calibration(
+            model, split_batches(ids, 1), device=dev
+        ),
+        "profile, 2 batches": lambda: profile_model(
+            model, ids, batch_size=1, device=dev, sequential=False, fingerprint=fingerprint
+        ),
+    }
+    if args.baseline:
+        sys.path.insert(0, str(Path(args.baseline).resolve()))
+        from ffnsplit_baseline.profile import profile_model as baseline  # noqa: PLC0415
+
+        runs["profile (baseline copy), 2 batches"] = lambda: baseline(
+            model, ids, batch_size=1, device=dev, sequential=False, fingerprint=fingerprint
+        )
+    times = {name: median_ms(fn) for name, fn in runs.items()}
+    plain = times.pop("plain forward (decoder layers), 2 batches")
+    print(f"30-layer SmolLM2 shape, 2 x 16 tokens: plain forward {plain:.2f} ms")
+    for name, ms in times.items():
+        print(f"  {name}: {ms:.2f} ms ({ms - plain:+.2f} ms host time per run and per batch)")
     return 0
 
 

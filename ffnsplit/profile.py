@@ -232,8 +232,11 @@ class Profile:
         """Write a safetensors file (keys `layer.{i}.{stat}`) with a JSON header; atomic."""
         from safetensors.torch import save
 
+        # a copy each: the statistics of a run are views into tensors shared by its layers
         tensors = {
-            f"layer.{index}.{name}": tensor.detach().to("cpu", torch.float32).contiguous()
+            f"layer.{index}.{name}": tensor.detach()
+            .to("cpu", torch.float32)
+            .clone(memory_format=torch.contiguous_format)
             for index, stats in enumerate(self.layers)
             for name, tensor in stats.tensors().items()
         }
@@ -339,9 +342,20 @@ def _read_tensors(data: bytes, path: Path) -> dict[str, Tensor]:
 
 
 class _RunState:
-    """Which calibration half the batch being run belongs to (read by the hooks)."""
+    """The batch being run (read by the hooks): its blocks, of which the first `first_half` belong
+    to the first calibration half (a batch may straddle the halves: the batches are those of a
+    plain forward)."""
 
-    half = 0
+    blocks = 1
+    first_half = 1
+
+    def split(self, rows: int) -> int:
+        """Rows of a batch's activations [rows, I] (block after block) in the first half."""
+        if self.first_half in (0, self.blocks):
+            return rows if self.first_half else 0
+        if rows % self.blocks:
+            raise RuntimeError(f"activations of {rows} rows for a batch of {self.blocks} blocks")
+        return rows // self.blocks * self.first_half
 
 
 def _use_kernels(a: Tensor, size: int) -> bool:
@@ -349,10 +363,10 @@ def _use_kernels(a: Tensor, size: int) -> bool:
     return a.is_cuda and size <= _kernel_max_size()
 
 
-def _stats_partials():  # noqa: ANN202 - kernels.profile_stats.StatsPartials (imports triton)
+def _stats_partials(slots: int):  # noqa: ANN202 - kernels.profile_stats.StatsPartials (triton)
     from ffnsplit.kernels.profile_stats import StatsPartials
 
-    return StatsPartials()
+    return StatsPartials(slots)
 
 
 def _kernel_max_size() -> int:
@@ -393,121 +407,243 @@ def accumulate_stats_torch(
     topk_count += selected.sum(0)
 
 
+# Bytes of down weights stacked at once to compute their column norms in one reduction.
+_NORM_CHUNK_BYTES = 1 << 28
+# Rows of a store's `stats`: abs_sum of the first and second half, sq_sum, abs_max, col_norm.
+_ABS, _SQ, _MAX, _COL = 0, 2, 3, 4
+
+
+def _down_weight(block: FFNBlock, size: int) -> Tensor:
+    """W_down [H, I] of a block (the live weight of an nn.Linear, else a canonical copy)."""
+    down = block.down_module
+    weight = getattr(down, "weight", None)
+    if isinstance(down, nn.Linear) and weight.shape[1] == size:
+        return weight.detach()
+    return block.parts().down
+
+
+class _Store:
+    """The running statistics of every FFN of one intermediate size `size`, allocated together on
+    the device at the first hook call of any of them: `stats` [5, n, I] float32 (rows _ABS,
+    _ABS + 1: sum |a| over the first and second half; _SQ, _MAX; _COL: the column norms, computed
+    at once for every FFN whose weight is on that device, stacked) and `counts` [n, I] int64.
+    On the kernel path the column kernel adds into running partials, a slot per FFN and half (one
+    per half in sequential mode: a layer's slots are flushed before the next layer runs), which
+    are flushed into the sums at the end of the run (or of a layer), one launch per half."""
+
+    def __init__(self, blocks: list[FFNBlock], size: int, sequential: bool) -> None:
+        self.blocks = blocks
+        self.size = size
+        self.sequential = sequential
+        self.slots = 1 if sequential else len(blocks)  # partials' slots per half
+        self.stats: Tensor | None = None
+        self.counts: Tensor | None = None
+        self.partials: Any = None  # kernels.profile_stats.StatsPartials on the kernel path
+        self.has_norm = [False] * len(blocks)
+        self.dirty = False  # tokens in the partials
+        self.slot_row = 0  # sequential mode: the FFN whose tokens are in the slots (else 0)
+        self.host: tuple[Tensor, Tensor] | None = None
+
+    def allocate(self, device: torch.device, kernels: bool) -> None:
+        n = len(self.blocks)
+        self.stats = torch.zeros(5, n, self.size, dtype=torch.float32, device=device)
+        self.counts = torch.zeros(n, self.size, dtype=torch.int64, device=device)
+        self.partials = _stats_partials(2 * self.slots) if kernels else None
+        self.col_norms(device)
+
+    def col_norms(self, device: torch.device) -> None:
+        """Column norms of every FFN without one whose weight is on `device`: runs of consecutive
+        FFNs with weights of one shape and dtype are stacked (a few launches for all layers)."""
+        run: list[tuple[int, Tensor]] = []
+
+        def norms() -> None:
+            if run:
+                first = run[0][0]
+                weights = torch.stack([w for _, w in run])
+                out = self.stats[_COL, first : first + len(run)]
+                torch.linalg.vector_norm(weights, dim=1, dtype=torch.float32, out=out)
+                run.clear()
+
+        for row, block in enumerate(self.blocks):
+            weight = None if self.has_norm[row] else _down_weight(block, self.size)
+            if weight is None or weight.device != device:
+                norms()
+                continue
+            last = run[-1] if run else None
+            if last is not None and (
+                last[0] != row - 1
+                or last[1].shape != weight.shape
+                or last[1].dtype != weight.dtype
+                or (len(run) + 1) * weight.numel() * weight.element_size() > _NORM_CHUNK_BYTES
+            ):
+                norms()
+            run.append((row, weight))
+            self.has_norm[row] = True
+        norms()
+
+    def flush(self) -> None:
+        """Add the kernels' running partials into the sums (a launch per half; no-op if none)."""
+        if not self.dirty:
+            return
+        first = self.slot_row
+        last = first + self.slots
+        stats = self.stats
+        for half in (0, 1):
+            self.partials.flush(
+                stats[_ABS + half, first:last],
+                stats[_SQ, first:last],
+                stats[_MAX, first:last],
+                self.counts[first:last],
+                first=half * self.slots,
+            )
+        self.dirty = False
+
+    def bad_rows(self, rows: list[int]) -> list[int]:
+        """Those of `rows` whose sums hold NaN/Inf (from the host copy if made, else one sync)."""
+        if self.host is not None:
+            sums = self.host[0][_ABS : _ABS + 2, rows]
+        else:
+            self.flush()
+            sums = self.stats[_ABS : _ABS + 2, rows].cpu()
+        flags = torch.isfinite(sums).all(2).all(0)
+        return [row for row, ok in zip(rows, flags.tolist(), strict=True) if not ok]
+
+    def to_host(self) -> tuple[Tensor, Tensor]:
+        """`stats` and `counts` on the host (flushed; two transfers, done once)."""
+        if self.host is None:
+            self.flush()
+            self.host = (self.stats.cpu(), self.counts.cpu())
+        return self.host
+
+
 class _Accumulator:
-    """Forward pre-hook on one down projection: float32 running sums, accumulated on the device."""
+    """Forward pre-hook on one down projection: adds its activations to row `row` of `store`."""
 
     # Tokens per chunk so that one float32 [chunk, I] temporary stays near 256 MiB.
     CHUNK_ELEMENTS = 1 << 26
 
-    def __init__(self, block: FFNBlock, topk_fraction: float, state: _RunState) -> None:
+    def __init__(
+        self, block: FFNBlock, topk_fraction: float, state: _RunState, store: _Store, row: int
+    ) -> None:
         self.block = block
-        self.topk_fraction = topk_fraction
         self.state = state
+        self.store = store
+        self.row = row
+        slot = 0 if store.sequential else row
+        self.slots = (slot, store.slots + slot)  # the partials' slot for each half
+        self.slot_owner = row if store.sequential else 0  # store.slot_row after this adds
+        size = store.size
+        self.k = max(1, math.ceil(topk_fraction * size - 1e-9))
+        self.chunk = max(1, self.CHUNK_ELEMENTS // size)
         self.tokens = [0, 0]
         self.col_norm: Tensor | None = None
-        self.sums: list[tuple[Tensor, ...]] | None = None
-        # CUDA: per-half running partials of the Triton kernels (two launches a call, one
-        # torch reduction per layer and half when flushed); None: the torch path
-        self.partials: tuple | None = None
-
-    def _init(self, size: int, device: torch.device) -> None:
-        down = self.block.down_module
-        weight = getattr(down, "weight", None)
-        if isinstance(down, nn.Linear) and weight.shape[1] == size:
-            col = weight.detach()
-        else:
-            col = self.block.parts().down
-        self.col_norm = torch.linalg.vector_norm(col.to(device), dim=0, dtype=torch.float32)
-        self.k = max(1, math.ceil(self.topk_fraction * size - 1e-9))
-        self.abs_sum = torch.zeros(2, size, dtype=torch.float32, device=device)
-        self.sq_sum = torch.zeros(size, dtype=torch.float32, device=device)
-        self.abs_max = torch.zeros(size, dtype=torch.float32, device=device)
-        self.topk_count = torch.zeros(size, dtype=torch.int64, device=device)
-        self.chunk = max(1, self.CHUNK_ELEMENTS // size)
+        self.sums: list[tuple[Tensor, ...]] = []
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         a = args[0].detach()
-        size = a.shape[-1]
+        store = self.store
+        size = store.size
+        if a.shape[-1] != size:
+            raise RuntimeError(f"{self.block.name}: activations of size {a.shape[-1]}, not {size}")
         if self.col_norm is None:
-            self._init(size, a.device)
-        elif self.col_norm.device != a.device:
-            self._move(a.device)
+            self._init(a)
         flat = a.reshape(-1, size)
-        half = self.state.half
-        # the per-half argument tuples are built once: a hook call on a fast GPU is host-bound
-        if self.sums is None or self.sums[0][0].device != a.device:
-            self.sums = [
-                (self.abs_sum[h], self.sq_sum, self.abs_max, self.topk_count) for h in (0, 1)
-            ]
-            kernel = _use_kernels(a, size)
-            self.partials = (_stats_partials(), _stats_partials()) if kernel else None
-        sums = self.sums[half]
-        if self.partials is not None:
-            self.partials[half].add(flat, self.col_norm, self.k)
-        else:
-            for chunk in flat.split(self.chunk):
-                accumulate_stats_torch(chunk, self.col_norm, self.k, *sums)
-        self.tokens[half] += flat.shape[0]
+        rows = flat.shape[0]
+        split = self.state.split(rows)
+        parts = (flat, None) if split == rows else (None, flat) if split == 0 else None
+        if parts is None:  # a batch straddling the two halves
+            parts = (flat[:split], flat[split:])
+        partials = store.partials
+        if partials is not None and store.dirty and store.slot_row != self.slot_owner:
+            store.flush()  # sequential: the previous layer's tokens are in the slots
+        for half, part in enumerate(parts):
+            if part is None:
+                continue
+            if partials is not None:
+                partials.add(part, self.col_norm, self.k, self.slots[half])
+            else:
+                for chunk in part.split(self.chunk):
+                    accumulate_stats_torch(chunk, self.col_norm, self.k, *self.sums[half])
+        if partials is not None:
+            store.dirty = True
+            store.slot_row = self.slot_owner
+        self.tokens[0] += split
+        self.tokens[1] += rows - split
 
-    def flush(self) -> None:
-        """Add the kernels' running partials into the accumulators (no-op on the torch path)."""
-        if self.partials is not None and self.sums is not None:
-            for half in (0, 1):
-                self.partials[half].flush(*self.sums[half])
-
-    def _move(self, device: torch.device) -> None:
-        self.flush()
-        for name in ("col_norm", "abs_sum", "sq_sum", "abs_max", "topk_count"):
-            setattr(self, name, getattr(self, name).to(device))
-
-    def finite(self) -> Tensor:
-        """A 0-d bool tensor on the device: no NaN/Inf reached the sums so far."""
-        if self.col_norm is None:
-            return torch.tensor(True)
-        self.flush()
-        return torch.isfinite(self.abs_sum).all()
-
-    def host_tensors(self) -> list[Tensor]:
-        """The accumulators to bring to the host (see `_results`: one transfer for all layers)."""
-        if self.col_norm is None or min(self.tokens) == 0:
-            raise RuntimeError(f"{self.block.name}: the FFN saw tokens {self.tokens} per half")
-        self.flush()
-        return [self.abs_sum, self.col_norm, self.abs_max, self.sq_sum, self.topk_count]
-
-    def result(self, host: Sequence[Tensor] | None = None) -> LayerStats:
-        """LayerStats from the accumulators, or from their host copies `host` (host_tensors)."""
-        total = sum(self.tokens)
-        abs_sum, col, abs_max, sq_sum, topk_count = (
-            [t.cpu() for t in self.host_tensors()] if host is None else host
-        )
-        return LayerStats(
-            name=self.block.name,
-            out_norm_mean=abs_sum.sum(0) / total * col,
-            abs_mean=abs_sum.sum(0) / total,
-            abs_max=abs_max.clone(),
-            sq_mean=sq_sum / total,
-            topk_freq=(topk_count.double() / total).float(),
-            out_norm_mean_first_half=abs_sum[0] / self.tokens[0] * col,
-            out_norm_mean_second_half=abs_sum[1] / self.tokens[1] * col,
-            down_col_norm=col.clone(),
-        )
+    def _init(self, a: Tensor) -> None:
+        store, row = self.store, self.row
+        if store.stats is None:
+            store.allocate(a.device, _use_kernels(a, store.size))
+        elif store.stats.device != a.device:
+            raise RuntimeError(
+                f"{self.block.name}: activations on {a.device}, not {store.stats.device}"
+            )
+        if not store.has_norm[row]:
+            store.col_norms(a.device)
+        stats = store.stats
+        self.col_norm = stats[_COL, row]
+        self.sums = [
+            (stats[_ABS + h, row], stats[_SQ, row], stats[_MAX, row], store.counts[row])
+            for h in (0, 1)
+        ]
 
 
-def _results(accumulators: Sequence[_Accumulator]) -> list[LayerStats]:
-    """Every layer's LayerStats with one device-to-host transfer per device and dtype (a copy
-    per tensor would sync with the device some 150 times for a 30-layer model)."""
-    tensors = [acc.host_tensors() for acc in accumulators]
-    flat = [t for group in tensors for t in group]
-    host: list[Tensor | None] = [None] * len(flat)
-    buckets: dict[tuple, list[int]] = {}
-    for i, t in enumerate(flat):
-        buckets.setdefault((t.device, t.dtype), []).append(i)
-    for indices in buckets.values():
-        joined = torch.cat([flat[i].reshape(-1) for i in indices]).cpu()
-        for i, part in zip(indices, joined.split([flat[i].numel() for i in indices]), strict=True):
-            host[i] = part.view(flat[i].shape)
-    per = len(tensors[0]) if tensors else 0
-    return [acc.result(host[j * per : (j + 1) * per]) for j, acc in enumerate(accumulators)]
+def _make_accumulators(
+    blocks: list[FFNBlock], topk_fraction: float, state: _RunState, sequential: bool
+) -> tuple[list[_Accumulator], list[_Store]]:
+    """One accumulator per FFN, those of one intermediate size sharing a store."""
+    sizes = [_down_weight_size(block) for block in blocks]
+    stores = {
+        size: _Store([b for b, s in zip(blocks, sizes, strict=True) if s == size], size, sequential)
+        for size in dict.fromkeys(sizes)
+    }
+    rows = dict.fromkeys(stores, 0)
+    accumulators = []
+    for block, size in zip(blocks, sizes, strict=True):
+        accumulators.append(_Accumulator(block, topk_fraction, state, stores[size], rows[size]))
+        rows[size] += 1
+    return accumulators, list(stores.values())
+
+
+def _down_weight_size(block: FFNBlock) -> int:
+    """Intermediate size I of a block (the input size of its down projection)."""
+    weight = getattr(block.down_module, "weight", None)
+    if isinstance(block.down_module, nn.Linear):
+        return weight.shape[1]
+    return block.parts().down.shape[1]
+
+
+def _results(accumulators: Sequence[_Accumulator], stores: Sequence[_Store]) -> list[LayerStats]:
+    """Every layer's LayerStats, computed per store on the host from one transfer of its sums.
+    The tensors of one store are views into shared per-statistic tensors."""
+    for acc in accumulators:
+        if acc.col_norm is None or min(acc.tokens) == 0:
+            raise RuntimeError(f"{acc.block.name}: the FFN saw tokens {acc.tokens} per half")
+    per_block: dict[int, LayerStats] = {}
+    for store in stores:
+        members = [acc for acc in accumulators if acc.store is store]
+        stats, counts = store.to_host()
+        tokens = torch.tensor([acc.tokens for acc in members], dtype=torch.float64)
+        total = tokens.sum(1, keepdim=True)
+        halves = tokens.float()
+        col = stats[_COL]
+        abs_total = stats[_ABS] + stats[_ABS + 1]
+        abs_mean = abs_total / total.float()
+        values = {
+            "out_norm_mean": abs_mean * col,
+            "abs_mean": abs_mean,
+            "abs_max": stats[_MAX],
+            "sq_mean": stats[_SQ] / total.float(),
+            "topk_freq": (counts.double() / total).float(),
+            "out_norm_mean_first_half": stats[_ABS] / halves[:, :1] * col,
+            "out_norm_mean_second_half": stats[_ABS + 1] / halves[:, 1:] * col,
+            "down_col_norm": col,
+        }
+        for acc in members:
+            per_block[id(acc)] = LayerStats(
+                name=acc.block.name, **{name: v[acc.row] for name, v in values.items()}
+            )
+    return [per_block[id(acc)] for acc in accumulators]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -798,37 +934,40 @@ def profile_model(
     layers = decoder_layers(model)
 
     state = _RunState()
-    accumulators = [_Accumulator(block, topk_fraction, state) for block in blocks]
+    accumulators, stores = _make_accumulators(blocks, topk_fraction, state, sequential)
     layer_of_block = _decoder_layer_index(layers, blocks)
     half_point = n_blocks // 2
-    batches = split_batches(input_ids[:half_point], batch_size)
-    halves = [0] * len(batches)
-    batches += split_batches(input_ids[half_point:], batch_size)
-    halves += [1] * (len(batches) - len(halves))
+    batches = split_batches(input_ids, batch_size)  # those of a plain forward
+    starts = [index * batch_size for index in range(len(batches))]
     total_tokens = n_blocks * seq_len
     report = _progress_callback(progress, total_tokens)
     done = 0.0
 
     def before_batch(index: int) -> None:
-        state.half = halves[index]
+        state.blocks = batches[index].shape[0]
+        state.first_half = min(max(half_point - starts[index], 0), state.blocks)
 
     def after_batch(index: int, layer: int | None) -> None:
         nonlocal done
         tokens = batches[index].numel()
         if layer is None:
             if index == len(batches) - 1:  # one host sync per run: NaN/Inf stays in the sums
-                _check_finite(accumulators)
+                _check_finite(accumulators, to_host=True)
             done += tokens
         else:
             if index == len(batches) - 1:
                 _check_finite(
-                    [a for a, li in zip(accumulators, layer_of_block, strict=True) if li == layer]
+                    [a for a, li in zip(accumulators, layer_of_block, strict=True) if li == layer],
+                    to_host=False,
                 )
             done += tokens / len(layers)
         report(done, total_tokens)
 
+    # eval() and train() set a flag on every module (host time with the GPU idle): only if needed
     was_training = model.training
-    model.eval()
+    set_eval = any(module.training for module in model.modules())
+    if set_eval:
+        model.eval()
     handles = [
         b.down_module.register_forward_pre_hook(acc)
         for b, acc in zip(blocks, accumulators, strict=True)
@@ -846,9 +985,10 @@ def profile_model(
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
+        if set_eval:
+            model.train(was_training)
     run_seconds = time.perf_counter() - run_started
-    stats = _results(accumulators)
+    stats = _results(accumulators, stores)
     meta = {
         "model_name": Path(str(getattr(model, "name_or_path", "") or "")).name or None,
         "model": fingerprint,
@@ -888,17 +1028,25 @@ def _decoder_layer_index(layers: nn.ModuleList, blocks: list[FFNBlock]) -> list[
     return [owner[id(block.down_module)] for block in blocks]
 
 
-def _check_finite(accumulators: Sequence[_Accumulator]) -> None:
-    """Raise NumericalError naming the first layer whose running sums are NaN/Inf (one sync)."""
-    flags = [acc.finite() for acc in accumulators]
-    flags = torch.stack([flag.to(flags[0].device) for flag in flags]).cpu()
-    bad = (~flags).nonzero()
-    if bad.numel():
-        acc = accumulators[int(bad[0, 0])]
-        raise NumericalError(
-            f"NaN/Inf in the FFN activations of layer {acc.block.layer} ({acc.block.name}): check "
-            "the model's weights, or run in float32 (--dtype float32)"
-        )
+def _check_finite(accumulators: Sequence[_Accumulator], *, to_host: bool) -> None:
+    """Raise NumericalError naming the first of `accumulators` whose sums hold NaN/Inf.
+
+    to_host: first bring all the sums of their stores to the host (the end of a normal run: one
+    transfer per store, which the results reuse); else read only the rows checked (one sync)."""
+    bad: set[int] = set()
+    for store in dict.fromkeys(acc.store for acc in accumulators):
+        if store.stats is None:
+            continue
+        if to_host:
+            store.to_host()
+        rows = [acc.row for acc in accumulators if acc.store is store]
+        bad.update(id(store.blocks[row]) for row in store.bad_rows(rows))
+    for acc in accumulators:
+        if id(acc.block) in bad:
+            raise NumericalError(
+                f"NaN/Inf in the FFN activations of layer {acc.block.layer} ({acc.block.name}): "
+                "check the model's weights, or run in float32 (--dtype float32)"
+            )
 
 
 # ---------------------------------------------------------------------------------------------

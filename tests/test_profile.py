@@ -98,12 +98,13 @@ def _brute_force(model: torch.nn.Module, input_ids: torch.Tensor, topk_fraction:
     return results
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_statistics_equal_brute_force(family: str) -> None:
-    """Gated with biases (llama) and plain GELU with Conv1D weights (gpt2); odd block count."""
+@pytest.mark.parametrize(("family", "batch_size"), [("llama", 2), ("gpt2", 2), ("llama", 3)])
+def test_statistics_equal_brute_force(family: str, batch_size: int) -> None:
+    """Gated with biases (llama) and plain GELU with Conv1D weights (gpt2); odd block count;
+    batch size 3: the first batch straddles the two halves (blocks 0-1 | 2)."""
     model = tiny_model(family)
     input_ids = tiny_input_ids(model, batch=5, seq=8)
-    profile = profile_model(model, input_ids, topk_fraction=0.05, batch_size=2)
+    profile = profile_model(model, input_ids, topk_fraction=0.05, batch_size=batch_size)
     expected = _brute_force(model, input_ids, 0.05)
     assert profile.meta["tokens"] == 40 and profile.meta["tokens_per_half"] == [16, 24]
     for stats, reference in zip(profile.layers, expected, strict=True):
@@ -185,45 +186,63 @@ def test_stats_kernel_equals_torch_path(tokens, size, k, dtype, kind) -> None:
 
 
 def test_stats_partials_over_calls_equal_torch_path() -> None:
-    """The profiler's running partials (two launches a call, one flush per half at the end) add
-    up calls of different lengths, split by half, exactly as the torch path does."""
+    """The profiler's running partials (two launches a call; one flush launch for the slots of
+    all FFNs of a half) add up calls of different lengths into each slot (FFN and half) exactly
+    as the torch path does."""
     from ffnsplit.kernels.profile_stats import StatsPartials
     from ffnsplit.profile import accumulate_stats_torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    size, k = 130, 13
-    col = (torch.rand(size) + 0.1).to(device)
-    batches = [(0, 9, "randn"), (1, 6, "ties"), (0, 5, "zeros"), (1, 11, "randn")]
-    halves = (StatsPartials(), StatsPartials())
-    actual = [torch.zeros(2, size), torch.zeros(size), torch.zeros(size)]
-    actual = [t.to(device) for t in actual] + [torch.zeros(size, dtype=torch.int64, device=device)]
+    size, k, ffns = 130, 13, 3
+    cols = (torch.rand(ffns, size) + 0.1).to(device)
+    batches = [  # (half, FFN, tokens, kind)
+        (0, 0, 9, "randn"),
+        (0, 2, 6, "ties"),
+        (1, 0, 5, "zeros"),
+        (1, 1, 11, "randn"),
+        (0, 1, 3, "ties"),
+        (1, 2, 4, "randn"),
+    ]
+    partials = StatsPartials(2 * ffns)  # slot: half * ffns + FFN
+    actual = [torch.zeros(2, ffns, size), torch.zeros(ffns, size), torch.zeros(ffns, size)]
+    actual = [t.to(device) for t in actual]
+    actual.append(torch.zeros(ffns, size, dtype=torch.int64, device=device))
     expected = [t.clone().cpu() for t in actual]
-    for half, tokens, kind in batches:
+    for half, ffn, tokens, kind in batches:
         a = _stats_inputs(tokens, size, torch.float32, kind)[0]
-        halves[half].add(a.to(device), col, k)
-        accumulate_stats_torch(a, col.cpu(), k, expected[0][half], *expected[1:])
-    for half in (0, 1):
-        halves[half].flush(actual[0][half], *actual[1:])
-        halves[half].flush(actual[0][half], *actual[1:])  # a second flush adds nothing
+        partials.add(a.to(device), cols[ffn], k, half * ffns + ffn)
+        sums = (expected[0][half, ffn], *(t[ffn] for t in expected[1:]))
+        accumulate_stats_torch(a, cols[ffn].cpu(), k, *sums)
+    for _ in range(2):  # a second flush adds nothing: the partials were zeroed
+        for half in (0, 1):
+            partials.flush(actual[0][half], *actual[1:], first=half * ffns)
     for name, x, y in zip(("abs", "sq", "max", "count"), actual, expected, strict=True):
         torch.testing.assert_close(x.cpu(), y, rtol=1e-5, atol=1e-5, msg=name)
     assert torch.equal(actual[3].cpu(), expected[3])
+    assert expected[3][1].sum() == 14 * k  # FFN 1 saw 11 + 3 tokens
 
 
-def test_profile_with_kernel_partials_equals_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("sequential", [False, True])
+def test_profile_with_kernel_partials_equals_torch_path(
+    monkeypatch: pytest.MonkeyPatch, sequential: bool
+) -> None:
     """profile_model through the kernels' running partials (forced onto the interpreter here;
-    CUDA uses them by default): flushed at the NaN check and the results, the same statistics
-    as the torch path, halves included."""
+    CUDA uses them by default): a slot per layer (one slot reused layer after layer in
+    sequential mode), flushed at the switch of half, the end of a layer and the end of the run:
+    the same statistics as the torch path, halves included."""
     import ffnsplit.profile as profile_module
 
     model = tiny_model("llama")
-    if torch.cuda.is_available():  # the kernels need CUDA tensors there (no interpreter)
-        model = model.cuda()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not sequential:  # the kernels need CUDA tensors on a GPU (no interpreter)
+        model = model.to(device)
     input_ids = tiny_input_ids(model, batch=5, seq=8)
+    # batch size 3: the first batch straddles the halves (blocks 0-1 | 2)
+    options = {"batch_size": 3, "sequential": sequential, "device": device}
     monkeypatch.setattr(profile_module, "_use_kernels", lambda a, size: False)
-    expected = profile_model(model, input_ids, batch_size=2)
+    expected = profile_model(model, input_ids, **options)
     monkeypatch.setattr(profile_module, "_use_kernels", lambda a, size: True)
-    actual = profile_model(model, input_ids, batch_size=2)
+    actual = profile_model(model, input_ids, **options)
     for x, y in zip(actual.layers, expected.layers, strict=True):
         for name in STAT_NAMES:
             torch.testing.assert_close(getattr(x, name), getattr(y, name), rtol=1e-5, atol=1e-6)

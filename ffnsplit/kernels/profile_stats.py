@@ -26,9 +26,9 @@ exactly k per token). Three kernels, all deterministic (no float atomics):
    in registers, and the warps are reduced once at the end into one row of partials per program.
 3. `_finish_kernel` adds the partials of every program, in program order, into the running
    accumulators (`accumulate_stats`, one call = three launches). The profiler instead keeps
-   `StatsPartials` per layer and calibration half: the column kernel adds into each program's own
-   slot call after call (ACCUMULATE), and the slots are reduced once at the end (`flush`), so a
-   hook call costs two launches.
+   `StatsPartials`: a slot of per-program partials for each FFN of one size and calibration half,
+   into which the column kernel adds call after call (ACCUMULATE), so a hook call costs two
+   launches; at the end one `flush` launch per half reduces the slots of every FFN.
 """
 
 from __future__ import annotations
@@ -235,9 +235,17 @@ def _finish_kernel(
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ZERO: tl.constexpr = False,
 ):  # fmt: skip
     """Add the partials of every program, in program order, into the running accumulators;
-    ZERO: and set the partials to zero once read (StatsPartials' running partials)."""
+    ZERO: and set the partials to zero once read (StatsPartials' running partials). Axis 1 of
+    the grid: FFNs (slots), whose partials and accumulators follow one another in memory."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < size
+    slot = tl.program_id(1).to(tl.int64)
+    part_ptr += slot * 3 * n_prog * size
+    count_ptr += slot * n_prog * size
+    abs_ptr += slot * size
+    sq_ptr += slot * size
+    max_ptr += slot * size
+    total_ptr += slot * size
     sum_abs = tl.zeros([BLOCK_C], dtype=tl.float32)
     sum_sq = tl.zeros([BLOCK_C], dtype=tl.float32)
     max_abs = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -334,11 +342,13 @@ def _finish(
     *,
     zero: bool,
 ) -> None:
-    """Launch `_finish_kernel`: partials [3, splits, I] and counts [splits, I] into the
-    accumulators (zero: and the partials set to zero)."""
-    splits, size = counts.shape
+    """Launch `_finish_kernel`: partials [slots, 3, splits, I] and counts [slots, splits, I]
+    (slots may be left out: one) into accumulators [slots, I], each row contiguous and the rows
+    one after another (zero: and the partials set to zero)."""
+    splits, size = counts.shape[-2:]
+    slots = counts.numel() // (splits * size)
     block_c = 32
-    _finish_kernel[(triton.cdiv(size, block_c),)](
+    _finish_kernel[(triton.cdiv(size, block_c), slots)](
         partials, counts, abs_sum, sq_sum, abs_max, topk_count, size, splits,
         BLOCK_P=64, BLOCK_C=block_c, ZERO=zero, num_warps=4,
     )  # fmt: skip
@@ -395,21 +405,24 @@ def _plan(a: torch.Tensor, col_norm: torch.Tensor, k: int) -> tuple:
 
 
 class StatsPartials:
-    """Running per-program partials of one FFN's statistics (one per calibration half).
+    """Running per-program partials of the statistics of `slots` FFN inputs of one size (the
+    profiler: one slot per FFN and calibration half).
 
-    `add(a, col_norm, k)` runs the row and column kernels with the column kernel adding into
-    persistent partials (one slot per program: deterministic), so a profiler hook costs two
-    launches and no finish; `flush(abs_sum, sq_sum, abs_max, topk_count)` adds the partials into
-    the accumulators (one launch: `_finish_kernel`, program order) and zeroes them. The token split is
-    fixed by the first call; later calls of other lengths keep it (rows per split vary)."""
+    `add(a, col_norm, k, slot)` runs the row and column kernels with the column kernel adding into
+    the slot's persistent partials (one row per program: deterministic), so a profiler hook costs
+    two launches and no finish; `flush(abs_sum, sq_sum, abs_max, topk_count, first)` adds the
+    partials of slots first, first + 1, ... into accumulators [n, I] (row i: slot first + i) and
+    zeroes them, in one launch (`_finish_kernel`, program order). The token split is fixed by the
+    first call; later calls of other lengths keep it (rows per split vary)."""
 
-    def __init__(self) -> None:
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
         self.partials: torch.Tensor | None = None
         self.counts: torch.Tensor | None = None
         self.splits = 0
-        self.pending = False
+        self._slot_views: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def add(self, a: torch.Tensor, col_norm: torch.Tensor, k: int) -> None:
+    def add(self, a: torch.Tensor, col_norm: torch.Tensor, k: int, slot: int = 0) -> None:
         a, plan = _prepare(a, col_norm, k)
         if plan is None:
             return
@@ -417,17 +430,19 @@ class StatsPartials:
         programs, row_const, warps, col_const, splits, rows, cuts, _, _ = plan
         if self.partials is None or self.partials.device != a.device:
             self.splits = splits
-            self.partials = torch.zeros(3, splits, size, dtype=torch.float32, device=a.device)
-            self.counts = torch.zeros(splits, size, dtype=torch.int32, device=a.device)
+            shape = (self.slots, splits, size)
+            self.partials = torch.zeros(self.slots, 3, splits, size, device=a.device)
+            self.counts = torch.zeros(shape, dtype=torch.int32, device=a.device)
+            self._slot_views = list(zip(self.partials, self.counts, strict=True))
+        partials, counts = self._slot_views[slot]
         block_t = col_const["BLOCK_T"]
         rows = triton.cdiv(triton.cdiv(tokens, self.splits), block_t) * block_t
         _row_select_kernel[(programs,)](a, col_norm, cuts, tokens, size, a.stride(0), k, programs,
                                         **row_const, num_warps=warps)  # fmt: skip
         _col_stats_kernel[(triton.cdiv(size, _COL_BLOCK_C), self.splits)](
-            a, col_norm, cuts, self.partials, self.counts, tokens, size, a.stride(0), rows,
+            a, col_norm, cuts, partials, counts, tokens, size, a.stride(0), rows,
             **col_const, ACCUMULATE=True, num_warps=_COL_WARPS,
         )  # fmt: skip
-        self.pending = True
 
     def flush(
         self,
@@ -435,8 +450,13 @@ class StatsPartials:
         sq_sum: torch.Tensor,
         abs_max: torch.Tensor,
         topk_count: torch.Tensor,
+        first: int = 0,
     ) -> None:
-        if not self.pending:
+        """Add the partials of slots first .. first + n - 1 into accumulators [n, I] (or [I]:
+        n = 1), whose rows are contiguous and follow one another; no-op before any `add`."""
+        if self.partials is None:
             return
-        _finish(self.partials, self.counts, abs_sum, sq_sum, abs_max, topk_count, zero=True)
-        self.pending = False
+        n = abs_sum.shape[0] if abs_sum.dim() == 2 else 1
+        last = first + n
+        _finish(self.partials[first:last], self.counts[first:last], abs_sum, sq_sum, abs_max,
+                topk_count, zero=True)  # fmt: skip
