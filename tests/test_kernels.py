@@ -12,7 +12,7 @@ import itertools
 import pytest
 import torch
 
-from ffnsplit.kernels import ops, reference, tiles
+from ffnsplit.kernels import dequant_gemm, ops, reference, tiles
 from ffnsplit.kernels import quant_matmul as qmm
 from ffnsplit.kernels import split_ffn as sffn
 from ffnsplit.kernels.format import QuantizedWeight, SplitFFNWeights, n_groups, pack_planes
@@ -59,7 +59,7 @@ QMM_CASES = list(
 M_SIZES, N_SIZES, K_SIZES = (1, 3, 17, 33), (40, 104), (64, 96, 160)
 
 
-@pytest.mark.parametrize("path", ["gemv", "decode", "prefill"])
+@pytest.mark.parametrize("path", ["gemv", "decode", "prefill", "dequant"])
 @pytest.mark.parametrize(("bits", "group", "symmetric", "dtype"), QMM_CASES)
 def test_quant_matmul(poison, bits, group, symmetric, dtype, path) -> None:
     i = QMM_CASES.index((bits, group, symmetric, dtype))
@@ -149,7 +149,7 @@ SPLITS = ((20, 64), (0, 96), (37, 0))
 FFN_CASES = list(itertools.product(ACTIVATION_NAMES, (True, False), (torch.float16, torch.float32)))
 
 
-@pytest.mark.parametrize("path", ["gemv", "decode", "prefill"])
+@pytest.mark.parametrize("path", ["gemv", "decode", "prefill", "dequant"])
 @pytest.mark.parametrize(("activation", "gated", "dtype"), FFN_CASES)
 def test_split_ffn(poison, activation, gated, dtype, path) -> None:
     i = FFN_CASES.index((activation, gated, dtype))
@@ -273,7 +273,7 @@ def test_empty_batch() -> None:
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("path", ["gemv", "decode", "small", "prefill"])
+@pytest.mark.parametrize("path", ["gemv", "decode", "small", "prefill", "dequant"])
 @pytest.mark.parametrize(
     ("bits", "group", "symmetric"),
     [(4, 128, False), (4, 64, True), (8, 128, False), (3, 64, True), (2, 32, False)],
@@ -301,6 +301,19 @@ def test_large_split_ffn(poison, dtype, m) -> None:
     assert rel_err(sffn.split_ffn(x, w), ref_split_ffn(x, w)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_dequant_path_chunks(poison, monkeypatch, dtype) -> None:
+    """The dequantize + GEMM path over several chunks (the last one partial), with biases."""
+    monkeypatch.setattr(dequant_gemm, "CHUNK_BYTES", 1)  # the smallest chunk: 128 features
+    w = random_split_weights(160, 24, 288, "gelu", True, True, dtype, bits=4, group=64)
+    x = torch.randn(9, 160, device=DEVICE).to(dtype)
+    assert rel_err(sffn.split_ffn(x, w, path="dequant"), ref_split_ffn(x, w)) < TOL[dtype]
+    qw = random_qweight(300, 96, 3, 32, False)
+    out = torch.full((96, 100), float("nan"), device=DEVICE)
+    dequant_gemm.dequantize_chunk(qw, 150, 250, out)
+    torch.testing.assert_close(out, qw.dequantize(torch.float32)[150:250].T, rtol=0, atol=0)
+
+
 def _tier_cases() -> list[tuple[str, int]]:
     return [(tier, i) for tier in ("decode", "small", "prefill")
             for i in range(max(len(qmm._CONFIGS[tier]), len(sffn._CONFIGS[tier])))]  # fmt: skip
@@ -318,9 +331,9 @@ def test_every_config(poison, monkeypatch, dtype, tier, index) -> None:
         configs = module._CONFIGS[tier]
         monkeypatch.setitem(module._CONFIGS, tier, (configs[min(index, len(configs) - 1)],))
     for group, symmetric in ((128, False), (32, True)):
-        w = random_split_weights(1000, 72, 2000, "silu", True, True, dtype, bits=4, group=group,
+        w = random_split_weights(1056, 72, 2016, "silu", True, True, dtype, bits=4, group=group,
                                  symmetric=symmetric)  # fmt: skip
-        x = torch.randn(m, 1000, device=DEVICE, dtype=dtype)
+        x = torch.randn(m, 1056, device=DEVICE, dtype=dtype)
         assert rel_err(sffn.split_ffn(x, w, path=tier), ref_split_ffn(x, w)) < TOL[dtype]
 
 

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ffnsplit.kernels import gemv
+from ffnsplit.kernels import dequant_gemm, gemv
 from ffnsplit.kernels.format import QuantizedWeight
 from ffnsplit.kernels.tiles import (
     TileConfig,
@@ -31,6 +31,7 @@ from ffnsplit.kernels.tiles import (
     tier_configs,
     torch_to_triton_ok,
     uniform_ok,
+    use_dequant,
     use_gemv,
 )
 
@@ -125,7 +126,8 @@ _CONFIGS = {  # (block_m, block_n, block_kl (light K-block, codes), block_kh (de
         _T(128, 128, 128, 64, num_warps=8, num_stages=3, scale_after=False, interleave=False),
         _T(256, 128, 64, 64, num_warps=8, num_stages=3, scale_after=False, interleave=False),
         _T(128, 256, 64, 64, num_warps=8, num_stages=3, scale_after=False, interleave=False),
-        _T(128, 128, 64, 64, num_warps=8, num_stages=4, scale_after=False),
+        # one warpgroup, two programs per SM: one dequantizes while the other's MMAs run
+        _T(128, 128, 64, 64, num_warps=4, num_stages=3, scale_after=False, interleave=False),
     ),
 }  # fmt: skip
 _MAX_SPLIT = 32
@@ -190,6 +192,9 @@ def split_linear(
         raise ValueError(f"bias must be [{n}] on {x.device}, got {tuple(bias.shape)}")
     if use_gemv(m, path):
         gemv.split_linear(x2, heavy, light, bias, out)
+        return out.reshape(*lead, n)
+    if use_dequant(m, path):
+        dequant_gemm.split_linear(x2, heavy, light, bias, out)
         return out.reshape(*lead, n)
     heavy_arg = heavy if heavy is not None else x2
     if heavy is not None and heavy.stride(-1) != 1:

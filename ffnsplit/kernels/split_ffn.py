@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ffnsplit.kernels import gemv
+from ffnsplit.kernels import dequant_gemm, gemv
 from ffnsplit.kernels.format import QuantizedWeight, SplitFFNWeights
 from ffnsplit.kernels.quant_matmul import split_linear
 from ffnsplit.kernels.tiles import (
@@ -33,6 +33,7 @@ from ffnsplit.kernels.tiles import (
     tier_configs,
     torch_to_triton_ok,
     uniform_ok,
+    use_dequant,
     use_gemv,
 )
 
@@ -119,6 +120,8 @@ _CONFIGS = {  # (block_m, block_n (light neurons), block_kl, block_kh); block_nh
         _T(16, 64, 128, 128, num_warps=4, num_stages=4, block_nh=16, interleave=False),
         _T(16, 64, 128, 128, num_warps=4, num_stages=4, block_nh=16),
         _T(16, 64, 128, 128, num_warps=4, num_stages=4, block_nh=16, fast_unpack=False),
+        _T(16, 32, 128, 128, num_warps=2, num_stages=4, block_nh=16, interleave=False),
+        _T(16, 32, 128, 128, num_warps=4, num_stages=5, block_nh=16, interleave=False),
     ),
     "small": (
         _T(64, 64, 128, 64, num_warps=4, num_stages=3, block_nh=64, scale_after=False,
@@ -134,7 +137,9 @@ _CONFIGS = {  # (block_m, block_n (light neurons), block_kl, block_kh); block_nh
            interleave=False),
         _T(128, 128, 64, 64, num_warps=8, num_stages=3, block_nh=128, scale_after=False,
            interleave=False),
-        _T(128, 64, 64, 64, num_warps=8, num_stages=4, block_nh=64, scale_after=False),
+        # one warpgroup, two programs per SM: one dequantizes while the other's MMAs run
+        _T(128, 64, 64, 64, num_warps=4, num_stages=3, block_nh=64, scale_after=False,
+           interleave=False),
     ),
 }  # fmt: skip
 
@@ -189,6 +194,9 @@ def split_activations(x: torch.Tensor, w: SplitFFNWeights, *, path: str = "auto"
         return a.reshape(*lead, h + n_light)
     if use_gemv(m, path):
         gemv.split_activations(x2, w, a)
+        return a.reshape(*lead, h + n_light)
+    if use_dequant(m, path):
+        dequant_gemm.split_activations(x2, w, a)
         return a.reshape(*lead, h + n_light)
     hu = w.heavy_up.contiguous() if h else x2
     hg = w.heavy_gate.contiguous() if h and w.gated else hu

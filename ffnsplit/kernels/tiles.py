@@ -31,6 +31,9 @@ DECODE_MAX_M = 16  # up to this many rows the weights are streamed once (decode 
 # up to this many rows "auto" takes the CUDA-core path (gemv.py): on an H200 it beats the
 # tensor-core decode tier at M <= 4 and loses from M = 8 (benchmarks/RESULTS.md, version 7).
 GEMV_MAX_M = 4
+# from this many rows "auto" dequantizes L2-sized chunks and multiplies with cuBLAS
+# (dequant_gemm.py) instead of the dequantize-in-the-loop prefill tier (benchmarks/RESULTS.md)
+DEQUANT_MIN_M = 256
 ACTIVATION_NAMES = ("silu", "gelu", "gelu_tanh", "relu")
 _WIDTH = {8: 8, 4: 4, 3: 2, 2: 2}  # width of the first (or only) bit plane
 
@@ -494,7 +497,7 @@ def resident_blocks(
     return _resident[key]
 
 
-PATHS = ("auto", "gemv", "decode", "small", "prefill")
+PATHS = ("auto", "gemv", "decode", "small", "prefill", "dequant")
 
 
 def use_gemv(m: int, path: str) -> bool:
@@ -502,6 +505,13 @@ def use_gemv(m: int, path: str) -> bool:
     if path not in PATHS:
         raise ValueError(f"unknown kernel path {path!r}: choose one of {', '.join(PATHS)}")
     return path == "gemv" or (path == "auto" and m <= GEMV_MAX_M)
+
+
+def use_dequant(m: int, path: str) -> bool:
+    """Whether M rows take the dequantize-a-chunk + cuBLAS path ("auto" from DEQUANT_MIN_M)."""
+    if path not in PATHS:
+        raise ValueError(f"unknown kernel path {path!r}: choose one of {', '.join(PATHS)}")
+    return path == "dequant" or (path == "auto" and m >= DEQUANT_MIN_M)
 
 
 # under the interpreter: one tiny config per path (the decode one interleaves and scales per block,

@@ -1,0 +1,175 @@
+"""Large-M path: dequantize an L2-sized chunk of the packed weight, then a cuBLAS GEMM on it.
+
+At prefill sizes a GEMM is bound by tensor-core throughput, and a dequantize-in-the-loop Triton
+GEMM spends part of it on unpacking (measured on an H100: ~0.6x dense at M = 2048, RESULTS.md).
+Here a Triton kernel writes one chunk of output features of the light weight as a dense
+[K, chunk] tile in the activation dtype (~16 MiB, so it stays in L2 for the GEMM that reads it
+next), and torch.mm (cuBLAS) multiplies. Only one chunk is ever materialized: the scratch is
+reused chunk after chunk and freed after the call (the same approach as ExLlama's "reconstruct"
+path and vLLM's AWQ path for large batches).
+
+- split_activations: per chunk of light neurons, one GEMM for up and gate together (both
+  dequantized into one [K, 2 * chunk] scratch), then one kernel for biases, activation and
+  gating that writes the chunk's columns of `a`; heavy neurons: two GEMMs on the dense rows.
+- split_linear: out = bias + x_heavy @ W_heavy^T (one addmm), then per chunk of output features
+  out[:, chunk] += x_light @ dequant(W_light[chunk])^T (addmm into the column slice, no copy).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ffnsplit.kernels.format import QuantizedWeight, SplitFFNWeights
+from ffnsplit.kernels.tiles import activation, codes_to_float, expand, load_words, unpack_codes
+
+CHUNK_BYTES = 16 << 20  # dequantized scratch per chunk: well inside an H100/H200 L2 (50-60 MB)
+_ROWS = 8  # word rows per dequant program (64 codes of int4)
+_BLOCK_N = 128
+
+
+@triton.jit
+def _dequant_kernel(p0_ptr, p1_ptr, s_ptr, z_ptr, out_ptr, N, K, n0, n_cols, stride_ok,
+                    BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
+                    ROWS: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """out[k, j] = W[n0 + j, k] for one [ROWS * PACK, BLOCK_N] tile (exact codes, fp32 math)."""
+    PACK: tl.constexpr = 32 // (8 if BITS == 8 else (4 if BITS == 4 else 2))
+    OFFSET: tl.constexpr = (1 << (BITS - 1)) if SYMMETRIC else 0
+    k0 = tl.program_id(0) * (ROWS * PACK)
+    offs_j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_j = offs_j < n_cols
+    offs_n = n0 + offs_j
+    w0, w1, mask_r = load_words(p0_ptr, p1_ptr, N, K, k0, offs_n, mask_j, BITS, ROWS)
+    q = codes_to_float(unpack_codes(w0, w1, BITS, False), 0, tl.float32, BITS)
+    r = tl.arange(0, ROWS)
+    g_off = ((k0 + r * PACK) // GROUP)[:, None] * N + offs_n[None, :]
+    g_mask = mask_r[:, None] & mask_j[None, :]
+    s = expand(tl.load(s_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32), PACK, False)
+    if SYMMETRIC:
+        w = (q - OFFSET) * s
+    else:
+        z = expand(tl.load(z_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32), PACK, False)
+        w = (q - z) * s
+    k = k0 + tl.arange(0, ROWS * PACK)
+    ptrs = out_ptr + k[:, None] * stride_ok + offs_j[None, :]
+    tl.store(ptrs, w.to(out_ptr.dtype.element_ty), mask=(k < K)[:, None] & mask_j[None, :])
+
+
+@triton.jit
+def _gate_kernel(ug_ptr, ub_ptr, gb_ptr, a_ptr, M, C, c0, stride_ug, stride_am,
+                 GATED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_UP_BIAS: tl.constexpr,
+                 HAS_GATE_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_C: tl.constexpr):  # fmt: skip
+    """a[:, c0 + j] = act(g + gate_bias) * (u + up_bias) (or act(u + up_bias)), u = ug[:, j],
+    g = ug[:, C + j]; bias index c0 + j."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (offs_m < M)[:, None] & (offs_c < C)[None, :]
+    base = ug_ptr + offs_m[:, None] * stride_ug + offs_c[None, :]
+    u = tl.load(base, mask=mask, other=0.0).to(tl.float32)
+    if HAS_UP_BIAS:
+        u += tl.load(ub_ptr + c0 + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)[None, :]
+    if GATED:
+        g = tl.load(base + C, mask=mask, other=0.0).to(tl.float32)
+        if HAS_GATE_BIAS:
+            g += tl.load(gb_ptr + c0 + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)[None, :]
+        out = activation(g, ACTIVATION) * u
+    else:
+        out = activation(u, ACTIVATION)
+    ptrs = a_ptr + offs_m[:, None] * stride_am + c0 + offs_c[None, :]
+    tl.store(ptrs, out.to(a_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_chunk(qw: QuantizedWeight, n0: int, n1: int, out: torch.Tensor) -> torch.Tensor:
+    """Write W[n0:n1, :]^T (the [K, n1 - n0] dequantized chunk) into `out` (row stride free)."""
+    n, k = qw.shape
+    cols = n1 - n0
+    if out.shape != (k, cols) or out.stride(1) != 1:
+        raise ValueError(f"out must be [{k}, {cols}] with unit column stride")
+    pack = 32 // {8: 8, 4: 4, 3: 2, 2: 2}[qw.bits]
+    p0 = qw.planes[0]
+    grid = (triton.cdiv(k, _ROWS * pack), triton.cdiv(cols, _BLOCK_N))
+    _dequant_kernel[grid](
+        p0, qw.planes[1] if len(qw.planes) > 1 else p0, qw.scales,
+        qw.scales if qw.zeros is None else qw.zeros, out, n, k, n0, cols, out.stride(0),
+        BITS=qw.bits, GROUP=qw.group_size, SYMMETRIC=qw.zeros is None, ROWS=_ROWS,
+        BLOCK_N=_BLOCK_N, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def _chunk(k: int, weights: int, dtype: torch.dtype) -> int:
+    """Output features per chunk: `weights` dequantized [K, chunk] tiles within CHUNK_BYTES."""
+    per_feature = k * weights * torch.finfo(dtype).bits // 8
+    return max(128, CHUNK_BYTES // per_feature // 128 * 128)
+
+
+def _gate(ug: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor, c0: int, cols: int) -> None:
+    m = ug.shape[0]
+    block_m, block_c = 32, 128
+    grid = (triton.cdiv(m, block_m), triton.cdiv(cols, block_c))
+    _gate_kernel[grid](
+        ug, w.up_bias if w.up_bias is not None else a, w.gate_bias if w.gate_bias is not None else a,
+        a, m, cols, c0, ug.stride(0), a.stride(0), GATED=w.gated, ACTIVATION=w.activation,
+        HAS_UP_BIAS=w.up_bias is not None, HAS_GATE_BIAS=w.gated and w.gate_bias is not None,
+        BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4,
+    )  # fmt: skip
+
+
+def split_activations(x: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor) -> torch.Tensor:
+    """Kernel A's result a [M, h + l] for 2-D x (validated by the caller), written into `a`."""
+    h, n_light = w.n_heavy, w.n_light
+    k = x.shape[1]
+    if h:
+        if w.gated:
+            ug = torch.cat((x @ w.heavy_up.T, x @ w.heavy_gate.T), dim=1)
+        else:
+            ug = x @ w.heavy_up.T
+        _gate(ug, w, a, 0, h)
+    if n_light:
+        weights = 2 if w.gated else 1
+        chunk = min(_chunk(k, weights, x.dtype), n_light)
+        scratch = torch.empty((k, weights * chunk), dtype=x.dtype, device=x.device)
+        for n0 in range(0, n_light, chunk):
+            cols = min(chunk, n_light - n0)
+            dequantize_chunk(w.light_up, n0, n0 + cols, scratch[:, :cols])
+            if w.gated:
+                dequantize_chunk(w.light_gate, n0, n0 + cols, scratch[:, cols : 2 * cols])
+            _gate(x @ scratch[:, : weights * cols], w, a, h + n0, cols)
+    return a
+
+
+def split_linear(
+    x: torch.Tensor,
+    heavy: torch.Tensor | None,
+    light: QuantizedWeight | None,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """out [M, N] = x[:, :kh] @ heavy^T + x[:, kh:] @ dequant(light)^T + bias (2-D x, validated
+    by the caller)."""
+    kh = 0 if heavy is None else heavy.shape[1]
+    if heavy is not None:
+        if bias is not None:
+            torch.addmm(bias.to(x.dtype), x[:, :kh], heavy.T, out=out)
+        else:
+            torch.mm(x[:, :kh], heavy.T, out=out)
+    elif bias is not None:
+        out.copy_(bias.expand_as(out))
+    if light is None:
+        return out
+    n, kl = light.shape
+    x_light = x[:, kh:]
+    chunk = min(_chunk(kl, 1, x.dtype), n)
+    scratch = torch.empty((kl, chunk), dtype=x.dtype, device=x.device)
+    first = heavy is None and bias is None
+    for n0 in range(0, n, chunk):
+        cols = min(chunk, n - n0)
+        tile = dequantize_chunk(light, n0, n0 + cols, scratch[:, :cols])
+        target = out[:, n0 : n0 + cols]
+        if first:
+            torch.mm(x_light, tile, out=target)
+        else:
+            target.addmm_(x_light, tile)
+    return out
