@@ -4,7 +4,7 @@ For a Llama-3-8B FFN (4096 -> 14336, SwiGLU), 5% heavy fp16 and the rest int4 g1
 split FFN (kernel A + kernel B) through the dequantize-in-the-loop Triton tier (`prefill`, each
 row count autotuned among its configs) and through dequantize-a-chunk + cuBLAS (`dequant`), and
 the dense fp16 FFN through torch (cuBLAS GEMMs + the activation), for several M. Medians of
-triton.testing.do_bench (the weights of one layer, 107 MB packed / 352 MB dense, exceed the L2).
+triton.testing.do_bench over CUDA-graph replays (the weights of one layer, 107 MB packed / 352 MB dense, exceed the L2).
 This picks tiles.DEQUANT_MIN_M, the row count from which `auto` takes the dequant path.
 
     PYTHONPATH=. python3 benchmarks/bench_prefill.py --out $OUT/bench_prefill.json
@@ -27,6 +27,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ffnsplit.eval.bench import _ffn, random_split_weights, shape_split  # noqa: E402
 from ffnsplit.kernels import split_ffn as sffn  # noqa: E402
 from ffnsplit.plan import parse_light_format  # noqa: E402
+
+
+def _graph_us(fn) -> float:
+    """Median microseconds of `fn` replayed as a CUDA graph (no host launch time), after a tuning
+    and compiling call outside the capture."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median") * 1e3
 
 
 def main() -> None:
@@ -55,10 +69,7 @@ def main() -> None:
             "dequant": lambda x=x: sffn.split_ffn(x, w, path="dequant"),
         }
         for name, fn in fns.items():
-            fn()  # tune / compile outside the timing
-            row[name] = round(
-                triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3, 1
-            )
+            row[name] = round(_graph_us(fn), 1)
         tiled = sffn.split_ffn(x, w, path="prefill").float()
         diff = (tiled - sffn.split_ffn(x, w, path="dequant").float()).norm()
         row["rel_diff_paths"] = float(diff / tiled.norm())

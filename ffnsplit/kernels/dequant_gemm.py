@@ -3,8 +3,8 @@
 At prefill sizes a GEMM is bound by tensor-core throughput, and a dequantize-in-the-loop Triton
 GEMM spends part of it on unpacking (measured on an H100: ~0.6x dense at M = 2048, RESULTS.md).
 Here a Triton kernel writes one chunk of output features of the light weight as a dense
-[K, chunk] tile in the activation dtype (~16 MiB, so it stays in L2 for the GEMM that reads it
-next), and torch.mm (cuBLAS) multiplies. Only one chunk is ever materialized: the scratch is
+[K, chunk] tile in the activation dtype (up to 32 MiB and half the L2, so the GEMM that reads it
+next finds it there), and torch.mm (cuBLAS) multiplies. Only one chunk is ever materialized: the scratch is
 reused chunk after chunk and freed after the call (the same approach as ExLlama's "reconstruct"
 path and vLLM's AWQ path for large batches).
 
@@ -24,7 +24,7 @@ import triton.language as tl
 from ffnsplit.kernels.format import QuantizedWeight, SplitFFNWeights
 from ffnsplit.kernels.tiles import activation, codes_to_float, expand, load_words, unpack_codes
 
-CHUNK_BYTES = 16 << 20  # dequantized scratch per chunk: well inside an H100/H200 L2 (50-60 MB)
+CHUNK_BYTES = 32 << 20  # dequantized scratch per chunk, at most; and at most half the L2
 _ROWS = 8  # word rows per dequant program (64 codes of int4)
 _BLOCK_N = 128
 
@@ -99,10 +99,15 @@ def dequantize_chunk(qw: QuantizedWeight, n0: int, n1: int, out: torch.Tensor) -
     return out
 
 
-def _chunk(k: int, weights: int, dtype: torch.dtype) -> int:
-    """Output features per chunk: `weights` dequantized [K, chunk] tiles within CHUNK_BYTES."""
+def _chunk(k: int, weights: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Output features per chunk: `weights` dequantized [K, chunk] tiles within CHUNK_BYTES and
+    half the device's L2 (so the GEMM reads the chunk from L2)."""
+    budget = CHUNK_BYTES
+    if device.type == "cuda":
+        budget = min(budget, getattr(torch.cuda.get_device_properties(device), "L2_cache_size",
+                                     2 * budget) // 2)  # fmt: skip
     per_feature = k * weights * torch.finfo(dtype).bits // 8
-    return max(128, CHUNK_BYTES // per_feature // 128 * 128)
+    return max(128, budget // per_feature // 128 * 128)
 
 
 def _gate(ug: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor, c0: int, cols: int) -> None:
@@ -129,7 +134,7 @@ def split_activations(x: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor) -> t
         _gate(ug, w, a, 0, h)
     if n_light:
         weights = 2 if w.gated else 1
-        chunk = min(_chunk(k, weights, x.dtype), n_light)
+        chunk = min(_chunk(k, weights, x.dtype, x.device), n_light)
         scratch = torch.empty((k, weights * chunk), dtype=x.dtype, device=x.device)
         for n0 in range(0, n_light, chunk):
             cols = min(chunk, n_light - n0)
@@ -161,7 +166,7 @@ def split_linear(
         return out
     n, kl = light.shape
     x_light = x[:, kh:]
-    chunk = min(_chunk(kl, 1, x.dtype), n)
+    chunk = min(_chunk(kl, 1, x.dtype, x.device), n)
     scratch = torch.empty((kl, chunk), dtype=x.dtype, device=x.device)
     first = heavy is None and bias is None
     for n0 in range(0, n, chunk):

@@ -33,7 +33,7 @@ DECODE_MAX_M = 16  # up to this many rows the weights are streamed once (decode 
 GEMV_MAX_M = 4
 # from this many rows "auto" dequantizes L2-sized chunks and multiplies with cuBLAS
 # (dequant_gemm.py) instead of the dequantize-in-the-loop prefill tier (benchmarks/RESULTS.md)
-DEQUANT_MIN_M = 256
+DEQUANT_MIN_M = 1024
 ACTIVATION_NAMES = ("silu", "gelu", "gelu_tanh", "relu")
 _WIDTH = {8: 8, 4: 4, 3: 2, 2: 2}  # width of the first (or only) bit plane
 
