@@ -165,11 +165,9 @@ def bench_normal(name: str, shape: dict, args: argparse.Namespace) -> list[dict]
         ),
         "profile": profile,
     }
-    if args.baseline:
-        sys.path.insert(0, str(Path(args.baseline).resolve()))
-        from ffnsplit_baseline.profile import profile_model as baseline_profile  # noqa: PLC0415
-
-        runs["profile (baseline copy)"] = lambda: profile(baseline_profile)
+    baseline = baseline_profiler(args)
+    if baseline is not None:
+        runs["profile (baseline copy)"] = lambda: profile(baseline)
     for run in runs.values():  # warm-up: kernels, cuBLAS handles, allocator
         run()
     rows = []
@@ -202,6 +200,16 @@ def bench_normal(name: str, shape: dict, args: argparse.Namespace) -> list[dict]
     return rows
 
 
+def baseline_profiler(args: argparse.Namespace) -> Callable[..., object] | None:
+    """profile_model of the copy of the package given by --baseline (None without it)."""
+    if not args.baseline:
+        return None
+    sys.path.insert(0, str(Path(args.baseline).resolve()))
+    from ffnsplit_baseline.profile import profile_model as baseline  # noqa: PLC0415
+
+    return baseline
+
+
 def bench_sequential(name: str, shape: dict, args: argparse.Namespace) -> list[dict]:
     """Model kept on the CPU, one decoder layer at a time on the device: plain vs profiling."""
     start = time.perf_counter()
@@ -215,8 +223,8 @@ def bench_sequential(name: str, shape: dict, args: argparse.Namespace) -> list[d
     def plain() -> None:
         run_calibration(model, batches, device=args.device, sequential=True)
 
-    def profile() -> None:
-        profile_model(
+    def profile(profiler: Callable[..., object] = profile_model) -> None:
+        profiler(
             model,
             ids,
             batch_size=args.batch_size,
@@ -225,11 +233,18 @@ def bench_sequential(name: str, shape: dict, args: argparse.Namespace) -> list[d
             fingerprint=fingerprint,
         )
 
+    runs = [("plain sequential forward", plain), ("profile (sequential)", profile)]
+    profilers = [profile_model]
+    baseline = baseline_profiler(args)
+    if baseline is not None:
+        runs.append(("profile (sequential, baseline copy)", lambda: profile(baseline)))
+        profilers.append(baseline)
     warm = ids[:2, : min(128, args.seq_len)]
     run_calibration(model, split_batches(warm, 2), device=args.device, sequential=True)
-    profile_model(model, warm, device=args.device, sequential=True, fingerprint=fingerprint)
+    for profiler in profilers:
+        profiler(model, warm, device=args.device, sequential=True, fingerprint=fingerprint)
     rows = []
-    for run_name, run in (("plain sequential forward", plain), ("profile (sequential)", profile)):
+    for run_name, run in runs:
         peaks: list[int | None] = []
 
         def measured(run: Callable[[], None] = run, peaks: list = peaks) -> None:

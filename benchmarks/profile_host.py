@@ -25,6 +25,7 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_profile import SMOLLM2_135M, build_model  # noqa: E402
+from ffnsplit.arch import decoder_layers, get_ffn_blocks, model_fingerprint  # noqa: E402
 from ffnsplit.kernels.profile_stats import StatsPartials, accumulate_stats  # noqa: E402
 from ffnsplit.profile import profile_model, run_calibration, split_batches  # noqa: E402
 
@@ -55,6 +56,12 @@ def median_ms(fn: Callable[[], object], repeats: int = 15) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", help="a folder holding another copy as ffnsplit_baseline")
+    parser.add_argument(
+        "--cprofile-tokens",
+        type=int,
+        default=0,
+        help="also run cProfile on one profile call of this many tokens (batch 16 x 2048)",
+    )
     args = parser.parse_args()
     dev, size = "cuda", 1536
     a = torch.randn(16, size, device=dev, dtype=torch.bfloat16)
@@ -95,12 +102,47 @@ def main() -> int:
         runs["profile (baseline copy), 2 batches"] = lambda: baseline(
             model, ids, batch_size=1, device=dev, sequential=False, fingerprint=fingerprint
         )
+    setup = {
+        "get_ffn_blocks": lambda: get_ffn_blocks(model),
+        "model_fingerprint (not timed by bench_profile)": lambda: model_fingerprint(model),
+        "decoder_layers": lambda: decoder_layers(model),
+        "model.to(device) (already there)": lambda: model.to(dev),
+        "model.eval()": model.eval,
+        "scan of module.training": lambda: any(m.training for m in model.modules()),
+    }
+    for name, fn in setup.items():
+        print(f"30-layer SmolLM2 shape, {name}: {median_ms(fn):.2f} ms")
     times = {name: median_ms(fn) for name, fn in runs.items()}
     plain = times.pop("plain forward (decoder layers), 2 batches")
     print(f"30-layer SmolLM2 shape, 2 x 16 tokens: plain forward {plain:.2f} ms")
     for name, ms in times.items():
         print(f"  {name}: {ms:.2f} ms ({ms - plain:+.2f} ms host time per run and per batch)")
+    if args.cprofile_tokens:
+        cprofile(model, args.cprofile_tokens, fingerprint)
     return 0
+
+
+def cprofile(model: torch.nn.Module, tokens: int, fingerprint: dict) -> None:
+    """Where the host time of one profile call goes (cProfile, after a warm-up call)."""
+    import cProfile
+    import pstats
+
+    ids = torch.randint(0, 1000, (tokens // 2048, 2048))
+
+    def run() -> None:
+        profile_model(model, ids, batch_size=16, device="cuda", fingerprint=fingerprint)
+        torch.cuda.synchronize()
+
+    run()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    run()
+    profiler.disable()
+    stats = pstats.Stats(profiler).sort_stats("cumulative")
+    print(f"cProfile of one profile call, {tokens} tokens (cumulative, ffnsplit functions):")
+    stats.print_stats(r"ffnsplit/(profile|arch|kernels)", 25)
+    print("by own time:")
+    stats.sort_stats("tottime").print_stats(15)
 
 
 if __name__ == "__main__":

@@ -24,9 +24,11 @@ ceil(p * I) neurons with the largest `out_norm_mean_first_half` and `out_norm_me
 
 Statistics are gathered by forward pre-hooks on each FFN's down projection (always removed): on
 CUDA by Triton kernels per FFN and batch (`kernels.profile_stats`, I <= its MAX_SIZE), elsewhere
-by torch ops giving the same numbers. The NaN/Inf check syncs with the host once per run (once per
-layer in sequential mode): NaN/Inf stays in the running sums, and the first layer holding it is
-named. A model larger than the GPU is run layer by layer (`sequential=True`): only one decoder layer
+by torch ops giving the same numbers. The batches are those of a plain forward: a batch that
+straddles the two calibration halves is split by rows in the hooks. The sums of all FFNs of one
+size live in one allocation, reduced and brought to the host once at the end of the run, where the
+NaN/Inf check reads them (one sync per run; per layer in sequential mode): NaN/Inf stays in the
+running sums, and the first layer holding it is named. A model larger than the GPU is run layer by layer (`sequential=True`): only one decoder layer
 and the calibration activations are on the device at a time, as in llm-compressor's sequential
 pipeline.
 """
@@ -40,7 +42,7 @@ import math
 import os
 import struct
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -449,11 +451,12 @@ class _Store:
         self.stats = torch.zeros(5, n, self.size, dtype=torch.float32, device=device)
         self.counts = torch.zeros(n, self.size, dtype=torch.int64, device=device)
         self.partials = _stats_partials(2 * self.slots) if kernels else None
-        self.col_norms(device)
+        self.col_norms(device, range(n))
 
-    def col_norms(self, device: torch.device) -> None:
-        """Column norms of every FFN without one whose weight is on `device`: runs of consecutive
-        FFNs with weights of one shape and dtype are stacked (a few launches for all layers)."""
+    def col_norms(self, device: torch.device, rows: Iterable[int]) -> None:
+        """Column norms of those of `rows` without one whose weight is on `device`: runs of
+        consecutive FFNs with weights of one shape and dtype are stacked (a few launches for all
+        layers of a model on the device)."""
         run: list[tuple[int, Tensor]] = []
 
         def norms() -> None:
@@ -464,9 +467,14 @@ class _Store:
                 torch.linalg.vector_norm(weights, dim=1, dtype=torch.float32, out=out)
                 run.clear()
 
-        for row, block in enumerate(self.blocks):
-            weight = None if self.has_norm[row] else _down_weight(block, self.size)
-            if weight is None or weight.device != device:
+        for row in rows:
+            block = self.blocks[row]
+            live = getattr(block.down_module, "weight", None)
+            if self.has_norm[row] or (isinstance(live, Tensor) and live.device != device):
+                norms()
+                continue
+            weight = _down_weight(block, self.size)
+            if weight.device != device:
                 norms()
                 continue
             last = run[-1] if run else None
@@ -579,7 +587,7 @@ class _Accumulator:
                 f"{self.block.name}: activations on {a.device}, not {store.stats.device}"
             )
         if not store.has_norm[row]:
-            store.col_norms(a.device)
+            store.col_norms(a.device, [row])
         stats = store.stats
         self.col_norm = stats[_COL, row]
         self.sums = [
@@ -639,9 +647,10 @@ def _results(accumulators: Sequence[_Accumulator], stores: Sequence[_Store]) -> 
             "out_norm_mean_second_half": stats[_ABS + 1] / halves[:, 1:] * col,
             "down_col_norm": col,
         }
+        rows = {name: value.unbind() for name, value in values.items()}
         for acc in members:
             per_block[id(acc)] = LayerStats(
-                name=acc.block.name, **{name: v[acc.row] for name, v in values.items()}
+                name=acc.block.name, **{name: v[acc.row] for name, v in rows.items()}
             )
     return [per_block[id(acc)] for acc in accumulators]
 
@@ -935,7 +944,7 @@ def profile_model(
 
     state = _RunState()
     accumulators, stores = _make_accumulators(blocks, topk_fraction, state, sequential)
-    layer_of_block = _decoder_layer_index(layers, blocks)
+    layer_of_block = _decoder_layer_index(layers, blocks) if sequential else []
     half_point = n_blocks // 2
     batches = split_batches(input_ids, batch_size)  # those of a plain forward
     starts = [index * batch_size for index in range(len(batches))]
