@@ -24,8 +24,9 @@ ceil(p * I) neurons with the largest `out_norm_mean_first_half` and `out_norm_me
 
 Statistics are gathered by forward pre-hooks on each FFN's down projection (always removed): on
 CUDA by Triton kernels per FFN and batch (`kernels.profile_stats`, I <= its MAX_SIZE), elsewhere
-by torch ops giving the same numbers. The batches are those of a plain forward: a batch that
-straddles the two calibration halves is split by rows in the hooks. The sums of all FFNs of one
+by torch ops giving the same numbers. In normal mode the batches are those of a plain forward: a
+batch that straddles the two calibration halves is split by rows in the hooks (sequential mode runs
+each half in batches of its own). The sums of all FFNs of one
 size live in one allocation, reduced and brought to the host once at the end of the run, where the
 NaN/Inf check reads them (one sync per run; per layer in sequential mode): NaN/Inf stays in the
 running sums, and the first layer holding it is named. A model larger than the GPU is run layer by layer (`sequential=True`): only one decoder layer
@@ -460,12 +461,16 @@ class _Store:
         run: list[tuple[int, Tensor]] = []
 
         def norms() -> None:
-            if run:
+            if len(run) == 1:  # one layer (sequential mode): no stacked copy
+                row, weight = run[0]
+                out = self.stats[_COL, row]
+                torch.linalg.vector_norm(weight, dim=0, dtype=torch.float32, out=out)
+            elif run:
                 first = run[0][0]
                 weights = torch.stack([w for _, w in run])
                 out = self.stats[_COL, first : first + len(run)]
                 torch.linalg.vector_norm(weights, dim=1, dtype=torch.float32, out=out)
-                run.clear()
+            run.clear()
 
         for row in rows:
             block = self.blocks[row]
@@ -946,8 +951,14 @@ def profile_model(
     accumulators, stores = _make_accumulators(blocks, topk_fraction, state, sequential)
     layer_of_block = _decoder_layer_index(layers, blocks) if sequential else []
     half_point = n_blocks // 2
-    batches = split_batches(input_ids, batch_size)  # those of a plain forward
-    starts = [index * batch_size for index in range(len(batches))]
+    if sequential:  # each half in batches of its own (measured faster there: RESULTS.md)
+        batches = split_batches(input_ids[:half_point], batch_size)
+        batches += split_batches(input_ids[half_point:], batch_size)
+    else:  # those of a plain forward: one batch may straddle the halves
+        batches = split_batches(input_ids, batch_size)
+    starts = [0]
+    for batch in batches[:-1]:
+        starts.append(starts[-1] + batch.shape[0])
     total_tokens = n_blocks * seq_len
     report = _progress_callback(progress, total_tokens)
     done = 0.0

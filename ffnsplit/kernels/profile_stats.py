@@ -20,11 +20,11 @@ exactly k per token). Three kernels, all deterministic (no float atomics):
    thr; then a prefix count over the tied values (only in such rows) puts it one past the column
    of the last tied value kept.
 2. `_col_stats_kernel`, memory-bound: programs of 4 warps own 256 neurons x a fixed range of
-   tokens, in tiles of 32 tokens (the next tile and its rows' cuts loaded while one is reduced);
-   token r of a tile goes to warp r % 4 and a thread holds 8 neurons, so sum |a|, sum a^2,
-   max |a| and the top-k count (from the row cuts: bits >= thr + (i >= first), two instructions
-   an element) accumulate in registers, and the warps are reduced once at the end into one row
-   of partials per program.
+   tokens, in tiles of 32 tokens (16 above I = 2048; the next tile and its rows' cuts loaded while
+   one is reduced); token r of a tile goes to warp r % 4 and a thread holds 8 neurons, so
+   sum |a|, sum a^2, max |a| and the top-k count (from the row cuts: bits >= thr + (i >= first),
+   two instructions an element) accumulate in registers, and the warps are reduced once at the
+   end into one row of partials per program.
 3. `_finish_kernel` adds the partials of every program, in program order, into the running
    accumulators (`accumulate_stats`, one call = three launches). The profiler instead keeps
    `StatsPartials`: a slot of per-program partials for each FFN of one size and calibration half,
@@ -50,9 +50,12 @@ _ELEMENTS_PER_THREAD = 64
 # The gallop's first step below the row max, in float32 bit-pattern units (2 binades = 4x).
 _GALLOP = 2 << 23
 # Column-statistics tiles: BLOCK_T tokens x BLOCK_C neurons per step; a warp covers the 256
-# neurons (8 per thread) of every WARPS-th token of the tile. 32 tokens: 59.4 us a call of
-# 32,768 x 1536 bf16 tokens on an H100 vs 64.5 us with 16 (fewer, longer programs in flight).
+# neurons (8 per thread) of every WARPS-th token of the tile. Tiles of 32 tokens up to I = 2048
+# (59.4 vs 64.5 us with 16 for a call of 32,768 x 1536 bf16 tokens on an H100); larger FFNs keep
+# 16, the configuration their sequential-mode measurements used.
 _COL_BLOCK_T = 32
+_COL_BLOCK_T_LARGE = 16
+_COL_LARGE_SIZE = 2048
 _COL_BLOCK_C = 256
 _COL_WARPS = 4
 
@@ -392,7 +395,7 @@ def _plan(a: torch.Tensor, col_norm: torch.Tensor, k: int) -> tuple:
     cuts = torch.empty(2, tokens, dtype=torch.int32, device=a.device)
     row_args = (a, col_norm, cuts, tokens, size, a.stride(0), k, 2)  # n_prog: not specialized
     row_const = {"B0": b0, "B1": b1, "B2": b2, "GALLOP": _GALLOP}
-    block_t = _COL_BLOCK_T
+    block_t = _COL_BLOCK_T if size <= _COL_LARGE_SIZE else _COL_BLOCK_T_LARGE
     col_args = (a, col_norm, cuts, col_norm, cuts, tokens, size, a.stride(0), block_t)
     col_const = {"BLOCK_T": block_t, "BLOCK_C": _COL_BLOCK_C, "WARPS": _COL_WARPS}
     if a.device.type == "cuda":
