@@ -25,6 +25,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ffnsplit.eval.bench import _ffn, random_split_weights, shape_split  # noqa: E402
+from ffnsplit.kernels import dequant_gemm  # noqa: E402
 from ffnsplit.kernels import split_ffn as sffn  # noqa: E402
 from ffnsplit.plan import parse_light_format  # noqa: E402
 
@@ -49,8 +50,15 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--intermediate", type=int, default=14336)
     parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
+    parser.add_argument("--l2-share", type=float, help="dequant_gemm.L2_SHARE for this run")
+    parser.add_argument("--chunk-mib", type=int, help="dequant_gemm.CHUNK_BYTES in MiB")
+    parser.add_argument("--paths", default="dense,prefill,dequant")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    if args.l2_share:
+        dequant_gemm.L2_SHARE = args.l2_share
+    if args.chunk_mib:
+        dequant_gemm.CHUNK_BYTES = args.chunk_mib << 20
     device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
     torch.manual_seed(0)
     heavy, light = shape_split(args.intermediate, 0.05)
@@ -68,13 +76,16 @@ def main() -> None:
             "prefill": lambda x=x: sffn.split_ffn(x, w, path="prefill"),
             "dequant": lambda x=x: sffn.split_ffn(x, w, path="dequant"),
         }
-        for name, fn in fns.items():
-            row[name] = round(_graph_us(fn), 1)
-        tiled = sffn.split_ffn(x, w, path="prefill").float()
-        diff = (tiled - sffn.split_ffn(x, w, path="dequant").float()).norm()
-        row["rel_diff_paths"] = float(diff / tiled.norm())
+        paths = args.paths.split(",")
+        for name in paths:
+            row[name] = round(_graph_us(fns[name]), 1)
+        if "prefill" in paths and "dequant" in paths:
+            tiled = sffn.split_ffn(x, w, path="prefill").float()
+            diff = (tiled - sffn.split_ffn(x, w, path="dequant").float()).norm()
+            row["rel_diff_paths"] = float(diff / tiled.norm())
         for name in ("prefill", "dequant"):
-            row[f"{name}_vs_dense"] = round(row["dense"] / row[name], 3)
+            if name in paths and "dense" in paths:
+                row[f"{name}_vs_dense"] = round(row["dense"] / row[name], 3)
         rows.append(row)
         print(json.dumps(row), flush=True)
     result = {
@@ -86,6 +97,8 @@ def main() -> None:
         "python": platform.python_version(),
         "shape": [args.hidden, args.intermediate, heavy, light],
         "dtype": args.dtype,
+        "l2_share": dequant_gemm.L2_SHARE,
+        "chunk_bytes": dequant_gemm.CHUNK_BYTES,
         "rows": rows,
     }
     if args.out:

@@ -308,10 +308,13 @@ def test_dequant_path_chunks(poison, monkeypatch, dtype) -> None:
     w = random_split_weights(160, 24, 288, "gelu", True, True, dtype, bits=4, group=64)
     x = torch.randn(9, 160, device=DEVICE).to(dtype)
     assert rel_err(sffn.split_ffn(x, w, path="dequant"), ref_split_ffn(x, w)) < TOL[dtype]
-    qw = random_qweight(300, 96, 3, 32, False)
-    out = torch.full((96, 100), float("nan"), device=DEVICE)
-    dequant_gemm.dequantize_chunk(qw, 150, 250, out)
-    torch.testing.assert_close(out, qw.dequantize(torch.float32)[150:250].T, rtol=0, atol=0)
+    for bits, group, symmetric in ((3, 32, False), (4, 64, True), (4, PER_CHANNEL, False)):
+        qw = random_qweight(300, 96, bits, group, symmetric)
+        qw2 = random_qweight(300, 96, bits, group, symmetric)
+        out = torch.full((200, 96), float("nan"), device=DEVICE)
+        dequant_gemm.dequantize_chunk(qw, 150, 250, out, second=qw2)
+        ref = torch.cat((qw.dequantize()[150:250], qw2.dequantize()[150:250]))
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=0)
 
 
 def _tier_cases() -> list[tuple[str, int]]:

@@ -3,57 +3,108 @@
 At prefill sizes a GEMM is bound by tensor-core throughput, and a dequantize-in-the-loop Triton
 GEMM spends part of it on unpacking (measured on an H100: ~0.6x dense at M = 2048, RESULTS.md).
 Here a Triton kernel writes one chunk of output features of the light weight as a dense
-[K, chunk] tile in the activation dtype (up to 32 MiB and half the L2, so the GEMM that reads it
-next finds it there), and torch.mm (cuBLAS) multiplies. Only one chunk is ever materialized: the scratch is
-reused chunk after chunk and freed after the call (the same approach as ExLlama's "reconstruct"
-path and vLLM's AWQ path for large batches).
+[chunk, K] tile in the activation dtype (the layout of an nn.Linear weight; at most CHUNK_BYTES
+and L2_SHARE of the L2, so the GEMM that reads it finds it there), and torch.mm (cuBLAS)
+multiplies. The next chunk is dequantized on a side stream into a second buffer while the
+current one is multiplied (memory-bound work beside compute-bound work). At most two chunks
+exist at a time, freed after the call (the approach of ExLlama's "reconstruct" path and vLLM's
+AWQ path for large batches).
 
-- split_activations: per chunk of light neurons, one GEMM for up and gate together (both
-  dequantized into one [K, 2 * chunk] scratch), then one kernel for biases, activation and
-  gating that writes the chunk's columns of `a`; heavy neurons: two GEMMs on the dense rows.
+- split_activations: per chunk of light neurons, up and gate dequantized by one launch into one
+  [2 * chunk, K] scratch, one GEMM for both, then one kernel for biases, activation and gating
+  that writes the chunk's columns of `a`; heavy neurons: two GEMMs on the dense rows.
 - split_linear: out = bias + x_heavy @ W_heavy^T (one addmm), then per chunk of output features
   out[:, chunk] += x_light @ dequant(W_light[chunk])^T (addmm into the column slice, no copy).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
 
 from ffnsplit.kernels.format import QuantizedWeight, SplitFFNWeights
-from ffnsplit.kernels.tiles import activation, codes_to_float, expand, load_words, unpack_codes
+from ffnsplit.kernels.tiles import (
+    INTERPRET,
+    activation,
+    block_scales,
+    codes_to_float,
+    expand,
+    load_words,
+    unpack4_fast,
+    unpack_codes,
+)
 
-CHUNK_BYTES = 32 << 20  # dequantized scratch per chunk, at most; and at most half the L2
+CHUNK_BYTES = 32 << 20  # dequantized scratch per chunk, at most
+L2_SHARE = 0.25  # and at most this share of the L2 per chunk (two chunks are in flight)
 _ROWS = 8  # word rows per dequant program (64 codes of int4)
 _BLOCK_N = 128
 
 
 @triton.jit
-def _dequant_kernel(p0_ptr, p1_ptr, s_ptr, z_ptr, out_ptr, N, K, n0, n_cols, stride_ok,
-                    BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
-                    ROWS: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """out[k, j] = W[n0 + j, k] for one [ROWS * PACK, BLOCK_N] tile (exact codes, fp32 math)."""
+def _dequant_tile(p0_ptr, p1_ptr, s_ptr, z_ptr, out_ptr, N, K, n0, n_cols, stride_on, pid_k,
+                  pid_n, BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
+                  ROWS: tl.constexpr, BLOCK_N: tl.constexpr, UNIFORM: tl.constexpr,
+                  FAST4: tl.constexpr):  # fmt: skip
+    """out[j, k] = W[n0 + j, k] for the [BLOCK_N, ROWS * PACK] tile (pid_n, pid_k); exact codes.
+
+    UNIFORM (the K-block lies in one group): one scale/zero per column, (q - z) * s in out's dtype
+    (FAST4: int4 unpacked by inline PTX); else fp32 math with scales per word row.
+    """
     PACK: tl.constexpr = 32 // (8 if BITS == 8 else (4 if BITS == 4 else 2))
     OFFSET: tl.constexpr = (1 << (BITS - 1)) if SYMMETRIC else 0
-    k0 = tl.program_id(0) * (ROWS * PACK)
-    offs_j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    DTYPE: tl.constexpr = out_ptr.dtype.element_ty
+    k0 = pid_k * (ROWS * PACK)
+    offs_j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_j = offs_j < n_cols
     offs_n = n0 + offs_j
     w0, w1, mask_r = load_words(p0_ptr, p1_ptr, N, K, k0, offs_n, mask_j, BITS, ROWS)
-    q = codes_to_float(unpack_codes(w0, w1, BITS, False), 0, tl.float32, BITS)
-    r = tl.arange(0, ROWS)
-    g_off = ((k0 + r * PACK) // GROUP)[:, None] * N + offs_n[None, :]
-    g_mask = mask_r[:, None] & mask_j[None, :]
-    s = expand(tl.load(s_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32), PACK, False)
-    if SYMMETRIC:
-        w = (q - OFFSET) * s
+    if UNIFORM:
+        s, z = block_scales(s_ptr, z_ptr, N, K, k0, offs_n, mask_j, GROUP, SYMMETRIC, True)
+        if FAST4:
+            q = unpack4_fast(w0, SYMMETRIC, DTYPE, False)
+        else:
+            q = codes_to_float(unpack_codes(w0, w1, BITS, False), OFFSET, DTYPE, BITS)
+        if SYMMETRIC:
+            w = q * s.to(DTYPE)
+        else:
+            w = (q - z.to(DTYPE)) * s.to(DTYPE)
     else:
-        z = expand(tl.load(z_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32), PACK, False)
-        w = (q - z) * s
+        q = codes_to_float(unpack_codes(w0, w1, BITS, False), 0, tl.float32, BITS)
+        r = tl.arange(0, ROWS)
+        g_off = ((k0 + r * PACK) // GROUP)[:, None] * N + offs_n[None, :]
+        g_mask = mask_r[:, None] & mask_j[None, :]
+        s = expand(tl.load(s_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32), PACK, False)
+        if SYMMETRIC:
+            w = (q - OFFSET) * s
+        else:
+            z = expand(tl.load(z_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32), PACK, False)
+            w = (q - z) * s
     k = k0 + tl.arange(0, ROWS * PACK)
-    ptrs = out_ptr + k[:, None] * stride_ok + offs_j[None, :]
-    tl.store(ptrs, w.to(out_ptr.dtype.element_ty), mask=(k < K)[:, None] & mask_j[None, :])
+    ptrs = out_ptr + offs_j[None, :] * stride_on + k[:, None]
+    tl.store(ptrs, w.to(DTYPE), mask=(k < K)[:, None] & mask_j[None, :])
+
+
+@triton.jit
+def _dequant_kernel(p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u_ptr, out_ptr, N, K,
+                    n0, n_cols, stride_on, BITS: tl.constexpr, GROUP: tl.constexpr,
+                    SYMMETRIC: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                    UNIFORM: tl.constexpr, FAST4: tl.constexpr, DUAL: tl.constexpr):  # fmt: skip
+    """Rows [0, n_cols) of out = W0[n0 : n0 + n_cols, :] dequantized, and with DUAL rows
+    [n_cols, 2 n_cols) = W1[n0 : n0 + n_cols, :] (program_id(1) past the first weight's tiles)."""
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    tiles = tl.cdiv(n_cols, BLOCK_N)
+    if DUAL and pid_n >= tiles:
+        _dequant_tile(q0_ptr, q1_ptr, t_ptr, u_ptr, out_ptr + n_cols * stride_on, N, K, n0,
+                      n_cols, stride_on, pid_k, pid_n - tiles, BITS, GROUP, SYMMETRIC, ROWS,
+                      BLOCK_N, UNIFORM, FAST4)  # fmt: skip
+    else:
+        _dequant_tile(p0_ptr, p1_ptr, s_ptr, z_ptr, out_ptr, N, K, n0, n_cols, stride_on, pid_k,
+                      pid_n, BITS, GROUP, SYMMETRIC, ROWS, BLOCK_N, UNIFORM,
+                      FAST4)  # fmt: skip
 
 
 @triton.jit
@@ -81,33 +132,96 @@ def _gate_kernel(ug_ptr, ub_ptr, gb_ptr, a_ptr, M, C, c0, stride_ug, stride_am,
     tl.store(ptrs, out.to(a_ptr.dtype.element_ty), mask=mask)
 
 
-def dequantize_chunk(qw: QuantizedWeight, n0: int, n1: int, out: torch.Tensor) -> torch.Tensor:
-    """Write W[n0:n1, :]^T (the [K, n1 - n0] dequantized chunk) into `out` (row stride free)."""
+def _weight_args(qw: QuantizedWeight) -> list:
+    p0 = qw.planes[0]
+    p1 = qw.planes[1] if len(qw.planes) > 1 else p0
+    return [p0, p1, qw.scales, qw.scales if qw.zeros is None else qw.zeros]
+
+
+def dequantize_chunk(
+    qw: QuantizedWeight,
+    n0: int,
+    n1: int,
+    out: torch.Tensor,
+    second: QuantizedWeight | None = None,
+) -> torch.Tensor:
+    """Write W[n0:n1, :] (dequantized, [n1 - n0, K]) into out's first rows, and with `second`
+    (same format) second[n0:n1, :] into the next n1 - n0 rows; one launch, unit column stride."""
     n, k = qw.shape
     cols = n1 - n0
-    if out.shape != (k, cols) or out.stride(1) != 1:
-        raise ValueError(f"out must be [{k}, {cols}] with unit column stride")
-    pack = 32 // {8: 8, 4: 4, 3: 2, 2: 2}[qw.bits]
-    p0 = qw.planes[0]
-    grid = (triton.cdiv(k, _ROWS * pack), triton.cdiv(cols, _BLOCK_N))
+    rows = cols * (2 if second is not None else 1)
+    if out.shape != (rows, k) or out.stride(1) != 1:
+        raise ValueError(f"out must be [{rows}, {k}] with unit column stride")
+    bits = qw.bits
+    pack = 32 // {8: 8, 4: 4, 3: 2, 2: 2}[bits]
+    block_k = _ROWS * pack
+    uniform = qw.group_size >= k or qw.group_size % block_k == 0
+    fast4 = (uniform and bits == 4 and out.is_cuda and not INTERPRET and torch.version.hip is None
+             and out.dtype in (torch.float16, torch.bfloat16))  # fmt: skip
+    tiles = triton.cdiv(cols, _BLOCK_N)
+    grid = (triton.cdiv(k, block_k), tiles * (2 if second is not None else 1))
     _dequant_kernel[grid](
-        p0, qw.planes[1] if len(qw.planes) > 1 else p0, qw.scales,
-        qw.scales if qw.zeros is None else qw.zeros, out, n, k, n0, cols, out.stride(0),
-        BITS=qw.bits, GROUP=qw.group_size, SYMMETRIC=qw.zeros is None, ROWS=_ROWS,
-        BLOCK_N=_BLOCK_N, num_warps=4,
+        *_weight_args(qw), *_weight_args(second if second is not None else qw), out, n, k, n0,
+        cols, out.stride(0), BITS=bits, GROUP=qw.group_size, SYMMETRIC=qw.zeros is None,
+        ROWS=_ROWS, BLOCK_N=_BLOCK_N, UNIFORM=uniform, FAST4=fast4, DUAL=second is not None,
+        num_warps=4,
     )  # fmt: skip
     return out
 
 
 def _chunk(k: int, weights: int, dtype: torch.dtype, device: torch.device) -> int:
-    """Output features per chunk: `weights` dequantized [K, chunk] tiles within CHUNK_BYTES and
-    half the device's L2 (so the GEMM reads the chunk from L2)."""
+    """Output features per chunk: `weights` dequantized [chunk, K] tiles within CHUNK_BYTES and
+    L2_SHARE of the device's L2 (two chunks are in flight: one multiplied, the next written)."""
     budget = CHUNK_BYTES
     if device.type == "cuda":
-        budget = min(budget, getattr(torch.cuda.get_device_properties(device), "L2_cache_size",
-                                     2 * budget) // 2)  # fmt: skip
+        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 64 << 20
+        budget = min(budget, int(l2 * L2_SHARE))
     per_feature = k * weights * torch.finfo(dtype).bits // 8
     return max(128, budget // per_feature // 128 * 128)
+
+
+_side_streams: dict[int, torch.cuda.Stream] = {}
+
+
+def _pipeline(
+    device: torch.device,
+    count: int,
+    make_buffer: Callable[[], torch.Tensor],
+    produce: Callable[[int, torch.Tensor], None],
+    consume: Callable[[int, torch.Tensor], None],
+) -> None:
+    """produce(i, buffer) then consume(i, buffer) for i < count. On CUDA, piece i + 1 is produced
+    on a side stream into the other of two buffers while piece i is consumed (the memory-bound
+    dequantization overlaps the compute-bound GEMM); the side stream forks from and joins the
+    current one, so CUDA-graph capture works. Elsewhere one buffer, in order."""
+    if device.type != "cuda" or count == 1:
+        buffer = make_buffer()
+        for i in range(count):
+            produce(i, buffer)
+            consume(i, buffer)
+        return
+    main = torch.cuda.current_stream(device)
+    side = _side_streams.get(device.index)
+    if side is None:
+        side = _side_streams[device.index] = torch.cuda.Stream(device)
+    buffers = (make_buffer(), make_buffer())
+    ready = [torch.cuda.Event() for _ in range(count)]
+    done = [torch.cuda.Event() for _ in range(count)]
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        produce(0, buffers[0])
+        ready[0].record(side)
+    for i in range(count):
+        if i + 1 < count:
+            with torch.cuda.stream(side):
+                if i >= 1:  # the buffer of piece i + 1 held piece i - 1
+                    side.wait_event(done[i - 1])
+                produce(i + 1, buffers[(i + 1) % 2])
+                ready[i + 1].record(side)
+        main.wait_event(ready[i])
+        consume(i, buffers[i % 2])
+        done[i].record(main)
+    main.wait_stream(side)  # join: buffers are freed after this point on the main stream
 
 
 def _gate(ug: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor, c0: int, cols: int) -> None:
@@ -135,13 +249,21 @@ def split_activations(x: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor) -> t
     if n_light:
         weights = 2 if w.gated else 1
         chunk = min(_chunk(k, weights, x.dtype, x.device), n_light)
-        scratch = torch.empty((k, weights * chunk), dtype=x.dtype, device=x.device)
-        for n0 in range(0, n_light, chunk):
+        starts = range(0, n_light, chunk)
+
+        def produce(i: int, buffer: torch.Tensor) -> None:
+            n0 = starts[i]
             cols = min(chunk, n_light - n0)
-            dequantize_chunk(w.light_up, n0, n0 + cols, scratch[:, :cols])
-            if w.gated:
-                dequantize_chunk(w.light_gate, n0, n0 + cols, scratch[:, cols : 2 * cols])
-            _gate(x @ scratch[:, : weights * cols], w, a, h + n0, cols)
+            dequantize_chunk(w.light_up, n0, n0 + cols, buffer[: weights * cols],
+                             w.light_gate if w.gated else None)  # fmt: skip
+
+        def consume(i: int, buffer: torch.Tensor) -> None:
+            cols = min(chunk, n_light - starts[i])
+            _gate(x @ buffer[: weights * cols].T, w, a, h + starts[i], cols)
+
+        _pipeline(x.device, len(starts),
+                  lambda: torch.empty((weights * chunk, k), dtype=x.dtype, device=x.device),
+                  produce, consume)  # fmt: skip
     return a
 
 
@@ -167,14 +289,23 @@ def split_linear(
     n, kl = light.shape
     x_light = x[:, kh:]
     chunk = min(_chunk(kl, 1, x.dtype, x.device), n)
-    scratch = torch.empty((kl, chunk), dtype=x.dtype, device=x.device)
+    starts = range(0, n, chunk)
     first = heavy is None and bias is None
-    for n0 in range(0, n, chunk):
+
+    def produce(i: int, buffer: torch.Tensor) -> None:
+        cols = min(chunk, n - starts[i])
+        dequantize_chunk(light, starts[i], starts[i] + cols, buffer[:cols])
+
+    def consume(i: int, buffer: torch.Tensor) -> None:
+        n0 = starts[i]
         cols = min(chunk, n - n0)
-        tile = dequantize_chunk(light, n0, n0 + cols, scratch[:, :cols])
         target = out[:, n0 : n0 + cols]
         if first:
-            torch.mm(x_light, tile, out=target)
+            torch.mm(x_light, buffer[:cols].T, out=target)
         else:
-            target.addmm_(x_light, tile)
+            target.addmm_(x_light, buffer[:cols].T)
+
+    _pipeline(x.device, len(starts),
+              lambda: torch.empty((chunk, kl), dtype=x.dtype, device=x.device), produce,
+              consume)  # fmt: skip
     return out
