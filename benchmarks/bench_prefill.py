@@ -50,13 +50,10 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--intermediate", type=int, default=14336)
     parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
-    parser.add_argument("--l2-share", type=float, help="dequant_gemm.L2_SHARE for this run")
     parser.add_argument("--chunk-mib", type=int, help="dequant_gemm.CHUNK_BYTES in MiB")
     parser.add_argument("--paths", default="dense,prefill,dequant")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    if args.l2_share:
-        dequant_gemm.L2_SHARE = args.l2_share
     if args.chunk_mib:
         dequant_gemm.CHUNK_BYTES = args.chunk_mib << 20
     device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
@@ -97,7 +94,6 @@ def main() -> None:
         "python": platform.python_version(),
         "shape": [args.hidden, args.intermediate, heavy, light],
         "dtype": args.dtype,
-        "l2_share": dequant_gemm.L2_SHARE,
         "chunk_bytes": dequant_gemm.CHUNK_BYTES,
         "rows": rows,
     }

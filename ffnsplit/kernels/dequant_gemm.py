@@ -1,14 +1,14 @@
-"""Large-M path: dequantize an L2-sized chunk of the packed weight, then a cuBLAS GEMM on it.
+"""Large-M path: dequantize a chunk of the packed weight, then a cuBLAS GEMM on it.
 
 At prefill sizes a GEMM is bound by tensor-core throughput, and a dequantize-in-the-loop Triton
 GEMM spends part of it on unpacking (measured on an H100: ~0.6x dense at M = 2048, RESULTS.md).
 Here a Triton kernel writes one chunk of output features of the light weight as a dense
-[chunk, K] tile in the activation dtype (the layout of an nn.Linear weight; at most CHUNK_BYTES
-and L2_SHARE of the L2, so the GEMM that reads it finds it there), and torch.mm (cuBLAS)
-multiplies. The next chunk is dequantized on a side stream into a second buffer while the
-current one is multiplied (memory-bound work beside compute-bound work). At most two chunks
-exist at a time, freed after the call (the approach of ExLlama's "reconstruct" path and vLLM's
-AWQ path for large batches).
+[chunk, K] tile in the activation dtype (the layout of an nn.Linear weight, 16-byte stores; at
+most CHUNK_BYTES), and torch.mm (cuBLAS) multiplies. One scratch buffer, reused chunk after
+chunk and freed after the call: the packed weights stay the only stored copy (the approach of
+ExLlama's "reconstruct" path and vLLM's AWQ path for large batches). Dequantizing the next chunk
+on a side stream while the current one is multiplied was measured: no overlap (the kernels' summed time equalled the wall time; the GEMM holds
+every SM), so it was dropped for half the scratch memory.
 
 - split_activations: per chunk of light neurons, up and gate dequantized by one launch into one
   [2 * chunk, K] scratch, one GEMM for both, then one kernel for biases, activation and gating
@@ -37,8 +37,9 @@ from ffnsplit.kernels.tiles import (
     unpack_codes,
 )
 
-CHUNK_BYTES = 32 << 20  # dequantized scratch per chunk, at most
-L2_SHARE = 0.25  # and at most this share of the L2 per chunk (two chunks are in flight)
+# dequantized scratch per chunk, at most (measured on an H100 at M = 2048: 32 MiB 0.83x dense,
+# 64 MiB 0.87x, 128 MiB 0.90x: fewer, larger GEMMs; benchmarks/RESULTS.md)
+CHUNK_BYTES = 128 << 20
 _ROWS = 8  # word rows per dequant program (64 codes of int4)
 _BLOCK_N = 128
 
@@ -169,59 +170,26 @@ def dequantize_chunk(
     return out
 
 
-def _chunk(k: int, weights: int, dtype: torch.dtype, device: torch.device) -> int:
-    """Output features per chunk: `weights` dequantized [chunk, K] tiles within CHUNK_BYTES and
-    L2_SHARE of the device's L2 (two chunks are in flight: one multiplied, the next written)."""
-    budget = CHUNK_BYTES
-    if device.type == "cuda":
-        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 64 << 20
-        budget = min(budget, int(l2 * L2_SHARE))
+def _chunk(k: int, weights: int, dtype: torch.dtype) -> int:
+    """Output features per chunk: `weights` dequantized [chunk, K] tiles within CHUNK_BYTES."""
     per_feature = k * weights * torch.finfo(dtype).bits // 8
-    return max(128, budget // per_feature // 128 * 128)
+    return max(128, CHUNK_BYTES // per_feature // 128 * 128)
 
 
-_side_streams: dict[int, torch.cuda.Stream] = {}
-
-
-def _pipeline(
-    device: torch.device,
-    count: int,
+def _chunks(
+    total: int,
+    chunk: int,
     make_buffer: Callable[[], torch.Tensor],
-    produce: Callable[[int, torch.Tensor], None],
-    consume: Callable[[int, torch.Tensor], None],
+    produce: Callable[[int, int, torch.Tensor], None],
+    consume: Callable[[int, int, torch.Tensor], None],
 ) -> None:
-    """produce(i, buffer) then consume(i, buffer) for i < count. On CUDA, piece i + 1 is produced
-    on a side stream into the other of two buffers while piece i is consumed (the memory-bound
-    dequantization overlaps the compute-bound GEMM); the side stream forks from and joins the
-    current one, so CUDA-graph capture works. Elsewhere one buffer, in order."""
-    if device.type != "cuda" or count == 1:
-        buffer = make_buffer()
-        for i in range(count):
-            produce(i, buffer)
-            consume(i, buffer)
-        return
-    main = torch.cuda.current_stream(device)
-    side = _side_streams.get(device.index)
-    if side is None:
-        side = _side_streams[device.index] = torch.cuda.Stream(device)
-    buffers = (make_buffer(), make_buffer())
-    ready = [torch.cuda.Event() for _ in range(count)]
-    done = [torch.cuda.Event() for _ in range(count)]
-    side.wait_stream(main)
-    with torch.cuda.stream(side):
-        produce(0, buffers[0])
-        ready[0].record(side)
-    for i in range(count):
-        if i + 1 < count:
-            with torch.cuda.stream(side):
-                if i >= 1:  # the buffer of piece i + 1 held piece i - 1
-                    side.wait_event(done[i - 1])
-                produce(i + 1, buffers[(i + 1) % 2])
-                ready[i + 1].record(side)
-        main.wait_event(ready[i])
-        consume(i, buffers[i % 2])
-        done[i].record(main)
-    main.wait_stream(side)  # join: buffers are freed after this point on the main stream
+    """produce(n0, cols, buffer) then consume(n0, cols, buffer) for each chunk of `total`
+    features, in order, in one buffer (freed when the call returns)."""
+    buffer = make_buffer()
+    for n0 in range(0, total, chunk):
+        cols = min(chunk, total - n0)
+        produce(n0, cols, buffer)
+        consume(n0, cols, buffer)
 
 
 def _gate(ug: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor, c0: int, cols: int) -> None:
@@ -248,22 +216,18 @@ def split_activations(x: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor) -> t
         _gate(ug, w, a, 0, h)
     if n_light:
         weights = 2 if w.gated else 1
-        chunk = min(_chunk(k, weights, x.dtype, x.device), n_light)
-        starts = range(0, n_light, chunk)
+        chunk = min(_chunk(k, weights, x.dtype), n_light)
 
-        def produce(i: int, buffer: torch.Tensor) -> None:
-            n0 = starts[i]
-            cols = min(chunk, n_light - n0)
+        def produce(n0: int, cols: int, buffer: torch.Tensor) -> None:
             dequantize_chunk(w.light_up, n0, n0 + cols, buffer[: weights * cols],
                              w.light_gate if w.gated else None)  # fmt: skip
 
-        def consume(i: int, buffer: torch.Tensor) -> None:
-            cols = min(chunk, n_light - starts[i])
-            _gate(x @ buffer[: weights * cols].T, w, a, h + starts[i], cols)
+        def consume(n0: int, cols: int, buffer: torch.Tensor) -> None:
+            _gate(x @ buffer[: weights * cols].T, w, a, h + n0, cols)
 
-        _pipeline(x.device, len(starts),
-                  lambda: torch.empty((weights * chunk, k), dtype=x.dtype, device=x.device),
-                  produce, consume)  # fmt: skip
+        _chunks(n_light, chunk,
+                lambda: torch.empty((weights * chunk, k), dtype=x.dtype, device=x.device),
+                produce, consume)  # fmt: skip
     return a
 
 
@@ -288,24 +252,19 @@ def split_linear(
         return out
     n, kl = light.shape
     x_light = x[:, kh:]
-    chunk = min(_chunk(kl, 1, x.dtype, x.device), n)
-    starts = range(0, n, chunk)
+    chunk = min(_chunk(kl, 1, x.dtype), n)
     first = heavy is None and bias is None
 
-    def produce(i: int, buffer: torch.Tensor) -> None:
-        cols = min(chunk, n - starts[i])
-        dequantize_chunk(light, starts[i], starts[i] + cols, buffer[:cols])
+    def produce(n0: int, cols: int, buffer: torch.Tensor) -> None:
+        dequantize_chunk(light, n0, n0 + cols, buffer[:cols])
 
-    def consume(i: int, buffer: torch.Tensor) -> None:
-        n0 = starts[i]
-        cols = min(chunk, n - n0)
+    def consume(n0: int, cols: int, buffer: torch.Tensor) -> None:
         target = out[:, n0 : n0 + cols]
         if first:
             torch.mm(x_light, buffer[:cols].T, out=target)
         else:
             target.addmm_(x_light, buffer[:cols].T)
 
-    _pipeline(x.device, len(starts),
-              lambda: torch.empty((chunk, kl), dtype=x.dtype, device=x.device), produce,
-              consume)  # fmt: skip
+    _chunks(n, chunk, lambda: torch.empty((chunk, kl), dtype=x.dtype, device=x.device), produce,
+            consume)  # fmt: skip
     return out
