@@ -7,8 +7,9 @@ Here a Triton kernel writes one chunk of output features of the light weight as 
 most CHUNK_BYTES), and torch.mm (cuBLAS) multiplies. One scratch buffer, reused chunk after
 chunk and freed after the call: the packed weights stay the only stored copy (the approach of
 ExLlama's "reconstruct" path and vLLM's AWQ path for large batches). Dequantizing the next chunk
-on a side stream while the current one is multiplied was measured: no overlap (the kernels' summed time equalled the wall time; the GEMM holds
-every SM), so it was dropped for half the scratch memory.
+on a side stream while the current one is multiplied was measured: no overlap (the kernels'
+summed time equalled the wall time; the GEMM holds every SM), so it was dropped for half the
+scratch memory.
 
 - split_activations: per chunk of light neurons, up and gate dequantized by one launch into one
   [2 * chunk, K] scratch, one GEMM for both, then one kernel for biases, activation and gating
