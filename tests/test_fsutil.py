@@ -17,9 +17,12 @@ from ffnsplit.fsutil import atomic_dir, atomic_path, atomic_write_text
 
 WRITER = textwrap.dedent(
     """
-    import sys, time
+    import signal, sys, time
     from pathlib import Path
     from ffnsplit.fsutil import atomic_dir, atomic_path
+    # a shell without job control starts background jobs with SIGINT ignored, and Python keeps
+    # an inherited "ignore": restore Ctrl-C's KeyboardInterrupt so the test sees what a user does
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     target, mode = Path(sys.argv[1]), sys.argv[2]
     if mode == "file":
         with atomic_path(target) as tmp:
