@@ -33,7 +33,7 @@ DECODE_MAX_M = 16  # up to this many rows the weights are streamed once (decode 
 GEMV_MAX_M = 4
 # from this many rows "auto" dequantizes L2-sized chunks and multiplies with cuBLAS
 # (dequant_gemm.py) instead of the dequantize-in-the-loop prefill tier (benchmarks/RESULTS.md)
-DEQUANT_MIN_M = 1024
+DEQUANT_MIN_M = 512
 ACTIVATION_NAMES = ("silu", "gelu", "gelu_tanh", "relu")
 _WIDTH = {8: 8, 4: 4, 3: 2, 2: 2}  # width of the first (or only) bit plane
 
@@ -548,6 +548,29 @@ def tier_configs(
 
 
 TUNE_ROUNDS = 2
+GRAPH_CALLS = 8  # calls per CUDA graph when timing a config
+
+
+def _time_ms(fn: Callable[[], object]) -> float:
+    """Median milliseconds of one call of `fn` on the GPU, from replays of a CUDA graph holding
+    GRAPH_CALLS calls: a Python launch can cost more than a decode kernel runs, and timing
+    launches one by one measured the host (tuner picks 30-50% off the best). After a first call
+    (compile, warm-up) outside the capture; without CUDA graphs, plain launches."""
+    fn()
+    if not torch.cuda.is_available():
+        return triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(GRAPH_CALLS):
+            fn()
+    return triton.testing.do_bench(graph.replay, warmup=5, rep=25, return_mode="median") / (
+        GRAPH_CALLS
+    )
 
 
 class Tuner:
@@ -572,8 +595,7 @@ class Tuner:
                     "ffnsplit kernels tune on their first call: run once before capturing a graph"
                 )
             # two interleaved rounds, the faster median of each config kept: the first configs
-            # timed on an idle GPU run while its clocks ramp up (measured on an H100: 2-3x slower
-            # first timings made the tuner pick a config 30% slower than the best)
+            # timed on an idle GPU run while its clocks ramp up
             timings: dict[TileConfig, float] = {}
             failed = set()
             for _ in range(TUNE_ROUNDS):
@@ -581,9 +603,7 @@ class Tuner:
                     if cfg in failed:
                         continue
                     try:
-                        t = triton.testing.do_bench(
-                            lambda cfg=cfg: run(cfg), warmup=5, rep=20, return_mode="median"
-                        )
+                        t = _time_ms(lambda cfg=cfg: run(cfg))
                     except triton.runtime.errors.OutOfResources:
                         failed.add(cfg)
                         continue
