@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import os
 import platform
@@ -165,9 +166,8 @@ def bench_normal(name: str, shape: dict, args: argparse.Namespace) -> list[dict]
         ),
         "profile": profile,
     }
-    baseline = baseline_profiler(args)
-    if baseline is not None:
-        runs["profile (baseline copy)"] = lambda: profile(baseline)
+    for label, baseline in baseline_profilers(args).items():
+        runs[f"profile ({label})"] = lambda baseline=baseline: profile(baseline)
     for run in runs.values():  # warm-up: kernels, cuBLAS handles, allocator
         run()
     rows = []
@@ -200,14 +200,21 @@ def bench_normal(name: str, shape: dict, args: argparse.Namespace) -> list[dict]
     return rows
 
 
-def baseline_profiler(args: argparse.Namespace) -> Callable[..., object] | None:
-    """profile_model of the copy of the package given by --baseline (None without it)."""
-    if not args.baseline:
-        return None
-    sys.path.insert(0, str(Path(args.baseline).resolve()))
-    from ffnsplit_baseline.profile import profile_model as baseline  # noqa: PLC0415
-
-    return baseline
+def baseline_profilers(args: argparse.Namespace) -> dict[str, Callable[..., object]]:
+    """profile_model of each copy of the package given by --baseline, by label: "baseline copy"
+    for a package `ffnsplit_baseline`, "copy NAME" for `ffnsplit_NAME`."""
+    profilers = {}
+    for folder in args.baseline or []:
+        root = Path(folder).resolve()
+        packages = sorted(p.name for p in root.glob("ffnsplit_*") if (p / "profile.py").is_file())
+        if len(packages) != 1:
+            raise SystemExit(f"--baseline {folder}: want one package ffnsplit_*, found {packages}")
+        sys.path.insert(0, str(root))
+        module = importlib.import_module(f"{packages[0]}.profile")
+        suffix = packages[0].removeprefix("ffnsplit_")
+        label = "baseline copy" if suffix == "baseline" else f"copy {suffix}"
+        profilers[label] = module.profile_model
+    return profilers
 
 
 def bench_sequential(name: str, shape: dict, args: argparse.Namespace) -> list[dict]:
@@ -235,9 +242,8 @@ def bench_sequential(name: str, shape: dict, args: argparse.Namespace) -> list[d
 
     runs = [("plain sequential forward", plain), ("profile (sequential)", profile)]
     profilers = [profile_model]
-    baseline = baseline_profiler(args)
-    if baseline is not None:
-        runs.append(("profile (sequential, baseline copy)", lambda: profile(baseline)))
+    for label, baseline in baseline_profilers(args).items():
+        runs.append((f"profile (sequential, {label})", lambda baseline=baseline: profile(baseline)))
         profilers.append(baseline)
     warm = ids[:2, : min(128, args.seq_len)]
     run_calibration(model, split_batches(warm, 2), device=args.device, sequential=True)
@@ -395,8 +401,10 @@ def main() -> None:
     parser.add_argument("--skip-large", action="store_true", help="no 8B-shape sequential run")
     parser.add_argument(
         "--baseline",
+        action="append",
         help="also time the profiler of another copy of the package: a folder holding it as "
-        "`ffnsplit_baseline` (its imports renamed), e.g. the previous commit's",
+        "`ffnsplit_baseline` or `ffnsplit_NAME` (its imports renamed), e.g. the previous "
+        "commit's; may be given several times",
     )
     parser.add_argument(
         "--trace",

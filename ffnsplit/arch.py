@@ -10,13 +10,16 @@ half-processed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _module_globals
 from transformers.pytorch_utils import Conv1D
 
 from ffnsplit.errors import UnsupportedModelError
@@ -246,17 +249,89 @@ def _identify_activation(act: nn.Module | Callable[[Tensor], Tensor], where: str
 
     Probing covers every Hugging Face spelling (silu/swish, gelu_new/gelu_pytorch_tanh/gelu_fast,
     ...) in every transformers version; anything not equal to a canonical activation to fp32
-    rounding (quick_gelu, gelu_10, relu2, ...) is unsupported.
+    rounding (quick_gelu, gelu_10, relu2, ...) is unsupported. The answer is remembered for
+    activations that `_activation_key` can describe (every layer of a model has its own module,
+    and probing takes about 0.1 ms a layer).
     """
     label = type(act).__name__
     if isinstance(act, nn.Module) and any(True for _ in act.parameters()):
         raise _unsupported(f"{where}: activation {label} has learned parameters")
+    key = _activation_key(act)
+    if key is not None and key in _ACTIVATION_NAMES:
+        name = _ACTIVATION_NAMES[key]
+    else:
+        name = _probe_activation(act)
+        if key is not None:
+            if len(_ACTIVATION_NAMES) >= _ACTIVATION_CACHE_SIZE:
+                _ACTIVATION_NAMES.clear()
+            _ACTIVATION_NAMES[key] = name
+    if name is None:
+        raise _unsupported(f"{where}: activation {label} is not one of {', '.join(ACTIVATIONS)}")
+    return name
+
+
+def _probe_activation(act: nn.Module | Callable[[Tensor], Tensor]) -> str | None:
     with torch.no_grad():
         out = act(_PROBE.clone())
         for name in ACTIVATIONS:
             if torch.allclose(out, apply_activation(name, _PROBE), rtol=1e-5, atol=1e-6):
                 return name
-    raise _unsupported(f"{where}: activation {label} is not one of {', '.join(ACTIVATIONS)}")
+    return None
+
+
+# Probe answers by `_activation_key` (None: not one of ACTIVATIONS); cleared when full.
+_ACTIVATION_NAMES: dict[tuple, str | None] = {}
+_ACTIVATION_CACHE_SIZE = 256
+# nn.Module's own instance state (parameters, buffers, children, hooks, ...), empty or False in a
+# plain activation module.
+_MODULE_STATE = frozenset(vars(nn.Module())) - {"training"}
+_GLOBAL_FORWARD_HOOKS = (
+    "_global_forward_hooks",
+    "_global_forward_hooks_with_kwargs",
+    "_global_forward_hooks_always_called",
+    "_global_forward_pre_hooks",
+)
+
+
+def _activation_key(act: nn.Module | Callable[[Tensor], Tensor]) -> tuple | None:
+    """What fixes an activation's function, or None where that is not known (probe every time).
+
+    A module: its class, the class's forward and the values of its own attributes (plain numbers,
+    strings, functions and functools.partial of those: GELUActivation's `act`, gelu_10's
+    min/max, ...), provided it has no parameters, buffers, children or hooks, and no global
+    forward hook is registered. A plain function or partial: itself.
+    """
+    if not isinstance(act, nn.Module):
+        value = _value_key(act)
+        return None if value is None else ("function", value)
+    if any(getattr(_module_globals, name, None) for name in _GLOBAL_FORWARD_HOOKS):
+        return None
+    attributes = []
+    for name, value in vars(act).items():
+        if name in _MODULE_STATE:
+            if value:  # a parameter, buffer, child module or hook
+                return None
+            continue
+        value_key = _value_key(value)
+        if value_key is None:
+            return None
+        attributes.append((name, value_key))
+    return ("module", type(act), type(act).forward, tuple(sorted(attributes)))
+
+
+def _value_key(value: object) -> object | None:
+    """A hashable stand-in for an attribute value that fixes its behaviour, else None."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return (type(value), value)
+    if isinstance(value, types.FunctionType | types.BuiltinFunctionType):
+        return value
+    if isinstance(value, functools.partial):
+        parts = [_value_key(value.func), *(_value_key(arg) for arg in value.args)]
+        keywords = [(k, _value_key(v)) for k, v in sorted(value.keywords.items())]
+        if any(part is None for part in parts) or any(v is None for _, v in keywords):
+            return None
+        return ("partial", tuple(parts), tuple(keywords))
+    return None
 
 
 @dataclass
@@ -389,48 +464,66 @@ def _linear_shape(mod: nn.Module | None, conv1d: bool) -> tuple[int, int] | None
     return (cols, rows) if conv1d else (rows, cols)
 
 
-def _ffn_is_dense(layer: nn.Module, family: _Family, hidden_size: int | None) -> bool:
-    """Whether the layer holds the family's dense FFN, with consistent shapes."""
+class _LayerModules:
+    """Submodules of one layer by path (relative, "" = the layer), each path resolved once with
+    get_submodule's rules: None where a step is missing or not an nn.Module."""
 
-    def find(path: str) -> nn.Module | None:
-        try:
-            return layer.get_submodule(path)
-        except AttributeError:
-            return None
+    def __init__(self, layer: nn.Module) -> None:
+        self.found: dict[str, nn.Module | None] = {"": layer}
 
-    up = _linear_shape(find(family.up), family.conv1d)
-    if up is None or find(family.act) is None or hidden_size not in (None, up[1]):
-        return False
+    def get(self, path: str) -> nn.Module | None:
+        if path not in self.found:
+            parent_path, attr = _split_path(path)
+            parent = self.get(parent_path)
+            child = None if parent is None else getattr(parent, attr, None)
+            self.found[path] = child if isinstance(child, nn.Module) else None
+        return self.found[path]
+
+
+def _dense_hidden_size(
+    modules: _LayerModules, family: _Family, hidden_size: int | None
+) -> int | None:
+    """The hidden size of the layer's dense FFN if it holds one with consistent shapes (and
+    `hidden_size`, unless None), else None."""
+    up = _linear_shape(modules.get(family.up), family.conv1d)
+    if up is None or modules.get(family.act) is None or hidden_size not in (None, up[1]):
+        return None
     size, hidden = up
     if family.fused_gate_up:
         if size % 2:
-            return False
+            return None
         size //= 2
-    if _linear_shape(find(family.down), family.conv1d) != (hidden, size):
-        return False
-    return family.gate is None or _linear_shape(find(family.gate), family.conv1d) == up
+    if _linear_shape(modules.get(family.down), family.conv1d) != (hidden, size):
+        return None
+    if family.gate is not None and _linear_shape(modules.get(family.gate), family.conv1d) != up:
+        return None
+    return hidden
 
 
 def _make_block(
     index: int, prefix: str, layer: nn.Module, family: _Family, hidden_size: int | None
-) -> FFNBlock:
-    if not _ffn_is_dense(layer, family, hidden_size):
+) -> tuple[FFNBlock, int]:
+    """The layer's FFNBlock and the FFN's hidden size."""
+    modules = _LayerModules(layer)
+    hidden = _dense_hidden_size(modules, family, hidden_size)
+    if hidden is None:
         expected = ", ".join(p for p in (family.up, family.gate, family.down) if p)
         raise _unsupported(
             f"layer {index} ({prefix}) lacks the expected dense FFN ({expected}); "
             "it may be a mixture of experts or already quantized or compressed"
         )
     name = _join(prefix, family.root)
-    return FFNBlock(
+    block = FFNBlock(
         layer=index,
         name=name,
-        module=layer.get_submodule(family.root),
-        down_module=layer.get_submodule(family.down),
-        up_input_module=layer.get_submodule(family.install_at),
+        module=modules.get(family.root),
+        down_module=modules.get(family.down),
+        up_input_module=modules.get(family.install_at),
         _layer_module=layer,
         _family=family,
-        _activation=_identify_activation(layer.get_submodule(family.act), name),
+        _activation=_identify_activation(modules.get(family.act), name),
     )
+    return block, hidden
 
 
 def get_ffn_blocks(model: nn.Module) -> list[FFNBlock]:
@@ -440,8 +533,7 @@ def get_ffn_blocks(model: nn.Module) -> list[FFNBlock]:
     blocks: list[FFNBlock] = []
     hidden_size = None
     for index, layer in enumerate(layers):
-        block = _make_block(index, f"{path}.{index}", layer, family, hidden_size)
-        hidden_size = block._weights().hidden_size
+        block, hidden_size = _make_block(index, f"{path}.{index}", layer, family, hidden_size)
         blocks.append(block)
     return blocks
 

@@ -286,6 +286,25 @@ def test_unknown_activation_is_refused(hf_name: str) -> None:
     assert "\n" not in str(info.value)
 
 
+def test_remembered_activations_follow_the_module_state() -> None:
+    """Probe answers are reused only for activations of the same class and attribute values,
+    without hooks: a changed attribute, a hook or another class is probed again."""
+    model = tiny_model("llama")
+    first, second = model.model.layers[0].mlp, model.model.layers[1].mlp
+    first.act_fn, second.act_fn = nn.GELU(), nn.GELU(approximate="tanh")
+    assert [b.parts().activation for b in arch.get_ffn_blocks(model)][:2] == ["gelu", "gelu_tanh"]
+    second.act_fn.approximate = "none"
+    assert arch.get_ffn_blocks(model)[1].parts().activation == "gelu"
+    handle = second.act_fn.register_forward_hook(lambda module, args, out: args[0].clamp(min=0))
+    assert arch.get_ffn_blocks(model)[1].parts().activation == "relu"
+    handle.remove()
+    assert arch.get_ffn_blocks(model)[1].parts().activation == "gelu"
+    second.act_fn = transformers.activations.ACT2FN["gelu_10"]
+    for _ in range(2):  # a remembered refusal names the layer as the first one did
+        with pytest.raises(UnsupportedModelError, match=r"model\.layers\.1\.mlp: activation"):
+            arch.get_ffn_blocks(model)
+
+
 def test_activation_functions_are_the_canonical_ones() -> None:
     t = torch.linspace(-4, 4, 101)
     assert set(arch.ACTIVATIONS) == {"silu", "gelu", "gelu_tanh", "relu"}

@@ -397,6 +397,20 @@ def test_hooks_removed_after_success_and_error(sequential: bool) -> None:
         torch.testing.assert_close(model(input_ids).logits, logits, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("whole_model", [False, True])
+def test_runs_in_eval_mode(whole_model: bool) -> None:
+    """A module in training mode (attention with dropout), alone or with the whole model, is run
+    in eval mode all the same; the model is put back in its own mode afterwards."""
+    model = tiny_model("llama").eval()
+    input_ids = tiny_input_ids(model, batch=4, seq=8)
+    reference = profile_model(model, input_ids, batch_size=2)
+    attention = decoder_layers(model)[0].self_attn
+    attention.attention_dropout = 0.5
+    (model if whole_model else attention).train()
+    _assert_stats_equal(profile_model(model, input_ids, batch_size=2), reference, tol=0)
+    assert [m.training for m in model.modules()] == [whole_model] * len(list(model.modules()))
+
+
 def test_rich_progress_reaches_total() -> None:
     model = tiny_model("llama")
     input_ids = tiny_input_ids(model, batch=2, seq=8)

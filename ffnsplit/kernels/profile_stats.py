@@ -6,7 +6,7 @@ largest o_ti = |a_ti| * c_i (float32; ties at the k-th value go to the lowest ne
 exactly k per token). Three kernels, all deterministic (no float atomics):
 
 1. `_row_select_kernel`: one warp per row. Programs of num_warps=1 loop over rows pid,
-   pid + n_prog, ... (as many programs as the GPU holds at once); only for I > 2048 does a row
+   pid + n_prog, ... (twice as many programs as the GPU holds at once); only for I > 2048 does a row
    take I / 2048 warps. The row's o as int32 bit patterns (sign cleared: they order like the
    values) sit in registers as up to three power-of-two pieces (1536 = 1024 + 512: no padding
    work; above 8192 one padded piece). The k-th largest is found exactly by a search over the bit patterns in which every step
@@ -58,6 +58,10 @@ _COL_BLOCK_T_LARGE = 16
 _COL_LARGE_SIZE = 2048
 _COL_BLOCK_C = 256
 _COL_WARPS = 4
+# Row-kernel programs per program slot of the GPU: twice as many programs as it holds at once,
+# each with half the rows, even out the rows' unequal search lengths (timed alone: 78.4 vs 88.6 us
+# for 32,768 x 1536 bf16 rows on an H100).
+_ROW_WAVES = 2
 
 
 @triton.jit
@@ -401,12 +405,13 @@ def _plan(a: torch.Tensor, col_norm: torch.Tensor, k: int) -> tuple:
     if a.device.type == "cuda":
         sms = torch.cuda.get_device_properties(a.device).multi_processor_count
         guess = blocks_per_sm(min(255, (b0 + b1 + b2) // (32 * warps) + 24), warps)
-        row_programs = sms * resident_blocks(_row_select_kernel, row_args, row_const, warps, guess)
+        resident = resident_blocks(_row_select_kernel, row_args, row_const, warps, guess)
+        row_programs = _ROW_WAVES * sms * resident
         col_programs = sms * resident_blocks(_col_stats_kernel, col_args, col_const, _COL_WARPS, 4)
     else:  # the interpreter: a few programs, so the loops over rows and splits are exercised
         row_programs, col_programs = 3, 3 * triton.cdiv(size, _COL_BLOCK_C)
         col_const["BLOCK_T"] = block_t = 4
-    # programs of equal row counts, as many as the GPU holds at once
+    # programs of equal row counts, about row_programs of them
     programs = triton.cdiv(tokens, triton.cdiv(tokens, row_programs))
     splits, rows = col_split(tokens, size, col_programs, block_t)
     partials = torch.empty(3, splits, size, dtype=torch.float32, device=a.device)
