@@ -31,9 +31,9 @@ DECODE_MAX_M = 16  # up to this many rows the weights are streamed once (decode 
 # up to this many rows "auto" takes the CUDA-core path (gemv.py): on an H200 it beats the
 # tensor-core decode tier at M <= 4 and loses from M = 8 (benchmarks/RESULTS.md, version 7).
 GEMV_MAX_M = 4
-# from this many rows "auto" dequantizes L2-sized chunks and multiplies with cuBLAS
+# from this many rows "auto" dequantizes chunks of the light weights and multiplies with cuBLAS
 # (dequant_gemm.py) instead of the dequantize-in-the-loop prefill tier (benchmarks/RESULTS.md)
-DEQUANT_MIN_M = 512
+DEQUANT_MIN_M = 1024
 ACTIVATION_NAMES = ("silu", "gelu", "gelu_tanh", "relu")
 _WIDTH = {8: 8, 4: 4, 3: 2, 2: 2}  # width of the first (or only) bit plane
 
