@@ -20,8 +20,6 @@ scratch memory.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import triton
 import triton.language as tl
@@ -177,22 +175,6 @@ def _chunk(k: int, weights: int, dtype: torch.dtype) -> int:
     return max(128, CHUNK_BYTES // per_feature // 128 * 128)
 
 
-def _chunks(
-    total: int,
-    chunk: int,
-    make_buffer: Callable[[], torch.Tensor],
-    produce: Callable[[int, int, torch.Tensor], None],
-    consume: Callable[[int, int, torch.Tensor], None],
-) -> None:
-    """produce(n0, cols, buffer) then consume(n0, cols, buffer) for each chunk of `total`
-    features, in order, in one buffer (freed when the call returns)."""
-    buffer = make_buffer()
-    for n0 in range(0, total, chunk):
-        cols = min(chunk, total - n0)
-        produce(n0, cols, buffer)
-        consume(n0, cols, buffer)
-
-
 def _gate(ug: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor, c0: int, cols: int) -> None:
     m = ug.shape[0]
     block_m, block_c = 32, 128
@@ -218,17 +200,12 @@ def split_activations(x: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor) -> t
     if n_light:
         weights = 2 if w.gated else 1
         chunk = min(_chunk(k, weights, x.dtype), n_light)
-
-        def produce(n0: int, cols: int, buffer: torch.Tensor) -> None:
-            dequantize_chunk(w.light_up, n0, n0 + cols, buffer[: weights * cols],
-                             w.light_gate if w.gated else None)  # fmt: skip
-
-        def consume(n0: int, cols: int, buffer: torch.Tensor) -> None:
-            _gate(x @ buffer[: weights * cols].T, w, a, h + n0, cols)
-
-        _chunks(n_light, chunk,
-                lambda: torch.empty((weights * chunk, k), dtype=x.dtype, device=x.device),
-                produce, consume)  # fmt: skip
+        buffer = torch.empty((weights * chunk, k), dtype=x.dtype, device=x.device)
+        for n0 in range(0, n_light, chunk):
+            cols = min(chunk, n_light - n0)
+            tile = buffer[: weights * cols]
+            dequantize_chunk(w.light_up, n0, n0 + cols, tile, w.light_gate if w.gated else None)
+            _gate(x @ tile.T, w, a, h + n0, cols)
     return a
 
 
@@ -254,18 +231,13 @@ def split_linear(
     n, kl = light.shape
     x_light = x[:, kh:]
     chunk = min(_chunk(kl, 1, x.dtype), n)
-    first = heavy is None and bias is None
-
-    def produce(n0: int, cols: int, buffer: torch.Tensor) -> None:
-        dequantize_chunk(light, n0, n0 + cols, buffer[:cols])
-
-    def consume(n0: int, cols: int, buffer: torch.Tensor) -> None:
-        target = out[:, n0 : n0 + cols]
-        if first:
-            torch.mm(x_light, buffer[:cols].T, out=target)
+    buffer = torch.empty((chunk, kl), dtype=x.dtype, device=x.device)
+    for n0 in range(0, n, chunk):
+        cols = min(chunk, n - n0)
+        tile = dequantize_chunk(light, n0, n0 + cols, buffer[:cols])
+        target = out[:, n0 : n0 + cols]  # each chunk's columns are written once
+        if heavy is None and bias is None:
+            torch.mm(x_light, tile.T, out=target)
         else:
-            target.addmm_(x_light, buffer[:cols].T)
-
-    _chunks(n, chunk, lambda: torch.empty((chunk, kl), dtype=x.dtype, device=x.device), produce,
-            consume)  # fmt: skip
+            target.addmm_(x_light, tile.T)
     return out
