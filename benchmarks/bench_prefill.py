@@ -27,20 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ffnsplit.eval.bench import _ffn, random_split_weights, shape_split  # noqa: E402
 from ffnsplit.kernels import dequant_gemm  # noqa: E402
 from ffnsplit.kernels import split_ffn as sffn  # noqa: E402
+from ffnsplit.kernels.tiles import capture_graph  # noqa: E402
 from ffnsplit.plan import parse_light_format  # noqa: E402
 
 
 def _graph_us(fn) -> float:
-    """Median microseconds of `fn` replayed as a CUDA graph (no host launch time), after a tuning
-    and compiling call outside the capture."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    """Median microseconds of `fn` replayed as a CUDA graph (no host launch time)."""
+    graph = capture_graph(fn)
     return triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median") * 1e3
 
 

@@ -52,6 +52,7 @@ from ffnsplit.kernels import quant_matmul as qmm
 from ffnsplit.kernels import split_ffn as sffn
 from ffnsplit.kernels.format import PACK_ALIGN, QuantizedWeight, SplitFFNWeights, pack_planes
 from ffnsplit.kernels.format import n_groups as count_groups
+from ffnsplit.kernels.tiles import capture_graph
 from ffnsplit.plan import LayerPlan, LightFormat, SplitPlan, group_for, parse_light_format
 from ffnsplit.runtime import is_out_of_memory, resolve_device
 
@@ -237,21 +238,6 @@ def elapsed_us(fn: Callable[[], object], device: torch.device) -> float:
     begin = time.perf_counter()
     fn()
     return (time.perf_counter() - begin) * 1e6
-
-
-def capture_graph(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
-    """A CUDA graph of `fn`: run once on the current stream (compiles and tunes kernels, which
-    must not happen during capture), once on a side stream (as capture requires), then captured."""
-    fn()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
 
 
 def time_calls_us(

@@ -283,7 +283,7 @@ def light_block(acc0, acc1, x_ptr, stride_xm, offs_m, mask_m,
                 acc1 += (blk1 - xsum * za1) * sa1
     elif UNIFORM:
         # the block lies in one group, scales applied per element (prefill: one dequantized tile
-        # serves many rows) in the activation dtype: exact codes, then one fused multiply-add
+        # serves many rows) in the activation dtype: exact codes, minus the zero, times the scale
         if FAST4:
             q = unpack4_fast(w0, SYMMETRIC, DTYPE, INTERLEAVE)
         else:
@@ -551,14 +551,10 @@ TUNE_ROUNDS = 2
 GRAPH_CALLS = 8  # calls per CUDA graph when timing a config
 
 
-def _time_ms(fn: Callable[[], object]) -> float:
-    """Median milliseconds of one call of `fn` on the GPU, from replays of a CUDA graph holding
-    GRAPH_CALLS calls: a Python launch can cost more than a decode kernel runs, and timing
-    launches one by one measured the host (tuner picks 30-50% off the best). After a first call
-    (compile, warm-up) outside the capture; without CUDA graphs, plain launches."""
+def capture_graph(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of `fn`: run once on the current stream (compiles and tunes kernels, which
+    must not happen during capture), once on a side stream (as capture requires), then captured."""
     fn()
-    if not torch.cuda.is_available():
-        return triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -566,11 +562,26 @@ def _time_ms(fn: Callable[[], object]) -> float:
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def _time_ms(fn: Callable[[], object]) -> float:
+    """Median milliseconds of one call of `fn` on the GPU, from replays of a CUDA graph holding
+    GRAPH_CALLS calls: a Python launch can cost more than a decode kernel runs, and timing
+    launches one by one measured the host (tuner picks 30-50% off the best). Without CUDA, plain
+    launches after a first call."""
+    if not torch.cuda.is_available():
+        fn()
+        return triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")
+
+    def calls() -> None:
         for _ in range(GRAPH_CALLS):
             fn()
-    return triton.testing.do_bench(graph.replay, warmup=5, rep=25, return_mode="median") / (
-        GRAPH_CALLS
-    )
+
+    graph = capture_graph(calls)
+    ms = triton.testing.do_bench(graph.replay, warmup=5, rep=25, return_mode="median")
+    return ms / GRAPH_CALLS
 
 
 class Tuner:
