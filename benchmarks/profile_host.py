@@ -7,7 +7,7 @@ per run (setup, flushes, the transfer of the results and their arithmetic on the
 wall time of profiling a few tokens through a SmolLM2-135M-shaped model minus that of the plain
 forward through its decoder layers.
 
-    PYTHONPATH=. python3 benchmarks/profile_host.py [--baseline DIR]
+    PYTHONPATH=. python3 benchmarks/profile_host.py [--baseline DIR] [--phases-tokens 32768]
 """
 
 from __future__ import annotations
@@ -56,6 +56,13 @@ def median_ms(fn: Callable[[], object], repeats: int = 15) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", help="a folder holding another copy as ffnsplit_baseline")
+    parser.add_argument(
+        "--phases-tokens",
+        type=int,
+        default=0,
+        help="also time the host phases of profile calls of this many tokens (batch 16 x 2048): "
+        "before the forward starts, and after the device is done",
+    )
     parser.add_argument(
         "--cprofile-tokens",
         type=int,
@@ -117,9 +124,64 @@ def main() -> int:
     print(f"30-layer SmolLM2 shape, 2 x 16 tokens: plain forward {plain:.2f} ms")
     for name, ms in times.items():
         print(f"  {name}: {ms:.2f} ms ({ms - plain:+.2f} ms host time per run and per batch)")
+    if args.phases_tokens:
+        phases(model, args.phases_tokens, fingerprint)
     if args.cprofile_tokens:
         cprofile(model, args.cprofile_tokens, fingerprint)
     return 0
+
+
+def phases(model: torch.nn.Module, tokens: int, fingerprint: dict, repeats: int = 11) -> None:
+    """Medians over profile calls of `tokens` tokens (batch 16 x 2048) of the host time before
+    the forward's first launch (the GPU idle), of the wait for the device at the first transfer
+    of the results (the forward, statistics and flush still queued), and of the host time after
+    it until the call returns (transfers and results; the GPU idle again); the plain forward through the decoder layers for
+    comparison."""
+    import ffnsplit.profile as profiler
+
+    ids = torch.randint(0, 1000, (tokens // 2048, 2048))
+    marks: dict[str, float] = {}
+    run_calibration_, to_host_ = profiler.run_calibration, profiler._Store.to_host
+
+    def run_marked(*args: object, **kwargs: object) -> None:
+        marks.setdefault("forward", time.perf_counter())
+        run_calibration_(*args, **kwargs)
+
+    def to_host_marked(store: profiler._Store) -> tuple:
+        marks.setdefault("wait", time.perf_counter())
+        store.flush()  # launched before the wait, as to_host would
+        torch.cuda.synchronize()
+        marks.setdefault("done", time.perf_counter())
+        return to_host_(store)
+
+    def plain() -> None:
+        run_calibration(model, split_batches(ids, 16), device="cuda")
+
+    times: dict[str, list[float]] = {"before forward": [], "wait": [], "after device": []}
+    times |= {"profile call": [], "plain forward": []}
+    profiler.run_calibration, profiler._Store.to_host = run_marked, to_host_marked
+    try:
+        for round_ in range(repeats + 1):
+            torch.cuda.synchronize()
+            marks.clear()
+            start = time.perf_counter()
+            profile_model(model, ids, batch_size=16, device="cuda", fingerprint=fingerprint)
+            end = time.perf_counter()
+            torch.cuda.synchronize()
+            start_plain = time.perf_counter()
+            plain()
+            torch.cuda.synchronize()
+            if round_:  # the first: warm-up
+                times["before forward"].append(marks["forward"] - start)
+                times["wait"].append(marks["done"] - marks["wait"])
+                times["after device"].append(end - marks["done"])
+                times["profile call"].append(end - start)
+                times["plain forward"].append(time.perf_counter() - start_plain)
+    finally:
+        profiler.run_calibration, profiler._Store.to_host = run_calibration_, to_host_
+    print(f"profile call of {tokens} tokens, batch 16 x 2048, medians of {repeats}:")
+    for name, values in times.items():
+        print(f"  {name}: {statistics.median(values) * 1e3:.2f} ms")
 
 
 def cprofile(model: torch.nn.Module, tokens: int, fingerprint: dict) -> None:
