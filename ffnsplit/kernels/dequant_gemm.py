@@ -32,7 +32,7 @@ from ffnsplit.kernels.tiles import (
     codes_to_float,
     expand,
     load_words,
-    unpack4_fast,
+    uniform_weights,
     unpack_codes,
 )
 
@@ -63,14 +63,7 @@ def _dequant_tile(p0_ptr, p1_ptr, s_ptr, z_ptr, out_ptr, N, K, n0, n_cols, strid
     w0, w1, mask_r = load_words(p0_ptr, p1_ptr, N, K, k0, offs_n, mask_j, BITS, ROWS)
     if UNIFORM:
         s, z = block_scales(s_ptr, z_ptr, N, K, k0, offs_n, mask_j, GROUP, SYMMETRIC, True)
-        if FAST4:
-            q = unpack4_fast(w0, SYMMETRIC, DTYPE, False)
-        else:
-            q = codes_to_float(unpack_codes(w0, w1, BITS, False), OFFSET, DTYPE, BITS)
-        if SYMMETRIC:
-            w = q * s.to(DTYPE)
-        else:
-            w = (q - z.to(DTYPE)) * s.to(DTYPE)
+        w = uniform_weights(w0, w1, s, z, BITS, SYMMETRIC, False, FAST4, DTYPE)
     else:
         q = codes_to_float(unpack_codes(w0, w1, BITS, False), 0, tl.float32, BITS)
         r = tl.arange(0, ROWS)

@@ -211,6 +211,23 @@ def unpack4_fast(w, SYMMETRIC: tl.constexpr, out_dtype: tl.constexpr,
 
 
 @triton.jit
+def uniform_weights(w0, w1, s, z, BITS: tl.constexpr, SYMMETRIC: tl.constexpr,
+                    INTERLEAVE: tl.constexpr, FAST4: tl.constexpr,
+                    DTYPE: tl.constexpr):  # fmt: skip
+    """Dequantized weights [ROWS * PACK, BLOCK_N] in DTYPE of word tiles inside one group, with
+    one scale s (and zero z) [1, BLOCK_N] per column: exact codes (FAST4: int4 by inline PTX),
+    minus the zero, times the scale."""
+    OFFSET: tl.constexpr = (1 << (BITS - 1)) if SYMMETRIC else 0
+    if FAST4:
+        q = unpack4_fast(w0, SYMMETRIC, DTYPE, INTERLEAVE)
+    else:
+        q = codes_to_float(unpack_codes(w0, w1, BITS, INTERLEAVE), OFFSET, DTYPE, BITS)
+    if SYMMETRIC:
+        return q * s.to(DTYPE)
+    return (q - z.to(DTYPE)) * s.to(DTYPE)
+
+
+@triton.jit
 def block_scales(s_ptr, z_ptr, N, K, k0, offs_n, mask_n, GROUP: tl.constexpr,
                  SYMMETRIC: tl.constexpr, SCALE_AFTER: tl.constexpr):  # fmt: skip
     """Scale and zero [1, BLOCK_N] (fp32) of the K-block at k0 when it lies in one group (zeros
@@ -283,25 +300,12 @@ def light_block(acc0, acc1, x_ptr, stride_xm, offs_m, mask_m,
                 acc1 += (blk1 - xsum * za1) * sa1
     elif UNIFORM:
         # the block lies in one group, scales applied per element (prefill: one dequantized tile
-        # serves many rows) in the activation dtype: exact codes, minus the zero, times the scale
-        if FAST4:
-            q = unpack4_fast(w0, SYMMETRIC, DTYPE, INTERLEAVE)
-        else:
-            q = codes_to_float(unpack_codes(w0, w1, BITS, INTERLEAVE), OFFSET, DTYPE, BITS)
-        if SYMMETRIC:
-            acc0 = tl.dot(x, q * sa0.to(DTYPE), acc0, input_precision=PRECISION)
-        else:
-            acc0 = tl.dot(x, (q - za0.to(DTYPE)) * sa0.to(DTYPE), acc0, input_precision=PRECISION)
+        # serves many rows) in the activation dtype
+        w = uniform_weights(w0, w1, sa0, za0, BITS, SYMMETRIC, INTERLEAVE, FAST4, DTYPE)
+        acc0 = tl.dot(x, w, acc0, input_precision=PRECISION)
         if DUAL:
-            if FAST4:
-                q = unpack4_fast(v0, SYMMETRIC, DTYPE, INTERLEAVE)
-            else:
-                q = codes_to_float(unpack_codes(v0, v1, BITS, INTERLEAVE), OFFSET, DTYPE, BITS)
-            if SYMMETRIC:
-                acc1 = tl.dot(x, q * sa1.to(DTYPE), acc1, input_precision=PRECISION)
-            else:
-                acc1 = tl.dot(x, (q - za1.to(DTYPE)) * sa1.to(DTYPE), acc1,
-                              input_precision=PRECISION)  # fmt: skip
+            w = uniform_weights(v0, v1, sa1, za1, BITS, SYMMETRIC, INTERLEAVE, FAST4, DTYPE)
+            acc1 = tl.dot(x, w, acc1, input_precision=PRECISION)
     else:
         # groups change along the block (a word never straddles one: GROUP % PACK == 0)
         r = tl.arange(0, ROWS)
