@@ -26,12 +26,14 @@ import triton.language as tl
 
 from ffnsplit.kernels.format import QuantizedWeight, SplitFFNWeights
 from ffnsplit.kernels.tiles import (
-    INTERPRET,
-    activation,
+    block_in_group,
     block_scales,
     codes_to_float,
     expand,
+    fast4_ok,
     load_words,
+    pack_factor,
+    store_activations,
     uniform_weights,
     unpack_codes,
 )
@@ -112,23 +114,11 @@ def _gate_kernel(ug_ptr, ub_ptr, gb_ptr, a_ptr, M, C, c0, stride_ug, stride_am,
     mask = (offs_m < M)[:, None] & (offs_c < C)[None, :]
     base = ug_ptr + offs_m[:, None] * stride_ug + offs_c[None, :]
     u = tl.load(base, mask=mask, other=0.0).to(tl.float32)
-    if HAS_UP_BIAS:
-        u += tl.load(ub_ptr + c0 + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)[None, :]
+    g = u  # not read unless GATED
     if GATED:
         g = tl.load(base + C, mask=mask, other=0.0).to(tl.float32)
-        if HAS_GATE_BIAS:
-            g += tl.load(gb_ptr + c0 + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)[None, :]
-        out = activation(g, ACTIVATION) * u
-    else:
-        out = activation(u, ACTIVATION)
-    ptrs = a_ptr + offs_m[:, None] * stride_am + c0 + offs_c[None, :]
-    tl.store(ptrs, out.to(a_ptr.dtype.element_ty), mask=mask)
-
-
-def _weight_args(qw: QuantizedWeight) -> list:
-    p0 = qw.planes[0]
-    p1 = qw.planes[1] if len(qw.planes) > 1 else p0
-    return [p0, p1, qw.scales, qw.scales if qw.zeros is None else qw.zeros]
+    store_activations(u, g, ub_ptr, gb_ptr, a_ptr, stride_am, offs_m, offs_m < M, c0 + offs_c,
+                      offs_c < C, GATED, ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS)  # fmt: skip
 
 
 def dequantize_chunk(
@@ -146,15 +136,13 @@ def dequantize_chunk(
     if out.shape != (rows, k) or out.stride(1) != 1:
         raise ValueError(f"out must be [{rows}, {k}] with unit column stride")
     bits = qw.bits
-    pack = 32 // {8: 8, 4: 4, 3: 2, 2: 2}[bits]
-    block_k = _ROWS * pack
-    uniform = qw.group_size >= k or qw.group_size % block_k == 0
-    fast4 = (uniform and bits == 4 and out.is_cuda and not INTERPRET and torch.version.hip is None
-             and out.dtype in (torch.float16, torch.bfloat16))  # fmt: skip
+    block_k = _ROWS * pack_factor(bits)
+    uniform = block_in_group(block_k, qw.group_size, k)
+    fast4 = uniform and fast4_ok(bits, out.dtype, out.device)
     tiles = triton.cdiv(cols, _BLOCK_N)
     grid = (triton.cdiv(k, block_k), tiles * (2 if second is not None else 1))
     _dequant_kernel[grid](
-        *_weight_args(qw), *_weight_args(second if second is not None else qw), out, n, k, n0,
+        *qw.kernel_args(), *(second if second is not None else qw).kernel_args(), out, n, k, n0,
         cols, out.stride(0), BITS=bits, GROUP=qw.group_size, SYMMETRIC=qw.zeros is None,
         ROWS=_ROWS, BLOCK_N=_BLOCK_N, UNIFORM=uniform, FAST4=fast4, DUAL=second is not None,
         num_warps=4,

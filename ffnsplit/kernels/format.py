@@ -135,6 +135,14 @@ class QuantizedWeight:
             zeros = zeros[:, :k]
         return ((q - zeros) * scales).to(dtype)
 
+    def kernel_args(self) -> list[torch.Tensor]:
+        """The four tensors the Triton kernels take for this weight: plane 0, plane 1 (plane 0
+        again when there is one plane), scales, zeros (the scales again when symmetric: never
+        read then, but typed like a pointer)."""
+        p0 = self.planes[0]
+        p1 = self.planes[1] if len(self.planes) > 1 else p0
+        return [p0, p1, self.scales, self.scales if self.zeros is None else self.zeros]
+
     def nbytes(self) -> int:
         total = sum(p.numel() * p.element_size() for p in self.planes)
         total += self.scales.numel() * self.scales.element_size()

@@ -677,9 +677,7 @@ def _light_args(a: QuantizedWeight | None, b: QuantizedWeight | None, x: torch.T
             dummy = torch.zeros(1, dtype=torch.int32, device=x.device)
             out += [dummy, dummy, x, x]
         else:
-            p0 = qw.planes[0]
-            out += [p0, qw.planes[1] if len(qw.planes) > 1 else p0, qw.scales,
-                    qw.scales if qw.zeros is None else qw.zeros]  # fmt: skip
+            out += qw.kernel_args()
     return out
 
 

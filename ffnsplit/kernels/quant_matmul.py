@@ -200,12 +200,8 @@ def split_linear(
     if heavy is not None and heavy.stride(-1) != 1:
         heavy_arg = heavy.contiguous()
     if light is not None:
-        bits, group = light.bits, light.group_size
-        p0 = light.planes[0]
-        p1 = light.planes[1] if len(light.planes) > 1 else p0
-        scales = light.scales
-        zeros = light.zeros if light.zeros is not None else scales
-        symmetric = light.zeros is None
+        bits, group, symmetric = light.bits, light.group_size, light.zeros is None
+        p0, p1, scales, zeros = light.kernel_args()
     else:  # never read (no light blocks), but typed like planes and scales
         dummy = torch.zeros(1, dtype=torch.int32, device=x.device)
         bits, group, p0, p1, scales, zeros, symmetric = 4, 32, dummy, dummy, x2, x2, True

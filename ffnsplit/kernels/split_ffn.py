@@ -22,7 +22,6 @@ from ffnsplit.kernels.tiles import (
     ACTIVATION_NAMES,
     TileConfig,
     Tuner,
-    activation,
     block_scales,
     dense_block,
     dot_precision,
@@ -30,29 +29,13 @@ from ffnsplit.kernels.tiles import (
     light_block,
     light_rows,
     scale_after_ok,
+    store_activations,
     tier_configs,
     torch_to_triton_ok,
     uniform_ok,
     use_dequant,
     use_gemv,
 )
-
-
-@triton.jit
-def _store_activations(acc_u, acc_g, ub_ptr, gb_ptr, a_ptr, stride_am, offs_m, mask_m, cols,
-                       mask_n, GATED: tl.constexpr, ACTIVATION: tl.constexpr,
-                       HAS_UP_BIAS: tl.constexpr, HAS_GATE_BIAS: tl.constexpr):  # fmt: skip
-    """Epilogue: biases, activation and gating on fp32 tiles, one store of `a` columns `cols`."""
-    if HAS_UP_BIAS:
-        acc_u += tl.load(ub_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    if GATED:
-        if HAS_GATE_BIAS:
-            acc_g += tl.load(gb_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        out = activation(acc_g, ACTIVATION) * acc_u
-    else:
-        out = activation(acc_u, ACTIVATION)
-    ptrs = a_ptr + offs_m[:, None] * stride_am + cols[None, :]
-    tl.store(ptrs, out.to(a_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -83,7 +66,7 @@ def _split_up_kernel(
             acc_hu, acc_hg = dense_block(acc_hu, acc_hg, x_ptr, stride_xm, offs_m, mask_m, hu_ptr,
                                          hg_ptr, stride_hw, K, k0, offs_h, mask_h, GATED, BLOCK_KH,
                                          PRECISION)  # fmt: skip
-        _store_activations(acc_hu, acc_hg, ub_ptr, gb_ptr, a_ptr, stride_am, offs_m, mask_m,
+        store_activations(acc_hu, acc_hg, ub_ptr, gb_ptr, a_ptr, stride_am, offs_m, mask_m,
                            offs_h, mask_h, GATED, ACTIVATION, HAS_UP_BIAS,
                            HAS_GATE_BIAS)  # fmt: skip
     else:
@@ -109,7 +92,7 @@ def _split_up_kernel(
                                          NL, K, k0, offs_l, mask_l, BITS, GROUP, SYMMETRIC,
                                          SCALE_AFTER, GATED, ROWS, INTERLEAVE, FAST4,
                                          PRECISION, UNIFORM)  # fmt: skip
-        _store_activations(acc_lu, acc_lg, ub_ptr, gb_ptr, a_ptr, stride_am, offs_m, mask_m,
+        store_activations(acc_lu, acc_lg, ub_ptr, gb_ptr, a_ptr, stride_am, offs_m, mask_m,
                            NH + offs_l, mask_l, GATED, ACTIVATION, HAS_UP_BIAS,
                            HAS_GATE_BIAS)  # fmt: skip
 
@@ -203,11 +186,7 @@ def split_activations(x: torch.Tensor, w: SplitFFNWeights, *, path: str = "auto"
     if n_light:
         up, gate = w.light_up, w.light_gate if w.gated else w.light_up
         bits, group, symmetric = up.bits, up.group_size, up.symmetric
-        light_args = []
-        for qw in (up, gate):
-            p0 = qw.planes[0]
-            light_args += [p0, qw.planes[1] if len(qw.planes) > 1 else p0, qw.scales,
-                           qw.scales if qw.zeros is None else qw.zeros]  # fmt: skip
+        light_args = up.kernel_args() + gate.kernel_args()
     else:  # never read (no light tiles), but typed like planes and scales
         bits, group, symmetric = 4, 32, True
         dummy = torch.zeros(1, dtype=torch.int32, device=x.device)

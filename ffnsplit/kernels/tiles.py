@@ -386,6 +386,23 @@ def activation(g, ACTIVATION: tl.constexpr):
         return tl.maximum(g, 0.0)
 
 
+@triton.jit
+def store_activations(acc_u, acc_g, ub_ptr, gb_ptr, a_ptr, stride_am, offs_m, mask_m, cols,
+                       mask_n, GATED: tl.constexpr, ACTIVATION: tl.constexpr,
+                       HAS_UP_BIAS: tl.constexpr, HAS_GATE_BIAS: tl.constexpr):  # fmt: skip
+    """Epilogue: biases, activation and gating on fp32 tiles, one store of `a` columns `cols`."""
+    if HAS_UP_BIAS:
+        acc_u += tl.load(ub_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if GATED:
+        if HAS_GATE_BIAS:
+            acc_g += tl.load(gb_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        out = activation(acc_g, ACTIVATION) * acc_u
+    else:
+        out = activation(acc_u, ACTIVATION)
+    ptrs = a_ptr + offs_m[:, None] * stride_am + cols[None, :]
+    tl.store(ptrs, out.to(a_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
 # ---------------------------------------------------------------------------------------------
 # launch plumbing
 
@@ -411,10 +428,14 @@ def light_rows(cfg: TileConfig, bits: int) -> int:
     return max(2, cfg.block_kl // pack_factor(bits))
 
 
+def block_in_group(block_k: int, group: int, k: int) -> bool:
+    """Whether every K-block of `block_k` codes (of a K-long weight) lies inside one group."""
+    return group >= k or group % block_k == 0
+
+
 def scale_after_ok(cfg: TileConfig, bits: int, group: int, k: int) -> bool:
     """Whether every light K-block of `cfg` lies inside one quantization group."""
-    block_k = light_rows(cfg, bits) * pack_factor(bits)
-    return cfg.scale_after and (group >= k or group % block_k == 0)
+    return cfg.scale_after and block_in_group(light_rows(cfg, bits) * pack_factor(bits), group, k)
 
 
 def uniform_ok(cfg: TileConfig, bits: int, group: int, k: int) -> bool:
@@ -422,7 +443,19 @@ def uniform_ok(cfg: TileConfig, bits: int, group: int, k: int) -> bool:
     per column for the whole block: per-element scaling (no scale_after) and every block inside
     one quantization group. Else the scales are loaded per word row."""
     block_k = light_rows(cfg, bits) * pack_factor(bits)
-    return not scale_after_ok(cfg, bits, group, k) and (group >= k or group % block_k == 0)
+    return not scale_after_ok(cfg, bits, group, k) and block_in_group(block_k, group, k)
+
+
+def fast4_ok(bits: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the inline-PTX int4 unpack can run: NVIDIA GPU (not the interpreter, not ROCm),
+    4 bits, fp16/bf16 activations."""
+    return (
+        not INTERPRET
+        and device.type == "cuda"
+        and torch.version.hip is None
+        and bits == 4
+        and dtype in (torch.float16, torch.bfloat16)
+    )
 
 
 def fast_unpack(
@@ -433,11 +466,7 @@ def fast_unpack(
     uniform). Elsewhere the portable shift/mask path runs."""
     return (
         cfg.fast_unpack
-        and not INTERPRET
-        and device.type == "cuda"
-        and torch.version.hip is None
-        and bits == 4
-        and dtype in (torch.float16, torch.bfloat16)
+        and fast4_ok(bits, dtype, device)
         and (cfg.interleave and scale_after_ok(cfg, bits, group, k)
              or uniform_ok(cfg, bits, group, k))
     )  # fmt: skip
