@@ -4,6 +4,11 @@
 #   bash benchmarks/gpu_checks.sh tests      # GPU tests: kernels, profiler, whole model, bench (~4 min)
 #   bash benchmarks/gpu_checks.sh decode     # GEMV configs at M = 1, 2, 4 + profiler batch 8 / 16 (~4 min)
 #   bash benchmarks/gpu_checks.sh bench      # ffnsplit bench: layer over M + Llama-3-8B end to end (~3 min)
+#   bash benchmarks/gpu_checks.sh pdl        # decode-path GPU tests, then the layer at M = 1, 4 and
+#                                            # the 8B decode with programmatic dependent launch on
+#                                            # and off (FFNSPLIT_PDL), same machine (~8 min)
+#   bash benchmarks/gpu_checks.sh profile32k # profiler tests + 32k-token overhead against the copy
+#                                            # of the package in out/bl_head (carry it) (~3 min)
 # Each step has its own time limit, so one slow step cannot take the whole call.
 set -uo pipefail
 export PYTHONPATH=.
@@ -42,8 +47,26 @@ bench)
     run 480 bench python3 -m ffnsplit.cli bench --shape 4096x14336 --e2e-shape llama3-8b \
         --json "$OUT/bench.json"
     ;;
+pdl)
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+    run 150 test_gemv env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -x -n 8 tests/test_kernels.py \
+        -k "gemv or cuda_graph"
+    run 100 test_decode env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -x -n 4 \
+        tests/test_decode_ops.py tests/test_bench.py
+    for name in a_on b_off c_on; do  # on, off, on again: the machine's drift shows
+        pdl=1
+        [ "$name" = b_off ] && pdl=0
+        run 120 "bench_pdl_$name" env FFNSPLIT_PDL=$pdl python3 -m ffnsplit.cli bench \
+            --shape 4096x14336 --m 1,4 --e2e-shape llama3-8b --json "$OUT/bench_pdl_$name.json"
+    done
+    ;;
+profile32k)
+    run 60 test_profile python3 -m pytest -q -x tests/test_profile.py -k "kernel or partials or cuda"
+    run 300 bench_profile32k python3 benchmarks/bench_profile.py --tokens 32768 --batch-size 16 \
+        --skip-large --repeats 21 --baseline out/bl_head --out "$OUT/bench_profile32k.json"
+    ;;
 *)
-    echo "unknown stage $stage: tests, decode or bench" >&2
+    echo "unknown stage $stage: tests, decode, bench, pdl or profile32k" >&2
     exit 2
     ;;
 esac

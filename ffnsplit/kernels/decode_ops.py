@@ -26,7 +26,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ffnsplit.kernels.tiles import INTERPRET, sm_count, torch_to_triton_ok
+from ffnsplit.kernels.tiles import (
+    INTERPRET,
+    pdl_options,
+    pdl_trigger,
+    pdl_wait,
+    sm_count,
+    torch_to_triton_ok,
+)
 
 MAX_NORM_BLOCK = 16384  # a row up to this size stays in registers; longer rows loop twice
 LOG2E = 1.4426950408889634
@@ -53,8 +60,10 @@ def _float_ok(*tensors: torch.Tensor) -> None:
 def _add_rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr,
     H, stride_x, stride_r, stride_o, stride_n, eps,
-    HAS_RESIDUAL: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_trigger(PDL)  # the next kernel (an FFN's) may start loading its weights
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     res_row = res_ptr + row * stride_r
@@ -127,7 +136,7 @@ def _norm(
             x2, res2, weight, out2, new2,
             hidden, x2.stride(0), res2.stride(0), out2.stride(0), new2.stride(0), float(eps),
             HAS_RESIDUAL=residual is not None, ONE_PASS=one_pass, BLOCK=block,
-            num_warps=1 if INTERPRET else min(16, max(1, block // 512)),
+            num_warps=1 if INTERPRET else min(16, max(1, block // 512)), **pdl_options(x.device),
         )  # fmt: skip
     return out, new_res
 
@@ -158,9 +167,11 @@ def _rope_kv_kernel(
     stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
     stride_qb, stride_qh, stride_qt,
     HAS_QK_NORM: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One token (program 0) x BLOCK_H of its q | k | v heads (program 1)."""
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     token = tl.program_id(0)
     b = token // T
     t = token % T
@@ -262,6 +273,7 @@ def rope_kv_write(
             *k_cache.stride()[:3], *v_cache.stride()[:3], *q.stride()[:3],
             HAS_QK_NORM=q_norm is not None,
             BLOCK_H=block_h, BLOCK_D=block_d, num_warps=1 if INTERPRET else 4,
+            **pdl_options(q.device),
         )  # fmt: skip
     return q
 
@@ -277,11 +289,13 @@ def _attention_kernel(
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl, stride_ob, stride_oh, stride_ot,
     HAS_WINDOW: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Programs: (batch x kv head, tile of BLOCK_M query rows, key chunk). Row r of a kv head is
     query token r // GROUPS of its query head r % GROUPS, so one key/value block serves them all.
     Scores are in base-2 units (qk_scale includes log2(e))."""
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     bh = tl.program_id(0)
     b = (bh // HKV).to(tl.int64)
     kvh = bh % HKV
@@ -343,10 +357,12 @@ def _combine_kernel(
     acc_ptr, m_ptr, l_ptr, pos_ptr, o_ptr,
     HKV, GROUPS, T, D, CHUNK, SPLITS, window,
     stride_ob, stride_oh, stride_ot,
-    HAS_WINDOW: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One query row: the softmax-weighted sum of the partials of the chunks it sees (exactly
     those the attention kernel wrote for it: others are never read)."""
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     pid = tl.program_id(0)
     rows = GROUPS * T
     bh = pid // rows
@@ -457,12 +473,13 @@ def decode_attention(
         HAS_WINDOW=window is not None, SPLIT=splits > 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=1 if INTERPRET else 4,
+        **pdl_options(q.device),
     )  # fmt: skip
     if splits > 1:
         _combine_kernel[(b * kv_heads * rows,)](
             acc, m, lse, positions, out,
             kv_heads, groups, t, dim, chunk, splits, window or 0, *out.stride()[:3],
             HAS_WINDOW=window is not None, BLOCK_S=min(16, triton.next_power_of_2(splits)),
-            BLOCK_D=block_d, num_warps=1 if INTERPRET else 4,
+            BLOCK_D=block_d, num_warps=1 if INTERPRET else 4, **pdl_options(q.device),
         )  # fmt: skip
     return out

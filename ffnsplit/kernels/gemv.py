@@ -37,7 +37,16 @@ import triton
 import triton.language as tl
 
 from ffnsplit.kernels.format import QuantizedWeight, SplitFFNWeights
-from ffnsplit.kernels.tiles import INTERPRET, Tuner, activation, resident_blocks, sm_count
+from ffnsplit.kernels.tiles import (
+    INTERPRET,
+    Tuner,
+    activation,
+    pdl_ok,
+    pdl_trigger,
+    pdl_wait,
+    resident_blocks,
+    sm_count,
+)
 
 STEP = 32  # k per step: one word row of the 1-bit plane, 4 of int4, 8 of int8, 2 of 2-bit
 STEP_K = tl.constexpr(STEP)
@@ -288,10 +297,11 @@ def _light_program(x_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u
                    tile, split, M, m0, stride_xm, NL, KL, OL, SL, SLOT_L, NOUT, CHUNK, ONE,
                    BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
                    DUAL: tl.constexpr, BM: tl.constexpr, BLOCK_N: tl.constexpr,
-                   FAST: tl.constexpr):  # fmt: skip
+                   FAST: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     """Packed columns tile*BLOCK_N.. over K-slice `split` of SL -> ws slot SLOT_L + split.
 
-    The slice is a run of chunks of CHUNK steps (32 k each); a chunk lies inside one group."""
+    The slice is a run of chunks of CHUNK steps (32 k each); a chunk lies inside one group.
+    PDL: the first step's words are loaded before waiting for the previous kernel (x)."""
     DUALS: tl.constexpr = 2 if DUAL else 1
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < NL
@@ -305,6 +315,7 @@ def _light_program(x_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u
         st_last = tl.maximum(tl.minimum(c_hi * CHUNK, steps) - 1, 0)
         nxt = _load_step4(p0_ptr, q0_ptr, NL, tl.minimum(c_lo * CHUNK, st_last) * STEP_K, offs_n,
                           mask_n, DUAL)  # fmt: skip
+        pdl_wait(PDL)
         for c in range(c_lo, c_hi):
             ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3 = zero, zero, zero, zero, zero, zero, zero, zero
             gl0, gh0, gl1, gh1, gl2, gh2, gl3, gh3 = zero, zero, zero, zero, zero, zero, zero, zero
@@ -330,6 +341,7 @@ def _light_program(x_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u
                                                    gh2, gl3, gh3, s, z, xe0, xo0, xe1, xo1, xe2,
                                                    xo2, xe3, xo3, BM)  # fmt: skip
     else:
+        pdl_wait(PDL)
         for c in range(c_lo, c_hi):
             tu0, tu1, tu2, tu3, tg0, tg1, tg2, tg3 = zero, zero, zero, zero, zero, zero, zero, zero
             xs0 = tl.zeros([], dtype=tl.float32)
@@ -436,7 +448,8 @@ def _dense_program(x_ptr, dw0_ptr, dw1_ptr, ws_ptr, tile, split, M, m0, stride_x
                    stride_dw, OD, SD, NOUT, out_ptr, ub_ptr, gb_ptr, stride_om,
                    DUAL: tl.constexpr, BM: tl.constexpr, BLOCK_ND: tl.constexpr,
                    BLOCK_KD: tl.constexpr, DIRECT: tl.constexpr, ACTIVATION: tl.constexpr,
-                   HAS_UP_BIAS: tl.constexpr, HAS_GATE_BIAS: tl.constexpr):  # fmt: skip
+                   HAS_UP_BIAS: tl.constexpr, HAS_GATE_BIAS: tl.constexpr,
+                   PDL: tl.constexpr):  # fmt: skip
     """Dense rows tile*BLOCK_ND.. over K-slice `split` of SD -> ws slot `split`, columns OD..
     DIRECT (kernel A, unsplit K): the finished activations go straight to out instead."""
     DUALS: tl.constexpr = 2 if DUAL else 1
@@ -449,6 +462,7 @@ def _dense_program(x_ptr, dw0_ptr, dw1_ptr, ws_ptr, tile, split, M, m0, stride_x
     zeros2 = offs_n[:, None] * 0
     # software pipeline: the next K-block's weights are loaded before this one is used
     nu, ng = _dense_tiles(dw0_ptr, dw1_ptr, stride_dw, KD, kb_lo, offs_n, mask_n, DUAL, BLOCK_KD)
+    pdl_wait(PDL)  # the weights above need nothing from the previous kernel; x does
     for kb in range(kb_lo, kb_hi):
         wu, wg = nu, ng
         nu, ng = _dense_tiles(dw0_ptr, dw1_ptr, stride_dw, KD, tl.minimum(kb + 1, kb_hi - 1),
@@ -508,6 +522,7 @@ def _gemv_kernel(
     BM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_ND: tl.constexpr, BLOCK_KD: tl.constexpr,
     FAST: tl.constexpr, FUSED: tl.constexpr, KA: tl.constexpr, ACTIVATION: tl.constexpr,
     HAS_UP_BIAS: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, BLOCK_S: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     """One (column tile, K-slice) program for rows program_id(1)*BM..; fp32 partials to
     ws[slot, dual, m, column].
@@ -521,7 +536,11 @@ def _gemv_kernel(
     last one finishes the tile. Kernel B: output tiles of BLOCK_N columns (NFT per row block)
     count in their SL light slices and the dense programs that cover them (slot 0), and the last
     one adds the slots and the bias.
+
+    PDL (programmatic dependent launch): each program lets the next kernel launch, loads its first
+    weights, then waits for the previous kernel (pdl_trigger, pdl_wait).
     """
+    pdl_trigger(PDL)
     pid = tl.program_id(0)
     m_blk = tl.program_id(1)
     m0 = m_blk * BM
@@ -533,7 +552,8 @@ def _gemv_kernel(
             _dense_program(x_rows + XD, dw0_ptr, dw1_ptr, ws_ptr, (pid % groups_d) * RD + rt,
                            pid // groups_d, M, m0, stride_xm, ND, KD, stride_dw, OD, SD, NOUT,
                            out_ptr, ub_ptr, gb_ptr, stride_om, DUAL, BM, BLOCK_ND, BLOCK_KD,
-                           FUSED and KA, ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS)  # fmt: skip
+                           FUSED and KA, ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS,
+                           PDL)  # fmt: skip
         if FUSED and not KA:  # count in at every output tile this program's rows touch
             r0 = (pid % groups_d) * rows_d
             r1 = tl.minimum(r0 + rows_d, ND)
@@ -552,7 +572,7 @@ def _gemv_kernel(
         _light_program(x_rows + XL, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u_ptr,
                        ws_ptr, tile, pid // tiles_l, M, m0, stride_xm, NL, KL, OL, SL,
                        SLOT_L, NOUT, CHUNK, ONE, BITS, GROUP, SYMMETRIC, DUAL, BM, BLOCK_N,
-                       FAST)  # fmt: skip
+                       FAST, PDL)  # fmt: skip
         if FUSED:
             cols = OL + tile * BLOCK_N + tl.arange(0, BLOCK_N)
             expected = SL
@@ -569,13 +589,15 @@ def _gemv_kernel(
 def _gemv_reduce_kernel(ws_ptr, ub_ptr, gb_ptr, out_ptr, M, NOUT, stride_om, C0, S0, S1, SMAX,
                         DUAL: tl.constexpr, ACT: tl.constexpr, ACTIVATION: tl.constexpr,
                         HAS_UP_BIAS: tl.constexpr, HAS_GATE_BIAS: tl.constexpr,
-                        BLOCK: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
+                        BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     """out[m, c] = finish(sum of slots) with slots 0..S0 for columns c < C0, 0..S1 for the rest.
 
     A [BLOCK_S slots, BLOCK outputs] tile per iteration: every slot's load is in flight at once
     (a loop of one load per slot would put a memory latency on each); slots are added in order.
     finish: + up bias; with DUAL act(gate + gate bias) * up, else act(up) when ACT, else up.
     """
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mn = M * NOUT
     mask = offs < mn
@@ -724,9 +746,12 @@ def _launch(
         HAS_UP_BIAS=up_bias is not None, HAS_GATE_BIAS=gate_bias is not None,
         BLOCK_S=_FINISH_SLOTS,
     )  # fmt: skip
+    row_blocks = triton.cdiv(m, bm)
+    pdl = pdl_ok(x2.device)
+    constexprs.update(PDL=pdl)
+    launch = {"launch_pdl": True} if pdl else {}
     light_args = _light_args(*(light or (None, None)), x2)
     n_ft = tiles_l if kernel_a else triton.cdiv(out_cols, cfg.block_n)  # output tiles a row block
-    row_blocks = triton.cdiv(m, bm)
     cnt = _tile_counters(x2.device, row_blocks * n_ft) if fused else out
     biases = (out if up_bias is None else up_bias, out if gate_bias is None else gate_bias)
 
@@ -761,7 +786,8 @@ def _launch(
     duals = 2 if dual else 1
     ws = torch.empty((slots, duals, m, out_cols), dtype=torch.float32, device=x2.device)
     _gemv_kernel[(programs_d * sd + tiles_l * sl, row_blocks)](
-        *args(sd, rd, sl, slot_l, chunk, ws), **constexprs, num_warps=cfg.num_warps, num_stages=1
+        *args(sd, rd, sl, slot_l, chunk, ws), **constexprs, num_warps=cfg.num_warps, num_stages=1,
+        **launch,
     )
     if fused:
         return
@@ -777,7 +803,7 @@ def _launch(
         m, out_cols, out.stride(0), c0, s0, s1, slots, DUAL=dual, ACT=kernel_a,
         ACTIVATION=finish.get("activation", "relu"), HAS_UP_BIAS=finish.get("up_bias") is not None,
         HAS_GATE_BIAS=finish.get("gate_bias") is not None, BLOCK=block, BLOCK_S=block_s,
-        num_warps=4,
+        PDL=pdl, num_warps=4, **launch,
     )  # fmt: skip
 
 

@@ -24,6 +24,11 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # grid dependency control (programmatic dependent launch), Triton >= 3.3
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older Triton: PDL stays off (see pdl_ok)
+    gdc_launch_dependents = gdc_wait = None
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # FFNSPLIT_AUTOTUNE=0 keeps the first config of each tier (fast GPU test runs, reproducible picks).
 AUTOTUNE = os.environ.get("FFNSPLIT_AUTOTUNE", "1") != "0" and not INTERPRET
@@ -484,6 +489,50 @@ def torch_to_triton_ok(x: torch.Tensor) -> None:
             "the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for CPU); "
             "use backend='torch' on this device"
         )
+
+
+# Programmatic dependent launch (sm_90+): a kernel launched with it may start while the kernel
+# before it on the stream is still running; it issues loads that do not depend on that kernel
+# (its weights), then waits (`pdl_wait`) before it reads anything the previous kernel wrote or
+# writes anything. Its programs also let the next kernel start early (`pdl_trigger`). Both are
+# no-ops without the launch attribute; older GPUs, the interpreter and FFNSPLIT_PDL=0 get plain
+# launches (the kernels compile without the instructions).
+PDL_ENV = os.environ.get("FFNSPLIT_PDL", "1") != "0"
+_pdl: dict[torch.device, bool] = {}
+
+
+def pdl_ok(device: torch.device) -> bool:
+    """Whether launches on `device` use programmatic dependent launch."""
+    ok = _pdl.get(device)
+    if ok is None:
+        ok = _pdl[device] = (
+            PDL_ENV and not INTERPRET and device.type == "cuda" and gdc_wait is not None
+            and torch.cuda.get_device_capability(device)[0] >= 9
+        )  # fmt: skip
+    return ok
+
+
+def pdl_options(device: torch.device) -> dict:
+    """The launch keywords for a kernel with a PDL constexpr: {"PDL": bool, "launch_pdl": bool}."""
+    ok = pdl_ok(device)
+    return {"PDL": True, "launch_pdl": True} if ok else {"PDL": False}
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    """Wait until the previous kernel on the stream has finished and its writes are visible (every
+    program of a PDL launch must pass here before it reads that kernel's output or writes)."""
+    if PDL:
+        gdc_wait()
+
+
+@triton.jit
+def pdl_trigger(PDL: tl.constexpr):
+    """Let the next kernel on the stream launch (it does once every program of this grid has
+    called this or exited, so a grid of several waves triggers when its last wave runs: the next
+    kernel's waiting programs only ever take slots this grid no longer needs)."""
+    if PDL:
+        gdc_launch_dependents()
 
 
 def sm_count(device: torch.device) -> int:
