@@ -786,7 +786,10 @@ def _launch(
     duals = 2 if dual else 1
     ws = torch.empty((slots, duals, m, out_cols), dtype=torch.float32, device=x2.device)
     _gemv_kernel[(programs_d * sd + tiles_l * sl, row_blocks)](
-        *args(sd, rd, sl, slot_l, chunk, ws), **constexprs, num_warps=cfg.num_warps, num_stages=1,
+        *args(sd, rd, sl, slot_l, chunk, ws),
+        **constexprs,
+        num_warps=cfg.num_warps,
+        num_stages=1,
         **launch,
     )
     if fused:
