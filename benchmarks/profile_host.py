@@ -133,33 +133,32 @@ def main() -> int:
 
 def phases(model: torch.nn.Module, tokens: int, fingerprint: dict, repeats: int = 11) -> None:
     """Medians over profile calls of `tokens` tokens (batch 16 x 2048) of the host time before
-    the forward's first launch (the GPU idle), of the wait for the device at the first transfer
-    of the results (the forward, statistics and flush still queued), and of the host time after
-    it until the call returns (transfers and results; the GPU idle again); the plain forward through the decoder layers for
-    comparison."""
+    the forward's first launch (the GPU idle), of the wait for the device in the first
+    `_Store.wait` (the forward, statistics, flush and the results' transfer still queued), and
+    of the host time after it until the call returns (the GPU idle again); the plain forward
+    through the decoder layers for comparison."""
     import ffnsplit.profile as profiler
 
     ids = torch.randint(0, 1000, (tokens // 2048, 2048))
     marks: dict[str, float] = {}
-    run_calibration_, to_host_ = profiler.run_calibration, profiler._Store.to_host
+    run_calibration_, wait_ = profiler.run_calibration, profiler._Store.wait
 
     def run_marked(*args: object, **kwargs: object) -> None:
         marks.setdefault("forward", time.perf_counter())
         run_calibration_(*args, **kwargs)
 
-    def to_host_marked(store: profiler._Store) -> tuple:
+    def wait_marked(store: profiler._Store) -> tuple:
         marks.setdefault("wait", time.perf_counter())
-        store.flush()  # launched before the wait, as to_host would
         torch.cuda.synchronize()
         marks.setdefault("done", time.perf_counter())
-        return to_host_(store)
+        return wait_(store)
 
     def plain() -> None:
         run_calibration(model, split_batches(ids, 16), device="cuda")
 
     times: dict[str, list[float]] = {"before forward": [], "wait": [], "after device": []}
     times |= {"profile call": [], "plain forward": []}
-    profiler.run_calibration, profiler._Store.to_host = run_marked, to_host_marked
+    profiler.run_calibration, profiler._Store.wait = run_marked, wait_marked
     try:
         for round_ in range(repeats + 1):
             torch.cuda.synchronize()
@@ -178,7 +177,7 @@ def phases(model: torch.nn.Module, tokens: int, fingerprint: dict, repeats: int 
                 times["profile call"].append(end - start)
                 times["plain forward"].append(time.perf_counter() - start_plain)
     finally:
-        profiler.run_calibration, profiler._Store.to_host = run_calibration_, to_host_
+        profiler.run_calibration, profiler._Store.wait = run_calibration_, wait_
     print(f"profile call of {tokens} tokens, batch 16 x 2048, medians of {repeats}:")
     for name, values in times.items():
         print(f"  {name}: {statistics.median(values) * 1e3:.2f} ms")

@@ -458,9 +458,14 @@ def _linear_shape(mod: nn.Module | None, conv1d: bool) -> tuple[int, int] | None
     replacements installed earlier are not dense FFN weights.
     """
     kind = Conv1D if conv1d else nn.Linear
-    if type(mod) is not kind or not mod.weight.is_floating_point():
+    if type(mod) is not kind:
         return None
-    rows, cols = mod.weight.shape
+    weight = mod._parameters.get("weight")  # what mod.weight finds first, without __getattr__
+    if weight is None:
+        weight = mod.weight
+    if not weight.is_floating_point():
+        return None
+    rows, cols = weight.shape
     return (cols, rows) if conv1d else (rows, cols)
 
 
@@ -475,9 +480,23 @@ class _LayerModules:
         if path not in self.found:
             parent_path, attr = _split_path(path)
             parent = self.get(parent_path)
-            child = None if parent is None else getattr(parent, attr, None)
+            child = None if parent is None else _child(parent, attr)
             self.found[path] = child if isinstance(child, nn.Module) else None
         return self.found[path]
+
+
+def _child(parent: nn.Module, attr: str) -> object:
+    """getattr(parent, attr, None), without the slow path through nn.Module.__getattr__ for a
+    registered submodule that no instance or class attribute of that name hides."""
+    modules = parent.__dict__.get("_modules")
+    if (
+        modules
+        and attr in modules
+        and attr not in parent.__dict__
+        and not hasattr(type(parent), attr)
+    ):
+        return modules[attr]
+    return getattr(parent, attr, None)
 
 
 def _dense_hidden_size(

@@ -414,6 +414,8 @@ def accumulate_stats_torch(
 _NORM_CHUNK_BYTES = 1 << 28
 # Rows of a store's `stats`: abs_sum of the first and second half, sq_sum, abs_max, col_norm.
 _ABS, _SQ, _MAX, _COL = 0, 2, 3, 4
+# The final statistics computed by `_Store.to_host`, in the order of its rows.
+_FINAL = STAT_NAMES
 
 
 def _down_weight(block: FFNBlock, size: int) -> Tensor:
@@ -446,6 +448,7 @@ class _Store:
         self.dirty = False  # tokens in the partials
         self.slot_row = 0  # sequential mode: the FFN whose tokens are in the slots (else 0)
         self.host: tuple[Tensor, Tensor] | None = None
+        self.ready: Any = None  # torch.cuda.Event: the transfer to `host` is done
 
     def allocate(self, device: torch.device, kernels: bool) -> None:
         n = len(self.blocks)
@@ -514,19 +517,68 @@ class _Store:
     def bad_rows(self, rows: list[int]) -> list[int]:
         """Those of `rows` whose sums hold NaN/Inf (from the host copy if made, else one sync)."""
         if self.host is not None:
-            sums = self.host[0][_ABS : _ABS + 2, rows]
+            flags = self.wait()[1][rows]
         else:
             self.flush()
-            sums = self.stats[_ABS : _ABS + 2, rows].cpu()
-        flags = torch.isfinite(sums).all(2).all(0)
+            flags = _finite_rows(self.stats[_ABS : _ABS + 2, rows]).cpu()
         return [row for row, ok in zip(rows, flags.tolist(), strict=True) if not ok]
 
-    def to_host(self) -> tuple[Tensor, Tensor]:
-        """`stats` and `counts` on the host (flushed; two transfers, done once)."""
+    def to_host(self, tokens: list[list[int]]) -> tuple[Tensor, Tensor]:
+        """The final statistics [len(_FINAL), n, I] float32 and the rows' finite flags [n] (1.0
+        or 0.0), computed on the device from `tokens` (each row's tokens per half) after a flush,
+        and brought to the host in one transfer (done once). From a GPU the transfer is queued
+        behind the forward into pinned memory: the views returned hold data only after `wait`."""
         if self.host is None:
             self.flush()
-            self.host = (self.stats.cpu(), self.counts.cpu())
+            stats, counts = self.stats, self.counts
+            n, size = counts.shape
+            packed = torch.empty(
+                len(_FINAL) * n * size + n, dtype=torch.float32, device=stats.device
+            )
+            values = packed[: len(_FINAL) * n * size].view(len(_FINAL), n, size)
+            host_tokens = torch.tensor(
+                [[first, second, first + second] for first, second in tokens], dtype=torch.float64
+            )
+            if stats.is_cuda:  # no sync: the forward may still be running
+                host_tokens = host_tokens.pin_memory().to(stats.device, non_blocking=True)
+            total = host_tokens[:, 2:]
+            halves = host_tokens[:, :2].float()
+            total_float = total.float()
+            col = stats[_COL]
+            abs_mean = values[_FINAL.index("abs_mean")]
+            torch.div(stats[_ABS] + stats[_ABS + 1], total_float, out=abs_mean)
+            torch.mul(abs_mean, col, out=values[_FINAL.index("out_norm_mean")])
+            values[_FINAL.index("abs_max")].copy_(stats[_MAX])
+            torch.div(stats[_SQ], total_float, out=values[_FINAL.index("sq_mean")])
+            values[_FINAL.index("topk_freq")].copy_(counts.double() / total)
+            for half, name in enumerate(("first_half", "second_half")):
+                out = values[_FINAL.index(f"out_norm_mean_{name}")]
+                torch.mul(stats[_ABS + half] / halves[:, half : half + 1], col, out=out)
+            values[_FINAL.index("down_col_norm")].copy_(col)
+            packed[len(_FINAL) * n * size :].copy_(_finite_rows(stats[_ABS : _ABS + 2]))
+            if packed.is_cuda:
+                host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+                host.copy_(packed, non_blocking=True)
+                self.ready = torch.cuda.Event()
+                self.ready.record(torch.cuda.current_stream(packed.device))
+                packed = host
+            self.host = (
+                packed[: len(_FINAL) * n * size].view(len(_FINAL), n, size),
+                packed[len(_FINAL) * n * size :],
+            )
         return self.host
+
+    def wait(self) -> tuple[Tensor, Tensor]:
+        """`host` (made by `to_host`), once its transfer is done."""
+        if self.ready is not None:
+            self.ready.synchronize()
+            self.ready = None
+        return self.host
+
+
+def _finite_rows(sums: Tensor) -> Tensor:
+    """Per row of `sums` [2, rows, I]: whether all its values are finite (bool [rows])."""
+    return torch.isfinite(sums).all(2).all(0)
 
 
 class _Accumulator:
@@ -626,33 +678,22 @@ def _down_weight_size(block: FFNBlock) -> int:
     return block.parts().down.shape[1]
 
 
-def _results(accumulators: Sequence[_Accumulator], stores: Sequence[_Store]) -> list[LayerStats]:
-    """Every layer's LayerStats, computed per store on the host from one transfer of its sums.
-    The tensors of one store are views into shared per-statistic tensors."""
+def _check_tokens(accumulators: Sequence[_Accumulator]) -> None:
+    """Raise RuntimeError if an FFN saw no tokens in a calibration half."""
     for acc in accumulators:
         if acc.col_norm is None or min(acc.tokens) == 0:
             raise RuntimeError(f"{acc.block.name}: the FFN saw tokens {acc.tokens} per half")
+
+
+def _results(accumulators: Sequence[_Accumulator], stores: Sequence[_Store]) -> list[LayerStats]:
+    """Every layer's LayerStats, computed per store on the device and brought to the host in one
+    transfer (`_Store.to_host`). The tensors of one store are views into one shared tensor."""
+    _check_tokens(accumulators)
     per_block: dict[int, LayerStats] = {}
     for store in stores:
         members = [acc for acc in accumulators if acc.store is store]
-        stats, counts = store.to_host()
-        tokens = torch.tensor([acc.tokens for acc in members], dtype=torch.float64)
-        total = tokens.sum(1, keepdim=True)
-        halves = tokens.float()
-        col = stats[_COL]
-        abs_total = stats[_ABS] + stats[_ABS + 1]
-        abs_mean = abs_total / total.float()
-        values = {
-            "out_norm_mean": abs_mean * col,
-            "abs_mean": abs_mean,
-            "abs_max": stats[_MAX],
-            "sq_mean": stats[_SQ] / total.float(),
-            "topk_freq": (counts.double() / total).float(),
-            "out_norm_mean_first_half": stats[_ABS] / halves[:, :1] * col,
-            "out_norm_mean_second_half": stats[_ABS + 1] / halves[:, 1:] * col,
-            "down_col_norm": col,
-        }
-        rows = {name: value.unbind() for name, value in values.items()}
+        values, _ = store.to_host([acc.tokens for acc in members])
+        rows = dict(zip(_FINAL, (value.unbind() for value in values), strict=True))
         for acc in members:
             per_block[id(acc)] = LayerStats(
                 name=acc.block.name, **{name: v[acc.row] for name, v in rows.items()}
@@ -971,8 +1012,8 @@ def profile_model(
         nonlocal done
         tokens = batches[index].numel()
         if layer is None:
-            if index == len(batches) - 1:  # one host sync per run: NaN/Inf stays in the sums
-                _check_finite(accumulators, to_host=True)
+            if index == len(batches) - 1:  # queued behind the forward; checked after it
+                _launch_to_host(accumulators)
             done += tokens
         else:
             if index == len(batches) - 1:
@@ -1007,8 +1048,12 @@ def profile_model(
             handle.remove()
         if set_eval:
             model.train(was_training)
-    run_seconds = time.perf_counter() - run_started
-    stats = _results(accumulators, stores)
+    try:
+        _check_tokens(accumulators)
+    except RuntimeError:
+        _check_finite(accumulators, to_host=True)  # NaN/Inf is reported first
+        raise
+    stats = _results(accumulators, stores)  # views: the device may still be running (no sync)
     meta = {
         "model_name": Path(str(getattr(model, "name_or_path", "") or "")).name or None,
         "model": fingerprint,
@@ -1022,11 +1067,14 @@ def profile_model(
         "device": run_device.type,
         "sequential": sequential,
         "definitions": DEFINITIONS,
-        "run_seconds": run_seconds,
-        "tokens_per_second": total_tokens / run_seconds if run_seconds > 0 else None,
-        "elapsed_seconds": time.perf_counter() - started,
     }
-    return Profile(layers=stats, meta=meta)
+    result = Profile(layers=stats, meta=meta)
+    _check_finite(accumulators, to_host=True)  # one host sync per run: waits for the transfers
+    run_seconds = time.perf_counter() - run_started
+    meta["run_seconds"] = run_seconds
+    meta["tokens_per_second"] = total_tokens / run_seconds if run_seconds > 0 else None
+    meta["elapsed_seconds"] = time.perf_counter() - started
+    return result
 
 
 profile = profile_model
@@ -1063,17 +1111,25 @@ def _decoder_layer_index(layers: nn.ModuleList, blocks: list[FFNBlock]) -> list[
     return [owner[id(block.down_module)] for block in blocks]
 
 
+def _launch_to_host(accumulators: Sequence[_Accumulator]) -> None:
+    """Queue each store's final statistics and their transfer (`_Store.to_host`), no sync."""
+    for store in dict.fromkeys(acc.store for acc in accumulators):
+        if store.stats is not None:
+            store.to_host([acc.tokens for acc in accumulators if acc.store is store])
+
+
 def _check_finite(accumulators: Sequence[_Accumulator], *, to_host: bool) -> None:
     """Raise NumericalError naming the first of `accumulators` whose sums hold NaN/Inf.
 
-    to_host: first bring all the sums of their stores to the host (the end of a normal run: one
-    transfer per store, which the results reuse); else read only the rows checked (one sync)."""
+    to_host: read the finite flags made with the final statistics of their stores (the end of a
+    run: one transfer per store, which the results are views of; waits for it, making it first if
+    not yet queued); else read only the rows checked (one sync)."""
     bad: set[int] = set()
     for store in dict.fromkeys(acc.store for acc in accumulators):
         if store.stats is None:
             continue
         if to_host:
-            store.to_host()
+            store.to_host([acc.tokens for acc in accumulators if acc.store is store])
         rows = [acc.row for acc in accumulators if acc.store is store]
         bad.update(id(store.blocks[row]) for row in store.bad_rows(rows))
     for acc in accumulators:

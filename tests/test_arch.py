@@ -385,3 +385,23 @@ def test_packaged_minilm() -> None:
     check_hook_targets(model)
     check_permutation(model)
     assert arch.model_fingerprint(transformers.BertModel.from_pretrained(folder)) == fp
+
+
+def test_child_lookup_matches_getattr() -> None:
+    """The submodule lookup of get_ffn_blocks (`_child`) finds what getattr finds: a registered
+    submodule, unless a class or instance attribute of that name hides it."""
+
+    class Shadowing(nn.Module):
+        hidden = "class attribute"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.up = nn.Linear(2, 3)
+            self._modules["hidden"] = nn.Linear(2, 3)  # add_module refuses a hidden name
+            self.weight_like = nn.Parameter(torch.zeros(2))
+
+    module = Shadowing()
+    for attr in ("up", "hidden", "weight_like", "missing", "training"):
+        assert arch._child(module, attr) is getattr(module, attr, None), attr
+    assert arch._child(module, "up") is module.up
+    assert arch._child(module, "hidden") == "class attribute"

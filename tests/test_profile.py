@@ -498,14 +498,21 @@ def test_bad_profile_files_refused(small_profile, tmp_path) -> None:
     _refused(path, "not a valid profile")
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize("sequential", [False, True])
-def test_nan_activation_names_the_layer(sequential: bool) -> None:
+def test_nan_activation_names_the_layer(sequential: bool, device: str) -> None:
+    """On a GPU the check of a normal run reads the flags of the final transfer, after the run."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
     model = tiny_model("llama")
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[3, 0] = float("nan")
+    if not sequential:
+        model = model.to(device)
     input_ids = tiny_input_ids(model, batch=2, seq=8)
     with pytest.raises(NumericalError, match=r"layer 1 \(model\.layers\.1\.mlp\)"):
-        profile_model(model, input_ids, sequential=sequential)
+        profile_model(model, input_ids, sequential=sequential, device=device)
+    assert all(not b.down_module._forward_pre_hooks for b in get_ffn_blocks(model))
 
 
 def test_bad_arguments() -> None:
@@ -577,3 +584,46 @@ def test_smollm2_profile_shapes_and_heavy_share(cache_dir) -> None:
     shares = [row["top5_share"] for row in profile.summary_rows()]
     assert sum(shares) / len(shares) > 0.08  # a uniform layer would give 0.05
     profile.check_model(model)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_final_statistics_cuda_and_host(device) -> None:
+    """The final statistics computed on the store's device (one transfer) are bit-identical to
+    the host formulas on the transferred sums, and the finite flags name the NaN/Inf rows."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from ffnsplit.profile import _Store
+
+    n, size = 5, 1536
+    gen = torch.Generator().manual_seed(0)
+    stats = torch.rand(5, n, size, generator=gen) * 1e4
+    stats[3] = torch.rand(n, size, generator=gen) * 30
+    stats[0, 1, 7] = float("nan")
+    stats[1, 3, 0] = float("inf")
+    counts = torch.randint(0, 20000, (n, size), generator=gen)
+    tokens = [[16384 + 3 * i, 16384 - 5 * i] for i in range(n)]
+    store = _Store([None] * n, size, sequential=False)
+    store.stats, store.counts = stats.to(device), counts.to(device)
+    values, flags = store.to_host(tokens)
+    assert values.device.type == "cpu" and flags.device.type == "cpu"
+    assert flags.tolist() == [1.0, 0.0, 1.0, 0.0, 1.0]
+    assert store.bad_rows([0, 1, 2, 3, 4]) == [1, 3]
+    # the host formulas of session 4c (computed on the host copy of the sums)
+    t = torch.tensor(tokens, dtype=torch.float64)
+    total = t.sum(1, keepdim=True)
+    halves = t.float()
+    col = stats[4]
+    abs_mean = (stats[0] + stats[1]) / total.float()
+    expected = {
+        "out_norm_mean": abs_mean * col,
+        "abs_mean": abs_mean,
+        "abs_max": stats[3],
+        "sq_mean": stats[2] / total.float(),
+        "topk_freq": (counts.double() / total).float(),
+        "out_norm_mean_first_half": stats[0] / halves[:, :1] * col,
+        "out_norm_mean_second_half": stats[1] / halves[:, 1:] * col,
+        "down_col_norm": col,
+    }
+    assert tuple(expected) == STAT_NAMES
+    for value, (name, want) in zip(values, expected.items(), strict=True):
+        torch.testing.assert_close(value, want, rtol=0, atol=0, equal_nan=True, msg=name)
