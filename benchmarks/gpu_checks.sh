@@ -9,12 +9,14 @@
 #                                            # and off (FFNSPLIT_PDL), same machine (~8 min)
 #   bash benchmarks/gpu_checks.sh profile32k # profiler tests + 32k-token overhead against the copy
 #                                            # of the package in out/bl_head (carry it) (~3 min)
+#   gemv (GEMV tests), decodeops (decoder op tests), trace (benchmarks/trace_decode.py), decode8b (M = 1, 4 + 8B decode once)
+# Several stages in one call: bash benchmarks/gpu_checks.sh gemv trace decode8b
 # Each step has its own time limit, so one slow step cannot take the whole call.
 set -uo pipefail
 export PYTHONPATH=.
 OUT=${OUT:-benchmarks/out}
 mkdir -p "$OUT"
-stage=${1:-tests}
+stages=("${@:-tests}")  # several stages run in order: gpu_checks.sh pdl trace
 
 run() {  # run LIMIT NAME CMD...: log to $OUT/NAME.log, print its tail
     local limit=$1 name=$2
@@ -26,6 +28,7 @@ run() {  # run LIMIT NAME CMD...: log to $OUT/NAME.log, print its tail
     tail -n 3 "$OUT/$name.log"
 }
 
+for stage in "${stages[@]}"; do
 case "$stage" in
 tests)
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
@@ -60,13 +63,30 @@ pdl)
             --shape 4096x14336 --m 1,4 --e2e-shape llama3-8b --json "$OUT/bench_pdl_$name.json"
     done
     ;;
+gemv)  # the GEMV decode path's GPU tests (every candidate config alone, fp16 and bf16)
+    run 180 test_gemv env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -x -n 8 tests/test_kernels.py \
+        -k "gemv or cuda_graph"
+    ;;
+trace)  # where a decode step of the 8B shape goes, kernel by kernel, dense and split
+    run 170 trace_decode python3 benchmarks/trace_decode.py --out "$OUT/trace_decode.json"
+    ;;
+decode8b)  # the layer at M = 1, 4 and the 8B decode, once
+    run 170 bench_decode8b python3 -m ffnsplit.cli bench --shape 4096x14336 --m 1,4 \
+        --e2e-shape llama3-8b --json "$OUT/bench_decode8b.json"
+    ;;
+decodeops)  # the decoder's Triton ops on the GPU (norms, rotary, attention, projections, argmax)
+    run 50 test_decodeops env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -x -n 4 \
+        tests/test_decode_ops.py
+    ;;
 profile32k)
     run 60 test_profile python3 -m pytest -q -x tests/test_profile.py -k "kernel or partials or cuda"
     run 300 bench_profile32k python3 benchmarks/bench_profile.py --tokens 32768 --batch-size 16 \
         --skip-large --repeats 21 --baseline out/bl_head --out "$OUT/bench_profile32k.json"
     ;;
 *)
-    echo "unknown stage $stage: tests, decode, bench, pdl or profile32k" >&2
+    echo "unknown stage $stage: tests, decode, bench, pdl, gemv, decodeops, trace, decode8b or" \
+        "profile32k" >&2
     exit 2
     ;;
 esac
+done

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from ffnsplit.kernels import dequant_gemm, ops, reference, tiles
+from ffnsplit.kernels import gemv as gemv_module
 from ffnsplit.kernels import quant_matmul as qmm
 from ffnsplit.kernels import split_ffn as sffn
 from ffnsplit.kernels.format import QuantizedWeight, SplitFFNWeights, n_groups, pack_planes
@@ -338,6 +339,25 @@ def test_every_config(poison, monkeypatch, dtype, tier, index) -> None:
                                  symmetric=symmetric)  # fmt: skip
         x = torch.randn(m, 1056, device=DEVICE, dtype=dtype)
         assert rel_err(sffn.split_ffn(x, w, path=tier), ref_split_ffn(x, w)) < TOL[dtype]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("index", range(len(gemv_module._CONFIGS)))
+def test_every_gemv_config(poison, monkeypatch, dtype, index) -> None:
+    """Each candidate of the GEMV decode path alone (its tuner may pick any, per kernel; kernel B's
+    fused-reduction candidates included), at odd shapes, 1 and 3 rows, twice (the arrival
+    counters are left at zero: the second call agrees bitwise)."""
+    monkeypatch.setattr(gemv_module, "_CONFIGS", (gemv_module._CONFIGS[index],))
+    for group, symmetric in ((128, False), (32, True)):
+        w = random_split_weights(1056, 72, 2016, "silu", True, True, dtype, bits=4, group=group,
+                                 symmetric=symmetric)  # fmt: skip
+        for m in (1, 3):
+            x = torch.randn(m, 1056, device=DEVICE, dtype=dtype)
+            out = sffn.split_ffn(x, w, path="gemv")
+            assert rel_err(out, ref_split_ffn(x, w)) < TOL[dtype]
+            assert torch.equal(out, sffn.split_ffn(x, w, path="gemv"))
 
 
 @gpu

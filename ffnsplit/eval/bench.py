@@ -835,11 +835,14 @@ class StaticDecoder:
     waits on the host. Supports DECODER_TYPES (q/k norms of Qwen3, biases, grouped-query
     attention, sliding windows).
 
-    `kernels`: "torch" runs the model's own norms and torch ops (rotary, cache copies, the cache
-    repeated per query head, masked SDPA); "triton" runs kernels/decode_ops.py: each RMSNorm fused
-    with the residual add before it, rotary + cache write in one launch, attention over the
+    `kernels`: "torch" runs the model's own norms, projections and torch ops (rotary, cache copies,
+    the cache repeated per query head, masked SDPA, argmax); "triton" runs kernels/decode_ops.py:
+    each RMSNorm fused with the residual add before it, the q/k/v and o projections of a decode
+    step through the GEMV kernel, rotary + cache write in one launch, attention over the
     unrepeated cache whose cost follows the position (prefill too: one pass per tile of query
-    rows); "auto" is triton on CUDA, torch elsewhere. Both models of a comparison run the same.
+    rows), the greedy pick in two short reductions; "auto" is triton on CUDA, torch elsewhere.
+    Both models of a comparison run the same (the dense model's FFN stays its own nn.Module,
+    cuBLAS).
     """
 
     def __init__(self, model: nn.Module, batch: int, max_len: int, kernels: str = "auto") -> None:
@@ -940,13 +943,14 @@ class StaticDecoder:
         weight, bias = self.qkv[index]
         keys, values = self.keys[index], self.values[index]
         q = decode_ops.rope_kv_write(
-            F.linear(x, weight, bias), cos, sin, positions, keys, values, self.q_heads,
+            decode_ops.linear(x, weight, bias), cos, sin, positions, keys, values, self.q_heads,
             keys.shape[1], self.head_dim, **self.qk_norms[index],
         )  # fmt: skip
         out = decode_ops.decode_attention(
             q, keys, values, positions, attn.scaling, self.groups, self.windows[index]
         )
-        return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))  # a view: out is [B, T, H, D]
+        out = out.transpose(1, 2).reshape(b, t, -1)  # a view: out is [B, T, H, D]
+        return decode_ops.linear(out, attn.o_proj.weight, attn.o_proj.bias)
 
     def _hidden_kernels(
         self, h: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, last_only: bool
@@ -1004,8 +1008,11 @@ class StaticDecoder:
 
     def decode_step(self) -> None:
         """One greedy step: `tokens` at `position` -> next tokens; both advance in place."""
-        logits = self.forward(self.tokens, self.position)
-        self.tokens.copy_(logits[:, -1].argmax(dim=-1, keepdim=True))
+        logits = self.forward(self.tokens, self.position)[:, -1]
+        if self.kernels:
+            self.tokens.copy_(decode_ops.greedy_tokens(logits))
+        else:
+            self.tokens.copy_(logits.argmax(dim=-1, keepdim=True))
         self.position.add_(1)
 
 

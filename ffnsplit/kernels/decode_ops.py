@@ -9,6 +9,11 @@ weights, set the time of everything but the FFN. Here:
   times the weight).
 - `rope_kv_write`: from the fused q/k/v projection, the rotary on q and k (optionally the per-head
   RMSNorm of Qwen3 first), k and v written into the static cache at `positions`, q returned.
+- `linear`: the q/k/v and o projections of a decode step (up to tiles.GEMV_MAX_M rows) through
+  the GEMV kernel of the split FFN (gemv.py, its dense part), so that they too load their weights
+  while the previous kernel finishes (programmatic dependent launch); F.linear for more rows.
+- `greedy_tokens`: argmax over the vocabulary in two short reductions (a max per chunk of the
+  row, then over the chunks) instead of one program walking a 128k-entry row.
 - `decode_attention`: grouped-query attention over the static cache without repeating it (each
   program loads a key/value block once for all the query heads of its kv head), split-K
   (flash-decoding) when there are few query rows: programs own fixed key chunks, those past the
@@ -23,9 +28,11 @@ signature). No host syncs, no data-dependent shapes.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ffnsplit.kernels import gemv, tiles
 from ffnsplit.kernels.tiles import (
     INTERPRET,
     pdl_options,
@@ -139,6 +146,51 @@ def _norm(
             num_warps=1 if INTERPRET else min(16, max(1, block // 512)), **pdl_options(x.device),
         )  # fmt: skip
     return out, new_res
+
+
+# ---------------------------------------------------------------------------------------------
+# Projections and the greedy pick of a decode step
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for x [..., K], weight [N, K]: up to tiles.GEMV_MAX_M rows of x
+    through gemv.split_linear (CUDA, or the interpreter), otherwise F.linear itself."""
+    k = x.shape[-1]
+    rows = x.numel() // k if k else 0
+    if (
+        not (x.is_cuda or INTERPRET)
+        or not 0 < rows <= tiles.GEMV_MAX_M
+        or weight.dim() != 2
+        or weight.dtype != x.dtype
+        or x.dtype not in (torch.float16, torch.bfloat16, torch.float32)
+    ):
+        return F.linear(x, weight, bias)
+    if weight.shape[1] != k:
+        raise ValueError(f"weight {tuple(weight.shape)} does not take rows of {k}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias {tuple(bias.shape)} for {weight.shape[0]} outputs")
+    out = torch.empty(rows, weight.shape[0], dtype=x.dtype, device=x.device)
+    gemv.split_linear(_rows(x, k), weight, None, bias, out)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+GREEDY_CHUNKS = 256  # chunks of a row whose maxima are taken first
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] -> [B, 1] int64: the first index of each row's maximum (torch.argmax's
+    answer), as a max per chunk of the row, then the first chunk holding the largest."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [B, V], got {tuple(logits.shape)}")
+    b, v = logits.shape
+    chunks = GREEDY_CHUNKS
+    while chunks > 1 and v % chunks:  # a divisor of V: no padded copy of the logits
+        chunks //= 2
+    if chunks == 1 or v // chunks < 64:
+        return logits.argmax(dim=-1, keepdim=True)
+    values, index = logits.reshape(b, chunks, v // chunks).max(dim=-1)
+    best = values.argmax(dim=-1, keepdim=True)
+    return best * (v // chunks) + index.gather(1, best)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
