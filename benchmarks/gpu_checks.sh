@@ -47,7 +47,7 @@ decode)
     done
     ;;
 bench)
-    run 480 bench python3 -m ffnsplit.cli bench --shape 4096x14336 --e2e-shape llama3-8b \
+    run 400 bench python3 -m ffnsplit.cli bench --shape 4096x14336 --e2e-shape llama3-8b \
         --json "$OUT/bench.json"
     ;;
 pdl)
@@ -77,6 +77,11 @@ decode8b)  # the layer at M = 1, 4 and the 8B decode, once
 decodeops)  # the decoder's Triton ops on the GPU (norms, rotary, attention, projections, argmax)
     run 50 test_decodeops env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -x -n 4 \
         tests/test_decode_ops.py
+    ;;
+profile_final)  # SmolLM2 shape at 32k tokens and the 8B shape sequentially (16k tokens)
+    run 60 test_profile python3 -m pytest -q -x tests/test_profile.py -k "kernel or partials or cuda"
+    run 400 bench_profile python3 benchmarks/bench_profile.py --tokens 32768 --tokens-large 16384 \
+        --batch-size 16 --repeats 11 --out "$OUT/bench_profile.json"
     ;;
 profile32k)
     run 60 test_profile python3 -m pytest -q -x tests/test_profile.py -k "kernel or partials or cuda"

@@ -33,33 +33,7 @@ def norm_weight(size: int, dtype: torch.dtype, device: str = DEVICE) -> torch.Te
 
 
 # ---------------------------------------------------------------------------------------------
-# Projections and the greedy pick
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 1, 96), (3, 96), (2, 1, 96)])
-@pytest.mark.parametrize("bias", [False, True])
-def test_linear_matches_f_linear(poison, dtype, shape, bias) -> None:
-    """Decode rows through the GEMV kernel (odd N = 77, K = 96) against F.linear in fp32."""
-    x = randn(*shape, dtype=dtype)
-    weight = randn(77, 96, dtype=dtype) / 8
-    b = randn(77, dtype=dtype) if bias else None
-    out = decode_ops.linear(x, weight, b)
-    expected = torch.nn.functional.linear(
-        x.float(), weight.float(), None if b is None else b.float()
-    )
-    assert out.shape == (*shape[:-1], 77) and out.dtype == dtype
-    assert rel_err(out, expected) < TOL[dtype]
-
-
-def test_linear_of_many_rows_is_f_linear(monkeypatch) -> None:
-    calls = []
-    monkeypatch.setattr(decode_ops.gemv, "split_linear", lambda *a: calls.append(a))
-    x, weight = randn(9, 32, dtype=torch.float32), randn(16, 32, dtype=torch.float32)
-    torch.testing.assert_close(decode_ops.linear(x, weight), x @ weight.T)
-    assert calls == []
-    with pytest.raises(ValueError, match="does not take rows of 32"):
-        decode_ops.linear(x[:1], randn(16, 31, dtype=torch.float32))
+# The greedy pick
 
 
 @pytest.mark.parametrize("vocab", [4096, 128 * 257, 1001])
@@ -268,17 +242,6 @@ def test_rope_kv_write_rejects_a_width_that_is_not_the_heads() -> None:
 
 LLAMA3 = {"q_heads": 32, "kv_heads": 8, "head_dim": 128}
 GPU_DTYPES = [torch.float16, torch.bfloat16]
-
-
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("dtype", GPU_DTYPES)
-@pytest.mark.parametrize(("rows", "n"), [(1, 6144), (4, 4096), (1, 4099)])
-def test_gpu_linear_llama3(poison, dtype, rows, n) -> None:
-    """The q/k/v (6144 x 4096) and o (4096 x 4096) projections of a decode step, and an odd N."""
-    x, weight = randn(rows, 4096, dtype=dtype), randn(n, 4096, dtype=dtype) / 64
-    expected = torch.nn.functional.linear(x.float(), weight.float())
-    assert rel_err(decode_ops.linear(x, weight), expected) < TOL[dtype]
 
 
 @gpu

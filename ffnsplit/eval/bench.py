@@ -837,12 +837,10 @@ class StaticDecoder:
 
     `kernels`: "torch" runs the model's own norms, projections and torch ops (rotary, cache copies,
     the cache repeated per query head, masked SDPA, argmax); "triton" runs kernels/decode_ops.py:
-    each RMSNorm fused with the residual add before it, the q/k/v and o projections of a decode
-    step through the GEMV kernel, rotary + cache write in one launch, attention over the
+    each RMSNorm fused with the residual add before it, rotary + cache write in one launch, attention over the
     unrepeated cache whose cost follows the position (prefill too: one pass per tile of query
     rows), the greedy pick in two short reductions; "auto" is triton on CUDA, torch elsewhere.
-    Both models of a comparison run the same (the dense model's FFN stays its own nn.Module,
-    cuBLAS).
+    Both models of a comparison run the same.
     """
 
     def __init__(self, model: nn.Module, batch: int, max_len: int, kernels: str = "auto") -> None:
@@ -943,14 +941,13 @@ class StaticDecoder:
         weight, bias = self.qkv[index]
         keys, values = self.keys[index], self.values[index]
         q = decode_ops.rope_kv_write(
-            decode_ops.linear(x, weight, bias), cos, sin, positions, keys, values, self.q_heads,
+            F.linear(x, weight, bias), cos, sin, positions, keys, values, self.q_heads,
             keys.shape[1], self.head_dim, **self.qk_norms[index],
         )  # fmt: skip
         out = decode_ops.decode_attention(
             q, keys, values, positions, attn.scaling, self.groups, self.windows[index]
         )
-        out = out.transpose(1, 2).reshape(b, t, -1)  # a view: out is [B, T, H, D]
-        return decode_ops.linear(out, attn.o_proj.weight, attn.o_proj.bias)
+        return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))  # a view: out is [B, T, H, D]
 
     def _hidden_kernels(
         self, h: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, last_only: bool

@@ -9,9 +9,6 @@ weights, set the time of everything but the FFN. Here:
   times the weight).
 - `rope_kv_write`: from the fused q/k/v projection, the rotary on q and k (optionally the per-head
   RMSNorm of Qwen3 first), k and v written into the static cache at `positions`, q returned.
-- `linear`: the q/k/v and o projections of a decode step (up to tiles.GEMV_MAX_M rows) through
-  the GEMV kernel of the split FFN (gemv.py, its dense part), so that they too load their weights
-  while the previous kernel finishes (programmatic dependent launch); F.linear for more rows.
 - `greedy_tokens`: argmax over the vocabulary in two short reductions (a max per chunk of the
   row, then over the chunks) instead of one program walking a 128k-entry row.
 - `decode_attention`: grouped-query attention over the static cache without repeating it (each
@@ -28,11 +25,9 @@ signature). No host syncs, no data-dependent shapes.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ffnsplit.kernels import gemv, tiles
 from ffnsplit.kernels.tiles import (
     INTERPRET,
     pdl_options,
@@ -149,29 +144,7 @@ def _norm(
 
 
 # ---------------------------------------------------------------------------------------------
-# Projections and the greedy pick of a decode step
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias) for x [..., K], weight [N, K]: up to tiles.GEMV_MAX_M rows of x
-    through gemv.split_linear (CUDA, or the interpreter), otherwise F.linear itself."""
-    k = x.shape[-1]
-    rows = x.numel() // k if k else 0
-    if (
-        not (x.is_cuda or INTERPRET)
-        or not 0 < rows <= tiles.GEMV_MAX_M
-        or weight.dim() != 2
-        or weight.dtype != x.dtype
-        or x.dtype not in (torch.float16, torch.bfloat16, torch.float32)
-    ):
-        return F.linear(x, weight, bias)
-    if weight.shape[1] != k:
-        raise ValueError(f"weight {tuple(weight.shape)} does not take rows of {k}")
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(f"bias {tuple(bias.shape)} for {weight.shape[0]} outputs")
-    out = torch.empty(rows, weight.shape[0], dtype=x.dtype, device=x.device)
-    gemv.split_linear(_rows(x, k), weight, None, bias, out)
-    return out.view(*x.shape[:-1], weight.shape[0])
+# The greedy pick of a decode step
 
 
 GREEDY_CHUNKS = 256  # chunks of a row whose maxima are taken first

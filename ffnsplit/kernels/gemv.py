@@ -626,16 +626,15 @@ def _gemv_reduce_kernel(ws_ptr, ub_ptr, gb_ptr, out_ptr, M, NOUT, stride_om, C0,
 class GemvConfig:
     """Light tiles of block_n columns (4 or 8 words a thread: block_n = 128 or 256 * num_warps on
     a GPU); dense tiles [block_nd rows, block_kd]; grids of `waves` full waves (every SM holding
-    as many programs as its registers allow)."""
+    as many programs as its registers allow; 0.5: half as many programs, each twice as long)."""
 
     block_n: int
     block_nd: int
     block_kd: int
     num_warps: int
-    waves: int = 1
+    waves: float = 1
     fast: bool = True  # int4 with 16-bit activations: two mantissa positions (_light_step4)
-    fused: bool = True  # kernel A: the split-K reduction inside the kernel (last program of a tile)
-    fused_b: bool = False  # kernel B too (a candidate of kernel B's tuning only)
+    fused: bool = True  # the split-K reduction inside the kernel (last program of a tile)
 
 
 _CONFIGS = (  # block_n / (32 * num_warps) columns per thread: 4 (one 16-byte load) or 8 (two)
@@ -644,17 +643,15 @@ _CONFIGS = (  # block_n / (32 * num_warps) columns per thread: 4 (one 16-byte lo
     GemvConfig(1024, 4, 256, num_warps=4),
     GemvConfig(512, 2, 256, num_warps=2),
     GemvConfig(512, 4, 256, num_warps=4, waves=2),
-    # kernel B only: its reduction in the kernel instead of a second launch (with programmatic
-    # dependent launch that launch overlaps B's tail, so which is faster is measured per shape)
-    GemvConfig(512, 4, 256, num_warps=4, fused_b=True),
-    GemvConfig(256, 2, 256, num_warps=2, fused_b=True),
+    GemvConfig(512, 4, 256, num_warps=4, waves=0.5),
+    GemvConfig(256, 2, 256, num_warps=2, waves=0.5),
+    GemvConfig(1024, 4, 256, num_warps=8),
 )
 _INTERPRET_CONFIG = GemvConfig(32, 4, 32, num_warps=1, waves=1)
 FAST_OK = os.environ.get("FFNSPLIT_GEMV_FAST", "1") != "0"  # 0: exact path only (benchmarks)
 # Where the split-K partials are reduced inside the kernel (the last program of a tile) instead of
-# by a second launch (_gemv_reduce_kernel): "tune" (default) kernel A always, kernel B where the
-# config says so (fused_b); "a" kernel A only, "all" kernels A and B, "0" neither
-FUSED_MODE = os.environ.get("FFNSPLIT_GEMV_FUSED", "tune")
+# by a second launch (_gemv_reduce_kernel): "a" kernel A (default), "all" kernels A and B, "0" none
+FUSED_MODE = os.environ.get("FFNSPLIT_GEMV_FUSED", "a")
 _FINISH_SLOTS = 8  # slots per load of _finish_tile ([8, BLOCK_N] tiles)
 _counters: dict[tuple, torch.Tensor] = {}
 _counters_kept: list[torch.Tensor] = []
@@ -743,13 +740,9 @@ def _launch(
         BLOCK_ND=cfg.block_nd, BLOCK_KD=cfg.block_kd,
         FAST=cfg.fast and FAST_OK and bits == 4 and x2.dtype != torch.float32,
     )  # fmt: skip
-    # kernel A always; kernel B where its tuning says so: its tiles have ~90 K-slices at M = 1,
-    # and one program adding them costs about what the second launch does (+2.8 vs -1.5 us on
-    # an H200 without programmatic dependent launch)
-    if kernel_a:
-        fused = cfg.fused and FUSED_MODE in ("tune", "a", "all")
-    else:
-        fused = FUSED_MODE == "all" or FUSED_MODE == "tune" and cfg.fused_b
+    # kernel A by default: kernel B's tiles have ~90 K-slices at M = 1, and one program adding
+    # them at the end costs more than the second launch saves (+2.8 vs -1.5 us on an H200)
+    fused = cfg.fused and (FUSED_MODE == "all" or FUSED_MODE == "a" and kernel_a)
     up_bias, gate_bias = finish.get("up_bias"), finish.get("gate_bias")
     constexprs.update(
         FUSED=fused, KA=kernel_a, ACTIVATION=finish.get("activation", "relu"),
@@ -782,9 +775,9 @@ def _launch(
     if capacity is None:
         guess = 2 if INTERPRET else 4 * (8 // cfg.num_warps)
         ws0 = torch.empty(1, dtype=torch.float32, device=x2.device)
-        capacity = _capacity[key] = cfg.waves * sm_count(x2.device) * resident_blocks(
+        capacity = _capacity[key] = max(1, int(cfg.waves * sm_count(x2.device) * resident_blocks(
             _gemv_kernel, args(1, 1, 1, 0, 1, ws0), constexprs, cfg.num_warps, guess, stages=1
-        )  # fmt: skip
+        )))  # fmt: skip
     per_program = (bytes_d + bytes_l) / capacity
     sd = 1 if tiles_d else 0
     rd = max(1, min(tiles_d, int(per_program // max(bytes_d / max(tiles_d, 1), 1))))
@@ -820,11 +813,8 @@ def _launch(
     )  # fmt: skip
 
 
-def _configs(kernel_a: bool) -> tuple[GemvConfig, ...]:
-    if INTERPRET:
-        return (_INTERPRET_CONFIG,)
-    # kernel A ignores fused_b: no need to time such a candidate twice
-    return tuple(c for c in _CONFIGS if not (kernel_a and c.fused_b)) or _CONFIGS
+def _configs() -> tuple[GemvConfig, ...]:
+    return (_INTERPRET_CONFIG,) if INTERPRET else _CONFIGS
 
 
 def split_activations(x2: torch.Tensor, w: SplitFFNWeights, out: torch.Tensor) -> None:
@@ -841,7 +831,7 @@ def split_activations(x2: torch.Tensor, w: SplitFFNWeights, out: torch.Tensor) -
 
     fmt = None if light is None else (light[0].bits, light[0].group_size, light[0].symmetric)
     key = ("A", x2.shape[0], x2.shape[1], w.n_heavy, w.n_light, fmt, w.gated, x2.dtype, x2.device)
-    run(_tuner.pick(key, _configs(True), run))
+    run(_tuner.pick(key, _configs(), run))
 
 
 def split_linear(
@@ -861,4 +851,4 @@ def split_linear(
     fmt = None if light is None else (light.bits, light.group_size, light.symmetric)
     kh = 0 if heavy is None else heavy.shape[1]
     key = ("B", x2.shape[0], out.shape[1], kh, fmt, x2.dtype, x2.device)
-    run(_tuner.pick(key, _configs(False), run))
+    run(_tuner.pick(key, _configs(), run))
