@@ -80,8 +80,8 @@ decodeops)  # the decoder's Triton ops on the GPU (norms, rotary, attention, pro
     ;;
 profile_final)  # SmolLM2 shape at 32k tokens and the 8B shape sequentially (16k tokens)
     run 60 test_profile python3 -m pytest -q -x tests/test_profile.py -k "kernel or partials or cuda"
-    run 400 bench_profile python3 benchmarks/bench_profile.py --tokens 32768 --tokens-large 16384 \
-        --batch-size 16 --repeats 11 --out "$OUT/bench_profile.json"
+    run 230 bench_profile python3 benchmarks/bench_profile.py --tokens 32768 --tokens-large 16384 \
+        --batch-size 16 --repeats 7 --out "$OUT/bench_profile.json"
     ;;
 profile32k)
     run 60 test_profile python3 -m pytest -q -x tests/test_profile.py -k "kernel or partials or cuda"

@@ -626,13 +626,13 @@ def _gemv_reduce_kernel(ws_ptr, ub_ptr, gb_ptr, out_ptr, M, NOUT, stride_om, C0,
 class GemvConfig:
     """Light tiles of block_n columns (4 or 8 words a thread: block_n = 128 or 256 * num_warps on
     a GPU); dense tiles [block_nd rows, block_kd]; grids of `waves` full waves (every SM holding
-    as many programs as its registers allow; 0.5: half as many programs, each twice as long)."""
+    as many programs as its registers allow)."""
 
     block_n: int
     block_nd: int
     block_kd: int
     num_warps: int
-    waves: float = 1
+    waves: int = 1
     fast: bool = True  # int4 with 16-bit activations: two mantissa positions (_light_step4)
     fused: bool = True  # the split-K reduction inside the kernel (last program of a tile)
 
@@ -643,9 +643,6 @@ _CONFIGS = (  # block_n / (32 * num_warps) columns per thread: 4 (one 16-byte lo
     GemvConfig(1024, 4, 256, num_warps=4),
     GemvConfig(512, 2, 256, num_warps=2),
     GemvConfig(512, 4, 256, num_warps=4, waves=2),
-    GemvConfig(512, 4, 256, num_warps=4, waves=0.5),
-    GemvConfig(256, 2, 256, num_warps=2, waves=0.5),
-    GemvConfig(1024, 4, 256, num_warps=8),
 )
 _INTERPRET_CONFIG = GemvConfig(32, 4, 32, num_warps=1, waves=1)
 FAST_OK = os.environ.get("FFNSPLIT_GEMV_FAST", "1") != "0"  # 0: exact path only (benchmarks)
@@ -775,9 +772,9 @@ def _launch(
     if capacity is None:
         guess = 2 if INTERPRET else 4 * (8 // cfg.num_warps)
         ws0 = torch.empty(1, dtype=torch.float32, device=x2.device)
-        capacity = _capacity[key] = max(1, int(cfg.waves * sm_count(x2.device) * resident_blocks(
+        capacity = _capacity[key] = cfg.waves * sm_count(x2.device) * resident_blocks(
             _gemv_kernel, args(1, 1, 1, 0, 1, ws0), constexprs, cfg.num_warps, guess, stages=1
-        )))  # fmt: skip
+        )  # fmt: skip
     per_program = (bytes_d + bytes_l) / capacity
     sd = 1 if tiles_d else 0
     rd = max(1, min(tiles_d, int(per_program // max(bytes_d / max(tiles_d, 1), 1))))
