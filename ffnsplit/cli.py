@@ -570,6 +570,12 @@ def sweep_command(
     console.print(f"sweep.json and sweep.png written to [bold]{out}[/]")
 
 
+def _us(value: float) -> str:
+    """Microseconds for the layer table: one decimal below 1,000 (a table of 9 columns then fits
+    80 characters without truncated cells)."""
+    return f"{value:.1f}" if value < 1000 else f"{value:.0f}"
+
+
 def _layer_table(case: dict):
     from rich.table import Table
 
@@ -579,18 +585,19 @@ def _layer_table(case: dict):
     methods = [method for method in METHODS if any(key[1] == method for key in by)]
     short = {"torch_int4": "int4", "kernel_A": "A", "kernel_B": "B", "reference": "ref"}
     table = Table(
-        title=f"{case['label']}: us per call; ffnsplit x byte floor, speedup vs dense",
+        title=f"{case['label']}: us per call; ffnsplit x byte floor, speedup vs dense; "
+        "last row: largest relative error",
         title_justify="left",
         show_footer=True,
     )
-    table.add_column("M", "max err", justify="right")
+    table.add_column("M", "error", justify="right")
     errors = max_errors(case)
     for method in methods:
         table.add_column(short.get(method, method), f"{errors[method]:.0e}", justify="right")
     table.add_column("x floor", justify="right")
     table.add_column("speedup", justify="right")
     for m in sorted({r["m"] for r in case["rows"]}):
-        cells = [f"{by[(m, k)]['us']:.1f}" if (m, k) in by else "-" for k in methods]
+        cells = [_us(by[(m, k)]["us"]) if (m, k) in by else "-" for k in methods]
         split = by.get((m, "ffnsplit"), {})
         floor, speedup = split.get("x_floor"), split.get("vs_dense")
         table.add_row(
