@@ -63,7 +63,10 @@ REFERENCE_MAX_M = 256  # the reference dequantizes per call: too slow to time be
 METHODS = ("dense", "torch_int4", "ffnsplit", "kernel_A", "kernel_B", "reference")
 GRAPH_REPEAT = 4  # passes over the weight copies per CUDA graph
 MAX_COPIES = 128
-E2E_REPEATS = 3  # medians of this many prefills / decode runs on a GPU (one on the CPU)
+E2E_REPEATS = 5  # medians of this many prefills / decode runs on a GPU (one on the CPU)
+# untimed prefills after the first (tuning) one on a GPU: one eager 512-token prompt is ~15-30 ms,
+# and three timed ones right after the tuning call moved 2x between calls (session 5)
+E2E_WARMUP = 2
 
 E2E_SHAPES: dict[str, dict] = {
     "llama3-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
@@ -1133,6 +1136,8 @@ def measure_model(
         check = check.float().cpu()
         positions = decoder.key_positions[:prompt_len]
         logits = decoder.forward(prompt, positions)  # warm-up: compiles, tunes for M = B * P
+        for _ in range(E2E_WARMUP if cuda else 0):
+            decoder.forward(prompt, positions)
         _sync(device)
         prefill_us = statistics.median(
             elapsed_us(lambda: decoder.forward(prompt, positions), device) for _ in range(reps)
