@@ -414,8 +414,6 @@ def accumulate_stats_torch(
 _NORM_CHUNK_BYTES = 1 << 28
 # Rows of a store's `stats`: abs_sum of the first and second half, sq_sum, abs_max, col_norm.
 _ABS, _SQ, _MAX, _COL = 0, 2, 3, 4
-# The final statistics computed by `_Store.to_host`, in the order of its rows.
-_FINAL = STAT_NAMES
 
 
 def _down_weight(block: FFNBlock, size: int) -> Tensor:
@@ -524,7 +522,7 @@ class _Store:
         return [row for row, ok in zip(rows, flags.tolist(), strict=True) if not ok]
 
     def to_host(self, tokens: list[list[int]]) -> tuple[Tensor, Tensor]:
-        """The final statistics [len(_FINAL), n, I] float32 and the rows' finite flags [n] (1.0
+        """The final statistics [len(STAT_NAMES), n, I] float32 and the rows' finite flags [n] (1.0
         or 0.0), computed on the device from `tokens` (each row's tokens per half) after a flush,
         and brought to the host in one transfer (done once). From a GPU the transfer is queued
         behind the forward into pinned memory: the views returned hold data only after `wait`."""
@@ -532,10 +530,9 @@ class _Store:
             self.flush()
             stats, counts = self.stats, self.counts
             n, size = counts.shape
-            packed = torch.empty(
-                len(_FINAL) * n * size + n, dtype=torch.float32, device=stats.device
-            )
-            values = packed[: len(_FINAL) * n * size].view(len(_FINAL), n, size)
+            cut = len(STAT_NAMES) * n * size  # the statistics, then the flags
+            packed = torch.empty(cut + n, dtype=torch.float32, device=stats.device)
+            values = packed[:cut].view(len(STAT_NAMES), n, size)
             host_tokens = torch.tensor(
                 [[first, second, first + second] for first, second in tokens], dtype=torch.float64
             )
@@ -545,27 +542,24 @@ class _Store:
             halves = host_tokens[:, :2].float()
             total_float = total.float()
             col = stats[_COL]
-            abs_mean = values[_FINAL.index("abs_mean")]
+            abs_mean = values[STAT_NAMES.index("abs_mean")]
             torch.div(stats[_ABS] + stats[_ABS + 1], total_float, out=abs_mean)
-            torch.mul(abs_mean, col, out=values[_FINAL.index("out_norm_mean")])
-            values[_FINAL.index("abs_max")].copy_(stats[_MAX])
-            torch.div(stats[_SQ], total_float, out=values[_FINAL.index("sq_mean")])
-            values[_FINAL.index("topk_freq")].copy_(counts.double() / total)
+            torch.mul(abs_mean, col, out=values[STAT_NAMES.index("out_norm_mean")])
+            values[STAT_NAMES.index("abs_max")].copy_(stats[_MAX])
+            torch.div(stats[_SQ], total_float, out=values[STAT_NAMES.index("sq_mean")])
+            values[STAT_NAMES.index("topk_freq")].copy_(counts.double() / total)
             for half, name in enumerate(("first_half", "second_half")):
-                out = values[_FINAL.index(f"out_norm_mean_{name}")]
+                out = values[STAT_NAMES.index(f"out_norm_mean_{name}")]
                 torch.mul(stats[_ABS + half] / halves[:, half : half + 1], col, out=out)
-            values[_FINAL.index("down_col_norm")].copy_(col)
-            packed[len(_FINAL) * n * size :].copy_(_finite_rows(stats[_ABS : _ABS + 2]))
+            values[STAT_NAMES.index("down_col_norm")].copy_(col)
+            packed[cut:].copy_(_finite_rows(stats[_ABS : _ABS + 2]))
             if packed.is_cuda:
                 host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
                 host.copy_(packed, non_blocking=True)
                 self.ready = torch.cuda.Event()
                 self.ready.record(torch.cuda.current_stream(packed.device))
                 packed = host
-            self.host = (
-                packed[: len(_FINAL) * n * size].view(len(_FINAL), n, size),
-                packed[len(_FINAL) * n * size :],
-            )
+            self.host = (packed[:cut].view(len(STAT_NAMES), n, size), packed[cut:])
         return self.host
 
     def wait(self) -> tuple[Tensor, Tensor]:
@@ -687,13 +681,13 @@ def _check_tokens(accumulators: Sequence[_Accumulator]) -> None:
 
 def _results(accumulators: Sequence[_Accumulator], stores: Sequence[_Store]) -> list[LayerStats]:
     """Every layer's LayerStats, computed per store on the device and brought to the host in one
-    transfer (`_Store.to_host`). The tensors of one store are views into one shared tensor."""
-    _check_tokens(accumulators)
+    transfer (`_Store.to_host`). The tensors of one store are views into one shared tensor.
+    The caller has checked that every FFN saw tokens in both halves (`_check_tokens`)."""
     per_block: dict[int, LayerStats] = {}
     for store in stores:
         members = [acc for acc in accumulators if acc.store is store]
         values, _ = store.to_host([acc.tokens for acc in members])
-        rows = dict(zip(_FINAL, (value.unbind() for value in values), strict=True))
+        rows = dict(zip(STAT_NAMES, (value.unbind() for value in values), strict=True))
         for acc in members:
             per_block[id(acc)] = LayerStats(
                 name=acc.block.name, **{name: v[acc.row] for name, v in rows.items()}
@@ -1124,12 +1118,12 @@ def _check_finite(accumulators: Sequence[_Accumulator], *, to_host: bool) -> Non
     to_host: read the finite flags made with the final statistics of their stores (the end of a
     run: one transfer per store, which the results are views of; waits for it, making it first if
     not yet queued); else read only the rows checked (one sync)."""
+    if to_host:
+        _launch_to_host(accumulators)
     bad: set[int] = set()
     for store in dict.fromkeys(acc.store for acc in accumulators):
         if store.stats is None:
             continue
-        if to_host:
-            store.to_host([acc.tokens for acc in accumulators if acc.store is store])
         rows = [acc.row for acc in accumulators if acc.store is store]
         bad.update(id(store.blocks[row]) for row in store.bad_rows(rows))
     for acc in accumulators:

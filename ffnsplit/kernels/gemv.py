@@ -41,7 +41,7 @@ from ffnsplit.kernels.tiles import (
     INTERPRET,
     Tuner,
     activation,
-    pdl_ok,
+    pdl_options,
     pdl_trigger,
     pdl_wait,
     resident_blocks,
@@ -747,9 +747,8 @@ def _launch(
         BLOCK_S=_FINISH_SLOTS,
     )  # fmt: skip
     row_blocks = triton.cdiv(m, bm)
-    pdl = pdl_ok(x2.device)
-    constexprs.update(PDL=pdl)
-    launch = {"launch_pdl": True} if pdl else {}
+    launch = pdl_options(x2.device)  # PDL (a constexpr, also in the occupancy key) + launch_pdl
+    pdl = constexprs["PDL"] = launch.pop("PDL")
     light_args = _light_args(*(light or (None, None)), x2)
     n_ft = tiles_l if kernel_a else triton.cdiv(out_cols, cfg.block_n)  # output tiles a row block
     cnt = _tile_counters(x2.device, row_blocks * n_ft) if fused else out
