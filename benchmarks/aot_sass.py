@@ -66,7 +66,7 @@ _GEMV_ARGS = (
     "SD=i32 RD=i32 NL={nl} KL={kl} XL={xl} OL={ol} SL=i32 SLOT_L=i32 NOUT={nout} CHUNK=i32 "
     "ONE=i32 NFT=i32 stride_om={nout} BITS=4 GROUP=128 SYMMETRIC=False DUAL={dual} BM=1 "
     "BLOCK_N=256 BLOCK_ND=2 BLOCK_KD=256 FAST=True FUSED={ka} KA={ka} ACTIVATION=silu "
-    "HAS_UP_BIAS=False HAS_GATE_BIAS=False BLOCK_S=8 PDL=True"
+    "HAS_UP_BIAS=False HAS_GATE_BIAS=False BLOCK_S=8 PDL=True ATOMIC=False"
 )
 
 

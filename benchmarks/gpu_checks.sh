@@ -9,6 +9,7 @@
 #                                            # and off (FFNSPLIT_PDL), same machine (~8 min)
 #   bash benchmarks/gpu_checks.sh profile32k # profiler tests + 32k-token overhead against the copy
 #                                            # of the package in out/bl_head (carry it) (~3 min)
+#   atomic (GEMV tests + M = 1, 4 and 8B decode with atomic GEMV candidates on/off/on),
 #   gemv (GEMV tests), decodeops (decoder op tests), trace (benchmarks/trace_decode.py), decode8b (M = 1, 4 + 8B decode once)
 # Several stages in one call: bash benchmarks/gpu_checks.sh gemv trace decode8b
 # Each step has its own time limit, so one slow step cannot take the whole call.
@@ -77,6 +78,17 @@ decode8b)  # the layer at M = 1, 4 and the 8B decode, once
 decodeops)  # the decoder's Triton ops on the GPU (norms, rotary, attention, projections, argmax)
     run 50 test_decodeops env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -x -n 4 \
         tests/test_decode_ops.py
+    ;;
+atomic)  # GEMV tests, then the layer at M = 1, 4 and the 8B decode with the atomic candidates
+    # on / off / on (FFNSPLIT_GEMV_ATOMIC)
+    run 150 test_gemv env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -x -n 8 tests/test_kernels.py \
+        -k "gemv or cuda_graph"
+    for name in a_on b_off c_on; do
+        atomic=1
+        [ "$name" = b_off ] && atomic=0
+        run 150 "bench_atomic_$name" env FFNSPLIT_GEMV_ATOMIC=$atomic python3 -m ffnsplit.cli \
+            bench --shape 4096x14336 --m 1,4 --e2e-shape llama3-8b --json "$OUT/bench_atomic_$name.json"
+    done
     ;;
 profile_final)  # SmolLM2 shape at 32k tokens and the 8B shape sequentially (16k tokens)
     run 60 test_profile python3 -m pytest -q -x tests/test_profile.py -k "kernel or partials or cuda"

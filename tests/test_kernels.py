@@ -7,6 +7,7 @@ the same tests run compiled (fp16 and fp32, plus the bf16 / large-shape / CUDA-g
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -222,8 +223,10 @@ def test_invalid_inputs_raise() -> None:
         sffn.split_ffn(torch.randn(2, 64, device=DEVICE), w)
 
 
-def test_gemv_deterministic_and_split_k(poison) -> None:
-    """Many K-slices (split-K partials, fixed-order reduction): bitwise repeatable results."""
+def test_gemv_deterministic_and_split_k(poison, monkeypatch) -> None:
+    """Many K-slices (split-K partials, fixed-order reduction): bitwise repeatable results
+    without the atomic candidates (FFNSPLIT_GEMV_ATOMIC=0)."""
+    monkeypatch.setattr(gemv_module, "ATOMIC_OK", False)
     w = random_split_weights(256, 8, 64, "silu", True, True, torch.float32, bits=4, group=64)
     x = torch.randn(2, 256, device=DEVICE)
     first = sffn.split_ffn(x, w, path="gemv")
@@ -248,6 +251,29 @@ def test_gemv_fused_reduction_matches_separate_launch(poison, monkeypatch, heavy
     monkeypatch.setattr(gemv, "FUSED_MODE", mode)
     assert torch.equal(fused, sffn.split_ffn(x, w, path="gemv"))
     assert rel_err(fused, ref_split_ffn(x, w)) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize(("heavy", "m", "dtype"),
+                         [(0, 1, torch.float32), (9, 3, torch.float32), (9, 5, torch.float16)])
+def test_gemv_atomic_accumulation(poison, monkeypatch, heavy, m, dtype) -> None:
+    """Atomic configs (every K-slice added into one fp32 accumulator, the last program of a tile
+    finishes it) against the reference, and against the slot configs up to association; the
+    accumulators and counters are left at zero (a second call gives the same result)."""
+    from ffnsplit.kernels import gemv
+
+    w = random_split_weights(192, heavy, 96, "gelu", True, True, dtype, bits=4, group=32)
+    x = torch.randn(m, 192, device=DEVICE).to(dtype)
+    slots = sffn.split_ffn(x, w, path="gemv")
+    atomic = dataclasses.replace(gemv._INTERPRET_CONFIG, atomic=True)
+    monkeypatch.setattr(gemv, "_INTERPRET_CONFIG", atomic)
+    monkeypatch.setattr(gemv, "_CONFIGS", (atomic,))
+    out = sffn.split_ffn(x, w, path="gemv")
+    assert rel_err(out, ref_split_ffn(x, w)) < TOL[dtype]
+    torch.testing.assert_close(out, slots, **({} if dtype == torch.float16 else
+                                               {"rtol": 1e-5, "atol": 1e-6}))
+    for buf in gemv._zeroed_bufs.values():
+        assert not buf.any()
+    torch.testing.assert_close(sffn.split_ffn(x, w, path="gemv"), out, rtol=1e-5, atol=1e-6)
 
 
 def test_auto_path_picks_gemv_for_few_rows(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -348,7 +374,8 @@ def test_every_config(poison, monkeypatch, dtype, tier, index) -> None:
 def test_every_gemv_config(poison, monkeypatch, dtype, index) -> None:
     """Each candidate of the GEMV decode path alone (its tuner may pick any, per kernel; kernel B's
     fused-reduction candidates included), at odd shapes, 1 and 3 rows, twice (the arrival
-    counters are left at zero: the second call agrees bitwise)."""
+    counters are left at zero: the second call agrees bitwise, up to rounding for atomic
+    configs, whose accumulators are left at zero too)."""
     monkeypatch.setattr(gemv_module, "_CONFIGS", (gemv_module._CONFIGS[index],))
     for group, symmetric in ((128, False), (32, True)):
         w = random_split_weights(1056, 72, 2016, "silu", True, True, dtype, bits=4, group=group,
@@ -357,7 +384,11 @@ def test_every_gemv_config(poison, monkeypatch, dtype, index) -> None:
             x = torch.randn(m, 1056, device=DEVICE, dtype=dtype)
             out = sffn.split_ffn(x, w, path="gemv")
             assert rel_err(out, ref_split_ffn(x, w)) < TOL[dtype]
-            assert torch.equal(out, sffn.split_ffn(x, w, path="gemv"))
+            again = sffn.split_ffn(x, w, path="gemv")
+            if gemv_module._CONFIGS[0].atomic:  # sums in arrival order: equal up to rounding
+                torch.testing.assert_close(again, out)
+            else:
+                assert torch.equal(out, again)
 
 
 @gpu

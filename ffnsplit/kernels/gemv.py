@@ -279,17 +279,30 @@ def _scale_terms(s_ptr, z_ptr, g, N, offs_n, mask_n, BITS: tl.constexpr,
 
 
 @triton.jit
+def _put(ptr, value, mask, ATOMIC: tl.constexpr):
+    """A store, or (ATOMIC) an fp32 add into the accumulator (relaxed: the arrival ticket after
+    the program's barrier publishes it, as it does the stores)."""
+    if ATOMIC:
+        tl.atomic_add(ptr, value, mask=mask, sem="relaxed", scope="gpu")
+    else:
+        tl.store(ptr, value, mask=mask)
+
+
+@triton.jit
 def _store_rows(ws_ptr, a0, a1, a2, a3, slot, dual: tl.constexpr, DUALS: tl.constexpr, M,
-                NOUT, m0, cols, mask_n, BM: tl.constexpr):  # fmt: skip
-    """ws[slot, dual, m0 + m, cols] = a_m for the program's rows (m < M)."""
+                NOUT, m0, cols, mask_n, BM: tl.constexpr, ATOMIC: tl.constexpr):  # fmt: skip
+    """ws[slot, dual, m0 + m, cols] = a_m for the program's rows (m < M); ATOMIC: added into
+    slot 0 instead (one accumulator for every K-slice)."""
+    if ATOMIC:
+        slot = 0
     base = ws_ptr + ((slot * DUALS + dual) * M + m0) * NOUT + cols
     row = cols * 0 + m0  # the rows as vectors: masks of the stores
-    tl.store(base, a0, mask=mask_n & (row < M))
+    _put(base, a0, mask_n & (row < M), ATOMIC)
     if BM > 1:
-        tl.store(base + NOUT, a1, mask=mask_n & (row + 1 < M))
+        _put(base + NOUT, a1, mask_n & (row + 1 < M), ATOMIC)
     if BM > 2:
-        tl.store(base + 2 * NOUT, a2, mask=mask_n & (row + 2 < M))
-        tl.store(base + 3 * NOUT, a3, mask=mask_n & (row + 3 < M))
+        _put(base + 2 * NOUT, a2, mask_n & (row + 2 < M), ATOMIC)
+        _put(base + 3 * NOUT, a3, mask_n & (row + 3 < M), ATOMIC)
 
 
 @triton.jit
@@ -297,7 +310,7 @@ def _light_program(x_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u
                    tile, split, M, m0, stride_xm, NL, KL, OL, SL, SLOT_L, NOUT, CHUNK, ONE,
                    BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
                    DUAL: tl.constexpr, BM: tl.constexpr, BLOCK_N: tl.constexpr,
-                   FAST: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+                   FAST: tl.constexpr, PDL: tl.constexpr, ATOMIC: tl.constexpr):  # fmt: skip
     """Packed columns tile*BLOCK_N.. over K-slice `split` of SL -> ws slot SLOT_L + split.
 
     The slice is a run of chunks of CHUNK steps (32 k each); a chunk lies inside one group.
@@ -361,10 +374,10 @@ def _light_program(x_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u
                                                   xs0, xs1, xs2, xs3, BM)  # fmt: skip
     cols = OL + offs_n
     _store_rows(ws_ptr, au0, au1, au2, au3, SLOT_L + split, 0, DUALS, M, NOUT, m0, cols, mask_n,
-                BM)  # fmt: skip
+                BM, ATOMIC)  # fmt: skip
     if DUAL:
         _store_rows(ws_ptr, ag0, ag1, ag2, ag3, SLOT_L + split, 1, DUALS, M, NOUT, m0, cols,
-                    mask_n, BM)  # fmt: skip
+                    mask_n, BM, ATOMIC)  # fmt: skip
 
 
 @triton.jit
@@ -403,25 +416,36 @@ def _store_out(out_ptr, ub_ptr, gb_ptr, row, stride_om, cols, mask, up, gate, KA
 def _finish_tile(ws_ptr, out_ptr, ub_ptr, gb_ptr, cols, mask_c, M, m0, NOUT, stride_om, NS,
                  KA: tl.constexpr, DUAL: tl.constexpr, ACTIVATION: tl.constexpr,
                  HAS_UP_BIAS: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, BM: tl.constexpr,
-                 BLOCK_S: tl.constexpr):  # fmt: skip
+                 BLOCK_S: tl.constexpr, ATOMIC: tl.constexpr):  # fmt: skip
     """out[m0 + m, cols] = finish(sum of ws slots 0..NS in slot order) for the program's rows:
     the fixed order makes the result independent of which program finishes. Loads bypass L1
-    (.cg): the partials were written by other programs of this launch."""
+    (.cg): the partials were written by other programs of this launch. ATOMIC: the sums are
+    already in slot 0 (added in arrival order); they are read, then zeroed for the next launch."""
     DUALS: tl.constexpr = 2 if DUAL else 1
     mn = M * NOUT
     for m in tl.static_range(BM):
         row = m0 + m
         if row < M:
-            up = tl.zeros([cols.shape[0]], dtype=tl.float32)
-            gate = up
-            for s0 in range(0, NS, BLOCK_S):
-                slots = s0 + tl.arange(0, BLOCK_S)
-                ptrs = ws_ptr + (slots * DUALS * mn + row * NOUT)[:, None] + cols[None, :]
-                ok = (slots < NS)[:, None] & mask_c[None, :]
-                up += tl.sum(tl.load(ptrs, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
+            if ATOMIC:
+                ptrs = ws_ptr + row * NOUT + cols
+                up = tl.load(ptrs, mask=mask_c, other=0.0, cache_modifier=".cg")
+                tl.store(ptrs, tl.zeros_like(up), mask=mask_c, cache_modifier=".cg")
+                gate = up
                 if DUAL:
-                    gate += tl.sum(tl.load(ptrs + mn, mask=ok, other=0.0, cache_modifier=".cg"),
-                                   axis=0)  # fmt: skip
+                    gate = tl.load(ptrs + mn, mask=mask_c, other=0.0, cache_modifier=".cg")
+                    tl.store(ptrs + mn, tl.zeros_like(gate), mask=mask_c, cache_modifier=".cg")
+            else:
+                up = tl.zeros([cols.shape[0]], dtype=tl.float32)
+                gate = up
+                for s0 in range(0, NS, BLOCK_S):
+                    slots = s0 + tl.arange(0, BLOCK_S)
+                    ptrs = ws_ptr + (slots * DUALS * mn + row * NOUT)[:, None] + cols[None, :]
+                    ok = (slots < NS)[:, None] & mask_c[None, :]
+                    up += tl.sum(tl.load(ptrs, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
+                    if DUAL:
+                        gate += tl.sum(
+                            tl.load(ptrs + mn, mask=ok, other=0.0, cache_modifier=".cg"), axis=0
+                        )
             _store_out(out_ptr, ub_ptr, gb_ptr, row, stride_om, cols, mask_c, up, gate, KA, DUAL,
                        ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS)  # fmt: skip
 
@@ -430,7 +454,7 @@ def _finish_tile(ws_ptr, out_ptr, ub_ptr, gb_ptr, cols, mask_c, M, m0, NOUT, str
 def _arrive(cnt_ptr, index, expected, ws_ptr, out_ptr, ub_ptr, gb_ptr, cols, mask_c, M, m0, NOUT,
             stride_om, NS, KA: tl.constexpr, DUAL: tl.constexpr, ACTIVATION: tl.constexpr,
             HAS_UP_BIAS: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, BM: tl.constexpr,
-            BLOCK_S: tl.constexpr):  # fmt: skip
+            BLOCK_S: tl.constexpr, ATOMIC: tl.constexpr):  # fmt: skip
     """Count this program's partials of output tile `index` in (after its stores: barrier, then
     one acq_rel atomic); the program that brings the count to `expected` adds every slot of the
     tile (_finish_tile) and resets the counter for the next launch."""
@@ -439,7 +463,8 @@ def _arrive(cnt_ptr, index, expected, ws_ptr, out_ptr, ub_ptr, gb_ptr, cols, mas
     if ticket == expected - 1:
         tl.debug_barrier()
         _finish_tile(ws_ptr, out_ptr, ub_ptr, gb_ptr, cols, mask_c, M, m0, NOUT, stride_om, NS,
-                     KA, DUAL, ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS, BM, BLOCK_S)  # fmt: skip
+                     KA, DUAL, ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS, BM, BLOCK_S,
+                     ATOMIC)  # fmt: skip
         tl.atomic_xchg(cnt_ptr + index, 0, sem="relaxed", scope="gpu")
 
 
@@ -449,7 +474,7 @@ def _dense_program(x_ptr, dw0_ptr, dw1_ptr, ws_ptr, tile, split, M, m0, stride_x
                    DUAL: tl.constexpr, BM: tl.constexpr, BLOCK_ND: tl.constexpr,
                    BLOCK_KD: tl.constexpr, DIRECT: tl.constexpr, ACTIVATION: tl.constexpr,
                    HAS_UP_BIAS: tl.constexpr, HAS_GATE_BIAS: tl.constexpr,
-                   PDL: tl.constexpr):  # fmt: skip
+                   PDL: tl.constexpr, ATOMIC: tl.constexpr):  # fmt: skip
     """Dense rows tile*BLOCK_ND.. over K-slice `split` of SD -> ws slot `split`, columns OD..
     DIRECT (kernel A, unsplit K): the finished activations go straight to out instead."""
     DUALS: tl.constexpr = 2 if DUAL else 1
@@ -505,11 +530,11 @@ def _dense_program(x_ptr, dw0_ptr, dw1_ptr, ws_ptr, tile, split, M, m0, stride_x
     else:
         _store_rows(ws_ptr, tl.sum(au0, axis=1), tl.sum(au1, axis=1), tl.sum(au2, axis=1),
                     tl.sum(au3, axis=1), split, 0, DUALS, M, NOUT, m0, cols, mask_n,
-                    BM)  # fmt: skip
+                    BM, ATOMIC)  # fmt: skip
         if DUAL:
             _store_rows(ws_ptr, tl.sum(ag0, axis=1), tl.sum(ag1, axis=1), tl.sum(ag2, axis=1),
                         tl.sum(ag3, axis=1), split, 1, DUALS, M, NOUT, m0, cols, mask_n,
-                        BM)  # fmt: skip
+                        BM, ATOMIC)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["M", "SD", "SL", "CHUNK", "ONE", "RD", "NFT"])
@@ -522,7 +547,7 @@ def _gemv_kernel(
     BM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_ND: tl.constexpr, BLOCK_KD: tl.constexpr,
     FAST: tl.constexpr, FUSED: tl.constexpr, KA: tl.constexpr, ACTIVATION: tl.constexpr,
     HAS_UP_BIAS: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, BLOCK_S: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, ATOMIC: tl.constexpr,
 ):  # fmt: skip
     """One (column tile, K-slice) program for rows program_id(1)*BM..; fp32 partials to
     ws[slot, dual, m, column].
@@ -553,7 +578,7 @@ def _gemv_kernel(
                            pid // groups_d, M, m0, stride_xm, ND, KD, stride_dw, OD, SD, NOUT,
                            out_ptr, ub_ptr, gb_ptr, stride_om, DUAL, BM, BLOCK_ND, BLOCK_KD,
                            FUSED and KA, ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS,
-                           PDL)  # fmt: skip
+                           PDL, ATOMIC)  # fmt: skip
         if FUSED and not KA:  # count in at every output tile this program's rows touch
             r0 = (pid % groups_d) * rows_d
             r1 = tl.minimum(r0 + rows_d, ND)
@@ -564,7 +589,7 @@ def _gemv_kernel(
                 _arrive(cnt_ptr, m_blk * NFT + t, SL + last - first + 1, ws_ptr, out_ptr,
                         ub_ptr, gb_ptr, cols, cols < NOUT, M, m0, NOUT, stride_om, SLOT_L + SL,
                         KA, DUAL, ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS, BM,
-                        BLOCK_S)  # fmt: skip
+                        BLOCK_S, ATOMIC)  # fmt: skip
     else:
         pid = pid - groups_d * SD
         tiles_l = tl.cdiv(NL, BLOCK_N)
@@ -572,7 +597,7 @@ def _gemv_kernel(
         _light_program(x_rows + XL, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u_ptr,
                        ws_ptr, tile, pid // tiles_l, M, m0, stride_xm, NL, KL, OL, SL,
                        SLOT_L, NOUT, CHUNK, ONE, BITS, GROUP, SYMMETRIC, DUAL, BM, BLOCK_N,
-                       FAST, PDL)  # fmt: skip
+                       FAST, PDL, ATOMIC)  # fmt: skip
         if FUSED:
             cols = OL + tile * BLOCK_N + tl.arange(0, BLOCK_N)
             expected = SL
@@ -582,7 +607,7 @@ def _gemv_kernel(
                 expected += last - first + 1
             _arrive(cnt_ptr, m_blk * NFT + tile, expected, ws_ptr, out_ptr, ub_ptr, gb_ptr, cols,
                     cols < OL + NL, M, m0, NOUT, stride_om, SLOT_L + SL, KA, DUAL, ACTIVATION,
-                    HAS_UP_BIAS, HAS_GATE_BIAS, BM, BLOCK_S)  # fmt: skip
+                    HAS_UP_BIAS, HAS_GATE_BIAS, BM, BLOCK_S, ATOMIC)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["M", "C0", "S0", "S1", "SMAX"])
@@ -635,6 +660,9 @@ class GemvConfig:
     waves: int = 1
     fast: bool = True  # int4 with 16-bit activations: two mantissa positions (_light_step4)
     fused: bool = True  # the split-K reduction inside the kernel (last program of a tile)
+    # K-slices added into one fp32 accumulator (atomics, arrival order: not bitwise repeatable)
+    # instead of one slot each; always fused (the last program reads the sums and zeroes them)
+    atomic: bool = False
 
 
 _CONFIGS = (  # block_n / (32 * num_warps) columns per thread: 4 (one 16-byte load) or 8 (two)
@@ -643,28 +671,33 @@ _CONFIGS = (  # block_n / (32 * num_warps) columns per thread: 4 (one 16-byte lo
     GemvConfig(1024, 4, 256, num_warps=4),
     GemvConfig(512, 2, 256, num_warps=2),
     GemvConfig(512, 4, 256, num_warps=4, waves=2),
+    GemvConfig(512, 4, 256, num_warps=4, atomic=True),
+    GemvConfig(256, 2, 256, num_warps=2, atomic=True),
 )
 _INTERPRET_CONFIG = GemvConfig(32, 4, 32, num_warps=1, waves=1)
 FAST_OK = os.environ.get("FFNSPLIT_GEMV_FAST", "1") != "0"  # 0: exact path only (benchmarks)
 # Where the split-K partials are reduced inside the kernel (the last program of a tile) instead of
 # by a second launch (_gemv_reduce_kernel): "a" kernel A (default), "all" kernels A and B, "0" none
 FUSED_MODE = os.environ.get("FFNSPLIT_GEMV_FUSED", "a")
+# candidates with atomic accumulation (GemvConfig.atomic); 0: bitwise repeatable results only
+ATOMIC_OK = os.environ.get("FFNSPLIT_GEMV_ATOMIC", "1") != "0"
 _FINISH_SLOTS = 8  # slots per load of _finish_tile ([8, BLOCK_N] tiles)
-_counters: dict[tuple, torch.Tensor] = {}
-_counters_kept: list[torch.Tensor] = []
+_zeroed_bufs: dict[tuple, torch.Tensor] = {}
+_zeroed_kept: list[torch.Tensor] = []
 
 
-def _tile_counters(device: torch.device, size: int) -> torch.Tensor:
-    """Arrival counters of the fused reduction, zero between launches (the last program of each
-    tile resets its own). One buffer per device and stream: launches on one stream run in order,
+def _zeroed(device: torch.device, size: int, dtype: torch.dtype) -> torch.Tensor:
+    """A buffer that is zero between launches: the arrival counters of the fused reduction
+    (int32) and the accumulators of atomic configs (fp32); the last program of each tile resets
+    its own part. One buffer per device, stream and dtype: launches on one stream run in order,
     so they can share it; two streams must not. A buffer first needed while a CUDA graph is
     captured (a graph's private capture stream) is made, and zeroed, by the graph itself."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
-    buf = _counters.get(key)
+    key = (device, stream, dtype)
+    buf = _zeroed_bufs.get(key)
     if buf is None or buf.numel() < size:
-        buf = _counters[key] = torch.zeros(max(size, 4096), dtype=torch.int32, device=device)
-        _counters_kept.append(buf)  # a captured graph may still point at a smaller one
+        buf = _zeroed_bufs[key] = torch.zeros(max(size, 4096), dtype=dtype, device=device)
+        _zeroed_kept.append(buf)  # a captured graph may still point at a smaller one
     return buf
 
 
@@ -739,19 +772,19 @@ def _launch(
     )  # fmt: skip
     # kernel A by default: kernel B's tiles have ~90 K-slices at M = 1, and one program adding
     # them at the end costs more than the second launch saves (+2.8 vs -1.5 us on an H200)
-    fused = cfg.fused and (FUSED_MODE == "all" or FUSED_MODE == "a" and kernel_a)
+    fused = cfg.atomic or cfg.fused and (FUSED_MODE == "all" or FUSED_MODE == "a" and kernel_a)
     up_bias, gate_bias = finish.get("up_bias"), finish.get("gate_bias")
     constexprs.update(
         FUSED=fused, KA=kernel_a, ACTIVATION=finish.get("activation", "relu"),
         HAS_UP_BIAS=up_bias is not None, HAS_GATE_BIAS=gate_bias is not None,
-        BLOCK_S=_FINISH_SLOTS,
+        BLOCK_S=_FINISH_SLOTS, ATOMIC=cfg.atomic,
     )  # fmt: skip
     row_blocks = triton.cdiv(m, bm)
     launch = pdl_options(x2.device)  # PDL (a constexpr, also in the occupancy key) + launch_pdl
     pdl = constexprs["PDL"] = launch.pop("PDL")
     light_args = _light_args(*(light or (None, None)), x2)
     n_ft = tiles_l if kernel_a else triton.cdiv(out_cols, cfg.block_n)  # output tiles a row block
-    cnt = _tile_counters(x2.device, row_blocks * n_ft) if fused else out
+    cnt = _zeroed(x2.device, row_blocks * n_ft, torch.int32) if fused else out
     biases = (out if up_bias is None else up_bias, out if gate_bias is None else gate_bias)
 
     def args(sd: int, rd: int, sl: int, slot_l: int, chunk: int, ws: torch.Tensor) -> tuple:
@@ -783,7 +816,10 @@ def _launch(
     slot_l = 0 if kernel_a else sd
     slots = max(sd, sl) if kernel_a else sd + sl
     duals = 2 if dual else 1
-    ws = torch.empty((slots, duals, m, out_cols), dtype=torch.float32, device=x2.device)
+    if cfg.atomic:  # one slot, zero before the launch and after it
+        ws = _zeroed(x2.device, duals * m * out_cols, torch.float32)
+    else:
+        ws = torch.empty((slots, duals, m, out_cols), dtype=torch.float32, device=x2.device)
     _gemv_kernel[(programs_d * sd + tiles_l * sl, row_blocks)](
         *args(sd, rd, sl, slot_l, chunk, ws),
         **constexprs,
@@ -810,7 +846,9 @@ def _launch(
 
 
 def _configs() -> tuple[GemvConfig, ...]:
-    return (_INTERPRET_CONFIG,) if INTERPRET else _CONFIGS
+    if INTERPRET:
+        return (_INTERPRET_CONFIG,)
+    return _CONFIGS if ATOMIC_OK else tuple(c for c in _CONFIGS if not c.atomic)
 
 
 def split_activations(x2: torch.Tensor, w: SplitFFNWeights, out: torch.Tensor) -> None:
