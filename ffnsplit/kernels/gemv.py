@@ -673,6 +673,7 @@ _CONFIGS = (  # block_n / (32 * num_warps) columns per thread: 4 (one 16-byte lo
     GemvConfig(512, 4, 256, num_warps=4, waves=2),
     GemvConfig(512, 4, 256, num_warps=4, atomic=True),
     GemvConfig(256, 2, 256, num_warps=2, atomic=True),
+    GemvConfig(512, 4, 256, num_warps=4, waves=2, atomic=True),
 )
 _INTERPRET_CONFIG = GemvConfig(32, 4, 32, num_warps=1, waves=1)
 FAST_OK = os.environ.get("FFNSPLIT_GEMV_FAST", "1") != "0"  # 0: exact path only (benchmarks)
