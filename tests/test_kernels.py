@@ -253,6 +253,12 @@ def test_gemv_fused_reduction_matches_separate_launch(poison, monkeypatch, heavy
     assert rel_err(fused, ref_split_ffn(x, w)) < TOL[torch.float32]
 
 
+# two sums of the same terms in different orders (atomic configs): ||a - b|| / ||b|| bounds (an
+# elementwise bound fails where an output cancels: a one-ulp change of the 16-bit intermediate
+# activations moves it by far more than its own ulp)
+REPEAT_TOL = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
 @pytest.mark.parametrize(("heavy", "m", "dtype"),
                          [(0, 1, torch.float32), (9, 3, torch.float32), (9, 5, torch.float16)])
 def test_gemv_atomic_accumulation(poison, monkeypatch, heavy, m, dtype) -> None:
@@ -269,11 +275,10 @@ def test_gemv_atomic_accumulation(poison, monkeypatch, heavy, m, dtype) -> None:
     monkeypatch.setattr(gemv, "_CONFIGS", (atomic,))
     out = sffn.split_ffn(x, w, path="gemv")
     assert rel_err(out, ref_split_ffn(x, w)) < TOL[dtype]
-    torch.testing.assert_close(out, slots, **({} if dtype == torch.float16 else
-                                               {"rtol": 1e-5, "atol": 1e-6}))
+    assert rel_err(out, slots) < REPEAT_TOL[dtype]
     for buf in gemv._zeroed_bufs.values():
         assert not buf.any()
-    torch.testing.assert_close(sffn.split_ffn(x, w, path="gemv"), out, rtol=1e-5, atol=1e-6)
+    assert rel_err(sffn.split_ffn(x, w, path="gemv"), out) < REPEAT_TOL[dtype]
 
 
 def test_auto_path_picks_gemv_for_few_rows(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -386,7 +391,7 @@ def test_every_gemv_config(poison, monkeypatch, dtype, index) -> None:
             assert rel_err(out, ref_split_ffn(x, w)) < TOL[dtype]
             again = sffn.split_ffn(x, w, path="gemv")
             if gemv_module._CONFIGS[0].atomic:  # sums in arrival order: equal up to rounding
-                torch.testing.assert_close(again, out)
+                assert rel_err(again, out) < REPEAT_TOL[dtype]
             else:
                 assert torch.equal(out, again)
 
