@@ -93,7 +93,7 @@ atomic)  # GEMV tests, then the layer at M = 1, 4 and the 8B decode with the ato
     ;;
 fusednorm)  # the post-attention norm inside kernel A: GPU tests, then the layer at M = 1, 4 and
     # the 8B decode with FFNSPLIT_FUSED_NORM on / off / on
-    run 200 test_fusednorm env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -x -n 8 \
+    run 240 test_fusednorm env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf -n 8 \
         tests/test_kernels.py tests/test_bench.py tests/test_decode_ops.py \
         -k "gemv or add_rms_norm or cuda_graph or split_ffns or static_decoder or e2e"
     for name in a_on b_off c_on; do
