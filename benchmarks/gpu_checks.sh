@@ -10,7 +10,7 @@
 #   bash benchmarks/gpu_checks.sh profile32k # profiler tests + 32k-token overhead against the copy
 #                                            # of the package in out/bl_head (carry it) (~3 min)
 #   atomic (GEMV tests + M = 1, 4 and 8B decode with atomic GEMV candidates on/off/on),
-#   fusednorm (GPU tests + M = 1, 4 and 8B decode with the norm in kernel A on/off/on),
+#   fusednorm (GPU tests + M = 1, 4 and 8B decode, atomic candidates and norm in kernel A on/off),
 #   gemv (GEMV tests), decodeops (decoder op tests), trace (benchmarks/trace_decode.py), decode8b (M = 1, 4 + 8B decode once)
 # Several stages in one call: bash benchmarks/gpu_checks.sh gemv trace decode8b
 # Each step has its own time limit, so one slow step cannot take the whole call.
@@ -91,16 +91,18 @@ atomic)  # GEMV tests, then the layer at M = 1, 4 and the 8B decode with the ato
             bench --shape 4096x14336 --m 1,4 --e2e-shape llama3-8b --json "$OUT/bench_atomic_$name.json"
     done
     ;;
-fusednorm)  # the post-attention norm inside kernel A: GPU tests, then the layer at M = 1, 4 and
-    # the 8B decode with FFNSPLIT_FUSED_NORM on / off / on
+fusednorm)  # GPU tests of the decode path, then the layer at M = 1, 4 and the 8B decode with
+    # the atomic GEMV candidates and the norm in kernel A: both on, both off, atomic only, both on
     run 240 test_fusednorm env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf -n 8 \
         tests/test_kernels.py tests/test_bench.py tests/test_decode_ops.py \
         -k "gemv or add_rms_norm or cuda_graph or split_ffns or static_decoder or e2e"
-    for name in a_on b_off c_on; do
-        fused=1
-        [ "$name" = b_off ] && fused=0
-        run 150 "bench_norm_$name" env FFNSPLIT_FUSED_NORM=$fused python3 -m ffnsplit.cli \
-            bench --shape 4096x14336 --m 1,4 --e2e-shape llama3-8b --json "$OUT/bench_norm_$name.json"
+    for name in a_on b_off c_atomic d_on; do
+        atomic=1 fused=1
+        [ "$name" = b_off ] && atomic=0 fused=0
+        [ "$name" = c_atomic ] && fused=0
+        run 130 "bench_s6_$name" env FFNSPLIT_GEMV_ATOMIC=$atomic FFNSPLIT_FUSED_NORM=$fused \
+            python3 -m ffnsplit.cli bench --shape 4096x14336 --m 1,4 --e2e-shape llama3-8b \
+            --json "$OUT/bench_s6_$name.json"
     done
     ;;
 profile_final)  # SmolLM2 shape at 32k tokens and the 8B shape sequentially (16k tokens)

@@ -41,6 +41,7 @@ from ffnsplit.kernels.tiles import (
     INTERPRET,
     Tuner,
     activation,
+    fence_gpu,
     pdl_options,
     pdl_trigger,
     pdl_wait,
@@ -531,7 +532,9 @@ def _arrive(cnt_ptr, index, expected, ws_ptr, out_ptr, ub_ptr, gb_ptr, cols, mas
             NORM: tl.constexpr):  # fmt: skip
     """Count this program's partials of output tile `index` in (after its stores: barrier, then
     one acq_rel atomic); the program that brings the count to `expected` adds every slot of the
-    tile (_finish_tile) and resets the counter for the next launch."""
+    tile (_finish_tile) and resets the counter for the next launch. Every thread fences first:
+    the ticket's release covers only the thread that takes it (fence_gpu)."""
+    fence_gpu()
     tl.debug_barrier()
     ticket = tl.atomic_add(cnt_ptr + index, 1, sem="acq_rel", scope="gpu")
     if ticket == expected - 1:

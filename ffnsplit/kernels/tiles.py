@@ -535,6 +535,22 @@ def pdl_trigger(PDL: tl.constexpr):
         gdc_launch_dependents()
 
 
+_COMPILED = tl.constexpr(not INTERPRET)
+
+
+@triton.jit
+def fence_gpu():
+    """Every thread: its earlier global writes and atomics are performed at GPU scope before
+    anything after (PTX fence.acq_rel.gpu). Needed before a CTA barrier + one thread's release
+    atomic publishes writes of the whole program: that release covers its own thread's writes
+    only, and a store or reduction of another warp may still be in flight. The interpreter runs
+    programs one after another and needs none."""
+    if _COMPILED:
+        tl.inline_asm_elementwise(
+            "fence.acq_rel.gpu; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1
+        )
+
+
 def sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
