@@ -10,7 +10,7 @@
 #   bash benchmarks/gpu_checks.sh profile32k # profiler tests + 32k-token overhead against the copy
 #                                            # of the package in out/bl_head (carry it) (~3 min)
 #   atomic (GEMV tests + M = 1, 4 and 8B decode with atomic GEMV candidates on/off/on),
-#   fusednorm (GPU tests + M = 1, 4 and 8B decode, atomic candidates and norm in kernel A on/off),
+#   final (decode-path GPU tests + the full bench),
 #   gemv (GEMV tests), decodeops (decoder op tests), trace (benchmarks/trace_decode.py), decode8b (M = 1, 4 + 8B decode once)
 # Several stages in one call: bash benchmarks/gpu_checks.sh gemv trace decode8b
 # Each step has its own time limit, so one slow step cannot take the whole call.
@@ -82,8 +82,8 @@ decodeops)  # the decoder's Triton ops on the GPU (norms, rotary, attention, pro
     ;;
 atomic)  # GEMV tests, then the layer at M = 1, 4 and the 8B decode with the atomic candidates
     # on / off / on (FFNSPLIT_GEMV_ATOMIC)
-    run 150 test_gemv env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -x -n 8 tests/test_kernels.py \
-        -k "gemv or cuda_graph"
+    run 240 test_gemv env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf -n 8 tests/test_kernels.py \
+        tests/test_bench.py -k "gemv or cuda_graph or static_decoder or e2e"
     for name in a_on b_off c_on; do
         atomic=1
         [ "$name" = b_off ] && atomic=0
@@ -91,19 +91,12 @@ atomic)  # GEMV tests, then the layer at M = 1, 4 and the 8B decode with the ato
             bench --shape 4096x14336 --m 1,4 --e2e-shape llama3-8b --json "$OUT/bench_atomic_$name.json"
     done
     ;;
-fusednorm)  # GPU tests of the decode path, then the layer at M = 1, 4 and the 8B decode with
-    # the atomic GEMV candidates and the norm in kernel A: both on, both off, atomic only, both on
-    run 240 test_fusednorm env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf -n 8 \
-        tests/test_kernels.py tests/test_bench.py tests/test_decode_ops.py \
-        -k "gemv or add_rms_norm or cuda_graph or split_ffns or static_decoder or e2e"
-    for name in a_on b_off c_atomic d_on; do
-        atomic=1 fused=1
-        [ "$name" = b_off ] && atomic=0 fused=0
-        [ "$name" = c_atomic ] && fused=0
-        run 130 "bench_s6_$name" env FFNSPLIT_GEMV_ATOMIC=$atomic FFNSPLIT_FUSED_NORM=$fused \
-            python3 -m ffnsplit.cli bench --shape 4096x14336 --m 1,4 --e2e-shape llama3-8b \
-            --json "$OUT/bench_s6_$name.json"
-    done
+final)  # the decode path's GPU tests (every GEMV config alone, decoders, whole model), then the
+    # full bench: layer over M + Llama-3-8B end to end (~7 min)
+    run 240 test_final env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf -n 8 tests/test_kernels.py \
+        tests/test_bench.py tests/test_modules.py -k "gemv or cuda_graph or static_decoder or e2e or whole"
+    run 330 bench python3 -m ffnsplit.cli bench --shape 4096x14336 --e2e-shape llama3-8b \
+        --json "$OUT/bench.json"
     ;;
 profile_final)  # SmolLM2 shape at 32k tokens and the 8B shape sequentially (16k tokens)
     run 60 test_profile python3 -m pytest -q -x tests/test_profile.py -k "kernel or partials or cuda"
@@ -116,8 +109,8 @@ profile32k)
         --skip-large --repeats 21 --baseline out/bl_head --out "$OUT/bench_profile32k.json"
     ;;
 *)
-    echo "unknown stage $stage: tests, decode, bench, pdl, gemv, decodeops, trace, decode8b or" \
-        "profile32k" >&2
+    echo "unknown stage $stage: tests, decode, bench, pdl, gemv, decodeops, trace, decode8b," \
+        "atomic, final, profile_final or profile32k" >&2
     exit 2
     ;;
 esac

@@ -23,9 +23,8 @@ from torch import Tensor, nn
 from ffnsplit.arch import ACTIVATIONS, apply_activation
 from ffnsplit.compress.lowrank import LowRank
 from ffnsplit.errors import CheckpointError
-from ffnsplit.kernels import decode_ops, reference
 from ffnsplit.kernels.format import PLANES, QuantizedWeight, SplitFFNWeights, n_groups
-from ffnsplit.kernels.ops import add_rms_norm_split_ffn, split_ffn
+from ffnsplit.kernels.ops import split_ffn
 
 MODULE_FORMAT = "splitffn"
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -318,23 +317,6 @@ class SplitFFN(nn.Module):
         if self.lowrank_up is not None:
             y = y + self._lowrank_forward(x)
         return y
-
-    def add_rms_norm_forward(
-        self, x: Tensor, residual: Tensor, norm_weight: Tensor, eps: float
-    ) -> tuple[Tensor, Tensor]:
-        """(self(rms_norm(residual + x)), residual + x): a decoder layer's residual add,
-        post-attention RMSNorm (Llama's, `norm_weight` and `eps`) and this FFN. A single split
-        tier on CUDA runs the norm inside its first kernel where the GEMV path takes the rows
-        (kernels/split_ffn.add_rms_norm_split_ffn: one launch less per layer in decoding);
-        otherwise the norm runs first (Triton on CUDA, the torch reference elsewhere)."""
-        tiers = self._tiers()
-        if x.is_cuda and len(tiers) == 1 and self.lowrank_up is None:
-            return add_rms_norm_split_ffn(x, residual, norm_weight, eps, tiers[0])
-        if x.is_cuda:
-            normed, new_residual = decode_ops.add_rms_norm(x, residual, norm_weight, eps)
-        else:
-            normed, new_residual = reference.add_rms_norm(x, residual, norm_weight, eps)
-        return self(normed), new_residual
 
     def _lowrank_forward(self, x: Tensor) -> Tensor:
         up = self.lowrank_up.factors().apply(x)

@@ -120,30 +120,6 @@ def test_decode_steps_are_greedy_generation(kernels: str) -> None:
     assert int(decoder.position) == 9
 
 
-@pytest.mark.parametrize("kernels", KERNELS)
-def test_static_decoder_runs_split_ffns(kernels: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A split model (a quarter of each FFN heavy, int4 light) through the decoder matches its
-    own HF forward; with triton kernels on a GPU each post-attention norm runs inside the
-    SplitFFN's first kernel for the one-token steps (SplitFFN.add_rms_norm_forward), and
-    FFNSPLIT_FUSED_NORM=0 (a separate norm launch) gives the same logits."""
-    model = _decoder_model("llama", kernels)
-    plan = bench.random_plan(model, heavy_fraction=0.25, light=parse_light_format("int4-g32"))
-    bench.split_model_(model, plan)
-    ids = tiny_input_ids(model, batch=1, seq=8).to(model.device)
-    runs = []
-    with torch.no_grad():
-        expected = model(ids).logits
-        for fused in (True, False):
-            monkeypatch.setattr(bench, "FUSED_NORM", fused)
-            decoder = bench.StaticDecoder(model, batch=1, max_len=16, kernels=kernels)
-            prefill = decoder.forward(ids[:, :5], decoder.key_positions[:5], last_only=False)
-            steps = [decoder.forward(ids[:, t : t + 1], decoder.key_positions[t : t + 1])
-                     for t in range(5, 8)]  # fmt: skip
-            runs.append(torch.cat([prefill, *steps], dim=1))
-    torch.testing.assert_close(runs[0], expected, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(runs[1], runs[0], rtol=1e-4, atol=1e-4)
-
-
 def test_static_decoder_refuses_other_architectures() -> None:
     with pytest.raises(bench.UnsupportedModelError, match="Llama-style"):
         bench.StaticDecoder(tiny_model("gemma"), batch=1, max_len=8)

@@ -263,9 +263,10 @@ REPEAT_TOL = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
     ("heavy", "m", "dtype"), [(0, 1, torch.float32), (9, 3, torch.float32), (9, 5, torch.float16)]
 )
 def test_gemv_atomic_accumulation(poison, monkeypatch, heavy, m, dtype) -> None:
-    """Atomic configs (every K-slice added into one fp32 accumulator, the last program of a tile
-    finishes it) against the reference, and against the slot configs up to association; the
-    accumulators and counters are left at zero (a second call gives the same result)."""
+    """Kernel B's atomic configs (every K-slice added into one fp32 accumulator, the last program
+    of a tile finishes it) against the reference, and against the slot configs up to
+    association; the accumulators and counters are left at zero (a second call gives the same
+    result). Kernel A runs the slot twin of an atomic config."""
     from ffnsplit.kernels import gemv
 
     w = random_split_weights(192, heavy, 96, "gelu", True, True, dtype, bits=4, group=32)
@@ -274,58 +275,13 @@ def test_gemv_atomic_accumulation(poison, monkeypatch, heavy, m, dtype) -> None:
     atomic = dataclasses.replace(gemv._INTERPRET_CONFIG, atomic=True)
     monkeypatch.setattr(gemv, "_INTERPRET_CONFIG", atomic)
     monkeypatch.setattr(gemv, "_CONFIGS", (atomic,))
+    assert not any(c.atomic for c in gemv._configs(kernel_a=True))
     out = sffn.split_ffn(x, w, path="gemv")
     assert rel_err(out, ref_split_ffn(x, w)) < TOL[dtype]
     assert rel_err(out, slots) < REPEAT_TOL[dtype]
     for buf in gemv._zeroed_bufs.values():
         assert not buf.any()
     assert rel_err(sffn.split_ffn(x, w, path="gemv"), out) < REPEAT_TOL[dtype]
-
-
-@pytest.mark.parametrize(("heavy", "m", "dtype", "atomic"), [
-    (9, 1, torch.float32, False), (0, 3, torch.float16, False), (9, 6, torch.float16, False),
-    (9, 2, torch.float32, True), (9, 5, torch.float16, True),
-])  # fmt: skip
-def test_add_rms_norm_split_ffn(poison, monkeypatch, heavy, m, dtype, atomic) -> None:
-    """The residual add + RMSNorm inside kernel A (GEMV path, forced for 5-6 rows: two row
-    blocks) against the exact-math reference (normalized rows not rounded), the new residual
-    bitwise equal to torch's `residual + x`; the norm and atomic accumulators left at zero."""
-    from ffnsplit.kernels import gemv
-
-    if atomic:
-        cfg = dataclasses.replace(gemv._INTERPRET_CONFIG, atomic=True)
-        monkeypatch.setattr(gemv, "_INTERPRET_CONFIG", cfg)
-        monkeypatch.setattr(gemv, "_CONFIGS", (cfg,))
-    w = random_split_weights(192, heavy, 96, "silu", True, m % 2 == 0, dtype, bits=4, group=32)
-    x = torch.randn(m, 192, device=DEVICE).to(dtype)
-    residual = torch.randn(m, 192, device=DEVICE).to(dtype)
-    weight = (torch.rand(192, device=DEVICE) + 0.5).to(dtype)
-    path = "gemv" if m > tiles.GEMV_MAX_M else "auto"
-    assert sffn.fuses_add_rms_norm(m, w, path)
-    y, new_residual = sffn.add_rms_norm_split_ffn(x, residual, weight, 1e-5, w, path=path)
-    assert torch.equal(new_residual, residual + x)
-    h = new_residual.float()
-    exact = weight.float() * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)
-    assert y.dtype == dtype and rel_err(y, ref_split_ffn(exact, w)) < TOL[dtype]
-    for buf in gemv._zeroed_bufs.values():
-        assert not buf.any()
-    y2, _ = sffn.add_rms_norm_split_ffn(x, residual, weight, 1e-5, w, path=path)
-    assert rel_err(y2, y) < REPEAT_TOL[dtype]
-
-
-def test_add_rms_norm_split_ffn_unfused_paths(poison) -> None:
-    """Rows past the GEMV path, and a split without light neurons: the norm runs first."""
-    for heavy, light, m in ((8, 32, 7), (16, 0, 2)):
-        w = random_split_weights(64, heavy, light, "relu", False, False, torch.float32)
-        x, residual = torch.randn(2, m, 64, device=DEVICE), torch.randn(2, m, 64, device=DEVICE)
-        weight = torch.rand(64, device=DEVICE) + 0.5
-        assert not sffn.fuses_add_rms_norm(2 * m, w)
-        y, new_residual = ops.add_rms_norm_split_ffn(x, residual, weight, 1e-6, w, "triton")
-        normed, ref_residual = reference.add_rms_norm(x, residual, weight, 1e-6)
-        assert torch.equal(new_residual, ref_residual)
-        assert rel_err(y, ref_split_ffn(normed.reshape(-1, 64), w).reshape(y.shape)) < 1e-5
-        with pytest.raises(ValueError, match="residual"):
-            ops.add_rms_norm_split_ffn(x, residual[:, :1], weight, 1e-6, w, "triton")
 
 
 def test_auto_path_picks_gemv_for_few_rows(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -60,9 +60,6 @@ BENCH_FORMAT = 1
 DEFAULT_SHAPE = "4096x14336"  # Llama-3-8B's FFN
 DEFAULT_MS = (1, 4, 16, 64, 256, 2048)
 REFERENCE_MAX_M = 256  # the reference dequantizes per call: too slow to time beyond
-# kernels="triton" decoders hand the post-attention residual add + RMSNorm to FFNs that can run
-# it inside their own first kernel (SplitFFN.add_rms_norm_forward); 0: a separate norm launch
-FUSED_NORM = os.environ.get("FFNSPLIT_FUSED_NORM", "1") != "0"
 METHODS = ("dense", "torch_int4", "ffnsplit", "kernel_A", "kernel_B", "reference")
 GRAPH_REPEAT = 4  # passes over the weight copies per CUDA graph
 MAX_COPIES = 128
@@ -843,11 +840,9 @@ class StaticDecoder:
 
     `kernels`: "torch" runs the model's own norms, projections and torch ops (rotary, cache copies,
     the cache repeated per query head, masked SDPA, argmax); "triton" runs kernels/decode_ops.py:
-    each RMSNorm fused with the residual add before it (a SplitFFN runs the post-attention one
-    inside its first kernel on the decode path: FUSED_NORM), rotary + cache write in one launch,
-    attention over the unrepeated cache whose cost follows the position (prefill too: one pass
-    per tile of query rows), the greedy pick in two short reductions; "auto" is triton on CUDA,
-    torch elsewhere.
+    each RMSNorm fused with the residual add before it, rotary + cache write in one launch, attention over the
+    unrepeated cache whose cost follows the position (prefill too: one pass per tile of query
+    rows), the greedy pick in two short reductions; "auto" is triton on CUDA, torch elsewhere.
     Both models of a comparison run the same.
     """
 
@@ -970,12 +965,8 @@ class StaticDecoder:
             else:
                 x, residual = decode_ops.add_rms_norm(h, residual, in_weight, in_eps)
             out = self._attention_kernels(layer.self_attn, x, index, cos, sin, positions)
-            fused = getattr(layer.mlp, "add_rms_norm_forward", None) if FUSED_NORM else None
-            if fused is not None:  # a SplitFFN: the norm inside its first kernel where it can
-                h, residual = fused(out, residual, *post)
-            else:
-                x, residual = decode_ops.add_rms_norm(out, residual, *post)
-                h = layer.mlp(x)
+            x, residual = decode_ops.add_rms_norm(out, residual, *post)
+            h = layer.mlp(x)
         if last_only:
             h = h[:, -1:]
             residual = None if residual is None else residual[:, -1:]

@@ -24,13 +24,17 @@ fp32 partial sums per K-slice to a workspace. Kernel A reduces them inside the s
 last K-slice program of a column tile (an arrival counter per tile) adds the tile's slots in slot
 order and applies bias, activation and gating (`_arrive`); kernel B's partials are added by a
 second launch, `_gemv_reduce_kernel`, which also adds the bias (FUSED_MODE). Both orders are fixed:
-results are bitwise repeatable (no floating-point atomics).
+results are bitwise repeatable. Kernel B also has atomic candidates (GemvConfig.atomic): every
+K-slice adds into one fp32 accumulator and the last program of a tile finishes it, no second
+launch; the sums then follow the arrival order (not bitwise repeatable; FFNSPLIT_GEMV_ATOMIC=0
+leaves them out). Kernel A never takes them: on an H100 its atomic variant gave wrong sums at
+some shapes (docs/kernels_notes.md, version 11).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -89,63 +93,6 @@ def _x_row(x_ptr, stride_xm, m: tl.constexpr, M, w_off0, offs_k, mask2):
     rows past M read row M - 1 (never stored)."""
     row = x_ptr + tl.minimum(M - 1, m) * stride_xm
     return tl.load(row + w_off0 + offs_k[None, :], mask=mask2, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _x_row_norm(a_ptr, r_ptr, nw_ptr, K, m: tl.constexpr, M, w_off0, offs_k, mask2):
-    """_x_row of NORM: (w h, h^2) with h = a + r rounded to a's dtype ([M, K] rows)."""
-    at = tl.minimum(M - 1, m) * K + w_off0 + offs_k[None, :]
-    h = tl.load(a_ptr + at, mask=mask2, other=0.0).to(tl.float32)
-    h = (h + tl.load(r_ptr + at, mask=mask2, other=0.0).to(tl.float32)).to(a_ptr.dtype.element_ty)
-    hf = h.to(tl.float32)
-    w = tl.load(nw_ptr + w_off0 + offs_k[None, :], mask=mask2, other=0.0).to(tl.float32)
-    return hf * w, hf * hf
-
-
-@triton.jit
-def _norm_row(a_ptr, r_ptr, nw_ptr, xs_ptr, nr_ptr, row, K, k_lo, k_hi, tile,
-              BLOCK: tl.constexpr):  # fmt: skip
-    """Row `row` of [M, K] tensors over k in [k_lo, k_hi): h = a + r (rounded to a's dtype, as
-    torch's `residual + x` is), xs = w h in fp32 (the x the light loop reads), the new residual
-    h (tile 0 only); returns sum h^2 over the range. The rms scale 1 / sqrt(mean h^2 + eps) is a
-    factor of every output, applied when a tile is finished."""
-    ssq = tl.zeros([BLOCK], dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK):
-        offs = k0 + tl.arange(0, BLOCK)
-        mask = offs < k_hi
-        at = row * K + offs
-        h = tl.load(a_ptr + at, mask=mask, other=0.0).to(tl.float32)
-        h += tl.load(r_ptr + at, mask=mask, other=0.0).to(tl.float32)
-        h = h.to(a_ptr.dtype.element_ty)
-        tl.store(nr_ptr + at, h, mask=mask & (offs * 0 + tile == 0))
-        hf = h.to(tl.float32)
-        ssq += hf * hf
-        w = tl.load(nw_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(xs_ptr + at, hf * w, mask=mask)
-    return tl.sum(ssq, axis=0)
-
-
-@triton.jit
-def _norm_slice(a_ptr, r_ptr, nw_ptr, xs_ptr, nr_ptr, ss_ptr, NSS, M, m0, K, k_lo, k_hi, tile,
-                BM: tl.constexpr):  # fmt: skip
-    """_norm_row for the program's rows (m0 + m < M); each row's sum of squares is added to
-    ss_ptr[row * NSS] (the tile's accumulator: its K-slices together cover K once). A barrier
-    then makes xs visible to the whole program."""
-    for m in tl.static_range(BM):
-        if m0 + m < M:
-            ssq = _norm_row(a_ptr, r_ptr, nw_ptr, xs_ptr, nr_ptr, m0 + m, K, k_lo, k_hi,
-                            tile, 256)  # fmt: skip
-            tl.atomic_add(ss_ptr + (m0 + m) * NSS, ssq, sem="relaxed", scope="gpu")
-    tl.debug_barrier()
-
-
-@triton.jit
-def _rms_scale(ss_ptr, row, NSS, K, eps):
-    """1 / sqrt(mean h^2 + eps) of a row from its finished accumulator, which is zeroed."""
-    ptr = ss_ptr + row * NSS
-    ssq = tl.load(ptr, cache_modifier=".cg")
-    tl.store(ptr, 0.0, cache_modifier=".cg")
-    return tl.rsqrt(ssq / K + eps)
 
 
 @triton.jit
@@ -368,14 +315,11 @@ def _light_program(x_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u
                    tile, split, M, m0, stride_xm, NL, KL, OL, SL, SLOT_L, NOUT, CHUNK, ONE,
                    BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
                    DUAL: tl.constexpr, BM: tl.constexpr, BLOCK_N: tl.constexpr,
-                   FAST: tl.constexpr, PDL: tl.constexpr, ATOMIC: tl.constexpr, xs_ptr, a_ptr,
-                   r_ptr, nw_ptr, nr_ptr, ss_ptr, NSS, NORM: tl.constexpr):  # fmt: skip
+                   FAST: tl.constexpr, PDL: tl.constexpr, ATOMIC: tl.constexpr):  # fmt: skip
     """Packed columns tile*BLOCK_N.. over K-slice `split` of SL -> ws slot SLOT_L + split.
 
     The slice is a run of chunks of CHUNK steps (32 k each); a chunk lies inside one group.
-    PDL: the first step's words are loaded before waiting for the previous kernel (x).
-    NORM (kernel A after a residual add + RMSNorm): x is first made from a and r for the slice
-    (_norm_slice into xs_ptr, which x_ptr points into; tile 0 writes the new residual)."""
+    PDL: the first step's words are loaded before waiting for the previous kernel (x)."""
     DUALS: tl.constexpr = 2 if DUAL else 1
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < NL
@@ -384,16 +328,12 @@ def _light_program(x_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u
     steps = KL // STEP_K
     n_chunks = tl.cdiv(steps, CHUNK)
     c_lo, c_hi = split * n_chunks // SL, (split + 1) * n_chunks // SL
-    k_lo, k_hi = c_lo * CHUNK * STEP_K, tl.minimum(c_hi * CHUNK, steps) * STEP_K
     if FAST:
         # software pipeline: the next step's words are loaded before this step is computed
         st_last = tl.maximum(tl.minimum(c_hi * CHUNK, steps) - 1, 0)
         nxt = _load_step4(p0_ptr, q0_ptr, NL, tl.minimum(c_lo * CHUNK, st_last) * STEP_K, offs_n,
                           mask_n, DUAL)  # fmt: skip
         pdl_wait(PDL)
-        if NORM:
-            _norm_slice(a_ptr, r_ptr, nw_ptr, xs_ptr, nr_ptr, ss_ptr + tile, NSS, M, m0, KL, k_lo,
-                        k_hi, tile, BM)  # fmt: skip
         for c in range(c_lo, c_hi):
             ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3 = zero, zero, zero, zero, zero, zero, zero, zero
             gl0, gh0, gl1, gh1, gl2, gh2, gl3, gh3 = zero, zero, zero, zero, zero, zero, zero, zero
@@ -420,9 +360,6 @@ def _light_program(x_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u
                                                    xo2, xe3, xo3, BM)  # fmt: skip
     else:
         pdl_wait(PDL)
-        if NORM:
-            _norm_slice(a_ptr, r_ptr, nw_ptr, xs_ptr, nr_ptr, ss_ptr + tile, NSS, M, m0, KL, k_lo,
-                        k_hi, tile, BM)  # fmt: skip
         for c in range(c_lo, c_hi):
             tu0, tu1, tu2, tu3, tg0, tg1, tg2, tg3 = zero, zero, zero, zero, zero, zero, zero, zero
             xs0 = tl.zeros([], dtype=tl.float32)
@@ -484,13 +421,11 @@ def _store_out(out_ptr, ub_ptr, gb_ptr, row, stride_om, cols, mask, up, gate, KA
 def _finish_tile(ws_ptr, out_ptr, ub_ptr, gb_ptr, cols, mask_c, M, m0, NOUT, stride_om, NS,
                  KA: tl.constexpr, DUAL: tl.constexpr, ACTIVATION: tl.constexpr,
                  HAS_UP_BIAS: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, BM: tl.constexpr,
-                 BLOCK_S: tl.constexpr, ATOMIC: tl.constexpr, ss_ptr, NSS, K, eps,
-                 NORM: tl.constexpr):  # fmt: skip
+                 BLOCK_S: tl.constexpr, ATOMIC: tl.constexpr):  # fmt: skip
     """out[m0 + m, cols] = finish(sum of ws slots 0..NS in slot order) for the program's rows:
     the fixed order makes the result independent of which program finishes. Loads bypass L1
     (.cg): the partials were written by other programs of this launch. ATOMIC: the sums are
-    already in slot 0 (added in arrival order); they are read, then zeroed for the next launch.
-    NORM: the sums are scaled by the row's rms factor first (_rms_scale)."""
+    already in slot 0 (added in arrival order); they are read, then zeroed for the next launch."""
     DUALS: tl.constexpr = 2 if DUAL else 1
     mn = M * NOUT
     for m in tl.static_range(BM):
@@ -516,10 +451,6 @@ def _finish_tile(ws_ptr, out_ptr, ub_ptr, gb_ptr, cols, mask_c, M, m0, NOUT, str
                         gate += tl.sum(
                             tl.load(ptrs + mn, mask=ok, other=0.0, cache_modifier=".cg"), axis=0
                         )
-            if NORM:
-                rstd = _rms_scale(ss_ptr, row, NSS, K, eps)
-                up = up * rstd
-                gate = gate * rstd
             _store_out(out_ptr, ub_ptr, gb_ptr, row, stride_om, cols, mask_c, up, gate, KA, DUAL,
                        ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS)  # fmt: skip
 
@@ -528,8 +459,7 @@ def _finish_tile(ws_ptr, out_ptr, ub_ptr, gb_ptr, cols, mask_c, M, m0, NOUT, str
 def _arrive(cnt_ptr, index, expected, ws_ptr, out_ptr, ub_ptr, gb_ptr, cols, mask_c, M, m0, NOUT,
             stride_om, NS, KA: tl.constexpr, DUAL: tl.constexpr, ACTIVATION: tl.constexpr,
             HAS_UP_BIAS: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, BM: tl.constexpr,
-            BLOCK_S: tl.constexpr, ATOMIC: tl.constexpr, ss_ptr, NSS, K, eps,
-            NORM: tl.constexpr):  # fmt: skip
+            BLOCK_S: tl.constexpr, ATOMIC: tl.constexpr):  # fmt: skip
     """Count this program's partials of output tile `index` in (after its stores: barrier, then
     one acq_rel atomic); the program that brings the count to `expected` adds every slot of the
     tile (_finish_tile) and resets the counter for the next launch. Every thread fences first:
@@ -541,7 +471,7 @@ def _arrive(cnt_ptr, index, expected, ws_ptr, out_ptr, ub_ptr, gb_ptr, cols, mas
         tl.debug_barrier()
         _finish_tile(ws_ptr, out_ptr, ub_ptr, gb_ptr, cols, mask_c, M, m0, NOUT, stride_om, NS,
                      KA, DUAL, ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS, BM, BLOCK_S,
-                     ATOMIC, ss_ptr, NSS, K, eps, NORM)  # fmt: skip
+                     ATOMIC)  # fmt: skip
         tl.atomic_xchg(cnt_ptr + index, 0, sem="relaxed", scope="gpu")
 
 
@@ -551,18 +481,14 @@ def _dense_program(x_ptr, dw0_ptr, dw1_ptr, ws_ptr, tile, split, M, m0, stride_x
                    DUAL: tl.constexpr, BM: tl.constexpr, BLOCK_ND: tl.constexpr,
                    BLOCK_KD: tl.constexpr, DIRECT: tl.constexpr, ACTIVATION: tl.constexpr,
                    HAS_UP_BIAS: tl.constexpr, HAS_GATE_BIAS: tl.constexpr,
-                   PDL: tl.constexpr, ATOMIC: tl.constexpr, a_ptr, r_ptr, nw_ptr, eps,
-                   NORM: tl.constexpr):  # fmt: skip
+                   PDL: tl.constexpr, ATOMIC: tl.constexpr):  # fmt: skip
     """Dense rows tile*BLOCK_ND.. over K-slice `split` of SD -> ws slot `split`, columns OD..
-    DIRECT (kernel A, unsplit K): the finished activations go straight to out instead.
-    NORM (DIRECT only): x = w h from a and r (rows m0.. of [M, KD] tensors), the sums scaled by
-    each row's rms factor, computed from the same loads."""
+    DIRECT (kernel A, unsplit K): the finished activations go straight to out instead."""
     DUALS: tl.constexpr = 2 if DUAL else 1
     offs_n = tile * BLOCK_ND + tl.arange(0, BLOCK_ND)
     mask_n = offs_n < ND
     zero = tl.zeros([BLOCK_ND, BLOCK_KD], dtype=tl.float32)
     au0, au1, au2, au3, ag0, ag1, ag2, ag3 = zero, zero, zero, zero, zero, zero, zero, zero
-    q0, q1, q2, q3 = zero, zero, zero, zero  # NORM: h^2 per row
     nb = tl.cdiv(KD, BLOCK_KD)
     kb_lo, kb_hi = split * nb // SD, (split + 1) * nb // SD
     zeros2 = offs_n[:, None] * 0
@@ -577,30 +503,16 @@ def _dense_program(x_ptr, dw0_ptr, dw1_ptr, ws_ptr, tile, split, M, m0, stride_x
         wg = wg.to(tl.float32)
         offs_k = kb * BLOCK_KD + tl.arange(0, BLOCK_KD)
         w_mask = mask_n[:, None] & (offs_k < KD)[None, :]
-        if NORM:
-            x0, h0 = _x_row_norm(a_ptr, r_ptr, nw_ptr, KD, 0, M - m0, zeros2, offs_k, w_mask)
-            q0 += h0
-        else:
-            x0 = _x_row(x_ptr, stride_xm, 0, M - m0, zeros2, offs_k, w_mask)
+        x0 = _x_row(x_ptr, stride_xm, 0, M - m0, zeros2, offs_k, w_mask)
         au0 += wu * x0
         ag0 += wg * x0
         if BM > 1:
-            if NORM:
-                x1, h1 = _x_row_norm(a_ptr, r_ptr, nw_ptr, KD, 1, M - m0, zeros2, offs_k, w_mask)
-                q1 += h1
-            else:
-                x1 = _x_row(x_ptr, stride_xm, 1, M - m0, zeros2, offs_k, w_mask)
+            x1 = _x_row(x_ptr, stride_xm, 1, M - m0, zeros2, offs_k, w_mask)
             au1 += wu * x1
             ag1 += wg * x1
         if BM > 2:
-            if NORM:
-                x2, h2 = _x_row_norm(a_ptr, r_ptr, nw_ptr, KD, 2, M - m0, zeros2, offs_k, w_mask)
-                x3, h3 = _x_row_norm(a_ptr, r_ptr, nw_ptr, KD, 3, M - m0, zeros2, offs_k, w_mask)
-                q2 += h2
-                q3 += h3
-            else:
-                x2 = _x_row(x_ptr, stride_xm, 2, M - m0, zeros2, offs_k, w_mask)
-                x3 = _x_row(x_ptr, stride_xm, 3, M - m0, zeros2, offs_k, w_mask)
+            x2 = _x_row(x_ptr, stride_xm, 2, M - m0, zeros2, offs_k, w_mask)
+            x3 = _x_row(x_ptr, stride_xm, 3, M - m0, zeros2, offs_k, w_mask)
             au2 += wu * x2
             ag2 += wg * x2
             au3 += wu * x3
@@ -608,26 +520,20 @@ def _dense_program(x_ptr, dw0_ptr, dw1_ptr, ws_ptr, tile, split, M, m0, stride_x
     cols = OD + offs_n
     if DIRECT:
         rows = offs_n * 0 + m0  # the rows as vectors: masks of the stores
-        s0, s1, s2, s3 = 1.0, 1.0, 1.0, 1.0
-        if NORM:  # every row of a q tile holds the same h (broadcast x): sum along k
-            s0 = tl.rsqrt(tl.sum(q0, axis=1) / KD + eps)
-            s1 = tl.rsqrt(tl.sum(q1, axis=1) / KD + eps)
-            s2 = tl.rsqrt(tl.sum(q2, axis=1) / KD + eps)
-            s3 = tl.rsqrt(tl.sum(q3, axis=1) / KD + eps)
-        _store_out(out_ptr, ub_ptr, gb_ptr, m0, stride_om, cols, mask_n,
-                   tl.sum(au0, axis=1) * s0, tl.sum(ag0, axis=1) * s0, True, DUAL, ACTIVATION,
-                   HAS_UP_BIAS, HAS_GATE_BIAS)  # fmt: skip
+        _store_out(out_ptr, ub_ptr, gb_ptr, m0, stride_om, cols, mask_n, tl.sum(au0, axis=1),
+                   tl.sum(ag0, axis=1), True, DUAL, ACTIVATION, HAS_UP_BIAS,
+                   HAS_GATE_BIAS)  # fmt: skip
         if BM > 1:
             _store_out(out_ptr, ub_ptr, gb_ptr, m0 + 1, stride_om, cols, mask_n & (rows + 1 < M),
-                       tl.sum(au1, axis=1) * s1, tl.sum(ag1, axis=1) * s1, True, DUAL,
-                       ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS)  # fmt: skip
+                       tl.sum(au1, axis=1), tl.sum(ag1, axis=1), True, DUAL, ACTIVATION,
+                       HAS_UP_BIAS, HAS_GATE_BIAS)  # fmt: skip
         if BM > 2:
             _store_out(out_ptr, ub_ptr, gb_ptr, m0 + 2, stride_om, cols, mask_n & (rows + 2 < M),
-                       tl.sum(au2, axis=1) * s2, tl.sum(ag2, axis=1) * s2, True, DUAL,
-                       ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS)  # fmt: skip
+                       tl.sum(au2, axis=1), tl.sum(ag2, axis=1), True, DUAL, ACTIVATION,
+                       HAS_UP_BIAS, HAS_GATE_BIAS)  # fmt: skip
             _store_out(out_ptr, ub_ptr, gb_ptr, m0 + 3, stride_om, cols, mask_n & (rows + 3 < M),
-                       tl.sum(au3, axis=1) * s3, tl.sum(ag3, axis=1) * s3, True, DUAL,
-                       ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS)  # fmt: skip
+                       tl.sum(au3, axis=1), tl.sum(ag3, axis=1), True, DUAL, ACTIVATION,
+                       HAS_UP_BIAS, HAS_GATE_BIAS)  # fmt: skip
     else:
         _store_rows(ws_ptr, tl.sum(au0, axis=1), tl.sum(au1, axis=1), tl.sum(au2, axis=1),
                     tl.sum(au3, axis=1), split, 0, DUALS, M, NOUT, m0, cols, mask_n,
@@ -641,14 +547,14 @@ def _dense_program(x_ptr, dw0_ptr, dw1_ptr, ws_ptr, tile, split, M, m0, stride_x
 @triton.jit(do_not_specialize=["M", "SD", "SL", "CHUNK", "ONE", "RD", "NFT"])
 def _gemv_kernel(
     x_ptr, dw0_ptr, dw1_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u_ptr, ws_ptr,
-    cnt_ptr, out_ptr, ub_ptr, gb_ptr, a_ptr, r_ptr, nw_ptr, nr_ptr, ss_ptr,
+    cnt_ptr, out_ptr, ub_ptr, gb_ptr,
     M, stride_xm, ND, KD, stride_dw, XD, OD, SD, RD, NL, KL, XL, OL, SL, SLOT_L, NOUT, CHUNK, ONE,
-    NFT, stride_om, eps,
+    NFT, stride_om,
     BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, DUAL: tl.constexpr,
     BM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_ND: tl.constexpr, BLOCK_KD: tl.constexpr,
     FAST: tl.constexpr, FUSED: tl.constexpr, KA: tl.constexpr, ACTIVATION: tl.constexpr,
     HAS_UP_BIAS: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, BLOCK_S: tl.constexpr,
-    PDL: tl.constexpr, ATOMIC: tl.constexpr, NORM: tl.constexpr,
+    PDL: tl.constexpr, ATOMIC: tl.constexpr,
 ):  # fmt: skip
     """One (column tile, K-slice) program for rows program_id(1)*BM..; fp32 partials to
     ws[slot, dual, m, column].
@@ -665,12 +571,6 @@ def _gemv_kernel(
 
     PDL (programmatic dependent launch): each program lets the next kernel launch, loads its first
     weights, then waits for the previous kernel (pdl_trigger, pdl_wait).
-
-    NORM (kernel A, fused, light part present): the input is RMSNorm(a + r) with weight nw_ptr
-    ([M, K] a and r, contiguous): dense programs build it from a and r as they go; light
-    programs write w (a + r) for their K-slice into x_ptr (an fp32 [M, K] scratch) first and add
-    the slice's sum of squares into ss_ptr[row, tile]; light tile 0 writes a + r to nr_ptr (the
-    new residual). Every output is scaled by its row's 1 / rms when finished.
     """
     pdl_trigger(PDL)
     pid = tl.program_id(0)
@@ -685,8 +585,7 @@ def _gemv_kernel(
                            pid // groups_d, M, m0, stride_xm, ND, KD, stride_dw, OD, SD, NOUT,
                            out_ptr, ub_ptr, gb_ptr, stride_om, DUAL, BM, BLOCK_ND, BLOCK_KD,
                            FUSED and KA, ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS,
-                           PDL, ATOMIC, a_ptr + m0 * KD, r_ptr + m0 * KD, nw_ptr, eps,
-                           NORM)  # fmt: skip
+                           PDL, ATOMIC)  # fmt: skip
         if FUSED and not KA:  # count in at every output tile this program's rows touch
             r0 = (pid % groups_d) * rows_d
             r1 = tl.minimum(r0 + rows_d, ND)
@@ -697,7 +596,7 @@ def _gemv_kernel(
                 _arrive(cnt_ptr, m_blk * NFT + t, SL + last - first + 1, ws_ptr, out_ptr,
                         ub_ptr, gb_ptr, cols, cols < NOUT, M, m0, NOUT, stride_om, SLOT_L + SL,
                         KA, DUAL, ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS, BM,
-                        BLOCK_S, ATOMIC, ss_ptr, 0, KL, eps, False)  # fmt: skip
+                        BLOCK_S, ATOMIC)  # fmt: skip
     else:
         pid = pid - groups_d * SD
         tiles_l = tl.cdiv(NL, BLOCK_N)
@@ -705,8 +604,7 @@ def _gemv_kernel(
         _light_program(x_rows + XL, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u_ptr,
                        ws_ptr, tile, pid // tiles_l, M, m0, stride_xm, NL, KL, OL, SL,
                        SLOT_L, NOUT, CHUNK, ONE, BITS, GROUP, SYMMETRIC, DUAL, BM, BLOCK_N,
-                       FAST, PDL, ATOMIC, x_ptr, a_ptr, r_ptr, nw_ptr, nr_ptr, ss_ptr, NFT,
-                       NORM)  # fmt: skip
+                       FAST, PDL, ATOMIC)  # fmt: skip
         if FUSED:
             cols = OL + tile * BLOCK_N + tl.arange(0, BLOCK_N)
             expected = SL
@@ -716,8 +614,7 @@ def _gemv_kernel(
                 expected += last - first + 1
             _arrive(cnt_ptr, m_blk * NFT + tile, expected, ws_ptr, out_ptr, ub_ptr, gb_ptr, cols,
                     cols < OL + NL, M, m0, NOUT, stride_om, SLOT_L + SL, KA, DUAL, ACTIVATION,
-                    HAS_UP_BIAS, HAS_GATE_BIAS, BM, BLOCK_S, ATOMIC, ss_ptr + tile, NFT, KL, eps,
-                    NORM)  # fmt: skip
+                    HAS_UP_BIAS, HAS_GATE_BIAS, BM, BLOCK_S, ATOMIC)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["M", "C0", "S0", "S1", "SMAX"])
@@ -755,18 +652,6 @@ def _gemv_reduce_kernel(ws_ptr, ub_ptr, gb_ptr, out_ptr, M, NOUT, stride_om, C0,
 
 # ---------------------------------------------------------------------------------------------
 # launch plumbing
-
-
-@dataclass(frozen=True)
-class Norm:
-    """The residual add + RMSNorm before kernel A (split_activations' `norm`): the input rows are
-    weight * (h / sqrt(mean(h^2) + eps)) with h = x + residual rounded to x's dtype (as torch's
-    `residual + x`); h itself is written to new_residual. All [M, K] contiguous, weight [K]."""
-
-    residual: torch.Tensor
-    weight: torch.Tensor
-    eps: float
-    new_residual: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -809,15 +694,14 @@ _zeroed_bufs: dict[tuple, torch.Tensor] = {}
 _zeroed_kept: list[torch.Tensor] = []
 
 
-def _zeroed(device: torch.device, size: int, dtype: torch.dtype, tag: str = "") -> torch.Tensor:
+def _zeroed(device: torch.device, size: int, dtype: torch.dtype) -> torch.Tensor:
     """A buffer that is zero between launches: the arrival counters of the fused reduction
     (int32) and the accumulators of atomic configs (fp32); the last program of each tile resets
-    its own part; tag "norm": the per-row sums of squares of NORM launches. One buffer per
-    device, stream, dtype and tag: launches on one stream run in order,
+    its own part. One buffer per device, stream and dtype: launches on one stream run in order,
     so they can share it; two streams must not. A buffer first needed while a CUDA graph is
     captured (a graph's private capture stream) is made, and zeroed, by the graph itself."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream, dtype, tag)
+    key = (device, stream, dtype)
     buf = _zeroed_bufs.get(key)
     if buf is None or buf.numel() < size:
         buf = _zeroed_bufs[key] = torch.zeros(max(size, 4096), dtype=dtype, device=device)
@@ -869,15 +753,12 @@ def _launch(
     finish: dict,
     out: torch.Tensor,
     cfg: GemvConfig,
-    norm: Norm | None = None,
 ) -> None:
     """Partials of the dense and light parts, then the reduction into `out`.
 
     kernel_a: columns are neurons, dense rows first (columns 0..ND) then light columns, both
     against all of x. Otherwise (down projection) both parts produce all columns, the dense part
     from x[:, :KD], the light part from x[:, KD:], and their slots are summed.
-    norm (kernel A with a light part, contiguous x2): the input is RMSNorm(x2 + norm.residual)
-    (see _gemv_kernel's NORM), and x2 + residual goes to norm.new_residual.
     """
     m = x2.shape[0]
     dual = light is not None and light[1] is not None or dense is not None and dense[1] is not None
@@ -899,13 +780,14 @@ def _launch(
     )  # fmt: skip
     # kernel A by default: kernel B's tiles have ~90 K-slices at M = 1, and one program adding
     # them at the end costs more than the second launch saves (+2.8 vs -1.5 us on an H200)
+    if kernel_a and cfg.atomic:
+        raise ValueError("kernel A has no atomic configs (see the module docstring)")
     fused = cfg.atomic or cfg.fused and (FUSED_MODE == "all" or FUSED_MODE == "a" and kernel_a)
-    fused = fused or norm is not None  # the rms scale is applied where a tile is finished
     up_bias, gate_bias = finish.get("up_bias"), finish.get("gate_bias")
     constexprs.update(
         FUSED=fused, KA=kernel_a, ACTIVATION=finish.get("activation", "relu"),
         HAS_UP_BIAS=up_bias is not None, HAS_GATE_BIAS=gate_bias is not None,
-        BLOCK_S=_FINISH_SLOTS, ATOMIC=cfg.atomic, NORM=norm is not None,
+        BLOCK_S=_FINISH_SLOTS, ATOMIC=cfg.atomic,
     )  # fmt: skip
     row_blocks = triton.cdiv(m, bm)
     launch = pdl_options(x2.device)  # PDL (a constexpr, also in the occupancy key) + launch_pdl
@@ -914,20 +796,13 @@ def _launch(
     n_ft = tiles_l if kernel_a else triton.cdiv(out_cols, cfg.block_n)  # output tiles a row block
     cnt = _zeroed(x2.device, row_blocks * n_ft, torch.int32) if fused else out
     biases = (out if up_bias is None else up_bias, out if gate_bias is None else gate_bias)
-    if norm is None:
-        xk, norm_args, eps = x2, (x2, x2, x2, x2, cnt), 0.0
-    else:  # the light loop reads w (x2 + residual) from an fp32 scratch its programs fill
-        xk = torch.empty(x2.shape, dtype=torch.float32, device=x2.device)
-        ss = _zeroed(x2.device, m * n_ft, torch.float32, "norm")
-        norm_args = (x2, norm.residual, norm.weight, norm.new_residual, ss)
-        eps = float(norm.eps)
 
     def args(sd: int, rd: int, sl: int, slot_l: int, chunk: int, ws: torch.Tensor) -> tuple:
         return (
-            xk, dw0, dw1, *light_args, ws, cnt, out, *biases, *norm_args, m, xk.stride(0), nd,
-            kd, dw0.stride(0) if dense is not None else 0, 0, 0, sd, rd, nl, kl,
+            x2, dw0, dw1, *light_args, ws, cnt, out, *biases, m, x2.stride(0), nd, kd,
+            dw0.stride(0) if dense is not None else 0, 0, 0, sd, rd, nl, kl,
             0 if kernel_a else kd, nd if kernel_a else 0, sl, slot_l, out_cols, chunk, ONE_BITS,
-            n_ft, out.stride(0), eps,
+            n_ft, out.stride(0),
         )  # fmt: skip
 
     # One wave: as many programs as the SMs hold at once (registers of the compiled variant),
@@ -980,33 +855,30 @@ def _launch(
     )  # fmt: skip
 
 
-def _configs() -> tuple[GemvConfig, ...]:
-    if INTERPRET:
-        return (_INTERPRET_CONFIG,)
-    return _CONFIGS if ATOMIC_OK else tuple(c for c in _CONFIGS if not c.atomic)
+def _configs(kernel_a: bool = False) -> tuple[GemvConfig, ...]:
+    """The tuner's candidates: kernel A and FFNSPLIT_GEMV_ATOMIC=0 without atomic accumulation
+    (an atomic config stands for its slot twin there)."""
+    configs = (_INTERPRET_CONFIG,) if INTERPRET else _CONFIGS
+    if kernel_a or not ATOMIC_OK:
+        configs = tuple(dict.fromkeys(replace(c, atomic=False) for c in configs))
+    return configs
 
 
-def split_activations(
-    x2: torch.Tensor, w: SplitFFNWeights, out: torch.Tensor, norm: Norm | None = None
-) -> None:
-    """Kernel A on CUDA cores: out [M, h + l] = act(gate x + gate_bias) * (up x + up_bias);
-    with `norm` (needs a light part) x is RMSNorm(x2 + norm.residual), see Norm."""
+def split_activations(x2: torch.Tensor, w: SplitFFNWeights, out: torch.Tensor) -> None:
+    """Kernel A on CUDA cores: out [M, h + l] = act(gate x + gate_bias) * (up x + up_bias)."""
     dense = (w.heavy_up, w.heavy_gate if w.gated else None) if w.n_heavy else None
     light = (w.light_up, w.light_gate if w.gated else None) if w.n_light else None
     finish = {"activation": w.activation, "up_bias": w.up_bias,
               "gate_bias": w.gate_bias if w.gated else None}  # fmt: skip
     if dense is not None:
         dense = tuple(t if t is None else t.contiguous() for t in dense)
-    if norm is not None and (light is None or not x2.is_contiguous()):
-        raise ValueError("the fused RMSNorm needs a light part and contiguous rows")
 
     def run(cfg: GemvConfig) -> None:
-        _launch(x2, dense, light, out.shape[1], True, finish, out, cfg, norm)
+        _launch(x2, dense, light, out.shape[1], True, finish, out, cfg)
 
     fmt = None if light is None else (light[0].bits, light[0].group_size, light[0].symmetric)
     key = ("A", x2.shape[0], x2.shape[1], w.n_heavy, w.n_light, fmt, w.gated, x2.dtype, x2.device)
-    key += (None if norm is None else (norm.weight.dtype, norm.residual.dtype),)
-    run(_tuner.pick(key, _configs(), run))
+    run(_tuner.pick(key, _configs(kernel_a=True), run))
 
 
 def split_linear(

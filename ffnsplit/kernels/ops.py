@@ -45,24 +45,6 @@ def _heavy_in_dtype(w: SplitFFNWeights, dtype: torch.dtype) -> SplitFFNWeights:
     return replace(w, **changes) if changes else w
 
 
-def add_rms_norm_split_ffn(
-    x: torch.Tensor,
-    residual: torch.Tensor,
-    norm_weight: torch.Tensor,
-    eps: float,
-    w: SplitFFNWeights,
-    backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(split_ffn(rms_norm(residual + x)), residual + x); Triton fuses the norm into the FFN's
-    first kernel where it can (kernels/split_ffn.add_rms_norm_split_ffn)."""
-    if _use_triton(x, backend):
-        return triton_split_ffn.add_rms_norm_split_ffn(
-            x, residual, norm_weight, eps, _heavy_in_dtype(w, x.dtype)
-        )
-    normed, new_residual = reference.add_rms_norm(x, residual, norm_weight, eps)
-    return reference.split_ffn(normed, w), new_residual
-
-
 def split_ffn(x: torch.Tensor, w: SplitFFNWeights, backend: str = "auto") -> torch.Tensor:
     """The split FFN x [..., H] -> y [..., H] (see docs/ARCHITECTURE.md)."""
     if _use_triton(x, backend):

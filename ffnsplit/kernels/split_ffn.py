@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ffnsplit.kernels import decode_ops, dequant_gemm, gemv
+from ffnsplit.kernels import dequant_gemm, gemv
 from ffnsplit.kernels.format import QuantizedWeight, SplitFFNWeights
 from ffnsplit.kernels.quant_matmul import split_linear
 from ffnsplit.kernels.tiles import (
@@ -223,42 +223,3 @@ def split_ffn(x: torch.Tensor, w: SplitFFNWeights, *, path: str = "auto") -> tor
     """y [..., H] = down(a) + down_bias with a from `split_activations` (Triton)."""
     a = split_activations(x, w, path=path)
     return split_linear(a, w.heavy_down, w.light_down, w.down_bias, path=path)
-
-
-def fuses_add_rms_norm(m: int, w: SplitFFNWeights, path: str = "auto") -> bool:
-    """Whether `add_rms_norm_split_ffn` runs the norm inside kernel A for m rows (the GEMV path
-    with a light part); otherwise it runs the norm as its own launch first."""
-    return w.n_light > 0 and use_gemv(m, path)
-
-
-def add_rms_norm_split_ffn(
-    x: torch.Tensor,
-    residual: torch.Tensor,
-    norm_weight: torch.Tensor,
-    eps: float,
-    w: SplitFFNWeights,
-    *,
-    path: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(split_ffn(rms_norm(residual + x)), residual + x): a decoder layer's residual add,
-    post-attention RMSNorm and FFN. On the GEMV path the norm runs inside kernel A (one launch
-    less; the normalized rows are never rounded to x's dtype, so results differ from the unfused
-    order by that rounding only); elsewhere decode_ops.add_rms_norm runs first."""
-    if residual.shape != x.shape or residual.dtype != x.dtype:
-        raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} does not match x "
-                         f"{tuple(x.shape)} {x.dtype}")  # fmt: skip
-    if norm_weight.shape != (x.shape[-1],):
-        raise ValueError(f"norm weight of shape {tuple(norm_weight.shape)} for rows of "
-                         f"{x.shape[-1]}")  # fmt: skip
-    _validate(x, w)
-    x2 = x.reshape(-1, w.hidden_size).contiguous()
-    m = x2.shape[0]
-    if m == 0 or not fuses_add_rms_norm(m, w, path):
-        normed, new_residual = decode_ops.add_rms_norm(x, residual, norm_weight, eps)
-        return split_ffn(normed, w, path=path), new_residual
-    r2 = residual.reshape(-1, w.hidden_size).contiguous()
-    new_residual = torch.empty_like(x2)
-    a = torch.empty((m, w.n_heavy + w.n_light), dtype=x.dtype, device=x.device)
-    gemv.split_activations(x2, w, a, gemv.Norm(r2, norm_weight, eps, new_residual))
-    y = split_linear(a, w.heavy_down, w.light_down, w.down_bias, path=path)
-    return y.reshape(x.shape), new_residual.reshape(x.shape)
