@@ -352,6 +352,22 @@ def test_dequant_path_chunks(poison, monkeypatch, dtype) -> None:
         torch.testing.assert_close(out, ref, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("index", range(len(dequant_gemm._CONFIGS)))
+def test_every_dequant_config(poison, monkeypatch, index) -> None:
+    """Each dequant tile candidate alone (the tuner may pick any) on odd shapes: K = 96 or 224
+    (a partial K-block), 100 features of 300 from feature 150, two weights in one launch; a
+    config whose K-block would span groups is left out (the first one stands in)."""
+    cfg = dequant_gemm._CONFIGS[index]
+    monkeypatch.setattr(dequant_gemm, "_configs", lambda: (cfg,))
+    for bits, group, k in ((4, PER_CHANNEL, 96), (4, 128, 224), (8, 64, 224), (2, 32, 96)):
+        qw = random_qweight(300, k, bits, group, False)
+        qw2 = random_qweight(300, k, bits, group, False)
+        out = torch.full((200, k), float("nan"), device=DEVICE)
+        dequant_gemm.dequantize_chunk(qw, 150, 250, out, second=qw2)
+        ref = torch.cat((qw.dequantize()[150:250], qw2.dequantize()[150:250]))
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=0)
+
+
 def _tier_cases() -> list[tuple[str, int]]:
     return [(tier, i) for tier in ("decode", "small", "prefill")
             for i in range(max(len(qmm._CONFIGS[tier]), len(sffn._CONFIGS[tier])))]  # fmt: skip

@@ -20,12 +20,16 @@ scratch memory.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from ffnsplit.kernels.format import QuantizedWeight, SplitFFNWeights
 from ffnsplit.kernels.tiles import (
+    INTERPRET,
+    Tuner,
     block_in_group,
     block_scales,
     codes_to_float,
@@ -41,8 +45,26 @@ from ffnsplit.kernels.tiles import (
 # dequantized scratch per chunk, at most (measured on an H100 at M = 2048: 32 MiB 0.83x dense,
 # 64 MiB 0.87x, 128 MiB 0.90x: fewer, larger GEMMs; benchmarks/RESULTS.md)
 CHUNK_BYTES = 128 << 20
-_ROWS = 8  # word rows per dequant program (64 codes of int4)
-_BLOCK_N = 128
+
+
+@dataclass(frozen=True)
+class DequantConfig:
+    """A dequant program's tile: `rows` word rows (rows * 32 / bits codes of k) of `block_n`
+    output features; the tuner picks per weight shape and format."""
+
+    rows: int
+    block_n: int
+    num_warps: int
+
+
+_CONFIGS = (  # the first: session 4's fixed tile (8 word rows = 64 codes of int4, 128 features)
+    DequantConfig(8, 128, 4),
+    DequantConfig(16, 128, 4),
+    DequantConfig(16, 128, 8),
+    DequantConfig(8, 256, 8),
+    DequantConfig(16, 64, 4),
+)
+_tuner = Tuner()
 
 
 @triton.jit
@@ -136,18 +158,31 @@ def dequantize_chunk(
     if out.shape != (rows, k) or out.stride(1) != 1:
         raise ValueError(f"out must be [{rows}, {k}] with unit column stride")
     bits = qw.bits
-    block_k = _ROWS * pack_factor(bits)
-    uniform = block_in_group(block_k, qw.group_size, k)
-    fast4 = uniform and fast4_ok(bits, out.dtype, out.device)
-    tiles = triton.cdiv(cols, _BLOCK_N)
-    grid = (triton.cdiv(k, block_k), tiles * (2 if second is not None else 1))
-    _dequant_kernel[grid](
-        *qw.kernel_args(), *(second if second is not None else qw).kernel_args(), out, n, k, n0,
-        cols, out.stride(0), BITS=bits, GROUP=qw.group_size, SYMMETRIC=qw.zeros is None,
-        ROWS=_ROWS, BLOCK_N=_BLOCK_N, UNIFORM=uniform, FAST4=fast4, DUAL=second is not None,
-        num_warps=4,
-    )  # fmt: skip
+
+    def run(cfg: DequantConfig) -> None:
+        block_k = cfg.rows * pack_factor(bits)
+        uniform = block_in_group(block_k, qw.group_size, k)
+        fast4 = uniform and fast4_ok(bits, out.dtype, out.device)
+        tiles = triton.cdiv(cols, cfg.block_n)
+        grid = (triton.cdiv(k, block_k), tiles * (2 if second is not None else 1))
+        _dequant_kernel[grid](
+            *qw.kernel_args(), *(second if second is not None else qw).kernel_args(), out, n, k,
+            n0, cols, out.stride(0), BITS=bits, GROUP=qw.group_size, SYMMETRIC=qw.zeros is None,
+            ROWS=cfg.rows, BLOCK_N=cfg.block_n, UNIFORM=uniform, FAST4=fast4,
+            DUAL=second is not None, num_warps=cfg.num_warps,
+        )  # fmt: skip
+
+    # tiles whose K-block would span groups take the slower per-word-row scale path: left out
+    configs = [c for c in _configs() if block_in_group(c.rows * pack_factor(bits), qw.group_size,
+                                                       k)] or [_CONFIGS[0]]  # fmt: skip
+    key = (bits, qw.group_size, qw.zeros is None, k, cols, second is not None, out.dtype,
+           out.device)  # fmt: skip
+    run(_tuner.pick(key, configs, run))
     return out
+
+
+def _configs() -> tuple[DequantConfig, ...]:
+    return _CONFIGS[:1] if INTERPRET else _CONFIGS
 
 
 def _chunk(k: int, weights: int, dtype: torch.dtype) -> int:
