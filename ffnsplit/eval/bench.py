@@ -772,13 +772,18 @@ def bench_layer(
 
 def tuning_timings() -> dict:
     """Per kernel and shape key, every autotuned config's time in us (what the tuners measured)."""
-    from ffnsplit.kernels import gemv
+    from ffnsplit.kernels import dequant_gemm, gemv
 
     out = {}
-    for module, name in ((sffn, "kernel_A"), (qmm, "kernel_B"), (gemv, "gemv")):
+    # the key fields that tell a kernel's shapes apart (dequant: K, features, two weights)
+    tuners = ((sffn, "kernel_A", slice(0, 2)), (qmm, "kernel_B", slice(0, 2)),
+              (gemv, "gemv", slice(0, 2)), (dequant_gemm, "dequant", slice(3, 6)))  # fmt: skip
+    for module, name, fields in tuners:
         tuner = getattr(module, "_tuner", None)
         for key, timings in getattr(tuner, "timings", {}).items():
-            out[f"{name} {key[:2]}"] = {str(cfg): round(t * 1e3, 1) for cfg, t in timings.items()}
+            out[f"{name} {key[fields]}"] = {
+                str(cfg): round(t * 1e3, 1) for cfg, t in timings.items()
+            }
     return out
 
 
