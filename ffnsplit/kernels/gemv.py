@@ -49,7 +49,6 @@ from ffnsplit.kernels.tiles import (
     pdl_options,
     pdl_trigger,
     pdl_wait,
-    red_add_f32,
     resident_blocks,
     sm_count,
 )
@@ -289,7 +288,7 @@ def _put(ptr, value, mask, ATOMIC: tl.constexpr):
     """A store, or (ATOMIC) an fp32 add into the accumulator (relaxed: the arrival ticket after
     the program's barrier publishes it, as it does the stores)."""
     if ATOMIC:
-        red_add_f32(ptr, value, mask)
+        tl.atomic_add(ptr, value, mask=mask, sem="relaxed", scope="gpu")
     else:
         tl.store(ptr, value, mask=mask)
 
@@ -690,8 +689,6 @@ FAST_OK = os.environ.get("FFNSPLIT_GEMV_FAST", "1") != "0"  # 0: exact path only
 FUSED_MODE = os.environ.get("FFNSPLIT_GEMV_FUSED", "a")
 # candidates with atomic accumulation (GemvConfig.atomic); 0: bitwise repeatable results only
 ATOMIC_OK = os.environ.get("FFNSPLIT_GEMV_ATOMIC", "1") != "0"
-# kernel A's atomic candidates too (1), see the module docstring
-ATOMIC_A = os.environ.get("FFNSPLIT_GEMV_ATOMIC_A", "0") == "1"
 _FINISH_SLOTS = 8  # slots per load of _finish_tile ([8, BLOCK_N] tiles)
 _zeroed_bufs: dict[tuple, torch.Tensor] = {}
 _zeroed_kept: list[torch.Tensor] = []
@@ -783,7 +780,7 @@ def _launch(
     )  # fmt: skip
     # kernel A by default: kernel B's tiles have ~90 K-slices at M = 1, and one program adding
     # them at the end costs more than the second launch saves (+2.8 vs -1.5 us on an H200)
-    if kernel_a and cfg.atomic and not ATOMIC_A:
+    if kernel_a and cfg.atomic:
         raise ValueError("kernel A has no atomic configs (see the module docstring)")
     fused = cfg.atomic or cfg.fused and (FUSED_MODE == "all" or FUSED_MODE == "a" and kernel_a)
     up_bias, gate_bias = finish.get("up_bias"), finish.get("gate_bias")
@@ -862,7 +859,7 @@ def _configs(kernel_a: bool = False) -> tuple[GemvConfig, ...]:
     """The tuner's candidates: kernel A and FFNSPLIT_GEMV_ATOMIC=0 without atomic accumulation
     (an atomic config stands for its slot twin there)."""
     configs = (_INTERPRET_CONFIG,) if INTERPRET else _CONFIGS
-    if kernel_a and not ATOMIC_A or not ATOMIC_OK:
+    if kernel_a or not ATOMIC_OK:
         configs = tuple(dict.fromkeys(replace(c, atomic=False) for c in configs))
     return configs
 

@@ -551,23 +551,6 @@ def fence_gpu():
         )
 
 
-@triton.jit
-def red_add_f32(ptr, value, mask):
-    """ptr[i] += value[i] where mask[i]: fp32 reductions at GPU scope (relaxed, no result), one
-    per element in the operands' own layout. tl.atomic_add first moves its operands into a
-    layout of its own through shared memory, which on Triton 3.6 (H100) gave wrong sums for some
-    shapes of the GEMV kernel (docs/kernels_notes.md, version 11); the interpreter takes it."""
-    if _COMPILED:
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p red.relaxed.gpu.global.add.f32 [$1], $2;"
-            " mov.u32 $0, 0; }",
-            "=r,l,f,r", [ptr.to(tl.int64), value, mask.to(tl.int32)], dtype=tl.int32, is_pure=False,
-            pack=1,
-        )  # fmt: skip
-    else:
-        tl.atomic_add(ptr, value, mask=mask, sem="relaxed", scope="gpu")
-
-
 def sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
