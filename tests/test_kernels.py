@@ -273,6 +273,7 @@ def test_gemv_atomic_accumulation(poison, monkeypatch, heavy, m, dtype) -> None:
     x = torch.randn(m, 192, device=DEVICE).to(dtype)
     slots = sffn.split_ffn(x, w, path="gemv")
     atomic = dataclasses.replace(gemv._INTERPRET_CONFIG, atomic=True)
+    monkeypatch.setattr(gemv, "ATOMIC_OK", True)
     monkeypatch.setattr(gemv, "_INTERPRET_CONFIG", atomic)
     monkeypatch.setattr(gemv, "_CONFIGS", (atomic,))
     assert not any(c.atomic for c in gemv._configs(kernel_a=True))
@@ -401,6 +402,7 @@ def test_every_gemv_config(poison, monkeypatch, dtype, index) -> None:
     counters are left at zero: the second call agrees bitwise, up to rounding for atomic
     configs, whose accumulators are left at zero too)."""
     monkeypatch.setattr(gemv_module, "_CONFIGS", (gemv_module._CONFIGS[index],))
+    monkeypatch.setattr(gemv_module, "ATOMIC_OK", True)  # the opt-in atomic configs too
     for group, symmetric in ((128, False), (32, True)):
         w = random_split_weights(1056, 72, 2016, "silu", True, True, dtype, bits=4, group=group,
                                  symmetric=symmetric)  # fmt: skip

@@ -24,11 +24,12 @@ fp32 partial sums per K-slice to a workspace. Kernel A reduces them inside the s
 last K-slice program of a column tile (an arrival counter per tile) adds the tile's slots in slot
 order and applies bias, activation and gating (`_arrive`); kernel B's partials are added by a
 second launch, `_gemv_reduce_kernel`, which also adds the bias (FUSED_MODE). Both orders are fixed:
-results are bitwise repeatable. Kernel B also has atomic candidates (GemvConfig.atomic): every
-K-slice adds into one fp32 accumulator and the last program of a tile finishes it, no second
-launch; the sums then follow the arrival order (not bitwise repeatable; FFNSPLIT_GEMV_ATOMIC=0
-leaves them out). Kernel A never takes them: on an H100 its atomic variant gave wrong sums at
-some shapes (docs/kernels_notes.md, version 11).
+results are bitwise repeatable. Kernel B also has atomic candidates (GemvConfig.atomic), offered
+to its tuner only with FFNSPLIT_GEMV_ATOMIC=1: every K-slice adds into one fp32 accumulator and
+the last program of a tile finishes it, no second launch; the sums then follow the arrival order
+(not bitwise repeatable). Opt-in because the same mechanism gave wrong sums in kernel A at some
+shapes on an H100, unexplained (tl.atomic_add moves its operands to another layout through
+shared memory first; docs/kernels_notes.md, version 11); kernel A never takes them.
 """
 
 from __future__ import annotations
@@ -687,8 +688,9 @@ FAST_OK = os.environ.get("FFNSPLIT_GEMV_FAST", "1") != "0"  # 0: exact path only
 # Where the split-K partials are reduced inside the kernel (the last program of a tile) instead of
 # by a second launch (_gemv_reduce_kernel): "a" kernel A (default), "all" kernels A and B, "0" none
 FUSED_MODE = os.environ.get("FFNSPLIT_GEMV_FUSED", "a")
-# candidates with atomic accumulation (GemvConfig.atomic); 0: bitwise repeatable results only
-ATOMIC_OK = os.environ.get("FFNSPLIT_GEMV_ATOMIC", "1") != "0"
+# kernel B's atomic-accumulation candidates (GemvConfig.atomic), opt-in: 1 offers them to its
+# tuner (see the module docstring for why they are not on by default)
+ATOMIC_OK = os.environ.get("FFNSPLIT_GEMV_ATOMIC", "0") == "1"
 _FINISH_SLOTS = 8  # slots per load of _finish_tile ([8, BLOCK_N] tiles)
 _zeroed_bufs: dict[tuple, torch.Tensor] = {}
 _zeroed_kept: list[torch.Tensor] = []
