@@ -286,8 +286,8 @@ def _scale_terms(s_ptr, z_ptr, g, N, offs_n, mask_n, BITS: tl.constexpr,
 
 @triton.jit
 def _put(ptr, value, mask, ATOMIC: tl.constexpr):
-    """A store, or (ATOMIC) an fp32 add into the accumulator (relaxed: the arrival ticket after
-    the program's barrier publishes it, as it does the stores)."""
+    """A store, or (ATOMIC) an fp32 add into the accumulator (relaxed: the fence, barrier and
+    arrival ticket of _arrive publish it, as they do the stores)."""
     if ATOMIC:
         tl.atomic_add(ptr, value, mask=mask, sem="relaxed", scope="gpu")
     else:
