@@ -225,7 +225,7 @@ def test_invalid_inputs_raise() -> None:
 
 def test_gemv_deterministic_and_split_k(poison, monkeypatch) -> None:
     """Many K-slices (split-K partials, fixed-order reduction): bitwise repeatable results
-    without the atomic candidates (FFNSPLIT_GEMV_ATOMIC=0)."""
+    without the opt-in atomic candidates (the default; FFNSPLIT_GEMV_ATOMIC=1 adds them)."""
     monkeypatch.setattr(gemv_module, "ATOMIC_OK", False)
     w = random_split_weights(256, 8, 64, "silu", True, True, torch.float32, bits=4, group=64)
     x = torch.randn(2, 256, device=DEVICE)
@@ -267,20 +267,18 @@ def test_gemv_atomic_accumulation(poison, monkeypatch, heavy, m, dtype) -> None:
     of a tile finishes it) against the reference, and against the slot configs up to
     association; the accumulators and counters are left at zero (a second call gives the same
     result). Kernel A runs the slot twin of an atomic config."""
-    from ffnsplit.kernels import gemv
-
     w = random_split_weights(192, heavy, 96, "gelu", True, True, dtype, bits=4, group=32)
     x = torch.randn(m, 192, device=DEVICE).to(dtype)
     slots = sffn.split_ffn(x, w, path="gemv")
-    atomic = dataclasses.replace(gemv._INTERPRET_CONFIG, atomic=True)
-    monkeypatch.setattr(gemv, "ATOMIC_OK", True)
-    monkeypatch.setattr(gemv, "_INTERPRET_CONFIG", atomic)
-    monkeypatch.setattr(gemv, "_CONFIGS", (atomic,))
-    assert not any(c.atomic for c in gemv._configs(kernel_a=True))
+    atomic = dataclasses.replace(gemv_module._INTERPRET_CONFIG, atomic=True)
+    monkeypatch.setattr(gemv_module, "ATOMIC_OK", True)
+    monkeypatch.setattr(gemv_module, "_INTERPRET_CONFIG", atomic)
+    monkeypatch.setattr(gemv_module, "_CONFIGS", (atomic,))
+    assert not any(c.atomic for c in gemv_module._configs(kernel_a=True))
     out = sffn.split_ffn(x, w, path="gemv")
     assert rel_err(out, ref_split_ffn(x, w)) < TOL[dtype]
     assert rel_err(out, slots) < REPEAT_TOL[dtype]
-    for buf in gemv._zeroed_bufs.values():
+    for buf in gemv_module._zeroed_bufs.values():
         assert not buf.any()
     assert rel_err(sffn.split_ffn(x, w, path="gemv"), out) < REPEAT_TOL[dtype]
 
