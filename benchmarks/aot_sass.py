@@ -63,10 +63,10 @@ _GEMV_ARGS = (
     "x_ptr=*fp16 dw0_ptr=*fp16 dw1_ptr=*fp16 p0_ptr=*i32 p1_ptr=*i32 s_ptr=*fp16 z_ptr=*fp16 "
     "q0_ptr=*i32 q1_ptr=*i32 t_ptr=*fp16 u_ptr=*fp16 ws_ptr=*fp32 cnt_ptr=*i32 out_ptr=*fp16 "
     "ub_ptr=*fp16 gb_ptr=*fp16 M=i32 stride_xm={sx} ND={nd} KD={kd} stride_dw={kd} XD=0 OD=0 "
-    "SD=i32 RD=i32 NL={nl} KL={kl} XL={xl} OL={ol} SL=i32 SLOT_L=i32 NOUT={nout} CHUNK=i32 "
+    "SD=i32 RD=i32 NL={nl} KL={kl} XL={xl} OL={ol} SL=i32 SLOT_L=i32 NOUT={nout} "
     "ONE=i32 NFT=i32 stride_om={nout} BITS=4 GROUP=128 SYMMETRIC=False DUAL={dual} BM=1 "
     "BLOCK_N=256 BLOCK_ND=2 BLOCK_KD=256 FAST=True FUSED={ka} KA={ka} ACTIVATION=silu "
-    "HAS_UP_BIAS=False HAS_GATE_BIAS=False BLOCK_S=8 PDL=True ATOMIC=False"
+    "HAS_UP_BIAS=False HAS_GATE_BIAS=False BLOCK_S=8 PDL=True ATOMIC=False XVEC=True"
 )
 
 

@@ -234,6 +234,17 @@ def test_gemv_deterministic_and_split_k(poison, monkeypatch) -> None:
     assert torch.equal(first, sffn.split_ffn(x, w, path="gemv"))
 
 
+@pytest.mark.parametrize(("heavy", "m", "xvec"), [(20, 1, True), (22, 1, True), (20, 3, False)])
+def test_gemv_x_vector_loads(poison, monkeypatch, heavy, m, xvec) -> None:
+    """The int4 path reading x four 16-bit values a load (XVEC) where every row's light part of x
+    is 8-byte aligned (kernel B: heavy count a multiple of 4, here 20), one load a value where
+    it is not (22) or when switched off; odd K-slices (K = 352: 11 steps) and several rows."""
+    monkeypatch.setattr(gemv_module, "XVEC_OK", xvec)
+    w = random_split_weights(160, heavy, 352, "silu", True, True, torch.float16, bits=4, group=64)
+    x = torch.randn(m, 160, device=DEVICE).half()
+    assert rel_err(sffn.split_ffn(x, w, path="gemv"), ref_split_ffn(x, w)) < TOL[torch.float16]
+
+
 @pytest.mark.parametrize(("heavy", "mode"), [(0, "a"), (9, "a"), (0, "all"), (9, "all")])
 def test_gemv_fused_reduction_matches_separate_launch(poison, monkeypatch, heavy, mode) -> None:
     """The in-kernel split-K reduction (last program of a tile adds the slots) against the
@@ -266,7 +277,7 @@ def test_gemv_atomic_accumulation(poison, monkeypatch, heavy, m, dtype) -> None:
     """Kernel B's atomic configs (every K-slice added into one fp32 accumulator, the last program
     of a tile finishes it) against the reference, and against the slot configs up to
     association; the accumulators and counters are left at zero (a second call gives the same
-    result). Kernel A runs the slot twin of an atomic config."""
+    result). Both kernels run it."""
     w = random_split_weights(192, heavy, 96, "gelu", True, True, dtype, bits=4, group=32)
     x = torch.randn(m, 192, device=DEVICE).to(dtype)
     slots = sffn.split_ffn(x, w, path="gemv")
@@ -274,7 +285,7 @@ def test_gemv_atomic_accumulation(poison, monkeypatch, heavy, m, dtype) -> None:
     monkeypatch.setattr(gemv_module, "ATOMIC_OK", True)
     monkeypatch.setattr(gemv_module, "_INTERPRET_CONFIG", atomic)
     monkeypatch.setattr(gemv_module, "_CONFIGS", (atomic,))
-    assert not any(c.atomic for c in gemv_module._configs(kernel_a=True))
+    assert all(c.atomic for c in gemv_module._configs())
     out = sffn.split_ffn(x, w, path="gemv")
     assert rel_err(out, ref_split_ffn(x, w)) < TOL[dtype]
     assert rel_err(out, slots) < REPEAT_TOL[dtype]

@@ -24,12 +24,10 @@ fp32 partial sums per K-slice to a workspace. Kernel A reduces them inside the s
 last K-slice program of a column tile (an arrival counter per tile) adds the tile's slots in slot
 order and applies bias, activation and gating (`_arrive`); kernel B's partials are added by a
 second launch, `_gemv_reduce_kernel`, which also adds the bias (FUSED_MODE). Both orders are fixed:
-results are bitwise repeatable. Kernel B also has atomic candidates (GemvConfig.atomic), offered
-to its tuner only with FFNSPLIT_GEMV_ATOMIC=1: every K-slice adds into one fp32 accumulator and
-the last program of a tile finishes it, no second launch; the sums then follow the arrival order
-(not bitwise repeatable). Opt-in because the same mechanism gave wrong sums in kernel A at some
-shapes on an H100, unexplained (tl.atomic_add moves its operands to another layout through
-shared memory first; docs/kernels_notes.md, version 11); kernel A never takes them.
+results are bitwise repeatable. Both kernels also have atomic candidates (GemvConfig.atomic):
+every K-slice adds into one fp32 accumulator and the last program of a tile reads the sums,
+zeroes them and finishes the tile, no slots and no second launch; the sums then follow the
+arrival order (not bitwise repeatable: FFNSPLIT_GEMV_ATOMIC=0 takes them out of the tuners).
 """
 
 from __future__ import annotations
@@ -155,11 +153,33 @@ def _nibble_floats(c, ONE):
 
 
 @triton.jit
-def _fma_pair(tlo, thi, xe, xo, lo, hi, x_ptr, stride_xm, m: tl.constexpr, M, k):
-    """Row m: tlo += x[m, k] lo, thi += x[m, k + 1] hi; xe, xo: running sums of those x."""
-    x_even = _x_at(x_ptr, stride_xm, m, M, k)
-    x_odd = _x_at(x_ptr, stride_xm, m, M, k + 1)
+def _fma_pair(tlo, thi, xe, xo, lo, hi, x_even, x_odd):
+    """tlo += x_even lo, thi += x_odd hi; xe, xo: running sums of those x."""
     return tlo + x_even * lo, thi + x_odd * hi, xe + x_even, xo + x_odd
+
+
+@triton.jit
+def _x_quad(x_ptr, stride_xm, m: tl.constexpr, M, k, XVEC: tl.constexpr):
+    """XVEC: x[m, k : k + 4] (16-bit) as one int64, one load instead of four (the caller
+    guarantees 8-byte alignment); else 0, unused. Rows past M read row M - 1."""
+    quad = 0
+    if XVEC:
+        row = x_ptr + tl.minimum(M - 1, m) * stride_xm + k
+        quad = tl.load(row.to(tl.pointer_type(tl.int64)))
+    return quad
+
+
+@triton.jit
+def _x_pair(x_ptr, stride_xm, m: tl.constexpr, M, k, quad, j: tl.constexpr, XVEC: tl.constexpr):
+    """(x[m, k], x[m, k + 1]) as fp32: halves j, j + 1 of `quad` (XVEC), else two loads."""
+    if XVEC:
+        DT: tl.constexpr = x_ptr.dtype.element_ty
+        x_even = (quad >> (16 * j)).to(tl.int16).to(DT, bitcast=True).to(tl.float32)
+        x_odd = (quad >> (16 * j + 16)).to(tl.int16).to(DT, bitcast=True).to(tl.float32)
+    else:
+        x_even = _x_at(x_ptr, stride_xm, m, M, k)
+        x_odd = _x_at(x_ptr, stride_xm, m, M, k + 1)
+    return x_even, x_odd
 
 
 @triton.jit
@@ -180,33 +200,56 @@ def _load_step4(p0_ptr, q0_ptr, N, k0, offs_n, mask_n, DUAL: tl.constexpr):
 
 
 @triton.jit
+def _word_rows(ul, uh, gl, gh, xe, xo, lo, hi, dlo, dhi, x_even, x_odd, DUAL: tl.constexpr):
+    """One row of x: codes 2i (lo) and 2i + 1 (hi) of W0 (u*) and W1 (g*, DUAL)."""
+    if DUAL:
+        gl, gh, _, _ = _fma_pair(gl, gh, xe, xo, dlo, dhi, x_even, x_odd)
+    ul, uh, xe, xo = _fma_pair(ul, uh, xe, xo, lo, hi, x_even, x_odd)
+    return ul, uh, gl, gh, xe, xo
+
+
+@triton.jit
 def _word_step4(ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3, gl0, gh0, gl1, gh1, gl2, gh2, gl3, gh3,
                 xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3, w, v, x_ptr, stride_xm, M, k0, ONE,
-                DUAL: tl.constexpr, BM: tl.constexpr):  # fmt: skip
-    """One word row (8 k from k0) of _light_step4."""
+                DUAL: tl.constexpr, BM: tl.constexpr, XVEC: tl.constexpr):  # fmt: skip
+    """One word row (8 k from k0) of _light_step4; XVEC: x read 4 values a load."""
+    a0 = _x_quad(x_ptr, stride_xm, 0, M, k0, XVEC)
+    b0 = _x_quad(x_ptr, stride_xm, 0, M, k0 + 4, XVEC)
+    a1, b1, a2, b2, a3, b3 = a0, b0, a0, b0, a0, b0
+    if BM > 1:
+        a1 = _x_quad(x_ptr, stride_xm, 1, M, k0, XVEC)
+        b1 = _x_quad(x_ptr, stride_xm, 1, M, k0 + 4, XVEC)
+    if BM > 2:
+        a2 = _x_quad(x_ptr, stride_xm, 2, M, k0, XVEC)
+        b2 = _x_quad(x_ptr, stride_xm, 2, M, k0 + 4, XVEC)
+        a3 = _x_quad(x_ptr, stride_xm, 3, M, k0, XVEC)
+        b3 = _x_quad(x_ptr, stride_xm, 3, M, k0 + 4, XVEC)
     for i in tl.static_range(4):
         k = k0 + 2 * i
         if i < 2:
             c = w << (12 - 8 * i)
             d = v << (12 - 8 * i)
+            q0, q1, q2, q3 = a0, a1, a2, a3
         else:
             c = w >> (8 * i - 12)
             d = v >> (8 * i - 12)
+            q0, q1, q2, q3 = b0, b1, b2, b3
         lo, hi = _nibble_floats(c, ONE)
         dlo, dhi = _nibble_floats(d, ONE)
-        if DUAL:
-            gl0, gh0, _, _ = _fma_pair(gl0, gh0, xe0, xo0, dlo, dhi, x_ptr, stride_xm, 0, M, k)
-        ul0, uh0, xe0, xo0 = _fma_pair(ul0, uh0, xe0, xo0, lo, hi, x_ptr, stride_xm, 0, M, k)
+        x_even, x_odd = _x_pair(x_ptr, stride_xm, 0, M, k, q0, (2 * i) % 4, XVEC)
+        ul0, uh0, gl0, gh0, xe0, xo0 = _word_rows(ul0, uh0, gl0, gh0, xe0, xo0, lo, hi, dlo, dhi,
+                                                  x_even, x_odd, DUAL)  # fmt: skip
         if BM > 1:
-            if DUAL:
-                gl1, gh1, _, _ = _fma_pair(gl1, gh1, xe1, xo1, dlo, dhi, x_ptr, stride_xm, 1, M, k)
-            ul1, uh1, xe1, xo1 = _fma_pair(ul1, uh1, xe1, xo1, lo, hi, x_ptr, stride_xm, 1, M, k)
+            x_even, x_odd = _x_pair(x_ptr, stride_xm, 1, M, k, q1, (2 * i) % 4, XVEC)
+            ul1, uh1, gl1, gh1, xe1, xo1 = _word_rows(ul1, uh1, gl1, gh1, xe1, xo1, lo, hi, dlo,
+                                                      dhi, x_even, x_odd, DUAL)  # fmt: skip
         if BM > 2:
-            if DUAL:
-                gl2, gh2, _, _ = _fma_pair(gl2, gh2, xe2, xo2, dlo, dhi, x_ptr, stride_xm, 2, M, k)
-                gl3, gh3, _, _ = _fma_pair(gl3, gh3, xe3, xo3, dlo, dhi, x_ptr, stride_xm, 3, M, k)
-            ul2, uh2, xe2, xo2 = _fma_pair(ul2, uh2, xe2, xo2, lo, hi, x_ptr, stride_xm, 2, M, k)
-            ul3, uh3, xe3, xo3 = _fma_pair(ul3, uh3, xe3, xo3, lo, hi, x_ptr, stride_xm, 3, M, k)
+            x_even, x_odd = _x_pair(x_ptr, stride_xm, 2, M, k, q2, (2 * i) % 4, XVEC)
+            ul2, uh2, gl2, gh2, xe2, xo2 = _word_rows(ul2, uh2, gl2, gh2, xe2, xo2, lo, hi, dlo,
+                                                      dhi, x_even, x_odd, DUAL)  # fmt: skip
+            x_even, x_odd = _x_pair(x_ptr, stride_xm, 3, M, k, q3, (2 * i) % 4, XVEC)
+            ul3, uh3, gl3, gh3, xe3, xo3 = _word_rows(ul3, uh3, gl3, gh3, xe3, xo3, lo, hi, dlo,
+                                                      dhi, x_even, x_odd, DUAL)  # fmt: skip
     return (ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3, gl0, gh0, gl1, gh1, gl2, gh2, gl3, gh3,
             xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3)  # fmt: skip
 
@@ -214,7 +257,8 @@ def _word_step4(ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3, gl0, gh0, gl1, gh1, gl2,
 @triton.jit
 def _light_step4(ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3, gl0, gh0, gl1, gh1, gl2, gh2, gl3, gh3,
                  xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3, w0, w1, w2, w3, v0, v1, v2, v3,
-                 x_ptr, stride_xm, M, k0, ONE, DUAL: tl.constexpr, BM: tl.constexpr):  # fmt: skip
+                 x_ptr, stride_xm, M, k0, ONE, DUAL: tl.constexpr, BM: tl.constexpr,
+                 XVEC: tl.constexpr):  # fmt: skip
     """int4, 16-bit activations: the 32 k at k0 (words w*, v* from _load_step4) with one
     mask-and-or per code and one shift per two codes. Each word is shifted so that codes 2i and
     2i + 1 sit at bits 12 and 16, i.e. in the mantissa of 1.0 as 1 + q 2^-11 and 1 + q 2^-7; even
@@ -222,10 +266,10 @@ def _light_step4(ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3, gl0, gh0, gl1, gh1, gl2
     2^7 (Th - sum x_odd). xe*, xo*: sums of x over even and odd k per row."""
     acc = (ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3, gl0, gh0, gl1, gh1, gl2, gh2, gl3, gh3,
            xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3)  # fmt: skip
-    acc = _word_step4(*acc, w0, v0, x_ptr, stride_xm, M, k0, ONE, DUAL, BM)
-    acc = _word_step4(*acc, w1, v1, x_ptr, stride_xm, M, k0 + 8, ONE, DUAL, BM)
-    acc = _word_step4(*acc, w2, v2, x_ptr, stride_xm, M, k0 + 16, ONE, DUAL, BM)
-    acc = _word_step4(*acc, w3, v3, x_ptr, stride_xm, M, k0 + 24, ONE, DUAL, BM)
+    acc = _word_step4(*acc, w0, v0, x_ptr, stride_xm, M, k0, ONE, DUAL, BM, XVEC)
+    acc = _word_step4(*acc, w1, v1, x_ptr, stride_xm, M, k0 + 8, ONE, DUAL, BM, XVEC)
+    acc = _word_step4(*acc, w2, v2, x_ptr, stride_xm, M, k0 + 16, ONE, DUAL, BM, XVEC)
+    acc = _word_step4(*acc, w3, v3, x_ptr, stride_xm, M, k0 + 24, ONE, DUAL, BM, XVEC)
     return acc
 
 
@@ -313,34 +357,37 @@ def _store_rows(ws_ptr, a0, a1, a2, a3, slot, dual: tl.constexpr, DUALS: tl.cons
 
 @triton.jit
 def _light_program(x_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u_ptr, ws_ptr,
-                   tile, split, M, m0, stride_xm, NL, KL, OL, SL, SLOT_L, NOUT, CHUNK, ONE,
+                   tile, split, M, m0, stride_xm, NL, KL, OL, SL, SLOT_L, NOUT, ONE,
                    BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
                    DUAL: tl.constexpr, BM: tl.constexpr, BLOCK_N: tl.constexpr,
-                   FAST: tl.constexpr, PDL: tl.constexpr, ATOMIC: tl.constexpr):  # fmt: skip
+                   FAST: tl.constexpr, PDL: tl.constexpr, ATOMIC: tl.constexpr,
+                   XVEC: tl.constexpr):  # fmt: skip
     """Packed columns tile*BLOCK_N.. over K-slice `split` of SL -> ws slot SLOT_L + split.
 
-    The slice is a run of chunks of CHUNK steps (32 k each); a chunk lies inside one group.
-    PDL: the first step's words are loaded before waiting for the previous kernel (x)."""
+    The slice is the steps (32 k each) split * steps // SL .. (split + 1) * steps // SL: equal
+    counts, whatever the group size. Its chunks are its pieces of each quantization group (the
+    scales are applied once a chunk), so a slice of a few steps has one or two chunks, not one
+    per step. PDL: the first step's words are loaded before waiting for the previous kernel (x)."""
     DUALS: tl.constexpr = 2 if DUAL else 1
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < NL
     zero = tl.zeros([BLOCK_N], dtype=tl.float32)
     au0, au1, au2, au3, ag0, ag1, ag2, ag3 = zero, zero, zero, zero, zero, zero, zero, zero
     steps = KL // STEP_K
-    n_chunks = tl.cdiv(steps, CHUNK)
-    c_lo, c_hi = split * n_chunks // SL, (split + 1) * n_chunks // SL
+    SPG: tl.constexpr = max(1, GROUP // STEP_K)  # steps per group (K <= GROUP: one group)
+    s_lo, s_hi = split * steps // SL, (split + 1) * steps // SL
     if FAST:
         # software pipeline: the next step's words are loaded before this step is computed
-        st_last = tl.maximum(tl.minimum(c_hi * CHUNK, steps) - 1, 0)
-        nxt = _load_step4(p0_ptr, q0_ptr, NL, tl.minimum(c_lo * CHUNK, st_last) * STEP_K, offs_n,
-                          mask_n, DUAL)  # fmt: skip
+        st_last = tl.maximum(s_hi - 1, 0)
+        nxt = _load_step4(p0_ptr, q0_ptr, NL, tl.minimum(s_lo, st_last) * STEP_K, offs_n, mask_n,
+                          DUAL)  # fmt: skip
         pdl_wait(PDL)
-        for c in range(c_lo, c_hi):
+        for g in range(s_lo // SPG, tl.cdiv(s_hi, SPG)):
             ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3 = zero, zero, zero, zero, zero, zero, zero, zero
             gl0, gh0, gl1, gh1, gl2, gh2, gl3, gh3 = zero, zero, zero, zero, zero, zero, zero, zero
             xe0 = tl.zeros([], dtype=tl.float32)
             xo0, xe1, xo1, xe2, xo2, xe3, xo3 = xe0, xe0, xe0, xe0, xe0, xe0, xe0
-            for st in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, steps)):
+            for st in range(tl.maximum(g * SPG, s_lo), tl.minimum(g * SPG + SPG, s_hi)):
                 cur = nxt
                 nxt = _load_step4(p0_ptr, q0_ptr, NL, tl.minimum(st + 1, st_last) * STEP_K,
                                   offs_n, mask_n, DUAL)  # fmt: skip
@@ -348,8 +395,7 @@ def _light_program(x_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u
                  xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3) = _light_step4(
                     ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3, gl0, gh0, gl1, gh1, gl2, gh2, gl3,
                     gh3, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3, *cur, x_ptr, stride_xm, M - m0,
-                    st * STEP_K, ONE, DUAL, BM)  # fmt: skip
-            g = c * CHUNK * STEP_K // GROUP
+                    st * STEP_K, ONE, DUAL, BM, XVEC)  # fmt: skip
             s, z = _scale_pair(s_ptr, z_ptr, g, NL, offs_n, mask_n, SYMMETRIC)
             au0, au1, au2, au3 = _finish_rows4(au0, au1, au2, au3, ul0, uh0, ul1, uh1, ul2, uh2,
                                                ul3, uh3, s, z, xe0, xo0, xe1, xo1, xe2, xo2, xe3,
@@ -361,16 +407,15 @@ def _light_program(x_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u
                                                    xo2, xe3, xo3, BM)  # fmt: skip
     else:
         pdl_wait(PDL)
-        for c in range(c_lo, c_hi):
+        for g in range(s_lo // SPG, tl.cdiv(s_hi, SPG)):
             tu0, tu1, tu2, tu3, tg0, tg1, tg2, tg3 = zero, zero, zero, zero, zero, zero, zero, zero
             xs0 = tl.zeros([], dtype=tl.float32)
             xs1, xs2, xs3 = xs0, xs0, xs0
-            for st in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, steps)):
+            for st in range(tl.maximum(g * SPG, s_lo), tl.minimum(g * SPG + SPG, s_hi)):
                 tu0, tu1, tu2, tu3, tg0, tg1, tg2, tg3, xs0, xs1, xs2, xs3 = _light_step(
                     tu0, tu1, tu2, tu3, tg0, tg1, tg2, tg3, xs0, xs1, xs2, xs3, x_ptr, stride_xm,
                     M - m0, p0_ptr, p1_ptr, q0_ptr, q1_ptr, NL, st * STEP_K, offs_n, mask_n, ONE,
                     BITS, DUAL, BM)  # fmt: skip
-            g = c * CHUNK * STEP_K // GROUP
             a, b = _scale_terms(s_ptr, z_ptr, g, NL, offs_n, mask_n, BITS, SYMMETRIC)
             au0, au1, au2, au3 = _scaled_rows(au0, au1, au2, au3, tu0, tu1, tu2, tu3, a, b, xs0,
                                               xs1, xs2, xs3, BM)  # fmt: skip
@@ -435,10 +480,16 @@ def _finish_tile(ws_ptr, out_ptr, ub_ptr, gb_ptr, cols, mask_c, M, m0, NOUT, str
             if ATOMIC:
                 ptrs = ws_ptr + row * NOUT + cols
                 up = tl.load(ptrs, mask=mask_c, other=0.0, cache_modifier=".cg")
-                tl.store(ptrs, tl.zeros_like(up), mask=mask_c, cache_modifier=".cg")
                 gate = up
                 if DUAL:
                     gate = tl.load(ptrs + mn, mask=mask_c, other=0.0, cache_modifier=".cg")
+                # Every sum is read before any is zeroed: the compiler may give the loads and
+                # the stores different thread mappings (it does where the columns are not
+                # 16-aligned), so without this barrier a thread could zero a sum that another
+                # thread has not read yet (the wrong kernel-A sums of session 6).
+                tl.debug_barrier()
+                tl.store(ptrs, tl.zeros_like(up), mask=mask_c, cache_modifier=".cg")
+                if DUAL:
                     tl.store(ptrs + mn, tl.zeros_like(gate), mask=mask_c, cache_modifier=".cg")
             else:
                 up = tl.zeros([cols.shape[0]], dtype=tl.float32)
@@ -545,17 +596,17 @@ def _dense_program(x_ptr, dw0_ptr, dw1_ptr, ws_ptr, tile, split, M, m0, stride_x
                         BM, ATOMIC)  # fmt: skip
 
 
-@triton.jit(do_not_specialize=["M", "SD", "SL", "CHUNK", "ONE", "RD", "NFT"])
+@triton.jit(do_not_specialize=["M", "SD", "SL", "ONE", "RD", "NFT"])
 def _gemv_kernel(
     x_ptr, dw0_ptr, dw1_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u_ptr, ws_ptr,
     cnt_ptr, out_ptr, ub_ptr, gb_ptr,
-    M, stride_xm, ND, KD, stride_dw, XD, OD, SD, RD, NL, KL, XL, OL, SL, SLOT_L, NOUT, CHUNK, ONE,
+    M, stride_xm, ND, KD, stride_dw, XD, OD, SD, RD, NL, KL, XL, OL, SL, SLOT_L, NOUT, ONE,
     NFT, stride_om,
     BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, DUAL: tl.constexpr,
     BM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_ND: tl.constexpr, BLOCK_KD: tl.constexpr,
     FAST: tl.constexpr, FUSED: tl.constexpr, KA: tl.constexpr, ACTIVATION: tl.constexpr,
     HAS_UP_BIAS: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, BLOCK_S: tl.constexpr,
-    PDL: tl.constexpr, ATOMIC: tl.constexpr,
+    PDL: tl.constexpr, ATOMIC: tl.constexpr, XVEC: tl.constexpr,
 ):  # fmt: skip
     """One (column tile, K-slice) program for rows program_id(1)*BM..; fp32 partials to
     ws[slot, dual, m, column].
@@ -604,8 +655,8 @@ def _gemv_kernel(
         tile = pid % tiles_l
         _light_program(x_rows + XL, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u_ptr,
                        ws_ptr, tile, pid // tiles_l, M, m0, stride_xm, NL, KL, OL, SL,
-                       SLOT_L, NOUT, CHUNK, ONE, BITS, GROUP, SYMMETRIC, DUAL, BM, BLOCK_N,
-                       FAST, PDL, ATOMIC)  # fmt: skip
+                       SLOT_L, NOUT, ONE, BITS, GROUP, SYMMETRIC, DUAL, BM, BLOCK_N,
+                       FAST, PDL, ATOMIC, XVEC)  # fmt: skip
         if FUSED:
             cols = OL + tile * BLOCK_N + tl.arange(0, BLOCK_N)
             expected = SL
@@ -688,9 +739,11 @@ FAST_OK = os.environ.get("FFNSPLIT_GEMV_FAST", "1") != "0"  # 0: exact path only
 # Where the split-K partials are reduced inside the kernel (the last program of a tile) instead of
 # by a second launch (_gemv_reduce_kernel): "a" kernel A (default), "all" kernels A and B, "0" none
 FUSED_MODE = os.environ.get("FFNSPLIT_GEMV_FUSED", "a")
-# kernel B's atomic-accumulation candidates (GemvConfig.atomic), opt-in: 1 offers them to its
-# tuner (see the module docstring for why they are not on by default)
-ATOMIC_OK = os.environ.get("FFNSPLIT_GEMV_ATOMIC", "0") == "1"
+# the atomic-accumulation candidates (GemvConfig.atomic) offered to the tuners; 0: none, so that
+# results are bitwise repeatable from call to call
+ATOMIC_OK = os.environ.get("FFNSPLIT_GEMV_ATOMIC", "1") != "0"
+# int4 path: x read as int64 (four 16-bit values a load) where aligned; 0: one load a value
+XVEC_OK = os.environ.get("FFNSPLIT_GEMV_XVEC", "1") != "0"
 _FINISH_SLOTS = 8  # slots per load of _finish_tile ([8, BLOCK_N] tiles)
 _zeroed_bufs: dict[tuple, torch.Tensor] = {}
 _zeroed_kept: list[torch.Tensor] = []
@@ -716,23 +769,10 @@ _tuner = Tuner()
 _capacity: dict[tuple, int] = {}  # programs in one full wave, by launch shape (see _launch)
 
 
-def _light_split(k: int, group: int, want: int) -> tuple[int, int]:
-    """(steps of 32 k per chunk, K-slices) for at most `want` slices of equal chunk counts.
-
-    A chunk stays inside one quantization group (its steps divide the group's); larger chunks
-    apply the scales less often, smaller ones let the slices come out even: the largest chunk
-    that fills 85% of the `want` slots with equal slices, else the one filling the most."""
-    steps = k // STEP
-    per_group = max(1, min(group, k) // STEP)
-    best = None
-    for chunk in (c for c in range(per_group, 0, -1) if per_group % c == 0):
-        n_chunks = triton.cdiv(steps, chunk)
-        slices = triton.cdiv(n_chunks, triton.cdiv(n_chunks, max(1, want)))
-        if slices >= 0.85 * min(want, steps):
-            return chunk, slices
-        if best is None or slices > best[1]:
-            best = (chunk, slices)
-    return best
+def _light_split(k: int, want: int) -> int:
+    """K-slices of the light part for `want` programs a column tile: as many as wanted, at most
+    one per step of 32 k (a slice is a run of whole steps; the kernel splits it at group edges)."""
+    return max(1, min(want, k // STEP))
 
 
 def _light_args(a: QuantizedWeight | None, b: QuantizedWeight | None, x: torch.Tensor) -> list:
@@ -775,15 +815,17 @@ def _launch(
     dw0 = x2 if dense is None else dense[0]
     dw1 = dw0 if dense is None or dense[1] is None else dense[1]
     bm = min(MAX_ROWS, triton.next_power_of_2(m))
+    fast = cfg.fast and FAST_OK and bits == 4 and x2.dtype != torch.float32
+    x_light = 0 if kernel_a else kd  # the light part reads x[:, x_light:]
     constexprs = dict(
         BITS=bits, GROUP=group, SYMMETRIC=symmetric, DUAL=dual, BM=bm, BLOCK_N=cfg.block_n,
-        BLOCK_ND=cfg.block_nd, BLOCK_KD=cfg.block_kd,
-        FAST=cfg.fast and FAST_OK and bits == 4 and x2.dtype != torch.float32,
+        BLOCK_ND=cfg.block_nd, BLOCK_KD=cfg.block_kd, FAST=fast,
+        # x four values a load: needs every row's x[:, x_light + 4 j] 8-byte aligned
+        XVEC=fast and XVEC_OK and x2.data_ptr() % 8 == 0 and x2.stride(0) % 4 == 0
+        and x_light % 4 == 0,
     )  # fmt: skip
     # kernel A by default: kernel B's tiles have ~90 K-slices at M = 1, and one program adding
     # them at the end costs more than the second launch saves (+2.8 vs -1.5 us on an H200)
-    if kernel_a and cfg.atomic:
-        raise ValueError("kernel A has no atomic configs (see the module docstring)")
     fused = cfg.atomic or cfg.fused and (FUSED_MODE == "all" or FUSED_MODE == "a" and kernel_a)
     up_bias, gate_bias = finish.get("up_bias"), finish.get("gate_bias")
     constexprs.update(
@@ -799,11 +841,11 @@ def _launch(
     cnt = _zeroed(x2.device, row_blocks * n_ft, torch.int32) if fused else out
     biases = (out if up_bias is None else up_bias, out if gate_bias is None else gate_bias)
 
-    def args(sd: int, rd: int, sl: int, slot_l: int, chunk: int, ws: torch.Tensor) -> tuple:
+    def args(sd: int, rd: int, sl: int, slot_l: int, ws: torch.Tensor) -> tuple:
         return (
             x2, dw0, dw1, *light_args, ws, cnt, out, *biases, m, x2.stride(0), nd, kd,
             dw0.stride(0) if dense is not None else 0, 0, 0, sd, rd, nl, kl,
-            0 if kernel_a else kd, nd if kernel_a else 0, sl, slot_l, out_cols, chunk, ONE_BITS,
+            0 if kernel_a else kd, nd if kernel_a else 0, sl, slot_l, out_cols, ONE_BITS,
             n_ft, out.stride(0),
         )  # fmt: skip
 
@@ -817,14 +859,14 @@ def _launch(
         guess = 2 if INTERPRET else 4 * (8 // cfg.num_warps)
         ws0 = torch.empty(1, dtype=torch.float32, device=x2.device)
         capacity = _capacity[key] = cfg.waves * sm_count(x2.device) * resident_blocks(
-            _gemv_kernel, args(1, 1, 1, 0, 1, ws0), constexprs, cfg.num_warps, guess, stages=1
+            _gemv_kernel, args(1, 1, 1, 0, ws0), constexprs, cfg.num_warps, guess, stages=1
         )  # fmt: skip
     per_program = (bytes_d + bytes_l) / capacity
     sd = 1 if tiles_d else 0
     rd = max(1, min(tiles_d, int(per_program // max(bytes_d / max(tiles_d, 1), 1))))
     programs_d = triton.cdiv(tiles_d, rd) if tiles_d else 0
     want_l = max(1, (capacity - programs_d) // max(tiles_l, 1))
-    chunk, sl = _light_split(kl, group, want_l) if tiles_l else (1, 0)
+    sl = _light_split(kl, want_l) if tiles_l else 0
     slot_l = 0 if kernel_a else sd
     slots = max(sd, sl) if kernel_a else sd + sl
     duals = 2 if dual else 1
@@ -833,7 +875,7 @@ def _launch(
     else:
         ws = torch.empty((slots, duals, m, out_cols), dtype=torch.float32, device=x2.device)
     _gemv_kernel[(programs_d * sd + tiles_l * sl, row_blocks)](
-        *args(sd, rd, sl, slot_l, chunk, ws),
+        *args(sd, rd, sl, slot_l, ws),
         **constexprs,
         num_warps=cfg.num_warps,
         num_stages=1,
@@ -857,11 +899,11 @@ def _launch(
     )  # fmt: skip
 
 
-def _configs(kernel_a: bool = False) -> tuple[GemvConfig, ...]:
-    """The tuner's candidates: kernel A and FFNSPLIT_GEMV_ATOMIC=0 without atomic accumulation
-    (an atomic config stands for its slot twin there)."""
+def _configs() -> tuple[GemvConfig, ...]:
+    """The tuner's candidates; with FFNSPLIT_GEMV_ATOMIC=0 none accumulates atomically (an atomic
+    config stands for its slot twin there): results bitwise repeatable."""
     configs = (_INTERPRET_CONFIG,) if INTERPRET else _CONFIGS
-    if kernel_a or not ATOMIC_OK:
+    if not ATOMIC_OK:
         configs = tuple(dict.fromkeys(replace(c, atomic=False) for c in configs))
     return configs
 
@@ -880,7 +922,7 @@ def split_activations(x2: torch.Tensor, w: SplitFFNWeights, out: torch.Tensor) -
 
     fmt = None if light is None else (light[0].bits, light[0].group_size, light[0].symmetric)
     key = ("A", x2.shape[0], x2.shape[1], w.n_heavy, w.n_light, fmt, w.gated, x2.dtype, x2.device)
-    run(_tuner.pick(key, _configs(kernel_a=True), run))
+    run(_tuner.pick(key, _configs(), run))
 
 
 def split_linear(
