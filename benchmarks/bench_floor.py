@@ -113,15 +113,20 @@ def main() -> int:
         us = graph_time_us(calls)
         chain.append(dict(mb=[a, b], us=us, floor_us=(a + b) * 1e6 / bw * 1e6))
         print(f"chain {a} MB then {b} MB: {us:.2f} us ({us / chain[-1]['floor_us']:.2f}x floor)")
+    write_result(args.out, dev, copy_bandwidth_tb_s=bw * 1e-12, rows=rows, chain=chain)
+    return 0
+
+
+def write_result(out: str, dev: torch.device, **fields) -> None:
+    """A benchmark's JSON: date, card, versions and the command line, then `fields`."""
     result = dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         device=torch.cuda.get_device_name(dev), torch=torch.__version__,
-        triton=triton.__version__, python=platform.python_version(),
-        copy_bandwidth_tb_s=bw * 1e-12, command=" ".join(sys.argv), rows=rows, chain=chain,
+        triton=triton.__version__, python=platform.python_version(), command=" ".join(sys.argv),
+        **fields,
     )  # fmt: skip
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    return 0
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
