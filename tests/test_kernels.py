@@ -225,7 +225,7 @@ def test_invalid_inputs_raise() -> None:
 
 def test_gemv_deterministic_and_split_k(poison, monkeypatch) -> None:
     """Many K-slices (split-K partials, fixed-order reduction): bitwise repeatable results
-    without the opt-in atomic candidates (the default; FFNSPLIT_GEMV_ATOMIC=1 adds them)."""
+    without the atomic candidates (FFNSPLIT_GEMV_ATOMIC=0; by default the tuners may pick them)."""
     monkeypatch.setattr(gemv_module, "ATOMIC_OK", False)
     w = random_split_weights(256, 8, 64, "silu", True, True, torch.float32, bits=4, group=64)
     x = torch.randn(2, 256, device=DEVICE)
@@ -274,7 +274,7 @@ REPEAT_TOL = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
     ("heavy", "m", "dtype"), [(0, 1, torch.float32), (9, 3, torch.float32), (9, 5, torch.float16)]
 )
 def test_gemv_atomic_accumulation(poison, monkeypatch, heavy, m, dtype) -> None:
-    """Kernel B's atomic configs (every K-slice added into one fp32 accumulator, the last program
+    """The atomic configs (every K-slice added into one fp32 accumulator, the last program
     of a tile finishes it) against the reference, and against the slot configs up to
     association; the accumulators and counters are left at zero (a second call gives the same
     result). Both kernels run it."""
@@ -411,7 +411,7 @@ def test_every_gemv_config(poison, monkeypatch, dtype, index) -> None:
     counters are left at zero: the second call agrees bitwise, up to rounding for atomic
     configs, whose accumulators are left at zero too)."""
     monkeypatch.setattr(gemv_module, "_CONFIGS", (gemv_module._CONFIGS[index],))
-    monkeypatch.setattr(gemv_module, "ATOMIC_OK", True)  # the opt-in atomic configs too
+    monkeypatch.setattr(gemv_module, "ATOMIC_OK", True)  # the atomic configs too, whatever the env
     for group, symmetric in ((128, False), (32, True)):
         w = random_split_weights(1056, 72, 2016, "silu", True, True, dtype, bits=4, group=group,
                                  symmetric=symmetric)  # fmt: skip
