@@ -845,7 +845,7 @@ def _launch(
         return (
             x2, dw0, dw1, *light_args, ws, cnt, out, *biases, m, x2.stride(0), nd, kd,
             dw0.stride(0) if dense is not None else 0, 0, 0, sd, rd, nl, kl,
-            0 if kernel_a else kd, nd if kernel_a else 0, sl, slot_l, out_cols, ONE_BITS,
+            x_light, nd if kernel_a else 0, sl, slot_l, out_cols, ONE_BITS,
             n_ft, out.stride(0),
         )  # fmt: skip
 
