@@ -165,11 +165,18 @@ def build_source(fn: triton.runtime.JITFunction, values: dict[str, str]) -> ASTS
 
 
 def compile_kernel(
-    fn: triton.runtime.JITFunction, values: dict[str, str], warps: int, stages: int, arch: int
+    fn: triton.runtime.JITFunction,
+    values: dict[str, str],
+    warps: int,
+    stages: int,
+    arch: int,
+    maxnreg: int | None = None,
 ) -> tuple[object, str]:
     """(compiled kernel, ptxas report: Triton's own ptxas run when it prints its log, else
     ptxas -v run here on the kernel's PTX)."""
     options = {"num_warps": warps, "num_stages": stages}
+    if maxnreg:
+        options["maxnreg"] = maxnreg
     with contextlib.suppress(AttributeError):
         triton.knobs.nvidia.dump_ptxas_log = True
     log = io.StringIO()
@@ -294,6 +301,7 @@ def main() -> None:
     parser.add_argument("--warps", type=int, help="num_warps (a preset has its own)")
     parser.add_argument("--stages", type=int, default=3, help="num_stages (default 3)")
     parser.add_argument("--arch", type=int, default=90, help="compute capability (default 90)")
+    parser.add_argument("--maxnreg", type=int, help="register cap per thread (launch option)")
     parser.add_argument("--list", action="store_true", help="list the presets")
     for kind in ("sass", "ptx", "ttgir"):
         parser.add_argument(f"--{kind}", metavar="DIR", help=f"write the {kind} listing to DIR")
@@ -309,7 +317,7 @@ def main() -> None:
         spec, pairs, warps = args.kernel, args.args, 4
     warps = args.warps or warps
     values = dict(pair.split("=", 1) for pair in pairs)
-    kernel, log = compile_kernel(_load(spec), values, warps, args.stages, args.arch)
+    kernel, log = compile_kernel(_load(spec), values, warps, args.stages, args.arch, args.maxnreg)
     report(args.kernel, kernel, log, warps)
     for kind in ("sass", "ptx", "ttgir"):
         folder = getattr(args, kind)

@@ -383,6 +383,19 @@ def _tier_cases() -> list[tuple[str, int]]:
             for i in range(max(len(qmm._CONFIGS[tier]), len(sffn._CONFIGS[tier])))]  # fmt: skip
 
 
+def test_down_projection_k_splits() -> None:
+    """Split-K of the down projection: per_sm configs fill exactly one wave (floor), the others at
+    least 2 programs an SM (ceil); a split always keeps 4 K-blocks and one tile per split."""
+    cfg = tiles.TileConfig(16, 64, 128, 64, num_warps=4, num_stages=4)
+    # Llama-3-8B down projection at M = 16: 64 column tiles, 12 heavy + 107 light K-blocks
+    assert qmm.n_splits(cfg, 16, 4096, 720, 13632, 132) == 5  # ceil(264 / 64)
+    five = dataclasses.replace(cfg, per_sm=5)
+    assert qmm.n_splits(five, 16, 4096, 720, 13632, 132) == 10  # 10 * 64 <= 660 < 11 * 64
+    assert qmm.n_splits(dataclasses.replace(cfg, per_sm=4), 16, 4096, 720, 13632, 132) == 8
+    assert qmm.n_splits(five, 16, 4096, 0, 256, 132) == 1  # 2 K-blocks: nothing to split
+    assert qmm.n_splits(five, 2048, 4096, 720, 13632, 132) == 1  # the tiles fill the GPU
+
+
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -116,6 +116,10 @@ _CONFIGS = {  # (block_m, block_n, block_kl (light K-block, codes), block_kh (de
         _T(16, 64, 128, 64, num_warps=4, num_stages=4, interleave=False),
         _T(16, 128, 128, 64, num_warps=4, num_stages=3),
         _T(16, 128, 128, 64, num_warps=8, num_stages=3, fast_unpack=False),
+        # more K-slices: one full wave of 4 or 5 programs an SM (sm_90, 96 registers: 5 fit);
+        # H100, M = 16: 45.2 us (2 an SM) -> 38.6 us (benchmarks/RESULTS.md, session 8)
+        _T(16, 64, 128, 64, num_warps=4, num_stages=4, interleave=False, per_sm=5),
+        _T(16, 64, 128, 64, num_warps=4, num_stages=4, interleave=False, per_sm=4),
     ),
     "small": (  # 16 < M <= 128: still weight-bound, moderate row tiles
         _T(64, 128, 128, 64, num_warps=8, num_stages=3, scale_after=False, interleave=False),
@@ -133,11 +137,19 @@ _CONFIGS = {  # (block_m, block_n, block_kl (light K-block, codes), block_kh (de
 _MAX_SPLIT = 32
 
 
-def n_splits(cfg: TileConfig, m: int, n: int, kh: int, kl: int, bits: int, sms: int) -> int:
-    """K-splits so that about 2 programs per SM stream the weight (1 when tiles already do)."""
+def n_splits(cfg: TileConfig, m: int, n: int, kh: int, kl: int, sms: int) -> int:
+    """K-splits of the output tiles (a split keeps at least 4 of a tile's K-blocks).
+
+    With cfg.per_sm: as many as fit one wave of per_sm programs an SM, every program resident at
+    once (a second, partial wave of these programs costs about as much as a full one). Without:
+    at least 2 programs an SM (1 when the tiles already are that many).
+    """
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     blocks = triton.cdiv(kh, cfg.block_kh) + triton.cdiv(kl, cfg.block_kl)
-    want = triton.cdiv(2 * sms, tiles)
+    if cfg.per_sm is None:
+        want = triton.cdiv(2 * sms, tiles)
+    else:
+        want = cfg.per_sm * sms // tiles
     return max(1, min(want, blocks // 4, _MAX_SPLIT))
 
 
@@ -209,7 +221,7 @@ def split_linear(
     sms = sm_count(x.device)
 
     def run(cfg: TileConfig) -> None:
-        split = n_splits(cfg, m, n, kh, kl, bits, sms)
+        split = n_splits(cfg, m, n, kh, kl, sms)
         grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
         ws = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
         _split_linear_kernel[grid](
@@ -221,7 +233,8 @@ def split_linear(
             BLOCK_N=cfg.block_n, ROWS=light_rows(cfg, bits), BLOCK_KH=cfg.block_kh,
             INTERLEAVE=cfg.interleave,
             FAST4=fast_unpack(cfg, bits, group, kl, x.dtype, x.device),
-            UNIFORM=uniform_ok(cfg, bits, group, kl), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            UNIFORM=uniform_ok(cfg, bits, group, kl), num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
         )  # fmt: skip
         if split > 1:
             block = 1024
