@@ -9,6 +9,11 @@ use it), under the same CUDA-graph timing as benchmarks/bench_decode.py. The gap
 times and the GEMV kernels is what the kernels themselves cost beyond moving their bytes.
 
     PYTHONPATH=. python3 benchmarks/bench_floor.py --out $OUT/floor.json
+    PYTHONPATH=. python3 benchmarks/bench_floor.py --strips --out $OUT/strips.json
+
+--strips reads kernel A's light words the way the decode tier's tensor-core kernels do (column
+strips of 64-512 words, 16 word rows a step, K-slices) from the [K / 8, N] layout and from a
+strip-major copy: whether the access pattern, not the kernels' arithmetic, bounds them.
 """
 
 from __future__ import annotations
@@ -56,6 +61,67 @@ def _xor(a, b):
     return a ^ b
 
 
+@triton.jit
+def _strip_kernel(src_ptr, out_ptr, R, C, ROWS_PER, W: tl.constexpr, ROWS: tl.constexpr,
+                  TILED: tl.constexpr):  # fmt: skip
+    """Read the column strip program_id(0) (W int32 columns) of an [R, C] matrix over the rows
+    of K-slice program_id(1), [ROWS, W] tiles a step as the decode tier's tensor-core kernels
+    read their words (Triton pipelines the loads through shared memory with num_stages).
+    TILED: the same tiles from a strip-major copy [C / W, R, W] (each strip contiguous)."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    r = tl.arange(0, ROWS)
+    c = tl.arange(0, W)
+    r0 = pid_s * ROWS_PER
+    r1 = tl.minimum(r0 + ROWS_PER, R)
+    acc = tl.zeros([ROWS, W], dtype=tl.int32)
+    for k in range(r0, r1, ROWS):
+        if TILED:
+            ptrs = src_ptr + (pid_n * R + k + r[:, None]) * W + c[None, :]
+        else:
+            ptrs = src_ptr + (k + r[:, None]) * C + pid_n * W + c[None, :]
+        acc ^= tl.load(ptrs)
+    tl.store(
+        out_ptr + pid_n * tl.num_programs(1) + pid_s, tl.reduce(tl.reduce(acc, 1, _xor), 0, _xor)
+    )
+
+
+def strips(src: torch.Tensor, out: torch.Tensor, width: int, slices: int, tiled: bool,
+           stages: int) -> None:  # fmt: skip
+    """_strip_kernel over src viewed as [R, C] (R a multiple of 16 * slices)."""
+    rows, cols = src.shape
+    per = rows // slices
+    _strip_kernel[(cols // width, slices)](
+        src, out, rows, cols, per, W=width, ROWS=16, TILED=tiled, num_warps=4, num_stages=stages
+    )  # fmt: skip
+
+
+def strip_rows(out: torch.Tensor, bw: float) -> list[dict]:
+    """Kernel A's light words ([1,024, 13,632] int32: up and gate, 55.8 MB) read as the decode
+    tier reads them, column strips of 64-512 words, against the same tiles stored strip by strip."""
+    dev = out.device
+    shape = (1024, 13632 - 13632 % 512)
+    srcs = [torch.randint(-(2**31), 2**31 - 1, shape, dtype=torch.int32, device=dev)
+            for _ in range(3)]  # fmt: skip
+    mb = srcs[0].numel() * 4 / 1e6
+    rows = []
+    for width in (64, 128, 256, 512):
+        for tiled in (False, True):
+            for slices in (1, 2, 4):
+                for stages in (2, 4):
+                    calls = [
+                        (lambda s=s, w=width, n=slices, t=tiled, st=stages: strips(s, out, w, n, t, st))
+                        for s in srcs
+                    ]  # fmt: skip
+                    us = graph_time_us(calls)
+                    rows.append(dict(mb=mb, width=width, tiled=tiled, slices=slices,
+                                     stages=stages, us=us, tb_s=mb * 1e6 / us * 1e-6))  # fmt: skip
+                    print(f"strips {mb:.1f} MB width {width:3d} {'tiled  ' if tiled else 'strided'}"
+                          f" slices {slices} stages {stages}: {us:7.2f} us ({mb / us:.2f} TB/s)",
+                          flush=True)  # fmt: skip
+    return rows
+
+
 def stream(src: torch.Tensor, out: torch.Tensor, programs: int, block: int, warps: int) -> None:
     n = src.numel()
     per = triton.cdiv(triton.cdiv(n, programs), block) * block
@@ -71,10 +137,15 @@ def main() -> int:
     parser.add_argument("--mb", default="35.6,71.1,106.7", help="sizes in MB (1e6 bytes)")
     parser.add_argument("--copies", type=int, default=3, help="rotating copies (L2 cannot hold)")
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "floor.json"))
+    parser.add_argument("--strips", action="store_true", help="only the column-strip reads")
     args = parser.parse_args()
     dev = torch.device("cuda")
     bw = copy_bandwidth()
     sms = sm_count(dev)
+    if args.strips:
+        out = torch.empty(1 << 16, dtype=torch.int32, device=dev)
+        write_result(args.out, dev, copy_bandwidth_tb_s=bw * 1e-12, strips=strip_rows(out, bw))
+        return 0
     sizes = [float(v) for v in args.mb.split(",")]
     bufs = {
         mb: [torch.randint(-(2**31), 2**31 - 1, (int(mb * 1e6) // 64 * 16,), dtype=torch.int32,

@@ -165,6 +165,45 @@ def test_split_ffn(poison, activation, gated, dtype, path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("activation", "gated", "biases", "m"),
+    [("silu", True, True, 3), ("gelu", False, True, 17), ("relu", True, False, 1)],
+)
+def test_split_ffn_k_slices(poison, monkeypatch, activation, gated, biases, m) -> None:
+    """Kernel A's split-K (TileConfig.per_sm): K-slices of heavy and light tiles as fp32 partials,
+    then the reduce launch with biases, activation and gating; it agrees with the unsplit kernel."""
+    # K 1,056: 9 light K-blocks of 128 codes, so 2 slices (each keeps >= 4 blocks)
+    w = random_split_weights(1056, 20, 64, activation, gated, biases=biases, dtype=torch.float32)
+    x = torch.randn(m, 1056, device=DEVICE)
+    whole = sffn.split_activations(x, w, path="decode")
+    cfg = sffn._CONFIGS["decode"][0] if ON_GPU else tiles._INTERPRET["decode"]
+    split_cfg = dataclasses.replace(cfg, per_sm=64)
+    monkeypatch.setitem(sffn._CONFIGS, "decode", (split_cfg,))
+    monkeypatch.setitem(tiles._INTERPRET, "decode", split_cfg)
+    launches = []
+    real = sffn._act_reduce_kernel
+    monkeypatch.setattr(sffn, "_act_reduce_kernel", _Recorder(real, launches))
+    parts = sffn.split_activations(x, w, path="decode")
+    assert launches and launches[0]["SPLIT"] == 2, "the config did not split K in two"
+    assert rel_err(parts, whole) < 1e-5
+    out = sffn.split_ffn(x, w, path="decode")
+    assert rel_err(out, ref_split_ffn(x, w)) < TOL[torch.float32]
+
+
+class _Recorder:
+    """A jitted kernel whose launches record their keyword arguments."""
+
+    def __init__(self, kernel, calls: list) -> None:
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.parametrize(
     ("bits", "group", "symmetric"), [(8, 64, True), (3, 32, False), (2, 128, True)]
 )
 def test_split_ffn_other_formats(poison, bits, group, symmetric) -> None:
@@ -243,6 +282,25 @@ def test_gemv_x_vector_loads(poison, monkeypatch, heavy, m, xvec) -> None:
     w = random_split_weights(160, heavy, 352, "silu", True, True, torch.float16, bits=4, group=64)
     x = torch.randn(m, 160, device=DEVICE).half()
     assert rel_err(sffn.split_ffn(x, w, path="gemv"), ref_split_ffn(x, w)) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize(("k", "m", "group"), [(352, 1, 64), (160, 3, 32), (544, 2, 128)])
+def test_gemv_prefetch_two_steps(poison, monkeypatch, k, m, group) -> None:
+    """The int4 path with the words of two steps in flight (GemvConfig.prefetch = 2): K-slices of
+    one step or more (the prefetch index clamped at a slice's last step), against the reference
+    and bitwise against one step ahead (same loads, same arithmetic order)."""
+    base = dataclasses.replace(gemv_module._INTERPRET_CONFIG, atomic=False)
+    w = random_split_weights(k, 20, 96, "silu", True, True, torch.float16, bits=4, group=group)
+    x = torch.randn(m, k, device=DEVICE).half()
+    outs = []
+    for prefetch in (1, 2):
+        cfg = dataclasses.replace(base, prefetch=prefetch)
+        monkeypatch.setattr(gemv_module, "_INTERPRET_CONFIG", cfg)
+        monkeypatch.setattr(gemv_module, "_CONFIGS", (cfg,))
+        monkeypatch.setattr(gemv_module, "_tuner", tiles.Tuner())
+        outs.append(sffn.split_ffn(x, w, path="gemv"))
+    assert rel_err(outs[1], ref_split_ffn(x, w)) < TOL[torch.float16]
+    assert torch.equal(outs[0], outs[1])
 
 
 @pytest.mark.parametrize(("heavy", "mode"), [(0, "a"), (9, "a"), (0, "all"), (9, "all")])
@@ -394,6 +452,10 @@ def test_down_projection_k_splits() -> None:
     assert qmm.n_splits(dataclasses.replace(cfg, per_sm=4), 16, 4096, 720, 13632, 132) == 8
     assert qmm.n_splits(five, 16, 4096, 0, 256, 132) == 1  # 2 K-blocks: nothing to split
     assert qmm.n_splits(five, 2048, 4096, 720, 13632, 132) == 1  # the tiles fill the GPU
+    two = dataclasses.replace(five, waves=2)
+    assert qmm.n_splits(two, 16, 4096, 720, 13632, 132) == 20  # 20 * 64 <= 1,320 < 21 * 64
+    # kernel A at M = 16: 258 tiles, 3 an SM, two waves: 3 slices (774 of 792 slots)
+    assert qmm.wave_splits(dataclasses.replace(cfg, per_sm=3, waves=2), 258, 32, 132) == 3
 
 
 @gpu

@@ -138,18 +138,20 @@ _MAX_SPLIT = 32
 
 
 def n_splits(cfg: TileConfig, m: int, n: int, kh: int, kl: int, sms: int) -> int:
-    """K-splits of the output tiles (a split keeps at least 4 of a tile's K-blocks).
-
-    With cfg.per_sm: as many as fit one wave of per_sm programs an SM, every program resident at
-    once (a second, partial wave of these programs costs about as much as a full one). Without:
-    at least 2 programs an SM (1 when the tiles already are that many).
-    """
+    """K-splits of the output tiles: with cfg.per_sm, `wave_splits`; without, at least 2
+    programs an SM (1 when the tiles already are that many), each keeping 4 K-blocks."""
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     blocks = triton.cdiv(kh, cfg.block_kh) + triton.cdiv(kl, cfg.block_kl)
-    if cfg.per_sm is None:
-        want = triton.cdiv(2 * sms, tiles)
-    else:
-        want = cfg.per_sm * sms // tiles
+    if cfg.per_sm is not None:
+        return wave_splits(cfg, tiles, blocks, sms)
+    return max(1, min(triton.cdiv(2 * sms, tiles), blocks // 4, _MAX_SPLIT))
+
+
+def wave_splits(cfg: TileConfig, tiles: int, blocks: int, sms: int) -> int:
+    """As many K-slices of `tiles` output tiles (each of `blocks` K-blocks; a slice keeps at
+    least 4) as fill cfg.waves whole waves of cfg.per_sm programs an SM: a last, partial wave of
+    these latency-bound programs would cost about as much as a full one."""
+    want = cfg.per_sm * sms * cfg.waves // tiles
     return max(1, min(want, blocks // 4, _MAX_SPLIT))
 
 

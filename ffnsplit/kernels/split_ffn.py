@@ -17,7 +17,7 @@ import triton.language as tl
 
 from ffnsplit.kernels import dequant_gemm, gemv
 from ffnsplit.kernels.format import QuantizedWeight, SplitFFNWeights
-from ffnsplit.kernels.quant_matmul import split_linear
+from ffnsplit.kernels.quant_matmul import split_linear, wave_splits
 from ffnsplit.kernels.tiles import (
     ACTIVATION_NAMES,
     TileConfig,
@@ -29,6 +29,7 @@ from ffnsplit.kernels.tiles import (
     light_block,
     light_rows,
     scale_after_ok,
+    sm_count,
     store_activations,
     tier_configs,
     torch_to_triton_ok,
@@ -38,22 +39,28 @@ from ffnsplit.kernels.tiles import (
 )
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit(do_not_specialize=["M", "n_split"])
 def _split_up_kernel(
     x_ptr, hu_ptr, hg_ptr, up0_ptr, up1_ptr, us_ptr, uz_ptr, gp0_ptr, gp1_ptr, gs_ptr, gz_ptr,
-    ub_ptr, gb_ptr, a_ptr,
-    M, K, NH, NL, stride_xm, stride_hw, stride_am,
+    ub_ptr, gb_ptr, a_ptr, ws_ptr,
+    M, K, NH, NL, stride_xm, stride_hw, stride_am, n_split,
     BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
     SCALE_AFTER: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr,
     HAS_UP_BIAS: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_NH: tl.constexpr, BLOCK_NL: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_KH: tl.constexpr, INTERLEAVE: tl.constexpr,
-    FAST4: tl.constexpr, UNIFORM: tl.constexpr,
+    FAST4: tl.constexpr, UNIFORM: tl.constexpr, PARTIAL: tl.constexpr,
 ):  # fmt: skip
-    """a[:, tile] for one row tile (program_id 0) and one heavy or light neuron tile (id 1)."""
+    """a[:, tile] for one row tile (program_id 0) and one heavy or light neuron tile (id 1).
+
+    PARTIAL (split-K, n_split > 1): the program takes K-slice program_id(2) of the tile's
+    K-blocks and writes its fp32 up and gate sums to ws [n_split, 2, M, NH + NL] instead;
+    `_act_reduce_kernel` adds the slices in order and applies biases, activation and gating.
+    """
     PACK: tl.constexpr = 32 // (8 if BITS == 8 else (4 if BITS == 4 else 2))
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     heavy_tiles = tl.cdiv(NH, BLOCK_NH)
@@ -62,24 +69,33 @@ def _split_up_kernel(
         mask_h = offs_h < NH
         acc_hu = tl.zeros([BLOCK_M, BLOCK_NH], dtype=tl.float32)
         acc_hg = tl.zeros([BLOCK_M, BLOCK_NH], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_KH):
+        nb = tl.cdiv(K, BLOCK_KH)
+        for kb in range(pid_s * nb // n_split, (pid_s + 1) * nb // n_split):
             acc_hu, acc_hg = dense_block(acc_hu, acc_hg, x_ptr, stride_xm, offs_m, mask_m, hu_ptr,
-                                         hg_ptr, stride_hw, K, k0, offs_h, mask_h, GATED, BLOCK_KH,
-                                         PRECISION)  # fmt: skip
-        store_activations(acc_hu, acc_hg, ub_ptr, gb_ptr, a_ptr, stride_am, offs_m, mask_m,
-                           offs_h, mask_h, GATED, ACTIVATION, HAS_UP_BIAS,
-                           HAS_GATE_BIAS)  # fmt: skip
+                                         hg_ptr, stride_hw, K, kb * BLOCK_KH, offs_h, mask_h,
+                                         GATED, BLOCK_KH, PRECISION)  # fmt: skip
+        if PARTIAL:
+            _store_partial(ws_ptr, acc_hu, acc_hg, pid_s, M, NH + NL, offs_m, mask_m, offs_h,
+                           mask_h, GATED)  # fmt: skip
+        else:
+            store_activations(acc_hu, acc_hg, ub_ptr, gb_ptr, a_ptr, stride_am, offs_m, mask_m,
+                              offs_h, mask_h, GATED, ACTIVATION, HAS_UP_BIAS,
+                              HAS_GATE_BIAS)  # fmt: skip
     else:
         offs_l = (pid_n - heavy_tiles) * BLOCK_NL + tl.arange(0, BLOCK_NL)
         mask_l = offs_l < NL
         acc_lu = tl.zeros([BLOCK_M, BLOCK_NL], dtype=tl.float32)
         acc_lg = tl.zeros([BLOCK_M, BLOCK_NL], dtype=tl.float32)
         PER_BLOCK: tl.constexpr = SCALE_AFTER or UNIFORM  # one scale per column and block
-        su_next, zu_next = block_scales(us_ptr, uz_ptr, NL, K, 0, offs_l, mask_l, GROUP,
-                                        SYMMETRIC, PER_BLOCK)  # fmt: skip
-        sg_next, zg_next = block_scales(gs_ptr, gz_ptr, NL, K, 0, offs_l, mask_l, GROUP,
-                                        SYMMETRIC, PER_BLOCK and GATED)  # fmt: skip
-        for k0 in range(0, K, ROWS * PACK):
+        BLOCK_KL: tl.constexpr = ROWS * PACK
+        nb = tl.cdiv(K, BLOCK_KL)
+        b0 = pid_s * nb // n_split
+        su_next, zu_next = block_scales(us_ptr, uz_ptr, NL, K, b0 * BLOCK_KL, offs_l, mask_l,
+                                        GROUP, SYMMETRIC, PER_BLOCK)  # fmt: skip
+        sg_next, zg_next = block_scales(gs_ptr, gz_ptr, NL, K, b0 * BLOCK_KL, offs_l, mask_l,
+                                        GROUP, SYMMETRIC, PER_BLOCK and GATED)  # fmt: skip
+        for b in range(b0, (pid_s + 1) * nb // n_split):
+            k0 = b * BLOCK_KL
             su, zu, sg, zg = su_next, zu_next, sg_next, zg_next
             su_next, zu_next = block_scales(us_ptr, uz_ptr, NL, K, k0 + ROWS * PACK, offs_l,
                                             mask_l, GROUP, SYMMETRIC, PER_BLOCK)  # fmt: skip
@@ -92,9 +108,46 @@ def _split_up_kernel(
                                          NL, K, k0, offs_l, mask_l, BITS, GROUP, SYMMETRIC,
                                          SCALE_AFTER, GATED, ROWS, INTERLEAVE, FAST4,
                                          PRECISION, UNIFORM)  # fmt: skip
-        store_activations(acc_lu, acc_lg, ub_ptr, gb_ptr, a_ptr, stride_am, offs_m, mask_m,
-                           NH + offs_l, mask_l, GATED, ACTIVATION, HAS_UP_BIAS,
-                           HAS_GATE_BIAS)  # fmt: skip
+        if PARTIAL:
+            _store_partial(ws_ptr, acc_lu, acc_lg, pid_s, M, NH + NL, offs_m, mask_m,
+                           NH + offs_l, mask_l, GATED)  # fmt: skip
+        else:
+            store_activations(acc_lu, acc_lg, ub_ptr, gb_ptr, a_ptr, stride_am, offs_m, mask_m,
+                              NH + offs_l, mask_l, GATED, ACTIVATION, HAS_UP_BIAS,
+                              HAS_GATE_BIAS)  # fmt: skip
+
+
+@triton.jit
+def _store_partial(ws_ptr, acc_u, acc_g, split, M, NT, offs_m, mask_m, cols, mask_n,
+                   GATED: tl.constexpr):  # fmt: skip
+    """fp32 up (and gate) sums of one K-slice into ws [n_split, 2, M, NT]."""
+    base = ws_ptr + split * 2 * M * NT + offs_m[:, None] * NT + cols[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    tl.store(base, acc_u, mask=mask)
+    if GATED:
+        tl.store(base + M * NT, acc_g, mask=mask)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _act_reduce_kernel(ws_ptr, ub_ptr, gb_ptr, a_ptr, M, NT, stride_am, SPLIT: tl.constexpr,
+                       GATED: tl.constexpr, ACTIVATION: tl.constexpr,
+                       HAS_UP_BIAS: tl.constexpr, HAS_GATE_BIAS: tl.constexpr,
+                       BLOCK: tl.constexpr):  # fmt: skip
+    """a[row, cols] = activation of the K-slices' sums (added in slice order: deterministic)."""
+    offs_m = tl.program_id(0) + tl.arange(0, 1)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask_m = offs_m < M
+    mask_n = cols < NT
+    ptrs = ws_ptr + offs_m[:, None] * NT + cols[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    acc_u = tl.zeros([1, BLOCK], dtype=tl.float32)
+    acc_g = tl.zeros([1, BLOCK], dtype=tl.float32)
+    for s in tl.static_range(SPLIT):
+        acc_u += tl.load(ptrs + s * 2 * M * NT, mask=mask, other=0.0)
+        if GATED:
+            acc_g += tl.load(ptrs + (s * 2 + 1) * M * NT, mask=mask, other=0.0)
+    store_activations(acc_u, acc_g, ub_ptr, gb_ptr, a_ptr, stride_am, offs_m, mask_m, cols,
+                      mask_n, GATED, ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS)  # fmt: skip
 
 
 _T = TileConfig
@@ -105,6 +158,10 @@ _CONFIGS = {  # (block_m, block_n (light neurons), block_kl, block_kh); block_nh
         _T(16, 64, 128, 128, num_warps=4, num_stages=4, block_nh=16, fast_unpack=False),
         _T(16, 32, 128, 128, num_warps=2, num_stages=4, block_nh=16, interleave=False),
         _T(16, 32, 128, 128, num_warps=4, num_stages=5, block_nh=16, interleave=False),
+        # split-K: 3 K-slices in two waves of 3 programs an SM (168 registers: 3 fit); H100,
+        # M = 16: 72.3 -> 67.9 us, the reduce launch included (benchmarks/RESULTS.md, session 8)
+        _T(16, 64, 128, 128, num_warps=4, num_stages=3, block_nh=16, interleave=False, per_sm=3,
+           waves=2),
     ),
     "small": (
         _T(64, 64, 128, 64, num_warps=4, num_stages=3, block_nh=64, scale_after=False,
@@ -193,15 +250,24 @@ def split_activations(x: torch.Tensor, w: SplitFFNWeights, *, path: str = "auto"
         light_args = [dummy, dummy, x2, x2] * 2
     tier, configs = tier_configs(m, path, x.dtype, _CONFIGS)
 
+    sms = sm_count(x.device)
+
     def run(cfg: TileConfig) -> None:
         block_nh = cfg.block_nh or cfg.block_n
         tiles = triton.cdiv(h, block_nh) + triton.cdiv(n_light, cfg.block_n)
-        grid = (triton.cdiv(m, cfg.block_m), tiles)
+        split = 1
+        if cfg.per_sm is not None:  # K-slices: whole waves of per_sm programs an SM
+            blocks = triton.cdiv(hidden, max(cfg.block_kl, cfg.block_kh))
+            split = wave_splits(cfg, triton.cdiv(m, cfg.block_m) * tiles, blocks, sms)
+        grid = (triton.cdiv(m, cfg.block_m), tiles, split)
         up_bias = w.up_bias if w.up_bias is not None else a
         gate_bias = w.gate_bias if w.gate_bias is not None else a
+        ws = a
+        if split > 1:
+            ws = torch.empty((split, 2, m, h + n_light), dtype=torch.float32, device=x.device)
         _split_up_kernel[grid](
-            x2, hu, hg, *light_args, up_bias, gate_bias, a,
-            m, hidden, h, n_light, x2.stride(0), hu.stride(0), a.stride(0),
+            x2, hu, hg, *light_args, up_bias, gate_bias, a, ws,
+            m, hidden, h, n_light, x2.stride(0), hu.stride(0), a.stride(0), split,
             BITS=bits, GROUP=group, SYMMETRIC=symmetric,
             SCALE_AFTER=scale_after_ok(cfg, bits, group, hidden), GATED=w.gated,
             ACTIVATION=w.activation, HAS_UP_BIAS=w.up_bias is not None,
@@ -210,8 +276,16 @@ def split_activations(x: torch.Tensor, w: SplitFFNWeights, *, path: str = "auto"
             BLOCK_NL=cfg.block_n, ROWS=light_rows(cfg, bits), BLOCK_KH=cfg.block_kh,
             INTERLEAVE=cfg.interleave,
             FAST4=fast_unpack(cfg, bits, group, hidden, x.dtype, x.device),
-            UNIFORM=uniform_ok(cfg, bits, group, hidden), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            UNIFORM=uniform_ok(cfg, bits, group, hidden), PARTIAL=split > 1,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
+        if split > 1:
+            block = 512
+            _act_reduce_kernel[(m, triton.cdiv(h + n_light, block))](
+                ws, up_bias, gate_bias, a, m, h + n_light, a.stride(0), SPLIT=split,
+                GATED=w.gated, ACTIVATION=w.activation, HAS_UP_BIAS=w.up_bias is not None,
+                HAS_GATE_BIAS=w.gated and w.gate_bias is not None, BLOCK=block, num_warps=4,
+            )  # fmt: skip
 
     key = (tier, triton.next_power_of_2(m), hidden, h, n_light, bits, group, symmetric, w.gated)
     key += (x.dtype, x.device)

@@ -426,9 +426,11 @@ class TileConfig:
     interleave: bool = True  # codes kept in their words' registers, x gathered (decode)
     block_nh: int = 0  # N-block of heavy neurons in the up kernel (0: same as block_n)
     fast_unpack: bool = True  # inline-PTX int4 unpack where it applies (see fast_unpack)
-    # split-K target of the down projection: K-slices so that every program of one wave of
-    # per_sm programs an SM is resident at once; None: at least 2 programs an SM
+    # split-K: K-slices that fill `waves` whole waves of per_sm programs an SM (the programs an
+    # SM holds); None: the kernel's default (down projection: at least 2 programs an SM; up
+    # kernel: no split)
     per_sm: int | None = None
+    waves: int = 1
 
 
 def light_rows(cfg: TileConfig, bits: int) -> int:
