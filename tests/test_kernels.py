@@ -284,25 +284,6 @@ def test_gemv_x_vector_loads(poison, monkeypatch, heavy, m, xvec) -> None:
     assert rel_err(sffn.split_ffn(x, w, path="gemv"), ref_split_ffn(x, w)) < TOL[torch.float16]
 
 
-@pytest.mark.parametrize(("k", "m", "group"), [(352, 1, 64), (160, 3, 32), (544, 2, 128)])
-def test_gemv_prefetch_two_steps(poison, monkeypatch, k, m, group) -> None:
-    """The int4 path with the words of two steps in flight (GemvConfig.prefetch = 2): K-slices of
-    one step or more (the prefetch index clamped at a slice's last step), against the reference
-    and bitwise against one step ahead (same loads, same arithmetic order)."""
-    base = dataclasses.replace(gemv_module._INTERPRET_CONFIG, atomic=False)
-    w = random_split_weights(k, 20, 96, "silu", True, True, torch.float16, bits=4, group=group)
-    x = torch.randn(m, k, device=DEVICE).half()
-    outs = []
-    for prefetch in (1, 2):
-        cfg = dataclasses.replace(base, prefetch=prefetch)
-        monkeypatch.setattr(gemv_module, "_INTERPRET_CONFIG", cfg)
-        monkeypatch.setattr(gemv_module, "_CONFIGS", (cfg,))
-        monkeypatch.setattr(gemv_module, "_tuner", tiles.Tuner())
-        outs.append(sffn.split_ffn(x, w, path="gemv"))
-    assert rel_err(outs[1], ref_split_ffn(x, w)) < TOL[torch.float16]
-    assert torch.equal(outs[0], outs[1])
-
-
 @pytest.mark.parametrize(("heavy", "mode"), [(0, "a"), (9, "a"), (0, "all"), (9, "all")])
 def test_gemv_fused_reduction_matches_separate_launch(poison, monkeypatch, heavy, mode) -> None:
     """The in-kernel split-K reduction (last program of a tile adds the slots) against the

@@ -361,15 +361,13 @@ def _light_program(x_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u
                    BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
                    DUAL: tl.constexpr, BM: tl.constexpr, BLOCK_N: tl.constexpr,
                    FAST: tl.constexpr, PDL: tl.constexpr, ATOMIC: tl.constexpr,
-                   XVEC: tl.constexpr, PREFETCH: tl.constexpr = 1):  # fmt: skip
+                   XVEC: tl.constexpr):  # fmt: skip
     """Packed columns tile*BLOCK_N.. over K-slice `split` of SL -> ws slot SLOT_L + split.
 
     The slice is the steps (32 k each) split * steps // SL .. (split + 1) * steps // SL: equal
     counts, whatever the group size. Its chunks are its pieces of each quantization group (the
     scales are applied once a chunk), so a slice of a few steps has one or two chunks, not one
-    per step. PDL: the first step's words are loaded before waiting for the previous kernel (x).
-    PREFETCH (FAST, 1 or 2): the words of that many steps ahead are loaded before a step computes
-    (2: twice the bytes in flight, 16 more registers a thread and weight at 4 columns a thread)."""
+    per step. PDL: the first step's words are loaded before waiting for the previous kernel (x)."""
     DUALS: tl.constexpr = 2 if DUAL else 1
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < NL
@@ -383,9 +381,6 @@ def _light_program(x_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u
         st_last = tl.maximum(s_hi - 1, 0)
         nxt = _load_step4(p0_ptr, q0_ptr, NL, tl.minimum(s_lo, st_last) * STEP_K, offs_n, mask_n,
                           DUAL)  # fmt: skip
-        if PREFETCH == 2:
-            nxt2 = _load_step4(p0_ptr, q0_ptr, NL, tl.minimum(s_lo + 1, st_last) * STEP_K, offs_n,
-                               mask_n, DUAL)  # fmt: skip
         pdl_wait(PDL)
         for g in range(s_lo // SPG, tl.cdiv(s_hi, SPG)):
             ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3 = zero, zero, zero, zero, zero, zero, zero, zero
@@ -394,13 +389,8 @@ def _light_program(x_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u
             xo0, xe1, xo1, xe2, xo2, xe3, xo3 = xe0, xe0, xe0, xe0, xe0, xe0, xe0
             for st in range(tl.maximum(g * SPG, s_lo), tl.minimum(g * SPG + SPG, s_hi)):
                 cur = nxt
-                if PREFETCH == 2:
-                    nxt = nxt2
-                    nxt2 = _load_step4(p0_ptr, q0_ptr, NL, tl.minimum(st + 2, st_last) * STEP_K,
-                                       offs_n, mask_n, DUAL)  # fmt: skip
-                else:
-                    nxt = _load_step4(p0_ptr, q0_ptr, NL, tl.minimum(st + 1, st_last) * STEP_K,
-                                      offs_n, mask_n, DUAL)  # fmt: skip
+                nxt = _load_step4(p0_ptr, q0_ptr, NL, tl.minimum(st + 1, st_last) * STEP_K,
+                                  offs_n, mask_n, DUAL)  # fmt: skip
                 (ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3, gl0, gh0, gl1, gh1, gl2, gh2, gl3, gh3,
                  xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3) = _light_step4(
                     ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3, gl0, gh0, gl1, gh1, gl2, gh2, gl3,
@@ -616,7 +606,7 @@ def _gemv_kernel(
     BM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_ND: tl.constexpr, BLOCK_KD: tl.constexpr,
     FAST: tl.constexpr, FUSED: tl.constexpr, KA: tl.constexpr, ACTIVATION: tl.constexpr,
     HAS_UP_BIAS: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, BLOCK_S: tl.constexpr,
-    PDL: tl.constexpr, ATOMIC: tl.constexpr, XVEC: tl.constexpr, PREFETCH: tl.constexpr,
+    PDL: tl.constexpr, ATOMIC: tl.constexpr, XVEC: tl.constexpr,
 ):  # fmt: skip
     """One (column tile, K-slice) program for rows program_id(1)*BM..; fp32 partials to
     ws[slot, dual, m, column].
@@ -666,7 +656,7 @@ def _gemv_kernel(
         _light_program(x_rows + XL, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u_ptr,
                        ws_ptr, tile, pid // tiles_l, M, m0, stride_xm, NL, KL, OL, SL,
                        SLOT_L, NOUT, ONE, BITS, GROUP, SYMMETRIC, DUAL, BM, BLOCK_N,
-                       FAST, PDL, ATOMIC, XVEC, PREFETCH)  # fmt: skip
+                       FAST, PDL, ATOMIC, XVEC)  # fmt: skip
         if FUSED:
             cols = OL + tile * BLOCK_N + tl.arange(0, BLOCK_N)
             expected = SL
@@ -732,7 +722,6 @@ class GemvConfig:
     # K-slices added into one fp32 accumulator (atomics, arrival order: not bitwise repeatable)
     # instead of one slot each; always fused (the last program reads the sums and zeroes them)
     atomic: bool = False
-    prefetch: int = 1  # int4 fast path: steps of words loaded ahead of the one computed (1 or 2)
 
 
 _CONFIGS = (  # block_n / (32 * num_warps) columns per thread: 4 (one 16-byte load) or 8 (two)
@@ -744,9 +733,6 @@ _CONFIGS = (  # block_n / (32 * num_warps) columns per thread: 4 (one 16-byte lo
     GemvConfig(512, 4, 256, num_warps=4, atomic=True),
     GemvConfig(256, 2, 256, num_warps=2, atomic=True),
     GemvConfig(512, 4, 256, num_warps=4, waves=2, atomic=True),
-    # two steps of words in flight (more bytes in flight a thread, fewer programs an SM)
-    GemvConfig(512, 4, 256, num_warps=4, atomic=True, prefetch=2),
-    GemvConfig(256, 2, 256, num_warps=2, atomic=True, prefetch=2),
 )
 _INTERPRET_CONFIG = GemvConfig(32, 4, 32, num_warps=1, waves=1)
 FAST_OK = os.environ.get("FFNSPLIT_GEMV_FAST", "1") != "0"  # 0: exact path only (benchmarks)
@@ -834,7 +820,6 @@ def _launch(
     constexprs = dict(
         BITS=bits, GROUP=group, SYMMETRIC=symmetric, DUAL=dual, BM=bm, BLOCK_N=cfg.block_n,
         BLOCK_ND=cfg.block_nd, BLOCK_KD=cfg.block_kd, FAST=fast,
-        PREFETCH=cfg.prefetch if fast else 1,
         # x four values a load: needs every row's x[:, x_light + 4 j] 8-byte aligned
         XVEC=fast and XVEC_OK and x2.data_ptr() % 8 == 0 and x2.stride(0) % 4 == 0
         and x_light % 4 == 0,
