@@ -73,7 +73,7 @@ gemv)  # the GEMV decode path's GPU tests (every candidate config alone, fp16 an
 floor)  # what a kernel that only reads the split FFN's bytes costs (benchmarks/bench_floor.py)
     run 150 bench_floor python3 benchmarks/bench_floor.py --out "$OUT/floor.json"
     ;;
-half2)  # the unmeasured packed-half2 prototype of kernel B's loop against gemv's kernel B
+half2)  # the packed-half2 prototype of kernel B's loop against gemv's kernel B
     run 200 proto_half2 python3 benchmarks/proto_half2.py --out "$OUT/proto_half2.json"
     ;;
 trace)  # where a decode step of the 8B shape goes, kernel by kernel, dense and split

@@ -1,4 +1,8 @@
-"""Prototype, not yet measured: kernel B's int4 GEMV loop at M = 1 with packed half2 arithmetic.
+"""Prototype: kernel B's int4 GEMV loop at M = 1 with packed half2 arithmetic.
+
+Measured (H100, session 8, benchmarks/RESULTS.md): 15.4 us for the light part without the x
+preparation against 15.8 us for gemv's kernel B on the same weights, relative error 5.9e-4 vs
+2.1e-4; not integrated (the GEMV loop at M = 1 is not bound by its instruction count).
 
 The GEMV path (ffnsplit/kernels/gemv.py) turns each int4 code into an exact fp32 and issues about
 3.5 SASS instructions a code in kernel B (28 a word of 8 codes); a bytes-only read of the same

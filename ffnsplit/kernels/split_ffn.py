@@ -1,5 +1,6 @@
-"""The fused split FFN: two launches (three on the decode GEMV path, whose kernel B reduces its
-split-K partials in a second launch), no dense copy of any weight.
+"""The fused split FFN: two launches (one more for each kernel that splits K and reduces its
+partials in a second launch: kernel B on the GEMV path, either kernel in the tensor-core decode
+tier when the tuner picks a split config), no dense copy of any weight.
 
 Kernel A computes a = act(gate x + gate_bias) * (up x + up_bias) (or act(up x + up_bias)) for all
 neurons in one launch: the first programs take tiles of heavy neurons (dense rows in x's dtype),
