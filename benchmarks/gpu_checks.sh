@@ -11,7 +11,9 @@
 #                                            # of the package in out/bl_head (carry it) (~3 min)
 #   atomic (GEMV tests + M = 1, 4 and 8B decode with atomic GEMV candidates on/off/on),
 #   final (decode-path GPU tests + the full bench),
-#   gemv (GEMV tests), floor (bytes-only read kernel), half2 (benchmarks/proto_half2.py), decodeops (decoder op tests), trace (benchmarks/trace_decode.py), decode8b (M = 1, 4 + 8B decode once)
+#   gemv (GEMV tests), floor (bytes-only read kernel), half2 (benchmarks/proto_half2.py),
+#   gluon (benchmarks/proto_gluon_m16.py), decodeops (decoder op tests), trace
+#   (benchmarks/trace_decode.py), decode8b (M = 1, 4 + 8B decode once)
 # Several stages in one call: bash benchmarks/gpu_checks.sh gemv trace decode8b
 # Each step has its own time limit, so one slow step cannot take the whole call.
 set -uo pipefail
@@ -73,6 +75,10 @@ gemv)  # the GEMV decode path's GPU tests (every candidate config alone, fp16 an
 floor)  # what a kernel that only reads the split FFN's bytes costs (benchmarks/bench_floor.py)
     run 150 bench_floor python3 benchmarks/bench_floor.py --out "$OUT/floor.json"
     ;;
+gluon)  # the unmeasured Gluon prototype of kernel A's light part at M = 8, 16 (fragment-order
+    # words, x through shared memory) against the decode tier
+    run 200 proto_gluon python3 benchmarks/proto_gluon_m16.py --out "$OUT/proto_gluon_m16.json"
+    ;;
 half2)  # the packed-half2 prototype of kernel B's loop against gemv's kernel B
     run 200 proto_half2 python3 benchmarks/proto_half2.py --out "$OUT/proto_half2.json"
     ;;
@@ -116,7 +122,7 @@ profile32k)
         --skip-large --repeats 21 --baseline out/bl_head --out "$OUT/bench_profile32k.json"
     ;;
 *)
-    echo "unknown stage $stage: tests, decode, bench, pdl, gemv, floor, half2, decodeops, trace," \
+    echo "unknown stage $stage: tests, decode, bench, pdl, gemv, floor, half2, gluon, decodeops, trace," \
         "decode8b, atomic, final, profile_final or profile32k" >&2
     exit 2
     ;;
