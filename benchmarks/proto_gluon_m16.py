@@ -103,7 +103,7 @@ def _x_fragments(x3, A_LAYOUT: gl.constexpr):
 
 @gluon.jit
 def _light_up_kernel(x_ptr, up_ptr, us_ptr, uz_ptr, gp_ptr, gs_ptr, gz_ptr, a_ptr, ws_ptr, M, K,
-                     N: gl.constexpr, stride_xm, stride_am, PARTIAL: gl.constexpr,
+                     N: gl.constexpr, stride_xm, stride_am, PARTIAL: gl.constexpr, BN: gl.constexpr,
                      W_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
                      MMA: gl.constexpr):  # fmt: skip
     """a[:, tile] = silu(gate x) * (up x) for one tile of BLOCK_N light neurons (program_id 0)
@@ -111,7 +111,6 @@ def _light_up_kernel(x_ptr, up_ptr, us_ptr, uz_ptr, gp_ptr, gs_ptr, gz_ptr, a_pt
     ws [slices, 2, M, N] instead (ffnsplit's split_ffn._act_reduce_kernel finishes them)."""
     A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     B_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
-    BN: gl.constexpr = 64
     pid = gl.program_id(0)
     n0 = pid * BN
     # word tile offsets [4, BN] in W_LAYOUT: rows of one 32-k block, the program's columns
@@ -121,10 +120,9 @@ def _light_up_kernel(x_ptr, up_ptr, us_ptr, uz_ptr, gp_ptr, gs_ptr, gz_ptr, a_pt
     w_mask = (n0 + wc)[None, :] < N
     # x: a group's tile [16, 128] read coalesced (8 halves a thread), through shared memory
     # (double-buffered), out as A fragments by ldmatrix
-    XL: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
     XS: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0])
-    xm = gl.arange(0, 16, layout=gl.SliceLayout(1, XL))
-    xk = gl.arange(0, 128, layout=gl.SliceLayout(0, XL))
+    xm = gl.arange(0, 16, layout=gl.SliceLayout(1, X_LAYOUT))
+    xk = gl.arange(0, 128, layout=gl.SliceLayout(0, X_LAYOUT))
     x_off = xm[:, None] * stride_xm + xk[None, :]
     x_mask = (xm[:, None] < M) & (xk < 128)[None, :]
     x_smem = gl.allocate_shared_memory(gl.float16, [2, 16, 128], XS)
@@ -203,23 +201,22 @@ def _light_up_kernel(x_ptr, up_ptr, us_ptr, uz_ptr, gp_ptr, gs_ptr, gz_ptr, a_pt
         gl.store(a_ptrs, out.to(gl.float16), mask=o_mask)
 
 
-def layouts(num_warps: int = 4) -> tuple:
-    """(W_LAYOUT, MMA) for 4 warps side by side along N, two n8 tiles each."""
+def layouts(num_warps: int = 4, tiles: int = 2) -> tuple:
+    """(W_LAYOUT, X_LAYOUT, MMA) for `num_warps` warps side by side along N with `tiles` n8 tiles
+    each (BLOCK_N = 8 * num_warps * tiles columns a program)."""
     mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, num_warps],
                                     instr_shape=[16, 8])  # fmt: skip
-    # words [4 rows (t), 64 columns]: lane = 4 n + t within an n8 tile; the tile's second
-    # n8 block in registers; warps along N as the MMA layout places them
+    block_n = 8 * num_warps * tiles
+    # words [4 rows (t), BLOCK_N]: lane = 4 n + t inside an n8 tile, the warps' n8 tiles side by
+    # side, a warp's further tiles (every 8 * num_warps columns) in registers: the MMA layout's
     w_layout = gl.DistributedLinearLayout(
-        reg_bases=[[0, 32]], lane_bases=[[1, 0], [2, 0], [0, 1], [0, 2], [0, 4]],
-        warp_bases=[[0, 8], [0, 16]], block_bases=[], shape=[4, 64],
+        reg_bases=[[0, 8 * num_warps << i] for i in range(tiles.bit_length() - 1)],
+        lane_bases=[[1, 0], [2, 0], [0, 1], [0, 2], [0, 4]],
+        warp_bases=[[0, 8 << i] for i in range(num_warps.bit_length() - 1)],
+        block_bases=[], shape=[4, block_n],
     )  # fmt: skip
-    # x [16 rows, 4 (t), 8 (j)]: j in registers (16 bytes), t and row g in lanes, row g + 8 in
-    # registers, every warp the whole tile (its A operand)
-    x_layout = gl.DistributedLinearLayout(
-        reg_bases=[[0, 0, 1], [0, 0, 2], [0, 0, 4], [8, 0, 0]],
-        lane_bases=[[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
-        warp_bases=[[0, 0, 0], [0, 0, 0]], block_bases=[], shape=[16, 4, 8],
-    )  # fmt: skip
+    # x's [16, 128] tile of a group, read coalesced: 8 halves (16 bytes) a thread
+    x_layout = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])
     return w_layout, x_layout, mma
 
 
@@ -252,21 +249,26 @@ def aot(arch: int = 90) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    w_layout, x_layout, mma = layouts()
+    warps, tiles = (int(v) for v in os.environ.get("PROTO_TILE", "4x2").split("x"))
+    w_layout, x_layout, mma = layouts(warps, tiles)
     signature = {name: "*fp16" for name in ("x_ptr", "us_ptr", "uz_ptr", "gs_ptr", "gz_ptr",
                                             "a_ptr")}  # fmt: skip
     signature.update(up_ptr="*i32", gp_ptr="*i32", ws_ptr="*fp32", M="i32", K="i32",
                      N="constexpr", stride_xm="i32", stride_am="i32", PARTIAL="constexpr",
-                     W_LAYOUT="constexpr", X_LAYOUT="constexpr", MMA="constexpr")  # fmt: skip
+                     BN="constexpr", W_LAYOUT="constexpr", X_LAYOUT="constexpr",
+                     MMA="constexpr")  # fmt: skip
     names = [p.name for p in _light_up_kernel.params]
     # as the runtime specializes a launch at the Llama shape: pointers and K, N, strides % 16 == 0
     aligned = [n for n in signature if n.endswith("_ptr") or n in ("K", "stride_xm", "stride_am")]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = GluonASTSource(_light_up_kernel, {n: signature[n] for n in names},
                          {"W_LAYOUT": w_layout, "X_LAYOUT": x_layout, "MMA": mma, "N": 13632,
+                          "BN": 8 * warps * tiles,
                           "PARTIAL": os.environ.get("PROTO_PARTIAL", "0") == "1"}, attrs)  # fmt: skip
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
-    report("proto_gluon_m16._light_up_kernel", kernel, _ptxas_verbose(kernel.asm["ptx"], arch), 4)
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": warps})  # fmt: skip
+    log = _ptxas_verbose(kernel.asm["ptx"], arch)
+    report(f"proto_gluon_m16._light_up_kernel {warps} warps x {tiles} n8 tiles", kernel, log, warps)
     if os.environ.get("PROTO_SASS"):
         from aot_sass import disassemble
 
@@ -332,16 +334,18 @@ def main() -> int:
         w = SplitFFNWeights("silu", True, light_up=full.light_up, light_gate=full.light_gate,
                             light_down=full.light_down)  # fmt: skip
         copies.append((w, repack(w.light_up.planes[0]), repack(w.light_gate.planes[0])))
-    w_layout, x_layout, mma = layouts()
     rows = []
+    shapes = {(w_, t_): layouts(w_, t_) for w_, t_ in ((4, 2), (4, 4), (8, 2))}
 
-    def launch(x, a, ws, split, w, rup, rgate) -> None:
+    def launch(x, a, ws, split, shape, w, rup, rgate) -> None:
         m = x.shape[0]
         up, gate = w.light_up, w.light_gate
-        _light_up_kernel[(light // BLOCK_N, split)](
+        w_layout, x_layout, mma = shapes[shape]
+        block_n = 8 * shape[0] * shape[1]
+        _light_up_kernel[(triton.cdiv(light, block_n), split)](
             x, rup, up.scales, up.zeros, rgate, gate.scales, gate.zeros, a, ws, m, hidden, light,
-            x.stride(0), a.stride(0), PARTIAL=split > 1, W_LAYOUT=w_layout, X_LAYOUT=x_layout,
-            MMA=mma, num_warps=4,
+            x.stride(0), a.stride(0), PARTIAL=split > 1, BN=block_n, W_LAYOUT=w_layout,
+            X_LAYOUT=x_layout, MMA=mma, num_warps=shape[0],
         )  # fmt: skip
         if split > 1:
             sffn._act_reduce_kernel[(m, triton.cdiv(light, 512))](
@@ -359,15 +363,21 @@ def main() -> int:
         t_tier = graph_time_us(tier)
         err_tier = ((tier[0]().double() - ref).norm() / ref.norm()).item()
         row = dict(m=m, decode_tier_us=t_tier, decode_tier_rel_err=err_tier)
-        for split in (1, 2, 3, 4):
-            a = torch.full((m, light), float("nan"), device="cuda", dtype=torch.float16)
-            ws = torch.empty((split, 2, m, light), device="cuda", dtype=torch.float32)
-            calls = [lambda c=c, x=x, a=a, ws=ws, split=split: launch(x, a, ws, split, *c)
-                     for c in copies]  # fmt: skip
-            calls[0]()
-            err = ((a.double() - ref).norm() / ref.norm()).item()
-            row[f"split{split}_us"] = graph_time_us(calls)
-            row[f"split{split}_rel_err"] = err
+        for shape in shapes:
+            for split in (1, 2, 3, 4):
+                a = torch.full((m, light), float("nan"), device="cuda", dtype=torch.float16)
+                ws = torch.empty((split, 2, m, light), device="cuda", dtype=torch.float32)
+                calls = [
+                    lambda c=c, x=x, a=a, ws=ws, split=split, shape=shape: launch(
+                        x, a, ws, split, shape, *c
+                    )
+                    for c in copies
+                ]  # fmt: skip
+                calls[0]()
+                err = ((a.double() - ref).norm() / ref.norm()).item()
+                name = f"{shape[0]}w{shape[1]}t_split{split}"
+                row[f"{name}_us"] = graph_time_us(calls)
+                row[f"{name}_rel_err"] = err
         rows.append(row)
         print(row, flush=True)
     write_result(args.out, torch.device("cuda"), rows=rows)
