@@ -75,7 +75,7 @@ gemv)  # the GEMV decode path's GPU tests (every candidate config alone, fp16 an
 floor)  # what a kernel that only reads the split FFN's bytes costs (benchmarks/bench_floor.py)
     run 150 bench_floor python3 benchmarks/bench_floor.py --out "$OUT/floor.json"
     ;;
-gluon)  # the unmeasured Gluon prototype of kernel A's light part at M = 8, 16 (fragment-order
+gluon)  # the unmeasured Gluon prototype of the light parts of kernels A and B at M = 8, 16 (fragment-order
     # words, x through shared memory) against the decode tier
     run 200 proto_gluon python3 benchmarks/proto_gluon_m16.py --out "$OUT/proto_gluon_m16.json"
     ;;

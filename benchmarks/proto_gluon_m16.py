@@ -1,4 +1,4 @@
-"""Prototype, not yet run on a GPU: kernel A's light part for 5 <= M <= 16 in Gluon (sm_80+).
+"""Prototype, not yet run on a GPU: the split FFN's light parts for 5 <= M <= 16 in Gluon (sm_80+).
 
 The tensor-core decode tier (ffnsplit/kernels/split_ffn.py) spends ~7 SASS instructions a code at
 M = 16 (ncu, H100, session 8: 26.8 M warp instructions, ~68 us for 71 MB that a plain read of the
@@ -20,10 +20,16 @@ stated:
   * the next group's words are loaded before the current group is multiplied; K-slices (grid
     axis 1) write fp32 partials that split_ffn._act_reduce_kernel finishes.
 
-sm_90 AOT (Triton 3.6, `PYTHONPATH=<triton 3.6> python benchmarks/proto_gluon_m16.py --aot`):
-127 registers, no spills, 8 KB shared memory, 371 SASS instructions per group and thread
-(128 codes: 2.9 a code; 144 unpack, 40 HMMA, ~60 scale epilogue, 26 LDG + 8 LDSM). Run on a GPU
-(each K-split against the fp64 reference and timed against the decode tier's kernel A on the
+One kernel serves both projections: DUAL (kernel A: up and gate, silu gating, or K-slice
+partials) and single (kernel B's light part, K = 13,632 with a partial last group: fp32 K-slice
+partials added by quant_matmul's reduce kernel).
+
+sm_90 AOT (Triton 3.6, `PYTHONPATH=<triton 3.6> python benchmarks/proto_gluon_m16.py --aot`,
+PROTO_KERNEL=A|B, PROTO_TILE=4x2|4x4|8x2): kernel A, 4 warps x 2 n8 tiles: 127 registers, no
+spills, 8 KB shared memory, 384 SASS instructions per group of 128 k and thread (128 codes: 3.0 a
+code; 144 unpack, 40 HMMA, ~60 scale epilogue, 26 LDG + 8 LDSM); 4 x 4 tiles 2.7 a code at 220
+registers. Kernel B (one weight): 3.9 a code at 4 x 2, 3.2 at 4 x 4. Run on a GPU (every tile
+shape and K-split against the fp64 reference, timed against the decode tier's kernels on the
 same light weights, two weight copies alternated):
     PYTHONPATH=. python3 benchmarks/proto_gluon_m16.py --out $OUT/proto_gluon_m16.json
 """
@@ -102,17 +108,52 @@ def _x_fragments(x3, A_LAYOUT: gl.constexpr):
 
 
 @gluon.jit
-def _light_up_kernel(x_ptr, up_ptr, us_ptr, uz_ptr, gp_ptr, gs_ptr, gz_ptr, a_ptr, ws_ptr, M, K,
-                     N: gl.constexpr, stride_xm, stride_am, PARTIAL: gl.constexpr, BN: gl.constexpr,
-                     W_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
-                     MMA: gl.constexpr):  # fmt: skip
-    """a[:, tile] = silu(gate x) * (up x) for one tile of BLOCK_N light neurons (program_id 0)
-    over K-slice program_id(1) (whole groups); PARTIAL: fp32 up and gate sums to
-    ws [slices, 2, M, N] instead (ffnsplit's split_ffn._act_reduce_kernel finishes them)."""
+def _words(ptr, off, mask, row, KR, TAIL: gl.constexpr):
+    """One 32-k block of words [4, BN] (word rows row..row + 4); TAIL: rows past K read as 0."""
+    if TAIL:
+        rows = row + gl.arange(0, 4, layout=gl.SliceLayout(1, mask.type.layout))
+        mask = mask & (rows < KR)[:, None]
+    return gl.load(ptr + off, mask=mask, other=0)
+
+
+@gluon.jit
+def _group_words(ptr, off, mask, row, N: gl.constexpr, KR, TAIL: gl.constexpr):
+    """A group's 4 blocks of words (16 word rows from `row`, at `off`)."""
+    w0 = _words(ptr, off, mask, row, KR, TAIL)
+    w1 = _words(ptr, off + 4 * N, mask, row + 4, KR, TAIL)
+    w2 = _words(ptr, off + 8 * N, mask, row + 8, KR, TAIL)
+    w3 = _words(ptr, off + 12 * N, mask, row + 12, KR, TAIL)
+    return w0, w1, w2, w3
+
+
+@gluon.jit
+def _group_product(blk, x0, x1, x2, x3, w0, w1, w2, w3, B_LAYOUT: gl.constexpr):
+    blk = mma_v2(x0, _fragment_codes(w0, B_LAYOUT), blk)
+    blk = mma_v2(x1, _fragment_codes(w1, B_LAYOUT), blk)
+    blk = mma_v2(x2, _fragment_codes(w2, B_LAYOUT), blk)
+    return mma_v2(x3, _fragment_codes(w3, B_LAYOUT), blk)
+
+
+@gluon.jit
+def _light_kernel(x_ptr, up_ptr, us_ptr, uz_ptr, gp_ptr, gs_ptr, gz_ptr, a_ptr, ws_ptr, M, K,
+                  N: gl.constexpr, stride_xm, stride_am, DUAL: gl.constexpr,
+                  PARTIAL: gl.constexpr, TAIL: gl.constexpr, BN: gl.constexpr,
+                  W_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
+                  MMA: gl.constexpr):  # fmt: skip
+    """x [M <= 16, K] times one (or, DUAL, two) packed int4 g128 weights in fragment order, for one
+    tile of BN output columns (program_id 0) over K-slice program_id(1) (whole groups).
+
+    DUAL (kernel A): a[:, tile] = silu(gate x) * (up x), or with PARTIAL the fp32 up and gate sums
+    to ws [slices, 2, M, N] (split_ffn._act_reduce_kernel finishes them). Not DUAL (kernel B's
+    light part): the fp32 sums to ws [slices, M, N] (quant_matmul._splitk_reduce_kernel adds
+    them). TAIL: K is not a multiple of 128 (the last group is partial: words and x past K read
+    as zero, which leaves both x q and the x sums of the zero point exact).
+    """
     A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     B_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
     pid = gl.program_id(0)
     n0 = pid * BN
+    KR = K // 8  # word rows
     # word tile offsets [4, BN] in W_LAYOUT: rows of one 32-k block, the program's columns
     wr = gl.arange(0, 4, layout=gl.SliceLayout(1, W_LAYOUT))
     wc = gl.arange(0, BN, layout=gl.SliceLayout(0, W_LAYOUT))
@@ -132,73 +173,66 @@ def _light_up_kernel(x_ptr, up_ptr, us_ptr, uz_ptr, gp_ptr, gs_ptr, gz_ptr, a_pt
     ones = gl.full([32, BN], 1.0, gl.float16, layout=B_LAYOUT)
     acc_u = gl.zeros([16, BN], gl.float32, layout=MMA)
     acc_g = gl.zeros([16, BN], gl.float32, layout=MMA)
-    groups = K // 128
+    groups = gl.cdiv(K, 128)
     split = gl.program_id(1)
     g_lo = split * groups // gl.num_programs(1)
     g_hi = (split + 1) * groups // gl.num_programs(1)
     w_off = w_off + g_lo * 16 * N
-    # the first group's words: 4 steps of 32 k = 16 word rows
-    u0 = gl.load(up_ptr + w_off, mask=w_mask, other=0)
-    u1 = gl.load(up_ptr + w_off + 4 * N, mask=w_mask, other=0)
-    u2 = gl.load(up_ptr + w_off + 8 * N, mask=w_mask, other=0)
-    u3 = gl.load(up_ptr + w_off + 12 * N, mask=w_mask, other=0)
-    g0 = gl.load(gp_ptr + w_off, mask=w_mask, other=0)
-    g1 = gl.load(gp_ptr + w_off + 4 * N, mask=w_mask, other=0)
-    g2 = gl.load(gp_ptr + w_off + 8 * N, mask=w_mask, other=0)
-    g3 = gl.load(gp_ptr + w_off + 12 * N, mask=w_mask, other=0)
-    x_next = gl.load(x_ptr + x_off + g_lo * 128, mask=x_mask, other=0.0)
+    # the first group's words: 4 blocks of 32 k = 16 word rows
+    u0, u1, u2, u3 = _group_words(up_ptr, w_off, w_mask, g_lo * 16, N, KR, TAIL)
+    if DUAL:
+        g0, g1, g2, g3 = _group_words(gp_ptr, w_off, w_mask, g_lo * 16, N, KR, TAIL)
+    xk_mask = x_mask
+    if TAIL:
+        xk_mask = x_mask & (g_lo * 128 + xk < K)[None, :]
+    x_next = gl.load(x_ptr + x_off + g_lo * 128, mask=xk_mask, other=0.0)
     for g in range(g_lo, g_hi):
         # next group's words (clamped at the last group: loaded twice, never used)
-        nxt = (gl.minimum(g + 1, g_hi - 1) - g_lo) * 16 * N
-        v0 = gl.load(up_ptr + nxt + w_off, mask=w_mask, other=0)
-        v1 = gl.load(up_ptr + nxt + w_off + 4 * N, mask=w_mask, other=0)
-        v2 = gl.load(up_ptr + nxt + w_off + 8 * N, mask=w_mask, other=0)
-        v3 = gl.load(up_ptr + nxt + w_off + 12 * N, mask=w_mask, other=0)
-        h0 = gl.load(gp_ptr + nxt + w_off, mask=w_mask, other=0)
-        h1 = gl.load(gp_ptr + nxt + w_off + 4 * N, mask=w_mask, other=0)
-        h2 = gl.load(gp_ptr + nxt + w_off + 8 * N, mask=w_mask, other=0)
-        h3 = gl.load(gp_ptr + nxt + w_off + 12 * N, mask=w_mask, other=0)
+        g_next = gl.minimum(g + 1, g_hi - 1)
+        nxt = (g_next - g_lo) * 16 * N
+        v0, v1, v2, v3 = _group_words(up_ptr, w_off + nxt, w_mask, g_next * 16, N, KR, TAIL)
+        if DUAL:
+            h0, h1, h2, h3 = _group_words(gp_ptr, w_off + nxt, w_mask, g_next * 16, N, KR, TAIL)
         su = gl.load(us_ptr + g * N + sc, mask=s_mask, other=0.0).to(gl.float32)
         zu = gl.load(uz_ptr + g * N + sc, mask=s_mask, other=0.0).to(gl.float32)
-        sg = gl.load(gs_ptr + g * N + sc, mask=s_mask, other=0.0).to(gl.float32)
-        zg = gl.load(gz_ptr + g * N + sc, mask=s_mask, other=0.0).to(gl.float32)
+        if DUAL:
+            sg = gl.load(gs_ptr + g * N + sc, mask=s_mask, other=0.0).to(gl.float32)
+            zg = gl.load(gz_ptr + g * N + sc, mask=s_mask, other=0.0).to(gl.float32)
         buf = x_smem.index((g - g_lo) % 2)
         buf.store(x_next)
-        x_next = gl.load(x_ptr + x_off + gl.minimum(g + 1, g_hi - 1) * 128, mask=x_mask,
-                         other=0.0)  # fmt: skip
+        if TAIL:
+            xk_mask = x_mask & (g_next * 128 + xk < K)[None, :]
+        x_next = gl.load(x_ptr + x_off + g_next * 128, mask=xk_mask, other=0.0)
         gl.thread_barrier()
         x0 = buf.slice(0, 32, dim=1).load(A_LAYOUT)
         x1 = buf.slice(32, 32, dim=1).load(A_LAYOUT)
         x2 = buf.slice(64, 32, dim=1).load(A_LAYOUT)
         x3 = buf.slice(96, 32, dim=1).load(A_LAYOUT)
-        blk_u = gl.zeros([16, BN], gl.float32, layout=MMA)
-        blk_g = gl.zeros([16, BN], gl.float32, layout=MMA)
+        # x's row sums (the zero point's term) from the tensor cores: every column the same
         xs = gl.zeros([16, BN], gl.float32, layout=MMA)
-        blk_u = mma_v2(x0, _fragment_codes(u0, B_LAYOUT), blk_u)
-        blk_g = mma_v2(x0, _fragment_codes(g0, B_LAYOUT), blk_g)
-        xs = mma_v2(x0, ones, xs)
-        blk_u = mma_v2(x1, _fragment_codes(u1, B_LAYOUT), blk_u)
-        blk_g = mma_v2(x1, _fragment_codes(g1, B_LAYOUT), blk_g)
-        xs = mma_v2(x1, ones, xs)
-        blk_u = mma_v2(x2, _fragment_codes(u2, B_LAYOUT), blk_u)
-        blk_g = mma_v2(x2, _fragment_codes(g2, B_LAYOUT), blk_g)
-        xs = mma_v2(x2, ones, xs)
-        blk_u = mma_v2(x3, _fragment_codes(u3, B_LAYOUT), blk_u)
-        blk_g = mma_v2(x3, _fragment_codes(g3, B_LAYOUT), blk_g)
-        xs = mma_v2(x3, ones, xs)
-        acc_u += (blk_u - xs * zu[None, :]) * su[None, :]
-        acc_g += (blk_g - xs * zg[None, :]) * sg[None, :]
-        u0, u1, u2, u3, g0, g1, g2, g3 = v0, v1, v2, v3, h0, h1, h2, h3
+        xs = mma_v2(x3, ones, mma_v2(x2, ones, mma_v2(x1, ones, mma_v2(x0, ones, xs))))
+        blk = gl.zeros([16, BN], gl.float32, layout=MMA)
+        blk = _group_product(blk, x0, x1, x2, x3, u0, u1, u2, u3, B_LAYOUT)
+        acc_u += (blk - xs * zu[None, :]) * su[None, :]
+        u0, u1, u2, u3 = v0, v1, v2, v3
+        if DUAL:
+            blk = gl.zeros([16, BN], gl.float32, layout=MMA)
+            blk = _group_product(blk, x0, x1, x2, x3, g0, g1, g2, g3, B_LAYOUT)
+            acc_g += (blk - xs * zg[None, :]) * sg[None, :]
+            g0, g1, g2, g3 = h0, h1, h2, h3
     om = gl.arange(0, 16, layout=gl.SliceLayout(1, MMA))
     o_mask = (om[:, None] < M) & s_mask[None, :]
-    if PARTIAL:
-        ws = ws_ptr + split * 2 * M * N + om[:, None] * N + sc[None, :]
-        gl.store(ws, acc_u, mask=o_mask)
-        gl.store(ws + M * N, acc_g, mask=o_mask)
+    if DUAL:
+        if PARTIAL:
+            ws = ws_ptr + split * 2 * M * N + om[:, None] * N + sc[None, :]
+            gl.store(ws, acc_u, mask=o_mask)
+            gl.store(ws + M * N, acc_g, mask=o_mask)
+        else:
+            out = acc_g / (1.0 + gl.exp(-acc_g)) * acc_u
+            a_ptrs = a_ptr + om[:, None] * stride_am + sc[None, :]
+            gl.store(a_ptrs, out.to(gl.float16), mask=o_mask)
     else:
-        out = acc_g / (1.0 + gl.exp(-acc_g)) * acc_u
-        a_ptrs = a_ptr + om[:, None] * stride_am + sc[None, :]
-        gl.store(a_ptrs, out.to(gl.float16), mask=o_mask)
+        gl.store(ws_ptr + split * M * N + om[:, None] * N + sc[None, :], acc_u, mask=o_mask)
 
 
 def layouts(num_warps: int = 4, tiles: int = 2) -> tuple:
@@ -240,7 +274,9 @@ def repack(planes0: torch.Tensor) -> torch.Tensor:
 
 def aot(arch: int = 90) -> None:
     """Compile for sm_`arch` without a GPU (Triton's bundled ptxas) and print the SASS counts of
-    benchmarks/aot_sass.py; run with `TRITON_INTERPRET` unset."""
+    benchmarks/aot_sass.py; run with `TRITON_INTERPRET` unset. PROTO_TILE=WxT (warps x n8 tiles a
+    warp), PROTO_KERNEL=A (up and gate, K 4,096, N 13,632) or B (down's light part: K 13,632 with
+    its partial last group, N 4,096), PROTO_PARTIAL=1 (kernel A writing K-slice partials)."""
     import tempfile
 
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="aot_gluon_")
@@ -254,21 +290,25 @@ def aot(arch: int = 90) -> None:
     signature = {name: "*fp16" for name in ("x_ptr", "us_ptr", "uz_ptr", "gs_ptr", "gz_ptr",
                                             "a_ptr")}  # fmt: skip
     signature.update(up_ptr="*i32", gp_ptr="*i32", ws_ptr="*fp32", M="i32", K="i32",
-                     N="constexpr", stride_xm="i32", stride_am="i32", PARTIAL="constexpr",
-                     BN="constexpr", W_LAYOUT="constexpr", X_LAYOUT="constexpr",
-                     MMA="constexpr")  # fmt: skip
-    names = [p.name for p in _light_up_kernel.params]
+                     N="constexpr", stride_xm="i32", stride_am="i32", DUAL="constexpr",
+                     PARTIAL="constexpr", TAIL="constexpr", BN="constexpr", W_LAYOUT="constexpr",
+                     X_LAYOUT="constexpr", MMA="constexpr")  # fmt: skip
+    names = [p.name for p in _light_kernel.params]
     # as the runtime specializes a launch at the Llama shape: pointers and K, N, strides % 16 == 0
     aligned = [n for n in signature if n.endswith("_ptr") or n in ("K", "stride_xm", "stride_am")]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    src = GluonASTSource(_light_up_kernel, {n: signature[n] for n in names},
-                         {"W_LAYOUT": w_layout, "X_LAYOUT": x_layout, "MMA": mma, "N": 13632,
-                          "BN": 8 * warps * tiles,
-                          "PARTIAL": os.environ.get("PROTO_PARTIAL", "0") == "1"}, attrs)  # fmt: skip
+    kernel_a = os.environ.get("PROTO_KERNEL", "A") == "A"
+    constexprs = dict(W_LAYOUT=w_layout, X_LAYOUT=x_layout, MMA=mma, N=13632 if kernel_a else 4096,
+                      BN=8 * warps * tiles, DUAL=kernel_a, TAIL=not kernel_a,
+                      PARTIAL=not kernel_a or os.environ.get("PROTO_PARTIAL", "0") == "1")  # fmt: skip
+    src = GluonASTSource(_light_kernel, {n: signature[n] for n in names}, constexprs, attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": warps})  # fmt: skip
     log = _ptxas_verbose(kernel.asm["ptx"], arch)
-    report(f"proto_gluon_m16._light_up_kernel {warps} warps x {tiles} n8 tiles", kernel, log, warps)
+    name = (
+        f"proto_gluon_m16._light_kernel ({'A' if kernel_a else 'B'}) {warps} warps x {tiles} tiles"
+    )
+    report(name, kernel, log, warps)
     if os.environ.get("PROTO_SASS"):
         from aot_sass import disassemble
 
@@ -318,6 +358,7 @@ def main() -> int:
         return 0
     from bench_decode import graph_time_us, split_weights
 
+    from ffnsplit.kernels import quant_matmul as qmm
     from ffnsplit.kernels import split_ffn as sffn
     from ffnsplit.kernels.format import SplitFFNWeights
 
@@ -342,10 +383,10 @@ def main() -> int:
         up, gate = w.light_up, w.light_gate
         w_layout, x_layout, mma = shapes[shape]
         block_n = 8 * shape[0] * shape[1]
-        _light_up_kernel[(triton.cdiv(light, block_n), split)](
+        _light_kernel[(triton.cdiv(light, block_n), split)](
             x, rup, up.scales, up.zeros, rgate, gate.scales, gate.zeros, a, ws, m, hidden, light,
-            x.stride(0), a.stride(0), PARTIAL=split > 1, BN=block_n, W_LAYOUT=w_layout,
-            X_LAYOUT=x_layout, MMA=mma, num_warps=shape[0],
+            x.stride(0), a.stride(0), DUAL=True, PARTIAL=split > 1, TAIL=False, BN=block_n,
+            W_LAYOUT=w_layout, X_LAYOUT=x_layout, MMA=mma, num_warps=shape[0],
         )  # fmt: skip
         if split > 1:
             sffn._act_reduce_kernel[(m, triton.cdiv(light, 512))](
@@ -353,7 +394,47 @@ def main() -> int:
                 HAS_UP_BIAS=False, HAS_GATE_BIAS=False, BLOCK=512, num_warps=4,
             )  # fmt: skip
 
+    def launch_b(x, out, ws, split, shape, w, rdown) -> None:
+        m, down = x.shape[0], w.light_down
+        w_layout, x_layout, mma = shapes[shape]
+        block_n = 8 * shape[0] * shape[1]
+        _light_kernel[(triton.cdiv(hidden, block_n), split)](
+            x, rdown, down.scales, down.zeros, rdown, down.scales, down.zeros, out, ws, m, light,
+            hidden, x.stride(0), out.stride(0), DUAL=False, PARTIAL=True, TAIL=light % 128 != 0,
+            BN=block_n, W_LAYOUT=w_layout, X_LAYOUT=x_layout, MMA=mma, num_warps=shape[0],
+        )  # fmt: skip
+        qmm._splitk_reduce_kernel[(triton.cdiv(m * hidden, 1024),)](
+            ws, out, out, m * hidden, hidden, SPLIT=split, HAS_BIAS=False, BLOCK=1024, num_warps=4
+        )  # fmt: skip
+
+    downs = [repack(c[0].light_down.planes[0]) for c in copies]
     for m in (int(v) for v in args.m.split(",")):
+        # kernel B's light part: a's light columns (a view at column 720 of a 14,352-wide a)
+        xa = torch.randn(m, 720 + light, device="cuda", dtype=torch.float16)[:, 720:]
+        d0 = copies[0][0].light_down
+        ref_b = xa.double() @ d0.dequantize(torch.float64).T
+        tier_b = [lambda w=c[0], xa=xa: qmm.split_linear(xa, None, w.light_down, path="decode")
+                  for c in copies]  # fmt: skip
+        row = dict(kernel="B light", m=m, decode_tier_us=graph_time_us(tier_b),
+                   decode_tier_rel_err=((tier_b[0]().double() - ref_b).norm()
+                                        / ref_b.norm()).item())  # fmt: skip
+        for shape in shapes:
+            for split in (4, 8, 12):
+                out = torch.full((m, hidden), float("nan"), device="cuda", dtype=torch.float16)
+                ws = torch.empty((split, m, hidden), device="cuda", dtype=torch.float32)
+                calls = [
+                    lambda c=c, d=d, xa=xa, out=out, ws=ws, split=split, shape=shape: launch_b(
+                        xa, out, ws, split, shape, c[0], d
+                    )
+                    for c, d in zip(copies, downs, strict=True)
+                ]  # fmt: skip
+                calls[0]()
+                name = f"{shape[0]}w{shape[1]}t_split{split}"
+                row[f"{name}_rel_err"] = ((out.double() - ref_b).norm() / ref_b.norm()).item()
+                row[f"{name}_us"] = graph_time_us(calls)
+        rows.append(row)
+        print(row, flush=True)
+
         x = torch.randn(m, hidden, device="cuda", dtype=torch.float16)
         w0 = copies[0][0]
         x64 = x.double()
@@ -362,7 +443,7 @@ def main() -> int:
         tier = [lambda x=x, w=c[0]: sffn.split_activations(x, w, path="decode") for c in copies]
         t_tier = graph_time_us(tier)
         err_tier = ((tier[0]().double() - ref).norm() / ref.norm()).item()
-        row = dict(m=m, decode_tier_us=t_tier, decode_tier_rel_err=err_tier)
+        row = dict(kernel="A light", m=m, decode_tier_us=t_tier, decode_tier_rel_err=err_tier)
         for shape in shapes:
             for split in (1, 2, 3, 4):
                 a = torch.full((m, light), float("nan"), device="cuda", dtype=torch.float16)
