@@ -341,12 +341,12 @@ def check_cpu() -> None:
     """Repack a random int4 weight and read it back the kernel's way: every code at its k."""
     from ffnsplit.kernels.format import pack_planes
 
-    k, n = 256, 24
-    q = torch.randint(0, 16, (n, k))
-    planes = pack_planes(q, 4)
-    codes = emulate(repack(planes[0]))
-    assert torch.equal(codes, q.T.to(codes.dtype)), "repacked words do not decode to their codes"
-    print(f"repack + fragment decode: all {k * n} codes at their k")
+    for k, n in ((256, 24), (224, 40)):  # whole groups of 128, and a partial last one
+        q = torch.randint(0, 16, (n, k))
+        planes = pack_planes(q, 4)
+        codes = emulate(repack(planes[0]))
+        assert torch.equal(codes, q.T.to(codes.dtype)), "repacked words do not decode right"
+        print(f"repack + fragment decode, K {k}: all {k * n} codes at their k")
 
 
 def main() -> int:
