@@ -18,7 +18,7 @@ stated:
   * per group of 128 k: blk += x q over 4 steps (mma_v2, fp32), the zero point through x's
     row sums from one more MMA with a ones operand, then acc += s (blk - z sum x);
   * the next group's words are loaded before the current group is multiplied; K-slices (grid
-    axis 1) write fp32 partials that split_ffn._act_reduce_kernel finishes.
+    axis 1) write fp32 partials that gemv's reduce kernel finishes.
 
 One kernel serves both projections: DUAL (kernel A: up and gate, silu gating, or K-slice
 partials) and single (kernel B's light part, K = 13,632 with a partial last group: fp32 K-slice
@@ -144,7 +144,7 @@ def _light_kernel(x_ptr, up_ptr, us_ptr, uz_ptr, gp_ptr, gs_ptr, gz_ptr, a_ptr, 
     tile of BN output columns (program_id 0) over K-slice program_id(1) (whole groups).
 
     DUAL (kernel A): a[:, tile] = silu(gate x) * (up x), or with PARTIAL the fp32 up and gate sums
-    to ws [slices, 2, M, N] (split_ffn._act_reduce_kernel finishes them). Not DUAL (kernel B's
+    to ws [slices, 2, M, N] (gemv's _gemv_reduce_kernel finishes them). Not DUAL (kernel B's
     light part): the fp32 sums to ws [slices, M, N] (quant_matmul._splitk_reduce_kernel adds
     them). TAIL: K is not a multiple of 128 (the last group is partial: words and x past K read
     as zero, which leaves both x q and the x sums of the zero point exact).
@@ -389,9 +389,10 @@ def main() -> int:
             W_LAYOUT=w_layout, X_LAYOUT=x_layout, MMA=mma, num_warps=shape[0],
         )  # fmt: skip
         if split > 1:
-            sffn._act_reduce_kernel[(m, triton.cdiv(light, 512))](
-                ws, a, a, a, m, light, a.stride(0), SPLIT=split, GATED=True, ACTIVATION="silu",
-                HAS_UP_BIAS=False, HAS_GATE_BIAS=False, BLOCK=512, num_warps=4,
+            sffn.gemv._gemv_reduce_kernel[(triton.cdiv(m * light, 512),)](
+                ws, a, a, a, m, light, a.stride(0), 0, 0, split, split, DUAL=True, ACT=True,
+                ACTIVATION="silu", HAS_UP_BIAS=False, HAS_GATE_BIAS=False, BLOCK=512,
+                BLOCK_S=triton.next_power_of_2(split), PDL=False, num_warps=4,
             )  # fmt: skip
 
     def launch_b(x, out, ws, split, shape, w, rdown) -> None:

@@ -180,24 +180,24 @@ def test_split_ffn_k_slices(poison, monkeypatch, activation, gated, biases, m) -
     monkeypatch.setitem(sffn._CONFIGS, "decode", (split_cfg,))
     monkeypatch.setitem(tiles._INTERPRET, "decode", split_cfg)
     launches = []
-    real = sffn._act_reduce_kernel
-    monkeypatch.setattr(sffn, "_act_reduce_kernel", _Recorder(real, launches))
+    real = sffn.gemv._gemv_reduce_kernel
+    monkeypatch.setattr(sffn.gemv, "_gemv_reduce_kernel", _Recorder(real, launches))
     parts = sffn.split_activations(x, w, path="decode")
-    assert launches and launches[0]["SPLIT"] == 2, "the config did not split K in two"
+    assert launches and launches[0]["args"][9:11] == (2, 2), "the config did not split K in two"
     assert rel_err(parts, whole) < 1e-5
     out = sffn.split_ffn(x, w, path="decode")
     assert rel_err(out, ref_split_ffn(x, w)) < TOL[torch.float32]
 
 
 class _Recorder:
-    """A jitted kernel whose launches record their keyword arguments."""
+    """A jitted kernel whose launches record their arguments (keywords, and `args`)."""
 
     def __init__(self, kernel, calls: list) -> None:
         self.kernel, self.calls = kernel, calls
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.calls.append(kwargs)
+            self.calls.append(dict(kwargs, args=args))
             return self.kernel[grid](*args, **kwargs)
 
         return launch

@@ -56,7 +56,7 @@ def _split_up_kernel(
 
     PARTIAL (split-K, n_split > 1): the program takes K-slice program_id(2) of the tile's
     K-blocks and writes its fp32 up and gate sums to ws [n_split, 2, M, NH + NL] instead;
-    `_act_reduce_kernel` adds the slices in order and applies biases, activation and gating.
+    gemv's reduce kernel adds the slices in order and applies biases, activation and gating.
     """
     PACK: tl.constexpr = 32 // (8 if BITS == 8 else (4 if BITS == 4 else 2))
     pid_m = tl.program_id(0)
@@ -121,34 +121,14 @@ def _split_up_kernel(
 @triton.jit
 def _store_partial(ws_ptr, acc_u, acc_g, split, M, NT, offs_m, mask_m, cols, mask_n,
                    GATED: tl.constexpr):  # fmt: skip
-    """fp32 up (and gate) sums of one K-slice into ws [n_split, 2, M, NT]."""
-    base = ws_ptr + split * 2 * M * NT + offs_m[:, None] * NT + cols[None, :]
+    """fp32 up (and gate) sums of one K-slice into ws [n_split, 2 (1 without GATED), M, NT]: the
+    slots of gemv's reduce kernel."""
+    DUALS: tl.constexpr = 2 if GATED else 1
+    base = ws_ptr + split * DUALS * M * NT + offs_m[:, None] * NT + cols[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
     tl.store(base, acc_u, mask=mask)
     if GATED:
         tl.store(base + M * NT, acc_g, mask=mask)
-
-
-@triton.jit(do_not_specialize=["M"])
-def _act_reduce_kernel(ws_ptr, ub_ptr, gb_ptr, a_ptr, M, NT, stride_am, SPLIT: tl.constexpr,
-                       GATED: tl.constexpr, ACTIVATION: tl.constexpr,
-                       HAS_UP_BIAS: tl.constexpr, HAS_GATE_BIAS: tl.constexpr,
-                       BLOCK: tl.constexpr):  # fmt: skip
-    """a[row, cols] = activation of the K-slices' sums (added in slice order: deterministic)."""
-    offs_m = tl.program_id(0) + tl.arange(0, 1)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask_m = offs_m < M
-    mask_n = cols < NT
-    ptrs = ws_ptr + offs_m[:, None] * NT + cols[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
-    acc_u = tl.zeros([1, BLOCK], dtype=tl.float32)
-    acc_g = tl.zeros([1, BLOCK], dtype=tl.float32)
-    for s in tl.static_range(SPLIT):
-        acc_u += tl.load(ptrs + s * 2 * M * NT, mask=mask, other=0.0)
-        if GATED:
-            acc_g += tl.load(ptrs + (s * 2 + 1) * M * NT, mask=mask, other=0.0)
-    store_activations(acc_u, acc_g, ub_ptr, gb_ptr, a_ptr, stride_am, offs_m, mask_m, cols,
-                      mask_n, GATED, ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS)  # fmt: skip
 
 
 _T = TileConfig
@@ -264,8 +244,9 @@ def split_activations(x: torch.Tensor, w: SplitFFNWeights, *, path: str = "auto"
         up_bias = w.up_bias if w.up_bias is not None else a
         gate_bias = w.gate_bias if w.gate_bias is not None else a
         ws = a
+        duals = 2 if w.gated else 1
         if split > 1:
-            ws = torch.empty((split, 2, m, h + n_light), dtype=torch.float32, device=x.device)
+            ws = torch.empty((split, duals, m, h + n_light), dtype=torch.float32, device=x.device)
         _split_up_kernel[grid](
             x2, hu, hg, *light_args, up_bias, gate_bias, a, ws,
             m, hidden, h, n_light, x2.stride(0), hu.stride(0), a.stride(0), split,
@@ -280,12 +261,14 @@ def split_activations(x: torch.Tensor, w: SplitFFNWeights, *, path: str = "auto"
             UNIFORM=uniform_ok(cfg, bits, group, hidden), PARTIAL=split > 1,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
-        if split > 1:
+        if split > 1:  # every column has `split` slots, added in order, then finished
             block = 512
-            _act_reduce_kernel[(m, triton.cdiv(h + n_light, block))](
-                ws, up_bias, gate_bias, a, m, h + n_light, a.stride(0), SPLIT=split,
-                GATED=w.gated, ACTIVATION=w.activation, HAS_UP_BIAS=w.up_bias is not None,
-                HAS_GATE_BIAS=w.gated and w.gate_bias is not None, BLOCK=block, num_warps=4,
+            gemv._gemv_reduce_kernel[(triton.cdiv(m * (h + n_light), block),)](
+                ws, up_bias, gate_bias, a, m, h + n_light, a.stride(0), 0, 0, split, split,
+                DUAL=w.gated, ACT=True, ACTIVATION=w.activation,
+                HAS_UP_BIAS=w.up_bias is not None,
+                HAS_GATE_BIAS=w.gated and w.gate_bias is not None, BLOCK=block,
+                BLOCK_S=triton.next_power_of_2(split), PDL=False, num_warps=4,
             )  # fmt: skip
 
     key = (tier, triton.next_power_of_2(m), hidden, h, n_light, bits, group, symmetric, w.gated)
