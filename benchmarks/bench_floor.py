@@ -96,7 +96,7 @@ def strips(src: torch.Tensor, out: torch.Tensor, width: int, slices: int, tiled:
     )  # fmt: skip
 
 
-def strip_rows(out: torch.Tensor, bw: float) -> list[dict]:
+def strip_rows(out: torch.Tensor) -> list[dict]:
     """Kernel A's light words ([1,024, 13,632] int32: up and gate, 55.8 MB) read as the decode
     tier reads them, column strips of 64-512 words, against the same tiles stored strip by strip."""
     dev = out.device
@@ -144,7 +144,7 @@ def main() -> int:
     sms = sm_count(dev)
     if args.strips:
         out = torch.empty(1 << 16, dtype=torch.int32, device=dev)
-        write_result(args.out, dev, copy_bandwidth_tb_s=bw * 1e-12, strips=strip_rows(out, bw))
+        write_result(args.out, dev, copy_bandwidth_tb_s=bw * 1e-12, strips=strip_rows(out))
         return 0
     sizes = [float(v) for v in args.mb.split(",")]
     bufs = {
