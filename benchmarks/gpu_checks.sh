@@ -12,7 +12,7 @@
 #   atomic (GEMV tests + M = 1, 4 and 8B decode with atomic GEMV candidates on/off/on),
 #   final (decode-path GPU tests + the full bench),
 #   gemv (GEMV tests), floor (bytes-only read kernel), half2 (benchmarks/proto_half2.py),
-#   gluon (benchmarks/proto_gluon_m16.py), decodeops (decoder op tests), trace
+#   mma (the Gluon decode tier: tests + benchmarks/bench_mma.py), decodeops (decoder op tests), trace
 #   (benchmarks/trace_decode.py), decode8b (M = 1, 4 + 8B decode once)
 # Several stages in one call: bash benchmarks/gpu_checks.sh gemv trace decode8b
 # Each step has its own time limit, so one slow step cannot take the whole call.
@@ -75,9 +75,11 @@ gemv)  # the GEMV decode path's GPU tests (every candidate config alone, fp16 an
 floor)  # what a kernel that only reads the split FFN's bytes costs (benchmarks/bench_floor.py)
     run 150 bench_floor python3 benchmarks/bench_floor.py --out "$OUT/floor.json"
     ;;
-gluon)  # the unmeasured Gluon prototype of the light parts of kernels A and B at M = 8, 16 (fragment-order
-    # words, x through shared memory) against the decode tier
-    run 200 proto_gluon python3 benchmarks/proto_gluon_m16.py --out "$OUT/proto_gluon_m16.json"
+mma)  # the Gluon decode tier (ffnsplit/kernels/mma_decode.py): its GPU tests, then every path
+    # and config at M = 1, 2, 4, 8, 16 (benchmarks/bench_mma.py) (~5 min)
+    run 240 test_mma env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf -n 8 tests/test_mma_decode.py \
+        tests/test_kernels.py tests/test_bench.py -k "mma or cuda_graph or static_decoder or e2e"
+    run 280 bench_mma python3 benchmarks/bench_mma.py --out "$OUT/bench_mma.json"
     ;;
 half2)  # the packed-half2 prototype of kernel B's loop against gemv's kernel B
     run 200 proto_half2 python3 benchmarks/proto_half2.py --out "$OUT/proto_half2.json"
@@ -107,7 +109,8 @@ atomic)  # GEMV tests, then the layer at M = 1, 4 and the 8B decode with the ato
 final)  # the decode path's GPU tests (every GEMV config alone, decoders, whole model), then the
     # full bench: layer over M + Llama-3-8B end to end (~7 min)
     run 240 test_final env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf -n 8 tests/test_kernels.py \
-        tests/test_bench.py tests/test_modules.py -k "gemv or cuda_graph or static_decoder or e2e or whole"
+        tests/test_bench.py tests/test_modules.py tests/test_mma_decode.py \
+        -k "gemv or mma or cuda_graph or static_decoder or e2e or whole"
     run 330 bench python3 -m ffnsplit.cli bench --shape 4096x14336 --e2e-shape llama3-8b \
         --json "$OUT/bench.json"
     ;;

@@ -772,14 +772,15 @@ def bench_layer(
 
 def tuning_timings() -> dict:
     """Per kernel and shape key, every autotuned config's time in us (what the tuners measured)."""
-    from ffnsplit.kernels import dequant_gemm, gemv
+    from ffnsplit.kernels import dequant_gemm, gemv, mma_decode
 
     out = {}
     # the key fields that tell a kernel's shapes apart (dequant: K, features, two weights)
-    tuners = ((sffn, "kernel_A", slice(0, 2)), (qmm, "kernel_B", slice(0, 2)),
-              (gemv, "gemv", slice(0, 2)), (dequant_gemm, "dequant", slice(3, 6)))  # fmt: skip
-    for module, name, fields in tuners:
-        tuner = getattr(module, "_tuner", None)
+    tuners = ((sffn._tuner, "kernel_A", slice(0, 2)), (qmm._tuner, "kernel_B", slice(0, 2)),
+              (gemv._tuner, "gemv", slice(0, 2)), (dequant_gemm._tuner, "dequant", slice(3, 6)),
+              (mma_decode._up_tuner, "mma_A", slice(0, 2)),
+              (mma_decode._down_tuner, "mma_B", slice(0, 2)))  # fmt: skip
+    for tuner, name, fields in tuners:
         for key, timings in getattr(tuner, "timings", {}).items():
             out[f"{name} {key[fields]}"] = {
                 str(cfg): round(t * 1e3, 1) for cfg, t in timings.items()

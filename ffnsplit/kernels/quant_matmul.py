@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ffnsplit.kernels import dequant_gemm, gemv
+from ffnsplit.kernels import dequant_gemm, gemv, mma_decode
 from ffnsplit.kernels.format import QuantizedWeight
 from ffnsplit.kernels.tiles import (
     TileConfig,
@@ -204,6 +204,9 @@ def split_linear(
         return out.reshape(*lead, n)
     if bias is not None and (bias.shape != (n,) or bias.device != x.device):
         raise ValueError(f"bias must be [{n}] on {x.device}, got {tuple(bias.shape)}")
+    if mma_decode.use(m, path, x2, light):
+        mma_decode.split_linear(x2, heavy, light, bias, out)
+        return out.reshape(*lead, n)
     if use_gemv(m, path):
         gemv.split_linear(x2, heavy, light, bias, out)
         return out.reshape(*lead, n)

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ffnsplit.kernels import dequant_gemm, gemv
+from ffnsplit.kernels import dequant_gemm, gemv, mma_decode
 from ffnsplit.kernels.format import QuantizedWeight, SplitFFNWeights
 from ffnsplit.kernels.quant_matmul import split_linear, wave_splits
 from ffnsplit.kernels.tiles import (
@@ -212,6 +212,9 @@ def split_activations(x: torch.Tensor, w: SplitFFNWeights, *, path: str = "auto"
     m = x2.shape[0]
     a = torch.empty((m, h + n_light), dtype=x.dtype, device=x.device)
     if m == 0:
+        return a.reshape(*lead, h + n_light)
+    if mma_decode.use(m, path, x2, w.light_up if n_light else None):
+        mma_decode.split_activations(x2, w, a)
         return a.reshape(*lead, h + n_light)
     if use_gemv(m, path):
         gemv.split_activations(x2, w, a)

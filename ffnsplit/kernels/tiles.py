@@ -600,7 +600,7 @@ def resident_blocks(
     return _resident[key]
 
 
-PATHS = ("auto", "gemv", "decode", "small", "prefill", "dequant")
+PATHS = ("auto", "gemv", "mma", "decode", "small", "prefill", "dequant")
 
 
 def use_gemv(m: int, path: str) -> bool:

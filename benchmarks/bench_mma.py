@@ -1,0 +1,121 @@
+"""The Gluon decode tier (ffnsplit/kernels/mma_decode.py) against the other decode paths (GPU).
+
+Llama-3-8B FFN shape (4096 -> 14336, SwiGLU), 720 heavy fp16 neurons and 13,632 int4 g128
+(asymmetric), fp16: kernel A (split_activations), kernel B (split_linear over [heavy | light])
+and the whole FFN for every path that can run M rows ("gemv" the CUDA-core path, "mma" this
+tier, "decode" the tl tensor-core tier), each tuned, and each of this tier's configs alone, for M in
+{1, 2, 4, 8, 16}; dense fp16 (cuBLAS) for reference. CUDA-graph replays over two weight copies
+(L2 cannot hold them), medians; every output checked against float64 first.
+
+    PYTHONPATH=. python3 benchmarks/bench_mma.py --out $OUT/bench_mma.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_decode import graph_time_us, rel_err, split_weights  # noqa: E402
+from bench_floor import write_result  # noqa: E402
+
+from ffnsplit.kernels import mma_decode, reference  # noqa: E402
+from ffnsplit.kernels import quant_matmul as qmm  # noqa: E402
+from ffnsplit.kernels import split_ffn as sffn  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--m", default="1,2,4,8,16")
+    parser.add_argument("--heavy", type=int, default=720)
+    parser.add_argument("--light", type=int, default=13632)
+    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_mma.json"))
+    args = parser.parse_args()
+    hidden = 4096
+    copies = [split_weights(hidden, args.heavy, args.light, 4, 128) for _ in range(2)]
+    dense = [
+        (torch.randn(2 * 14336, hidden, device="cuda", dtype=torch.float16) / 64,
+         torch.randn(hidden, 14336, device="cuda", dtype=torch.float16) / 120)
+        for _ in range(2)
+    ]  # fmt: skip
+    rows = []
+    w0 = copies[0]
+    for m in (int(v) for v in args.m.split(",")):
+        x = torch.randn(m, hidden, device="cuda", dtype=torch.float16)
+        ref_a = reference.split_activations(x.double(), _as64(w0))
+        row: dict = {"m": m}
+
+        def dense_ffn(wud, x=x):
+            gu = x @ wud[0].T
+            g, u = gu.chunk(2, dim=-1)
+            return (torch.nn.functional.silu(g) * u) @ wud[1].T
+
+        row["dense_us"] = graph_time_us([lambda d=d: dense_ffn(d) for d in dense])
+        for path in ("gemv", "decode", "mma"):
+            if path == "gemv" and m > 4:
+                continue
+            a = sffn.split_activations(x, w0, path=path)
+            row[f"{path}_a_err"] = rel_err(a, ref_a)
+            y = qmm.split_linear(a, w0.heavy_down, w0.light_down, None, path=path)
+            ref_y = reference.split_linear(a.double(), w0.heavy_down.double(), w0.light_down)
+            row[f"{path}_b_err"] = rel_err(y, ref_y)
+            row[f"{path}_a_us"] = graph_time_us(
+                [lambda w=w, x=x, p=path: sffn.split_activations(x, w, path=p) for w in copies]
+            )
+            row[f"{path}_b_us"] = graph_time_us(
+                [
+                    lambda w=w, a=a, p=path: qmm.split_linear(
+                        a, w.heavy_down, w.light_down, None, path=p
+                    )
+                    for w in copies
+                ]  # fmt: skip
+            )
+            row[f"{path}_ffn_us"] = graph_time_us(
+                [lambda w=w, x=x, p=path: sffn.split_ffn(x, w, path=p) for w in copies]
+            )
+        # each config of the tier alone (the tuner's picks above are the fastest of these)
+        a = sffn.split_activations(x, w0, path="mma")
+        up0, down0 = mma_decode.UP_CONFIGS, mma_decode.DOWN_CONFIGS
+        try:
+            for i, cfg in enumerate(up0):
+                mma_decode.UP_CONFIGS = (cfg,)
+                row[f"mma_a_cfg{i}_us"] = graph_time_us(
+                    [lambda w=w, x=x: sffn.split_activations(x, w, path="mma") for w in copies]
+                )
+            for i, cfg in enumerate(down0):
+                mma_decode.DOWN_CONFIGS = (cfg,)
+                row[f"mma_b_cfg{i}_us"] = graph_time_us(
+                    [
+                        lambda w=w, a=a: qmm.split_linear(
+                            a, w.heavy_down, w.light_down, None, path="mma"
+                        )
+                        for w in copies
+                    ]  # fmt: skip
+                )
+        finally:
+            mma_decode.UP_CONFIGS, mma_decode.DOWN_CONFIGS = up0, down0
+        rows.append(row)
+        print({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+    write_result(args.out, torch.device("cuda"), heavy=args.heavy, light=args.light, rows=rows,
+                 up_configs=[str(c) for c in mma_decode.UP_CONFIGS],
+                 down_configs=[str(c) for c in mma_decode.DOWN_CONFIGS])  # fmt: skip
+    return 0
+
+
+def _as64(w):
+    from dataclasses import replace
+
+    return replace(
+        w, heavy_up=w.heavy_up.double(), heavy_gate=w.heavy_gate.double(),
+        heavy_down=w.heavy_down.double(),
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,718 @@
+"""The split FFN's decode tier in Gluon: M <= 16 rows, int4 light weights, fp16/bf16, sm_80+.
+
+Triton's tl front end lays out an int4 decode GEMM by inference: at M = 16 the unpacked codes
+reach the tensor cores through register moves and x is converted to the MMA layout every K-block,
+~7 SASS instructions a code (ncu, H100, session 8), so the tl decode tier streams ~1 TB/s where a
+plain read of the same bytes streams 2.7 TB/s. Here (Gluon) the layouts are stated, and nothing
+moves between threads:
+
+  * MMA k-slots are matched to the words instead of the words to the k-slots: in each block of
+    32 k, lane t of a quad loads word row t of its column (k = 8t .. 8t + 7, the format's
+    canonical order, no repacking) and one lop3 per pair turns it into its four m16n8k16 B
+    fragment registers, pair j = (k 8t + j, 8t + j + 4). The same k permutation is applied to
+    x when it is staged in shared memory (a relabelling of registers before the store), and
+    ldmatrix reads the A fragments from there. `convert_layout(..., assert_trivial=True)` makes
+    the compiler prove that no code crosses threads.
+  * Heavy (fp16/bf16) rows use the permutation in which lane t's 16-byte load of k = 8t .. 8t + 7
+    is its four B fragment registers as loaded.
+  * Per group: blk = x q on the tensor cores (fp32), the zero point through x's row sums (one
+    more MMA against ones), acc += s (blk - z sum x). The next chunk's words are loaded before the
+    current chunk is multiplied.
+  * K is split into slices (grid axis 1) that write fp32 partials; the existing reduce kernels
+    add them in slot order (deterministic) and finish: biases, activation and gating for kernel A
+    (gemv._gemv_reduce_kernel), the down bias for kernel B (quant_matmul._splitk_reduce_kernel).
+    Kernel A's heavy and light tiles are programs of one launch; kernel B's heavy columns are
+    extra K-slices of the same launch, so heavy and light land in one output.
+
+H100, Llama-3-8B FFN shape, M = 16 (benchmarks/RESULTS.md, session 9): the light parts of kernel
+A and B 61.1 -> 32.8 us and 37.9 -> 19.5 us against the tl decode tier on the same weights.
+Gluon has no interpreter: this tier runs on CUDA GPUs only and is tested there
+(tests/test_mma_decode.py); everything else keeps the tl tiers.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from ffnsplit.kernels.format import QuantizedWeight, SplitFFNWeights
+from ffnsplit.kernels.tiles import INTERPRET, Tuner, sm_count
+
+try:  # Gluon (Triton >= 3.5); absent or unusable: the tier is off (available() says why)
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+    _IMPORT_ERROR = None
+except Exception as exc:  # pragma: no cover - depends on the installed Triton
+    gluon = gl = mma_v2 = None
+    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+BLOCK_M = 16  # rows a program (the MMA's m16)
+CHUNK = 128  # k a loop step: 4 blocks of 32 k (one group of 128, half of 256, two of 64)
+# "auto" takes this tier from MIN_M rows (H100, Llama-3-8B FFN, session 9: M = 2 56.2 us against
+# the GEMV path's 58.9, M = 4 56.8 against 88.7; M = 1 54.6 against 49.4) to DECODE_MAX_M.
+# FFNSPLIT_MMA=0 keeps "auto" on the GEMV path and the tl decode tier (comparisons); path="mma"
+# forces this tier.
+MIN_M = 2
+ENABLED = os.environ.get("FFNSPLIT_MMA", "1") != "0"
+
+# The k permutations, as the kernels apply them (reshape, permute, reshape), shared with the CPU
+# emulation in tests/test_mma_decode.py:
+# codes: [t1, t0, n, i0, i1, i2] (lane t's four registers j = i1 + 2 i2, halves i0) -> [slot, n]
+CODE_PERM = (5, 4, 0, 1, 3, 2)
+# dense rows: [n, t, i2, i1, i0] (k = 8 t + 4 i2 + 2 i1 + i0) -> [slot, n]
+ROW_PERM = (2, 3, 1, 4, 0)
+# x [m, b, t, j2, j1, j0] -> [m, b, slot]: light words' order, dense rows' order
+LIGHT_X_PERM = (0, 1, 4, 5, 2, 3)
+DENSE_X_PERM = (0, 1, 3, 4, 2, 5)
+
+
+def available(device: torch.device) -> bool:
+    """Whether this tier can run on `device`: Gluon imports, a CUDA GPU of sm_80 or newer, and
+    not under Triton's interpreter."""
+    if _IMPORT_ERROR is not None or INTERPRET or device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def light_ok(qw: QuantizedWeight | None, dtype: torch.dtype) -> bool:
+    """Whether this tier computes a packed weight's product: int4, groups that are a power of two
+    from 64 (a 128-k step holds whole groups or lies inside one), fp16 or bf16 activations
+    (scales and zeros of any float dtype: they are applied in fp32)."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if qw is None:
+        return True
+    g = qw.group_size
+    return qw.bits == 4 and g >= 64 and g & (g - 1) == 0
+
+
+if gluon is not None:
+    # One word (given twice: pack=2) -> the 4 B fragment registers of its lane: register j holds
+    # the codes at nibbles (j, j + 4), k = 8t + j and 8t + j + 4 of the word's 32-k block.
+    _CHUNK = gl.constexpr(CHUNK)
+    _CODE_PERM = gl.constexpr(CODE_PERM)
+    _ROW_PERM = gl.constexpr(ROW_PERM)
+    _LIGHT_X_PERM = gl.constexpr(LIGHT_X_PERM)
+    _DENSE_X_PERM = gl.constexpr(DENSE_X_PERM)
+    _ASM_F16 = gl.constexpr("\n".join([
+        "{", ".reg .b32 t, ce, cs, co;",
+        "mov.b32 ce, 0x64006400;",  # (1024, 1024)
+        "mov.b32 cs, 0x2c002c00;",  # (1/16, 1/16)
+        "mov.b32 co, 0xd400d400;",  # (-64, -64)
+        "lop3.b32 $0, $4, 0x000f000f, 0x64006400, 0xea;",
+        "lop3.b32 $1, $4, 0x00f000f0, 0x64006400, 0xea;",
+        "shr.u32 t, $4, 8;",
+        "lop3.b32 $2, t, 0x000f000f, 0x64006400, 0xea;",
+        "lop3.b32 $3, t, 0x00f000f0, 0x64006400, 0xea;",
+        "sub.f16x2 $0, $0, ce;",  # (1024 + q) - 1024
+        "fma.rn.f16x2 $1, $1, cs, co;",  # (1024 + 16 q) / 16 - 64
+        "sub.f16x2 $2, $2, ce;",
+        "fma.rn.f16x2 $3, $3, cs, co;",
+        "}",
+    ]))  # fmt: skip
+    # bf16 has 7 mantissa bits: each nibble is shifted to bits 0-3 of its half, (128 + q) - 128
+    # is an fma (sub.bf16x2 needs sm_90)
+    _ASM_BF16 = gl.constexpr("\n".join([
+        "{", ".reg .b32 t, one, co;",
+        "mov.b32 one, 0x3f803f80;",  # (1, 1)
+        "mov.b32 co, 0xc300c300;",  # (-128, -128)
+        "lop3.b32 $0, $4, 0x000f000f, 0x43004300, 0xea;",
+        "shr.u32 t, $4, 4;",
+        "lop3.b32 $1, t, 0x000f000f, 0x43004300, 0xea;",
+        "shr.u32 t, $4, 8;",
+        "lop3.b32 $2, t, 0x000f000f, 0x43004300, 0xea;",
+        "shr.u32 t, $4, 12;",
+        "lop3.b32 $3, t, 0x000f000f, 0x43004300, 0xea;",
+        "fma.rn.bf16x2 $0, $0, one, co;",
+        "fma.rn.bf16x2 $1, $1, one, co;",
+        "fma.rn.bf16x2 $2, $2, one, co;",
+        "fma.rn.bf16x2 $3, $3, one, co;",
+        "}",
+    ]))  # fmt: skip
+
+    @gluon.jit
+    def _codes(w, DTYPE: gl.constexpr, B_LAYOUT: gl.constexpr):
+        """Words [4 (t), BN] of one 32-k block -> codes [32 k-slots, BN] in the MMA B layout:
+        slot 16 i2 + 8 i1 + 2 t + i0 holds k = 8 t + i1 + 2 i2 + 4 i0 of the block."""
+        ww = gl.join(w, w)  # [4, BN, 2]: both halves of a register in one thread
+        if gl.float16 == DTYPE:
+            p0, p1, p2, p3 = gl.inline_asm_elementwise(
+                _ASM_F16, "=r,=r,=r,=r,r,r", [ww],
+                dtype=(gl.float16, gl.float16, gl.float16, gl.float16),
+                is_pure=True, pack=2,
+            )  # fmt: skip
+        else:
+            p0, p1, p2, p3 = gl.inline_asm_elementwise(
+                _ASM_BF16, "=r,=r,=r,=r,r,r", [ww],
+                dtype=(gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16),
+                is_pure=True, pack=2,
+            )  # fmt: skip
+        # p_j[t, n, i0] is nibble j + 4 i0; j = i1 + 2 i2 -> [t, n, i0, i1, i2]
+        t = gl.join(gl.join(p0, p1), gl.join(p2, p3))
+        n: gl.constexpr = w.shape[1]
+        t = gl.reshape(t, [2, 2, n, 2, 2, 2])  # [t1, t0, n, i0, i1, i2]
+        t = gl.permute(t, _CODE_PERM.value)  # [i2, i1, t1, t0, i0, n]
+        return gl.convert_layout(gl.reshape(t, [32, n]), B_LAYOUT, assert_trivial=True)
+
+    @gluon.jit
+    def _rows(h, B_LAYOUT: gl.constexpr):
+        """Dense rows [BN, 4 (t), 8 (j)] of one 32-k block (lane t's 16-byte load: k = 8t + j)
+        -> [32 k-slots, BN] in the MMA B layout: slot 16 i2 + 8 i1 + 2 t + i0 holds
+        k = 8 t + 4 i2 + 2 i1 + i0, so the load is the fragment."""
+        n: gl.constexpr = h.shape[0]
+        t = gl.reshape(h, [n, 4, 2, 2, 2])  # [n, t, i2, i1, i0]
+        t = gl.permute(t, _ROW_PERM.value)  # [i2, i1, t, i0, n]
+        return gl.convert_layout(gl.reshape(t, [32, n]), B_LAYOUT, assert_trivial=True)
+
+    @gluon.jit
+    def _slots(x, LIGHT: gl.constexpr):
+        """x chunk [16, 128] (k = 32 b + 8 t + j) in the k-slot order of the light words (LIGHT)
+        or of dense rows: the same permutation inside every 32-k block."""
+        t = gl.reshape(x, [16, 4, 4, 2, 2, 2])  # [m, b, t, j2, j1, j0]
+        if LIGHT:  # slot (i2, i1, t, i0) <- j = i1 + 2 i2 + 4 i0
+            t = gl.permute(t, _LIGHT_X_PERM.value)
+        else:  # slot (i2, i1, t, i0) <- j = i0 + 2 i1 + 4 i2
+            t = gl.permute(t, _DENSE_X_PERM.value)
+        return gl.reshape(t, [16, 128])
+
+    @gluon.jit
+    def _x_tiles(stride_xm, M, DTYPE: gl.constexpr, X_LAYOUT: gl.constexpr):
+        """x's chunk offsets, row mask and k index [16, 128] (read coalesced, 16 bytes a thread)
+        and its double-buffered shared tile."""
+        xm = gl.arange(0, 16, layout=gl.SliceLayout(1, X_LAYOUT))
+        xk = gl.arange(0, _CHUNK, layout=gl.SliceLayout(0, X_LAYOUT))
+        x_off = xm[:, None] * stride_xm + xk[None, :]
+        x_mask = (xm < M)[:, None] & (xk < _CHUNK)[None, :]
+        XS: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0])
+        return x_off, x_mask, xk, gl.allocate_shared_memory(DTYPE, [2, 16, _CHUNK], XS)
+
+    @gluon.jit
+    def _x_chunk(x_ptr, x_off, x_mask, xk, k0, K, TAIL: gl.constexpr):
+        """x [16, 128] at k0 (rows past M and, with TAIL, k past K read as 0)."""
+        mask = x_mask
+        if TAIL:
+            mask = mask & (k0 + xk < K)[None, :]
+        return gl.load(x_ptr + x_off + k0, mask=mask, other=0.0)
+
+    @gluon.jit
+    def _stage(x_smem, c, x, LIGHT: gl.constexpr, A_LAYOUT: gl.constexpr):
+        """Store x (slot order) into buffer c % 2, wait for every thread, read the 4 blocks' A
+        fragments (ldmatrix). One barrier a chunk: buffer c % 2 is written again two chunks on,
+        after every thread passed the next chunk's barrier."""
+        buf = x_smem.index(c % 2)
+        buf.store(_slots(x, LIGHT))
+        gl.thread_barrier()
+        x0 = buf.slice(0, 32, dim=1).load(A_LAYOUT)
+        x1 = buf.slice(32, 32, dim=1).load(A_LAYOUT)
+        x2 = buf.slice(64, 32, dim=1).load(A_LAYOUT)
+        x3 = buf.slice(96, 32, dim=1).load(A_LAYOUT)
+        return x0, x1, x2, x3
+
+    @gluon.jit
+    def _block_words(ptr, off, mask, row, KR, TAIL: gl.constexpr):
+        """One 32-k block of words [4, BN] (word rows row .. row + 3)."""
+        if TAIL:
+            rows = row + gl.arange(0, 4, layout=gl.SliceLayout(1, mask.type.layout))
+            mask = mask & (rows < KR)[:, None]
+        return gl.load(ptr + off, mask=mask, other=0)
+
+    @gluon.jit
+    def _chunk_words(ptr, off, mask, row, N, KR, TAIL: gl.constexpr):
+        """A 128-k chunk's 4 blocks of words (16 word rows from `row`, at `off`)."""
+        w0 = _block_words(ptr, off, mask, row, KR, TAIL)
+        w1 = _block_words(ptr, off + 4 * N, mask, row + 4, KR, TAIL)
+        w2 = _block_words(ptr, off + 8 * N, mask, row + 8, KR, TAIL)
+        w3 = _block_words(ptr, off + 12 * N, mask, row + 12, KR, TAIL)
+        return w0, w1, w2, w3
+
+    @gluon.jit
+    def _scales(s_ptr, z_ptr, c, N, G, sc, s_mask, SYMMETRIC: gl.constexpr,
+                GROUP: gl.constexpr):  # fmt: skip
+        """fp32 scales and zeros of chunk c: (s, z) of its group (GROUP >= 128), or of its two
+        groups (GROUP 64; the second past the last group reads as 0). Symmetric: z unused."""
+        if GROUP == 64:
+            g0 = 2 * c
+            s0 = gl.load(s_ptr + g0 * N + sc, mask=s_mask, other=0.0).to(gl.float32)
+            m1 = s_mask & (g0 + 1 < G)
+            s1 = gl.load(s_ptr + (g0 + 1) * N + sc, mask=m1, other=0.0).to(gl.float32)
+            if SYMMETRIC:
+                z0, z1 = s0, s1
+            else:
+                z0 = gl.load(z_ptr + g0 * N + sc, mask=s_mask, other=0.0).to(gl.float32)
+                z1 = gl.load(z_ptr + (g0 + 1) * N + sc, mask=m1, other=0.0).to(gl.float32)
+        else:
+            g = c * _CHUNK // GROUP
+            s0 = gl.load(s_ptr + g * N + sc, mask=s_mask, other=0.0).to(gl.float32)
+            z0 = s0
+            if not SYMMETRIC:
+                z0 = gl.load(z_ptr + g * N + sc, mask=s_mask, other=0.0).to(gl.float32)
+            s1, z1 = s0, z0
+        return s0, z0, s1, z1
+
+    @gluon.jit
+    def _apply(acc, x0, x1, x2, x3, w0, w1, w2, w3, xs0, xs1, s0, z0, s1, z1,
+               SYMMETRIC: gl.constexpr, GROUP: gl.constexpr, DTYPE: gl.constexpr,
+               B_LAYOUT: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
+        """acc += s (x q - z sum x) for a chunk's groups (GROUP 64: blocks 0-1 and 2-3 apart)."""
+        blk = gl.zeros(acc.shape, gl.float32, layout=MMA)
+        blk = mma_v2(x0, _codes(w0, DTYPE, B_LAYOUT), blk)
+        blk = mma_v2(x1, _codes(w1, DTYPE, B_LAYOUT), blk)
+        if GROUP == 64:
+            if SYMMETRIC:
+                acc += (blk - xs0 * 8.0) * s0[None, :]
+            else:
+                acc += (blk - xs0 * z0[None, :]) * s0[None, :]
+            blk = gl.zeros(acc.shape, gl.float32, layout=MMA)
+        blk = mma_v2(x2, _codes(w2, DTYPE, B_LAYOUT), blk)
+        blk = mma_v2(x3, _codes(w3, DTYPE, B_LAYOUT), blk)
+        if SYMMETRIC:
+            acc += (blk - xs1 * 8.0) * s1[None, :]
+        else:
+            acc += (blk - xs1 * z1[None, :]) * s1[None, :]
+        return acc
+
+    @gluon.jit
+    def _light_slice(x_ptr, stride_xm, M, K, up_ptr, us_ptr, uz_ptr, gp_ptr, gs_ptr, gz_ptr,
+                     N, n0, c_lo, c_hi, DUAL: gl.constexpr, SYMMETRIC: gl.constexpr,
+                     GROUP: gl.constexpr, TAIL: gl.constexpr, DTYPE: gl.constexpr,
+                     BN: gl.constexpr, DEPTH: gl.constexpr, W_LAYOUT: gl.constexpr,
+                     X_LAYOUT: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
+        """fp32 [16, BN] x times columns n0.. of one (DUAL: two) packed int4 weights [N, K] over
+        chunks c_lo .. c_hi - 1 (c_hi > c_lo). Returns (up, gate) (gate = up without DUAL)."""
+        A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+        B_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+        KR = K // 8  # word rows
+        G = gl.cdiv(K, GROUP)
+        wr = gl.arange(0, 4, layout=gl.SliceLayout(1, W_LAYOUT))
+        wc = gl.arange(0, BN, layout=gl.SliceLayout(0, W_LAYOUT))
+        w_off = wr[:, None] * N + (n0 + wc)[None, :] + c_lo * 16 * N
+        w_mask = ((n0 + wc) < N)[None, :]
+        x_off, x_mask, xk, x_smem = _x_tiles(stride_xm, M, DTYPE, X_LAYOUT)
+        sc = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, MMA))
+        s_mask = sc < N
+        ones = gl.full([32, BN], 1.0, DTYPE, layout=B_LAYOUT)
+        acc_u = gl.zeros([16, BN], gl.float32, layout=MMA)
+        acc_g = gl.zeros([16, BN], gl.float32, layout=MMA)
+        u0, u1, u2, u3 = _chunk_words(up_ptr, w_off, w_mask, c_lo * 16, N, KR, TAIL)
+        g0, g1, g2, g3 = u0, u1, u2, u3
+        if DUAL:
+            g0, g1, g2, g3 = _chunk_words(gp_ptr, w_off, w_mask, c_lo * 16, N, KR, TAIL)
+        # DEPTH 2: the chunk after the next one is loaded too (twice the bytes in flight)
+        c1 = gl.minimum(c_lo + 1, c_hi - 1)
+        n0, n1, n2, n3 = u0, u1, u2, u3
+        e0, e1, e2, e3 = g0, g1, g2, g3
+        if DEPTH == 2:
+            off1 = w_off + (c1 - c_lo) * 16 * N
+            n0, n1, n2, n3 = _chunk_words(up_ptr, off1, w_mask, c1 * 16, N, KR, TAIL)
+            if DUAL:
+                e0, e1, e2, e3 = _chunk_words(gp_ptr, off1, w_mask, c1 * 16, N, KR, TAIL)
+        x_next = _x_chunk(x_ptr, x_off, x_mask, xk, c_lo * _CHUNK, K, TAIL)
+        for c in range(c_lo, c_hi):
+            # chunk c + DEPTH's words and the next x in flight while this one is multiplied
+            # (clamped at the last chunk: loaded again, never used)
+            c_next = gl.minimum(c + 1, c_hi - 1)
+            c_far = gl.minimum(c + DEPTH, c_hi - 1)
+            far = (c_far - c_lo) * 16 * N
+            v0, v1, v2, v3 = _chunk_words(up_ptr, w_off + far, w_mask, c_far * 16, N, KR, TAIL)
+            h0, h1, h2, h3 = v0, v1, v2, v3
+            if DUAL:
+                h0, h1, h2, h3 = _chunk_words(gp_ptr, w_off + far, w_mask, c_far * 16, N, KR,
+                                              TAIL)  # fmt: skip
+            su0, zu0, su1, zu1 = _scales(us_ptr, uz_ptr, c, N, G, sc, s_mask, SYMMETRIC, GROUP)
+            if DUAL:
+                sg0, zg0, sg1, zg1 = _scales(gs_ptr, gz_ptr, c, N, G, sc, s_mask, SYMMETRIC,
+                                             GROUP)  # fmt: skip
+            x0, x1, x2, x3 = _stage(x_smem, c - c_lo, x_next, True, A_LAYOUT)
+            x_next = _x_chunk(x_ptr, x_off, x_mask, xk, c_next * _CHUNK, K, TAIL)
+            # x's row sums (the zero points' term) on the tensor cores, per half chunk
+            xs0 = mma_v2(x1, ones, mma_v2(x0, ones, gl.zeros([16, BN], gl.float32, layout=MMA)))
+            if GROUP == 64:
+                xs1 = gl.zeros([16, BN], gl.float32, layout=MMA)
+            else:
+                xs1 = xs0
+            xs1 = mma_v2(x3, ones, mma_v2(x2, ones, xs1))
+            acc_u = _apply(acc_u, x0, x1, x2, x3, u0, u1, u2, u3, xs0, xs1, su0, zu0, su1, zu1,
+                           SYMMETRIC, GROUP, DTYPE, B_LAYOUT, MMA)  # fmt: skip
+            if DUAL:
+                acc_g = _apply(acc_g, x0, x1, x2, x3, g0, g1, g2, g3, xs0, xs1, sg0, zg0, sg1,
+                               zg1, SYMMETRIC, GROUP, DTYPE, B_LAYOUT, MMA)  # fmt: skip
+            if DEPTH == 2:
+                u0, u1, u2, u3 = n0, n1, n2, n3
+                n0, n1, n2, n3 = v0, v1, v2, v3
+                g0, g1, g2, g3 = e0, e1, e2, e3
+                e0, e1, e2, e3 = h0, h1, h2, h3
+            else:
+                u0, u1, u2, u3 = v0, v1, v2, v3
+                g0, g1, g2, g3 = h0, h1, h2, h3
+        return acc_u, acc_g
+
+    @gluon.jit
+    def _dense_block(ptr, off, mask, koff, k0, K, TAIL: gl.constexpr):
+        """Dense rows [BN, 4, 8] of the 32-k block at k0 (k past K read as 0 with TAIL)."""
+        if TAIL:
+            mask = mask & (k0 + koff < K)
+        return gl.load(ptr + off + k0, mask=mask, other=0.0)
+
+    @gluon.jit
+    def _dense_chunk(ptr, off, mask, koff, k0, K, TAIL: gl.constexpr):
+        h0 = _dense_block(ptr, off, mask, koff, k0, K, TAIL)
+        h1 = _dense_block(ptr, off, mask, koff, k0 + 32, K, TAIL)
+        h2 = _dense_block(ptr, off, mask, koff, k0 + 64, K, TAIL)
+        h3 = _dense_block(ptr, off, mask, koff, k0 + 96, K, TAIL)
+        return h0, h1, h2, h3
+
+    @gluon.jit
+    def _dense_product(acc, x0, x1, x2, x3, h0, h1, h2, h3, B_LAYOUT: gl.constexpr):
+        acc = mma_v2(x0, _rows(h0, B_LAYOUT), acc)
+        acc = mma_v2(x1, _rows(h1, B_LAYOUT), acc)
+        acc = mma_v2(x2, _rows(h2, B_LAYOUT), acc)
+        return mma_v2(x3, _rows(h3, B_LAYOUT), acc)
+
+    @gluon.jit
+    def _heavy_slice(x_ptr, stride_xm, M, K, hu_ptr, hg_ptr, stride_hw, N, n0, c_lo, c_hi,
+                     DUAL: gl.constexpr, TAIL: gl.constexpr, DTYPE: gl.constexpr,
+                     BN: gl.constexpr, H_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
+                     MMA: gl.constexpr):  # fmt: skip
+        """fp32 [16, BN] x times rows n0.. of one (DUAL: two) dense [N, K] weights over chunks
+        c_lo .. c_hi - 1. Returns (up, gate) (gate = up without DUAL)."""
+        A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+        B_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+        hr = gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, H_LAYOUT)))
+        ht = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, H_LAYOUT)))
+        hj = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, H_LAYOUT)))
+        koff = gl.expand_dims(gl.expand_dims(ht * 8, 0), 2) + gl.expand_dims(
+            gl.expand_dims(hj, 0), 1
+        )  # [1, 4, 8]
+        rows = gl.expand_dims(gl.expand_dims(n0 + hr, 1), 2)  # [BN, 1, 1]
+        h_off = rows * stride_hw + koff
+        h_mask = rows < N
+        x_off, x_mask, xk, x_smem = _x_tiles(stride_xm, M, DTYPE, X_LAYOUT)
+        acc_u = gl.zeros([16, BN], gl.float32, layout=MMA)
+        acc_g = gl.zeros([16, BN], gl.float32, layout=MMA)
+        u0, u1, u2, u3 = _dense_chunk(hu_ptr, h_off, h_mask, koff, c_lo * _CHUNK, K, TAIL)
+        g0, g1, g2, g3 = u0, u1, u2, u3
+        if DUAL:
+            g0, g1, g2, g3 = _dense_chunk(hg_ptr, h_off, h_mask, koff, c_lo * _CHUNK, K, TAIL)
+        x_next = _x_chunk(x_ptr, x_off, x_mask, xk, c_lo * _CHUNK, K, TAIL)
+        for c in range(c_lo, c_hi):
+            k_next = gl.minimum(c + 1, c_hi - 1) * _CHUNK
+            v0, v1, v2, v3 = _dense_chunk(hu_ptr, h_off, h_mask, koff, k_next, K, TAIL)
+            f0, f1, f2, f3 = v0, v1, v2, v3
+            if DUAL:
+                f0, f1, f2, f3 = _dense_chunk(hg_ptr, h_off, h_mask, koff, k_next, K, TAIL)
+            x0, x1, x2, x3 = _stage(x_smem, c - c_lo, x_next, False, A_LAYOUT)
+            x_next = _x_chunk(x_ptr, x_off, x_mask, xk, k_next, K, TAIL)
+            acc_u = _dense_product(acc_u, x0, x1, x2, x3, u0, u1, u2, u3, B_LAYOUT)
+            u0, u1, u2, u3 = v0, v1, v2, v3
+            if DUAL:
+                acc_g = _dense_product(acc_g, x0, x1, x2, x3, g0, g1, g2, g3, B_LAYOUT)
+                g0, g1, g2, g3 = f0, f1, f2, f3
+        return acc_u, acc_g
+
+    @gluon.jit
+    def _store_partial(ws_ptr, acc, slot, M, NT, cols, n_mask, MMA: gl.constexpr):
+        """fp32 [16, BN] partial sums into slot rows ws[slot, m, cols] (ws [.., M, NT])."""
+        om = gl.arange(0, 16, layout=gl.SliceLayout(1, MMA))
+        ptrs = ws_ptr + slot * M * NT + om[:, None] * NT + cols[None, :]
+        gl.store(ptrs, acc, mask=(om < M)[:, None] & n_mask[None, :])
+
+    @gluon.jit
+    def _up_kernel(x_ptr, hu_ptr, hg_ptr, up_ptr, us_ptr, uz_ptr, gp_ptr, gs_ptr, gz_ptr, ws_ptr,
+                   M, K, NH, NL, stride_xm, stride_hw, DUAL: gl.constexpr,
+                   SYMMETRIC: gl.constexpr, GROUP: gl.constexpr, TAIL: gl.constexpr,
+                   DTYPE: gl.constexpr, BN: gl.constexpr, BNH: gl.constexpr,
+                   DEPTH: gl.constexpr, W_LAYOUT: gl.constexpr, H_LAYOUT: gl.constexpr,
+                   X_LAYOUT: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
+        """Kernel A's up (and gate) sums of K-slice program_id(1) for one tile of heavy rows
+        (the first programs along axis 0, BNH neurons) or light columns (BN neurons), as fp32
+        partials into ws [slices, 2 (1 without DUAL), M, NH + NL]."""
+        pid = gl.program_id(0)
+        split = gl.program_id(1)
+        n_split = gl.num_programs(1)
+        chunks = gl.cdiv(K, _CHUNK)
+        c_lo = split * chunks // n_split
+        c_hi = (split + 1) * chunks // n_split
+        heavy_tiles = gl.cdiv(NH, BNH)
+        NT = NH + NL
+        DUALS: gl.constexpr = 2 if DUAL else 1
+        if pid < heavy_tiles:
+            # names apart from the light branch's: tiles of other widths
+            h_u, h_g = _heavy_slice(x_ptr, stride_xm, M, K, hu_ptr, hg_ptr, stride_hw, NH,
+                                    pid * BNH, c_lo, c_hi, DUAL, TAIL, DTYPE, BNH, H_LAYOUT,
+                                    X_LAYOUT, MMA)  # fmt: skip
+            h_cols = pid * BNH + gl.arange(0, BNH, layout=gl.SliceLayout(0, MMA))
+            _store_partial(ws_ptr, h_u, split * DUALS, M, NT, h_cols, h_cols < NH, MMA)
+            if DUAL:
+                _store_partial(ws_ptr, h_g, split * DUALS + 1, M, NT, h_cols, h_cols < NH, MMA)
+        else:
+            l0 = (pid - heavy_tiles) * BN
+            l_u, l_g = _light_slice(x_ptr, stride_xm, M, K, up_ptr, us_ptr, uz_ptr, gp_ptr,
+                                    gs_ptr, gz_ptr, NL, l0, c_lo, c_hi, DUAL, SYMMETRIC, GROUP,
+                                    TAIL, DTYPE, BN, DEPTH, W_LAYOUT, X_LAYOUT,
+                                    MMA)  # fmt: skip
+            l_cols = l0 + gl.arange(0, BN, layout=gl.SliceLayout(0, MMA))
+            _store_partial(ws_ptr, l_u, split * DUALS, M, NT, NH + l_cols, l_cols < NL, MMA)
+            if DUAL:
+                _store_partial(ws_ptr, l_g, split * DUALS + 1, M, NT, NH + l_cols, l_cols < NL,
+                               MMA)  # fmt: skip
+
+    @gluon.jit
+    def _down_kernel(xh_ptr, xl_ptr, hw_ptr, p_ptr, s_ptr, z_ptr, ws_ptr, M, N, KH, KL,
+                     stride_xm, stride_hw, SL, SYMMETRIC: gl.constexpr, GROUP: gl.constexpr,
+                     TAIL_L: gl.constexpr, TAIL_H: gl.constexpr, DTYPE: gl.constexpr,
+                     BN: gl.constexpr, DEPTH: gl.constexpr, W_LAYOUT: gl.constexpr,
+                     H_LAYOUT: gl.constexpr,
+                     X_LAYOUT: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
+        """Kernel B (or any split linear): fp32 partials ws [slices, M, N] of output columns
+        program_id(0) * BN ..; slices 0 .. SL - 1 cover the packed columns (x = xl [M, KL]), the
+        others the dense ones (x = xh [M, KH]): both parts end in one reduce."""
+        pid = gl.program_id(0)
+        split = gl.program_id(1)
+        n0 = pid * BN
+        if split < SL:
+            chunks = gl.cdiv(KL, _CHUNK)
+            c_lo = split * chunks // SL
+            c_hi = (split + 1) * chunks // SL
+            acc, _ = _light_slice(xl_ptr, stride_xm, M, KL, p_ptr, s_ptr, z_ptr, p_ptr, s_ptr,
+                                  z_ptr, N, n0, c_lo, c_hi, False, SYMMETRIC, GROUP, TAIL_L,
+                                  DTYPE, BN, DEPTH, W_LAYOUT, X_LAYOUT, MMA)  # fmt: skip
+        else:
+            sh = gl.num_programs(1) - SL
+            chunks = gl.cdiv(KH, _CHUNK)
+            c_lo = (split - SL) * chunks // sh
+            c_hi = (split - SL + 1) * chunks // sh
+            acc, _ = _heavy_slice(xh_ptr, stride_xm, M, KH, hw_ptr, hw_ptr, stride_hw, N, n0,
+                                  c_lo, c_hi, False, TAIL_H, DTYPE, BN, H_LAYOUT, X_LAYOUT,
+                                  MMA)  # fmt: skip
+        cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, MMA))
+        _store_partial(ws_ptr, acc, split, M, N, cols, cols < N, MMA)
+
+
+# ---------------------------------------------------------------------------------------------
+# launch plumbing
+
+
+@dataclass(frozen=True)
+class MmaConfig:
+    """num_warps warps side by side along N with `tiles` n8 tiles each (light tiles of
+    8 * num_warps * tiles columns; kernel A's heavy tiles one n8 tile a warp); K-slices for
+    `waves` whole waves of `resident` programs an SM (what the registers let reside on sm_90);
+    words loaded `depth` chunks ahead."""
+
+    num_warps: int = 4
+    tiles: int = 2
+    resident: int = 4
+    waves: int = 1
+    depth: int = 1
+
+    @property
+    def block_n(self) -> int:
+        return 8 * self.num_warps * self.tiles
+
+
+# H100, Llama-3-8B shape (session 9, benchmarks/RESULTS.md). The first config of each is the
+# default (FFNSPLIT_AUTOTUNE=0); sm_90 registers: kernel A 4 x 2 128 (4 programs an SM), 8 x 2
+# 151 (1); kernel B 4 x 2 125 (4), 4 x 4 193 (2).
+UP_CONFIGS = (
+    MmaConfig(4, 2, resident=4, waves=1),
+    MmaConfig(4, 2, resident=4, waves=1, depth=2),
+    MmaConfig(4, 2, resident=4, waves=2, depth=2),
+    MmaConfig(8, 2, resident=2, waves=1),
+)
+DOWN_CONFIGS = (
+    MmaConfig(4, 4, resident=2, waves=2),
+    MmaConfig(4, 2, resident=4, waves=1, depth=2),
+    MmaConfig(4, 2, resident=4, waves=2, depth=2),
+    MmaConfig(4, 4, resident=2, waves=1, depth=2),
+)
+
+
+@functools.cache
+def layouts(num_warps: int, tiles: int) -> tuple:
+    """(W_LAYOUT, H_LAYOUT (dense rows of `tiles` n8 tiles a warp), H1_LAYOUT (one n8 tile a
+    warp), X_LAYOUT, MMA) for num_warps warps along N."""
+    mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, num_warps],
+                                    instr_shape=[16, 8])  # fmt: skip
+    log_w, log_t = num_warps.bit_length() - 1, tiles.bit_length() - 1
+    # words [4 (t), BN]: lane 4 n + t of an n8 tile, the warps' tiles side by side, a warp's
+    # further tiles (every 8 * num_warps columns) in registers, as in the MMA layout
+    words = gl.DistributedLinearLayout(
+        reg_bases=[[0, 8 * num_warps << i] for i in range(log_t)],
+        lane_bases=[[1, 0], [2, 0], [0, 1], [0, 2], [0, 4]],
+        warp_bases=[[0, 8 << i] for i in range(log_w)],
+        block_bases=[], shape=[4, 8 * num_warps * tiles],
+    )  # fmt: skip
+
+    def rows(t: int) -> object:  # dense rows [BN, 4 (t), 8 (k)]: 8 consecutive k a lane
+        return gl.DistributedLinearLayout(
+            reg_bases=[[0, 0, 1], [0, 0, 2], [0, 0, 4]]
+            + [[8 * num_warps << i, 0, 0] for i in range(t.bit_length() - 1)],
+            lane_bases=[[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
+            warp_bases=[[8 << i, 0, 0] for i in range(log_w)],
+            block_bases=[], shape=[8 * num_warps * t, 4, 8],
+        )  # fmt: skip
+
+    # x's [16, 128] chunk read coalesced: 8 values (16 bytes) a thread
+    x_layout = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])
+    return words, rows(tiles), rows(1), x_layout, mma
+
+
+def _slices(cfg: MmaConfig, tiles: int, sms: int) -> int:
+    """K-slices of `tiles` output tiles that fill cfg.waves whole waves: a last, partial wave of
+    these latency-bound programs costs about as much as a full one."""
+    return max(1, cfg.resident * sms * cfg.waves // tiles)
+
+
+_up_tuner = Tuner()
+_down_tuner = Tuner()
+_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _gl_dtype(dtype: torch.dtype):
+    return gl.float16 if dtype == torch.float16 else gl.bfloat16
+
+
+def split_activations(x2: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor) -> None:
+    """Kernel A into a [M, h + l] (x2 [M <= 16, H] contiguous rows; light weights per
+    `light_ok`): fp32 partials of every heavy and light tile, then gemv's reduce kernel adds the
+    slices in order and applies biases, activation and gating."""
+    from ffnsplit.kernels import gemv
+
+    m, hidden = x2.shape
+    h, n_light = w.n_heavy, w.n_light
+    nt = h + n_light
+    dummy = torch.zeros(1, dtype=torch.int32, device=x2.device)
+    hu = w.heavy_up.contiguous() if h else x2
+    hg = w.heavy_gate.contiguous() if h and w.gated else hu
+    if n_light:
+        up, gate = w.light_up, w.light_gate if w.gated else w.light_up
+        symmetric, group = up.symmetric, up.group_size
+        light = [up.planes[0], up.scales, up.zeros if up.zeros is not None else up.scales,
+                 gate.planes[0], gate.scales,
+                 gate.zeros if gate.zeros is not None else gate.scales]  # fmt: skip
+    else:  # never read: no light tiles
+        symmetric, group = True, 128
+        light = [dummy, x2, x2] * 2
+    chunks = triton.cdiv(hidden, CHUNK)
+    sms = sm_count(x2.device)
+    duals = 2 if w.gated else 1
+    up_bias = w.up_bias if w.up_bias is not None else a
+    gate_bias = w.gate_bias if w.gate_bias is not None else a
+
+    def run(cfg: MmaConfig) -> None:
+        words, rows, rows1, x_layout, mma = layouts(cfg.num_warps, cfg.tiles)
+        bnh = 8 * cfg.num_warps
+        tiles = triton.cdiv(h, bnh) + triton.cdiv(n_light, cfg.block_n)
+        split = min(_slices(cfg, tiles, sms), chunks)
+        ws = torch.empty((split, duals, m, nt), dtype=torch.float32, device=x2.device)
+        _up_kernel[(tiles, split)](
+            x2, hu, hg, *light, ws, m, hidden, h, n_light, x2.stride(0), hu.stride(0),
+            DUAL=w.gated, SYMMETRIC=symmetric, GROUP=group, TAIL=hidden % CHUNK != 0,
+            DTYPE=_gl_dtype(x2.dtype), BN=cfg.block_n, BNH=bnh, DEPTH=cfg.depth, W_LAYOUT=words,
+            H_LAYOUT=rows1,
+            X_LAYOUT=x_layout, MMA=mma, num_warps=cfg.num_warps,
+        )  # fmt: skip
+        block = 512
+        gemv._gemv_reduce_kernel[(triton.cdiv(m * nt, block),)](
+            ws, up_bias, gate_bias, a, m, nt, a.stride(0), 0, 0, split, split, DUAL=w.gated,
+            ACT=True, ACTIVATION=w.activation, HAS_UP_BIAS=w.up_bias is not None,
+            HAS_GATE_BIAS=w.gated and w.gate_bias is not None, BLOCK=block,
+            BLOCK_S=triton.next_power_of_2(split), PDL=False, num_warps=4,
+        )  # fmt: skip
+
+    key = (triton.next_power_of_2(m), hidden, h, n_light, group, symmetric, w.gated, x2.dtype,
+           x2.device)  # fmt: skip
+    run(_up_tuner.pick(key, UP_CONFIGS, run))
+
+
+def _down_slices(total: int, kh: int, kl: int, group: int) -> tuple[int, int]:
+    """(packed, dense) K-slices out of `total`, in proportion to their bytes a column (half a
+    byte a code plus a scale and a zero a group, against 2 bytes a dense weight), at least one
+    for a part that exists, none longer than a chunk."""
+    if not kh:
+        return min(total, triton.cdiv(kl, CHUNK)), 0
+    if not kl:
+        return 0, min(total, triton.cdiv(kh, CHUNK))
+    light_bytes, heavy_bytes = kl / 2 + 4 * kl / group, 2 * kh
+    sh = max(1, round(total * heavy_bytes / (light_bytes + heavy_bytes)))
+    sh = min(sh, triton.cdiv(kh, CHUNK))
+    return max(1, min(total - sh, triton.cdiv(kl, CHUNK))), sh
+
+
+def split_linear(x2: torch.Tensor, heavy: torch.Tensor | None, light: QuantizedWeight | None,
+                 bias: torch.Tensor | None, out: torch.Tensor) -> None:  # fmt: skip
+    """out [M <= 16, N] = x2[:, :kh] heavy^T + x2[:, kh:] light^T + bias: the light columns'
+    K-slices and the heavy columns' K-slices are programs of one launch writing fp32 partials,
+    quant_matmul's reduce kernel adds them in order with the bias."""
+    from ffnsplit.kernels.quant_matmul import _splitk_reduce_kernel
+
+    m = x2.shape[0]
+    n = out.shape[1]
+    kh = 0 if heavy is None else heavy.shape[1]
+    kl = 0 if light is None else light.shape[1]
+    dummy = torch.zeros(1, dtype=torch.int32, device=x2.device)
+    hw = heavy if heavy is not None else x2
+    if heavy is not None and heavy.stride(-1) != 1:
+        hw = heavy.contiguous()
+    if light is not None:
+        symmetric, group = light.symmetric, light.group_size
+        packed = [light.planes[0], light.scales,
+                  light.zeros if light.zeros is not None else light.scales]  # fmt: skip
+    else:
+        symmetric, group = True, 128
+        packed = [dummy, x2, x2]
+    xl = x2[:, kh:] if kl else x2
+    sms = sm_count(x2.device)
+
+    def run(cfg: MmaConfig) -> None:
+        words, rows, _, x_layout, mma = layouts(cfg.num_warps, cfg.tiles)
+        tiles = triton.cdiv(n, cfg.block_n)
+        sl, sh = _down_slices(_slices(cfg, tiles, sms), kh, kl, group)
+        ws = torch.empty((sl + sh, m, n), dtype=torch.float32, device=x2.device)
+        _down_kernel[(tiles, sl + sh)](
+            x2, xl, hw, *packed, ws, m, n, kh, kl, x2.stride(0), hw.stride(0), sl,
+            SYMMETRIC=symmetric, GROUP=group, TAIL_L=kl % CHUNK != 0, TAIL_H=kh % CHUNK != 0,
+            DTYPE=_gl_dtype(x2.dtype), BN=cfg.block_n, DEPTH=cfg.depth, W_LAYOUT=words,
+            H_LAYOUT=rows,
+            X_LAYOUT=x_layout, MMA=mma, num_warps=cfg.num_warps,
+        )  # fmt: skip
+        block = 1024
+        _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
+            ws, bias if bias is not None else out, out, m * n, n, SPLIT=sl + sh,
+            HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
+        )  # fmt: skip
+
+    key = (triton.next_power_of_2(m), n, kh, kl, group, symmetric, x2.dtype, x2.device)
+    run(_down_tuner.pick(key, DOWN_CONFIGS, run))
+
+
+def use(m: int, path: str, x: torch.Tensor, light: QuantizedWeight | None) -> bool:
+    """Whether M rows of x take this tier: "auto" for MIN_M <= M <= DECODE_MAX_M when it can run
+    them (FFNSPLIT_MMA=0 turns that off); path="mma" forces it for any M <= 16, or says why it
+    cannot."""
+    from ffnsplit.kernels.tiles import DECODE_MAX_M
+
+    if path == "mma":
+        if not available(x.device):
+            why = _IMPORT_ERROR or "it needs a CUDA GPU of compute capability 8.0 or newer"
+            raise ValueError(f"kernel path 'mma' cannot run here: {why}; use path='auto'")
+        if m > BLOCK_M or not light_ok(light, x.dtype):
+            raise ValueError(
+                "kernel path 'mma' takes at most 16 rows of fp16/bf16 activations and int4 light "
+                "weights with groups of 64, 128, 256, ... in the activations' dtype; use "
+                "path='auto'"
+            )
+        return True
+    return (
+        path == "auto"
+        and ENABLED
+        and MIN_M <= m <= DECODE_MAX_M
+        and available(x.device)
+        and light_ok(light, x.dtype)
+    )

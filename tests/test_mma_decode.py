@@ -1,0 +1,182 @@
+"""The Gluon decode tier (ffnsplit/kernels/mma_decode.py).
+
+Gluon has no interpreter, so the kernels themselves run only on a CUDA GPU (the `gpu` tests: every
+config, odd shapes, partial last chunks, fp16 and bf16, against float64). On CPU the pieces that
+decide correctness without a GPU are checked: the k permutations the kernels apply to codes,
+dense rows and x agree (a slot-order product equals the natural-order one), and the PTX's
+magic-number arithmetic turns every nibble into its exact value in fp16 and bf16.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from ffnsplit.kernels import mma_decode
+from ffnsplit.kernels import quant_matmul as qmm
+from ffnsplit.kernels import split_ffn as sffn
+from ffnsplit.kernels.format import pack_planes
+from tests.test_kernels import (
+    DEVICE,
+    ON_GPU,
+    TOL,
+    gpu,
+    random_qweight,
+    random_split_weights,
+    ref_linear,
+    ref_split_ffn,
+    rel_err,
+)
+
+needs_mma = pytest.mark.skipif(
+    not (ON_GPU and mma_decode.available(torch.device(DEVICE))),
+    reason="needs Gluon and a CUDA GPU of sm_80 or newer",
+)
+
+
+def _fragment_codes(words: torch.Tensor) -> torch.Tensor:
+    """What mma_decode._codes computes, in torch: one 32-k block of canonical words [4, n] ->
+    codes [32 slots, n]. Register j of lane t holds nibbles (j, j + 4) (the PTX), joined as
+    join(join(p0, p1), join(p2, p3)), then the kernel's reshape / permute / reshape."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    n = w.shape[1]
+    regs = [torch.stack([(w >> (4 * j)) & 0xF, (w >> (4 * (j + 4))) & 0xF], -1) for j in range(4)]
+    t = torch.stack([torch.stack(regs[0:2], -1), torch.stack(regs[2:4], -1)], -1)
+    t = t.reshape(2, 2, n, 2, 2, 2).permute(mma_decode.CODE_PERM)
+    return t.reshape(32, n)
+
+
+def _fragment_rows(rows: torch.Tensor) -> torch.Tensor:
+    """mma_decode._rows in torch: dense [n, 32] (one block) -> [32 slots, n]."""
+    n = rows.shape[0]
+    return rows.reshape(n, 4, 2, 2, 2).permute(mma_decode.ROW_PERM).reshape(32, n)
+
+
+def _x_slots(x: torch.Tensor, light: bool) -> torch.Tensor:
+    """mma_decode._slots in torch: x [16, 128] -> the same values in slot order."""
+    perm = mma_decode.LIGHT_X_PERM if light else mma_decode.DENSE_X_PERM
+    return x.reshape(16, 4, 4, 2, 2, 2).permute(perm).reshape(16, 128)
+
+
+def test_light_slots_match_the_words() -> None:
+    """x in slot order times the codes as the kernel unpacks them = x times the weight."""
+    n = 24
+    q = torch.randint(0, 16, (n, 128))
+    words = pack_planes(q, 4)[0]  # [16, n]: 4 blocks of 4 word rows
+    x = torch.randn(16, 128, dtype=torch.float64)
+    xs = _x_slots(x, light=True)
+    codes = torch.cat([_fragment_codes(words[4 * b : 4 * b + 4]) for b in range(4)])
+    assert not torch.equal(codes.T, q), "the slot order must differ from k order to be tested"
+    torch.testing.assert_close(xs @ codes.to(torch.float64), x @ q.T.to(torch.float64))
+
+
+def test_dense_slots_match_the_rows() -> None:
+    n = 40
+    rows = torch.randn(n, 128, dtype=torch.float64)
+    x = torch.randn(16, 128, dtype=torch.float64)
+    xs = _x_slots(x, light=False)
+    frags = torch.cat([_fragment_rows(rows[:, 32 * b : 32 * b + 32]) for b in range(4)])
+    torch.testing.assert_close(xs @ frags, x @ rows.T)
+
+
+def _halves(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int64 32-bit registers -> their two 16-bit halves as `dtype` values (float64)."""
+    h = torch.stack([bits & 0xFFFF, (bits >> 16) & 0xFFFF], -1).to(torch.int16)
+    return h.view(dtype).to(torch.float64)
+
+
+def test_unpack_arithmetic_is_exact() -> None:
+    """The PTX's lop3 / sub / fma sequences, in torch, give every nibble's value."""
+    w = torch.randint(-(2**31), 2**31, (4096,), dtype=torch.int64) & 0xFFFFFFFF
+    nib = [((w >> (4 * i)) & 0xF).to(torch.float64) for i in range(8)]
+    # fp16: (w & 0x000f000f) | 0x6400.. - 1024; (w & 0x00f000f0) | 0x6400.. / 16 - 64
+    for j in range(4):
+        v = w >> (8 * (j // 2))
+        if j % 2 == 0:
+            got = _halves((v & 0x000F000F) | 0x64006400, torch.float16) - 1024
+        else:
+            got = _halves((v & 0x00F000F0) | 0x64006400, torch.float16) / 16 - 64
+        assert torch.equal(got, torch.stack([nib[j], nib[j + 4]], -1))
+        # bf16: shifted by 4 j, (128 + q) - 128
+        got = _halves(((w >> (4 * j)) & 0x000F000F) | 0x43004300, torch.bfloat16) - 128
+        assert torch.equal(got, torch.stack([nib[j], nib[j + 4]], -1))
+
+
+def test_the_asm_uses_these_constants() -> None:
+    """The CPU arithmetic above is the kernels' own: their PTX names these masks and values."""
+    if mma_decode.gluon is None:
+        pytest.skip(f"Gluon does not import here: {mma_decode._IMPORT_ERROR}")
+    f16, bf16 = mma_decode._ASM_F16.value, mma_decode._ASM_BF16.value
+    for needle in ("0x000f000f, 0x64006400", "0x00f000f0, 0x64006400", "0x2c002c00", "0xd400d400"):
+        assert needle in f16
+    assert "0x000f000f, 0x43004300" in bf16 and "0xc300c300" in bf16
+    assert [line for line in bf16.splitlines() if line.startswith("shr")] == [
+        f"shr.u32 t, $4, {s};" for s in (4, 8, 12)
+    ]
+
+
+def test_light_ok_formats() -> None:
+    qw = random_qweight(8, 256, 4, 128, False, device="cpu")
+    assert mma_decode.light_ok(qw, torch.float16) and mma_decode.light_ok(qw, torch.bfloat16)
+    assert not mma_decode.light_ok(qw, torch.float32)
+    for bits, group in ((8, 128), (3, 64), (4, 32), (4, 96 * 2)):
+        k = 384
+        assert not mma_decode.light_ok(
+            random_qweight(8, k, bits, group, True, "cpu"), torch.float16
+        )
+
+
+def test_forced_path_says_why_it_cannot_run() -> None:
+    if ON_GPU and mma_decode.available(torch.device(DEVICE)):
+        pytest.skip("this GPU runs the tier")
+    x = torch.randn(4, 256)
+    qw = random_qweight(8, 256, 4, 128, False, device="cpu")
+    with pytest.raises(ValueError, match="kernel path 'mma' cannot run here"):
+        qmm.quant_matmul(x, qw, path="mma")
+    assert not mma_decode.use(8, "auto", x, qw)
+
+
+# GPU: (hidden, heavy, light, m, group, symmetric) rotate through odd shapes, partial last chunks
+# (hidden 576, light 224) and a heavy count that is not a multiple of 8
+GPU_SHAPES = [
+    (576, 20, 224, 16, 128, False),
+    (256, 0, 96, 5, 64, True),
+    (512, 37, 0, 9, 128, False),
+    (384, 16, 320, 1, 256, True),
+    (640, 48, 4128, 13, 64, False),
+]
+GPU_CASES = list(itertools.product(range(len(GPU_SHAPES)), (torch.float16, torch.bfloat16)))
+
+
+@gpu
+@needs_mma
+@pytest.mark.parametrize(("case", "dtype"), GPU_CASES)
+@pytest.mark.parametrize("config", range(3))
+def test_split_ffn_every_config(poison, monkeypatch, case, dtype, config) -> None:
+    hidden, h, light, m, group, symmetric = GPU_SHAPES[case]
+    monkeypatch.setattr(mma_decode, "UP_CONFIGS", mma_decode.UP_CONFIGS[config : config + 1])
+    monkeypatch.setattr(mma_decode, "DOWN_CONFIGS", mma_decode.DOWN_CONFIGS[config : config + 1])
+    activation = ("silu", "gelu", "relu", "gelu_tanh", "silu")[case]
+    gated, biases = case != 2, case % 2 == 0
+    w = random_split_weights(hidden, h, light, activation, gated, biases, dtype, bits=4,
+                             group=group, symmetric=symmetric)  # fmt: skip
+    x = torch.randn(m, hidden, device=DEVICE).to(dtype)
+    out = sffn.split_ffn(x, w, path="mma")
+    assert out.shape == (m, hidden) and out.dtype == dtype
+    assert rel_err(out, ref_split_ffn(x, w)) < TOL[dtype]
+
+
+@gpu
+@needs_mma
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_quant_matmul_and_auto(poison, dtype) -> None:
+    """A plain packed linear (no dense part) with a bias, and "auto" taking this tier at M = 8."""
+    qw = random_qweight(300, 1056, 4, 128, False)
+    x = torch.randn(8, 1056, device=DEVICE).to(dtype)
+    bias = torch.randn(300, device=DEVICE).to(dtype)
+    assert mma_decode.use(8, "auto", x, qw) == mma_decode.ENABLED
+    for path in ("mma", "auto"):
+        out = qmm.quant_matmul(x, qw, bias, path=path)
+        assert rel_err(out, ref_linear(x, qw, bias)) < TOL[dtype]
