@@ -423,15 +423,81 @@ if gluon is not None:
         gl.store(ptrs, acc, mask=(om < M)[:, None] & n_mask[None, :])
 
     @gluon.jit
+    def _act(g, ACTIVATION: gl.constexpr):
+        """tiles.activation in Gluon (fp32)."""
+        if ACTIVATION == "silu":
+            return g / (1.0 + gl.exp(-g))
+        elif ACTIVATION == "gelu":
+            return 0.5 * g * (1.0 + gl.erf(g * 0.7071067811865476))
+        elif ACTIVATION == "gelu_tanh":
+            inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+            return g / (1.0 + gl.exp(-2.0 * inner))  # 0.5 * (1 + tanh(t)) == sigmoid(2t)
+        else:
+            return gl.maximum(g, 0.0)
+
+    @gluon.jit
+    def _finish(ws_ptr, a_ptr, ub_ptr, gb_ptr, M, NT, stride_am, cols, n_mask, n_split,
+                DUAL: gl.constexpr, ACTIVATION: gl.constexpr, HAS_UP_BIAS: gl.constexpr,
+                HAS_GATE_BIAS: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
+        """a[:, cols] = finish(sum of the tile's slots 0 .. n_split - 1 in slot order): the same
+        result whichever program arrives last. Loads bypass L1 (.cg): other programs wrote
+        them."""
+        DUALS: gl.constexpr = 2 if DUAL else 1
+        om = gl.arange(0, 16, layout=gl.SliceLayout(1, MMA))
+        mask = (om < M)[:, None] & n_mask[None, :]
+        ptrs = ws_ptr + om[:, None] * NT + cols[None, :]
+        up = gl.zeros([16, cols.shape[0]], gl.float32, layout=MMA)
+        gate = up
+        for s in range(0, n_split):
+            up += gl.load(ptrs + s * DUALS * M * NT, mask=mask, other=0.0, cache_modifier=".cg")
+            if DUAL:
+                gate += gl.load(ptrs + (s * DUALS + 1) * M * NT, mask=mask, other=0.0,
+                                cache_modifier=".cg")  # fmt: skip
+        if HAS_UP_BIAS:
+            up += gl.load(ub_ptr + cols, mask=n_mask, other=0.0).to(gl.float32)[None, :]
+        if DUAL:
+            if HAS_GATE_BIAS:
+                gate += gl.load(gb_ptr + cols, mask=n_mask, other=0.0).to(gl.float32)[None, :]
+            out = _act(gate, ACTIVATION) * up
+        else:
+            out = _act(up, ACTIVATION)
+        a_ptrs = a_ptr + om[:, None] * stride_am + cols[None, :]
+        gl.store(a_ptrs, out.to(a_ptr.dtype.element_ty), mask=mask)
+
+    @gluon.jit
+    def _arrive(cnt_ptr, tile, n_split, ws_ptr, a_ptr, ub_ptr, gb_ptr, M, NT, stride_am, cols,
+                n_mask, DUAL: gl.constexpr, ACTIVATION: gl.constexpr,
+                HAS_UP_BIAS: gl.constexpr, HAS_GATE_BIAS: gl.constexpr,
+                MMA: gl.constexpr):  # fmt: skip
+        """Count this program's partials of `tile` in (every thread fences its stores, a CTA
+        barrier, one acq_rel atomic: the ticket's release covers only its own thread); the
+        program that brings the count to n_split finishes the tile and resets the counter for
+        the next launch (gemv._arrive's protocol)."""
+        gl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, 0;", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)  # fmt: skip
+        gl.thread_barrier()
+        ticket = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if ticket == n_split - 1:
+            gl.thread_barrier()
+            _finish(ws_ptr, a_ptr, ub_ptr, gb_ptr, M, NT, stride_am, cols, n_mask, n_split, DUAL,
+                    ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS, MMA)  # fmt: skip
+            gl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
+
+    @gluon.jit
     def _up_kernel(x_ptr, hu_ptr, hg_ptr, up_ptr, us_ptr, uz_ptr, gp_ptr, gs_ptr, gz_ptr, ws_ptr,
-                   M, K, NH, NL, stride_xm, stride_hw, DUAL: gl.constexpr,
+                   cnt_ptr, a_ptr, ub_ptr, gb_ptr, M, K, NH, NL, stride_xm, stride_hw,
+                   stride_am, DUAL: gl.constexpr, FUSED: gl.constexpr,
+                   ACTIVATION: gl.constexpr, HAS_UP_BIAS: gl.constexpr,
+                   HAS_GATE_BIAS: gl.constexpr,
                    SYMMETRIC: gl.constexpr, GROUP: gl.constexpr, TAIL: gl.constexpr,
                    DTYPE: gl.constexpr, BN: gl.constexpr, BNH: gl.constexpr,
                    DEPTH: gl.constexpr, W_LAYOUT: gl.constexpr, H_LAYOUT: gl.constexpr,
                    X_LAYOUT: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
         """Kernel A's up (and gate) sums of K-slice program_id(1) for one tile of heavy rows
         (the first programs along axis 0, BNH neurons) or light columns (BN neurons), as fp32
-        partials into ws [slices, 2 (1 without DUAL), M, NH + NL]."""
+        partials into ws [slices, 2 (1 without DUAL), M, NH + NL]. FUSED: the last of a tile's
+        slices to arrive adds them and writes a [M, NH + NL] (biases, activation, gating);
+        otherwise gemv's reduce kernel does, in a second launch."""
         pid = gl.program_id(0)
         split = gl.program_id(1)
         n_split = gl.num_programs(1)
@@ -450,6 +516,10 @@ if gluon is not None:
             _store_partial(ws_ptr, h_u, split * DUALS, M, NT, h_cols, h_cols < NH, MMA)
             if DUAL:
                 _store_partial(ws_ptr, h_g, split * DUALS + 1, M, NT, h_cols, h_cols < NH, MMA)
+            if FUSED:
+                _arrive(cnt_ptr, pid, n_split, ws_ptr, a_ptr, ub_ptr, gb_ptr, M, NT, stride_am,
+                        h_cols, h_cols < NH, DUAL, ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS,
+                        MMA)  # fmt: skip
         else:
             l0 = (pid - heavy_tiles) * BN
             l_u, l_g = _light_slice(x_ptr, stride_xm, M, K, up_ptr, us_ptr, uz_ptr, gp_ptr,
@@ -461,6 +531,10 @@ if gluon is not None:
             if DUAL:
                 _store_partial(ws_ptr, l_g, split * DUALS + 1, M, NT, NH + l_cols, l_cols < NL,
                                MMA)  # fmt: skip
+            if FUSED:
+                _arrive(cnt_ptr, pid, n_split, ws_ptr, a_ptr, ub_ptr, gb_ptr, M, NT, stride_am,
+                        NH + l_cols, l_cols < NL, DUAL, ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS,
+                        MMA)  # fmt: skip
 
     @gluon.jit
     def _down_kernel(xh_ptr, xl_ptr, hw_ptr, p_ptr, s_ptr, z_ptr, ws_ptr, M, N, KH, KL,
@@ -510,27 +584,31 @@ class MmaConfig:
     resident: int = 4
     waves: int = 1
     depth: int = 1
+    fused: bool = False  # kernel A: the last slice to arrive finishes its tile (no reduce launch)
 
     @property
     def block_n(self) -> int:
         return 8 * self.num_warps * self.tiles
 
 
-# H100, Llama-3-8B shape (session 9, benchmarks/RESULTS.md). The first config of each is the
-# default (FFNSPLIT_AUTOTUNE=0); sm_90 registers: kernel A 4 x 2 128 (4 programs an SM), 8 x 2
-# 151 (1); kernel B 4 x 2 125 (4), 4 x 4 193 (2).
+# H100, Llama-3-8B shape, M = 2 / 4 / 16 (session 9, benchmarks/RESULTS.md; each config alone):
+# kernel A 34.4 / 34.7 / 36.4 us fused, 34.7 / 34.7 / 36.4 with the reduce launch, 8 x 2 35.3 /
+# 35.4 / 37.4; kernel B 24.5 / 24.0 / 24.9 us, depth 2 25.3 / 25.1 / 25.7, 4 x 4 25.5 / 25.2 /
+# 26.8 (one wave; two waves and depth 2 in kernel A were slower). The first config of each is
+# the default (FFNSPLIT_AUTOTUNE=0). sm_90 registers: kernel A 4 x 2 128 (4 programs an SM),
+# 8 x 2 151 (1); kernel B 4 x 2 125 (4), 4 x 4 193 (2).
 UP_CONFIGS = (
+    MmaConfig(4, 2, resident=4, waves=1, fused=True),
     MmaConfig(4, 2, resident=4, waves=1),
-    MmaConfig(4, 2, resident=4, waves=1, depth=2),
-    MmaConfig(4, 2, resident=4, waves=2, depth=2),
-    MmaConfig(8, 2, resident=2, waves=1),
+    MmaConfig(8, 2, resident=1, waves=2, fused=True),
 )
 DOWN_CONFIGS = (
-    MmaConfig(4, 4, resident=2, waves=2),
+    MmaConfig(4, 2, resident=4, waves=1),
     MmaConfig(4, 2, resident=4, waves=1, depth=2),
-    MmaConfig(4, 2, resident=4, waves=2, depth=2),
     MmaConfig(4, 4, resident=2, waves=1, depth=2),
 )
+if os.environ.get("FFNSPLIT_MMA_FUSED", "1") == "0":  # comparisons: no fused kernel A
+    UP_CONFIGS = tuple(c for c in UP_CONFIGS if not c.fused)
 
 
 @functools.cache
@@ -611,13 +689,19 @@ def split_activations(x2: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor) -> 
         tiles = triton.cdiv(h, bnh) + triton.cdiv(n_light, cfg.block_n)
         split = min(_slices(cfg, tiles, sms), chunks)
         ws = torch.empty((split, duals, m, nt), dtype=torch.float32, device=x2.device)
+        counters = gemv._zeroed(x2.device, tiles, torch.int32) if cfg.fused else dummy
         _up_kernel[(tiles, split)](
-            x2, hu, hg, *light, ws, m, hidden, h, n_light, x2.stride(0), hu.stride(0),
-            DUAL=w.gated, SYMMETRIC=symmetric, GROUP=group, TAIL=hidden % CHUNK != 0,
+            x2, hu, hg, *light, ws, counters, a, up_bias, gate_bias, m, hidden, h, n_light,
+            x2.stride(0), hu.stride(0), a.stride(0), DUAL=w.gated, FUSED=cfg.fused,
+            ACTIVATION=w.activation, HAS_UP_BIAS=w.up_bias is not None,
+            HAS_GATE_BIAS=w.gated and w.gate_bias is not None, SYMMETRIC=symmetric, GROUP=group,
+            TAIL=hidden % CHUNK != 0,
             DTYPE=_gl_dtype(x2.dtype), BN=cfg.block_n, BNH=bnh, DEPTH=cfg.depth, W_LAYOUT=words,
             H_LAYOUT=rows1,
             X_LAYOUT=x_layout, MMA=mma, num_warps=cfg.num_warps,
         )  # fmt: skip
+        if cfg.fused:
+            return
         block = 512
         gemv._gemv_reduce_kernel[(triton.cdiv(m * nt, block),)](
             ws, up_bias, gate_bias, a, m, nt, a.stride(0), 0, 0, split, split, DUAL=w.gated,
