@@ -35,6 +35,7 @@ def main() -> int:
     parser.add_argument("--m", default="1,2,4,8,16")
     parser.add_argument("--heavy", type=int, default=720)
     parser.add_argument("--light", type=int, default=13632)
+    parser.add_argument("--paths", default="gemv,decode,mma", help="paths timed besides dense")
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_mma.json"))
     args = parser.parse_args()
     hidden = 4096
@@ -57,7 +58,7 @@ def main() -> int:
             return (torch.nn.functional.silu(g) * u) @ wud[1].T
 
         row["dense_us"] = graph_time_us([lambda d=d: dense_ffn(d) for d in dense])
-        for path in ("gemv", "decode", "mma"):
+        for path in args.paths.split(","):
             if path == "gemv" and m > 4:
                 continue
             a = sffn.split_activations(x, w0, path=path)

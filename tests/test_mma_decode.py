@@ -153,11 +153,14 @@ GPU_CASES = list(itertools.product(range(len(GPU_SHAPES)), (torch.float16, torch
 @gpu
 @needs_mma
 @pytest.mark.parametrize(("case", "dtype"), GPU_CASES)
-@pytest.mark.parametrize("config", range(3))
+@pytest.mark.parametrize(
+    "config", range(max(len(mma_decode.UP_CONFIGS), len(mma_decode.DOWN_CONFIGS)))
+)
 def test_split_ffn_every_config(poison, monkeypatch, case, dtype, config) -> None:
     hidden, h, light, m, group, symmetric = GPU_SHAPES[case]
-    monkeypatch.setattr(mma_decode, "UP_CONFIGS", mma_decode.UP_CONFIGS[config : config + 1])
-    monkeypatch.setattr(mma_decode, "DOWN_CONFIGS", mma_decode.DOWN_CONFIGS[config : config + 1])
+    up, down = mma_decode.UP_CONFIGS, mma_decode.DOWN_CONFIGS
+    monkeypatch.setattr(mma_decode, "UP_CONFIGS", (up[config % len(up)],))
+    monkeypatch.setattr(mma_decode, "DOWN_CONFIGS", (down[config % len(down)],))
     activation = ("silu", "gelu", "relu", "gelu_tanh", "silu")[case]
     gated, biases = case != 2, case % 2 == 0
     w = random_split_weights(hidden, h, light, activation, gated, biases, dtype, bits=4,

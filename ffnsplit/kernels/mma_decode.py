@@ -278,14 +278,61 @@ if gluon is not None:
         return acc
 
     @gluon.jit
+    def _light_step(acc_u, acc_g, u0, u1, u2, u3, g0, g1, g2, g3, c, c_lo, c_next, x_cur, x_ptr,
+                    x_off, x_mask, xk, x_smem, ones, us_ptr, uz_ptr, gs_ptr, gz_ptr, N, K, G, sc,
+                    s_mask, DUAL: gl.constexpr, SYMMETRIC: gl.constexpr, GROUP: gl.constexpr,
+                    TAIL: gl.constexpr, DTYPE: gl.constexpr,
+                    MMA: gl.constexpr):  # fmt: skip
+        """Chunk c: its scales, x_cur staged (slot order) and read as A fragments, x of chunk
+        c_next loaded, then acc += s (x q - z sum x) for the up (and gate) words. Returns the
+        accumulators and the next x."""
+        A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+        B_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+        su0, zu0, su1, zu1 = _scales(us_ptr, uz_ptr, c, N, G, sc, s_mask, SYMMETRIC, GROUP)
+        if DUAL:
+            sg0, zg0, sg1, zg1 = _scales(gs_ptr, gz_ptr, c, N, G, sc, s_mask, SYMMETRIC, GROUP)
+        x0, x1, x2, x3 = _stage(x_smem, c - c_lo, x_cur, True, A_LAYOUT)
+        x_next = _x_chunk(x_ptr, x_off, x_mask, xk, c_next * _CHUNK, K, TAIL)
+        # x's row sums (the zero points' term) on the tensor cores, per half chunk
+        BN: gl.constexpr = acc_u.shape[1]
+        xs0 = mma_v2(x1, ones, mma_v2(x0, ones, gl.zeros([16, BN], gl.float32, layout=MMA)))
+        if GROUP == 64:
+            xs1 = gl.zeros([16, BN], gl.float32, layout=MMA)
+        else:
+            xs1 = xs0
+        xs1 = mma_v2(x3, ones, mma_v2(x2, ones, xs1))
+        acc_u = _apply(acc_u, x0, x1, x2, x3, u0, u1, u2, u3, xs0, xs1, su0, zu0, su1, zu1,
+                       SYMMETRIC, GROUP, DTYPE, B_LAYOUT, MMA)  # fmt: skip
+        if DUAL:
+            acc_g = _apply(acc_g, x0, x1, x2, x3, g0, g1, g2, g3, xs0, xs1, sg0, zg0, sg1, zg1,
+                           SYMMETRIC, GROUP, DTYPE, B_LAYOUT, MMA)  # fmt: skip
+        return acc_u, acc_g, x_next
+
+    @gluon.jit
+    def _light_words(up_ptr, gp_ptr, w_off, w_mask, c, c_lo, N, KR, DUAL: gl.constexpr,
+                     TAIL: gl.constexpr):  # fmt: skip
+        """Chunk c's up words and (DUAL) gate words (the up words again without DUAL)."""
+        off = w_off + (c - c_lo) * 16 * N
+        u0, u1, u2, u3 = _chunk_words(up_ptr, off, w_mask, c * 16, N, KR, TAIL)
+        g0, g1, g2, g3 = u0, u1, u2, u3
+        if DUAL:
+            g0, g1, g2, g3 = _chunk_words(gp_ptr, off, w_mask, c * 16, N, KR, TAIL)
+        return u0, u1, u2, u3, g0, g1, g2, g3
+
+    @gluon.jit
     def _light_slice(x_ptr, stride_xm, M, K, up_ptr, us_ptr, uz_ptr, gp_ptr, gs_ptr, gz_ptr,
                      N, n0, c_lo, c_hi, DUAL: gl.constexpr, SYMMETRIC: gl.constexpr,
                      GROUP: gl.constexpr, TAIL: gl.constexpr, DTYPE: gl.constexpr,
                      BN: gl.constexpr, DEPTH: gl.constexpr, W_LAYOUT: gl.constexpr,
                      X_LAYOUT: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
         """fp32 [16, BN] x times columns n0.. of one (DUAL: two) packed int4 weights [N, K] over
-        chunks c_lo .. c_hi - 1 (c_hi > c_lo). Returns (up, gate) (gate = up without DUAL)."""
-        A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+        chunks c_lo .. c_hi - 1 (c_hi > c_lo). Returns (up, gate) (gate = up without DUAL).
+
+        DEPTH 1: the next chunk's words are loaded at the top of each step into new registers
+        and moved into the current ones at its end; the moves wait for those loads, so the
+        chunk after is requested only once the next one has arrived (sm_90 SASS: one chunk in
+        flight). DEPTH 2: two steps a loop iteration on two register sets, each set reloaded
+        (chunk c + 2) right after its step: no moves, two chunks in flight."""
         B_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
         KR = K // 8  # word rows
         G = gl.cdiv(K, GROUP)
@@ -299,57 +346,54 @@ if gluon is not None:
         ones = gl.full([32, BN], 1.0, DTYPE, layout=B_LAYOUT)
         acc_u = gl.zeros([16, BN], gl.float32, layout=MMA)
         acc_g = gl.zeros([16, BN], gl.float32, layout=MMA)
-        u0, u1, u2, u3 = _chunk_words(up_ptr, w_off, w_mask, c_lo * 16, N, KR, TAIL)
-        g0, g1, g2, g3 = u0, u1, u2, u3
-        if DUAL:
-            g0, g1, g2, g3 = _chunk_words(gp_ptr, w_off, w_mask, c_lo * 16, N, KR, TAIL)
-        # DEPTH 2: the chunk after the next one is loaded too (twice the bytes in flight)
-        c1 = gl.minimum(c_lo + 1, c_hi - 1)
-        n0, n1, n2, n3 = u0, u1, u2, u3
-        e0, e1, e2, e3 = g0, g1, g2, g3
-        if DEPTH == 2:
-            off1 = w_off + (c1 - c_lo) * 16 * N
-            n0, n1, n2, n3 = _chunk_words(up_ptr, off1, w_mask, c1 * 16, N, KR, TAIL)
-            if DUAL:
-                e0, e1, e2, e3 = _chunk_words(gp_ptr, off1, w_mask, c1 * 16, N, KR, TAIL)
+        last = c_hi - 1
+        u0, u1, u2, u3, g0, g1, g2, g3 = _light_words(up_ptr, gp_ptr, w_off, w_mask, c_lo, c_lo,
+                                                      N, KR, DUAL, TAIL)  # fmt: skip
         x_next = _x_chunk(x_ptr, x_off, x_mask, xk, c_lo * _CHUNK, K, TAIL)
-        for c in range(c_lo, c_hi):
-            # chunk c + DEPTH's words and the next x in flight while this one is multiplied
-            # (clamped at the last chunk: loaded again, never used)
-            c_next = gl.minimum(c + 1, c_hi - 1)
-            c_far = gl.minimum(c + DEPTH, c_hi - 1)
-            far = (c_far - c_lo) * 16 * N
-            v0, v1, v2, v3 = _chunk_words(up_ptr, w_off + far, w_mask, c_far * 16, N, KR, TAIL)
-            h0, h1, h2, h3 = v0, v1, v2, v3
-            if DUAL:
-                h0, h1, h2, h3 = _chunk_words(gp_ptr, w_off + far, w_mask, c_far * 16, N, KR,
-                                              TAIL)  # fmt: skip
-            su0, zu0, su1, zu1 = _scales(us_ptr, uz_ptr, c, N, G, sc, s_mask, SYMMETRIC, GROUP)
-            if DUAL:
-                sg0, zg0, sg1, zg1 = _scales(gs_ptr, gz_ptr, c, N, G, sc, s_mask, SYMMETRIC,
-                                             GROUP)  # fmt: skip
-            x0, x1, x2, x3 = _stage(x_smem, c - c_lo, x_next, True, A_LAYOUT)
-            x_next = _x_chunk(x_ptr, x_off, x_mask, xk, c_next * _CHUNK, K, TAIL)
-            # x's row sums (the zero points' term) on the tensor cores, per half chunk
-            xs0 = mma_v2(x1, ones, mma_v2(x0, ones, gl.zeros([16, BN], gl.float32, layout=MMA)))
-            if GROUP == 64:
-                xs1 = gl.zeros([16, BN], gl.float32, layout=MMA)
-            else:
-                xs1 = xs0
-            xs1 = mma_v2(x3, ones, mma_v2(x2, ones, xs1))
-            acc_u = _apply(acc_u, x0, x1, x2, x3, u0, u1, u2, u3, xs0, xs1, su0, zu0, su1, zu1,
-                           SYMMETRIC, GROUP, DTYPE, B_LAYOUT, MMA)  # fmt: skip
-            if DUAL:
-                acc_g = _apply(acc_g, x0, x1, x2, x3, g0, g1, g2, g3, xs0, xs1, sg0, zg0, sg1,
-                               zg1, SYMMETRIC, GROUP, DTYPE, B_LAYOUT, MMA)  # fmt: skip
-            if DEPTH == 2:
-                u0, u1, u2, u3 = n0, n1, n2, n3
-                n0, n1, n2, n3 = v0, v1, v2, v3
-                g0, g1, g2, g3 = e0, e1, e2, e3
-                e0, e1, e2, e3 = h0, h1, h2, h3
-            else:
-                u0, u1, u2, u3 = v0, v1, v2, v3
-                g0, g1, g2, g3 = h0, h1, h2, h3
+        if DEPTH == 2:
+            c1 = gl.minimum(c_lo + 1, last)
+            v0, v1, v2, v3, h0, h1, h2, h3 = _light_words(up_ptr, gp_ptr, w_off, w_mask, c1, c_lo,
+                                                          N, KR, DUAL, TAIL)  # fmt: skip
+            for c in range(c_lo, c_hi - 1, 2):  # chunks c and c + 1 (both < c_hi)
+                acc_u, acc_g, x_next = _light_step(
+                    acc_u, acc_g, u0, u1, u2, u3, g0, g1, g2, g3, c, c_lo, c + 1, x_next, x_ptr,
+                    x_off, x_mask, xk, x_smem, ones, us_ptr, uz_ptr, gs_ptr, gz_ptr, N, K, G, sc,
+                    s_mask, DUAL, SYMMETRIC, GROUP, TAIL, DTYPE, MMA,
+                )  # fmt: skip
+                u0, u1, u2, u3, g0, g1, g2, g3 = _light_words(
+                    up_ptr, gp_ptr, w_off, w_mask, gl.minimum(c + 2, last), c_lo, N, KR, DUAL,
+                    TAIL,
+                )  # fmt: skip
+                acc_u, acc_g, x_next = _light_step(
+                    acc_u, acc_g, v0, v1, v2, v3, h0, h1, h2, h3, c + 1, c_lo,
+                    gl.minimum(c + 2, last), x_next, x_ptr, x_off, x_mask, xk, x_smem, ones,
+                    us_ptr, uz_ptr, gs_ptr, gz_ptr, N, K, G, sc, s_mask, DUAL, SYMMETRIC, GROUP,
+                    TAIL, DTYPE, MMA,
+                )  # fmt: skip
+                v0, v1, v2, v3, h0, h1, h2, h3 = _light_words(
+                    up_ptr, gp_ptr, w_off, w_mask, gl.minimum(c + 3, last), c_lo, N, KR, DUAL,
+                    TAIL,
+                )  # fmt: skip
+            if (c_hi - c_lo) % 2 == 1:  # an odd count: the last chunk is in u (and g)
+                acc_u, acc_g, x_next = _light_step(
+                    acc_u, acc_g, u0, u1, u2, u3, g0, g1, g2, g3, last, c_lo, last, x_next,
+                    x_ptr, x_off, x_mask, xk, x_smem, ones, us_ptr, uz_ptr, gs_ptr, gz_ptr, N, K,
+                    G, sc, s_mask, DUAL, SYMMETRIC, GROUP, TAIL, DTYPE, MMA,
+                )  # fmt: skip
+        else:
+            for c in range(c_lo, c_hi):
+                # the next chunk's words and x in flight while this one is multiplied (clamped
+                # at the last chunk: loaded again, never used)
+                c_next = gl.minimum(c + 1, last)
+                v0, v1, v2, v3, h0, h1, h2, h3 = _light_words(up_ptr, gp_ptr, w_off, w_mask,
+                                                              c_next, c_lo, N, KR, DUAL,
+                                                              TAIL)  # fmt: skip
+                acc_u, acc_g, x_next = _light_step(
+                    acc_u, acc_g, u0, u1, u2, u3, g0, g1, g2, g3, c, c_lo, c_next, x_next, x_ptr,
+                    x_off, x_mask, xk, x_smem, ones, us_ptr, uz_ptr, gs_ptr, gz_ptr, N, K, G, sc,
+                    s_mask, DUAL, SYMMETRIC, GROUP, TAIL, DTYPE, MMA,
+                )  # fmt: skip
+                u0, u1, u2, u3, g0, g1, g2, g3 = v0, v1, v2, v3, h0, h1, h2, h3
         return acc_u, acc_g
 
     @gluon.jit
@@ -555,7 +599,8 @@ if gluon is not None:
             c_hi = (split + 1) * chunks // SL
             acc, _ = _light_slice(xl_ptr, stride_xm, M, KL, p_ptr, s_ptr, z_ptr, p_ptr, s_ptr,
                                   z_ptr, N, n0, c_lo, c_hi, False, SYMMETRIC, GROUP, TAIL_L,
-                                  DTYPE, BN, DEPTH, W_LAYOUT, X_LAYOUT, MMA)  # fmt: skip
+                                  DTYPE, BN, DEPTH, W_LAYOUT, X_LAYOUT,
+                                  MMA)  # fmt: skip
         else:
             sh = gl.num_programs(1) - SL
             chunks = gl.cdiv(KH, _CHUNK)
@@ -591,16 +636,15 @@ class MmaConfig:
         return 8 * self.num_warps * self.tiles
 
 
-# H100, Llama-3-8B shape, M = 2 / 4 / 16 (session 9, benchmarks/RESULTS.md; each config alone):
-# kernel A 34.4 / 34.7 / 36.4 us fused, 34.7 / 34.7 / 36.4 with the reduce launch, 8 x 2 35.3 /
-# 35.4 / 37.4; kernel B 24.5 / 24.0 / 24.9 us, depth 2 25.3 / 25.1 / 25.7, 4 x 4 25.5 / 25.2 /
-# 26.8 (one wave; two waves and depth 2 in kernel A were slower). The first config of each is
-# the default (FFNSPLIT_AUTOTUNE=0). sm_90 registers: kernel A 4 x 2 128 (4 programs an SM),
-# 8 x 2 151 (1); kernel B 4 x 2 125 (4), 4 x 4 193 (2).
+# H100, Llama-3-8B shape, each config alone (session 9, benchmarks/RESULTS.md), M = 4 / 16:
+# kernel A fused 33.9 / 36.0 us, with the reduce launch 34.4 / 36.6; dropped: 8 x 2 (35.4 / 37.4)
+# and depth 2 (166 registers, 3 programs an SM: 39.4 / 42.3). Kernel B 24.0 / 24.8 us, depth 2
+# 24.1 / 24.8, 4 x 4 depth 2 23.4 / 26.1; dropped: two waves (26.6 / 29.3). The first config of
+# each is the default (FFNSPLIT_AUTOTUNE=0). sm_90 registers (fp16): kernel A 128 (4 programs an
+# SM; bf16 153: 3), kernel B 4 x 2 125-128 (4), 4 x 4 depth 2 247 (2).
 UP_CONFIGS = (
     MmaConfig(4, 2, resident=4, waves=1, fused=True),
     MmaConfig(4, 2, resident=4, waves=1),
-    MmaConfig(8, 2, resident=1, waves=2, fused=True),
 )
 DOWN_CONFIGS = (
     MmaConfig(4, 2, resident=4, waves=1),
@@ -696,7 +740,8 @@ def split_activations(x2: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor) -> 
             ACTIVATION=w.activation, HAS_UP_BIAS=w.up_bias is not None,
             HAS_GATE_BIAS=w.gated and w.gate_bias is not None, SYMMETRIC=symmetric, GROUP=group,
             TAIL=hidden % CHUNK != 0,
-            DTYPE=_gl_dtype(x2.dtype), BN=cfg.block_n, BNH=bnh, DEPTH=cfg.depth, W_LAYOUT=words,
+            DTYPE=_gl_dtype(x2.dtype), BN=cfg.block_n, BNH=bnh, DEPTH=cfg.depth,
+            W_LAYOUT=words,
             H_LAYOUT=rows1,
             X_LAYOUT=x_layout, MMA=mma, num_warps=cfg.num_warps,
         )  # fmt: skip
@@ -762,7 +807,8 @@ def split_linear(x2: torch.Tensor, heavy: torch.Tensor | None, light: QuantizedW
         _down_kernel[(tiles, sl + sh)](
             x2, xl, hw, *packed, ws, m, n, kh, kl, x2.stride(0), hw.stride(0), sl,
             SYMMETRIC=symmetric, GROUP=group, TAIL_L=kl % CHUNK != 0, TAIL_H=kh % CHUNK != 0,
-            DTYPE=_gl_dtype(x2.dtype), BN=cfg.block_n, DEPTH=cfg.depth, W_LAYOUT=words,
+            DTYPE=_gl_dtype(x2.dtype), BN=cfg.block_n, DEPTH=cfg.depth,
+            W_LAYOUT=words,
             H_LAYOUT=rows,
             X_LAYOUT=x_layout, MMA=mma, num_warps=cfg.num_warps,
         )  # fmt: skip
