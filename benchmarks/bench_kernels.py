@@ -40,7 +40,8 @@ def main() -> int | str:
     parser.add_argument("--m", default=",".join(map(str, bench.DEFAULT_MS)))
     parser.add_argument(
         "--gemv-max-m", type=int, default=tiles.GEMV_MAX_M,
-        help="largest M that takes the CUDA-core GEMV path (threshold experiments)",
+        help="largest M that takes the CUDA-core GEMV path (threshold experiments; from M = 2 "
+        "the Gluon mma tier comes first where it can run: FFNSPLIT_MMA=0 takes it out)",
     )  # fmt: skip
     parser.add_argument("--copies", type=int, default=None, help="weight copies to rotate through")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks"))

@@ -50,6 +50,10 @@ def test_layer_bench_runs_every_method_and_each_matches_fp32() -> None:
         assert row["us"] > 0 and row["GBps"] > 0
         assert row["x_floor"] == pytest.approx(row["us"] / row["floor_us"])
         assert row["vs_dense"] == pytest.approx(rows[(m, "dense")]["us"] / row["us"])
+        # the kernel tier that served each M (the Gluon mma tier takes 2 <= M <= 16 only)
+        expected_path = {1: "gemv", 20: "small"}[m]
+        assert row.get("path") == (expected_path if method in ("ffnsplit", "kernel_A",
+                                                               "kernel_B") else None)  # fmt: skip
     bytes_ = case["weight_bytes"]
     assert bytes_["ffnsplit"] == bytes_["kernel_A"] + bytes_["kernel_B"]
     assert bytes_["dense"] == 3 * 128 * 256 * 2

@@ -138,6 +138,22 @@ def test_forced_path_says_why_it_cannot_run() -> None:
     assert not mma_decode.use(8, "auto", x, qw)
 
 
+def test_kernel_path_follows_the_dispatch() -> None:
+    """split_ffn.kernel_path names the tier split_activations takes (bench rows record it)."""
+    w = random_split_weights(256, 16, 96, "silu", True, False, torch.float16, bits=4, group=128)
+    x = torch.empty(0, device=DEVICE, dtype=torch.float16)
+    runs_mma = mma_decode.ENABLED and ON_GPU and mma_decode.available(torch.device(DEVICE))
+    assert sffn.kernel_path(1, x, w) == "gemv"
+    for m in (2, 8, 16):
+        assert sffn.kernel_path(m, x, w) == (
+            "mma" if runs_mma else ("gemv" if m <= 4 else "decode")
+        )
+    assert sffn.kernel_path(17, x, w) == "small"
+    assert sffn.kernel_path(200, x, w) == "prefill"
+    assert sffn.kernel_path(2048, x, w) == "dequant"
+    assert sffn.kernel_path(8, x, w, path="decode") == "decode"
+
+
 # GPU: (hidden, heavy, light, m, group, symmetric) rotate through odd shapes, partial last chunks
 # (hidden 576, light 224) and a heavy count that is not a multiple of 8
 GPU_SHAPES = [

@@ -152,7 +152,9 @@ class BenchOptions:
     decode_steps: int = 128
     graphs: bool = True  # CUDA graphs (layer timings and decode steps)
     decoder_kernels: str = "auto"  # StaticDecoder's kernels: auto (triton on CUDA), triton, torch
-    gemv_max_m: int | None = None  # kernels.tiles.GEMV_MAX_M for this run (threshold experiments)
+    # kernels.tiles.GEMV_MAX_M for this run (threshold experiments; the Gluon mma tier takes
+    # 2 <= M <= 16 first where it can run, FFNSPLIT_MMA=0 takes it out)
+    gemv_max_m: int | None = None
     seed: int = 0
     device: str = "auto"
     trust_remote_code: bool = False
@@ -749,11 +751,15 @@ def bench_layer(
             timing = "cuda-graph" if graph else ("eager" if cuda else "eager-cpu")
             row = _row(m, name, us, nbytes[name], bandwidth, timing)
             row["rel_err"] = error
+            if name in ("ffnsplit", "kernel_A", "kernel_B"):  # which kernel tier served this M
+                probe = torch.empty(0, device=device, dtype=torch.float16)
+                row["path"] = sffn.kernel_path(m, probe, weights[0])
             dense_us = us if name == "dense" else dense_us
             row["vs_dense"] = None if dense_us is None else dense_us / us
             rows.append(row)
         line = " ".join(f"{r['method']}={r['us']:.1f}us" for r in rows if r["m"] == m and "us" in r)
-        log(f"  M={m} {line}")
+        paths = {r["path"] for r in rows if r["m"] == m and "path" in r}
+        log(f"  M={m} {line}" + (f" (path {', '.join(sorted(paths))})" if paths else ""))
     return {
         "label": case.label,
         "layers": case.layers,

@@ -201,6 +201,18 @@ def _validate(x: torch.Tensor, w: SplitFFNWeights) -> None:
             raise ValueError(f"light weights are on {w.light_up.device}, x on {x.device}")
 
 
+def kernel_path(m: int, x: torch.Tensor, w: SplitFFNWeights, path: str = "auto") -> str:
+    """The kernel path that `split_activations` (and the down projection) take for M rows like
+    x: "mma", "gemv", "dequant", or the tl tier ("decode", "small", "prefill")."""
+    if mma_decode.use(m, path, x, w.light_up if w.n_light else None):
+        return "mma"
+    if use_gemv(m, path):
+        return "gemv"
+    if use_dequant(m, path):
+        return "dequant"
+    return tier_configs(m, path, x.dtype, _CONFIGS)[0]
+
+
 def split_activations(x: torch.Tensor, w: SplitFFNWeights, *, path: str = "auto") -> torch.Tensor:
     """Kernel A: a [..., h + l] = act(gate x + gate_bias) * (up x + up_bias) (or act(up x + b))."""
     _validate(x, w)
