@@ -1,4 +1,4 @@
-"""The split FFN's decode tier in Gluon: M <= 16 rows, int4 light weights, fp16/bf16, sm_80+.
+"""The split FFN's decode tier in Gluon: 2-16 rows, int4 light weights, fp16/bf16, sm_80+.
 
 Triton's tl front end lays out an int4 decode GEMM by inference: at M = 16 the unpacked codes
 reach the tensor cores through register moves and x is converted to the MMA layout every K-block,
@@ -18,15 +18,16 @@ moves between threads:
   * Per group: blk = x q on the tensor cores (fp32), the zero point through x's row sums (one
     more MMA against ones), acc += s (blk - z sum x). The next chunk's words are loaded before the
     current chunk is multiplied.
-  * K is split into slices (grid axis 1) that write fp32 partials; the existing reduce kernels
-    add them in slot order (deterministic) and finish: biases, activation and gating for kernel A
-    (gemv._gemv_reduce_kernel), the down bias for kernel B (quant_matmul._splitk_reduce_kernel).
-    Kernel A's heavy and light tiles are programs of one launch; kernel B's heavy columns are
-    extra K-slices of the same launch, so heavy and light land in one output.
+  * K is split into slices (grid axis 1) that write fp32 partials, added in slot order
+    (deterministic) and finished: for kernel A by the last slice of each tile to arrive (`fused`
+    configs: biases, activation and gating in the kernel) or by gemv._gemv_reduce_kernel; for
+    kernel B by quant_matmul._splitk_reduce_kernel with the down bias. Kernel A's heavy and
+    light tiles are programs of one launch; kernel B's heavy columns are extra K-slices of the
+    same launch, so heavy and light land in one output.
 
-H100, Llama-3-8B FFN shape, M = 16 (benchmarks/RESULTS.md, session 9): the light parts of kernel
-A and B 61.1 -> 32.8 us and 37.9 -> 19.5 us against the tl decode tier on the same weights.
-Gluon has no interpreter: this tier runs on CUDA GPUs only and is tested there
+H100, Llama-3-8B FFN shape (benchmarks/RESULTS.md, session 9): the whole FFN 104-109 us on the
+tl decode tier -> 56-62 us here for M = 2 .. 16 (59.5 us at M = 16, 2.34x dense fp16). Gluon
+has no interpreter: this tier runs on CUDA GPUs only and is tested there
 (tests/test_mma_decode.py); everything else keeps the tl tiers.
 """
 
