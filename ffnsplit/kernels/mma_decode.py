@@ -1,4 +1,4 @@
-"""The split FFN's decode tier in Gluon: 2-16 rows, int4 light weights, fp16/bf16, sm_80+.
+"""The split FFN's decode tier in Gluon: up to 16 rows (auto from 2), int4 light weights, sm_80+.
 
 Triton's tl front end lays out an int4 decode GEMM by inference: at M = 16 the unpacked codes
 reach the tensor cores through register moves and x is converted to the MMA layout every K-block,
