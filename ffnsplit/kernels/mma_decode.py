@@ -694,7 +694,6 @@ def _slices(cfg: MmaConfig, tiles: int, sms: int) -> int:
 
 _up_tuner = Tuner()
 _down_tuner = Tuner()
-_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def _gl_dtype(dtype: torch.dtype):
@@ -703,14 +702,17 @@ def _gl_dtype(dtype: torch.dtype):
 
 def split_activations(x2: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor) -> None:
     """Kernel A into a [M, h + l] (x2 [M <= 16, H] contiguous rows; light weights per
-    `light_ok`): fp32 partials of every heavy and light tile, then gemv's reduce kernel adds the
-    slices in order and applies biases, activation and gating."""
+    `light_ok`): fp32 partials of every heavy and light tile, added in slot order with biases,
+    activation and gating by the last slice of each tile (fused configs) or by gemv's reduce
+    kernel."""
     from ffnsplit.kernels import gemv
 
     m, hidden = x2.shape
     h, n_light = w.n_heavy, w.n_light
     nt = h + n_light
-    dummy = torch.zeros(1, dtype=torch.int32, device=x2.device)
+    # never read (no light tiles) or never written (counters of unfused configs): a cached
+    # int32 buffer, not an allocation (and a fill kernel) per call
+    dummy = gemv._zeroed(x2.device, 1, torch.int32)
     hu = w.heavy_up.contiguous() if h else x2
     hg = w.heavy_gate.contiguous() if h and w.gated else hu
     if n_light:
@@ -786,7 +788,6 @@ def split_linear(x2: torch.Tensor, heavy: torch.Tensor | None, light: QuantizedW
     n = out.shape[1]
     kh = 0 if heavy is None else heavy.shape[1]
     kl = 0 if light is None else light.shape[1]
-    dummy = torch.zeros(1, dtype=torch.int32, device=x2.device)
     hw = heavy if heavy is not None else x2
     if heavy is not None and heavy.stride(-1) != 1:
         hw = heavy.contiguous()
@@ -794,9 +795,11 @@ def split_linear(x2: torch.Tensor, heavy: torch.Tensor | None, light: QuantizedW
         symmetric, group = light.symmetric, light.group_size
         packed = [light.planes[0], light.scales,
                   light.zeros if light.zeros is not None else light.scales]  # fmt: skip
-    else:
+    else:  # never read: no packed slices (a cached int32 buffer stands in for the words)
+        from ffnsplit.kernels import gemv
+
         symmetric, group = True, 128
-        packed = [dummy, x2, x2]
+        packed = [gemv._zeroed(x2.device, 1, torch.int32), x2, x2]
     xl = x2[:, kh:] if kl else x2
     sms = sm_count(x2.device)
 
