@@ -41,7 +41,7 @@ import torch
 import triton
 
 from ffnsplit.kernels.format import QuantizedWeight, SplitFFNWeights
-from ffnsplit.kernels.tiles import INTERPRET, Tuner, sm_count
+from ffnsplit.kernels.tiles import DECODE_MAX_M, INTERPRET, Tuner, sm_count
 
 try:  # Gluon (Triton >= 3.5); absent or unusable: the tier is off (available() says why)
     from triton.experimental import gluon
@@ -78,7 +78,15 @@ def available(device: torch.device) -> bool:
     not under Triton's interpreter."""
     if _IMPORT_ERROR is not None or INTERPRET or device.type != "cuda":
         return False
-    return torch.cuda.get_device_capability(device) >= (8, 0)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability(index) >= (8, 0)
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    """The compute capability of CUDA device `index`, asked once: the tier's checks run on every
+    call."""
+    return torch.cuda.get_device_capability(index)
 
 
 def light_ok(qw: QuantizedWeight | None, dtype: torch.dtype) -> bool:
@@ -830,8 +838,6 @@ def use(m: int, path: str, x: torch.Tensor, light: QuantizedWeight | None) -> bo
     """Whether M rows of x take this tier: "auto" for MIN_M <= M <= DECODE_MAX_M when it can run
     them (FFNSPLIT_MMA=0 turns that off); path="mma" forces it for any M <= 16, or says why it
     cannot."""
-    from ffnsplit.kernels.tiles import DECODE_MAX_M
-
     if path == "mma":
         if not available(x.device):
             why = _IMPORT_ERROR or "it needs a CUDA GPU of compute capability 8.0 or newer"
