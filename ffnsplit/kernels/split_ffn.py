@@ -225,14 +225,10 @@ def split_activations(x: torch.Tensor, w: SplitFFNWeights, *, path: str = "auto"
     a = torch.empty((m, h + n_light), dtype=x.dtype, device=x.device)
     if m == 0:
         return a.reshape(*lead, h + n_light)
-    if mma_decode.use(m, path, x2, w.light_up if n_light else None):
-        mma_decode.split_activations(x2, w, a)
-        return a.reshape(*lead, h + n_light)
-    if use_gemv(m, path):
-        gemv.split_activations(x2, w, a)
-        return a.reshape(*lead, h + n_light)
-    if use_dequant(m, path):
-        dequant_gemm.split_activations(x2, w, a)
+    chosen = kernel_path(m, x2, w, path)
+    if chosen in ("mma", "gemv", "dequant"):
+        module = {"mma": mma_decode, "gemv": gemv, "dequant": dequant_gemm}[chosen]
+        module.split_activations(x2, w, a)
         return a.reshape(*lead, h + n_light)
     hu = w.heavy_up.contiguous() if h else x2
     hg = w.heavy_gate.contiguous() if h and w.gated else hu
