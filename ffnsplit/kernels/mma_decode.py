@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from ffnsplit.kernels import gemv
 from ffnsplit.kernels.format import QuantizedWeight, SplitFFNWeights
 from ffnsplit.kernels.tiles import DECODE_MAX_M, INTERPRET, Tuner, sm_count
 
@@ -102,13 +103,13 @@ def light_ok(qw: QuantizedWeight | None, dtype: torch.dtype) -> bool:
 
 
 if gluon is not None:
-    # One word (given twice: pack=2) -> the 4 B fragment registers of its lane: register j holds
-    # the codes at nibbles (j, j + 4), k = 8t + j and 8t + j + 4 of the word's 32-k block.
     _CHUNK = gl.constexpr(CHUNK)
     _CODE_PERM = gl.constexpr(CODE_PERM)
     _ROW_PERM = gl.constexpr(ROW_PERM)
     _LIGHT_X_PERM = gl.constexpr(LIGHT_X_PERM)
     _DENSE_X_PERM = gl.constexpr(DENSE_X_PERM)
+    # One word (given twice: pack=2) -> the 4 B fragment registers of its lane: register j holds
+    # the codes at nibbles (j, j + 4), k = 8t + j and 8t + j + 4 of the word's 32-k block.
     _ASM_F16 = gl.constexpr("\n".join([
         "{", ".reg .b32 t, ce, cs, co;",
         "mov.b32 ce, 0x64006400;",  # (1024, 1024)
@@ -713,8 +714,6 @@ def split_activations(x2: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor) -> 
     `light_ok`): fp32 partials of every heavy and light tile, added in slot order with biases,
     activation and gating by the last slice of each tile (fused configs) or by gemv's reduce
     kernel."""
-    from ffnsplit.kernels import gemv
-
     m, hidden = x2.shape
     h, n_light = w.n_heavy, w.n_light
     nt = h + n_light
@@ -804,8 +803,6 @@ def split_linear(x2: torch.Tensor, heavy: torch.Tensor | None, light: QuantizedW
         packed = [light.planes[0], light.scales,
                   light.zeros if light.zeros is not None else light.scales]  # fmt: skip
     else:  # never read: no packed slices (a cached int32 buffer stands in for the words)
-        from ffnsplit.kernels import gemv
-
         symmetric, group = True, 128
         packed = [gemv._zeroed(x2.device, 1, torch.int32), x2, x2]
     xl = x2[:, kh:] if kl else x2

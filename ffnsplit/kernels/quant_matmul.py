@@ -175,6 +175,19 @@ def _validate(x: torch.Tensor, heavy: torch.Tensor | None, light: QuantizedWeigh
             raise ValueError("dense and quantized parts must have the same output features")
 
 
+def kernel_path(m: int, x: torch.Tensor, light: QuantizedWeight | None, path: str = "auto") -> str:
+    """The kernel path M rows like x take with a packed weight like `light` (None: dense only):
+    "mma", "gemv", "dequant", or the tl tier ("decode", "small", "prefill"). `split_linear`
+    and the split FFN's kernel A dispatch by it."""
+    if mma_decode.use(m, path, x, light):
+        return "mma"
+    if use_gemv(m, path):
+        return "gemv"
+    if use_dequant(m, path):
+        return "dequant"
+    return tier_configs(m, path, x.dtype, _CONFIGS)[0]
+
+
 def split_linear(
     x: torch.Tensor,
     heavy: torch.Tensor | None,
@@ -204,14 +217,10 @@ def split_linear(
         return out.reshape(*lead, n)
     if bias is not None and (bias.shape != (n,) or bias.device != x.device):
         raise ValueError(f"bias must be [{n}] on {x.device}, got {tuple(bias.shape)}")
-    if mma_decode.use(m, path, x2, light):
-        mma_decode.split_linear(x2, heavy, light, bias, out)
-        return out.reshape(*lead, n)
-    if use_gemv(m, path):
-        gemv.split_linear(x2, heavy, light, bias, out)
-        return out.reshape(*lead, n)
-    if use_dequant(m, path):
-        dequant_gemm.split_linear(x2, heavy, light, bias, out)
+    chosen = kernel_path(m, x2, light, path)
+    if chosen in ("mma", "gemv", "dequant"):
+        module = {"mma": mma_decode, "gemv": gemv, "dequant": dequant_gemm}[chosen]
+        module.split_linear(x2, heavy, light, bias, out)
         return out.reshape(*lead, n)
     heavy_arg = heavy if heavy is not None else x2
     if heavy is not None and heavy.stride(-1) != 1:

@@ -18,6 +18,7 @@ import triton.language as tl
 
 from ffnsplit.kernels import dequant_gemm, gemv, mma_decode
 from ffnsplit.kernels.format import QuantizedWeight, SplitFFNWeights
+from ffnsplit.kernels.quant_matmul import kernel_path as quant_kernel_path
 from ffnsplit.kernels.quant_matmul import split_linear, wave_splits
 from ffnsplit.kernels.tiles import (
     ACTIVATION_NAMES,
@@ -35,8 +36,6 @@ from ffnsplit.kernels.tiles import (
     tier_configs,
     torch_to_triton_ok,
     uniform_ok,
-    use_dequant,
-    use_gemv,
 )
 
 
@@ -203,14 +202,8 @@ def _validate(x: torch.Tensor, w: SplitFFNWeights) -> None:
 
 def kernel_path(m: int, x: torch.Tensor, w: SplitFFNWeights, path: str = "auto") -> str:
     """The kernel path that `split_activations` (and the down projection) take for M rows like
-    x: "mma", "gemv", "dequant", or the tl tier ("decode", "small", "prefill")."""
-    if mma_decode.use(m, path, x, w.light_up if w.n_light else None):
-        return "mma"
-    if use_gemv(m, path):
-        return "gemv"
-    if use_dequant(m, path):
-        return "dequant"
-    return tier_configs(m, path, x.dtype, _CONFIGS)[0]
+    x: quant_matmul.kernel_path for the light up weight's format."""
+    return quant_kernel_path(m, x, w.light_up if w.n_light else None, path)
 
 
 def split_activations(x: torch.Tensor, w: SplitFFNWeights, *, path: str = "auto") -> torch.Tensor:
