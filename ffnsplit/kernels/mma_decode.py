@@ -46,11 +46,11 @@ from ffnsplit.kernels.tiles import DECODE_MAX_M, INTERPRET, Tuner, sm_count
 try:  # Gluon (Triton >= 3.5); absent or unusable: the tier is off (available() says why)
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
     _IMPORT_ERROR = None
 except Exception as exc:  # pragma: no cover - depends on the installed Triton
-    gluon = gl = mma_v2 = None
+    gluon = gl = mma_v2 = async_copy = None
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 BLOCK_M = 16  # rows a program (the MMA's m16)
@@ -329,6 +329,99 @@ if gluon is not None:
         return u0, u1, u2, u3, g0, g1, g2, g3
 
     @gluon.jit
+    def _ring_copy(w_smem, ptr, stage, cc, n0, N, KR, TAIL: gl.constexpr, BN: gl.constexpr,
+                   C_LAYOUT: gl.constexpr):  # fmt: skip
+        """cp.async of chunk cc's 16 word rows x BN columns into ring stage `stage` (16 bytes a
+        thread; rows past K and columns past N zero-filled)."""
+        r = gl.arange(0, 16, layout=gl.SliceLayout(1, C_LAYOUT))
+        n = gl.arange(0, BN, layout=gl.SliceLayout(0, C_LAYOUT))
+        mask = ((n0 + n) < N)[None, :] & (r < 16)[:, None]
+        if TAIL:
+            mask = mask & ((cc * 16 + r) < KR)[:, None]
+        ptrs = ptr + (cc * 16 + r)[:, None] * N + (n0 + n)[None, :]
+        async_copy.async_copy_global_to_shared(w_smem.index(stage), ptrs, mask=mask)
+
+    @gluon.jit
+    def _ring_words(w_smem, stage, W_LAYOUT: gl.constexpr):
+        """Chunk words [4, BN] x 4 blocks from ring stage `stage`."""
+        buf = w_smem.index(stage)
+        w0 = buf.slice(0, 4, dim=0).load(W_LAYOUT)
+        w1 = buf.slice(4, 4, dim=0).load(W_LAYOUT)
+        w2 = buf.slice(8, 4, dim=0).load(W_LAYOUT)
+        w3 = buf.slice(12, 4, dim=0).load(W_LAYOUT)
+        return w0, w1, w2, w3
+
+    @gluon.jit
+    def _ring_slice(x_ptr, stride_xm, M, K, up_ptr, us_ptr, uz_ptr, gp_ptr, gs_ptr, gz_ptr, N, n0,
+                    c_lo, c_hi, DUAL: gl.constexpr, SYMMETRIC: gl.constexpr,
+                    GROUP: gl.constexpr, TAIL: gl.constexpr, DTYPE: gl.constexpr,
+                    BN: gl.constexpr, STAGES: gl.constexpr, W_LAYOUT: gl.constexpr,
+                    X_LAYOUT: gl.constexpr, C_LAYOUT: gl.constexpr,
+                    MMA: gl.constexpr):  # fmt: skip
+        """_light_slice with the words through a STAGES-deep cp.async ring in shared memory
+        (branch mma-ring, NOT measured on a GPU): STAGES - 1 chunks in flight without holding
+        them in registers. Step c: wait for chunk c's copies (this thread's), stage x (its
+        barrier also publishes every thread's copies of chunk c and ends every thread's reads of
+        step c - 1), copy chunk c + STAGES - 1 into the stage step c - 1 read, read chunk c's
+        words, multiply."""
+        A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+        B_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+        KR = K // 8
+        G = gl.cdiv(K, GROUP)
+        WS: gl.constexpr = gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=4,
+                                                   order=[1, 0])  # fmt: skip
+        wu_smem = gl.allocate_shared_memory(gl.int32, [STAGES, 16, BN], WS)
+        wg_smem = wu_smem
+        if DUAL:
+            wg_smem = gl.allocate_shared_memory(gl.int32, [STAGES, 16, BN], WS)
+        x_off, x_mask, xk, x_smem = _x_tiles(stride_xm, M, DTYPE, X_LAYOUT)
+        sc = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, MMA))
+        s_mask = sc < N
+        ones = gl.full([32, BN], 1.0, DTYPE, layout=B_LAYOUT)
+        acc_u = gl.zeros([16, BN], gl.float32, layout=MMA)
+        acc_g = gl.zeros([16, BN], gl.float32, layout=MMA)
+        last = c_hi - 1
+        for i in gl.static_range(STAGES - 1):  # prologue: chunks c_lo .. c_lo + STAGES - 2
+            cc = gl.minimum(c_lo + i, last)
+            _ring_copy(wu_smem, up_ptr, i, cc, n0, N, KR, TAIL, BN, C_LAYOUT)
+            if DUAL:
+                _ring_copy(wg_smem, gp_ptr, i, cc, n0, N, KR, TAIL, BN, C_LAYOUT)
+            async_copy.commit_group()
+        x_next = _x_chunk(x_ptr, x_off, x_mask, xk, c_lo * _CHUNK, K, TAIL)
+        for c in range(c_lo, c_hi):
+            j = c - c_lo
+            su0, zu0, su1, zu1 = _scales(us_ptr, uz_ptr, c, N, G, sc, s_mask, SYMMETRIC, GROUP)
+            if DUAL:
+                sg0, zg0, sg1, zg1 = _scales(gs_ptr, gz_ptr, c, N, G, sc, s_mask, SYMMETRIC,
+                                             GROUP)  # fmt: skip
+            async_copy.wait_group(STAGES - 2)
+            x0, x1, x2, x3 = _stage(x_smem, j, x_next, True, A_LAYOUT)
+            x_next = _x_chunk(x_ptr, x_off, x_mask, xk, gl.minimum(c + 1, last) * _CHUNK, K,
+                              TAIL)  # fmt: skip
+            cc = gl.minimum(c + STAGES - 1, last)
+            _ring_copy(wu_smem, up_ptr, (j + STAGES - 1) % STAGES, cc, n0, N, KR, TAIL, BN,
+                       C_LAYOUT)  # fmt: skip
+            if DUAL:
+                _ring_copy(wg_smem, gp_ptr, (j + STAGES - 1) % STAGES, cc, n0, N, KR, TAIL, BN,
+                           C_LAYOUT)  # fmt: skip
+            async_copy.commit_group()
+            u0, u1, u2, u3 = _ring_words(wu_smem, j % STAGES, W_LAYOUT)
+            xs0 = mma_v2(x1, ones, mma_v2(x0, ones, gl.zeros([16, BN], gl.float32, layout=MMA)))
+            if GROUP == 64:
+                xs1 = gl.zeros([16, BN], gl.float32, layout=MMA)
+            else:
+                xs1 = xs0
+            xs1 = mma_v2(x3, ones, mma_v2(x2, ones, xs1))
+            acc_u = _apply(acc_u, x0, x1, x2, x3, u0, u1, u2, u3, xs0, xs1, su0, zu0, su1, zu1,
+                           SYMMETRIC, GROUP, DTYPE, B_LAYOUT, MMA)  # fmt: skip
+            if DUAL:
+                g0, g1, g2, g3 = _ring_words(wg_smem, j % STAGES, W_LAYOUT)
+                acc_g = _apply(acc_g, x0, x1, x2, x3, g0, g1, g2, g3, xs0, xs1, sg0, zg0, sg1,
+                               zg1, SYMMETRIC, GROUP, DTYPE, B_LAYOUT, MMA)  # fmt: skip
+        async_copy.wait_group(0)
+        return acc_u, acc_g
+
+    @gluon.jit
     def _light_slice(x_ptr, stride_xm, M, K, up_ptr, us_ptr, uz_ptr, gp_ptr, gs_ptr, gz_ptr,
                      N, n0, c_lo, c_hi, DUAL: gl.constexpr, SYMMETRIC: gl.constexpr,
                      GROUP: gl.constexpr, TAIL: gl.constexpr, DTYPE: gl.constexpr,
@@ -545,7 +638,8 @@ if gluon is not None:
                    SYMMETRIC: gl.constexpr, GROUP: gl.constexpr, TAIL: gl.constexpr,
                    DTYPE: gl.constexpr, BN: gl.constexpr, BNH: gl.constexpr,
                    DEPTH: gl.constexpr, W_LAYOUT: gl.constexpr, H_LAYOUT: gl.constexpr,
-                   X_LAYOUT: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
+                   X_LAYOUT: gl.constexpr, C_LAYOUT: gl.constexpr,
+                   MMA: gl.constexpr):  # fmt: skip
         """Kernel A's up (and gate) sums of K-slice program_id(1) for one tile of heavy rows
         (the first programs along axis 0, BNH neurons) or light columns (BN neurons), as fp32
         partials into ws [slices, 2 (1 without DUAL), M, NH + NL]. FUSED: the last of a tile's
@@ -575,10 +669,16 @@ if gluon is not None:
                         MMA)  # fmt: skip
         else:
             l0 = (pid - heavy_tiles) * BN
-            l_u, l_g = _light_slice(x_ptr, stride_xm, M, K, up_ptr, us_ptr, uz_ptr, gp_ptr,
-                                    gs_ptr, gz_ptr, NL, l0, c_lo, c_hi, DUAL, SYMMETRIC, GROUP,
-                                    TAIL, DTYPE, BN, DEPTH, W_LAYOUT, X_LAYOUT,
-                                    MMA)  # fmt: skip
+            if DEPTH == 3:
+                l_u, l_g = _ring_slice(x_ptr, stride_xm, M, K, up_ptr, us_ptr, uz_ptr, gp_ptr,
+                                       gs_ptr, gz_ptr, NL, l0, c_lo, c_hi, DUAL, SYMMETRIC,
+                                       GROUP, TAIL, DTYPE, BN, 4, W_LAYOUT, X_LAYOUT, C_LAYOUT,
+                                       MMA)  # fmt: skip
+            else:
+                l_u, l_g = _light_slice(x_ptr, stride_xm, M, K, up_ptr, us_ptr, uz_ptr, gp_ptr,
+                                        gs_ptr, gz_ptr, NL, l0, c_lo, c_hi, DUAL, SYMMETRIC,
+                                        GROUP, TAIL, DTYPE, BN, DEPTH, W_LAYOUT, X_LAYOUT,
+                                        MMA)  # fmt: skip
             l_cols = l0 + gl.arange(0, BN, layout=gl.SliceLayout(0, MMA))
             _store_partial(ws_ptr, l_u, split * DUALS, M, NT, NH + l_cols, l_cols < NL, MMA)
             if DUAL:
@@ -594,8 +694,8 @@ if gluon is not None:
                      stride_xm, stride_hw, SL, SYMMETRIC: gl.constexpr, GROUP: gl.constexpr,
                      TAIL_L: gl.constexpr, TAIL_H: gl.constexpr, DTYPE: gl.constexpr,
                      BN: gl.constexpr, DEPTH: gl.constexpr, W_LAYOUT: gl.constexpr,
-                     H_LAYOUT: gl.constexpr,
-                     X_LAYOUT: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
+                     H_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr, C_LAYOUT: gl.constexpr,
+                     MMA: gl.constexpr):  # fmt: skip
         """Kernel B (or any split linear): fp32 partials ws [slices, M, N] of output columns
         program_id(0) * BN ..; slices 0 .. SL - 1 cover the packed columns (x = xl [M, KL]), the
         others the dense ones (x = xh [M, KH]): both parts end in one reduce."""
@@ -606,10 +706,16 @@ if gluon is not None:
             chunks = gl.cdiv(KL, _CHUNK)
             c_lo = split * chunks // SL
             c_hi = (split + 1) * chunks // SL
-            acc, _ = _light_slice(xl_ptr, stride_xm, M, KL, p_ptr, s_ptr, z_ptr, p_ptr, s_ptr,
-                                  z_ptr, N, n0, c_lo, c_hi, False, SYMMETRIC, GROUP, TAIL_L,
-                                  DTYPE, BN, DEPTH, W_LAYOUT, X_LAYOUT,
-                                  MMA)  # fmt: skip
+            if DEPTH == 3:
+                acc, _ = _ring_slice(xl_ptr, stride_xm, M, KL, p_ptr, s_ptr, z_ptr, p_ptr, s_ptr,
+                                     z_ptr, N, n0, c_lo, c_hi, False, SYMMETRIC, GROUP, TAIL_L,
+                                     DTYPE, BN, 4, W_LAYOUT, X_LAYOUT, C_LAYOUT,
+                                     MMA)  # fmt: skip
+            else:
+                acc, _ = _light_slice(xl_ptr, stride_xm, M, KL, p_ptr, s_ptr, z_ptr, p_ptr,
+                                      s_ptr, z_ptr, N, n0, c_lo, c_hi, False, SYMMETRIC, GROUP,
+                                      TAIL_L, DTYPE, BN, DEPTH, W_LAYOUT, X_LAYOUT,
+                                      MMA)  # fmt: skip
         else:
             sh = gl.num_programs(1) - SL
             chunks = gl.cdiv(KH, _CHUNK)
@@ -631,7 +737,7 @@ class MmaConfig:
     """num_warps warps side by side along N with `tiles` n8 tiles each (light tiles of
     8 * num_warps * tiles columns; kernel A's heavy tiles one n8 tile a warp); K-slices for
     `waves` whole waves of `resident` programs an SM (what the registers let reside on sm_90);
-    words loaded `depth` chunks ahead."""
+    words loaded `depth` chunks ahead (3: through a 4-stage cp.async ring, branch mma-ring)."""
 
     num_warps: int = 4
     tiles: int = 2
@@ -654,11 +760,13 @@ class MmaConfig:
 UP_CONFIGS = (
     MmaConfig(4, 2, resident=4, waves=1, fused=True),
     MmaConfig(4, 2, resident=4, waves=1),
+    MmaConfig(4, 2, resident=4, waves=1, depth=3, fused=True),  # branch mma-ring: unmeasured
 )
 DOWN_CONFIGS = (
     MmaConfig(4, 2, resident=4, waves=1),
     MmaConfig(4, 2, resident=4, waves=1, depth=2),
     MmaConfig(4, 4, resident=2, waves=1, depth=2),
+    MmaConfig(4, 2, resident=4, waves=1, depth=3),  # branch mma-ring: cp.async ring, unmeasured
 )
 if os.environ.get("FFNSPLIT_MMA_FUSED", "1") == "0":  # comparisons: no fused kernel A
     UP_CONFIGS = tuple(c for c in UP_CONFIGS if not c.fused)
@@ -691,7 +799,10 @@ def layouts(num_warps: int, tiles: int) -> tuple:
 
     # x's [16, 128] chunk read coalesced: 8 values (16 bytes) a thread
     x_layout = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])
-    return words, rows(tiles), rows(1), x_layout, mma
+    # a chunk's words [16, BN] copied into the ring (DEPTH 3): 4 words (16 bytes) a thread
+    lanes_n = min(32, 2 * num_warps * tiles)
+    copy = gl.BlockedLayout([1, 4], [32 // lanes_n, lanes_n], [num_warps, 1], [1, 0])
+    return words, rows(tiles), rows(1), x_layout, mma, copy
 
 
 def _slices(cfg: MmaConfig, tiles: int, sms: int) -> int:
@@ -739,7 +850,7 @@ def split_activations(x2: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor) -> 
     gate_bias = w.gate_bias if w.gate_bias is not None else a
 
     def run(cfg: MmaConfig) -> None:
-        words, rows, rows1, x_layout, mma = layouts(cfg.num_warps, cfg.tiles)
+        words, rows, rows1, x_layout, mma, copy = layouts(cfg.num_warps, cfg.tiles)
         bnh = 8 * cfg.num_warps
         tiles = triton.cdiv(h, bnh) + triton.cdiv(n_light, cfg.block_n)
         split = min(_slices(cfg, tiles, sms), chunks)
@@ -754,7 +865,7 @@ def split_activations(x2: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor) -> 
             DTYPE=_gl_dtype(x2.dtype), BN=cfg.block_n, BNH=bnh, DEPTH=cfg.depth,
             W_LAYOUT=words,
             H_LAYOUT=rows1,
-            X_LAYOUT=x_layout, MMA=mma, num_warps=cfg.num_warps,
+            X_LAYOUT=x_layout, C_LAYOUT=copy, MMA=mma, num_warps=cfg.num_warps,
         )  # fmt: skip
         if cfg.fused:
             return
@@ -812,7 +923,7 @@ def split_linear(x2: torch.Tensor, heavy: torch.Tensor | None, light: QuantizedW
     sms = sm_count(x2.device)
 
     def run(cfg: MmaConfig) -> None:
-        words, rows, _, x_layout, mma = layouts(cfg.num_warps, cfg.tiles)
+        words, rows, _, x_layout, mma, copy = layouts(cfg.num_warps, cfg.tiles)
         tiles = triton.cdiv(n, cfg.block_n)
         sl, sh = _down_slices(_slices(cfg, tiles, sms), kh, kl, group)
         ws = torch.empty((sl + sh, m, n), dtype=torch.float32, device=x2.device)
@@ -822,7 +933,7 @@ def split_linear(x2: torch.Tensor, heavy: torch.Tensor | None, light: QuantizedW
             DTYPE=_gl_dtype(x2.dtype), BN=cfg.block_n, DEPTH=cfg.depth,
             W_LAYOUT=words,
             H_LAYOUT=rows,
-            X_LAYOUT=x_layout, MMA=mma, num_warps=cfg.num_warps,
+            X_LAYOUT=x_layout, C_LAYOUT=copy, MMA=mma, num_warps=cfg.num_warps,
         )  # fmt: skip
         block = 1024
         _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
