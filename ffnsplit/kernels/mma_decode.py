@@ -267,19 +267,36 @@ if gluon is not None:
     @gluon.jit
     def _apply(acc, x0, x1, x2, x3, w0, w1, w2, w3, xs0, xs1, s0, z0, s1, z1,
                SYMMETRIC: gl.constexpr, GROUP: gl.constexpr, DTYPE: gl.constexpr,
-               B_LAYOUT: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
-        """acc += s (x q - z sum x) for a chunk's groups (GROUP 64: blocks 0-1 and 2-3 apart)."""
-        blk = gl.zeros(acc.shape, gl.float32, layout=MMA)
-        blk = mma_v2(x0, _codes(w0, DTYPE, B_LAYOUT), blk)
-        blk = mma_v2(x1, _codes(w1, DTYPE, B_LAYOUT), blk)
+               CHAINS: gl.constexpr, B_LAYOUT: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
+        """acc += s (x q - z sum x) for a chunk's groups (GROUP 64: blocks 0-1 and 2-3 apart).
+        CHAINS 2: two accumulator chains (blocks 0, 2 and 1, 3), half the dependent MMA latency
+        for more registers."""
+        z = gl.zeros(acc.shape, gl.float32, layout=MMA)
+        blk = mma_v2(x0, _codes(w0, DTYPE, B_LAYOUT), z)
+        if CHAINS == 2:
+            odd = mma_v2(x1, _codes(w1, DTYPE, B_LAYOUT), z)
+        else:
+            blk = mma_v2(x1, _codes(w1, DTYPE, B_LAYOUT), blk)
         if GROUP == 64:
+            if CHAINS == 2:
+                blk += odd
             if SYMMETRIC:
                 acc += (blk - xs0 * 8.0) * s0[None, :]
             else:
                 acc += (blk - xs0 * z0[None, :]) * s0[None, :]
-            blk = gl.zeros(acc.shape, gl.float32, layout=MMA)
-        blk = mma_v2(x2, _codes(w2, DTYPE, B_LAYOUT), blk)
-        blk = mma_v2(x3, _codes(w3, DTYPE, B_LAYOUT), blk)
+            blk = mma_v2(x2, _codes(w2, DTYPE, B_LAYOUT), z)
+            if CHAINS == 2:
+                odd = mma_v2(x3, _codes(w3, DTYPE, B_LAYOUT), z)
+            else:
+                blk = mma_v2(x3, _codes(w3, DTYPE, B_LAYOUT), blk)
+        else:
+            blk = mma_v2(x2, _codes(w2, DTYPE, B_LAYOUT), blk)
+            if CHAINS == 2:
+                odd = mma_v2(x3, _codes(w3, DTYPE, B_LAYOUT), odd)
+            else:
+                blk = mma_v2(x3, _codes(w3, DTYPE, B_LAYOUT), blk)
+        if CHAINS == 2:
+            blk += odd
         if SYMMETRIC:
             acc += (blk - xs1 * 8.0) * s1[None, :]
         else:
@@ -290,7 +307,7 @@ if gluon is not None:
     def _light_step(acc_u, acc_g, u0, u1, u2, u3, g0, g1, g2, g3, c, c_lo, c_next, x_cur, x_ptr,
                     x_off, x_mask, xk, x_smem, ones, us_ptr, uz_ptr, gs_ptr, gz_ptr, N, K, G, sc,
                     s_mask, DUAL: gl.constexpr, SYMMETRIC: gl.constexpr, GROUP: gl.constexpr,
-                    TAIL: gl.constexpr, DTYPE: gl.constexpr,
+                    TAIL: gl.constexpr, DTYPE: gl.constexpr, CHAINS: gl.constexpr,
                     MMA: gl.constexpr):  # fmt: skip
         """Chunk c: its scales, x_cur staged (slot order) and read as A fragments, x of chunk
         c_next loaded, then acc += s (x q - z sum x) for the up (and gate) words. Returns the
@@ -311,10 +328,10 @@ if gluon is not None:
             xs1 = xs0
         xs1 = mma_v2(x3, ones, mma_v2(x2, ones, xs1))
         acc_u = _apply(acc_u, x0, x1, x2, x3, u0, u1, u2, u3, xs0, xs1, su0, zu0, su1, zu1,
-                       SYMMETRIC, GROUP, DTYPE, B_LAYOUT, MMA)  # fmt: skip
+                       SYMMETRIC, GROUP, DTYPE, CHAINS, B_LAYOUT, MMA)  # fmt: skip
         if DUAL:
             acc_g = _apply(acc_g, x0, x1, x2, x3, g0, g1, g2, g3, xs0, xs1, sg0, zg0, sg1, zg1,
-                           SYMMETRIC, GROUP, DTYPE, B_LAYOUT, MMA)  # fmt: skip
+                           SYMMETRIC, GROUP, DTYPE, CHAINS, B_LAYOUT, MMA)  # fmt: skip
         return acc_u, acc_g, x_next
 
     @gluon.jit
@@ -355,8 +372,8 @@ if gluon is not None:
     def _ring_slice(x_ptr, stride_xm, M, K, up_ptr, us_ptr, uz_ptr, gp_ptr, gs_ptr, gz_ptr, N, n0,
                     c_lo, c_hi, DUAL: gl.constexpr, SYMMETRIC: gl.constexpr,
                     GROUP: gl.constexpr, TAIL: gl.constexpr, DTYPE: gl.constexpr,
-                    BN: gl.constexpr, STAGES: gl.constexpr, W_LAYOUT: gl.constexpr,
-                    X_LAYOUT: gl.constexpr, C_LAYOUT: gl.constexpr,
+                    BN: gl.constexpr, STAGES: gl.constexpr, CHAINS: gl.constexpr,
+                    W_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr, C_LAYOUT: gl.constexpr,
                     MMA: gl.constexpr):  # fmt: skip
         """_light_slice with the words through a STAGES-deep cp.async ring in shared memory
         (branch mma-ring, NOT measured on a GPU): STAGES - 1 chunks in flight without holding
@@ -413,11 +430,11 @@ if gluon is not None:
                 xs1 = xs0
             xs1 = mma_v2(x3, ones, mma_v2(x2, ones, xs1))
             acc_u = _apply(acc_u, x0, x1, x2, x3, u0, u1, u2, u3, xs0, xs1, su0, zu0, su1, zu1,
-                           SYMMETRIC, GROUP, DTYPE, B_LAYOUT, MMA)  # fmt: skip
+                           SYMMETRIC, GROUP, DTYPE, CHAINS, B_LAYOUT, MMA)  # fmt: skip
             if DUAL:
                 g0, g1, g2, g3 = _ring_words(wg_smem, j % STAGES, W_LAYOUT)
                 acc_g = _apply(acc_g, x0, x1, x2, x3, g0, g1, g2, g3, xs0, xs1, sg0, zg0, sg1,
-                               zg1, SYMMETRIC, GROUP, DTYPE, B_LAYOUT, MMA)  # fmt: skip
+                               zg1, SYMMETRIC, GROUP, DTYPE, CHAINS, B_LAYOUT, MMA)  # fmt: skip
         async_copy.wait_group(0)
         return acc_u, acc_g
 
@@ -425,8 +442,9 @@ if gluon is not None:
     def _light_slice(x_ptr, stride_xm, M, K, up_ptr, us_ptr, uz_ptr, gp_ptr, gs_ptr, gz_ptr,
                      N, n0, c_lo, c_hi, DUAL: gl.constexpr, SYMMETRIC: gl.constexpr,
                      GROUP: gl.constexpr, TAIL: gl.constexpr, DTYPE: gl.constexpr,
-                     BN: gl.constexpr, DEPTH: gl.constexpr, W_LAYOUT: gl.constexpr,
-                     X_LAYOUT: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
+                     BN: gl.constexpr, DEPTH: gl.constexpr, CHAINS: gl.constexpr,
+                     W_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
+                     MMA: gl.constexpr):  # fmt: skip
         """fp32 [16, BN] x times columns n0.. of one (DUAL: two) packed int4 weights [N, K] over
         chunks c_lo .. c_hi - 1 (c_hi > c_lo). Returns (up, gate) (gate = up without DUAL).
 
@@ -460,7 +478,7 @@ if gluon is not None:
                 acc_u, acc_g, x_next = _light_step(
                     acc_u, acc_g, u0, u1, u2, u3, g0, g1, g2, g3, c, c_lo, c + 1, x_next, x_ptr,
                     x_off, x_mask, xk, x_smem, ones, us_ptr, uz_ptr, gs_ptr, gz_ptr, N, K, G, sc,
-                    s_mask, DUAL, SYMMETRIC, GROUP, TAIL, DTYPE, MMA,
+                    s_mask, DUAL, SYMMETRIC, GROUP, TAIL, DTYPE, CHAINS, MMA,
                 )  # fmt: skip
                 u0, u1, u2, u3, g0, g1, g2, g3 = _light_words(
                     up_ptr, gp_ptr, w_off, w_mask, gl.minimum(c + 2, last), c_lo, N, KR, DUAL,
@@ -470,7 +488,7 @@ if gluon is not None:
                     acc_u, acc_g, v0, v1, v2, v3, h0, h1, h2, h3, c + 1, c_lo,
                     gl.minimum(c + 2, last), x_next, x_ptr, x_off, x_mask, xk, x_smem, ones,
                     us_ptr, uz_ptr, gs_ptr, gz_ptr, N, K, G, sc, s_mask, DUAL, SYMMETRIC, GROUP,
-                    TAIL, DTYPE, MMA,
+                    TAIL, DTYPE, CHAINS, MMA,
                 )  # fmt: skip
                 v0, v1, v2, v3, h0, h1, h2, h3 = _light_words(
                     up_ptr, gp_ptr, w_off, w_mask, gl.minimum(c + 3, last), c_lo, N, KR, DUAL,
@@ -480,7 +498,7 @@ if gluon is not None:
                 acc_u, acc_g, x_next = _light_step(
                     acc_u, acc_g, u0, u1, u2, u3, g0, g1, g2, g3, last, c_lo, last, x_next,
                     x_ptr, x_off, x_mask, xk, x_smem, ones, us_ptr, uz_ptr, gs_ptr, gz_ptr, N, K,
-                    G, sc, s_mask, DUAL, SYMMETRIC, GROUP, TAIL, DTYPE, MMA,
+                    G, sc, s_mask, DUAL, SYMMETRIC, GROUP, TAIL, DTYPE, CHAINS, MMA,
                 )  # fmt: skip
         else:
             for c in range(c_lo, c_hi):
@@ -493,7 +511,7 @@ if gluon is not None:
                 acc_u, acc_g, x_next = _light_step(
                     acc_u, acc_g, u0, u1, u2, u3, g0, g1, g2, g3, c, c_lo, c_next, x_next, x_ptr,
                     x_off, x_mask, xk, x_smem, ones, us_ptr, uz_ptr, gs_ptr, gz_ptr, N, K, G, sc,
-                    s_mask, DUAL, SYMMETRIC, GROUP, TAIL, DTYPE, MMA,
+                    s_mask, DUAL, SYMMETRIC, GROUP, TAIL, DTYPE, CHAINS, MMA,
                 )  # fmt: skip
                 u0, u1, u2, u3, g0, g1, g2, g3 = v0, v1, v2, v3, h0, h1, h2, h3
         return acc_u, acc_g
@@ -637,8 +655,8 @@ if gluon is not None:
                    HAS_GATE_BIAS: gl.constexpr,
                    SYMMETRIC: gl.constexpr, GROUP: gl.constexpr, TAIL: gl.constexpr,
                    DTYPE: gl.constexpr, BN: gl.constexpr, BNH: gl.constexpr,
-                   DEPTH: gl.constexpr, W_LAYOUT: gl.constexpr, H_LAYOUT: gl.constexpr,
-                   X_LAYOUT: gl.constexpr, C_LAYOUT: gl.constexpr,
+                   DEPTH: gl.constexpr, CHAINS: gl.constexpr, W_LAYOUT: gl.constexpr,
+                   H_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr, C_LAYOUT: gl.constexpr,
                    MMA: gl.constexpr):  # fmt: skip
         """Kernel A's up (and gate) sums of K-slice program_id(1) for one tile of heavy rows
         (the first programs along axis 0, BNH neurons) or light columns (BN neurons), as fp32
@@ -672,13 +690,13 @@ if gluon is not None:
             if DEPTH == 3:
                 l_u, l_g = _ring_slice(x_ptr, stride_xm, M, K, up_ptr, us_ptr, uz_ptr, gp_ptr,
                                        gs_ptr, gz_ptr, NL, l0, c_lo, c_hi, DUAL, SYMMETRIC,
-                                       GROUP, TAIL, DTYPE, BN, 4, W_LAYOUT, X_LAYOUT, C_LAYOUT,
-                                       MMA)  # fmt: skip
+                                       GROUP, TAIL, DTYPE, BN, 4, CHAINS, W_LAYOUT, X_LAYOUT,
+                                       C_LAYOUT, MMA)  # fmt: skip
             else:
                 l_u, l_g = _light_slice(x_ptr, stride_xm, M, K, up_ptr, us_ptr, uz_ptr, gp_ptr,
                                         gs_ptr, gz_ptr, NL, l0, c_lo, c_hi, DUAL, SYMMETRIC,
-                                        GROUP, TAIL, DTYPE, BN, DEPTH, W_LAYOUT, X_LAYOUT,
-                                        MMA)  # fmt: skip
+                                        GROUP, TAIL, DTYPE, BN, DEPTH, CHAINS, W_LAYOUT,
+                                        X_LAYOUT, MMA)  # fmt: skip
             l_cols = l0 + gl.arange(0, BN, layout=gl.SliceLayout(0, MMA))
             _store_partial(ws_ptr, l_u, split * DUALS, M, NT, NH + l_cols, l_cols < NL, MMA)
             if DUAL:
@@ -693,9 +711,9 @@ if gluon is not None:
     def _down_kernel(xh_ptr, xl_ptr, hw_ptr, p_ptr, s_ptr, z_ptr, ws_ptr, M, N, KH, KL,
                      stride_xm, stride_hw, SL, SYMMETRIC: gl.constexpr, GROUP: gl.constexpr,
                      TAIL_L: gl.constexpr, TAIL_H: gl.constexpr, DTYPE: gl.constexpr,
-                     BN: gl.constexpr, DEPTH: gl.constexpr, W_LAYOUT: gl.constexpr,
-                     H_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr, C_LAYOUT: gl.constexpr,
-                     MMA: gl.constexpr):  # fmt: skip
+                     BN: gl.constexpr, DEPTH: gl.constexpr, CHAINS: gl.constexpr,
+                     W_LAYOUT: gl.constexpr, H_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
+                     C_LAYOUT: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
         """Kernel B (or any split linear): fp32 partials ws [slices, M, N] of output columns
         program_id(0) * BN ..; slices 0 .. SL - 1 cover the packed columns (x = xl [M, KL]), the
         others the dense ones (x = xh [M, KH]): both parts end in one reduce."""
@@ -709,12 +727,12 @@ if gluon is not None:
             if DEPTH == 3:
                 acc, _ = _ring_slice(xl_ptr, stride_xm, M, KL, p_ptr, s_ptr, z_ptr, p_ptr, s_ptr,
                                      z_ptr, N, n0, c_lo, c_hi, False, SYMMETRIC, GROUP, TAIL_L,
-                                     DTYPE, BN, 4, W_LAYOUT, X_LAYOUT, C_LAYOUT,
+                                     DTYPE, BN, 4, CHAINS, W_LAYOUT, X_LAYOUT, C_LAYOUT,
                                      MMA)  # fmt: skip
             else:
                 acc, _ = _light_slice(xl_ptr, stride_xm, M, KL, p_ptr, s_ptr, z_ptr, p_ptr,
                                       s_ptr, z_ptr, N, n0, c_lo, c_hi, False, SYMMETRIC, GROUP,
-                                      TAIL_L, DTYPE, BN, DEPTH, W_LAYOUT, X_LAYOUT,
+                                      TAIL_L, DTYPE, BN, DEPTH, CHAINS, W_LAYOUT, X_LAYOUT,
                                       MMA)  # fmt: skip
         else:
             sh = gl.num_programs(1) - SL
@@ -745,6 +763,7 @@ class MmaConfig:
     waves: int = 1
     depth: int = 1
     fused: bool = False  # kernel A: the last slice to arrive finishes its tile (no reduce launch)
+    chains: int = 1  # MMA accumulator chains a chunk (2: less dependent latency, more registers)
 
     @property
     def block_n(self) -> int:
@@ -761,12 +780,15 @@ UP_CONFIGS = (
     MmaConfig(4, 2, resident=4, waves=1, fused=True),
     MmaConfig(4, 2, resident=4, waves=1),
     MmaConfig(4, 2, resident=4, waves=1, depth=3, fused=True),  # branch mma-ring: unmeasured
+    MmaConfig(4, 2, resident=3, waves=1, fused=True, chains=2),  # branch mma-chains: unmeasured
 )
 DOWN_CONFIGS = (
     MmaConfig(4, 2, resident=4, waves=1),
     MmaConfig(4, 2, resident=4, waves=1, depth=2),
     MmaConfig(4, 4, resident=2, waves=1, depth=2),
     MmaConfig(4, 2, resident=4, waves=1, depth=3),  # branch mma-ring: cp.async ring, unmeasured
+    MmaConfig(4, 2, resident=4, waves=1, chains=2),  # branch mma-chains: unmeasured
+    MmaConfig(4, 2, resident=4, waves=1, depth=3, chains=2),  # both: unmeasured
 )
 if os.environ.get("FFNSPLIT_MMA_FUSED", "1") == "0":  # comparisons: no fused kernel A
     UP_CONFIGS = tuple(c for c in UP_CONFIGS if not c.fused)
@@ -862,7 +884,7 @@ def split_activations(x2: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor) -> 
             ACTIVATION=w.activation, HAS_UP_BIAS=w.up_bias is not None,
             HAS_GATE_BIAS=w.gated and w.gate_bias is not None, SYMMETRIC=symmetric, GROUP=group,
             TAIL=hidden % CHUNK != 0,
-            DTYPE=_gl_dtype(x2.dtype), BN=cfg.block_n, BNH=bnh, DEPTH=cfg.depth,
+            DTYPE=_gl_dtype(x2.dtype), BN=cfg.block_n, BNH=bnh, DEPTH=cfg.depth, CHAINS=cfg.chains,
             W_LAYOUT=words,
             H_LAYOUT=rows1,
             X_LAYOUT=x_layout, C_LAYOUT=copy, MMA=mma, num_warps=cfg.num_warps,
@@ -930,7 +952,7 @@ def split_linear(x2: torch.Tensor, heavy: torch.Tensor | None, light: QuantizedW
         _down_kernel[(tiles, sl + sh)](
             x2, xl, hw, *packed, ws, m, n, kh, kl, x2.stride(0), hw.stride(0), sl,
             SYMMETRIC=symmetric, GROUP=group, TAIL_L=kl % CHUNK != 0, TAIL_H=kh % CHUNK != 0,
-            DTYPE=_gl_dtype(x2.dtype), BN=cfg.block_n, DEPTH=cfg.depth,
+            DTYPE=_gl_dtype(x2.dtype), BN=cfg.block_n, DEPTH=cfg.depth, CHAINS=cfg.chains,
             W_LAYOUT=words,
             H_LAYOUT=rows,
             X_LAYOUT=x_layout, C_LAYOUT=copy, MMA=mma, num_warps=cfg.num_warps,
