@@ -59,7 +59,7 @@ def main() -> int:
 
         row["dense_us"] = graph_time_us([lambda d=d: dense_ffn(d) for d in dense])
         for path in args.paths.split(","):
-            if path == "gemv" and m > 4:
+            if path == "gemv" and m > 4 or path == "decode" and m > 16:
                 continue
             a = sffn.split_activations(x, w0, path=path)
             row[f"{path}_a_err"] = rel_err(a, ref_a)
@@ -83,14 +83,15 @@ def main() -> int:
         # each config of the tier alone (the tuner's picks above are the fastest of these)
         a = sffn.split_activations(x, w0, path="mma")
         up0, down0 = mma_decode.UP_CONFIGS, mma_decode.DOWN_CONFIGS
+        up_rows, down_rows = mma_decode.UP_ROWS, mma_decode.DOWN_ROWS
         try:
-            for i, cfg in enumerate(up0):
-                mma_decode.UP_CONFIGS = (cfg,)
+            for i, cfg in enumerate(mma_decode._for_rows(up0, up_rows, m)):
+                mma_decode.UP_CONFIGS, mma_decode.UP_ROWS = (cfg,), {2: (cfg,), 4: (cfg,)}
                 row[f"mma_a_cfg{i}_us"] = graph_time_us(
                     [lambda w=w, x=x: sffn.split_activations(x, w, path="mma") for w in copies]
                 )
-            for i, cfg in enumerate(down0):
-                mma_decode.DOWN_CONFIGS = (cfg,)
+            for i, cfg in enumerate(mma_decode._for_rows(down0, down_rows, m)):
+                mma_decode.DOWN_CONFIGS, mma_decode.DOWN_ROWS = (cfg,), {2: (cfg,), 4: (cfg,)}
                 row[f"mma_b_cfg{i}_us"] = graph_time_us(
                     [
                         lambda w=w, a=a: qmm.split_linear(
@@ -101,6 +102,7 @@ def main() -> int:
                 )
         finally:
             mma_decode.UP_CONFIGS, mma_decode.DOWN_CONFIGS = up0, down0
+            mma_decode.UP_ROWS, mma_decode.DOWN_ROWS = up_rows, down_rows
         rows.append(row)
         print({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
     write_result(args.out, torch.device("cuda"), heavy=args.heavy, light=args.light, rows=rows,

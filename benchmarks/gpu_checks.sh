@@ -80,6 +80,9 @@ mma)  # the Gluon decode tier (ffnsplit/kernels/mma_decode.py): its GPU tests, t
     run 240 test_mma env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf -n 8 tests/test_mma_decode.py \
         tests/test_kernels.py tests/test_bench.py -k "mma or cuda_graph or static_decoder or e2e"
     run 280 bench_mma python3 benchmarks/bench_mma.py --out "$OUT/bench_mma.json"
+    # row tiles (branch mma-next): path="mma" at 32 and 64 rows against the tl small tier
+    run 150 bench_mma_rows python3 benchmarks/bench_mma.py --m 32,64 --paths small,mma \
+        --out "$OUT/bench_mma_rows.json"
     ;;
 half2)  # the packed-half2 prototype of kernel B's loop against gemv's kernel B
     run 200 proto_half2 python3 benchmarks/proto_half2.py --out "$OUT/proto_half2.json"

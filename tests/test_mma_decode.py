@@ -199,3 +199,19 @@ def test_quant_matmul_and_auto(poison, dtype) -> None:
     for path in ("mma", "auto"):
         out = qmm.quant_matmul(x, qw, bias, path=path)
         assert rel_err(out, ref_linear(x, qw, bias)) < TOL[dtype]
+
+
+@gpu
+@needs_mma
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [17, 40, 64])
+def test_split_ffn_row_tiles(poison, monkeypatch, dtype, m) -> None:
+    """2 and 4 m16 row tiles a program (branch mma-rows), every candidate alone."""
+    rows = 2 if m <= 32 else 4
+    for up, down in zip(mma_decode.UP_ROWS[rows], mma_decode.DOWN_ROWS[rows], strict=False):
+        monkeypatch.setattr(mma_decode, "UP_ROWS", {rows: (up,)})
+        monkeypatch.setattr(mma_decode, "DOWN_ROWS", {rows: (down,)})
+        w = random_split_weights(576, 20, 224, "silu", True, True, dtype, bits=4, group=128)
+        x = torch.randn(m, 576, device=DEVICE).to(dtype)
+        out = sffn.split_ffn(x, w, path="mma")
+        assert rel_err(out, ref_split_ffn(x, w)) < TOL[dtype]

@@ -47,14 +47,15 @@ from ffnsplit.kernels.tiles import DECODE_MAX_M, INTERPRET, Tuner, sm_count
 try:  # Gluon (Triton >= 3.5); absent or unusable: the tier is off (available() says why)
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
     _IMPORT_ERROR = None
 except Exception as exc:  # pragma: no cover - depends on the installed Triton
-    gluon = gl = mma_v2 = None
+    gluon = gl = mma_v2 = async_copy = None
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
-BLOCK_M = 16  # rows a program (the MMA's m16)
+BLOCK_M = 16  # rows of one m16 tile; a program takes 1, 2 or 4 of them (MmaConfig.rows)
+MAX_M = 64  # path="mma" takes up to this many rows (branch mma-rows: "auto" still stops at 16)
 CHUNK = 128  # k a loop step: 4 blocks of 32 k (one group of 128, half of 256, two of 64)
 # "auto" takes this tier from MIN_M rows (H100, Llama-3-8B FFN, session 9: M = 2 56.2 us against
 # the GEMV path's 58.9, M = 4 56.8 against 88.7; M = 1 54.6 against 49.4) to DECODE_MAX_M.
@@ -184,23 +185,24 @@ if gluon is not None:
     def _slots(x, LIGHT: gl.constexpr):
         """x chunk [16, 128] (k = 32 b + 8 t + j) in the k-slot order of the light words (LIGHT)
         or of dense rows: the same permutation inside every 32-k block."""
-        t = gl.reshape(x, [16, 4, 4, 2, 2, 2])  # [m, b, t, j2, j1, j0]
+        BM: gl.constexpr = x.shape[0]
+        t = gl.reshape(x, [BM, 4, 4, 2, 2, 2])  # [m, b, t, j2, j1, j0]
         if LIGHT:  # slot (i2, i1, t, i0) <- j = i1 + 2 i2 + 4 i0
             t = gl.permute(t, _LIGHT_X_PERM.value)
         else:  # slot (i2, i1, t, i0) <- j = i0 + 2 i1 + 4 i2
             t = gl.permute(t, _DENSE_X_PERM.value)
-        return gl.reshape(t, [16, 128])
+        return gl.reshape(t, [BM, 128])
 
     @gluon.jit
-    def _x_tiles(stride_xm, M, DTYPE: gl.constexpr, X_LAYOUT: gl.constexpr):
+    def _x_tiles(stride_xm, M, BM: gl.constexpr, DTYPE: gl.constexpr, X_LAYOUT: gl.constexpr):
         """x's chunk offsets, row mask and k index [16, 128] (read coalesced, 16 bytes a thread)
         and its double-buffered shared tile."""
-        xm = gl.arange(0, 16, layout=gl.SliceLayout(1, X_LAYOUT))
+        xm = gl.arange(0, BM, layout=gl.SliceLayout(1, X_LAYOUT))
         xk = gl.arange(0, _CHUNK, layout=gl.SliceLayout(0, X_LAYOUT))
         x_off = xm[:, None] * stride_xm + xk[None, :]
         x_mask = (xm < M)[:, None] & (xk < _CHUNK)[None, :]
         XS: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0])
-        return x_off, x_mask, xk, gl.allocate_shared_memory(DTYPE, [2, 16, _CHUNK], XS)
+        return x_off, x_mask, xk, gl.allocate_shared_memory(DTYPE, [2, BM, _CHUNK], XS)
 
     @gluon.jit
     def _x_chunk(x_ptr, x_off, x_mask, xk, k0, K, TAIL: gl.constexpr):
@@ -268,19 +270,36 @@ if gluon is not None:
     @gluon.jit
     def _apply(acc, x0, x1, x2, x3, w0, w1, w2, w3, xs0, xs1, s0, z0, s1, z1,
                SYMMETRIC: gl.constexpr, GROUP: gl.constexpr, DTYPE: gl.constexpr,
-               B_LAYOUT: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
-        """acc += s (x q - z sum x) for a chunk's groups (GROUP 64: blocks 0-1 and 2-3 apart)."""
-        blk = gl.zeros(acc.shape, gl.float32, layout=MMA)
-        blk = mma_v2(x0, _codes(w0, DTYPE, B_LAYOUT), blk)
-        blk = mma_v2(x1, _codes(w1, DTYPE, B_LAYOUT), blk)
+               CHAINS: gl.constexpr, B_LAYOUT: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
+        """acc += s (x q - z sum x) for a chunk's groups (GROUP 64: blocks 0-1 and 2-3 apart).
+        CHAINS 2: two accumulator chains (blocks 0, 2 and 1, 3), half the dependent MMA latency
+        for more registers."""
+        z = gl.zeros(acc.shape, gl.float32, layout=MMA)
+        blk = mma_v2(x0, _codes(w0, DTYPE, B_LAYOUT), z)
+        if CHAINS == 2:
+            odd = mma_v2(x1, _codes(w1, DTYPE, B_LAYOUT), z)
+        else:
+            blk = mma_v2(x1, _codes(w1, DTYPE, B_LAYOUT), blk)
         if GROUP == 64:
+            if CHAINS == 2:
+                blk += odd
             if SYMMETRIC:
                 acc += (blk - xs0 * 8.0) * s0[None, :]
             else:
                 acc += (blk - xs0 * z0[None, :]) * s0[None, :]
-            blk = gl.zeros(acc.shape, gl.float32, layout=MMA)
-        blk = mma_v2(x2, _codes(w2, DTYPE, B_LAYOUT), blk)
-        blk = mma_v2(x3, _codes(w3, DTYPE, B_LAYOUT), blk)
+            blk = mma_v2(x2, _codes(w2, DTYPE, B_LAYOUT), z)
+            if CHAINS == 2:
+                odd = mma_v2(x3, _codes(w3, DTYPE, B_LAYOUT), z)
+            else:
+                blk = mma_v2(x3, _codes(w3, DTYPE, B_LAYOUT), blk)
+        else:
+            blk = mma_v2(x2, _codes(w2, DTYPE, B_LAYOUT), blk)
+            if CHAINS == 2:
+                odd = mma_v2(x3, _codes(w3, DTYPE, B_LAYOUT), odd)
+            else:
+                blk = mma_v2(x3, _codes(w3, DTYPE, B_LAYOUT), blk)
+        if CHAINS == 2:
+            blk += odd
         if SYMMETRIC:
             acc += (blk - xs1 * 8.0) * s1[None, :]
         else:
@@ -291,7 +310,7 @@ if gluon is not None:
     def _light_step(acc_u, acc_g, u0, u1, u2, u3, g0, g1, g2, g3, c, c_lo, c_next, x_cur, x_ptr,
                     x_off, x_mask, xk, x_smem, ones, us_ptr, uz_ptr, gs_ptr, gz_ptr, N, K, G, sc,
                     s_mask, DUAL: gl.constexpr, SYMMETRIC: gl.constexpr, GROUP: gl.constexpr,
-                    TAIL: gl.constexpr, DTYPE: gl.constexpr,
+                    TAIL: gl.constexpr, DTYPE: gl.constexpr, CHAINS: gl.constexpr,
                     MMA: gl.constexpr):  # fmt: skip
         """Chunk c: its scales, x_cur staged (slot order) and read as A fragments, x of chunk
         c_next loaded, then acc += s (x q - z sum x) for the up (and gate) words. Returns the
@@ -304,18 +323,17 @@ if gluon is not None:
         x0, x1, x2, x3 = _stage(x_smem, c - c_lo, x_cur, True, A_LAYOUT)
         x_next = _x_chunk(x_ptr, x_off, x_mask, xk, c_next * _CHUNK, K, TAIL)
         # x's row sums (the zero points' term) on the tensor cores, per half chunk
-        BN: gl.constexpr = acc_u.shape[1]
-        xs0 = mma_v2(x1, ones, mma_v2(x0, ones, gl.zeros([16, BN], gl.float32, layout=MMA)))
+        xs0 = mma_v2(x1, ones, mma_v2(x0, ones, gl.zeros(acc_u.shape, gl.float32, layout=MMA)))
         if GROUP == 64:
-            xs1 = gl.zeros([16, BN], gl.float32, layout=MMA)
+            xs1 = gl.zeros(acc_u.shape, gl.float32, layout=MMA)
         else:
             xs1 = xs0
         xs1 = mma_v2(x3, ones, mma_v2(x2, ones, xs1))
         acc_u = _apply(acc_u, x0, x1, x2, x3, u0, u1, u2, u3, xs0, xs1, su0, zu0, su1, zu1,
-                       SYMMETRIC, GROUP, DTYPE, B_LAYOUT, MMA)  # fmt: skip
+                       SYMMETRIC, GROUP, DTYPE, CHAINS, B_LAYOUT, MMA)  # fmt: skip
         if DUAL:
             acc_g = _apply(acc_g, x0, x1, x2, x3, g0, g1, g2, g3, xs0, xs1, sg0, zg0, sg1, zg1,
-                           SYMMETRIC, GROUP, DTYPE, B_LAYOUT, MMA)  # fmt: skip
+                           SYMMETRIC, GROUP, DTYPE, CHAINS, B_LAYOUT, MMA)  # fmt: skip
         return acc_u, acc_g, x_next
 
     @gluon.jit
@@ -330,12 +348,107 @@ if gluon is not None:
         return u0, u1, u2, u3, g0, g1, g2, g3
 
     @gluon.jit
+    def _ring_copy(w_smem, ptr, stage, cc, n0, N, KR, TAIL: gl.constexpr, BN: gl.constexpr,
+                   C_LAYOUT: gl.constexpr):  # fmt: skip
+        """cp.async of chunk cc's 16 word rows x BN columns into ring stage `stage` (16 bytes a
+        thread; rows past K and columns past N zero-filled)."""
+        r = gl.arange(0, 16, layout=gl.SliceLayout(1, C_LAYOUT))
+        n = gl.arange(0, BN, layout=gl.SliceLayout(0, C_LAYOUT))
+        mask = ((n0 + n) < N)[None, :] & (r < 16)[:, None]
+        if TAIL:
+            mask = mask & ((cc * 16 + r) < KR)[:, None]
+        ptrs = ptr + (cc * 16 + r)[:, None] * N + (n0 + n)[None, :]
+        async_copy.async_copy_global_to_shared(w_smem.index(stage), ptrs, mask=mask)
+
+    @gluon.jit
+    def _ring_words(w_smem, stage, W_LAYOUT: gl.constexpr):
+        """Chunk words [4, BN] x 4 blocks from ring stage `stage`."""
+        buf = w_smem.index(stage)
+        w0 = buf.slice(0, 4, dim=0).load(W_LAYOUT)
+        w1 = buf.slice(4, 4, dim=0).load(W_LAYOUT)
+        w2 = buf.slice(8, 4, dim=0).load(W_LAYOUT)
+        w3 = buf.slice(12, 4, dim=0).load(W_LAYOUT)
+        return w0, w1, w2, w3
+
+    @gluon.jit
+    def _ring_slice(x_ptr, stride_xm, M, K, up_ptr, us_ptr, uz_ptr, gp_ptr, gs_ptr, gz_ptr, N, n0,
+                    c_lo, c_hi, DUAL: gl.constexpr, SYMMETRIC: gl.constexpr,
+                    GROUP: gl.constexpr, TAIL: gl.constexpr, DTYPE: gl.constexpr,
+                    BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
+                    CHAINS: gl.constexpr,
+                    W_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr, C_LAYOUT: gl.constexpr,
+                    MMA: gl.constexpr):  # fmt: skip
+        """_light_slice with the words through a STAGES-deep cp.async ring in shared memory
+        (branch mma-ring, NOT measured on a GPU): STAGES - 1 chunks in flight without holding
+        them in registers. Step c: wait for chunk c's copies (this thread's), stage x (its
+        barrier also publishes every thread's copies of chunk c and ends every thread's reads of
+        step c - 1), copy chunk c + STAGES - 1 into the stage step c - 1 read, read chunk c's
+        words, multiply."""
+        A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+        B_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+        KR = K // 8
+        G = gl.cdiv(K, GROUP)
+        WS: gl.constexpr = gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=4,
+                                                   order=[1, 0])  # fmt: skip
+        wu_smem = gl.allocate_shared_memory(gl.int32, [STAGES, 16, BN], WS)
+        wg_smem = wu_smem
+        if DUAL:
+            wg_smem = gl.allocate_shared_memory(gl.int32, [STAGES, 16, BN], WS)
+        x_off, x_mask, xk, x_smem = _x_tiles(stride_xm, M, BM, DTYPE, X_LAYOUT)
+        sc = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, MMA))
+        s_mask = sc < N
+        ones = gl.full([32, BN], 1.0, DTYPE, layout=B_LAYOUT)
+        acc_u = gl.zeros([BM, BN], gl.float32, layout=MMA)
+        acc_g = gl.zeros([BM, BN], gl.float32, layout=MMA)
+        last = c_hi - 1
+        for i in gl.static_range(STAGES - 1):  # prologue: chunks c_lo .. c_lo + STAGES - 2
+            cc = gl.minimum(c_lo + i, last)
+            _ring_copy(wu_smem, up_ptr, i, cc, n0, N, KR, TAIL, BN, C_LAYOUT)
+            if DUAL:
+                _ring_copy(wg_smem, gp_ptr, i, cc, n0, N, KR, TAIL, BN, C_LAYOUT)
+            async_copy.commit_group()
+        x_next = _x_chunk(x_ptr, x_off, x_mask, xk, c_lo * _CHUNK, K, TAIL)
+        for c in range(c_lo, c_hi):
+            j = c - c_lo
+            su0, zu0, su1, zu1 = _scales(us_ptr, uz_ptr, c, N, G, sc, s_mask, SYMMETRIC, GROUP)
+            if DUAL:
+                sg0, zg0, sg1, zg1 = _scales(gs_ptr, gz_ptr, c, N, G, sc, s_mask, SYMMETRIC,
+                                             GROUP)  # fmt: skip
+            async_copy.wait_group(STAGES - 2)
+            x0, x1, x2, x3 = _stage(x_smem, j, x_next, True, A_LAYOUT)
+            x_next = _x_chunk(x_ptr, x_off, x_mask, xk, gl.minimum(c + 1, last) * _CHUNK, K,
+                              TAIL)  # fmt: skip
+            cc = gl.minimum(c + STAGES - 1, last)
+            _ring_copy(wu_smem, up_ptr, (j + STAGES - 1) % STAGES, cc, n0, N, KR, TAIL, BN,
+                       C_LAYOUT)  # fmt: skip
+            if DUAL:
+                _ring_copy(wg_smem, gp_ptr, (j + STAGES - 1) % STAGES, cc, n0, N, KR, TAIL, BN,
+                           C_LAYOUT)  # fmt: skip
+            async_copy.commit_group()
+            u0, u1, u2, u3 = _ring_words(wu_smem, j % STAGES, W_LAYOUT)
+            xs0 = mma_v2(x1, ones, mma_v2(x0, ones, gl.zeros([BM, BN], gl.float32, layout=MMA)))
+            if GROUP == 64:
+                xs1 = gl.zeros([BM, BN], gl.float32, layout=MMA)
+            else:
+                xs1 = xs0
+            xs1 = mma_v2(x3, ones, mma_v2(x2, ones, xs1))
+            acc_u = _apply(acc_u, x0, x1, x2, x3, u0, u1, u2, u3, xs0, xs1, su0, zu0, su1, zu1,
+                           SYMMETRIC, GROUP, DTYPE, CHAINS, B_LAYOUT, MMA)  # fmt: skip
+            if DUAL:
+                g0, g1, g2, g3 = _ring_words(wg_smem, j % STAGES, W_LAYOUT)
+                acc_g = _apply(acc_g, x0, x1, x2, x3, g0, g1, g2, g3, xs0, xs1, sg0, zg0, sg1,
+                               zg1, SYMMETRIC, GROUP, DTYPE, CHAINS, B_LAYOUT, MMA)  # fmt: skip
+        async_copy.wait_group(0)
+        return acc_u, acc_g
+
+    @gluon.jit
     def _light_slice(x_ptr, stride_xm, M, K, up_ptr, us_ptr, uz_ptr, gp_ptr, gs_ptr, gz_ptr,
                      N, n0, c_lo, c_hi, DUAL: gl.constexpr, SYMMETRIC: gl.constexpr,
                      GROUP: gl.constexpr, TAIL: gl.constexpr, DTYPE: gl.constexpr,
-                     BN: gl.constexpr, DEPTH: gl.constexpr, W_LAYOUT: gl.constexpr,
-                     X_LAYOUT: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
-        """fp32 [16, BN] x times columns n0.. of one (DUAL: two) packed int4 weights [N, K] over
+                     BM: gl.constexpr, BN: gl.constexpr, DEPTH: gl.constexpr,
+                     CHAINS: gl.constexpr, W_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
+                     MMA: gl.constexpr):  # fmt: skip
+        """fp32 [BM, BN] x times columns n0.. of one (DUAL: two) packed int4 weights [N, K] over
         chunks c_lo .. c_hi - 1 (c_hi > c_lo). Returns (up, gate) (gate = up without DUAL).
 
         DEPTH 1: the next chunk's words are loaded at the top of each step into new registers
@@ -350,12 +463,12 @@ if gluon is not None:
         wc = gl.arange(0, BN, layout=gl.SliceLayout(0, W_LAYOUT))
         w_off = wr[:, None] * N + (n0 + wc)[None, :] + c_lo * 16 * N
         w_mask = ((n0 + wc) < N)[None, :]
-        x_off, x_mask, xk, x_smem = _x_tiles(stride_xm, M, DTYPE, X_LAYOUT)
+        x_off, x_mask, xk, x_smem = _x_tiles(stride_xm, M, BM, DTYPE, X_LAYOUT)
         sc = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, MMA))
         s_mask = sc < N
         ones = gl.full([32, BN], 1.0, DTYPE, layout=B_LAYOUT)
-        acc_u = gl.zeros([16, BN], gl.float32, layout=MMA)
-        acc_g = gl.zeros([16, BN], gl.float32, layout=MMA)
+        acc_u = gl.zeros([BM, BN], gl.float32, layout=MMA)
+        acc_g = gl.zeros([BM, BN], gl.float32, layout=MMA)
         last = c_hi - 1
         u0, u1, u2, u3, g0, g1, g2, g3 = _light_words(up_ptr, gp_ptr, w_off, w_mask, c_lo, c_lo,
                                                       N, KR, DUAL, TAIL)  # fmt: skip
@@ -368,7 +481,7 @@ if gluon is not None:
                 acc_u, acc_g, x_next = _light_step(
                     acc_u, acc_g, u0, u1, u2, u3, g0, g1, g2, g3, c, c_lo, c + 1, x_next, x_ptr,
                     x_off, x_mask, xk, x_smem, ones, us_ptr, uz_ptr, gs_ptr, gz_ptr, N, K, G, sc,
-                    s_mask, DUAL, SYMMETRIC, GROUP, TAIL, DTYPE, MMA,
+                    s_mask, DUAL, SYMMETRIC, GROUP, TAIL, DTYPE, CHAINS, MMA,
                 )  # fmt: skip
                 u0, u1, u2, u3, g0, g1, g2, g3 = _light_words(
                     up_ptr, gp_ptr, w_off, w_mask, gl.minimum(c + 2, last), c_lo, N, KR, DUAL,
@@ -378,7 +491,7 @@ if gluon is not None:
                     acc_u, acc_g, v0, v1, v2, v3, h0, h1, h2, h3, c + 1, c_lo,
                     gl.minimum(c + 2, last), x_next, x_ptr, x_off, x_mask, xk, x_smem, ones,
                     us_ptr, uz_ptr, gs_ptr, gz_ptr, N, K, G, sc, s_mask, DUAL, SYMMETRIC, GROUP,
-                    TAIL, DTYPE, MMA,
+                    TAIL, DTYPE, CHAINS, MMA,
                 )  # fmt: skip
                 v0, v1, v2, v3, h0, h1, h2, h3 = _light_words(
                     up_ptr, gp_ptr, w_off, w_mask, gl.minimum(c + 3, last), c_lo, N, KR, DUAL,
@@ -388,7 +501,7 @@ if gluon is not None:
                 acc_u, acc_g, x_next = _light_step(
                     acc_u, acc_g, u0, u1, u2, u3, g0, g1, g2, g3, last, c_lo, last, x_next,
                     x_ptr, x_off, x_mask, xk, x_smem, ones, us_ptr, uz_ptr, gs_ptr, gz_ptr, N, K,
-                    G, sc, s_mask, DUAL, SYMMETRIC, GROUP, TAIL, DTYPE, MMA,
+                    G, sc, s_mask, DUAL, SYMMETRIC, GROUP, TAIL, DTYPE, CHAINS, MMA,
                 )  # fmt: skip
         else:
             for c in range(c_lo, c_hi):
@@ -401,7 +514,7 @@ if gluon is not None:
                 acc_u, acc_g, x_next = _light_step(
                     acc_u, acc_g, u0, u1, u2, u3, g0, g1, g2, g3, c, c_lo, c_next, x_next, x_ptr,
                     x_off, x_mask, xk, x_smem, ones, us_ptr, uz_ptr, gs_ptr, gz_ptr, N, K, G, sc,
-                    s_mask, DUAL, SYMMETRIC, GROUP, TAIL, DTYPE, MMA,
+                    s_mask, DUAL, SYMMETRIC, GROUP, TAIL, DTYPE, CHAINS, MMA,
                 )  # fmt: skip
                 u0, u1, u2, u3, g0, g1, g2, g3 = v0, v1, v2, v3, h0, h1, h2, h3
         return acc_u, acc_g
@@ -431,9 +544,9 @@ if gluon is not None:
     @gluon.jit
     def _heavy_slice(x_ptr, stride_xm, M, K, hu_ptr, hg_ptr, stride_hw, N, n0, c_lo, c_hi,
                      DUAL: gl.constexpr, TAIL: gl.constexpr, DTYPE: gl.constexpr,
-                     BN: gl.constexpr, H_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
-                     MMA: gl.constexpr):  # fmt: skip
-        """fp32 [16, BN] x times rows n0.. of one (DUAL: two) dense [N, K] weights over chunks
+                     BM: gl.constexpr, BN: gl.constexpr, H_LAYOUT: gl.constexpr,
+                     X_LAYOUT: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
+        """fp32 [BM, BN] x times rows n0.. of one (DUAL: two) dense [N, K] weights over chunks
         c_lo .. c_hi - 1. Returns (up, gate) (gate = up without DUAL)."""
         A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
         B_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
@@ -446,9 +559,9 @@ if gluon is not None:
         rows = gl.expand_dims(gl.expand_dims(n0 + hr, 1), 2)  # [BN, 1, 1]
         h_off = rows * stride_hw + koff
         h_mask = rows < N
-        x_off, x_mask, xk, x_smem = _x_tiles(stride_xm, M, DTYPE, X_LAYOUT)
-        acc_u = gl.zeros([16, BN], gl.float32, layout=MMA)
-        acc_g = gl.zeros([16, BN], gl.float32, layout=MMA)
+        x_off, x_mask, xk, x_smem = _x_tiles(stride_xm, M, BM, DTYPE, X_LAYOUT)
+        acc_u = gl.zeros([BM, BN], gl.float32, layout=MMA)
+        acc_g = gl.zeros([BM, BN], gl.float32, layout=MMA)
         u0, u1, u2, u3 = _dense_chunk(hu_ptr, h_off, h_mask, koff, c_lo * _CHUNK, K, TAIL)
         g0, g1, g2, g3 = u0, u1, u2, u3
         if DUAL:
@@ -471,8 +584,9 @@ if gluon is not None:
 
     @gluon.jit
     def _store_partial(ws_ptr, acc, slot, M, NT, cols, n_mask, MMA: gl.constexpr):
-        """fp32 [16, BN] partial sums into slot rows ws[slot, m, cols] (ws [.., M, NT])."""
-        om = gl.arange(0, 16, layout=gl.SliceLayout(1, MMA))
+        """fp32 [BM, BN] partial sums into slot rows ws[slot, m, cols] (ws [.., M, NT])."""
+        BM: gl.constexpr = acc.shape[0]
+        om = gl.arange(0, BM, layout=gl.SliceLayout(1, MMA))
         ptrs = ws_ptr + slot * M * NT + om[:, None] * NT + cols[None, :]
         gl.store(ptrs, acc, mask=(om < M)[:, None] & n_mask[None, :])
 
@@ -492,15 +606,15 @@ if gluon is not None:
     @gluon.jit
     def _finish(ws_ptr, a_ptr, ub_ptr, gb_ptr, M, NT, stride_am, cols, n_mask, n_split,
                 DUAL: gl.constexpr, ACTIVATION: gl.constexpr, HAS_UP_BIAS: gl.constexpr,
-                HAS_GATE_BIAS: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
+                HAS_GATE_BIAS: gl.constexpr, BM: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
         """a[:, cols] = finish(sum of the tile's slots 0 .. n_split - 1 in slot order): the same
         result whichever program arrives last. Loads bypass L1 (.cg): other programs wrote
         them."""
         DUALS: gl.constexpr = 2 if DUAL else 1
-        om = gl.arange(0, 16, layout=gl.SliceLayout(1, MMA))
+        om = gl.arange(0, BM, layout=gl.SliceLayout(1, MMA))
         mask = (om < M)[:, None] & n_mask[None, :]
         ptrs = ws_ptr + om[:, None] * NT + cols[None, :]
-        up = gl.zeros([16, cols.shape[0]], gl.float32, layout=MMA)
+        up = gl.zeros([BM, cols.shape[0]], gl.float32, layout=MMA)
         gate = up
         for s in range(0, n_split):
             up += gl.load(ptrs + s * DUALS * M * NT, mask=mask, other=0.0, cache_modifier=".cg")
@@ -521,7 +635,7 @@ if gluon is not None:
     @gluon.jit
     def _arrive(cnt_ptr, tile, n_split, ws_ptr, a_ptr, ub_ptr, gb_ptr, M, NT, stride_am, cols,
                 n_mask, DUAL: gl.constexpr, ACTIVATION: gl.constexpr,
-                HAS_UP_BIAS: gl.constexpr, HAS_GATE_BIAS: gl.constexpr,
+                HAS_UP_BIAS: gl.constexpr, HAS_GATE_BIAS: gl.constexpr, BM: gl.constexpr,
                 MMA: gl.constexpr):  # fmt: skip
         """Count this program's partials of `tile` in (every thread fences its stores, a CTA
         barrier, one acq_rel atomic: the ticket's release covers only its own thread); the
@@ -534,7 +648,7 @@ if gluon is not None:
         if ticket == n_split - 1:
             gl.thread_barrier()
             _finish(ws_ptr, a_ptr, ub_ptr, gb_ptr, M, NT, stride_am, cols, n_mask, n_split, DUAL,
-                    ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS, MMA)  # fmt: skip
+                    ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS, BM, MMA)  # fmt: skip
             gl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
 
     @gluon.jit
@@ -544,9 +658,11 @@ if gluon is not None:
                    ACTIVATION: gl.constexpr, HAS_UP_BIAS: gl.constexpr,
                    HAS_GATE_BIAS: gl.constexpr,
                    SYMMETRIC: gl.constexpr, GROUP: gl.constexpr, TAIL: gl.constexpr,
-                   DTYPE: gl.constexpr, BN: gl.constexpr, BNH: gl.constexpr,
-                   DEPTH: gl.constexpr, W_LAYOUT: gl.constexpr, H_LAYOUT: gl.constexpr,
-                   X_LAYOUT: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
+                   DTYPE: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+                   BNH: gl.constexpr, DEPTH: gl.constexpr, CHAINS: gl.constexpr,
+                   W_LAYOUT: gl.constexpr, H_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
+                   C_LAYOUT: gl.constexpr,
+                   MMA: gl.constexpr):  # fmt: skip
         """Kernel A's up (and gate) sums of K-slice program_id(1) for one tile of heavy rows
         (the first programs along axis 0, BNH neurons) or light columns (BN neurons), as fp32
         partials into ws [slices, 2 (1 without DUAL), M, NH + NL]. FUSED: the last of a tile's
@@ -564,8 +680,8 @@ if gluon is not None:
         if pid < heavy_tiles:
             # names apart from the light branch's: tiles of other widths
             h_u, h_g = _heavy_slice(x_ptr, stride_xm, M, K, hu_ptr, hg_ptr, stride_hw, NH,
-                                    pid * BNH, c_lo, c_hi, DUAL, TAIL, DTYPE, BNH, H_LAYOUT,
-                                    X_LAYOUT, MMA)  # fmt: skip
+                                    pid * BNH, c_lo, c_hi, DUAL, TAIL, DTYPE, BM, BNH,
+                                    H_LAYOUT, X_LAYOUT, MMA)  # fmt: skip
             h_cols = pid * BNH + gl.arange(0, BNH, layout=gl.SliceLayout(0, MMA))
             _store_partial(ws_ptr, h_u, split * DUALS, M, NT, h_cols, h_cols < NH, MMA)
             if DUAL:
@@ -573,13 +689,19 @@ if gluon is not None:
             if FUSED:
                 _arrive(cnt_ptr, pid, n_split, ws_ptr, a_ptr, ub_ptr, gb_ptr, M, NT, stride_am,
                         h_cols, h_cols < NH, DUAL, ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS,
-                        MMA)  # fmt: skip
+                        BM, MMA)  # fmt: skip
         else:
             l0 = (pid - heavy_tiles) * BN
-            l_u, l_g = _light_slice(x_ptr, stride_xm, M, K, up_ptr, us_ptr, uz_ptr, gp_ptr,
-                                    gs_ptr, gz_ptr, NL, l0, c_lo, c_hi, DUAL, SYMMETRIC, GROUP,
-                                    TAIL, DTYPE, BN, DEPTH, W_LAYOUT, X_LAYOUT,
-                                    MMA)  # fmt: skip
+            if DEPTH == 3:
+                l_u, l_g = _ring_slice(x_ptr, stride_xm, M, K, up_ptr, us_ptr, uz_ptr, gp_ptr,
+                                       gs_ptr, gz_ptr, NL, l0, c_lo, c_hi, DUAL, SYMMETRIC,
+                                       GROUP, TAIL, DTYPE, BM, BN, 4, CHAINS, W_LAYOUT,
+                                       X_LAYOUT, C_LAYOUT, MMA)  # fmt: skip
+            else:
+                l_u, l_g = _light_slice(x_ptr, stride_xm, M, K, up_ptr, us_ptr, uz_ptr, gp_ptr,
+                                        gs_ptr, gz_ptr, NL, l0, c_lo, c_hi, DUAL, SYMMETRIC,
+                                        GROUP, TAIL, DTYPE, BM, BN, DEPTH, CHAINS, W_LAYOUT,
+                                        X_LAYOUT, MMA)  # fmt: skip
             l_cols = l0 + gl.arange(0, BN, layout=gl.SliceLayout(0, MMA))
             _store_partial(ws_ptr, l_u, split * DUALS, M, NT, NH + l_cols, l_cols < NL, MMA)
             if DUAL:
@@ -588,15 +710,16 @@ if gluon is not None:
             if FUSED:
                 _arrive(cnt_ptr, pid, n_split, ws_ptr, a_ptr, ub_ptr, gb_ptr, M, NT, stride_am,
                         NH + l_cols, l_cols < NL, DUAL, ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS,
-                        MMA)  # fmt: skip
+                        BM, MMA)  # fmt: skip
 
     @gluon.jit
     def _down_kernel(xh_ptr, xl_ptr, hw_ptr, p_ptr, s_ptr, z_ptr, ws_ptr, M, N, KH, KL,
                      stride_xm, stride_hw, SL, SYMMETRIC: gl.constexpr, GROUP: gl.constexpr,
                      TAIL_L: gl.constexpr, TAIL_H: gl.constexpr, DTYPE: gl.constexpr,
-                     BN: gl.constexpr, DEPTH: gl.constexpr, W_LAYOUT: gl.constexpr,
-                     H_LAYOUT: gl.constexpr,
-                     X_LAYOUT: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
+                     BM: gl.constexpr, BN: gl.constexpr, DEPTH: gl.constexpr,
+                     CHAINS: gl.constexpr, W_LAYOUT: gl.constexpr, H_LAYOUT: gl.constexpr,
+                     X_LAYOUT: gl.constexpr, C_LAYOUT: gl.constexpr,
+                     MMA: gl.constexpr):  # fmt: skip
         """Kernel B (or any split linear): fp32 partials ws [slices, M, N] of output columns
         program_id(0) * BN ..; slices 0 .. SL - 1 cover the packed columns (x = xl [M, KL]), the
         others the dense ones (x = xh [M, KH]): both parts end in one reduce."""
@@ -607,18 +730,24 @@ if gluon is not None:
             chunks = gl.cdiv(KL, _CHUNK)
             c_lo = split * chunks // SL
             c_hi = (split + 1) * chunks // SL
-            acc, _ = _light_slice(xl_ptr, stride_xm, M, KL, p_ptr, s_ptr, z_ptr, p_ptr, s_ptr,
-                                  z_ptr, N, n0, c_lo, c_hi, False, SYMMETRIC, GROUP, TAIL_L,
-                                  DTYPE, BN, DEPTH, W_LAYOUT, X_LAYOUT,
-                                  MMA)  # fmt: skip
+            if DEPTH == 3:
+                acc, _ = _ring_slice(xl_ptr, stride_xm, M, KL, p_ptr, s_ptr, z_ptr, p_ptr, s_ptr,
+                                     z_ptr, N, n0, c_lo, c_hi, False, SYMMETRIC, GROUP, TAIL_L,
+                                     DTYPE, BM, BN, 4, CHAINS, W_LAYOUT, X_LAYOUT, C_LAYOUT,
+                                     MMA)  # fmt: skip
+            else:
+                acc, _ = _light_slice(xl_ptr, stride_xm, M, KL, p_ptr, s_ptr, z_ptr, p_ptr,
+                                      s_ptr, z_ptr, N, n0, c_lo, c_hi, False, SYMMETRIC, GROUP,
+                                      TAIL_L, DTYPE, BM, BN, DEPTH, CHAINS, W_LAYOUT, X_LAYOUT,
+                                      MMA)  # fmt: skip
         else:
             sh = gl.num_programs(1) - SL
             chunks = gl.cdiv(KH, _CHUNK)
             c_lo = (split - SL) * chunks // sh
             c_hi = (split - SL + 1) * chunks // sh
             acc, _ = _heavy_slice(xh_ptr, stride_xm, M, KH, hw_ptr, hw_ptr, stride_hw, N, n0,
-                                  c_lo, c_hi, False, TAIL_H, DTYPE, BN, H_LAYOUT, X_LAYOUT,
-                                  MMA)  # fmt: skip
+                                  c_lo, c_hi, False, TAIL_H, DTYPE, BM, BN, H_LAYOUT,
+                                  X_LAYOUT, MMA)  # fmt: skip
         cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, MMA))
         _store_partial(ws_ptr, acc, split, M, N, cols, cols < N, MMA)
 
@@ -632,7 +761,7 @@ class MmaConfig:
     """num_warps warps side by side along N with `tiles` n8 tiles each (light tiles of
     8 * num_warps * tiles columns; kernel A's heavy tiles one n8 tile a warp); K-slices for
     `waves` whole waves of `resident` programs an SM (what the registers let reside on sm_90);
-    words loaded `depth` chunks ahead."""
+    words loaded `depth` chunks ahead (3: through a 4-stage cp.async ring, branch mma-ring)."""
 
     num_warps: int = 4
     tiles: int = 2
@@ -640,6 +769,8 @@ class MmaConfig:
     waves: int = 1
     depth: int = 1
     fused: bool = False  # kernel A: the last slice to arrive finishes its tile (no reduce launch)
+    chains: int = 1  # MMA accumulator chains a chunk (2: less dependent latency, more registers)
+    rows: int = 1  # m16 row tiles a program (BM = 16 rows each): the weights are read once for M
 
     @property
     def block_n(self) -> int:
@@ -655,14 +786,39 @@ class MmaConfig:
 UP_CONFIGS = (
     MmaConfig(4, 2, resident=4, waves=1, fused=True),
     MmaConfig(4, 2, resident=4, waves=1),
+    MmaConfig(4, 2, resident=4, waves=1, depth=3, fused=True),  # branch mma-ring: unmeasured
+    MmaConfig(4, 2, resident=3, waves=1, fused=True, chains=2),  # branch mma-chains: unmeasured
 )
 DOWN_CONFIGS = (
     MmaConfig(4, 2, resident=4, waves=1),
     MmaConfig(4, 2, resident=4, waves=1, depth=2),
     MmaConfig(4, 4, resident=2, waves=1, depth=2),
+    MmaConfig(4, 2, resident=4, waves=1, depth=3),  # branch mma-ring: cp.async ring, unmeasured
+    MmaConfig(4, 2, resident=4, waves=1, chains=2),  # branch mma-chains: unmeasured
+    MmaConfig(4, 2, resident=4, waves=1, depth=3, chains=2),  # both: unmeasured
 )
+# more than 16 rows (branch mma-rows, NOT measured on a GPU): 2 or 4 m16 tiles a program, the
+# weights read once for all rows; sm_90 AOT (fp16): kernel A 4 x 2 168 registers at 32 rows
+# (3 an SM), 255 at 64 (2), 4 x 1 189 at 64; kernel B 4 x 2 150 at 32, 204 at 64
+UP_ROWS = {
+    2: (MmaConfig(4, 2, resident=3, fused=True, rows=2),),
+    4: (MmaConfig(4, 1, resident=2, fused=True, rows=4), MmaConfig(4, 2, resident=2, rows=4)),
+}
+DOWN_ROWS = {
+    2: (MmaConfig(4, 2, resident=3, rows=2),),
+    4: (MmaConfig(4, 2, resident=2, rows=4), MmaConfig(4, 1, resident=2, rows=4)),
+}
+
+
+def _for_rows(table: tuple, by_rows: dict, m: int) -> tuple:
+    """The candidates for M rows: `table` up to 16 rows, else those of 2 or 4 m16 tiles."""
+    rows = triton.next_power_of_2(triton.cdiv(m, BLOCK_M))
+    return table if rows == 1 else by_rows[rows]
+
+
 if os.environ.get("FFNSPLIT_MMA_FUSED", "1") == "0":  # comparisons: no fused kernel A
     UP_CONFIGS = tuple(c for c in UP_CONFIGS if not c.fused)
+    UP_ROWS = {r: tuple(c for c in t if not c.fused) for r, t in UP_ROWS.items()}
 
 
 @functools.cache
@@ -692,7 +848,10 @@ def layouts(num_warps: int, tiles: int) -> tuple:
 
     # x's [16, 128] chunk read coalesced: 8 values (16 bytes) a thread
     x_layout = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])
-    return words, rows(tiles), rows(1), x_layout, mma
+    # a chunk's words [16, BN] copied into the ring (DEPTH 3): 4 words (16 bytes) a thread
+    lanes_n = min(32, 2 * num_warps * tiles)
+    copy = gl.BlockedLayout([1, 4], [32 // lanes_n, lanes_n], [num_warps, 1], [1, 0])
+    return words, rows(tiles), rows(1), x_layout, mma, copy
 
 
 def _slices(cfg: MmaConfig, tiles: int, sms: int) -> int:
@@ -738,7 +897,7 @@ def split_activations(x2: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor) -> 
     gate_bias = w.gate_bias if w.gate_bias is not None else a
 
     def run(cfg: MmaConfig) -> None:
-        words, rows, rows1, x_layout, mma = layouts(cfg.num_warps, cfg.tiles)
+        words, rows, rows1, x_layout, mma, copy = layouts(cfg.num_warps, cfg.tiles)
         bnh = 8 * cfg.num_warps
         tiles = triton.cdiv(h, bnh) + triton.cdiv(n_light, cfg.block_n)
         split = min(_slices(cfg, tiles, sms), chunks)
@@ -750,10 +909,11 @@ def split_activations(x2: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor) -> 
             ACTIVATION=w.activation, HAS_UP_BIAS=w.up_bias is not None,
             HAS_GATE_BIAS=w.gated and w.gate_bias is not None, SYMMETRIC=symmetric, GROUP=group,
             TAIL=hidden % CHUNK != 0,
-            DTYPE=_gl_dtype(x2.dtype), BN=cfg.block_n, BNH=bnh, DEPTH=cfg.depth,
+            DTYPE=_gl_dtype(x2.dtype), BM=16 * cfg.rows, BN=cfg.block_n, BNH=bnh,
+            DEPTH=cfg.depth, CHAINS=cfg.chains,
             W_LAYOUT=words,
             H_LAYOUT=rows1,
-            X_LAYOUT=x_layout, MMA=mma, num_warps=cfg.num_warps,
+            X_LAYOUT=x_layout, C_LAYOUT=copy, MMA=mma, num_warps=cfg.num_warps,
         )  # fmt: skip
         if cfg.fused:
             return
@@ -767,7 +927,7 @@ def split_activations(x2: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor) -> 
 
     key = (triton.next_power_of_2(m), hidden, h, n_light, group, symmetric, w.gated, x2.dtype,
            x2.device)  # fmt: skip
-    run(_up_tuner.pick(key, UP_CONFIGS, run))
+    run(_up_tuner.pick(key, _for_rows(UP_CONFIGS, UP_ROWS, m), run))
 
 
 def _down_slices(total: int, kh: int, kl: int, group: int) -> tuple[int, int]:
@@ -809,17 +969,18 @@ def split_linear(x2: torch.Tensor, heavy: torch.Tensor | None, light: QuantizedW
     sms = sm_count(x2.device)
 
     def run(cfg: MmaConfig) -> None:
-        words, rows, _, x_layout, mma = layouts(cfg.num_warps, cfg.tiles)
+        words, rows, _, x_layout, mma, copy = layouts(cfg.num_warps, cfg.tiles)
         tiles = triton.cdiv(n, cfg.block_n)
         sl, sh = _down_slices(_slices(cfg, tiles, sms), kh, kl, group)
         ws = torch.empty((sl + sh, m, n), dtype=torch.float32, device=x2.device)
         _down_kernel[(tiles, sl + sh)](
             x2, xl, hw, *packed, ws, m, n, kh, kl, x2.stride(0), hw.stride(0), sl,
             SYMMETRIC=symmetric, GROUP=group, TAIL_L=kl % CHUNK != 0, TAIL_H=kh % CHUNK != 0,
-            DTYPE=_gl_dtype(x2.dtype), BN=cfg.block_n, DEPTH=cfg.depth,
+            DTYPE=_gl_dtype(x2.dtype), BM=16 * cfg.rows, BN=cfg.block_n, DEPTH=cfg.depth,
+            CHAINS=cfg.chains,
             W_LAYOUT=words,
             H_LAYOUT=rows,
-            X_LAYOUT=x_layout, MMA=mma, num_warps=cfg.num_warps,
+            X_LAYOUT=x_layout, C_LAYOUT=copy, MMA=mma, num_warps=cfg.num_warps,
         )  # fmt: skip
         block = 1024
         _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
@@ -828,20 +989,20 @@ def split_linear(x2: torch.Tensor, heavy: torch.Tensor | None, light: QuantizedW
         )  # fmt: skip
 
     key = (triton.next_power_of_2(m), n, kh, kl, group, symmetric, x2.dtype, x2.device)
-    run(_down_tuner.pick(key, DOWN_CONFIGS, run))
+    run(_down_tuner.pick(key, _for_rows(DOWN_CONFIGS, DOWN_ROWS, m), run))
 
 
 def use(m: int, path: str, x: torch.Tensor, light: QuantizedWeight | None) -> bool:
     """Whether M rows of x take this tier: "auto" for MIN_M <= M <= DECODE_MAX_M when it can run
-    them (FFNSPLIT_MMA=0 turns that off); path="mma" forces it for any M <= 16, or says why it
+    them (FFNSPLIT_MMA=0 turns that off); path="mma" forces it for any M <= MAX_M, or says why it
     cannot."""
     if path == "mma":
         if not available(x.device):
             why = _IMPORT_ERROR or "it needs a CUDA GPU of compute capability 8.0 or newer"
             raise ValueError(f"kernel path 'mma' cannot run here: {why}; use path='auto'")
-        if m > BLOCK_M or not light_ok(light, x.dtype):
+        if m > MAX_M or not light_ok(light, x.dtype):
             raise ValueError(
-                "kernel path 'mma' takes at most 16 rows of fp16/bf16 activations and int4 light "
+                "kernel path 'mma' takes at most 64 rows of fp16/bf16 activations and int4 light "
                 "weights with groups of 64, 128, 256, ... in the activations' dtype; use "
                 "path='auto'"
             )
