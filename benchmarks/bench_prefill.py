@@ -37,6 +37,16 @@ def _graph_us(fn) -> float:
     return triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median") * 1e3
 
 
+def _heavy_scratch(on: bool, fn, *args, **kwargs):
+    """fn(*args, **kwargs) with dequant_gemm.HEAVY_IN_SCRATCH set to `on` (at capture: the graph
+    keeps the kernels it recorded)."""
+    saved, dequant_gemm.HEAVY_IN_SCRATCH = dequant_gemm.HEAVY_IN_SCRATCH, on
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        dequant_gemm.HEAVY_IN_SCRATCH = saved
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ms", default="64,128,256,512,1024,2048,4096")
@@ -44,7 +54,11 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=14336)
     parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
     parser.add_argument("--chunk-mib", type=int, help="dequant_gemm.CHUNK_BYTES in MiB")
-    parser.add_argument("--paths", default="dense,prefill,dequant")
+    parser.add_argument(
+        "--paths",
+        default="dense,prefill,dequant",
+        help="dense, prefill, dequant, dequant_fold (dequant with dequant_gemm.HEAVY_IN_SCRATCH)",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.chunk_mib:
@@ -64,7 +78,8 @@ def main() -> None:
         fns = {
             "dense": lambda x=x: _ffn(x, dense[0], dense[1], dense[2], "silu"),
             "prefill": lambda x=x: sffn.split_ffn(x, w, path="prefill"),
-            "dequant": lambda x=x: sffn.split_ffn(x, w, path="dequant"),
+            "dequant": lambda x=x: _heavy_scratch(False, sffn.split_ffn, x, w, path="dequant"),
+            "dequant_fold": lambda x=x: _heavy_scratch(True, sffn.split_ffn, x, w, path="dequant"),
         }
         paths = args.paths.split(",")
         for name in paths:
@@ -73,7 +88,12 @@ def main() -> None:
             tiled = sffn.split_ffn(x, w, path="prefill").float()
             diff = (tiled - sffn.split_ffn(x, w, path="dequant").float()).norm()
             row["rel_diff_paths"] = float(diff / tiled.norm())
-        for name in ("prefill", "dequant"):
+        if "dequant" in paths and "dequant_fold" in paths:
+            plain = fns["dequant"]().float()
+            row["rel_diff_fold"] = float(
+                (fns["dequant_fold"]().float() - plain).norm() / plain.norm()
+            )
+        for name in ("prefill", "dequant", "dequant_fold"):
             if name in paths and "dense" in paths:
                 row[f"{name}_vs_dense"] = round(row["dense"] / row[name], 3)
         rows.append(row)

@@ -12,7 +12,8 @@
 #   atomic (GEMV tests + M = 1, 4 and 8B decode with atomic GEMV candidates on/off/on),
 #   final (decode-path GPU tests + the full bench),
 #   gemv (GEMV tests), floor (bytes-only read kernel), half2 (benchmarks/proto_half2.py),
-#   mma (the Gluon decode tier: tests + benchmarks/bench_mma.py), decodeops (decoder op tests), trace
+#   mma (the Gluon decode tier: tests + benchmarks/bench_mma.py), prefill (dequant path variants
+#   at M = 1024-4096: heavy rows in the scratch or not, 128 and 256 MiB chunks), decodeops (decoder op tests), trace
 #   (benchmarks/trace_decode.py), decode8b (M = 1, 4 + 8B decode once)
 # Several stages in one call: bash benchmarks/gpu_checks.sh gemv trace decode8b
 # Each step has its own time limit, so one slow step cannot take the whole call.
@@ -74,6 +75,15 @@ gemv)  # the GEMV decode path's GPU tests (every candidate config alone, fp16 an
     ;;
 floor)  # what a kernel that only reads the split FFN's bytes costs (benchmarks/bench_floor.py)
     run 150 bench_floor python3 benchmarks/bench_floor.py --out "$OUT/floor.json"
+    ;;
+prefill)  # large M: dequant path with heavy rows in the scratch or not, 128 and 256 MiB chunks,
+    # after its GPU tests (~4 min)
+    run 120 test_dequant env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf -n 8 \
+        tests/test_kernels.py -k "dequant or large_split"
+    for mib in 128 256; do
+        run 150 "bench_prefill_$mib" python3 benchmarks/bench_prefill.py --ms 1024,2048,4096 \
+            --paths dense,dequant,dequant_fold --chunk-mib "$mib" --out "$OUT/bench_prefill_$mib.json"
+    done
     ;;
 mma)  # the Gluon decode tier (ffnsplit/kernels/mma_decode.py): its GPU tests, then every path
     # and config at M = 1, 2, 4, 8, 16 (benchmarks/bench_mma.py) (~5 min)

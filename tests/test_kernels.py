@@ -385,13 +385,18 @@ def test_large_split_ffn(poison, dtype, m) -> None:
     assert rel_err(sffn.split_ffn(x, w), ref_split_ffn(x, w)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("heavy_scratch", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_dequant_path_chunks(poison, monkeypatch, dtype) -> None:
-    """The dequantize + GEMM path over several chunks (the last one partial), with biases."""
+def test_dequant_path_chunks(poison, monkeypatch, dtype, heavy_scratch) -> None:
+    """The dequantize + GEMM path over several chunks (the last one partial), with biases; heavy
+    neurons through their own GEMMs or riding in the scratch (HEAVY_IN_SCRATCH), an odd heavy
+    count (unaligned light columns) too."""
     monkeypatch.setattr(dequant_gemm, "CHUNK_BYTES", 1)  # the smallest chunk: 128 features
-    w = random_split_weights(160, 24, 288, "gelu", True, True, dtype, bits=4, group=64)
-    x = torch.randn(9, 160, device=DEVICE).to(dtype)
-    assert rel_err(sffn.split_ffn(x, w, path="dequant"), ref_split_ffn(x, w)) < TOL[dtype]
+    monkeypatch.setattr(dequant_gemm, "HEAVY_IN_SCRATCH", heavy_scratch)
+    for h, activation, gated, biases in ((24, "gelu", True, True), (37, "silu", False, False)):
+        w = random_split_weights(160, h, 288, activation, gated, biases, dtype, bits=4, group=64)
+        x = torch.randn(9, 160, device=DEVICE).to(dtype)
+        assert rel_err(sffn.split_ffn(x, w, path="dequant"), ref_split_ffn(x, w)) < TOL[dtype]
     for bits, group, symmetric in ((3, 32, False), (4, 64, True), (4, PER_CHANNEL, False)):
         qw = random_qweight(300, 96, bits, group, symmetric)
         qw2 = random_qweight(300, 96, bits, group, symmetric)
@@ -399,6 +404,38 @@ def test_dequant_path_chunks(poison, monkeypatch, dtype) -> None:
         dequant_gemm.dequantize_chunk(qw, 150, 250, out, second=qw2)
         ref = torch.cat((qw.dequantize()[150:250], qw2.dequantize()[150:250]))
         torch.testing.assert_close(out, ref, rtol=1e-6, atol=0)
+
+
+def test_dequantize_chunk_second_row(poison) -> None:
+    """The second weight at a given row (a gap of other rows between the two is left alone); a
+    gap without a second weight, or one shorter than the chunk, is refused."""
+    qw, qw2 = (random_qweight(300, 96, 4, 32, False) for _ in range(2))
+    out = torch.full((230, 96), float("nan"), device=DEVICE)
+    dequant_gemm.dequantize_chunk(qw, 150, 250, out, second=qw2, second_row=130)
+    torch.testing.assert_close(out[:100], qw.dequantize()[150:250], rtol=1e-6, atol=0)
+    assert out[100:130].isnan().all()
+    torch.testing.assert_close(out[130:], qw2.dequantize()[150:250], rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="second_row"):
+        dequant_gemm.dequantize_chunk(qw, 150, 250, out[:100], second_row=100)
+    with pytest.raises(ValueError, match="second_row"):
+        dequant_gemm.dequantize_chunk(qw, 150, 250, out[:190], second=qw2, second_row=90)
+
+
+@pytest.mark.parametrize("heavy_scratch", [False, True])
+def test_dequant_split_linear(poison, monkeypatch, heavy_scratch) -> None:
+    """The down-projection form on the dequant path over chunks: dense columns (an odd count) and
+    packed columns into one output, with and without a bias, heavy columns folded into each
+    chunk's scratch or through their own GEMM."""
+    monkeypatch.setattr(dequant_gemm, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(dequant_gemm, "HEAVY_IN_SCRATCH", heavy_scratch)
+    n, kh, kl, m = 300, 37, 96, 7
+    heavy = torch.randn(n, kh, device=DEVICE)
+    light = random_qweight(n, kl, 4, 32, False)
+    x = torch.randn(m, kh + kl, device=DEVICE)
+    for bias in (torch.randn(n, device=DEVICE), None):
+        out = qmm.split_linear(x, heavy, light, bias, path="dequant")
+        ref = x[:, :kh].double() @ heavy.double().T + ref_linear(x[:, kh:], light, bias)
+        assert rel_err(out, ref) < 1e-5
 
 
 @pytest.mark.parametrize("index", range(len(dequant_gemm._CONFIGS)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import math
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -237,30 +238,35 @@ def _perplexity(model: torch.nn.Module, blocks: torch.Tensor) -> float:
 
 @pytest.mark.slow
 def test_smollm2_converts_once_into_a_fresh_cache(cache_dir: str, monkeypatch) -> None:
-    monkeypatch.setenv("FFNSPLIT_CACHE", str(Path(cache_dir) / "fresh-smollm2"))
-    start = time.perf_counter()
-    model, tokenizer = models.load_model(models.DEFAULT_MODEL)
-    first = time.perf_counter() - start
-    assert model.config.model_type == "llama" and model.dtype == torch.float32
-    assert (model.config.num_hidden_layers, model.config.intermediate_size) == (30, 1536)
+    fresh = Path(cache_dir) / "fresh-smollm2"
+    monkeypatch.setenv("FFNSPLIT_CACHE", str(fresh))
+    try:
+        start = time.perf_counter()
+        model, tokenizer = models.load_model(models.DEFAULT_MODEL)
+        first = time.perf_counter() - start
+        assert model.config.model_type == "llama" and model.dtype == torch.float32
+        assert (model.config.num_hidden_layers, model.config.intermediate_size) == (30, 1536)
 
-    def no_conversion(*args, **kwargs):
-        pytest.fail("the second load converted the GGUF again instead of reading the cache")
+        def no_conversion(*args, **kwargs):
+            pytest.fail("the second load converted the GGUF again instead of reading the cache")
 
-    monkeypatch.setattr(models, "_convert_gguf", no_conversion)
-    start = time.perf_counter()
-    again, _ = models.load_model(models.DEFAULT_MODEL)
-    second = time.perf_counter() - start
-    print(f"smollm2-135m: first load (conversion) {first:.1f} s, cached load {second:.1f} s")
-    assert second < first / 3
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(tensor, again.state_dict()[name]), name
-    assert {info.name: info for info in models.packaged_models()}["smollm2-135m"].cached
+        # The cache is proven by the second load not converting, not by timing it.
+        monkeypatch.setattr(models, "_convert_gguf", no_conversion)
+        start = time.perf_counter()
+        again, _ = models.load_model(models.DEFAULT_MODEL)
+        second = time.perf_counter() - start
+        print(f"smollm2-135m: first load (conversion) {first:.1f} s, cached load {second:.1f} s")
+        for name, tensor in model.state_dict().items():
+            assert torch.equal(tensor, again.state_dict()[name]), name
+        assert {info.name: info for info in models.packaged_models()}["smollm2-135m"].cached
 
-    blocks = data.token_blocks(tokenizer, data.load_corpus("wiki-eval"), 8 * 256, 256)
-    perplexity = _perplexity(model, blocks)
-    print(f"smollm2-135m perplexity on 8 x 256 wiki-eval tokens: {perplexity:.2f}")
-    assert 5 < perplexity < 60
+        blocks = data.token_blocks(tokenizer, data.load_corpus("wiki-eval"), 8 * 256, 256)
+        perplexity = _perplexity(model, blocks)
+        print(f"smollm2-135m perplexity on 8 x 256 wiki-eval tokens: {perplexity:.2f}")
+        assert 5 < perplexity < 60
+    finally:
+        # A second converted copy is 0.5 GB: the CI disk is shared and small, so drop it now.
+        shutil.rmtree(fresh, ignore_errors=True)
 
 
 @pytest.mark.slow

@@ -45,6 +45,13 @@ from ffnsplit.kernels.tiles import (
 # dequantized scratch per chunk, at most (measured on an H100 at M = 2048: 32 MiB 0.83x dense,
 # 64 MiB 0.87x, 128 MiB 0.90x: fewer, larger GEMMs; benchmarks/RESULTS.md)
 CHUNK_BYTES = 128 << 20
+# Heavy rows copied into the scratch beside the dequantized light rows, so one GEMM covers both
+# (kernel A: the heavy neurons share the first chunk's up/gate GEMM and gating launch instead of
+# two small-N GEMMs, a concatenation and their own gating; kernel B: the heavy columns lengthen
+# each chunk's K instead of a short-K GEMM whose output the light chunks then read back). It
+# costs a copy of the heavy weights a call. NOT measured on a GPU yet, so off by default:
+# `benchmarks/bench_prefill.py --heavy-scratch 0,1` compares the two.
+HEAVY_IN_SCRATCH = False
 
 
 @dataclass(frozen=True)
@@ -106,16 +113,17 @@ def _dequant_tile(p0_ptr, p1_ptr, s_ptr, z_ptr, out_ptr, N, K, n0, n_cols, strid
 
 @triton.jit
 def _dequant_kernel(p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u_ptr, out_ptr, N, K,
-                    n0, n_cols, stride_on, BITS: tl.constexpr, GROUP: tl.constexpr,
+                    n0, n_cols, stride_on, second_row, BITS: tl.constexpr, GROUP: tl.constexpr,
                     SYMMETRIC: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
                     UNIFORM: tl.constexpr, FAST4: tl.constexpr, DUAL: tl.constexpr):  # fmt: skip
     """Rows [0, n_cols) of out = W0[n0 : n0 + n_cols, :] dequantized, and with DUAL rows
-    [n_cols, 2 n_cols) = W1[n0 : n0 + n_cols, :] (program_id(1) past the first weight's tiles)."""
+    [second_row, second_row + n_cols) = W1[n0 : n0 + n_cols, :] (program_id(1) past the first
+    weight's tiles)."""
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
     tiles = tl.cdiv(n_cols, BLOCK_N)
     if DUAL and pid_n >= tiles:
-        _dequant_tile(q0_ptr, q1_ptr, t_ptr, u_ptr, out_ptr + n_cols * stride_on, N, K, n0,
+        _dequant_tile(q0_ptr, q1_ptr, t_ptr, u_ptr, out_ptr + second_row * stride_on, N, K, n0,
                       n_cols, stride_on, pid_k, pid_n - tiles, BITS, GROUP, SYMMETRIC, ROWS,
                       BLOCK_N, UNIFORM, FAST4)  # fmt: skip
     else:
@@ -149,12 +157,18 @@ def dequantize_chunk(
     n1: int,
     out: torch.Tensor,
     second: QuantizedWeight | None = None,
+    second_row: int | None = None,
 ) -> torch.Tensor:
     """Write W[n0:n1, :] (dequantized, [n1 - n0, K]) into out's first rows, and with `second`
-    (same format) second[n0:n1, :] into the next n1 - n0 rows; one launch, unit column stride."""
+    (same format) second[n0:n1, :] into rows second_row .. second_row + n1 - n0 (by default the
+    next n1 - n0 rows); one launch, unit column stride."""
     n, k = qw.shape
     cols = n1 - n0
-    rows = cols * (2 if second is not None else 1)
+    if second_row is None:
+        second_row = cols
+    elif second is None or second_row < cols:
+        raise ValueError("second_row needs `second` and must be at least n1 - n0")
+    rows = second_row + cols if second is not None else cols
     if out.shape != (rows, k) or out.stride(1) != 1:
         raise ValueError(f"out must be [{rows}, {k}] with unit column stride")
     bits = qw.bits
@@ -167,8 +181,8 @@ def dequantize_chunk(
         grid = (triton.cdiv(k, block_k), tiles * (2 if second is not None else 1))
         _dequant_kernel[grid](
             *qw.kernel_args(), *(second if second is not None else qw).kernel_args(), out, n, k,
-            n0, cols, out.stride(0), BITS=bits, GROUP=qw.group_size, SYMMETRIC=qw.zeros is None,
-            ROWS=cfg.rows, BLOCK_N=cfg.block_n, UNIFORM=uniform, FAST4=fast4,
+            n0, cols, out.stride(0), second_row, BITS=bits, GROUP=qw.group_size,
+            SYMMETRIC=qw.zeros is None, ROWS=cfg.rows, BLOCK_N=cfg.block_n, UNIFORM=uniform, FAST4=fast4,
             DUAL=second is not None, num_warps=cfg.num_warps,
         )  # fmt: skip
 
@@ -207,7 +221,8 @@ def split_activations(x: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor) -> t
     """Kernel A's result a [M, h + l] for 2-D x (validated by the caller), written into `a`."""
     h, n_light = w.n_heavy, w.n_light
     k = x.shape[1]
-    if h:
+    lead = h if HEAVY_IN_SCRATCH and n_light else 0  # heavy rows that ride in the first chunk
+    if h and not lead:
         if w.gated:
             ug = torch.cat((x @ w.heavy_up.T, x @ w.heavy_gate.T), dim=1)
         else:
@@ -216,12 +231,21 @@ def split_activations(x: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor) -> t
     if n_light:
         weights = 2 if w.gated else 1
         chunk = min(_chunk(k, weights, x.dtype), n_light)
-        buffer = torch.empty((weights * chunk, k), dtype=x.dtype, device=x.device)
+        buffer = torch.empty((weights * (lead + chunk), k), dtype=x.dtype, device=x.device)
         for n0 in range(0, n_light, chunk):
             cols = min(chunk, n_light - n0)
-            tile = buffer[: weights * cols]
-            dequantize_chunk(w.light_up, n0, n0 + cols, tile, w.light_gate if w.gated else None)
-            _gate(x @ tile.T, w, a, h + n0, cols)
+            head = lead if n0 == 0 else 0
+            rows = head + cols  # [heavy up, light up chunk, heavy gate, light gate chunk] rows
+            tile = buffer[: weights * rows]
+            if head:
+                tile[:head].copy_(w.heavy_up)
+                if w.gated:
+                    tile[rows : rows + head].copy_(w.heavy_gate)
+            if w.gated:
+                dequantize_chunk(w.light_up, n0, n0 + cols, tile[head:], w.light_gate, rows)
+            else:
+                dequantize_chunk(w.light_up, n0, n0 + cols, tile[head:])
+            _gate(x @ tile.T, w, a, h + n0 - head, rows)
     return a
 
 
@@ -235,25 +259,32 @@ def split_linear(
     """out [M, N] = x[:, :kh] @ heavy^T + x[:, kh:] @ dequant(light)^T + bias (2-D x, validated
     by the caller)."""
     kh = 0 if heavy is None else heavy.shape[1]
-    if heavy is not None:
+    fold = HEAVY_IN_SCRATCH and heavy is not None and light is not None
+    if heavy is not None and not fold:
         if bias is not None:
             torch.addmm(bias.to(x.dtype), x[:, :kh], heavy.T, out=out)
         else:
             torch.mm(x[:, :kh], heavy.T, out=out)
-    elif bias is not None:
+    elif bias is not None and not fold:
         out.copy_(bias.expand_as(out))
     if light is None:
         return out
     n, kl = light.shape
-    x_light = x[:, kh:]
-    chunk = min(_chunk(kl, 1, x.dtype), n)
-    buffer = torch.empty((chunk, kl), dtype=x.dtype, device=x.device)
+    lead = kh if fold else 0  # heavy columns in front of each chunk's dequantized light columns
+    x_chunk = x if fold else x[:, kh:]
+    chunk = min(_chunk(lead + kl, 1, x.dtype), n)
+    buffer = torch.empty((chunk, lead + kl), dtype=x.dtype, device=x.device)
     for n0 in range(0, n, chunk):
         cols = min(chunk, n - n0)
-        tile = dequantize_chunk(light, n0, n0 + cols, buffer[:cols])
+        tile = buffer[:cols]
+        if fold:
+            tile[:, :lead].copy_(heavy[n0 : n0 + cols])
+        dequantize_chunk(light, n0, n0 + cols, tile[:, lead:])
         target = out[:, n0 : n0 + cols]  # each chunk's columns are written once
-        if heavy is None and bias is None:
-            torch.mm(x_light, tile.T, out=target)
+        if fold and bias is not None:
+            torch.addmm(bias[n0 : n0 + cols].to(x.dtype), x_chunk, tile.T, out=target)
+        elif fold or (heavy is None and bias is None):
+            torch.mm(x_chunk, tile.T, out=target)
         else:
-            target.addmm_(x_light, tile.T)
+            target.addmm_(x_chunk, tile.T)
     return out
