@@ -130,6 +130,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     os.chmod(tmp, _default_mode(is_dir=True))
     try:
         yield tmp
+        _plain_modes(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
@@ -142,6 +143,15 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
         if _disk_full(exc):
             raise FFNSplitError(_disk_full_message(path)) from exc
         raise
+
+
+def _plain_modes(folder: Path) -> None:
+    """Give every file in `folder` the mode a plain open() would (some writers, safetensors
+    among them, create private 0600 files)."""
+    mode = _default_mode(is_dir=False)
+    for file in folder.rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            os.chmod(file, mode)
 
 
 def _remove(path: Path) -> None:

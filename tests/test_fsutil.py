@@ -193,3 +193,18 @@ def test_replace_dir_restores_the_old_folder_on_failure(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError), replace_dir(fresh):
         raise RuntimeError("failed")
     assert not fresh.exists()
+
+
+def test_folder_files_get_plain_modes(tmp_path: Path) -> None:
+    """Writers that create private files (safetensors: 0600) still give a folder of files with
+    the mode a plain open() gives."""
+    target = tmp_path / "out"
+    with atomic_dir(target) as tmp:
+        (tmp / "sub").mkdir()
+        for name in ("a.safetensors", "sub/b.json"):
+            (tmp / name).write_text("x")
+            os.chmod(tmp / name, 0o600)
+    plain = tmp_path / "plain"
+    plain.write_text("x")
+    for name in ("a.safetensors", "sub/b.json"):
+        assert (target / name).stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
