@@ -435,7 +435,8 @@ def _stage_callback(progress):
 
     def report(stage: str, done: float, total: float) -> None:
         if stage not in tasks:
-            tasks[stage] = progress.add_task(stage, total=total or 1)
+            unit = "tok" if stage.startswith("perplexity") else None  # others count examples
+            tasks[stage] = progress.add_task(stage, total=total or 1, unit=unit)
         progress.update(tasks[stage], completed=done, total=total or 1)
 
     return report
