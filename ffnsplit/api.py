@@ -392,6 +392,7 @@ def evaluate(
     import gc
     import json
 
+    from ffnsplit.data import load_corpus
     from ffnsplit.errors import OptionError
     from ffnsplit.eval.compare import evaluate as evaluate_model
     from ffnsplit.fsutil import atomic_write_text
@@ -399,6 +400,12 @@ def evaluate(
 
     if seq_len < 2:
         raise OptionError(f"--seq-len must be at least 2 (got {seq_len})")
+    if max_tokens is not None and max_tokens < 1:
+        raise OptionError(f"--max-tokens must be at least 1 (got {max_tokens})")
+    if batch_size < 1:
+        raise OptionError(f"--batch-size must be at least 1 (got {batch_size})")
+    for corpus in corpora:  # every name found before the first model is evaluated
+        load_corpus(corpus)
     run_device = resolve_device(device)
     compute_dtype = resolve_dtype(dtype)
     if compute_dtype is None and run_device.type == "cpu":
@@ -502,6 +509,7 @@ def sweep(
     if not methods:
         raise OptionError("--methods is empty: give at least one of uniform, ffsplit, random, "
                           "weight-norm, budget")  # fmt: skip
+    sweep_module.check_options(points, methods)
     if out.exists() and not overwrite:
         raise FFNSplitError(f"{out} already exists: pass --overwrite to replace it")
     profile_obj = Profile.load(profile_path)

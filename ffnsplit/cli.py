@@ -79,12 +79,20 @@ def friendly_errors(func):
         except FileNotFoundError as exc:
             _fail(f"no such file or folder: {exc.filename or exc}: check the path")
         except PermissionError as exc:
-            _fail(f"permission denied: {exc.filename or exc}: check the file's permissions")
+            _fail(
+                f"permission denied: {exc.filename or exc}: check the file's permissions"
+                + _cache_hint(exc.filename)
+            )
         except IsADirectoryError as exc:
             _fail(f"{exc.filename} is a folder where a file was expected")
+        except NotADirectoryError as exc:
+            _fail(f"a file stands where a folder is expected in {exc.filename}: check the path")
         except OSError as exc:
             if exc.errno == errno.EROFS:
-                _fail(f"read-only file system: {exc.filename or exc}: choose another location")
+                _fail(
+                    f"read-only file system: {exc.filename or exc}: choose another location"
+                    + _cache_hint(exc.filename)
+                )
             if exc.errno == errno.ENOSPC:
                 _fail(f"no space left on the disk ({exc.filename or exc}): free some space")
             _unexpected(exc)
@@ -92,6 +100,18 @@ def friendly_errors(func):
             _unexpected(exc)
 
     return wrapper
+
+
+def _cache_hint(filename: object) -> str:
+    """' (... FFNSPLIT_CACHE ...)' when `filename` lies in ffnsplit's cache, else ''."""
+    from ffnsplit.models import cache_root
+
+    try:
+        root = cache_root().resolve()
+        inside = filename is not None and root in Path(str(filename)).resolve().parents
+    except Exception:  # noqa: BLE001 - only a hint
+        return ""
+    return " (the model cache: set FFNSPLIT_CACHE to a writable folder)" if inside else ""
 
 
 def _unexpected(exc: BaseException) -> None:
@@ -266,9 +286,9 @@ def profile_command(
     from ffnsplit.profile import Profile, summary_table
 
     if show is None:
-        check_output(out, "--out", overwrite=overwrite)
+        check_output(out, "--out", overwrite=overwrite, inputs=(model,))
     if plot is not None:
-        check_output(plot, "--plot", overwrite=overwrite)
+        check_output(plot, "--plot", overwrite=overwrite, inputs=(model, show))
 
     if show is not None:
         result = Profile.load(show)
@@ -385,7 +405,7 @@ def compress_command(
     from ffnsplit import api
     from ffnsplit.fsutil import check_output
 
-    check_output(out, "--out", folder=True, overwrite=overwrite)
+    check_output(out, "--out", folder=True, overwrite=overwrite, inputs=(model, profile))
     options = api.CompressOptions(
         light=light,
         heavy_fraction=heavy_fraction,
@@ -479,7 +499,7 @@ def eval_command(
     from ffnsplit.fsutil import check_output
 
     if json_file is not None:
-        check_output(json_file, "--json", overwrite=overwrite)
+        check_output(json_file, "--json", overwrite=overwrite, inputs=(model, *(against or ())))
 
     specs = [*(against or []), model]  # the --against model(s) are the reference column
     with _progress() as progress:
@@ -529,7 +549,7 @@ def demo_command(
     from ffnsplit.plan import parse_light_format
 
     # Everything that can be checked is checked before the first step writes anything.
-    check_output(out, "--out", folder=True, overwrite=overwrite)
+    check_output(out, "--out", folder=True, overwrite=overwrite, inputs=(model,))
     resolve_model(model)
     parse_light_format(light)
     options = api.CompressOptions(light=light, heavy_fraction=heavy_fraction)
@@ -620,7 +640,7 @@ def sweep_command(
     from ffnsplit import api
     from ffnsplit.fsutil import check_output
 
-    check_output(out, "--out", folder=True, overwrite=overwrite)
+    check_output(out, "--out", folder=True, overwrite=overwrite, inputs=(model, profile))
 
     with _progress() as progress:
         payload = api.sweep(
@@ -847,9 +867,9 @@ def bench_command(
     from ffnsplit.fsutil import check_output
 
     if json_file is not None:
-        check_output(json_file, "--json", overwrite=overwrite)
+        check_output(json_file, "--json", overwrite=overwrite, inputs=(model, against))
     if append is not None:
-        check_output(append, "--append", may_exist=True)
+        check_output(append, "--append", may_exist=True, inputs=(model, against))
 
     payload = api.bench(
         model,

@@ -25,9 +25,7 @@ def _default_mode(is_dir: bool) -> int:
 
 
 def _disk_full_message(path: Path) -> str:
-    return (
-        f"no space left on the disk while writing {path}: free some space or choose another --out"
-    )
+    return f"no space left on the disk while writing {path}: free some space or write elsewhere"
 
 
 def _disk_full(exc: BaseException) -> bool:
@@ -53,10 +51,13 @@ def check_output(
     folder: bool = False,
     overwrite: bool = False,
     may_exist: bool = False,
+    inputs: tuple[str | os.PathLike | None, ...] = (),
 ) -> Path:
     """Refuse an output path before any work is done: a file where a folder is wanted or the
-    reverse, an existing path without `overwrite` (unless `may_exist`), or a destination that
-    cannot be written (read-only file system, no permission, a file in the way of a parent)."""
+    reverse, an existing path without `overwrite` (unless `may_exist`), one that is or holds an
+    input of the command or the current folder (replacing it would destroy them), or a
+    destination that cannot be written (read-only file system, no permission, a file in the way
+    of a parent)."""
     path = Path(path)
     if path.exists():
         if folder and not path.is_dir():
@@ -65,6 +66,17 @@ def check_output(
             raise FFNSplitError(f"{path} is a folder: give a file path for {option}")
         if not (overwrite or may_exist):
             raise FFNSplitError(f"{path} already exists: pass --overwrite to replace it")
+        target = path.resolve()
+        for other in (*inputs, Path.cwd()):
+            if other is None or not Path(other).expanduser().exists():
+                continue
+            held = Path(other).expanduser().resolve()
+            if held == target or target in held.parents:
+                what = "the current folder" if other == Path.cwd() else str(other)
+                raise FFNSplitError(
+                    f"{option} {path} is or holds {what}, which writing it would destroy: "
+                    f"choose another {option}"
+                )
     parent = _writable_folder(path)
     if not parent.is_dir():
         raise FFNSplitError(f"{parent} is a file, not a folder: choose another {option}")

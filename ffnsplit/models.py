@@ -36,7 +36,10 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 def cache_root() -> Path:
     """`$FFNSPLIT_CACHE`, else `$XDG_CACHE_HOME/ffnsplit`, else `~/.cache/ffnsplit`."""
     if os.environ.get("FFNSPLIT_CACHE"):
-        return Path(os.environ["FFNSPLIT_CACHE"]).expanduser()
+        root = Path(os.environ["FFNSPLIT_CACHE"]).expanduser()
+        if root.exists() and not root.is_dir():
+            raise FFNSplitError(f"FFNSPLIT_CACHE={root} is a file: point it at a folder")
+        return root
     if os.environ.get("XDG_CACHE_HOME"):
         return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "ffnsplit"
     return Path.home() / ".cache" / "ffnsplit"

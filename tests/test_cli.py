@@ -430,3 +430,44 @@ def test_no_arguments_prints_the_help(capsys) -> None:
 
     assert main([]) == 0
     assert "profile" in capsys.readouterr().out
+
+
+def test_overwrite_never_destroys_an_input(workspace: dict[str, Path], monkeypatch) -> None:
+    """--overwrite onto the model folder, the profile, or a folder holding the current one is
+    refused: replacing it would delete what the command reads."""
+    root, model = workspace["root"], workspace["model"]
+    if not (root / "profile.safetensors").exists():
+        test_profile_compress_eval_info_pipeline(workspace)
+    profile = root / "profile.safetensors"
+    compress = ["compress", model, "--profile", profile, "--overwrite", "--out"]
+    assert_one_line_error(*run(*compress, model), "is or holds", "choose another --out")
+    assert_one_line_error(*run(*compress, root), "is or holds")
+    here = root / "elsewhere" / "here"
+    here.mkdir(parents=True, exist_ok=True)
+    monkeypatch.chdir(here)
+    for out in (".", "..", ""):
+        assert_one_line_error(*run(*compress, out), "the current folder")
+    assert (model / "config.json").is_file() and profile.is_file() and here.is_dir()
+
+
+def test_mistakes_in_later_steps_are_found_first(workspace: dict[str, Path], monkeypatch) -> None:
+    """Option values used late in a run (sweep points and methods, eval corpora and counts) are
+    checked before any model is loaded: a missing model is not even reached."""
+    root = workspace["root"]
+    missing = root / "no-such-model"
+    profile = root / "no-such-profile.safetensors"
+    sweep = ["sweep", missing, "--profile", profile, "--out", root / "sw"]
+    cases = [
+        (sweep + ["--points", "int4-g64,lowrank-r8"], "quantized formats"),
+        (sweep + ["--methods", "uniform,nosuch"], "unknown sweep method 'nosuch'"),
+        (sweep + ["--points", "int4-g128"], "group 32 or 64"),
+        (["eval", missing, "--corpora", "wiki-eval,nosuch"], "nosuch"),
+        (["eval", missing, "--max-tokens", 0], "--max-tokens must be at least 1"),
+        (["eval", missing, "--batch-size", 0], "--batch-size must be at least 1"),
+    ]
+    for args, needle in cases:
+        assert_one_line_error(*run(*args), needle)
+    # a point at group 128 is fine when no method takes a heavy set; the missing profile is next
+    assert_one_line_error(*run(*sweep, "--points", "int4-g128", "--methods", "uniform"), "profile")
+    monkeypatch.setenv("FFNSPLIT_CACHE", str(root / "corpus.txt"))
+    assert_one_line_error(*run("info", "smollm2-135m"), "FFNSPLIT_CACHE", "is a file")
