@@ -163,8 +163,10 @@ def profile(
     from ffnsplit.profile import profile_model
     from ffnsplit.runtime import resolve_device, resolve_dtype
 
-    if tokens <= 0 or seq_len <= 1 or batch_size <= 0:
-        raise OptionError("--tokens, --seq-len (> 1) and --batch-size must be positive")
+    for name, value, least in (("tokens", tokens, 1), ("seq-len", seq_len, 2),
+                               ("batch-size", batch_size, 1)):  # fmt: skip
+        if value < least:
+            raise OptionError(f"--{name} must be at least {least} (got {value})")
     run_device = resolve_device(device)
     compute_dtype = resolve_dtype(dtype)
     # Loaded on the CPU: profile_model moves it to the device whole, or layer by layer when it
@@ -173,6 +175,7 @@ def profile(
     model, tokenizer = open_model(
         model_spec, device=load_device, dtype=compute_dtype, trust_remote_code=trust_remote_code
     )
+    _check_seq_len(model, seq_len)
     text = data.load_corpus(corpus)
     input_ids = data.token_blocks(tokenizer, text, tokens, seq_len, seed=seed)
     result = profile_model(
@@ -191,6 +194,25 @@ def profile(
     if plot is not None:
         plot_profile(result, plot)
     return result
+
+
+def _check_seq_len(model: nn.Module, seq_len: int) -> None:
+    """Calibration blocks no longer than a learned position table (BERT-style encoders): a
+    one-line error, not a shape error deep inside the forward pass. Rotary models run past
+    their configured length, so they are not held to it."""
+    from ffnsplit.errors import OptionError
+    from ffnsplit.eval.perplexity import max_positions
+
+    learned = any(
+        name.endswith("position_embeddings") and isinstance(module, nn.Embedding)
+        for name, module in model.named_modules()
+    )
+    limit = max_positions(model)
+    if learned and limit is not None and seq_len > limit:
+        raise OptionError(
+            f"--seq-len {seq_len} is longer than the model's {limit} positions: use --seq-len "
+            f"{limit} or less"
+        )
 
 
 SELECTIONS = {
@@ -248,6 +270,10 @@ class CompressOptions:
             raise OptionError(f"--target-bits {self.target_bits} is outside (0, 16]")
         if self.calib_tokens <= 0 or self.seq_len <= 1:
             raise OptionError("--calib-tokens and --seq-len (> 1) must be positive")
+        if self.heavy_dtype not in ("float16", "bfloat16"):
+            raise OptionError(
+                f"unknown --heavy-dtype {self.heavy_dtype!r}: use float16 or bfloat16"
+            )
 
     @property
     def selection(self) -> str:
@@ -326,6 +352,7 @@ def compress(
     corpus = data.load_corpus(options.calib_corpus)
 
     def calibration():
+        _check_seq_len(model, options.seq_len)
         return data.token_blocks(
             tokenizer, corpus, options.calib_tokens, options.seq_len, seed=options.seed
         )
@@ -365,14 +392,25 @@ def evaluate(
     import gc
     import json
 
+    from ffnsplit.data import load_corpus
+    from ffnsplit.errors import OptionError
     from ffnsplit.eval.compare import evaluate as evaluate_model
     from ffnsplit.fsutil import atomic_write_text
     from ffnsplit.runtime import resolve_device, resolve_dtype
 
+    if seq_len < 2:
+        raise OptionError(f"--seq-len must be at least 2 (got {seq_len})")
+    if max_tokens is not None and max_tokens < 1:
+        raise OptionError(f"--max-tokens must be at least 1 (got {max_tokens})")
+    if batch_size < 1:
+        raise OptionError(f"--batch-size must be at least 1 (got {batch_size})")
+    for corpus in corpora:  # every name found before the first model is evaluated
+        load_corpus(corpus)
     run_device = resolve_device(device)
     compute_dtype = resolve_dtype(dtype)
     if compute_dtype is None and run_device.type == "cpu":
         compute_dtype = torch.float32  # fp16 checkpoints run in fp32 on the CPU
+    _same_kind(model_specs)
     reports = {}
     for spec in model_specs:
         model, tokenizer = open_model(
@@ -395,6 +433,32 @@ def evaluate(
         payload = {name: report.to_dict() for name, report in reports.items()}
         atomic_write_text(json_path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
     return reports
+
+
+def _same_kind(model_specs: list[str]) -> None:
+    """Refuse, before any model is evaluated, to put a causal LM beside an encoder: they share no
+    metric. The kind comes from each model's config (a compressed folder keeps its original's)."""
+    import json
+
+    from ffnsplit import io, models
+    from ffnsplit.errors import OptionError
+
+    kinds: dict[bool, str] = {}
+    for spec in model_specs:
+        path = Path(str(spec)).expanduser()
+        if path.is_dir() and io.is_compressed_dir(path):
+            archs = json.loads((path / "config.json").read_text()).get("architectures") or []
+            if not archs:
+                continue
+            causal = any(name.endswith("ForCausalLM") for name in archs)
+        else:
+            causal = models.resolve_model(spec).causal_lm
+        kinds.setdefault(causal, str(spec))
+    if len(kinds) > 1:
+        raise OptionError(
+            f"{kinds[True]} is a causal LM and {kinds[False]} an encoder: they share no metric; "
+            "compare models of one kind (e.g. a compressed model --against its original)"
+        )
 
 
 def _paragraphs(corpus: str, count: int) -> list[str]:
@@ -424,19 +488,30 @@ def sweep(
     seed: int = 0,
     calib_corpus: str = "wiki-calib",
     calib_tokens: int = 4096,
+    overwrite: bool = False,
     trust_remote_code: bool = False,
     progress=None,
 ) -> dict:
-    """FFSplit vs baselines at equal FFN bytes over budgets; writes sweep.json and sweep.png."""
+    """FFSplit vs baselines at equal FFN bytes over budgets; writes sweep.json and sweep.png
+    into the folder `out` (atomically: both or neither)."""
     import json
 
     from ffnsplit import sweep as sweep_module
+    from ffnsplit.errors import FFNSplitError, OptionError
     from ffnsplit.eval.perplexity import perplexity
     from ffnsplit.eval.tasks import embed_documents, is_causal_lm, similarity_spearman
-    from ffnsplit.fsutil import atomic_write_text
+    from ffnsplit.fsutil import atomic_dir, atomic_write_text
     from ffnsplit.profile import Profile
 
     out = Path(out)
+    if not points:
+        raise OptionError("--points is empty: give at least one uniform format, e.g. int4-g32")
+    if not methods:
+        raise OptionError("--methods is empty: give at least one of uniform, ffsplit, random, "
+                          "weight-norm, budget")  # fmt: skip
+    sweep_module.check_options(points, methods)
+    if out.exists() and not overwrite:
+        raise FFNSplitError(f"{out} already exists: pass --overwrite to replace it")
     profile_obj = Profile.load(profile_path)
     model, tokenizer = open_model(model_spec, trust_remote_code=trust_remote_code)
     causal = is_causal_lm(model)
@@ -467,6 +542,7 @@ def sweep(
         from ffnsplit import data
 
         calib = data.load_corpus(calib_corpus)
+        _check_seq_len(model, seq_len)
         calib_ids = data.token_blocks(tokenizer, calib, calib_tokens, seq_len, seed=seed)
     results = sweep_module.sweep(
         model,
@@ -487,10 +563,13 @@ def sweep(
         "profile": profile_obj.meta.get("corpus"),
         "results": sweep_module.results_dict(results),
     }
-    atomic_write_text(out / "sweep.json", json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    sweep_module.plot_sweep(
-        results, metric, out / "sweep.png", reference=dense[metric], title=f"{model_spec}: {metric}"
-    )
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        text = json.dumps(payload, indent=2, sort_keys=True) + "\n"
+        atomic_write_text(tmp / "sweep.json", text)
+        sweep_module.plot_sweep(
+            results, metric, tmp / "sweep.png", reference=dense[metric],
+            title=f"{model_spec}: {metric}",
+        )  # fmt: skip
     return payload
 
 

@@ -183,7 +183,10 @@ def build_split_ffn(
     dense_idx, light_idx = indices(dense_list), indices(layer.light_idx)
     compressed = light.kind in ("quant", "lowrank") and layer.n_light > 0
     if not dense_list and not compressed and not int8_heavy:
-        raise OptionError(f"{where}: the plan keeps no neuron of this FFN")
+        raise OptionError(
+            f"{where}: the plan keeps no neuron of this FFN: keep some heavy neurons "
+            "(--heavy-fraction > 0) or choose a --light format that stores the light ones"
+        )
     stored = stored_light(layer.n_light, light) if compressed else 0
 
     def dense(t: Tensor | None, dim: int = 0) -> Tensor | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -66,7 +67,6 @@ def friendly_errors(func):
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         from ffnsplit.errors import FFNSplitError
-        from ffnsplit.runtime import is_out_of_memory
 
         try:
             return func(*args, **kwargs)
@@ -79,25 +79,58 @@ def friendly_errors(func):
         except FileNotFoundError as exc:
             _fail(f"no such file or folder: {exc.filename or exc}: check the path")
         except PermissionError as exc:
-            _fail(f"permission denied: {exc.filename or exc}: check the file's permissions")
+            _fail(
+                f"permission denied: {exc.filename or exc}: check the file's permissions"
+                + _cache_hint(exc.filename)
+            )
         except IsADirectoryError as exc:
             _fail(f"{exc.filename} is a folder where a file was expected")
-        except Exception as exc:  # noqa: BLE001 - the last line of defence for the CLI
-            if is_out_of_memory(exc):
+        except NotADirectoryError as exc:
+            _fail(f"a file stands where a folder is expected in {exc.filename}: check the path")
+        except OSError as exc:
+            if exc.errno == errno.EROFS:
                 _fail(
-                    "out of memory: lower --batch-size, use --sequential (one layer on the GPU "
-                    "at a time) or another --device"
+                    f"read-only file system: {exc.filename or exc}: choose another location"
+                    + _cache_hint(exc.filename)
                 )
-            if os.environ.get("FFNSPLIT_DEBUG"):
-                raise
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            _fail(
-                f"internal error ({type(exc).__name__}: {first[:300]}); "
-                "rerun with FFNSPLIT_DEBUG=1 for the traceback and report it",
-                1,
-            )
+            if exc.errno == errno.ENOSPC:
+                _fail(f"no space left on the disk ({exc.filename or exc}): free some space")
+            _unexpected(exc)
+        except Exception as exc:  # noqa: BLE001 - the last line of defence for the CLI
+            _unexpected(exc)
 
     return wrapper
+
+
+def _cache_hint(filename: object) -> str:
+    """' (... FFNSPLIT_CACHE ...)' when `filename` lies in ffnsplit's cache, else ''."""
+    from ffnsplit.models import cache_root
+
+    try:
+        root = cache_root().resolve()
+        inside = filename is not None and root in Path(str(filename)).resolve().parents
+    except Exception:  # noqa: BLE001 - only a hint
+        return ""
+    return " (the model cache: set FFNSPLIT_CACHE to a writable folder)" if inside else ""
+
+
+def _unexpected(exc: BaseException) -> None:
+    """Anything else: out of memory, or a bug of ours (one line; FFNSPLIT_DEBUG=1 re-raises)."""
+    from ffnsplit.runtime import is_out_of_memory
+
+    if is_out_of_memory(exc):
+        _fail(
+            "out of memory: lower --batch-size, use --sequential (one layer on the GPU at a time) "
+            "or another --device"
+        )
+    if os.environ.get("FFNSPLIT_DEBUG"):
+        raise exc
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    _fail(
+        f"internal error ({type(exc).__name__}: {first[:300]}); "
+        "rerun with FFNSPLIT_DEBUG=1 for the traceback and report it",
+        1,
+    )
 
 
 def _write_json(path: Path, payload: dict) -> None:
@@ -181,7 +214,21 @@ def _progress():
 
     from ffnsplit.profile import TokensPerSecondColumn
 
-    return Progress(
+    class _Progress(Progress):
+        """Bars that stay on success and are cleared on failure (the error line stands alone)."""
+
+        def __exit__(self, exc_type, exc, tb) -> None:
+            if exc_type is None:
+                return super().__exit__(exc_type, exc, tb)
+            self.live.transient = True  # a terminal erases the bars
+            quiet = self.console.quiet
+            self.console.quiet = quiet or not self.console.is_terminal  # a file: no empty line
+            try:
+                super().__exit__(exc_type, exc, tb)
+            finally:
+                self.console.quiet = quiet
+
+    return _Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         TextColumn("{task.completed:,.0f}/{task.total:,.0f}"),
@@ -228,11 +275,20 @@ def profile_command(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     seed: Annotated[int, typer.Option(help="Seed for choosing calibration blocks.")] = 0,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing --out / --plot file.")
+    ] = False,
     trust_remote_code: TrustOpt = False,
 ) -> None:
     """Score every FFN neuron on calibration text and show how few carry most of the output."""
     from ffnsplit import api
+    from ffnsplit.fsutil import check_output
     from ffnsplit.profile import Profile, summary_table
+
+    if show is None:
+        check_output(out, "--out", overwrite=overwrite, inputs=(model,))
+    if plot is not None:
+        check_output(plot, "--plot", overwrite=overwrite, inputs=(model, show))
 
     if show is not None:
         result = Profile.load(show)
@@ -267,7 +323,7 @@ def profile_command(
 
 def _task_callback(progress, description: str):
     """A (done, total) callback drawing one rich progress task."""
-    task = progress.add_task(description, total=1)
+    task = progress.add_task(description, total=1, unit=None)
 
     def report(done: float, total: float) -> None:
         progress.update(task, completed=done, total=total)
@@ -347,7 +403,9 @@ def compress_command(
 ) -> None:
     """Split every FFN into heavy (dense) and light (compressed) neurons and save the model."""
     from ffnsplit import api
+    from ffnsplit.fsutil import check_output
 
+    check_output(out, "--out", folder=True, overwrite=overwrite, inputs=(model, profile))
     options = api.CompressOptions(
         light=light,
         heavy_fraction=heavy_fraction,
@@ -378,6 +436,17 @@ def compress_command(
         f"({report['ffn_size_fraction']:.1%} of dense fp16, {report['average_ffn_bits']:.2f} bits "
         f"per weight), model {_human_bytes(report['total_bytes'])}"
     )
+    _warn_if_not_smaller(report)
+
+
+def _warn_if_not_smaller(report: dict) -> None:
+    if report["ffn_size_fraction"] >= 1.0:
+        err_console.print(
+            f"[yellow]warning:[/] the compressed FFNs are {report['ffn_size_fraction']:.0%} of "
+            "dense fp16: this light format saves nothing here; use a lower rank or a quantized "
+            "--light format",
+            highlight=False,
+        )
 
 
 def _stage_callback(progress):
@@ -386,7 +455,8 @@ def _stage_callback(progress):
 
     def report(stage: str, done: float, total: float) -> None:
         if stage not in tasks:
-            tasks[stage] = progress.add_task(stage, total=total or 1)
+            unit = "tok" if stage.startswith("perplexity") else None  # others count examples
+            tasks[stage] = progress.add_task(stage, total=total or 1, unit=unit)
         progress.update(tasks[stage], completed=done, total=total or 1)
 
     return report
@@ -413,6 +483,9 @@ def eval_command(
     json_file: Annotated[
         Path | None, typer.Option("--json", help="Write all results to this JSON file.")
     ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing --json file.")
+    ] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     trust_remote_code: TrustOpt = False,
@@ -423,6 +496,10 @@ def eval_command(
     """
     from ffnsplit import api
     from ffnsplit.eval.compare import comparison_table
+    from ffnsplit.fsutil import check_output
+
+    if json_file is not None:
+        check_output(json_file, "--json", overwrite=overwrite, inputs=(model, *(against or ())))
 
     specs = [*(against or []), model]  # the --against model(s) are the reference column
     with _progress() as progress:
@@ -456,14 +533,39 @@ def demo_command(
     eval_tokens: Annotated[
         int, typer.Option("--eval-tokens", help="Evaluated tokens per corpus.")
     ] = 4096,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace an existing --out folder (it is restored if the run fails).",
+        ),
+    ] = False,
     device: DeviceOpt = "auto",
 ) -> None:
     """The main job end to end: profile -> compress -> evaluate against the original."""
     from ffnsplit import api
+    from ffnsplit.fsutil import check_output, replace_dir
+    from ffnsplit.models import resolve_model
+    from ffnsplit.plan import parse_light_format
+
+    # Everything that can be checked is checked before the first step writes anything.
+    check_output(out, "--out", folder=True, overwrite=overwrite, inputs=(model,))
+    resolve_model(model)
+    parse_light_format(light)
+    options = api.CompressOptions(light=light, heavy_fraction=heavy_fraction)
+    if eval_tokens < 1:
+        _fail(f"--eval-tokens must be at least 1 (got {eval_tokens})")
+    with replace_dir(out, overwrite=overwrite):
+        _demo_steps(model, out, tokens, options, eval_tokens, device)
+    console.print(f"profile, plot, checkpoint and eval.json are in [bold]{out}[/]")
+
+
+def _demo_steps(model: str, out: Path, tokens: int, options, eval_tokens: int, device: str) -> None:
+    from ffnsplit import api
     from ffnsplit.eval.compare import comparison_table
     from ffnsplit.profile import summary_table
 
-    out.mkdir(parents=True, exist_ok=True)
+    light, heavy_fraction = options.light, options.heavy_fraction
     console.rule(f"[bold]1/3 profile {model}")
     with _progress() as progress:
         profile_result = api.profile(
@@ -476,7 +578,6 @@ def demo_command(
         )
     console.print(summary_table(profile_result))
     console.rule(f"[bold]2/3 compress: {light} light neurons, {heavy_fraction:.0%} heavy in fp16")
-    options = api.CompressOptions(light=light, heavy_fraction=heavy_fraction)
     with _progress() as progress:
         report = api.compress(
             model,
@@ -484,7 +585,6 @@ def demo_command(
             out / "compressed",
             options,
             device=device,
-            overwrite=True,
             progress=_task_callback(progress, "compressing FFNs"),
         )
     console.print(
@@ -502,7 +602,6 @@ def demo_command(
             progress=_stage_callback(progress),
         )
     console.print(comparison_table(reports))
-    console.print(f"profile, plot, checkpoint and eval.json are in [bold]{out}[/]")
 
 
 @app.command("sweep")
@@ -530,12 +629,18 @@ def sweep_command(
     max_tokens: Annotated[int, typer.Option("--max-tokens")] = 4096,
     seq_len: Annotated[int, typer.Option("--seq-len")] = 512,
     seed: Annotated[int, typer.Option(help="Seed of the random baseline.")] = 0,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing --out folder.")
+    ] = False,
     trust_remote_code: TrustOpt = False,
 ) -> None:
     """FFSplit against uniform, random-heavy and weight-norm-heavy baselines at equal FFN bytes."""
     from rich.table import Table
 
     from ffnsplit import api
+    from ffnsplit.fsutil import check_output
+
+    check_output(out, "--out", folder=True, overwrite=overwrite, inputs=(model, profile))
 
     with _progress() as progress:
         payload = api.sweep(
@@ -548,6 +653,7 @@ def sweep_command(
             max_tokens=max_tokens,
             seq_len=seq_len,
             seed=seed,
+            overwrite=overwrite,
             trust_remote_code=trust_remote_code,
             progress=_task_callback(progress, "compress + evaluate"),
         )
@@ -747,6 +853,9 @@ def bench_command(
         Path | None,
         typer.Option("--append", help="Append a markdown section to this results file."),
     ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing --json file.")
+    ] = False,
     device: Annotated[
         str,
         typer.Option("--device", help="auto (a GPU), cuda, cuda:N, or cpu (smoke numbers only)."),
@@ -755,6 +864,12 @@ def bench_command(
 ) -> None:
     """FFN-layer latency against dense fp16 and torch int4, and end-to-end tokens/s and memory."""
     from ffnsplit import api
+    from ffnsplit.fsutil import check_output
+
+    if json_file is not None:
+        check_output(json_file, "--json", overwrite=overwrite, inputs=(model, against))
+    if append is not None:
+        check_output(append, "--append", may_exist=True, inputs=(model, against))
 
     payload = api.bench(
         model,
@@ -802,9 +917,46 @@ def bench_command(
             console.print(f"{what} written to [bold]{path}[/]")
 
 
-def main() -> None:  # pragma: no cover - console entry point alias
-    app()
+def _click_errors(name: str) -> tuple[type[BaseException], ...]:
+    """The exception class `name` of typer's bundled click (typer >= 0.24) and of click itself
+    (older typer): whichever the installed typer raises."""
+    import importlib
+
+    found = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            cls = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            continue
+        if cls is not None:
+            found.append(cls)
+    return tuple(found)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The console entry point: the app, with command-line mistakes (unknown option, a value of
+    the wrong type, a missing argument) reported in one line like every other failure."""
+    try:
+        result = app(args=argv, prog_name="ffnsplit", standalone_mode=False)
+    except _click_errors("NoArgsIsHelpError") as exc:
+        ctx = getattr(exc, "ctx", None)
+        console.print(ctx.get_help() if ctx else str(exc), highlight=False)
+        return 0
+    except _click_errors("UsageError") as exc:
+        ctx = getattr(exc, "ctx", None)
+        where = ctx.command_path if ctx else "ffnsplit"
+        err_console.print(
+            f"[bold red]error:[/] {exc.format_message()} (see {where} --help)",
+            highlight=False,
+            soft_wrap=True,
+            markup=True,
+        )
+        return int(getattr(exc, "exit_code", 2))
+    except (typer.Abort, *_click_errors("Abort")):
+        err_console.print("[bold red]error:[/] interrupted: nothing was left half-written")
+        return 130
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())
+    sys.exit(main())

@@ -25,9 +25,72 @@ def _default_mode(is_dir: bool) -> int:
 
 
 def _disk_full_message(path: Path) -> str:
-    return (
-        f"no space left on the disk while writing {path}: free some space or choose another --out"
-    )
+    return f"no space left on the disk while writing {path}: free some space or write elsewhere"
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """ENOSPC, also as raised by writers that wrap it in their own error (safetensors)."""
+    if isinstance(exc, OSError):
+        return exc.errno == errno.ENOSPC
+    return "No space left on device" in str(exc)
+
+
+def _writable_folder(path: Path) -> Path:
+    """The folder that would receive `path` (its nearest existing ancestor: missing parents are
+    created on the way)."""
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def check_output(
+    path: str | os.PathLike,
+    option: str,
+    *,
+    folder: bool = False,
+    overwrite: bool = False,
+    may_exist: bool = False,
+    inputs: tuple[str | os.PathLike | None, ...] = (),
+) -> Path:
+    """Refuse an output path before any work is done: a file where a folder is wanted or the
+    reverse, an existing path without `overwrite` (unless `may_exist`), one that is or holds an
+    input of the command or the current folder (replacing it would destroy them), or a
+    destination that cannot be written (read-only file system, no permission, a file in the way
+    of a parent)."""
+    path = Path(path)
+    if path.exists():
+        if folder and not path.is_dir():
+            raise FFNSplitError(f"{path} is a file: give a folder path for {option}")
+        if not folder and path.is_dir():
+            raise FFNSplitError(f"{path} is a folder: give a file path for {option}")
+        if not (overwrite or may_exist):
+            raise FFNSplitError(f"{path} already exists: pass --overwrite to replace it")
+        target = path.resolve()
+        for other in (*inputs, Path.cwd()):
+            if other is None or not Path(other).expanduser().exists():
+                continue
+            held = Path(other).expanduser().resolve()
+            if held == target or target in held.parents:
+                what = "the current folder" if other == Path.cwd() else str(other)
+                raise FFNSplitError(
+                    f"{option} {path} is or holds {what}, which writing it would destroy: "
+                    f"choose another {option}"
+                )
+    parent = _writable_folder(path)
+    if not parent.is_dir():
+        raise FFNSplitError(f"{parent} is a file, not a folder: choose another {option}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        reason = "read-only file system" if _read_only(parent) else "no write permission"
+        raise FFNSplitError(f"cannot write into {parent} ({reason}): choose another {option}")
+    return path
+
+
+def _read_only(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
@@ -47,13 +110,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if exc.errno == errno.ENOSPC:
+        if _disk_full(exc):
             raise FFNSplitError(_disk_full_message(path)) from exc
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -82,18 +142,59 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     os.chmod(tmp, _default_mode(is_dir=True))
     try:
         yield tmp
+        _plain_modes(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
             os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
         else:
             os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if exc.errno == errno.ENOSPC:
+        if _disk_full(exc):
             raise FFNSplitError(_disk_full_message(path)) from exc
         raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _plain_modes(folder: Path) -> None:
+    """Give every file in `folder` the mode a plain open() would (some writers, safetensors
+    among them, create private 0600 files)."""
+    mode = _default_mode(is_dir=False)
+    for file in folder.rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            os.chmod(file, mode)
+
+
+def _remove(path: Path) -> None:
+    """Remove a file or a folder tree, ignoring errors (what --overwrite replaced)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def replace_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield `path` itself as a new, empty folder for a multi-step job whose files must keep their
+    real paths (they name each other). On failure the new folder is removed and the one it
+    replaced (with `overwrite`) is put back; on success the replaced one is deleted."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FFNSplitError(f"{path} already exists: pass --overwrite to replace it")
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+    try:
+        path.mkdir(parents=True)
+        yield path
+    except BaseException as exc:
+        _remove(path)
+        if old is not None:
+            os.replace(old, path)
+        if _disk_full(exc):
+            raise FFNSplitError(_disk_full_message(path)) from exc
         raise
+    if old is not None:
+        _remove(old)

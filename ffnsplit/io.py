@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -48,6 +49,15 @@ _SAFETENSORS_DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+# The tensor names only a SplitFFN has (heavy_up, light_down.plane0, qheavy_gate_bias, ...).
+_SPLIT_TENSOR = re.compile(
+    r"\.(heavy_(up|gate|down)|(light|qheavy)_(up|gate)_bias|(light|qheavy|lowrank)_(up|gate|down)\.\w+)$"
+)
+
+
+def find_split_tensor(names: object) -> str | None:
+    """The first (sorted) tensor name among `names` that only a SplitFFN writes, else None."""
+    return next((name for name in sorted(names) if _SPLIT_TENSOR.search(name)), None)
 
 
 def _split_modules(model: nn.Module) -> dict[str, tuple[int, SplitFFN]]:
@@ -214,7 +224,7 @@ def save_compressed(
         (tmp / "config.json").write_text(_json(config), encoding="utf-8")
         (tmp / "plan.json").write_text(plan.to_json(), encoding="utf-8")
         (tmp / "size_report.json").write_text(_json(report), encoding="utf-8")
-        if tokenizer is not None:
+        if tokenizer is not None and not isinstance(tokenizer, MissingTokenizer):
             tokenizer.save_pretrained(str(tmp))
     return out_dir
 
@@ -370,8 +380,11 @@ def load_compressed(
     path: str | os.PathLike,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
-) -> tuple[nn.Module, object | None]:
-    """(model in eval mode with SplitFFN modules, tokenizer or None) from a checkpoint folder.
+) -> tuple[nn.Module, object]:
+    """(model in eval mode with SplitFFN modules, tokenizer) from a checkpoint folder.
+
+    A folder saved without a tokenizer gives a MissingTokenizer: the model is usable (info, bench)
+    and the first use of the tokenizer raises a CheckpointError that says what to do.
 
     `dtype` casts the dense tensors (heavy weights, biases, non-FFN parameters); packed
     quantized weights and their scales keep their stored format.
@@ -449,9 +462,40 @@ def _cast_dense(model: nn.Module, dtype: torch.dtype) -> None:
                 setattr(module, name, buffer.to(dtype))
 
 
-def _load_tokenizer(path: Path) -> object | None:
+class MissingTokenizer:
+    """Stands in for the tokenizer of a checkpoint folder that has none: any use of it (calling
+    it, reading an attribute, len) raises one CheckpointError naming the folder and the fix."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def error(self) -> CheckpointError:
+        return CheckpointError(
+            f"{self.path} has no tokenizer (no tokenizer.json or tokenizer_config.json): copy the "
+            "tokenizer files of the model it was compressed from into it"
+        )
+
+    def __getattr__(self, name: str) -> object:
+        if name.startswith("__"):  # protocol probes (copy, pickle, numpy) see a plain object
+            raise AttributeError(name)
+        raise self.error()
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        raise self.error()
+
+    def __len__(self) -> int:
+        raise self.error()
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __repr__(self) -> str:
+        return f"MissingTokenizer({str(self.path)!r})"
+
+
+def _load_tokenizer(path: Path) -> object:
     if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
-        return None
+        return MissingTokenizer(path)
     from transformers import AutoTokenizer
 
     try:

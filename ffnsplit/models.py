@@ -36,7 +36,10 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 def cache_root() -> Path:
     """`$FFNSPLIT_CACHE`, else `$XDG_CACHE_HOME/ffnsplit`, else `~/.cache/ffnsplit`."""
     if os.environ.get("FFNSPLIT_CACHE"):
-        return Path(os.environ["FFNSPLIT_CACHE"]).expanduser()
+        root = Path(os.environ["FFNSPLIT_CACHE"]).expanduser()
+        if root.exists() and not root.is_dir():
+            raise FFNSplitError(f"FFNSPLIT_CACHE={root} is a file: point it at a folder")
+        return root
     if os.environ.get("XDG_CACHE_HOME"):
         return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "ffnsplit"
     return Path.home() / ".cache" / "ffnsplit"
@@ -217,6 +220,13 @@ def _read_config(path: Path) -> dict:
         raise FFNSplitError(
             f"{config_file} has no model_type: re-save the model with save_pretrained"
         )
+    quant = config.get("quantization_config")
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
+    if method is not None and method != "ffnsplit":
+        raise FFNSplitError(
+            f"{path} is quantized with '{method}', which ffnsplit does not read: give it an "
+            "unquantized model (fp16, bf16 or fp32 weights)"
+        )
     return config
 
 
@@ -292,6 +302,65 @@ def resolve_model(spec: str | os.PathLike) -> ModelSource:
 
 # ---------------------------------------------------------------- loading
 
+_INDEX_NAME = "model.safetensors.index.json"
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """The safetensors files from_pretrained reads: those its index names, else model.safetensors."""
+    index = path / _INDEX_NAME
+    if not index.is_file():
+        single = path / "model.safetensors"
+        return [single] if single.is_file() else []
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted({str(name) for name in weight_map.values()})
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise _damaged(index, "not a valid safetensors index", exc) from None
+    for name in names:
+        if not (path / name).is_file():
+            raise FFNSplitError(
+                f"{path} lacks {name}, which {_INDEX_NAME} lists: the download is incomplete, "
+                "download or convert the model again"
+            )
+    return [path / name for name in names]
+
+
+def _damaged(what: Path, problem: str, exc: BaseException) -> FFNSplitError:
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return FFNSplitError(
+        f"{what} is {problem} ({first[:200]}): download or convert the model again"
+    )
+
+
+def _tensor_names(files: list[Path]) -> list[str]:
+    """Every tensor name in `files`, whose headers must cover their files (no truncated file)."""
+    from safetensors import SafetensorError, safe_open
+
+    names: list[str] = []
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                names.extend(handle.keys())
+        except SafetensorError as exc:
+            raise _damaged(file, "truncated or corrupt", exc) from None
+        except OSError as exc:
+            raise FFNSplitError(f"cannot read {file}: {exc.strerror or exc}") from None
+    return names
+
+
+def _missing_weights(model: torch.nn.Module, missing_keys: object) -> list[str]:
+    """The missing keys that leave real weights randomly initialised: not the tied copy of a
+    loaded tensor, nor an encoder's pooler (checkpoints often lack it; ffnsplit never uses it)."""
+    missing = set(missing_keys or ())
+    state = model.state_dict(keep_vars=True)
+    loaded = {t.data_ptr() for key, t in state.items() if key not in missing and t.numel()}
+    return sorted(
+        key
+        for key in missing
+        if "pooler" not in key.split(".")
+        and not (key in state and state[key].numel() and state[key].data_ptr() in loaded)
+    )
+
 
 def load_model(
     spec: str | os.PathLike,
@@ -315,18 +384,48 @@ def load_model(
             f"{source.name} is a compressed ffnsplit checkpoint: open it with "
             "ffnsplit.api.open_model (as every ffnsplit command does)"
         )
+    from ffnsplit.io import find_split_tensor
+
+    split_tensor = find_split_tensor(_tensor_names(_weight_files(source.path)))
+    if split_tensor is not None:
+        raise FFNSplitError(
+            f"{source.path} looks like a compressed ffnsplit checkpoint (it holds ffnsplit tensors "
+            f"such as {split_tensor}) but its config.json lacks the ffnsplit quantization_config: "
+            "restore that config.json or compress the model again"
+        )
     model_class = AutoModelForCausalLM if source.causal_lm else AutoModel
     try:
-        model = model_class.from_pretrained(
+        model, loading_info = model_class.from_pretrained(
             source.path,
             dtype=dtype if dtype is not None else "auto",
             use_safetensors=True,
             local_files_only=True,
             trust_remote_code=trust_remote_code,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,  # reported below as one line, not a RuntimeError
         )
     except (OSError, ValueError, KeyError, ImportError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise FFNSplitError(f"cannot load the model in {source.path}: {first[:300]}") from exc
+    # transformers only warns (and ffnsplit silences it) when weights are missing from the
+    # checkpoint or of another shape: it initialises them randomly, which would give wrong
+    # numbers without a word.
+    mismatched = sorted(loading_info.get("mismatched_keys") or (), key=lambda item: item[0])
+    if mismatched:
+        key, stored, expected = mismatched[0]
+        raise FFNSplitError(
+            f"{source.path}: tensor {key} is {list(stored)} in the safetensors but config.json "
+            f"gives {list(expected)} ({len(mismatched)} tensors differ): config.json does not "
+            "match the weights, restore the model's own config.json"
+        )
+    missing = _missing_weights(model, loading_info.get("missing_keys"))
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise FFNSplitError(
+            f"{source.path} lacks {len(missing)} weight tensors of the {type(model).__name__} "
+            f"architecture ({', '.join(missing[:3])}{more}): its safetensors are incomplete or "
+            "of another model, download or save the model again"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             source.path, local_files_only=True, trust_remote_code=trust_remote_code

@@ -70,7 +70,7 @@ class LightFormat:
             if self.group_size != -1 and (self.group_size <= 0 or self.group_size % PACK_ALIGN):
                 raise OptionError(
                     f"group size {self.group_size} is not a multiple of {PACK_ALIGN}: use 32, 64, "
-                    "128, ... or -1 for one group per channel"
+                    "128, ... (or intB-pc for one group per channel)"
                 )
             if self.method not in METHODS:
                 raise OptionError(
@@ -130,8 +130,8 @@ def parse_light_format(text: str) -> LightFormat:
     `lowrank-0.25-w`, `dense`, `pruned` (the inverse of `LightFormat.label`)."""
     usage = (
         f"unknown light format {text!r}: use intB-gG[-sym][-gptq] (B in "
-        f"{'/'.join(map(str, SUPPORTED_BITS))}, G a multiple of 32 or pc), lowrank-rR[-w], "
-        "lowrank-F[-w], dense or pruned"
+        f"{'/'.join(map(str, SUPPORTED_BITS))}, G a multiple of 32) or intB-pc[-sym][-gptq] (one "
+        "group per channel), lowrank-rR[-w], lowrank-F[-w], dense or pruned"
     )
     parts = text.strip().lower().split("-")
     try:
@@ -151,7 +151,7 @@ def parse_light_format(text: str) -> LightFormat:
             if any(f not in ("sym", *METHODS) for f in flags) or len(set(flags)) != len(flags):
                 raise OptionError(usage)
             method = next((f for f in flags if f in METHODS), "rtn")
-            group = -1 if parts[1] == "pc" else int(parts[1][1:])
+            group = -1 if parts[1] in ("pc", "gpc") else int(parts[1][1:])
             return LightFormat(
                 bits=int(parts[0][3:]), group_size=group, symmetric="sym" in flags, method=method
             )
@@ -562,7 +562,8 @@ def make_plan(
     if selection == "none":
         if heavy_fraction or heavy_share:
             raise OptionError(
-                "selection 'none' (uniform baseline) takes no heavy fraction or share"
+                "the uniform baseline keeps no heavy neurons: drop --heavy-fraction / "
+                "--heavy-share (or use another --baseline)"
             )
         heavy_fraction, heavy_share = 0.0, None
     elif (heavy_fraction is None) == (heavy_share is None):

@@ -920,10 +920,13 @@ class TokensPerSecondColumn(ProgressColumn):
     """A rich progress column: tokens done per second of the task so far (a steady average)."""
 
     def render(self, task: Task) -> Text:
+        unit = task.fields.get("unit", "tok")  # None: a task that does not count tokens
+        if unit is None:
+            return Text("")
         elapsed = task.elapsed
         if not elapsed or not task.completed:
-            return Text("-- tok/s", style="progress.data.speed")
-        return Text(f"{task.completed / elapsed:,.0f} tok/s", style="progress.data.speed")
+            return Text(f"-- {unit}/s", style="progress.data.speed")
+        return Text(f"{task.completed / elapsed:,.0f} {unit}/s", style="progress.data.speed")
 
 
 def _progress_callback(

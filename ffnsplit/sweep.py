@@ -48,6 +48,24 @@ def light_for(uniform: plan.LightFormat) -> plan.LightFormat:
     return plan.LightFormat(bits=uniform.bits, group_size=128, symmetric=uniform.symmetric)
 
 
+def _needs_split(methods: tuple[str, ...]) -> bool:
+    """Whether a method takes a heavy set at the point's group-128 light format."""
+    return any(m not in ("uniform", "budget") for m in methods)
+
+
+def check_options(points: list[str] | tuple[str, ...], methods: tuple[str, ...]) -> None:
+    """Every point and method checked before any model is loaded or compressed."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise OptionError(f"unknown sweep method {unknown[0]!r}: choose from {', '.join(METHODS)}")
+    for label in points:
+        uniform = plan.parse_light_format(label)
+        if uniform.kind != "quant":
+            raise OptionError(f"sweep points are quantized formats (intB-gG), not {label}")
+        if _needs_split(methods):
+            light_for(uniform)
+
+
 def _plan(profile, geometry, light, fraction, selection, weight_norms, seed):
     return plan.make_plan(
         profile,
@@ -90,9 +108,7 @@ def sweep(
     `evaluate_fn(model, tokenizer) -> dict of metrics`. The dense model is left untouched.
     `calib_ids` (token blocks) are needed by the budget method's error measurements.
     """
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise OptionError(f"unknown sweep method {unknown[0]!r}: choose from {', '.join(METHODS)}")
+    check_options(points, methods)
     profile.check_model(model)
     geometry = apply.ffn_geometry(model)
     weight_norms = apply.weight_norm_scores(model)
@@ -105,8 +121,10 @@ def sweep(
         uniform = plan.parse_light_format(label)
         uniform_plan = _plan(profile, geometry, uniform, 0.0, "none", None, seed)
         budget = sum(plan.plan_ffn_bytes(uniform_plan))
-        light = light_for(uniform)
-        fraction = matched_heavy_fraction(profile, geometry, light, budget)
+        light, fraction = uniform, 0.0
+        if _needs_split(methods):
+            light = light_for(uniform)
+            fraction = matched_heavy_fraction(profile, geometry, light, budget)
         for method in methods:
             if method == "uniform":
                 split_plan = uniform_plan

@@ -55,7 +55,7 @@ def test_profile_compress_eval_info_pipeline(workspace: dict[str, Path]) -> None
     profile = root / "profile.safetensors"
     code, output = run(
         "profile", model, "--corpus", corpus, "--tokens", 512, "--seq-len", 32,
-        "--out", profile, "--plot", root / "profile.png", "--device", "cpu",
+        "--out", profile, "--plot", root / "profile.png", "--device", "cpu", "--overwrite",
     )  # fmt: skip
     assert code == 0, output
     assert profile.is_file() and (root / "profile.png").is_file()
@@ -312,3 +312,162 @@ def test_out_of_memory_says_what_to_change(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(api, "profile", exhausted)
     code, output = run("profile", "smollm2-135m")
     assert_one_line_error(code, output, "--batch-size", "--sequential")
+
+
+def test_outputs_are_checked_before_any_work(workspace: dict[str, Path]) -> None:
+    """Every output is refused up front, under its real name: an existing one without
+    --overwrite, a folder where a file goes and the reverse, a parent that is a file."""
+    root, model = workspace["root"], workspace["model"]
+    existing = root / "existing.json"
+    existing.write_text("{}")
+    cases = [
+        (["profile", model, "--out", existing], ["already exists", "--overwrite"]),
+        (["profile", model, "--out", root / "p.safetensors", "--plot", existing], ["--overwrite"]),
+        (["eval", model, "--json", existing], ["already exists"]),
+        (["eval", model, "--json", root, "--overwrite"], [f"{root} is a folder", "--json"]),
+        (["compress", model, "--profile", existing, "--out", existing / "sub"],
+         ["is a file, not a folder"]),
+        (["compress", model, "--profile", existing, "--out", existing, "--overwrite"],
+         ["is a file: give a folder path for --out"]),
+        (["sweep", model, "--profile", existing, "--out", root], ["already exists"]),
+        (["bench", "--device", "cpu", "--json", existing], ["already exists"]),
+        (["demo", model, "--out", root], ["already exists", "--overwrite"]),
+    ]  # fmt: skip
+    for args, needles in cases:
+        assert_one_line_error(*run(*args), *needles)
+        assert existing.read_text() == "{}"
+    assert not (root / "p.safetensors").exists()
+
+
+def test_option_mistakes_found_before_the_work(workspace: dict[str, Path]) -> None:
+    root, model = workspace["root"], workspace["model"]
+    if not (root / "profile.safetensors").exists():
+        test_profile_compress_eval_info_pipeline(workspace)
+    profile = root / "profile.safetensors"
+    code, output = run("compress", model, "--profile", profile, "--heavy-dtype", "int8",
+                       "--out", root / "o")  # fmt: skip
+    assert_one_line_error(code, output, "unknown --heavy-dtype 'int8'", "float16")
+    code, output = run("sweep", model, "--profile", profile, "--out", root / "sw", "--points", ",")
+    assert_one_line_error(code, output, "--points is empty")
+    code, output = run("eval", model, "--seq-len", 0)
+    assert_one_line_error(code, output, "--seq-len must be at least 2")
+    code, output = run("profile", model, "--tokens", 0, "--out", root / "p0.safetensors")
+    assert_one_line_error(code, output, "--tokens must be at least 1 (got 0)")
+    code, output = run("compress", model, "--profile", profile, "--baseline", "uniform",
+                       "--heavy-fraction", 0.1, "--out", root / "o")  # fmt: skip
+    assert_one_line_error(code, output, "--heavy-fraction", "--baseline")
+    assert not (root / "o").exists() and not (root / "sw").exists()
+
+
+def test_a_failure_inside_the_progress_is_the_only_line(workspace: dict[str, Path]) -> None:
+    """The bars drawn before a failure are cleared: the error line stands alone."""
+    root, model = workspace["root"], workspace["model"]
+    code, output = run("profile", model, "--corpus", root / "no-such-corpus.txt",
+                       "--out", root / "p1.safetensors", "--device", "cpu")  # fmt: skip
+    assert_one_line_error(code, output)
+    assert [line for line in output.splitlines() if line.strip()] == [output.strip()]
+
+
+def test_demo_leaves_nothing_when_a_step_fails(
+    workspace: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ffnsplit import api
+    from ffnsplit.errors import FFNSplitError
+
+    root, model = workspace["root"], workspace["model"]
+    out = root / "demo"
+    for args, needles in ((["--light", "int5-g128"], ["bit width 5"]),
+                          (["--heavy-fraction", 2], ["outside"])):  # fmt: skip
+        code, output = run("demo", model, "--out", out, *args)
+        assert_one_line_error(code, output, *needles)
+        assert not out.exists()
+    assert_one_line_error(*run("demo", root / "no-such-model", "--out", out))
+    assert not out.exists()
+
+    def broken(*args, **kwargs):
+        raise FFNSplitError("compress failed on purpose")
+
+    monkeypatch.setattr(api, "compress", broken)
+    demo = ["demo", model, "--out", out, "--tokens", 1024, "--device", "cpu"]
+    assert_one_line_error(*run(*demo), "on purpose")
+    assert not out.exists()  # the profile of step 1 went with it
+    out.mkdir()
+    (out / "earlier").write_text("an earlier run")
+    assert_one_line_error(*run(*demo, "--overwrite"), "on purpose")
+    assert sorted(p.name for p in out.iterdir()) == ["earlier"]
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".demo")) == []
+
+
+def test_eval_refuses_a_causal_lm_beside_an_encoder(workspace: dict[str, Path]) -> None:
+    root, model = workspace["root"], workspace["model"]
+    encoder = root / "tiny-bert"
+    if not encoder.exists():
+        tiny_model("bert").save_pretrained(encoder)
+    code, output = run("eval", model, "--against", encoder)
+    assert_one_line_error(code, output, "causal LM", "encoder", "share no metric")
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["compress", "--heavy-fraction", "abc"], "'--heavy-fraction'"),
+        (["compress", "--foo"], "No such option: --foo"),
+        (["info", "minilm-l6", "extra"], "extra"),
+    ],
+)
+def test_command_line_mistakes_are_one_line(capsys, args: list[str], needle: str) -> None:
+    from ffnsplit.cli import main
+
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], captured.err
+    assert "--help" in lines[0] and "Traceback" not in captured.err
+
+
+def test_no_arguments_prints_the_help(capsys) -> None:
+    from ffnsplit.cli import main
+
+    assert main([]) == 0
+    assert "profile" in capsys.readouterr().out
+
+
+def test_overwrite_never_destroys_an_input(workspace: dict[str, Path], monkeypatch) -> None:
+    """--overwrite onto the model folder, the profile, or a folder holding the current one is
+    refused: replacing it would delete what the command reads."""
+    root, model = workspace["root"], workspace["model"]
+    if not (root / "profile.safetensors").exists():
+        test_profile_compress_eval_info_pipeline(workspace)
+    profile = root / "profile.safetensors"
+    compress = ["compress", model, "--profile", profile, "--overwrite", "--out"]
+    assert_one_line_error(*run(*compress, model), "is or holds", "choose another --out")
+    assert_one_line_error(*run(*compress, root), "is or holds")
+    here = root / "elsewhere" / "here"
+    here.mkdir(parents=True, exist_ok=True)
+    monkeypatch.chdir(here)
+    for out in (".", "..", ""):
+        assert_one_line_error(*run(*compress, out), "the current folder")
+    assert (model / "config.json").is_file() and profile.is_file() and here.is_dir()
+
+
+def test_mistakes_in_later_steps_are_found_first(workspace: dict[str, Path], monkeypatch) -> None:
+    """Option values used late in a run (sweep points and methods, eval corpora and counts) are
+    checked before any model is loaded: a missing model is not even reached."""
+    root = workspace["root"]
+    missing = root / "no-such-model"
+    profile = root / "no-such-profile.safetensors"
+    sweep = ["sweep", missing, "--profile", profile, "--out", root / "sw"]
+    cases = [
+        (sweep + ["--points", "int4-g64,lowrank-r8"], "quantized formats"),
+        (sweep + ["--methods", "uniform,nosuch"], "unknown sweep method 'nosuch'"),
+        (sweep + ["--points", "int4-g128"], "group 32 or 64"),
+        (["eval", missing, "--corpora", "wiki-eval,nosuch"], "nosuch"),
+        (["eval", missing, "--max-tokens", 0], "--max-tokens must be at least 1"),
+        (["eval", missing, "--batch-size", 0], "--batch-size must be at least 1"),
+    ]
+    for args, needle in cases:
+        assert_one_line_error(*run(*args), needle)
+    # a point at group 128 is fine when no method takes a heavy set; the missing profile is next
+    assert_one_line_error(*run(*sweep, "--points", "int4-g128", "--methods", "uniform"), "profile")
+    monkeypatch.setenv("FFNSPLIT_CACHE", str(root / "corpus.txt"))
+    assert_one_line_error(*run("info", "smollm2-135m"), "FFNSPLIT_CACHE", "is a file")

@@ -64,7 +64,7 @@ def test_round_trip_is_exact(family, tmp_path):
     folder = save_compressed(model, None, plan, tmp_path / "out")
     assert is_compressed_dir(folder)
     loaded, tokenizer = load_compressed(folder)
-    assert tokenizer is None
+    assert isinstance(tokenizer, io.MissingTokenizer)
     original = model.state_dict()
     restored = loaded.state_dict()
     assert original.keys() == restored.keys()
@@ -235,3 +235,79 @@ def test_save_refuses_an_uncompressed_model_or_another_plan(tmp_path):
     with pytest.raises(FFNSplitError, match="do not match the plan"):
         save_compressed(model, None, other_plan, tmp_path / "y")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_tensor_files_get_the_mode_of_the_other_files(tmp_path, monkeypatch):
+    model, plan, _ = compressed("gpt2")
+    umask = os.umask(0o022)
+    try:
+        single = save_compressed(model, None, plan, tmp_path / "single")
+        os.umask(0o027)  # the umask is respected, not a fixed 0644
+        monkeypatch.setattr(io, "MAX_SHARD_BYTES", 40_000)
+        sharded = save_compressed(model, None, plan, tmp_path / "sharded")
+    finally:
+        os.umask(umask)
+    for folder, mode in ((single, 0o644), (sharded, 0o640)):
+        modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+        assert any(name.endswith(".safetensors") for name in modes)
+        assert set(modes.values()) == {mode}, modes
+
+
+def test_a_checkpoint_without_tokenizer_loads_and_says_so_when_the_tokenizer_is_used(
+    saved, tmp_path
+):
+    from tests.test_data import word_tokenizer
+
+    folder, expected, ids = saved
+    loaded, tokenizer = load_compressed(folder)  # saved without a tokenizer
+    assert torch.equal(outputs(loaded, ids), expected)  # the model alone works (info, bench)
+    for use in (
+        lambda: tokenizer("the cat"),
+        lambda: tokenizer.model_max_length,
+        lambda: tokenizer.encode("the cat"),
+        lambda: len(tokenizer),
+    ):
+        with pytest.raises(CheckpointError, match="has no tokenizer") as info:
+            use()
+        assert str(folder) in str(info.value) and "\n" not in str(info.value)
+        assert "copy the tokenizer files of the model it was compressed from" in str(info.value)
+    # Saving the loaded model again keeps it tokenizer-less instead of failing.
+    model, plan, _ = compressed("llama")
+    again = save_compressed(model, tokenizer, plan, tmp_path / "again")
+    assert not (again / "tokenizer.json").exists()
+    # With a tokenizer the real one comes back.
+    with_tokenizer = save_compressed(model, word_tokenizer(["the cat"]), plan, tmp_path / "tok")
+    _, real = load_compressed(with_tokenizer)
+    assert real.encode("the cat", add_special_tokens=False) == [
+        real.convert_tokens_to_ids("the"),
+        real.convert_tokens_to_ids("cat"),
+    ]
+
+
+def test_a_checkpoint_whose_config_lost_its_quantization_config_is_named(saved, tmp_path):
+    from ffnsplit import models
+
+    folder = _copy(saved[0], tmp_path / "lost")
+    config = json.loads((folder / "config.json").read_text())
+    del config["quantization_config"]
+    (folder / "config.json").write_text(json.dumps(config))
+    assert not is_compressed_dir(folder)
+    with pytest.raises(FFNSplitError, match="looks like a compressed ffnsplit checkpoint") as info:
+        models.load_model(folder)  # as open_model does for a folder that is not compressed
+    message = str(info.value)
+    assert "\n" not in message and str(folder) in message
+    assert "lacks the ffnsplit quantization_config: restore that config.json" in message
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        ["model.layers.0.mlp.heavy_up"],
+        ["h.1.mlp.light_down.plane0"],
+        ["x.qheavy_gate_bias"],
+        ["layers.3.ffn.lowrank_up.lowrank_a"],
+    ],
+)
+def test_split_tensor_names_are_recognised(names):
+    assert io.find_split_tensor(["model.embed_tokens.weight", *names]) == names[0]
+    assert io.find_split_tensor(["model.layers.0.mlp.up_proj.weight", "mlp.down_bias"]) is None

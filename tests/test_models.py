@@ -17,7 +17,7 @@ import transformers
 from ffnsplit import data, models
 from ffnsplit.errors import FFNSplitError
 from tests.test_data import word_tokenizer
-from tests.tiny_models import tiny_model
+from tests.tiny_models import tiny_config, tiny_model
 
 WORDS = ["the cat sat on a mat and the dog ran off"]
 
@@ -133,6 +133,97 @@ def test_compressed_checkpoint_is_not_loaded_as_a_plain_model(tmp_path) -> None:
     edit_config(folder, quantization_config={"quant_method": "ffnsplit", "format_version": 1})
     with pytest.raises(FFNSplitError, match="compressed ffnsplit checkpoint"):
         models.load_model(folder)
+
+
+def _one_line_error(spec: object, match: str) -> str:
+    with pytest.raises(FFNSplitError, match=match) as info:
+        models.load_model(spec)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def _drop_tensors(folder: Path, dropped: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    kept = {name: tensor for name, tensor in tensors.items() if dropped not in name}
+    assert len(kept) < len(tensors)
+    save_file(kept, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_missing_weights_are_refused_not_randomly_initialised(tmp_path) -> None:
+    folder = save_tiny(tmp_path / "no_ffn")
+    _drop_tensors(folder, ".mlp.")
+    message = _one_line_error(folder, r"lacks 12 weight tensors of the LlamaForCausalLM")
+    assert str(folder) in message and "model.layers.0.mlp.down_proj.bias" in message
+    lm_head = save_tiny(tmp_path / "no_lm_head")  # untied: a missing head is a missing weight
+    _drop_tensors(lm_head, "lm_head.")
+    _one_line_error(lm_head, r"lacks 1 weight tensors .*\(lm_head.weight\)")
+
+
+def test_healthy_checkpoints_with_legitimately_absent_keys_still_load(tmp_path) -> None:
+    config = tiny_config("llama")
+    config.tie_word_embeddings = True
+    tied = transformers.LlamaForCausalLM(config)
+    tied.save_pretrained(tmp_path / "tied")  # stores the tied lm_head once
+    word_tokenizer(WORDS).save_pretrained(tmp_path / "tied")
+    model, _ = models.load_model(tmp_path / "tied")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    # A sentence encoder saved without its pooler (ffnsplit never uses the pooler), and a
+    # masked-LM checkpoint whose head is an unexpected key for the bare encoder.
+    for name, encoder in (
+        ("no_pooler", transformers.BertModel(tiny_config("bert"), add_pooling_layer=False)),
+        ("mlm", transformers.BertForMaskedLM(tiny_config("bert"))),
+    ):
+        encoder.save_pretrained(tmp_path / name)
+        word_tokenizer(WORDS).save_pretrained(tmp_path / name)
+        loaded, _ = models.load_model(tmp_path / name)
+        assert isinstance(loaded, transformers.BertModel)
+
+
+def test_weights_of_another_shape_than_the_config_are_refused(tmp_path) -> None:
+    folder = save_tiny(tmp_path / "shapes")
+    edit_config(folder, intermediate_size=96)
+    _one_line_error(
+        folder, r"down_proj.weight is \[64, 160\] in the safetensors but config.json gives"
+    )
+
+
+@pytest.mark.parametrize("damage", ["half", "empty", "header_only"])
+def test_truncated_safetensors_name_the_file(tmp_path, damage) -> None:
+    folder = save_tiny(tmp_path / damage)
+    file = folder / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(
+        {"half": data[: len(data) // 2], "empty": b"", "header_only": data[:20]}[damage]
+    )
+    message = _one_line_error(
+        folder, "is truncated or corrupt .*: download or convert the model again"
+    )
+    assert str(file) in message
+
+
+def test_sharded_folder_with_a_missing_shard_is_refused(tmp_path) -> None:
+    folder = tmp_path / "sharded"
+    tiny_model("llama").save_pretrained(folder, max_shard_size="100KB")
+    word_tokenizer(WORDS).save_pretrained(folder)
+    shards = sorted(folder.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    models.load_model(folder)
+    shards[-1].unlink()
+    _one_line_error(folder, rf"lacks {shards[-1].name}, which model.safetensors.index.json lists")
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "bitsandbytes", "fp8"])
+def test_models_quantized_by_other_tools_are_refused(tmp_path, method) -> None:
+    folder = save_tiny(tmp_path / method)
+    edit_config(folder, quantization_config={"quant_method": method})
+    _one_line_error(
+        folder, rf"quantized with '{method}', which ffnsplit does not read: give it an unq"
+    )
+    # Every path that reads the config says the same (info, resolve, profile, ...).
+    with pytest.raises(FFNSplitError, match=f"quantized with '{method}'"):
+        models.resolve_model(folder)
 
 
 def test_packaged_model_without_its_package(monkeypatch) -> None:

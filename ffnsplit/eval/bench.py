@@ -58,6 +58,7 @@ from ffnsplit.runtime import is_out_of_memory, resolve_device
 
 BENCH_FORMAT = 1
 DEFAULT_SHAPE = "4096x14336"  # Llama-3-8B's FFN
+CPU_DEFAULT_SHAPE = "256x1024"  # --device cpu runs eagerly: smoke numbers in seconds, not minutes
 DEFAULT_MS = (1, 4, 16, 64, 256, 2048)
 REFERENCE_MAX_M = 256  # the reference dequantizes per call: too slow to time beyond
 METHODS = ("dense", "torch_int4", "ffnsplit", "kernel_A", "kernel_B", "reference")
@@ -135,7 +136,8 @@ class BenchOptions:
     Sources: `model` (a compressed ffnsplit folder: its distinct FFN layer layouts), `shapes`
     (`HxI` layers with random weights), `against` (the dense original of `model`: end-to-end),
     `e2e_shape` (a name in E2E_SHAPES: random-weight model and its compressed twin, end-to-end).
-    With none of them, the layer bench of DEFAULT_SHAPE runs.
+    With none of them, the layer bench of DEFAULT_SHAPE runs (CPU_DEFAULT_SHAPE with
+    `device="cpu"`).
     """
 
     model: str | None = None
@@ -175,7 +177,8 @@ class BenchOptions:
                 f"unknown --e2e-shape {self.e2e_shape!r}: choose one of {', '.join(E2E_SHAPES)}"
             )
         if self.model is None and not self.shapes and self.e2e_shape is None:
-            self.shapes = (DEFAULT_SHAPE,)
+            cpu = str(self.device).strip().lower() == "cpu"
+            self.shapes = (CPU_DEFAULT_SHAPE if cpu else DEFAULT_SHAPE,)
         light = self.light_format
         if self.shapes and light.kind != "quant":
             raise OptionError(
