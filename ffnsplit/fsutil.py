@@ -57,8 +57,8 @@ def check_output(
     reverse, an existing path without `overwrite` (unless `may_exist`), one that is or holds an
     input of the command or the current folder (replacing it would destroy them), or a
     destination that cannot be written (read-only file system, no permission, a file in the way
-    of a parent)."""
-    path = Path(path)
+    of a parent). Returns the path with `~` expanded."""
+    path = Path(path).expanduser()
     if path.exists():
         if folder and not path.is_dir():
             raise FFNSplitError(f"{path} is a file: give a folder path for {option}")
