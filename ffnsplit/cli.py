@@ -94,7 +94,9 @@ def friendly_errors(func):
                     + _cache_hint(exc.filename)
                 )
             if exc.errno == errno.ENOSPC:
-                _fail(f"no space left on the disk ({exc.filename or exc}): free some space")
+                from ffnsplit.fsutil import disk_full_message
+
+                _fail(disk_full_message(exc.filename or "a file"))
             _unexpected(exc)
         except Exception as exc:  # noqa: BLE001 - the last line of defence for the CLI
             _unexpected(exc)
