@@ -338,14 +338,13 @@ def compress(
 ) -> dict:
     """Profile file + options -> plan -> compressed model saved to `out`; returns its size report."""
     from ffnsplit import apply, data, io
-    from ffnsplit.errors import FFNSplitError
+    from ffnsplit.fsutil import refuse_existing
     from ffnsplit.profile import Profile
     from ffnsplit.runtime import resolve_device
 
     options = options or CompressOptions()
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FFNSplitError(f"{out} exists: pass --overwrite to replace it")
+    refuse_existing(out, overwrite)  # before the work; save_compressed checks again
     run_device = resolve_device(device)
     profile_obj = Profile.load(profile_path)
     model, tokenizer = open_model(model_spec, trust_remote_code=trust_remote_code)
@@ -497,10 +496,10 @@ def sweep(
     import json
 
     from ffnsplit import sweep as sweep_module
-    from ffnsplit.errors import FFNSplitError, OptionError
+    from ffnsplit.errors import OptionError
     from ffnsplit.eval.perplexity import perplexity
     from ffnsplit.eval.tasks import embed_documents, is_causal_lm, similarity_spearman
-    from ffnsplit.fsutil import atomic_dir, atomic_write_text
+    from ffnsplit.fsutil import atomic_dir, atomic_write_text, refuse_existing
     from ffnsplit.profile import Profile
 
     out = Path(out)
@@ -510,8 +509,7 @@ def sweep(
         raise OptionError("--methods is empty: give at least one of uniform, ffsplit, random, "
                           "weight-norm, budget")  # fmt: skip
     sweep_module.check_options(points, methods)
-    if out.exists() and not overwrite:
-        raise FFNSplitError(f"{out} already exists: pass --overwrite to replace it")
+    refuse_existing(out, overwrite)  # before the work; atomic_dir checks again at the end
     profile_obj = Profile.load(profile_path)
     model, tokenizer = open_model(model_spec, trust_remote_code=trust_remote_code)
     causal = is_causal_lm(model)

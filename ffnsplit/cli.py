@@ -94,7 +94,9 @@ def friendly_errors(func):
                     + _cache_hint(exc.filename)
                 )
             if exc.errno == errno.ENOSPC:
-                _fail(f"no space left on the disk ({exc.filename or exc}): free some space")
+                from ffnsplit.fsutil import disk_full_message
+
+                _fail(disk_full_message(exc.filename or "a file"))
             _unexpected(exc)
         except Exception as exc:  # noqa: BLE001 - the last line of defence for the CLI
             _unexpected(exc)
@@ -286,9 +288,9 @@ def profile_command(
     from ffnsplit.profile import Profile, summary_table
 
     if show is None:
-        check_output(out, "--out", overwrite=overwrite, inputs=(model,))
+        out = check_output(out, "--out", overwrite=overwrite, inputs=(model,))
     if plot is not None:
-        check_output(plot, "--plot", overwrite=overwrite, inputs=(model, show))
+        plot = check_output(plot, "--plot", overwrite=overwrite, inputs=(model, show))
 
     if show is not None:
         result = Profile.load(show)
@@ -405,7 +407,7 @@ def compress_command(
     from ffnsplit import api
     from ffnsplit.fsutil import check_output
 
-    check_output(out, "--out", folder=True, overwrite=overwrite, inputs=(model, profile))
+    out = check_output(out, "--out", folder=True, overwrite=overwrite, inputs=(model, profile))
     options = api.CompressOptions(
         light=light,
         heavy_fraction=heavy_fraction,
@@ -499,7 +501,9 @@ def eval_command(
     from ffnsplit.fsutil import check_output
 
     if json_file is not None:
-        check_output(json_file, "--json", overwrite=overwrite, inputs=(model, *(against or ())))
+        json_file = check_output(
+            json_file, "--json", overwrite=overwrite, inputs=(model, *(against or ()))
+        )
 
     specs = [*(against or []), model]  # the --against model(s) are the reference column
     with _progress() as progress:
@@ -549,7 +553,7 @@ def demo_command(
     from ffnsplit.plan import parse_light_format
 
     # Everything that can be checked is checked before the first step writes anything.
-    check_output(out, "--out", folder=True, overwrite=overwrite, inputs=(model,))
+    out = check_output(out, "--out", folder=True, overwrite=overwrite, inputs=(model,))
     resolve_model(model)
     parse_light_format(light)
     options = api.CompressOptions(light=light, heavy_fraction=heavy_fraction)
@@ -640,7 +644,7 @@ def sweep_command(
     from ffnsplit import api
     from ffnsplit.fsutil import check_output
 
-    check_output(out, "--out", folder=True, overwrite=overwrite, inputs=(model, profile))
+    out = check_output(out, "--out", folder=True, overwrite=overwrite, inputs=(model, profile))
 
     with _progress() as progress:
         payload = api.sweep(
@@ -867,9 +871,9 @@ def bench_command(
     from ffnsplit.fsutil import check_output
 
     if json_file is not None:
-        check_output(json_file, "--json", overwrite=overwrite, inputs=(model, against))
+        json_file = check_output(json_file, "--json", overwrite=overwrite, inputs=(model, against))
     if append is not None:
-        check_output(append, "--append", may_exist=True, inputs=(model, against))
+        append = check_output(append, "--append", may_exist=True, inputs=(model, against))
 
     payload = api.bench(
         model,

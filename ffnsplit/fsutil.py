@@ -24,7 +24,7 @@ def _default_mode(is_dir: bool) -> int:
     return (0o777 if is_dir else 0o666) & ~umask
 
 
-def _disk_full_message(path: Path) -> str:
+def disk_full_message(path: str | os.PathLike) -> str:
     return f"no space left on the disk while writing {path}: free some space or write elsewhere"
 
 
@@ -33,6 +33,19 @@ def _disk_full(exc: BaseException) -> bool:
     if isinstance(exc, OSError):
         return exc.errno == errno.ENOSPC
     return "No space left on device" in str(exc)
+
+
+def refuse_existing(path: str | os.PathLike, overwrite: bool) -> None:
+    """The one refusal of an existing output when --overwrite was not given."""
+    if not overwrite and Path(path).exists():
+        raise FFNSplitError(f"{path} already exists: pass --overwrite to replace it")
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename an output being replaced to a hidden name beside it; returns that name."""
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    os.replace(path, old)
+    return old
 
 
 def _writable_folder(path: Path) -> Path:
@@ -57,15 +70,14 @@ def check_output(
     reverse, an existing path without `overwrite` (unless `may_exist`), one that is or holds an
     input of the command or the current folder (replacing it would destroy them), or a
     destination that cannot be written (read-only file system, no permission, a file in the way
-    of a parent)."""
-    path = Path(path)
+    of a parent). Returns the path with `~` expanded."""
+    path = Path(path).expanduser()
     if path.exists():
         if folder and not path.is_dir():
             raise FFNSplitError(f"{path} is a file: give a folder path for {option}")
         if not folder and path.is_dir():
             raise FFNSplitError(f"{path} is a folder: give a file path for {option}")
-        if not (overwrite or may_exist):
-            raise FFNSplitError(f"{path} already exists: pass --overwrite to replace it")
+        refuse_existing(path, overwrite or may_exist)
         target = path.resolve()
         for other in (*inputs, Path.cwd()):
             if other is None or not Path(other).expanduser().exists():
@@ -113,7 +125,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if _disk_full(exc):
-            raise FFNSplitError(_disk_full_message(path)) from exc
+            raise FFNSplitError(disk_full_message(path)) from exc
         raise
 
 
@@ -135,8 +147,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     is replaced only once the new folder is complete.
     """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FFNSplitError(f"{path} already exists: pass --overwrite to replace it")
+    refuse_existing(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     os.chmod(tmp, _default_mode(is_dir=True))
@@ -144,8 +155,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
         yield tmp
         _plain_modes(tmp)
         if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
+            old = _set_aside(path)
             os.replace(tmp, path)
             _remove(old)
         else:
@@ -153,7 +163,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if _disk_full(exc):
-            raise FFNSplitError(_disk_full_message(path)) from exc
+            raise FFNSplitError(disk_full_message(path)) from exc
         raise
 
 
@@ -180,12 +190,8 @@ def replace_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     real paths (they name each other). On failure the new folder is removed and the one it
     replaced (with `overwrite`) is put back; on success the replaced one is deleted."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FFNSplitError(f"{path} already exists: pass --overwrite to replace it")
-    old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
+    refuse_existing(path, overwrite)
+    old = _set_aside(path) if path.exists() else None
     try:
         path.mkdir(parents=True)
         yield path
@@ -194,7 +200,7 @@ def replace_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
         if old is not None:
             os.replace(old, path)
         if _disk_full(exc):
-            raise FFNSplitError(_disk_full_message(path)) from exc
+            raise FFNSplitError(disk_full_message(path)) from exc
         raise
     if old is not None:
         _remove(old)

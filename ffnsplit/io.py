@@ -28,7 +28,7 @@ from torch import Tensor, nn
 import ffnsplit
 from ffnsplit.arch import decoder_layers, get_ffn_blocks
 from ffnsplit.errors import CheckpointError, FFNSplitError
-from ffnsplit.fsutil import atomic_dir
+from ffnsplit.fsutil import atomic_dir, refuse_existing
 from ffnsplit.modules import PackedWeight, SplitFFN
 from ffnsplit.plan import SplitPlan, average_bits, dense_ffn_bytes, plan_ffn_bytes
 
@@ -164,8 +164,7 @@ def save_compressed(
     options) is kept in quantization_config["extra"].
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FFNSplitError(f"{out_dir} exists: pass --overwrite to replace it")
+    refuse_existing(out_dir, overwrite)
     modules = _split_modules(model)
     metas = [module.meta() for _, module in modules.values()]
     planned = plan_ffn_bytes(plan)

@@ -38,14 +38,18 @@ class SweepPoint:
 
 def light_for(uniform: plan.LightFormat) -> plan.LightFormat:
     """The format the split methods use for light neurons at a uniform point: group 128."""
-    if uniform.kind != "quant":
-        raise OptionError(f"sweep points are quantized formats (intB-gG), not {uniform.label()}")
+    _quantized(uniform)
     if uniform.group_size == 128 or uniform.group_size == -1:
         raise OptionError(
             f"sweep point {uniform.label()} leaves no bytes for a heavy set at group 128: "
             "use group 32 or 64 points (e.g. int4-g64)"
         )
     return plan.LightFormat(bits=uniform.bits, group_size=128, symmetric=uniform.symmetric)
+
+
+def _quantized(uniform: plan.LightFormat) -> None:
+    if uniform.kind != "quant":
+        raise OptionError(f"sweep points are quantized formats (intB-gG), not {uniform.label()}")
 
 
 def _needs_split(methods: tuple[str, ...]) -> bool:
@@ -60,8 +64,7 @@ def check_options(points: list[str] | tuple[str, ...], methods: tuple[str, ...])
         raise OptionError(f"unknown sweep method {unknown[0]!r}: choose from {', '.join(METHODS)}")
     for label in points:
         uniform = plan.parse_light_format(label)
-        if uniform.kind != "quant":
-            raise OptionError(f"sweep points are quantized formats (intB-gG), not {label}")
+        _quantized(uniform)
         if _needs_split(methods):
             light_for(uniform)
 

@@ -471,3 +471,13 @@ def test_mistakes_in_later_steps_are_found_first(workspace: dict[str, Path], mon
     assert_one_line_error(*run(*sweep, "--points", "int4-g128", "--methods", "uniform"), "profile")
     monkeypatch.setenv("FFNSPLIT_CACHE", str(root / "corpus.txt"))
     assert_one_line_error(*run("info", "smollm2-135m"), "FFNSPLIT_CACHE", "is a file")
+
+
+def test_output_paths_expand_the_home_folder(workspace: dict[str, Path], monkeypatch) -> None:
+    home = workspace["root"] / "home"
+    home.mkdir(exist_ok=True)
+    (home / "p.safetensors").write_text("an earlier profile")
+    monkeypatch.setenv("HOME", str(home))
+    code, output = run("profile", workspace["model"], "--out", "~/p.safetensors")
+    assert_one_line_error(code, output, f"{home / 'p.safetensors'} already exists")
+    assert not (Path.cwd() / "~").exists()

@@ -590,7 +590,8 @@ def model_cases(
             LayerCase(
                 label=f"layers {span}: {module.hidden_size}x{intermediate} {module.activation}"
                 f"{' gated' if module.gated else ''}, {first.n_heavy} heavy fp16 + "
-                f"{first.n_light} light {light_label}",
+                f"{module.n_light} light {light_label}"
+                + (f" ({first.n_light} stored)" if first.n_light != module.n_light else ""),
                 hidden=module.hidden_size,
                 intermediate=intermediate,
                 n_heavy=first.n_heavy,
