@@ -57,7 +57,8 @@ def main() -> None:
     parser.add_argument(
         "--paths",
         default="dense,prefill,dequant",
-        help="dense, prefill, dequant, dequant_fold (dequant with dequant_gemm.HEAVY_IN_SCRATCH)",
+        help="dense, small, prefill (the tl tiers), dequant, dequant_fold (dequant with "
+        "dequant_gemm.HEAVY_IN_SCRATCH), auto (what split_ffn picks)",
     )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -77,7 +78,9 @@ def main() -> None:
         row = {"m": m}
         fns = {
             "dense": lambda x=x: _ffn(x, dense[0], dense[1], dense[2], "silu"),
+            "small": lambda x=x: sffn.split_ffn(x, w, path="small"),
             "prefill": lambda x=x: sffn.split_ffn(x, w, path="prefill"),
+            "auto": lambda x=x: sffn.split_ffn(x, w),
             "dequant": lambda x=x: _heavy_scratch(False, sffn.split_ffn, x, w, path="dequant"),
             "dequant_fold": lambda x=x: _heavy_scratch(True, sffn.split_ffn, x, w, path="dequant"),
         }
@@ -93,7 +96,7 @@ def main() -> None:
             row["rel_diff_fold"] = float(
                 (fns["dequant_fold"]().float() - plain).norm() / plain.norm()
             )
-        for name in ("prefill", "dequant", "dequant_fold"):
+        for name in ("small", "prefill", "dequant", "dequant_fold", "auto"):
             if name in paths and "dense" in paths:
                 row[f"{name}_vs_dense"] = round(row["dense"] / row[name], 3)
         rows.append(row)

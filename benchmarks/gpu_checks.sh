@@ -14,6 +14,7 @@
 #   gemv (GEMV tests), floor (bytes-only read kernel), half2 (benchmarks/proto_half2.py),
 #   mma (the Gluon decode tier: tests + benchmarks/bench_mma.py), prefill (dequant path variants
 #   at M = 1024-4096: heavy rows in the scratch or not, 128 and 256 MiB chunks), decodeops (decoder op tests), trace
+#   profprefill (benchmarks/prof_prefill.py + probe_cublas.py),
 #   (benchmarks/trace_decode.py), decode8b (M = 1, 4 + 8B decode once)
 # Several stages in one call: bash benchmarks/gpu_checks.sh gemv trace decode8b
 # Each step has its own time limit, so one slow step cannot take the whole call.
@@ -94,6 +95,11 @@ mma)  # the Gluon decode tier (ffnsplit/kernels/mma_decode.py): its GPU tests, t
     run 150 bench_mma_rows python3 benchmarks/bench_mma.py --m 32,64 --paths small,mma \
         --out "$OUT/bench_mma_rows.json"
     ;;
+profprefill)  # where an eager 512-token prefill goes (4 layers, torch profiler) and which
+    # cuBLAS kernels kernel A's GEMM shapes get (~1 min)
+    run 120 prof_prefill python3 benchmarks/prof_prefill.py
+    run 60 probe_cublas python3 benchmarks/probe_cublas.py
+    ;;
 half2)  # the packed-half2 prototype of kernel B's loop against gemv's kernel B
     run 200 proto_half2 python3 benchmarks/proto_half2.py --out "$OUT/proto_half2.json"
     ;;
@@ -139,7 +145,7 @@ profile32k)
     ;;
 *)
     echo "unknown stage $stage: tests, decode, bench, pdl, gemv, floor, half2, gluon, decodeops, trace," \
-        "decode8b, atomic, final, profile_final or profile32k" >&2
+        "decode8b, atomic, final, profprefill, profile_final or profile32k" >&2
     exit 2
     ;;
 esac

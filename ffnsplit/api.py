@@ -39,7 +39,7 @@ class LayerInfo:
     gated: bool
     activation: str
     dtype: str
-    parameters: int  # FFN weights + biases (dense equivalent for split layers: stored elements)
+    parameters: int  # FFN weights + biases; a split FFN: those its heavy + light neurons stand for
     nbytes: int
 
 
@@ -64,6 +64,18 @@ def _tensor_bytes(module: nn.Module) -> tuple[int, int]:
     return sum(t.numel() for t in tensors), sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _split_parameters(module) -> int:
+    """The dense weights and biases a split FFN stands for: up (and gate) rows and down columns of
+    its heavy and light neurons, however they are stored (packed words, scales, low-rank factors
+    and padding are storage, not parameters; pruned neurons are gone)."""
+    neurons = module.n_heavy + module.n_light
+    count = neurons * module.hidden_size * (3 if module.gated else 2)
+    names = [name for name, _ in module.named_buffers()] + [n for n, _ in module.named_parameters()]
+    count += neurons * any(name.endswith("up_bias") for name in names)
+    count += neurons * any(name.endswith("gate_bias") for name in names)
+    return count + module.hidden_size * any(name.endswith("down_bias") for name in names)
+
+
 def _split_label(module) -> str:
     label = f"{module.n_heavy} heavy {dtype_name(module._dtype())}"
     if module.light_kind == "quant":
@@ -82,8 +94,11 @@ def model_info(model: nn.Module) -> ModelInfo:
 
     layers = []
     split = installed_ffns(model, SplitFFN)
+    stored = 0  # elements the split FFNs store, replaced in the total by what they stand for
     for index, name, module in split:
         count, nbytes = _tensor_bytes(module)
+        stored += count
+        count = _split_parameters(module)
         layers.append(
             LayerInfo(
                 layer=index,
@@ -131,6 +146,8 @@ def model_info(model: nn.Module) -> ModelInfo:
         seen.add(tensor.data_ptr())
         total_count += tensor.numel()
         total_bytes += tensor.numel() * tensor.element_size()
+    if split:
+        total_count += sum(layer.parameters for layer in layers) - stored
     return ModelInfo(
         model_type=getattr(model.config, "model_type", type(model).__name__),
         layers=layers,

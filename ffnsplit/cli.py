@@ -261,7 +261,11 @@ def profile_command(
         Path, typer.Option("--out", help="Where to write the profile (safetensors).")
     ] = Path("profile.safetensors"),
     plot: Annotated[
-        Path | None, typer.Option("--plot", help="Also draw the heavy-hitter summary to this PNG.")
+        Path | None,
+        typer.Option(
+            "--plot",
+            help="Also draw the heavy-hitter summary to this image (.png, .pdf, .svg, .jpg).",
+        ),
     ] = None,
     show: Annotated[
         Path | None,
@@ -290,7 +294,10 @@ def profile_command(
     if show is None:
         out = check_output(out, "--out", overwrite=overwrite, inputs=(model,))
     if plot is not None:
+        from ffnsplit.plotting import plot_format
+
         plot = check_output(plot, "--plot", overwrite=overwrite, inputs=(model, show))
+        plot_format(plot)
 
     if show is not None:
         result = Profile.load(show)
@@ -520,6 +527,11 @@ def eval_command(
             progress=_stage_callback(progress),
         )
     console.print(comparison_table(reports))
+    if all(not report.perplexity for report in reports.values()):
+        console.print(
+            "[dim]encoders are scored by sentence similarity on their own pairs: --corpora, "
+            "--seq-len and --max-tokens apply to causal LMs only[/]"
+        )
     if json_file is not None:
         console.print(f"results written to [bold]{json_file}[/]")
 

@@ -345,7 +345,10 @@ def load_plan(path: str) -> SplitPlan:
             text = handle.read()
     except OSError as exc:
         raise CheckpointError(f"cannot read plan {path}: {exc.strerror}") from None
-    return SplitPlan.from_json(text)
+    try:
+        return SplitPlan.from_json(text)
+    except CheckpointError as exc:  # which file, and what to do
+        raise CheckpointError(f"{path}: {exc}; compress the model again") from None
 
 
 def save_plan(plan: SplitPlan, path: str) -> None:

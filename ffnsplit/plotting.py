@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import matplotlib
 
@@ -13,13 +14,31 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
+from ffnsplit.errors import OptionError  # noqa: E402
 from ffnsplit.fsutil import atomic_path  # noqa: E402
 from ffnsplit.profile import SHARE_FRACTIONS, Profile  # noqa: E402
 
+PLOT_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg")
+
+
+def plot_format(path: str | os.PathLike) -> str:
+    """The image format a plot path's suffix names (png without one); a one-line OptionError for
+    a suffix matplotlib would not write as that format."""
+    suffix = Path(path).suffix.lower().removeprefix(".")
+    if not suffix:
+        return "png"
+    if suffix not in PLOT_FORMATS:
+        raise OptionError(
+            f"--plot {path}: cannot draw a .{suffix} image; use .png, .pdf, .svg or .jpg"
+        )
+    return suffix
+
 
 def plot_profile(profile: Profile, path: str | os.PathLike) -> None:
-    """Write a PNG: top-1/5/10% output-norm shares and half-to-half overlap per layer (left),
-    and every layer's neurons sorted by mean output norm on a log scale (right)."""
+    """Write an image in the format of path's suffix (plot_format): top-1/5/10% output-norm
+    shares and half-to-half overlap per layer (left), and every layer's neurons sorted by mean
+    output norm on a log scale (right)."""
+    image_format = plot_format(path)
     rows = profile.summary_rows()
     layers = np.arange(len(rows))
     figure, (shares_axis, curves_axis) = plt.subplots(
@@ -71,6 +90,6 @@ def plot_profile(profile: Profile, path: str | os.PathLike) -> None:
     figure.tight_layout()
     try:
         with atomic_path(path) as tmp:
-            figure.savefig(tmp, format="png", dpi=120)
+            figure.savefig(tmp, format=image_format, dpi=120)
     finally:
         plt.close(figure)

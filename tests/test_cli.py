@@ -74,6 +74,13 @@ def test_profile_compress_eval_info_pipeline(workspace: dict[str, Path]) -> None
 
     code, output = run("info", out)
     assert code == 0 and "split" in output, output
+    from ffnsplit import api
+
+    dense, compressed = (api.model_info(api.open_model(str(p))[0]) for p in (model, out))
+    # nothing pruned: the split FFNs stand for the dense parameters, stored in fewer bytes
+    assert compressed.ffn_parameters == dense.ffn_parameters
+    assert compressed.total_parameters == dense.total_parameters
+    assert compressed.ffn_bytes < dense.ffn_bytes
 
     results = root / "eval.json"
     code, output = run(
@@ -81,6 +88,7 @@ def test_profile_compress_eval_info_pipeline(workspace: dict[str, Path]) -> None
         "--max-tokens", 256, "--json", results, "--device", "cpu",
     )  # fmt: skip
     assert code == 0, output
+    assert "causal LMs only" not in output  # the encoder note is for encoders
     reports = json.loads(results.read_text())
     assert set(reports) == {str(out), str(model)}
     compressed, dense = reports[str(out)], reports[str(model)]
@@ -323,6 +331,8 @@ def test_outputs_are_checked_before_any_work(workspace: dict[str, Path]) -> None
     cases = [
         (["profile", model, "--out", existing], ["already exists", "--overwrite"]),
         (["profile", model, "--out", root / "p.safetensors", "--plot", existing], ["--overwrite"]),
+        (["profile", model, "--out", root / "p.safetensors", "--plot", root / "x.bmp"],
+         ["cannot draw a .bmp image", ".png, .pdf, .svg or .jpg"]),
         (["eval", model, "--json", existing], ["already exists"]),
         (["eval", model, "--json", root, "--overwrite"], [f"{root} is a folder", "--json"]),
         (["compress", model, "--profile", existing, "--out", existing / "sub"],

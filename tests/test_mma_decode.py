@@ -148,8 +148,13 @@ def test_kernel_path_follows_the_dispatch() -> None:
         assert sffn.kernel_path(m, x, w) == (
             "mma" if runs_mma else ("gemv" if m <= 4 else "decode")
         )
-    assert sffn.kernel_path(17, x, w) == "small"
-    assert sffn.kernel_path(200, x, w) == "prefill"
+    for m in (17, 32):
+        assert sffn.kernel_path(m, x, w) == ("mma" if runs_mma else "small")
+    assert sffn.kernel_path(33, x, w) == "small"
+    assert sffn.kernel_path(64, x, w) == "small"
+    assert sffn.kernel_path(65, x, w) == "prefill"
+    assert sffn.kernel_path(255, x, w) == "prefill"
+    assert sffn.kernel_path(256, x, w) == "dequant"
     assert sffn.kernel_path(2048, x, w) == "dequant"
     assert sffn.kernel_path(8, x, w, path="decode") == "decode"
 

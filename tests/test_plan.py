@@ -223,6 +223,9 @@ def test_plan_json_round_trip_and_validation(tmp_path):
     data["layers"][0]["light_idx"][0] = data["layers"][0]["heavy_idx"][0]  # a duplicate
     with pytest.raises(CheckpointError, match="not a permutation"):
         SplitPlan.from_json(json.dumps(data))
+    path.write_text(plan.to_json()[:40])  # cut short: the error names the file and the remedy
+    with pytest.raises(CheckpointError, match=r"plan\.json: plan is not valid JSON .*compress"):
+        load_plan(path)
     newer = {**json.loads(plan.to_json()), "version": 99}
     with pytest.raises(CheckpointError, match="upgrade ffnsplit"):
         SplitPlan.from_json(json.dumps(newer))

@@ -565,6 +565,16 @@ def test_summary_table_and_plot(small_profile, tmp_path) -> None:
     plot_profile(profile, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["plot.png"]
+    for name, magic in (
+        ("plot.JPG", b"\xff\xd8\xff"),
+        ("plot.pdf", b"%PDF"),
+        ("plot.svg", b"<?xml"),
+    ):
+        plot_profile(profile, tmp_path / name)  # the suffix names the format
+        assert (tmp_path / name).read_bytes().startswith(magic), name
+    with pytest.raises(OptionError, match=r"\.bmp image; use \.png"):
+        plot_profile(profile, tmp_path / "plot.bmp")
+    assert not (tmp_path / "plot.bmp").exists()
 
 
 @pytest.mark.slow

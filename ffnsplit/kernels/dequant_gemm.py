@@ -42,16 +42,20 @@ from ffnsplit.kernels.tiles import (
     unpack_codes,
 )
 
-# dequantized scratch per chunk, at most (measured on an H100 at M = 2048: 32 MiB 0.83x dense,
-# 64 MiB 0.87x, 128 MiB 0.90x: fewer, larger GEMMs; benchmarks/RESULTS.md)
-CHUNK_BYTES = 128 << 20
+# dequantized scratch per chunk, at most (H100 at M = 2048: 32 MiB 0.83x dense, 64 MiB 0.87x,
+# 128 MiB 0.90x; H200, session 11, heavy rows in the scratch: 128 MiB 0.934x, 256 MiB 0.962x,
+# at M = 4096 0.961x and 0.980x: fewer, larger GEMMs; benchmarks/RESULTS.md)
+CHUNK_BYTES = 256 << 20
 # Heavy rows copied into the scratch beside the dequantized light rows, so one GEMM covers both
 # (kernel A: the heavy neurons share the first chunk's up/gate GEMM and gating launch instead of
 # two small-N GEMMs, a concatenation and their own gating; kernel B: the heavy columns lengthen
 # each chunk's K instead of a short-K GEMM whose output the light chunks then read back). It
-# costs a copy of the heavy weights a call. NOT measured on a GPU yet, so off by default:
-# `benchmarks/bench_prefill.py --heavy-scratch 0,1` compares the two.
-HEAVY_IN_SCRATCH = False
+# costs a copy of the heavy weights a call. Measured on an H200 (session 11, Llama-3-8B FFN,
+# 256 MiB chunks): M = 2048 1,196.9 us against 1,295.1 without, M = 4096 2,402.3 against
+# 2,380.0, M = 1024 666.7 against 668.7 (`benchmarks/bench_prefill.py --paths
+# dequant,dequant_fold`).
+HEAVY_IN_SCRATCH = True
+ALIGN = 8  # elements (16 bytes of fp16/bf16): leading dimensions of every cuBLAS operand
 
 
 @dataclass(frozen=True)
@@ -133,12 +137,12 @@ def _dequant_kernel(p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u_ptr, 
 
 
 @triton.jit
-def _gate_kernel(ug_ptr, ub_ptr, gb_ptr, a_ptr, M, C, c0, stride_ug, stride_am,
+def _gate_kernel(ug_ptr, ub_ptr, gb_ptr, a_ptr, M, C, G, c0, stride_ug, stride_am,
                  GATED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_UP_BIAS: tl.constexpr,
                  HAS_GATE_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_C: tl.constexpr):  # fmt: skip
     """a[:, c0 + j] = act(g + gate_bias) * (u + up_bias) (or act(u + up_bias)), u = ug[:, j],
-    g = ug[:, C + j]; bias index c0 + j."""
+    g = ug[:, G + j]; bias index c0 + j."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (offs_m < M)[:, None] & (offs_c < C)[None, :]
@@ -146,7 +150,7 @@ def _gate_kernel(ug_ptr, ub_ptr, gb_ptr, a_ptr, M, C, c0, stride_ug, stride_am,
     u = tl.load(base, mask=mask, other=0.0).to(tl.float32)
     g = u  # not read unless GATED
     if GATED:
-        g = tl.load(base + C, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(base + G, mask=mask, other=0.0).to(tl.float32)
     store_activations(u, g, ub_ptr, gb_ptr, a_ptr, stride_am, offs_m, offs_m < M, c0 + offs_c,
                       offs_c < C, GATED, ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS)  # fmt: skip
 
@@ -205,13 +209,39 @@ def _chunk(k: int, weights: int, dtype: torch.dtype) -> int:
     return max(128, CHUNK_BYTES // per_feature // 128 * 128)
 
 
-def _gate(ug: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor, c0: int, cols: int) -> None:
+def _aligned(n: int) -> int:
+    """n rounded up to ALIGN elements: cuBLAS takes its fast (sm80+/sm90) kernels only when every
+    leading dimension is a multiple of 16 bytes; an odd heavy count (ceil(5% * I), e.g. 717 of
+    14,336) made it fall back to sm75 kernels at ~half the speed (H200, session 11)."""
+    return -(-n // ALIGN) * ALIGN
+
+
+def aligned_empty(m: int, n: int, like: torch.Tensor) -> torch.Tensor:
+    """An [m, n] tensor in like's dtype and device whose row stride is _aligned(n) and whose
+    columns n .. _aligned(n) (in the storage, past the view) are zeros: `split_linear(...,
+    padded=True)` multiplies over them."""
+    full = torch.empty((m, _aligned(n)), dtype=like.dtype, device=like.device)
+    if full.shape[1] > n:
+        full[:, n:].zero_()
+    return full[:, :n]
+
+
+def _gate(
+    ug: torch.Tensor,
+    w: SplitFFNWeights,
+    a: torch.Tensor,
+    c0: int,
+    cols: int,
+    gate_col: int | None = None,
+) -> None:
+    """a[:, c0 + j] from ug's up column j and gate column gate_col + j (default cols + j)."""
     m = ug.shape[0]
     block_m, block_c = 32, 128
     grid = (triton.cdiv(m, block_m), triton.cdiv(cols, block_c))
     _gate_kernel[grid](
         ug, w.up_bias if w.up_bias is not None else a, w.gate_bias if w.gate_bias is not None else a,
-        a, m, cols, c0, ug.stride(0), a.stride(0), GATED=w.gated, ACTIVATION=w.activation,
+        a, m, cols, cols if gate_col is None else gate_col, c0, ug.stride(0), a.stride(0),
+        GATED=w.gated, ACTIVATION=w.activation,
         HAS_UP_BIAS=w.up_bias is not None, HAS_GATE_BIAS=w.gated and w.gate_bias is not None,
         BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4,
     )  # fmt: skip
@@ -231,21 +261,24 @@ def split_activations(x: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor) -> t
     if n_light:
         weights = 2 if w.gated else 1
         chunk = min(_chunk(k, weights, x.dtype), n_light)
-        buffer = torch.empty((weights * (lead + chunk), k), dtype=x.dtype, device=x.device)
+        buffer = torch.empty((weights * _aligned(lead + chunk), k), dtype=x.dtype, device=x.device)
         for n0 in range(0, n_light, chunk):
             cols = min(chunk, n_light - n0)
             head = lead if n0 == 0 else 0
-            rows = head + cols  # [heavy up, light up chunk, heavy gate, light gate chunk] rows
-            tile = buffer[: weights * rows]
+            rows = head + cols  # [heavy up, light up chunk, pad, heavy gate, light gate, pad]
+            half = _aligned(rows)  # the GEMM's output row stride stays a multiple of 16 bytes
+            tile = buffer[: weights * half]
             if head:
                 tile[:head].copy_(w.heavy_up)
                 if w.gated:
-                    tile[rows : rows + head].copy_(w.heavy_gate)
+                    tile[half : half + head].copy_(w.heavy_gate)
             if w.gated:
-                dequantize_chunk(w.light_up, n0, n0 + cols, tile[head:], w.light_gate, rows)
+                dequantize_chunk(w.light_up, n0, n0 + cols, tile[head : head + half + cols],
+                                 w.light_gate, half)  # fmt: skip
             else:
-                dequantize_chunk(w.light_up, n0, n0 + cols, tile[head:])
-            _gate(x @ tile.T, w, a, h + n0 - head, rows)
+                dequantize_chunk(w.light_up, n0, n0 + cols, tile[head:rows])
+            # pad rows hold stale scratch: their output columns are never read
+            _gate(torch.mm(x, tile.T), w, a, h + n0 - head, rows, half)
     return a
 
 
@@ -255,9 +288,12 @@ def split_linear(
     light: QuantizedWeight | None,
     bias: torch.Tensor | None,
     out: torch.Tensor,
+    *,
+    padded: bool = False,
 ) -> torch.Tensor:
     """out [M, N] = x[:, :kh] @ heavy^T + x[:, kh:] @ dequant(light)^T + bias (2-D x, validated
-    by the caller)."""
+    by the caller). `padded`: x comes from `aligned_empty` (its row stride is _aligned(K) and the
+    storage past each row's K columns holds zeros), so the GEMM runs over the aligned K."""
     kh = 0 if heavy is None else heavy.shape[1]
     fold = HEAVY_IN_SCRATCH and heavy is not None and light is not None
     if heavy is not None and not fold:
@@ -271,15 +307,26 @@ def split_linear(
         return out
     n, kl = light.shape
     lead = kh if fold else 0  # heavy columns in front of each chunk's dequantized light columns
+    # cuBLAS takes its fast kernels only when K, every row stride and every base address are
+    # multiples of 16 bytes: K is padded with zero columns of x and of the scratch
     x_chunk = x if fold else x[:, kh:]
-    chunk = min(_chunk(lead + kl, 1, x.dtype), n)
-    buffer = torch.empty((chunk, lead + kl), dtype=x.dtype, device=x.device)
+    m, k = x_chunk.shape
+    k_pad = _aligned(k)
+    if padded and x_chunk.stride(0) >= k_pad and not (x_chunk.stride(0) % ALIGN
+                                                      or x_chunk.data_ptr() % 16):  # fmt: skip
+        x_chunk = x_chunk.as_strided((m, k_pad), (x_chunk.stride(0), 1))
+    elif k_pad != k or x_chunk.stride(0) % ALIGN or x_chunk.data_ptr() % 16:
+        x_chunk = aligned_empty(m, k, x_chunk).copy_(x_chunk).as_strided((m, k_pad), (k_pad, 1))
+    chunk = min(_chunk(k_pad, 1, x.dtype), n)
+    buffer = torch.empty((chunk, k_pad), dtype=x.dtype, device=x.device)
+    if k_pad != k:
+        buffer[:, k:].zero_()
     for n0 in range(0, n, chunk):
         cols = min(chunk, n - n0)
         tile = buffer[:cols]
         if fold:
             tile[:, :lead].copy_(heavy[n0 : n0 + cols])
-        dequantize_chunk(light, n0, n0 + cols, tile[:, lead:])
+        dequantize_chunk(light, n0, n0 + cols, tile[:, lead : lead + kl])
         target = out[:, n0 : n0 + cols]  # each chunk's columns are written once
         if fold and bias is not None:
             torch.addmm(bias[n0 : n0 + cols].to(x.dtype), x_chunk, tile.T, out=target)

@@ -42,7 +42,7 @@ import triton
 
 from ffnsplit.kernels import gemv
 from ffnsplit.kernels.format import QuantizedWeight, SplitFFNWeights
-from ffnsplit.kernels.tiles import DECODE_MAX_M, INTERPRET, Tuner, sm_count
+from ffnsplit.kernels.tiles import INTERPRET, Tuner, sm_count
 
 try:  # Gluon (Triton >= 3.5); absent or unusable: the tier is off (available() says why)
     from triton.experimental import gluon
@@ -55,13 +55,16 @@ except Exception as exc:  # pragma: no cover - depends on the installed Triton
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 BLOCK_M = 16  # rows of one m16 tile; a program takes 1, 2 or 4 of them (MmaConfig.rows)
-MAX_M = 64  # path="mma" takes up to this many rows (branch mma-rows: "auto" still stops at 16)
+MAX_M = 64  # path="mma" takes up to this many rows
 CHUNK = 128  # k a loop step: 4 blocks of 32 k (one group of 128, half of 256, two of 64)
 # "auto" takes this tier from MIN_M rows (H100, Llama-3-8B FFN, session 9: M = 2 56.2 us against
-# the GEMV path's 58.9, M = 4 56.8 against 88.7; M = 1 54.6 against 49.4) to DECODE_MAX_M.
-# FFNSPLIT_MMA=0 keeps "auto" on the GEMV path and the tl decode tier (comparisons); path="mma"
+# the GEMV path's 58.9, M = 4 56.8 against 88.7; M = 1 54.6 against 49.4) to AUTO_MAX_M (H200,
+# session 11, whole FFN: M = 32 85.5 us in 2-tile row programs against the tl small tier's 142.6
+# and dense fp16's 103.5; M = 64 145.6 against 144.0: a tie, so the tl tier keeps it).
+# FFNSPLIT_MMA=0 keeps "auto" on the GEMV path and the tl tiers (comparisons); path="mma"
 # forces this tier.
 MIN_M = 2
+AUTO_MAX_M = 32
 ENABLED = os.environ.get("FFNSPLIT_MMA", "1") != "0"
 
 # The k permutations, as the kernels apply them (reshape, permute, reshape), shared with the CPU
@@ -993,7 +996,7 @@ def split_linear(x2: torch.Tensor, heavy: torch.Tensor | None, light: QuantizedW
 
 
 def use(m: int, path: str, x: torch.Tensor, light: QuantizedWeight | None) -> bool:
-    """Whether M rows of x take this tier: "auto" for MIN_M <= M <= DECODE_MAX_M when it can run
+    """Whether M rows of x take this tier: "auto" for MIN_M <= M <= AUTO_MAX_M when it can run
     them (FFNSPLIT_MMA=0 turns that off); path="mma" forces it for any M <= MAX_M, or says why it
     cannot."""
     if path == "mma":
@@ -1010,7 +1013,7 @@ def use(m: int, path: str, x: torch.Tensor, light: QuantizedWeight | None) -> bo
     return (
         path == "auto"
         and ENABLED
-        and MIN_M <= m <= DECODE_MAX_M
+        and MIN_M <= m <= AUTO_MAX_M
         and available(x.device)
         and light_ok(light, x.dtype)
     )

@@ -36,9 +36,14 @@ DECODE_MAX_M = 16  # up to this many rows the weights are streamed once (decode 
 # up to this many rows "auto" takes the CUDA-core path (gemv.py): on an H200 it beats the
 # tensor-core decode tier at M <= 4 and loses from M = 8 (benchmarks/RESULTS.md, version 7).
 GEMV_MAX_M = 4
+# up to this many rows "auto" takes the tl small tier, then the prefill tier (H200, session 11,
+# Llama-3-8B FFN: M = 64 small 147.9 us, prefill 193.0; M = 128 small 262.4, prefill 194.5)
+SMALL_MAX_M = 64
 # from this many rows "auto" dequantizes chunks of the light weights and multiplies with cuBLAS
-# (dequant_gemm.py) instead of the dequantize-in-the-loop prefill tier (benchmarks/RESULTS.md)
-DEQUANT_MIN_M = 1024
+# (dequant_gemm.py) instead of the dequantize-in-the-loop prefill tier (H200, session 11, heavy
+# rows in the scratch, 256 MiB chunks: M = 128 247.6 us against the prefill tier's 194.5, M = 256
+# 281.3 against 318.1, M = 512 408.0 against 590.0; benchmarks/RESULTS.md)
+DEQUANT_MIN_M = 256
 ACTIVATION_NAMES = ("silu", "gelu", "gelu_tanh", "relu")
 _WIDTH = {8: 8, 4: 4, 3: 2, 2: 2}  # width of the first (or only) bit plane
 
@@ -638,7 +643,7 @@ def tier_configs(
     if path not in PATHS:
         raise ValueError(f"unknown kernel path {path!r}: choose one of {', '.join(PATHS)}")
     if path == "auto":
-        path = "decode" if m <= DECODE_MAX_M else ("small" if m <= 128 else "prefill")
+        path = "decode" if m <= DECODE_MAX_M else ("small" if m <= SMALL_MAX_M else "prefill")
     if INTERPRET:
         return path, (_INTERPRET[path],)
     if dtype == torch.float32:
