@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ffnsplit.eval.bench import _ffn, random_split_weights, shape_split  # noqa: E402
 from ffnsplit.kernels import dequant_gemm  # noqa: E402
 from ffnsplit.kernels import split_ffn as sffn  # noqa: E402
+from ffnsplit.kernels.format import PACK_ALIGN  # noqa: E402
 from ffnsplit.kernels.tiles import capture_graph  # noqa: E402
 from ffnsplit.plan import parse_light_format  # noqa: E402
 
@@ -51,6 +52,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ms", default="64,128,256,512,1024,2048,4096")
     parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--heavy", type=int,
+                        help="heavy neurons (default: 5%% rounded to 16, as `ffnsplit bench "
+                        "--shape`; `compress` and the e2e model take ceil(5%%), e.g. 717)")  # fmt: skip
     parser.add_argument("--intermediate", type=int, default=14336)
     parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
     parser.add_argument("--chunk-mib", type=int, help="dequant_gemm.CHUNK_BYTES in MiB")
@@ -67,6 +71,9 @@ def main() -> None:
     device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
     torch.manual_seed(0)
     heavy, light = shape_split(args.intermediate, 0.05)
+    if args.heavy is not None:  # light padded to the packing multiple, as compress stores it
+        heavy = args.heavy
+        light = -(-(args.intermediate - heavy) // PACK_ALIGN) * PACK_ALIGN
     w = random_split_weights(args.hidden, heavy, light, parse_light_format("int4-g128"), device,
                              dtype=dtype)  # fmt: skip
     dense = [torch.randn(n, k, device=device, dtype=dtype) / k**0.5

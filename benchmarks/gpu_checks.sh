@@ -14,7 +14,7 @@
 #   gemv (GEMV tests), floor (bytes-only read kernel), half2 (benchmarks/proto_half2.py),
 #   mma (the Gluon decode tier: tests + benchmarks/bench_mma.py), prefill (dequant path variants
 #   at M = 1024-4096: heavy rows in the scratch or not, 128 and 256 MiB chunks), decodeops (decoder op tests), trace
-#   profprefill (benchmarks/prof_prefill.py + probe_cublas.py),
+#   profprefill (benchmarks/prof_prefill.py + probe_cublas.py), odd (717 heavy neurons),
 #   (benchmarks/trace_decode.py), decode8b (M = 1, 4 + 8B decode once)
 # Several stages in one call: bash benchmarks/gpu_checks.sh gemv trace decode8b
 # Each step has its own time limit, so one slow step cannot take the whole call.
@@ -100,6 +100,15 @@ profprefill)  # where an eager 512-token prefill goes (4 layers, torch profiler)
     run 120 prof_prefill python3 benchmarks/prof_prefill.py
     run 60 probe_cublas python3 benchmarks/probe_cublas.py
     ;;
+odd)  # the layer with ceil(5%) = 717 heavy neurons, what `compress` and the e2e model make (the
+    # layer tables use 720): decode paths at M = 1-32, then the large-M paths (~5 min)
+    run 240 bench_mma_717 python3 benchmarks/bench_mma.py --heavy 717 --m 1,4,16 \
+        --out "$OUT/bench_mma_717.json"
+    run 100 bench_mma_717_rows python3 benchmarks/bench_mma.py --heavy 717 --m 32 \
+        --paths small,mma --out "$OUT/bench_mma_717_rows.json"
+    run 120 bench_prefill_717 python3 benchmarks/bench_prefill.py --heavy 717 \
+        --ms 64,256,512,2048 --paths dense,auto --out "$OUT/bench_prefill_717.json"
+    ;;
 half2)  # the packed-half2 prototype of kernel B's loop against gemv's kernel B
     run 200 proto_half2 python3 benchmarks/proto_half2.py --out "$OUT/proto_half2.json"
     ;;
@@ -126,11 +135,12 @@ atomic)  # GEMV tests, then the layer at M = 1, 4 and the 8B decode with the ato
     done
     ;;
 final)  # the decode path's GPU tests (every GEMV config alone, decoders, whole model), then the
-    # full bench: layer over M + Llama-3-8B end to end (~7 min)
-    run 240 test_final env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf -n 8 tests/test_kernels.py \
+    # full bench: layer over M + Llama-3-8B end to end (~8 min; the tests took more than 240 s
+    # on a cold Triton cache in session 11, the bench ~120 s)
+    run 340 test_final env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf -n 8 tests/test_kernels.py \
         tests/test_bench.py tests/test_modules.py tests/test_mma_decode.py \
         -k "gemv or mma or cuda_graph or static_decoder or e2e or whole"
-    run 330 bench python3 -m ffnsplit.cli bench --shape 4096x14336 --e2e-shape llama3-8b \
+    run 230 bench python3 -m ffnsplit.cli bench --shape 4096x14336 --e2e-shape llama3-8b \
         --json "$OUT/bench.json"
     ;;
 profile_final)  # SmolLM2 shape at 32k tokens and the 8B shape sequentially (16k tokens)
@@ -145,7 +155,7 @@ profile32k)
     ;;
 *)
     echo "unknown stage $stage: tests, decode, bench, pdl, gemv, floor, half2, gluon, decodeops, trace," \
-        "decode8b, atomic, final, profprefill, profile_final or profile32k" >&2
+        "decode8b, atomic, final, profprefill, odd, profile_final or profile32k" >&2
     exit 2
     ;;
 esac

@@ -880,6 +880,7 @@ def bench_command(
 ) -> None:
     """FFN-layer latency against dense fp16 and torch int4, and end-to-end tokens/s and memory."""
     from ffnsplit import api
+    from ffnsplit.eval import bench
     from ffnsplit.fsutil import check_output
 
     if json_file is not None:
@@ -922,10 +923,7 @@ def bench_command(
             console.print(f"note: {note}", highlight=False)
     for run in payload["e2e"]:
         console.print(_e2e_table(run))
-        console.print(
-            f"compressed vs dense logits: relative error {run['logits_rel_err']:.2e}, top-1 "
-            f"agreement {run['top1_agreement']:.1%}"
-        )
+        console.print(bench.logits_line(run), highlight=False)
     for note in payload["notes"]:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
     for path, what in ((json_file, "results"), (append, "markdown")):

@@ -173,6 +173,10 @@ def test_e2e_twin_error_grows_as_its_format_shrinks() -> None:
     assert 1e-5 < int8["logits_rel_err"] < int2["logits_rel_err"] < 1.0
     assert int8["compressed"]["ffn_bytes"] < int8["dense"]["ffn_bytes"]
     assert int2["compressed"]["ffn_bytes"] < int8["compressed"]["ffn_bytes"]
+    assert "random weights" in int8["source"] and "only shows the split model runs" in (
+        bench.logits_line(int8)
+    )
+    assert "only shows" not in bench.logits_line(dict(int8, source="smollm2-135m"))
 
 
 @pytest.fixture(scope="module")
