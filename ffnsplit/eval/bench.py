@@ -155,7 +155,7 @@ class BenchOptions:
     graphs: bool = True  # CUDA graphs (layer timings and decode steps)
     decoder_kernels: str = "auto"  # StaticDecoder's kernels: auto (triton on CUDA), triton, torch
     # kernels.tiles.GEMV_MAX_M for this run (threshold experiments; the Gluon mma tier takes
-    # 2 <= M <= 16 first where it can run, FFNSPLIT_MMA=0 takes it out)
+    # 2 <= M <= 32 first where it can run, FFNSPLIT_MMA=0 takes it out)
     gemv_max_m: int | None = None
     seed: int = 0
     device: str = "auto"

@@ -1,4 +1,4 @@
-"""The split FFN's decode tier in Gluon: up to 16 rows (auto from 2), int4 light weights, sm_80+.
+"""The split FFN's decode tier in Gluon: up to 64 rows (auto 2-32), int4 light weights, sm_80+.
 
 Triton's tl front end lays out an int4 decode GEMM by inference: at M = 16 the unpacked codes
 reach the tensor cores through register moves and x is converted to the MMA layout every K-block,
@@ -789,19 +789,23 @@ class MmaConfig:
 UP_CONFIGS = (
     MmaConfig(4, 2, resident=4, waves=1, fused=True),
     MmaConfig(4, 2, resident=4, waves=1),
-    MmaConfig(4, 2, resident=4, waves=1, depth=3, fused=True),  # branch mma-ring: unmeasured
-    MmaConfig(4, 2, resident=3, waves=1, fused=True, chains=2),  # branch mma-chains: unmeasured
+    # H200, session 11, M = 1 / 4 / 16: cp.async ring 29.7 / 32.8 / 34.1 us against the first
+    # config's 30.5 / 32.6 / 34.1; two chains 37.9 / 40.8 / 42.2 (results/bench_mma_h200_s11_rows)
+    MmaConfig(4, 2, resident=4, waves=1, depth=3, fused=True),
+    MmaConfig(4, 2, resident=3, waves=1, fused=True, chains=2),
 )
 DOWN_CONFIGS = (
     MmaConfig(4, 2, resident=4, waves=1),
     MmaConfig(4, 2, resident=4, waves=1, depth=2),
     MmaConfig(4, 4, resident=2, waves=1, depth=2),
-    MmaConfig(4, 2, resident=4, waves=1, depth=3),  # branch mma-ring: cp.async ring, unmeasured
-    MmaConfig(4, 2, resident=4, waves=1, chains=2),  # branch mma-chains: unmeasured
-    MmaConfig(4, 2, resident=4, waves=1, depth=3, chains=2),  # both: unmeasured
+    # H200, session 11, M = 1 / 4 / 16: the ring and the chains 22.0-25.1 us against the depth-2
+    # 4 x 4 config's 19.8 / 20.6 / 23.6
+    MmaConfig(4, 2, resident=4, waves=1, depth=3),
+    MmaConfig(4, 2, resident=4, waves=1, chains=2),
+    MmaConfig(4, 2, resident=4, waves=1, depth=3, chains=2),
 )
-# more than 16 rows (branch mma-rows, NOT measured on a GPU): 2 or 4 m16 tiles a program, the
-# weights read once for all rows; sm_90 AOT (fp16): kernel A 4 x 2 168 registers at 32 rows
+# more than 16 rows: 2 or 4 m16 tiles a program, the weights read once for all rows (H200,
+# session 11: M = 32 85.5 us for the FFN, M = 64 145.6; benchmarks/RESULTS.md); sm_90 AOT (fp16): kernel A 4 x 2 168 registers at 32 rows
 # (3 an SM), 255 at 64 (2), 4 x 1 189 at 64; kernel B 4 x 2 150 at 32, 204 at 64
 UP_ROWS = {
     2: (MmaConfig(4, 2, resident=3, fused=True, rows=2),),
@@ -872,7 +876,7 @@ def _gl_dtype(dtype: torch.dtype):
 
 
 def split_activations(x2: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor) -> None:
-    """Kernel A into a [M, h + l] (x2 [M <= 16, H] contiguous rows; light weights per
+    """Kernel A into a [M, h + l] (x2 [M <= MAX_M, H] contiguous rows; light weights per
     `light_ok`): fp32 partials of every heavy and light tile, added in slot order with biases,
     activation and gating by the last slice of each tile (fused configs) or by gemv's reduce
     kernel."""
@@ -949,7 +953,7 @@ def _down_slices(total: int, kh: int, kl: int, group: int) -> tuple[int, int]:
 
 def split_linear(x2: torch.Tensor, heavy: torch.Tensor | None, light: QuantizedWeight | None,
                  bias: torch.Tensor | None, out: torch.Tensor) -> None:  # fmt: skip
-    """out [M <= 16, N] = x2[:, :kh] heavy^T + x2[:, kh:] light^T + bias: the light columns'
+    """out [M <= MAX_M, N] = x2[:, :kh] heavy^T + x2[:, kh:] light^T + bias: the light columns'
     K-slices and the heavy columns' K-slices are programs of one launch writing fp32 partials,
     quant_matmul's reduce kernel adds them in order with the bias."""
     from ffnsplit.kernels.quant_matmul import _splitk_reduce_kernel
