@@ -215,12 +215,13 @@ def split_activations(x: torch.Tensor, w: SplitFFNWeights, *, path: str = "auto"
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    a = torch.empty((m, h + n_light), dtype=x.dtype, device=x.device)
     if m == 0:
-        return a.reshape(*lead, h + n_light)
+        return torch.empty((*lead, h + n_light), dtype=x.dtype, device=x.device)
     chosen = kernel_path(m, x2, w, path)
     if chosen == "dequant":  # a row stride of 16 bytes: the down projection's cuBLAS operand
         a = dequant_gemm.aligned_empty(m, h + n_light, x2)
+    else:
+        a = torch.empty((m, h + n_light), dtype=x.dtype, device=x.device)
     if chosen in ("mma", "gemv", "dequant"):
         module = {"mma": mma_decode, "gemv": gemv, "dequant": dequant_gemm}[chosen]
         module.split_activations(x2, w, a)
@@ -289,7 +290,8 @@ def split_ffn(x: torch.Tensor, w: SplitFFNWeights, *, path: str = "auto") -> tor
     a2 = a.reshape(-1, a.shape[-1])
     m = a2.shape[0]
     if m and quant_kernel_path(m, a2, w.light_down if w.n_light else None, path) == "dequant":
-        # a is split_activations' aligned_empty on this path: K padded with its zero columns
+        # kernel A took this path too (the choice hangs on M and `path` alone from here on), so
+        # a is its aligned_empty: K padded with zero columns
         out = torch.empty((m, w.hidden_size), dtype=x.dtype, device=x.device)
         dequant_gemm.split_linear(a2, w.heavy_down, w.light_down, w.down_bias, out, padded=True)
         return out.reshape(*a.shape[:-1], w.hidden_size)
