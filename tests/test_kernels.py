@@ -439,30 +439,38 @@ def test_dequant_split_linear(poison, monkeypatch, heavy_scratch) -> None:
 
 
 def test_dequant_gemm_operands_aligned(poison, monkeypatch) -> None:
-    """On the dequant path (heavy rows in the scratch) every cuBLAS operand has K, row strides and
-    base addresses in multiples of 16 bytes, also for heavy and light counts that are not: cuBLAS
+    """On the dequant path (heavy rows in the scratch; without, kernel A's heavy GEMMs) every
+    cuBLAS operand and output has K, row strides and base addresses in multiples of 16 bytes,
+    also for heavy and light counts that are not: cuBLAS
     falls back to ~2x slower sm75 kernels otherwise (H200, 717 heavy neurons, session 11). The
     zero padding that makes K aligned leaves the result exact (poison: unzeroed pad is NaN)."""
     monkeypatch.setattr(dequant_gemm, "CHUNK_BYTES", 1)
-    monkeypatch.setattr(dequant_gemm, "HEAVY_IN_SCRATCH", True)
     seen = []
 
     def record(name, fn):
         def wrapped(*args, **kwargs):
-            mats = [t for t in (*args, kwargs.get("out")) if torch.is_tensor(t) and t.dim() == 2]
+            result = fn(*args, **kwargs)  # the output too: a fresh one has the row stride N
+            mats = [t for t in (*args, result) if torch.is_tensor(t) and t.dim() == 2]
             seen.append((name, [(t.shape, t.stride(), t.data_ptr() % 16) for t in mats]))
-            return fn(*args, **kwargs)
+            return result
 
         return wrapped
 
     monkeypatch.setattr(torch, "mm", record("mm", torch.mm))
     monkeypatch.setattr(torch, "addmm", record("addmm", torch.addmm))
-    for h, n_light, biases in ((37, 288, True), (21, 96, False)):  # h + l = 325, 117
+    monkeypatch.setattr(torch.Tensor, "__matmul__", record("matmul", torch.Tensor.__matmul__))
+    cases = [(37, 288, True, True), (21, 96, False, True), (37, 288, True, False)]
+    for h, n_light, biases, fold in cases:  # h + l = 325, 117; fold: heavy rows in the scratch
+        monkeypatch.setattr(dequant_gemm, "HEAVY_IN_SCRATCH", fold)
         w = random_split_weights(160, h, n_light, "silu", True, biases, torch.float32, bits=4,
                                  group=32)  # fmt: skip
         x = torch.randn(11, 160, device=DEVICE)
         seen.clear()
-        assert rel_err(sffn.split_ffn(x, w, path="dequant"), ref_split_ffn(x, w)) < 1e-5
+        if not fold:  # kernel B's heavy GEMM reads the stored [H, h] weight: kernel A only
+            assert rel_err(sffn.split_activations(x, w, path="dequant"),
+                           reference.split_activations(x, w)) < 1e-5  # fmt: skip
+        else:
+            assert rel_err(sffn.split_ffn(x, w, path="dequant"), ref_split_ffn(x, w)) < 1e-5
         assert {name for name, _ in seen} >= {"mm"} and len(seen) >= 3
         for name, mats in seen:
             for shape, stride, offset in mats:

@@ -252,12 +252,14 @@ def split_activations(x: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor) -> t
     h, n_light = w.n_heavy, w.n_light
     k = x.shape[1]
     lead = h if HEAVY_IN_SCRATCH and n_light else 0  # heavy rows that ride in the first chunk
-    if h and not lead:
+    if h and not lead:  # up (and gate) GEMMs straight into the halves of one aligned buffer
+        half = _aligned(h)
+        ug = torch.empty((x.shape[0], 2 * half if w.gated else half), dtype=x.dtype,
+                         device=x.device)  # fmt: skip
+        torch.mm(x, w.heavy_up.T, out=ug[:, :h])
         if w.gated:
-            ug = torch.cat((x @ w.heavy_up.T, x @ w.heavy_gate.T), dim=1)
-        else:
-            ug = x @ w.heavy_up.T
-        _gate(ug, w, a, 0, h)
+            torch.mm(x, w.heavy_gate.T, out=ug[:, half : half + h])
+        _gate(ug, w, a, 0, h, half)
     if n_light:
         weights = 2 if w.gated else 1
         chunk = min(_chunk(k, weights, x.dtype), n_light)
