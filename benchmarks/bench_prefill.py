@@ -27,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ffnsplit.eval.bench import _ffn, random_split_weights, shape_split  # noqa: E402
 from ffnsplit.kernels import dequant_gemm  # noqa: E402
 from ffnsplit.kernels import split_ffn as sffn  # noqa: E402
-from ffnsplit.kernels.format import PACK_ALIGN  # noqa: E402
 from ffnsplit.kernels.tiles import capture_graph  # noqa: E402
 from ffnsplit.plan import parse_light_format  # noqa: E402
 
@@ -70,10 +69,7 @@ def main() -> None:
         dequant_gemm.CHUNK_BYTES = args.chunk_mib << 20
     device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
     torch.manual_seed(0)
-    heavy, light = shape_split(args.intermediate, 0.05)
-    if args.heavy is not None:  # light padded to the packing multiple, as compress stores it
-        heavy = args.heavy
-        light = -(-(args.intermediate - heavy) // PACK_ALIGN) * PACK_ALIGN
+    heavy, light = shape_split(args.intermediate, 0.05, heavy=args.heavy)
     w = random_split_weights(args.hidden, heavy, light, parse_light_format("int4-g128"), device,
                              dtype=dtype)  # fmt: skip
     dense = [torch.randn(n, k, device=device, dtype=dtype) / k**0.5

@@ -320,10 +320,14 @@ def _out_of_memory(what: str, advice: str, device: torch.device) -> Iterator[Non
 # Layer weights
 
 
-def shape_split(intermediate: int, heavy_fraction: float) -> tuple[int, int]:
+def shape_split(
+    intermediate: int, heavy_fraction: float, heavy: int | None = None
+) -> tuple[int, int]:
     """(heavy, stored light) neurons of a `--shape` layer: the heavy count rounded to a multiple
-    of 16 (heavy rows stay 16-byte aligned), the light count padded to a multiple of 32."""
-    heavy = min(intermediate, int(round(heavy_fraction * intermediate / 16)) * 16)
+    of 16 (heavy rows stay 16-byte aligned) unless `heavy` gives it, the light count padded to a
+    multiple of 32."""
+    if heavy is None:
+        heavy = min(intermediate, int(round(heavy_fraction * intermediate / 16)) * 16)
     light = -(-(intermediate - heavy) // PACK_ALIGN) * PACK_ALIGN
     return heavy, light
 

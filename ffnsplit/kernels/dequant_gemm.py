@@ -314,10 +314,10 @@ def split_linear(
     x_chunk = x if fold else x[:, kh:]
     m, k = x_chunk.shape
     k_pad = _aligned(k)
-    if padded and x_chunk.stride(0) >= k_pad and not (x_chunk.stride(0) % ALIGN
-                                                      or x_chunk.data_ptr() % 16):  # fmt: skip
+    aligned = x_chunk.stride(0) % ALIGN == 0 and x_chunk.data_ptr() % 16 == 0
+    if padded and aligned and x_chunk.stride(0) >= k_pad:
         x_chunk = x_chunk.as_strided((m, k_pad), (x_chunk.stride(0), 1))
-    elif k_pad != k or x_chunk.stride(0) % ALIGN or x_chunk.data_ptr() % 16:
+    elif k_pad != k or not aligned:
         x_chunk = aligned_empty(m, k, x_chunk).copy_(x_chunk).as_strided((m, k_pad), (k_pad, 1))
     chunk = min(_chunk(k_pad, 1, x.dtype), n)
     buffer = torch.empty((chunk, k_pad), dtype=x.dtype, device=x.device)

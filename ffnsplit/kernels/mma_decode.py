@@ -382,7 +382,8 @@ if gluon is not None:
                     W_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr, C_LAYOUT: gl.constexpr,
                     MMA: gl.constexpr):  # fmt: skip
         """_light_slice with the words through a STAGES-deep cp.async ring in shared memory
-        (branch mma-ring, NOT measured on a GPU): STAGES - 1 chunks in flight without holding
+        (a tuner candidate; it lost to the register path on an H200, session 11): STAGES - 1
+        chunks in flight without holding
         them in registers. Step c: wait for chunk c's copies (this thread's), stage x (its
         barrier also publishes every thread's copies of chunk c and ends every thread's reads of
         step c - 1), copy chunk c + STAGES - 1 into the stage step c - 1 read, read chunk c's
@@ -764,7 +765,7 @@ class MmaConfig:
     """num_warps warps side by side along N with `tiles` n8 tiles each (light tiles of
     8 * num_warps * tiles columns; kernel A's heavy tiles one n8 tile a warp); K-slices for
     `waves` whole waves of `resident` programs an SM (what the registers let reside on sm_90);
-    words loaded `depth` chunks ahead (3: through a 4-stage cp.async ring, branch mma-ring)."""
+    words loaded `depth` chunks ahead (3: through a 4-stage cp.async ring)."""
 
     num_warps: int = 4
     tiles: int = 2
