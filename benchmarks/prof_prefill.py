@@ -49,6 +49,27 @@ def measure(model: torch.nn.Module, prompt: torch.Tensor, tag: str) -> None:
         print(
             f"{tag}: one FFN ({type(mlp).__name__}) eager, median {statistics.median(times):.1f} us"
         )
+        # the same call replayed from a CUDA graph: eager minus this is host (launch) overhead
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            mlp(x)
+            with torch.cuda.graph(graph, stream=stream):
+                mlp(x)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph.replay()
+        times = [bench.elapsed_us(graph.replay, DEVICE) for _ in range(9)]
+        with torch.profiler.profile(activities=activities) as prof:
+            mlp(x)
+            torch.cuda.synchronize()
+        events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        print(
+            f"{tag}: one FFN from a CUDA graph, median {statistics.median(times):.1f} us; "
+            f"{len(events)} GPU kernels/copies an eager call"
+        )
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15,
+                                        max_name_column_width=60))  # fmt: skip
 
 
 def main() -> int:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
+from ffnsplit import graphs
 from ffnsplit.arch import ACTIVATIONS, apply_activation
 from ffnsplit.compress.lowrank import LowRank
 from ffnsplit.errors import CheckpointError
@@ -152,6 +153,8 @@ class SplitFFN(nn.Module):
     the real (unpadded) neuron counts, kept for reports.
     """
 
+    cuda_graphs: bool = graphs.ENABLED  # eager CUDA calls of few rows from CUDA graphs
+
     def __init__(
         self,
         weights: SplitFFNWeights,
@@ -257,11 +260,31 @@ class SplitFFN(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         self._dense_cache = None  # moved or cast: the dequantized copy is stale
+        self._clear_graphs()
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         self._dense_cache = None  # new tensors: the dequantized copy is stale
+        self._clear_graphs()
         super()._load_from_state_dict(*args, **kwargs)
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if not name.startswith("_"):  # a tensor or part reassigned: recorded graphs are stale
+            self._clear_graphs()
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {**state, "_graphs": None}  # CUDA graphs are not copied or pickled
+
+    def _clear_graphs(self) -> None:
+        calls = self.__dict__.get("_graphs")
+        if calls is not None:
+            calls.clear()
+
+    def _graph_tensors(self) -> list[Tensor]:
+        """Every tensor the forward reads besides x (a recorded graph holds their addresses)."""
+        return [t for m in self.modules() for t in m._buffers.values() if t is not None]
 
     def _dense_weights(self, dtype: torch.dtype) -> SplitFFNWeights:
         """Every tier as one dense FFN in `dtype`, built once (CPU path).
@@ -303,6 +326,20 @@ class SplitFFN(nn.Module):
         return dense
 
     def forward(self, x: Tensor) -> Tensor:
+        """The FFN of x [..., H]. Eager CUDA calls of up to graphs.MAX_ROWS rows are replayed
+        from CUDA graphs recorded on first use (ffnsplit/graphs.py: the kernels' launch costs
+        more host time than their GPU time at decode sizes); `cuda_graphs = False` on the
+        module or FFNSPLIT_CUDA_GRAPHS=0 turns that off."""
+        if x.is_cuda and self.cuda_graphs:
+            calls = self.__dict__.get("_graphs")
+            if calls is None:
+                calls = self.__dict__["_graphs"] = graphs.GraphedCalls(
+                    self._forward, self._graph_tensors
+                )
+            return calls(x)
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
         tiers = self._tiers()
         if tiers and not x.is_cuda:
             y = split_ffn(x, self._dense_weights(x.dtype))

@@ -1,0 +1,119 @@
+"""CUDA graphs of eager SplitFFN calls (ffnsplit/graphs.py): when a call is graphed, that the
+replay equals the eager call, and that stale graphs are never replayed."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+from ffnsplit import graphs
+from ffnsplit.eval.bench import random_llama, random_plan, split_model_
+from ffnsplit.modules import SplitFFN
+from ffnsplit.plan import LightFormat
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA GPU")
+
+
+def split_ffn_module(device: str, dtype: torch.dtype) -> SplitFFN:
+    """Layer 0's SplitFFN of a SmolLM2-shaped model (random weights, 5% heavy, int4 g128)."""
+    model = random_llama("smollm2-135m", torch.device("cpu"), torch.float32, max_positions=64)
+    model.model.layers = model.model.layers[:1]
+    split_model_(model, random_plan(model, heavy_fraction=0.05, light=LightFormat(bits=4)))
+    return model.model.layers[0].mlp.to(device, dtype)
+
+
+class _Unpicklable:
+    def __reduce__(self):
+        raise TypeError("a CUDA graph cannot be copied")
+
+
+def test_graphs_are_dropped_on_copy_and_on_reassignment() -> None:
+    """Graphs are per module object: deepcopy and pickle leave them out, and reassigning a
+    tensor or moving the module drops them (their addresses would be stale)."""
+    module = split_ffn_module("cpu", torch.float32)
+    x = torch.randn(2, module.hidden_size)
+    calls = graphs.GraphedCalls(module._forward, module._graph_tensors)
+    module.__dict__["_graphs"] = calls
+    calls.graphs["key"] = _Unpicklable()
+    clone = copy.deepcopy(module)
+    assert clone.__dict__.get("_graphs") is None
+    assert pickle.loads(pickle.dumps(module)).__dict__.get("_graphs") is None
+    torch.testing.assert_close(clone(x), module(x))
+    module.down_bias = torch.zeros(module.hidden_size)
+    assert not calls.graphs
+    calls.graphs["key"] = None
+    module.to(torch.float64)
+    assert not calls.graphs
+    calls.graphs["key"] = None
+    module.load_state_dict(module.state_dict())
+    assert not calls.graphs
+
+
+def test_cpu_calls_are_never_graphed() -> None:
+    module = split_ffn_module("cpu", torch.float32)
+    calls = graphs.GraphedCalls(module._forward, module._graph_tensors)
+    x = torch.randn(1, 3, module.hidden_size)
+    assert not calls.eligible(x)
+    torch.testing.assert_close(calls(x), module._forward(x))
+    assert not calls.graphs
+    assert len(module._graph_tensors()) == len(list(module.buffers()))
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_graphed_calls_match_eager_calls(dtype) -> None:
+    """1 and 3 tokens (GEMV and tensor-core decode paths): the replay equals the eager call on
+    fresh inputs every time, outputs are not aliased, and a reassigned bias is picked up."""
+    module = split_ffn_module("cuda", dtype)
+    calls = []
+    for shape in ((1, 1, module.hidden_size), (3, module.hidden_size)):
+        for _ in range(3):
+            x = torch.randn(shape, device="cuda", dtype=dtype)
+            with torch.no_grad():
+                out = module(x)
+                ref = module._forward(x)  # eager
+            torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-3)
+            calls.append(out)
+    assert len(module._graphs.graphs) == 2  # recorded once per shape
+    assert calls[0].data_ptr() != calls[1].data_ptr()
+    x = torch.randn(3, module.hidden_size, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        before = module(x)
+        module(x)  # graphed
+        module.down_bias = torch.ones(module.hidden_size, device="cuda", dtype=dtype)
+        after = module(x)
+    tol = 2e-3 if dtype == torch.float16 else 1.6e-2  # the bias moves outputs across roundings
+    torch.testing.assert_close(after, before + 1, rtol=tol, atol=tol)
+
+
+@needs_cuda
+def test_ineligible_cuda_calls_run_eagerly() -> None:
+    """Inside a caller's own graph capture, above graphs.MAX_ROWS rows, or with autograd
+    recording, the kernels run eagerly (nothing is recorded)."""
+    module = split_ffn_module("cuda", torch.float16)
+    big = torch.randn(graphs.MAX_ROWS + 1, module.hidden_size, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        module(big)
+    x = torch.randn(2, module.hidden_size, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        module(x)  # eager warm-up, then recorded by the module
+    assert len(module._graphs.graphs) == 1
+    module._graphs.clear()
+    outer = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad(), torch.cuda.graph(outer, stream=side):
+        out = module(x)
+    torch.cuda.current_stream().wait_stream(side)
+    assert not module._graphs.graphs
+    outer.replay()
+    with torch.no_grad():
+        module.cuda_graphs = False
+        torch.testing.assert_close(out, module(x), rtol=2e-3, atol=2e-3)
+    module.cuda_graphs = True
+    module(x.requires_grad_())
+    assert not module._graphs.graphs
