@@ -55,8 +55,10 @@ def ffn_calls(mlp: torch.nn.Module, ms: list[int], hidden: int, tag: str) -> lis
                 mlp(x)
             host = (time.perf_counter() - begin) * 1e6 / n
             torch.cuda.synchronize()
-        rows.append(dict(m=m, method=tag, us=us, host_us=host))
-        print(f"FFN M={m:3d} {tag:12s}: {us:8.1f} us a call, host {host:7.1f} us", flush=True)
+        reserved = torch.cuda.memory_reserved(DEVICE) / 2**30
+        rows.append(dict(m=m, method=tag, us=us, host_us=host, reserved_gib=reserved))
+        print(f"FFN M={m:3d} {tag:12s}: {us:8.1f} us a call, host {host:7.1f} us, "
+              f"reserved {reserved:.2f} GiB", flush=True)  # fmt: skip
     return rows
 
 
@@ -83,7 +85,7 @@ def generate_rate(model: torch.nn.Module, prompt: torch.Tensor, new: int, tag: s
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--ms", default="1,4,16,64")
+    parser.add_argument("--ms", default="1,4,16,64,128,256,512")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "eager.json"))

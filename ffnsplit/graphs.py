@@ -31,12 +31,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-# rows (tokens) up to which eager calls are graphed; 0 or FFNSPLIT_CUDA_GRAPHS=0: never
-MAX_ROWS = 64
+# Eager calls of up to EXACT_ROWS rows (tokens) get one graph per exact input shape (decode);
+# larger ones up to MAX_ROWS (prefill) are padded to a multiple of BUCKET rows, a graph per
+# bucket, its input and output in buffers shared by every module (rows are independent in an
+# FFN: the padding rows are computed and dropped). FFNSPLIT_CUDA_GRAPHS=0: never.
+EXACT_ROWS = 64
+BUCKET = 128
+MAX_ROWS = 1024
 ENABLED = os.environ.get("FFNSPLIT_CUDA_GRAPHS", "1") != "0"
 
 _pools: dict[torch.device, tuple] = {}
 _streams: dict[torch.device, torch.cuda.Stream] = {}
+_shared: dict[tuple, Tensor] = {}  # the bucketed graphs' inputs and outputs
 
 
 def _pool(device: torch.device) -> tuple:
@@ -53,9 +59,25 @@ def _stream(device: torch.device) -> torch.cuda.Stream:
     return stream
 
 
+def _shared_buffer(role: str, rows: int, cols: int, dtype: torch.dtype, device: torch.device):
+    """The [rows, cols] input or output buffer of every bucketed graph of that size (zeros at
+    first: padding rows always hold finite values)."""
+    key = (role, rows, cols, dtype, device)
+    buf = _shared.get(key)
+    if buf is None:
+        buf = _shared[key] = torch.zeros((rows, cols), dtype=dtype, device=device)
+    return buf
+
+
 def _compiling() -> bool:
     compiler = getattr(torch, "compiler", None)
     return compiler is not None and compiler.is_compiling()
+
+
+def bucket_rows(rows: int) -> int:
+    """The rows a call of `rows` rows is recorded with: itself up to EXACT_ROWS, else rounded up
+    to a multiple of BUCKET."""
+    return rows if rows <= EXACT_ROWS else -(-rows // BUCKET) * BUCKET
 
 
 @dataclass
@@ -67,22 +89,25 @@ class _Graph:
 
 
 class GraphedCalls:
-    """Replays `fn(x)` from CUDA graphs, one per (shape, strides, dtype, device) of x.
+    """Replays `fn(x)` from CUDA graphs: one per (shape, strides, dtype, device) of x up to
+    EXACT_ROWS rows, one per (padded rows, features, dtype, device) up to `max_rows`.
 
     `tensors()` lists the tensors `fn` reads besides x (weights, biases); a graph whose tensors
     moved is dropped and recorded again. `warmup` eager calls precede each capture (the first
     call compiles the kernels and tunes their configs, which cannot happen inside a capture).
+    `fn` must treat rows independently (the bucketed graphs compute padding rows).
     """
 
     def __init__(
         self,
         fn: Callable[[Tensor], Tensor],
         tensors: Callable[[], Sequence[Tensor]],
-        max_rows: int = MAX_ROWS,
+        max_rows: int | None = None,
         warmup: int = 2,
     ) -> None:
         self.fn, self.tensors = fn, tensors
-        self.max_rows, self.warmup = max_rows, warmup
+        self.max_rows = MAX_ROWS if max_rows is None else max_rows
+        self.warmup = warmup
         self.graphs: dict[tuple, _Graph | None] = {}  # None: capture failed, stay eager
 
     def clear(self) -> None:
@@ -91,9 +116,9 @@ class GraphedCalls:
 
     def eligible(self, x: Tensor) -> bool:
         """Whether a call on x may be served from a graph (see the module docstring)."""
-        if not (x.is_cuda and self.max_rows > 0):
+        if not (x.is_cuda and self.max_rows > 0) or x.dim() == 0:
             return False
-        if x.dim() == 0 or x.numel() // max(x.shape[-1], 1) > self.max_rows:
+        if x.numel() // max(x.shape[-1], 1) > self.max_rows:
             return False
         if torch.is_grad_enabled() and x.requires_grad:
             return False
@@ -102,41 +127,60 @@ class GraphedCalls:
     def __call__(self, x: Tensor) -> Tensor:
         if not self.eligible(x):
             return self.fn(x)
-        key = (tuple(x.shape), x.stride(), x.dtype, x.device)
+        rows = x.numel() // x.shape[-1]
+        exact = rows <= EXACT_ROWS
+        padded = rows if exact else bucket_rows(rows)
+        if exact:
+            key = (tuple(x.shape), x.stride(), x.dtype, x.device)
+        else:
+            key = (padded, x.shape[-1], x.dtype, x.device)
         entry = self.graphs.get(key, False)
         if entry is None:  # its capture failed: eager
             return self.fn(x)
-        if entry is not False:
-            if entry.addresses == self._addresses():
-                entry.static_in.copy_(x)
-                entry.graph.replay()
-                return entry.static_out.clone()
-            del self.graphs[key]  # the tensors moved: record again
-        entry = self.graphs[key] = self._capture(x)
-        if entry is None:
-            return self.fn(x)
-        entry.static_in.copy_(x)
+        if entry is not False and entry.addresses != self._addresses():
+            entry = False  # the tensors moved: record again
+        if entry is False:
+            entry = self.graphs[key] = self._capture(x, None if exact else padded)
+            if entry is None:
+                return self.fn(x)
+        if exact:
+            entry.static_in.copy_(x)
+            entry.graph.replay()
+            return entry.static_out.clone()
+        entry.static_in[:rows].copy_(x.reshape(rows, x.shape[-1]))
         entry.graph.replay()
-        return entry.static_out.clone()
+        out = entry.static_out[:rows]
+        return out.reshape(*x.shape[:-1], out.shape[-1]).clone()
 
     def _addresses(self) -> tuple[int, ...]:
         return tuple(t.data_ptr() for t in self.tensors())
 
-    def _capture(self, x: Tensor) -> _Graph | None:
+    def _capture(self, x: Tensor, padded: int | None) -> _Graph | None:
         """Warm-up calls then the capture, both on the device's side stream; None if any of it
-        fails (the call then runs eagerly, now and for this shape from then on)."""
+        fails (the call then runs eagerly, now and for this shape from then on). `padded`: the
+        bucketed form, through the shared [padded, features] buffers."""
         device = x.device
         side = _stream(device)
-        static_in = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=device)
-        static_in.copy_(x)
+        if padded is None:
+            static_in = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=device)
+            static_in.copy_(x)
+        else:
+            static_in = _shared_buffer("in", padded, x.shape[-1], x.dtype, device)
         side.wait_stream(torch.cuda.current_stream(device))
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.stream(side):
                 for _ in range(self.warmup):
-                    self.fn(static_in)
+                    out = self.fn(static_in)
+                static_out = None
+                if padded is not None:
+                    static_out = _shared_buffer("out", padded, out.shape[-1], out.dtype, device)
                 with torch.cuda.graph(graph, pool=_pool(device), stream=side):
-                    static_out = self.fn(static_in)
+                    out = self.fn(static_in)
+                    if static_out is not None:
+                        static_out.copy_(out)
+                if static_out is None:
+                    static_out = out
         except Exception:  # noqa: BLE001 (any failure: eager; a real error recurs there)
             torch.cuda.current_stream(device).wait_stream(side)
             return None
