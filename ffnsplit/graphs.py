@@ -1,25 +1,32 @@
-"""CUDA graphs of a module's forward for eager calls with few rows (decode steps).
+"""CUDA graphs of a module's forward for eager calls (decode steps and prompts up to 1,024 rows).
 
-A split FFN at decode size launches 3-5 Triton kernels whose Python launch path (argument
-binding, specialization, our own grid and tuner bookkeeping) costs far more host time than the
-kernels take on the GPU: one eager SplitFFN call at M = 1 took 516 us of host time on the H200
-machine against ~45 us of GPU time (benchmarks/RESULTS.md, session 12), so an eager decode loop
-(HF `generate` without a compiled or graphed model) ran slower than the dense model it was meant
-to beat. `GraphedCalls` records the call once per input shape as a CUDA graph (after warm-up
-calls that compile and tune outside the capture) and replays it: the host cost of a call becomes
-one copy of the input, the replay and one copy of the output.
+A split FFN launches 3-11 kernels a call, and their Python launch path (argument binding and
+specialization in Triton, our own grid and tuner bookkeeping) costs more host time than the
+kernels take on the GPU at decode sizes: one eager SplitFFN call of the Llama-3-8B shape took
+~300 us of host time at M = 1 on the H200 machine against ~45 us of GPU time, and ~630 us at
+M = 256-512 against 270-460 (benchmarks/RESULTS.md, session 12). An eager loop (HF `generate`
+without a compiled or graphed model) then decoded slower than the dense model it was meant to
+beat. `GraphedCalls` records the call as a CUDA graph (after warm-up calls that compile and tune
+outside the capture) and replays it: the host cost of a call becomes a copy of the input, the
+replay and a copy of the output.
+
+  * Up to EXACT_ROWS rows (decode): one graph per input shape, with its own input and output.
+  * Up to MAX_ROWS rows (prompts): the rows are padded to a multiple of BUCKET, one graph per
+    bucket, whose input and output live in buffers shared by every module (rows of an FFN are
+    independent; the padding rows are computed and dropped).
 
 A call runs eagerly (and is never captured) when: it is not on a CUDA device; a graph capture is
 already under way (the caller is recording its own graph, as `ffnsplit bench`'s StaticDecoder
 does: the kernels go into that graph); torch.compile is tracing; autograd would record it; it has
-more than `max_rows` rows; or the shape's capture failed once (then it stays eager). Graphs are
+more than MAX_ROWS rows; or the shape's capture failed once (then it stays eager). Graphs are
 recorded on one side stream per device into one memory pool per device shared by every module
-(only the graphs' inputs and outputs stay allocated between calls) and replayed on the current
-stream; their outputs are copied out, so a later replay never overwrites a tensor the caller
-holds. The owner must call `clear()` when its tensors are replaced (moved, cast, loaded, or an
-attribute reassigned); a replay also checks that the tensors the graph read still live at the
-same addresses. Two graphs must not be replayed concurrently on different streams: like the
-eager kernels, they share per-device scratch counters.
+and replayed on the current stream; their outputs are copied out, so a later replay never
+overwrites a tensor the caller holds. The owner calls `clear()` when its tensors are replaced
+(moved, cast, loaded, an attribute reassigned); a replay also checks that the tensors the graph
+reads still live at the addresses it recorded, and records again if not, at most MAX_MOVES
+times (a module whose weights a hook moves before every call, as accelerate's CPU offloading
+does, then stays eager). Two graphs must not be replayed concurrently on different streams: like
+the eager kernels, they share per-device scratch counters.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ EXACT_ROWS = 64
 BUCKET = 128
 MAX_ROWS = 1024
 ENABLED = os.environ.get("FFNSPLIT_CUDA_GRAPHS", "1") != "0"
+MAX_MOVES = 2  # after this many re-recordings for moved tensors a module stays eager
 
 _pools: dict[torch.device, tuple] = {}
 _streams: dict[torch.device, torch.cuda.Stream] = {}
@@ -89,7 +97,7 @@ class _Graph:
 
 
 class GraphedCalls:
-    """Replays `fn(x)` from CUDA graphs: one per (shape, strides, dtype, device) of x up to
+    """Replays `fn(x)` from CUDA graphs: one per (shape, dtype, device) of x up to
     EXACT_ROWS rows, one per (padded rows, features, dtype, device) up to `max_rows`.
 
     `tensors()` lists the tensors `fn` reads besides x (weights, biases); a graph whose tensors
@@ -109,6 +117,7 @@ class GraphedCalls:
         self.max_rows = MAX_ROWS if max_rows is None else max_rows
         self.warmup = warmup
         self.graphs: dict[tuple, _Graph | None] = {}  # None: capture failed, stay eager
+        self.moves = 0  # graphs dropped because the tensors had moved since their capture
 
     def clear(self) -> None:
         """Drop every graph (the owner's tensors changed)."""
@@ -131,14 +140,21 @@ class GraphedCalls:
         exact = rows <= EXACT_ROWS
         padded = rows if exact else bucket_rows(rows)
         if exact:
-            key = (tuple(x.shape), x.stride(), x.dtype, x.device)
+            key = (tuple(x.shape), x.dtype, x.device)
         else:
             key = (padded, x.shape[-1], x.dtype, x.device)
         entry = self.graphs.get(key, False)
         if entry is None:  # its capture failed: eager
             return self.fn(x)
         if entry is not False and entry.addresses != self._addresses():
-            entry = False  # the tensors moved: record again
+            # the tensors moved (a hook that loads them before each call, as accelerate's
+            # offloading does, moves them every time): record again, at most MAX_MOVES times
+            self.moves += 1
+            if self.moves > MAX_MOVES:
+                self.max_rows = 0
+                self.graphs.clear()
+                return self.fn(x)
+            entry = False
         if entry is False:
             entry = self.graphs[key] = self._capture(x, None if exact else padded)
             if entry is None:
@@ -162,7 +178,7 @@ class GraphedCalls:
         device = x.device
         side = _stream(device)
         if padded is None:
-            static_in = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=device)
+            static_in = torch.empty(x.shape, dtype=x.dtype, device=device)
             static_in.copy_(x)
         else:
             static_in = _shared_buffer("in", padded, x.shape[-1], x.dtype, device)

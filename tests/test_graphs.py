@@ -121,6 +121,23 @@ def test_bucketed_graphs_of_two_modules() -> None:
 
 
 @needs_cuda
+def test_moved_tensors_are_recorded_again_then_left_eager() -> None:
+    """A tensor swapped behind the module's back (as an offloading hook does) is seen at the
+    next replay: recorded again with the new tensor, and after graphs.MAX_MOVES moves the module
+    stays eager."""
+    module = split_ffn_module("cuda", torch.float16)
+    x = torch.randn(1, module.hidden_size, device="cuda", dtype=torch.float16)
+    module.down_bias = torch.zeros(module.hidden_size, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        base = module(x)
+        for step in range(graphs.MAX_MOVES + 2):
+            module._buffers["down_bias"] = torch.full_like(module.down_bias, float(step + 1))
+            out = module(x)
+            torch.testing.assert_close(out, base + step + 1, rtol=2e-3, atol=2e-3)
+    assert module._graphs.max_rows == 0 and not module._graphs.graphs
+
+
+@needs_cuda
 def test_ineligible_cuda_calls_run_eagerly() -> None:
     """Inside a caller's own graph capture, above graphs.MAX_ROWS rows, or with autograd
     recording, the kernels run eagerly (nothing is recorded)."""
