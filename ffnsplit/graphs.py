@@ -10,10 +10,10 @@ beat. `GraphedCalls` records the call as a CUDA graph (after warm-up calls that 
 outside the capture) and replays it: the host cost of a call becomes a copy of the input, the
 replay and a copy of the output.
 
-  * Up to EXACT_ROWS rows (decode): one graph per input shape, with its own input and output.
-  * Up to MAX_ROWS rows (prompts): the rows are padded to a multiple of BUCKET, one graph per
-    bucket, whose input and output live in buffers shared by every module (rows of an FFN are
-    independent; the padding rows are computed and dropped).
+The rows of a call are padded to a bucket (a power of two up to POW2_ROWS = 64, decode
+batches; a multiple of BUCKET = 128 up to MAX_ROWS = 1,024, prompts), one graph per bucket, whose
+input and output live in buffers shared by every module (rows of an FFN are independent: the
+padding rows are computed and dropped), so a module holds graphs, not activations.
 
 A call runs eagerly (and is never captured) when: it is not on a CUDA device; a graph capture is
 already under way (the caller is recording its own graph, as `ffnsplit bench`'s StaticDecoder
@@ -38,11 +38,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-# Eager calls of up to EXACT_ROWS rows (tokens) get one graph per exact input shape (decode);
-# larger ones up to MAX_ROWS (prefill) are padded to a multiple of BUCKET rows, a graph per
-# bucket, its input and output in buffers shared by every module (rows are independent in an
-# FFN: the padding rows are computed and dropped). FFNSPLIT_CUDA_GRAPHS=0: never.
-EXACT_ROWS = 64
+# An eager call's rows (tokens) are padded to a bucket: a power of two up to POW2_ROWS (decode
+# batches), a multiple of BUCKET above (prompts), at most MAX_ROWS; one graph per bucket, its
+# input and output in buffers shared by every module (rows are independent in an FFN: the padding
+# rows are computed and dropped). FFNSPLIT_CUDA_GRAPHS=0: never.
+POW2_ROWS = 64
 BUCKET = 128
 MAX_ROWS = 1024
 ENABLED = os.environ.get("FFNSPLIT_CUDA_GRAPHS", "1") != "0"
@@ -83,9 +83,11 @@ def _compiling() -> bool:
 
 
 def bucket_rows(rows: int) -> int:
-    """The rows a call of `rows` rows is recorded with: itself up to EXACT_ROWS, else rounded up
-    to a multiple of BUCKET."""
-    return rows if rows <= EXACT_ROWS else -(-rows // BUCKET) * BUCKET
+    """The rows a call of `rows` rows is recorded with: the next power of two up to POW2_ROWS,
+    else the next multiple of BUCKET."""
+    if rows <= POW2_ROWS:
+        return 1 << max(rows - 1, 0).bit_length()
+    return -(-rows // BUCKET) * BUCKET
 
 
 @dataclass
@@ -97,8 +99,8 @@ class _Graph:
 
 
 class GraphedCalls:
-    """Replays `fn(x)` from CUDA graphs: one per (shape, dtype, device) of x up to
-    EXACT_ROWS rows, one per (padded rows, features, dtype, device) up to `max_rows`.
+    """Replays `fn(x)` from CUDA graphs, one per (padded rows, features, dtype, device) of x up
+    to `max_rows` rows.
 
     `tensors()` lists the tensors `fn` reads besides x (weights, biases); a graph whose tensors
     moved is dropped and recorded again. `warmup` eager calls precede each capture (the first
@@ -115,7 +117,7 @@ class GraphedCalls:
     ) -> None:
         self.fn, self.tensors = fn, tensors
         self.max_rows = MAX_ROWS if max_rows is None else max_rows
-        self.warmup = warmup
+        self.warmup = max(1, warmup)  # at least one: it gives the output's shape
         self.graphs: dict[tuple, _Graph | None] = {}  # None: capture failed, stay eager
         self.moves = 0  # graphs dropped because the tensors had moved since their capture
 
@@ -136,13 +138,10 @@ class GraphedCalls:
     def __call__(self, x: Tensor) -> Tensor:
         if not self.eligible(x):
             return self.fn(x)
-        rows = x.numel() // x.shape[-1]
-        exact = rows <= EXACT_ROWS
-        padded = rows if exact else bucket_rows(rows)
-        if exact:
-            key = (tuple(x.shape), x.dtype, x.device)
-        else:
-            key = (padded, x.shape[-1], x.dtype, x.device)
+        features = x.shape[-1]
+        rows = x.numel() // features
+        padded = bucket_rows(rows)
+        key = (padded, features, x.dtype, x.device)
         entry = self.graphs.get(key, False)
         if entry is None:  # its capture failed: eager
             return self.fn(x)
@@ -156,14 +155,10 @@ class GraphedCalls:
                 return self.fn(x)
             entry = False
         if entry is False:
-            entry = self.graphs[key] = self._capture(x, None if exact else padded)
+            entry = self.graphs[key] = self._capture(x, padded)
             if entry is None:
                 return self.fn(x)
-        if exact:
-            entry.static_in.copy_(x)
-            entry.graph.replay()
-            return entry.static_out.clone()
-        entry.static_in[:rows].copy_(x.reshape(rows, x.shape[-1]))
+        entry.static_in[:rows].copy_(x.reshape(rows, features))
         entry.graph.replay()
         out = entry.static_out[:rows]
         return out.reshape(*x.shape[:-1], out.shape[-1]).clone()
@@ -171,32 +166,23 @@ class GraphedCalls:
     def _addresses(self) -> tuple[int, ...]:
         return tuple(t.data_ptr() for t in self.tensors())
 
-    def _capture(self, x: Tensor, padded: int | None) -> _Graph | None:
-        """Warm-up calls then the capture, both on the device's side stream; None if any of it
-        fails (the call then runs eagerly, now and for this shape from then on). `padded`: the
-        bucketed form, through the shared [padded, features] buffers."""
+    def _capture(self, x: Tensor, padded: int) -> _Graph | None:
+        """Warm-up calls then the capture, both on the device's side stream, through the shared
+        [padded, features] buffers; None if any of it fails (the call then runs eagerly, now and
+        for this bucket from then on)."""
         device = x.device
         side = _stream(device)
-        if padded is None:
-            static_in = torch.empty(x.shape, dtype=x.dtype, device=device)
-            static_in.copy_(x)
-        else:
-            static_in = _shared_buffer("in", padded, x.shape[-1], x.dtype, device)
+        static_in = _shared_buffer("in", padded, x.shape[-1], x.dtype, device)
+        static_in[: x.numel() // x.shape[-1]].copy_(x.reshape(-1, x.shape[-1]))
         side.wait_stream(torch.cuda.current_stream(device))
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.stream(side):
                 for _ in range(self.warmup):
                     out = self.fn(static_in)
-                static_out = None
-                if padded is not None:
-                    static_out = _shared_buffer("out", padded, out.shape[-1], out.dtype, device)
+                static_out = _shared_buffer("out", padded, out.shape[-1], out.dtype, device)
                 with torch.cuda.graph(graph, pool=_pool(device), stream=side):
-                    out = self.fn(static_in)
-                    if static_out is not None:
-                        static_out.copy_(out)
-                if static_out is None:
-                    static_out = out
+                    static_out.copy_(self.fn(static_in))
         except Exception:  # noqa: BLE001 (any failure: eager; a real error recurs there)
             torch.cuda.current_stream(device).wait_stream(side)
             return None
