@@ -15,6 +15,7 @@
 #   mma (the Gluon decode tier: tests + benchmarks/bench_mma.py), prefill (dequant path variants
 #   at M = 1024-4096: heavy rows in the scratch or not, 128 and 256 MiB chunks), decodeops (decoder op tests), trace
 #   profprefill (benchmarks/prof_prefill.py + probe_cublas.py), odd (717 heavy neurons),
+#   swap (benchmarks/proto_swap.py), eager (benchmarks/bench_eager.py),
 #   (benchmarks/trace_decode.py), decode8b (M = 1, 4 + 8B decode once)
 # Several stages in one call: bash benchmarks/gpu_checks.sh gemv trace decode8b
 # Each step has its own time limit, so one slow step cannot take the whole call.
@@ -111,6 +112,12 @@ odd)  # the layer with ceil(5%) = 717 heavy neurons, what `compress` and the e2e
     ;;
 half2)  # the packed-half2 prototype of kernel B's loop against gemv's kernel B
     run 200 proto_half2 python3 benchmarks/proto_half2.py --out "$OUT/proto_half2.json"
+    ;;
+swap)  # the W-as-A tensor-core prototype (M <= 8) against gemv's kernel B (session 12: not run)
+    run 240 proto_swap python3 benchmarks/proto_swap.py --out "$OUT/proto_swap.json"
+    ;;
+eager)  # eager calls: one FFN call and HF generate, dense / split / split + CUDA graphs
+    run 240 bench_eager python3 benchmarks/bench_eager.py --out "$OUT/eager.json"
     ;;
 trace)  # where a decode step of the 8B shape goes, kernel by kernel, dense and split
     run 170 trace_decode python3 benchmarks/trace_decode.py --out "$OUT/trace_decode.json"
