@@ -264,8 +264,10 @@ class SplitFFN(nn.Module):
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self._dense_cache = None  # new tensors: the dequantized copy is stale
-        self._clear_graphs()
+        # new values: the dequantized copy is stale. Recorded graphs are not: a load copies into
+        # the same tensors; one with assign=True (or swapped tensors) puts new tensors in place,
+        # which __setattr__ or the address check at the next replay catches
+        self._dense_cache = None
         super()._load_from_state_dict(*args, **kwargs)
 
     def __setattr__(self, name: str, value) -> None:

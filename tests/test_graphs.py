@@ -54,7 +54,9 @@ def test_graphs_are_dropped_on_copy_and_on_reassignment() -> None:
     module.to(torch.float64)
     assert not calls.graphs
     calls.graphs["key"] = None
-    module.load_state_dict(module.state_dict())
+    module.load_state_dict(module.state_dict())  # copies into the same tensors: graphs stay
+    assert calls.graphs
+    module.load_state_dict(copy.deepcopy(module.state_dict()), assign=True)  # new tensors
     assert not calls.graphs
 
 
