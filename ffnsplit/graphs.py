@@ -73,7 +73,10 @@ def _shared_buffer(role: str, rows: int, cols: int, dtype: torch.dtype, device: 
     key = (role, rows, cols, dtype, device)
     buf = _shared.get(key)
     if buf is None:
-        buf = _shared[key] = torch.zeros((rows, cols), dtype=dtype, device=device)
+        # a normal tensor even when the first call runs under torch.inference_mode(): later
+        # calls outside it copy into the buffer in place, which an inference tensor refuses
+        with torch.inference_mode(False):
+            buf = _shared[key] = torch.zeros((rows, cols), dtype=dtype, device=device)
     return buf
 
 

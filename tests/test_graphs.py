@@ -97,6 +97,17 @@ def test_graphed_calls_match_eager_calls(dtype) -> None:
     torch.testing.assert_close(after, before + 1, rtol=tol, atol=tol)
 
 
+def test_shared_buffers_outlive_inference_mode() -> None:
+    """A buffer first made under torch.inference_mode() takes in-place copies outside it (the
+    graphs' inputs are refilled on every call, whatever mode the caller is in)."""
+    with torch.inference_mode():
+        buf = graphs._shared_buffer("in", 3, 5, torch.float32, torch.device("cpu"))
+    assert not buf.is_inference()
+    buf[:2].copy_(torch.ones(2, 5))
+    with torch.inference_mode():
+        buf.copy_(torch.zeros(3, 5))
+
+
 def test_bucket_rows() -> None:
     rows = (1, 2, 3, 5, 33, 64, 65, 128, 129, 1000)
     assert [graphs.bucket_rows(r) for r in rows] == [1, 2, 4, 8, 64, 64, 128, 128, 256, 1024]
@@ -120,6 +131,22 @@ def test_bucketed_graphs_of_two_modules() -> None:
     assert len(first._graphs.graphs) == len(second._graphs.graphs) == 2
     for out, kept in outs:
         assert torch.equal(out, kept)  # later replays did not overwrite earlier outputs
+
+
+@needs_cuda
+def test_graphs_recorded_in_inference_mode_replay_outside_it() -> None:
+    """Recorded under torch.inference_mode() (as HF pipelines call), replayed under no_grad and
+    with grad mode on (x not requiring grad): same results, no inference-tensor errors."""
+    module = split_ffn_module("cuda", torch.float16)
+    x = torch.randn(3, module.hidden_size, device="cuda", dtype=torch.float16)
+    big = torch.randn(70, module.hidden_size, device="cuda", dtype=torch.float16)
+    with torch.inference_mode():
+        first, first_big = module(x), module(big)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), first)
+        torch.testing.assert_close(module(big), first_big)
+    torch.testing.assert_close(module(x), first)
+    assert len(module._graphs.graphs) == 2
 
 
 @needs_cuda
