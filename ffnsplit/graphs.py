@@ -184,7 +184,9 @@ class GraphedCalls:
                 for _ in range(self.warmup):
                     out = self.fn(static_in)
                 static_out = _shared_buffer("out", padded, out.shape[-1], out.dtype, device)
-                with torch.cuda.graph(graph, pool=_pool(device), stream=side):
+                # thread_local: a capture must not make other threads' CUDA calls fail
+                with torch.cuda.graph(graph, pool=_pool(device), stream=side,
+                                      capture_error_mode="thread_local"):  # fmt: skip
                     static_out.copy_(self.fn(static_in))
         except Exception:  # noqa: BLE001 (any failure: eager; a real error recurs there)
             torch.cuda.current_stream(device).wait_stream(side)
