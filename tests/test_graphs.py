@@ -31,6 +31,12 @@ def split_ffn_module(device: str, dtype: torch.dtype) -> SplitFFN:
     return split_ffn_modules(device, dtype)[0]
 
 
+def recorded(module: SplitFFN) -> int:
+    """Graphs the module recorded (a failed capture leaves None: the call ran eagerly)."""
+    calls = module.__dict__.get("_graphs")
+    return 0 if calls is None else sum(g is not None for g in calls.graphs.values())
+
+
 class _Unpicklable:
     def __reduce__(self):
         raise TypeError("a CUDA graph cannot be copied")
@@ -85,7 +91,7 @@ def test_graphed_calls_match_eager_calls(dtype) -> None:
                 ref = module._forward(x)  # eager
             torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-3)
             calls.append(out)
-    assert len(module._graphs.graphs) == 2  # recorded once per bucket (1 and 4 rows)
+    assert recorded(module) == 2  # recorded once per bucket (1 and 4 rows)
     assert calls[0].data_ptr() != calls[1].data_ptr()
     x = torch.randn(3, module.hidden_size, device="cuda", dtype=dtype)
     with torch.no_grad():
@@ -128,7 +134,7 @@ def test_bucketed_graphs_of_two_modules() -> None:
             assert out.shape == ref.shape == x.shape
             torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-3)
             outs.append((out, out.clone()))
-    assert len(first._graphs.graphs) == len(second._graphs.graphs) == 2
+    assert recorded(first) == recorded(second) == 2
     for out, kept in outs:
         assert torch.equal(out, kept)  # later replays did not overwrite earlier outputs
 
@@ -146,7 +152,7 @@ def test_graphs_recorded_in_inference_mode_replay_outside_it() -> None:
         torch.testing.assert_close(module(x), first)
         torch.testing.assert_close(module(big), first_big)
     torch.testing.assert_close(module(x), first)
-    assert len(module._graphs.graphs) == 2
+    assert recorded(module) == 2
 
 
 @needs_cuda
@@ -177,7 +183,7 @@ def test_ineligible_cuda_calls_run_eagerly() -> None:
     x = torch.randn(2, module.hidden_size, device="cuda", dtype=torch.float16)
     with torch.no_grad():
         module(x)  # eager warm-up, then recorded by the module
-    assert len(module._graphs.graphs) == 1
+    assert recorded(module) == 1
     module._graphs.clear()
     outer = torch.cuda.CUDAGraph()
     side = torch.cuda.Stream()
