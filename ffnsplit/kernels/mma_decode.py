@@ -220,11 +220,17 @@ if gluon is not None:
         buf = x_smem.index(c % 2)
         buf.store(_slots(x, LIGHT))
         gl.thread_barrier()
-        x0 = buf.slice(0, 32, dim=1).load(A_LAYOUT)
-        x1 = buf.slice(32, 32, dim=1).load(A_LAYOUT)
-        x2 = buf.slice(64, 32, dim=1).load(A_LAYOUT)
-        x3 = buf.slice(96, 32, dim=1).load(A_LAYOUT)
-        return x0, x1, x2, x3
+        return _quarters(buf, 32, 1, A_LAYOUT)
+
+    @gluon.jit
+    def _quarters(buf, size: gl.constexpr, dim: gl.constexpr, LAYOUT: gl.constexpr):
+        """The four consecutive `size`-long slices of shared tile `buf` along `dim`, loaded in
+        LAYOUT (a chunk's 4 blocks: x's k-slots, or the ring's word rows)."""
+        q0 = buf.slice(0, size, dim=dim).load(LAYOUT)
+        q1 = buf.slice(size, size, dim=dim).load(LAYOUT)
+        q2 = buf.slice(2 * size, size, dim=dim).load(LAYOUT)
+        q3 = buf.slice(3 * size, size, dim=dim).load(LAYOUT)
+        return q0, q1, q2, q3
 
     @gluon.jit
     def _block_words(ptr, off, mask, row, KR, TAIL: gl.constexpr):
@@ -364,12 +370,7 @@ if gluon is not None:
     @gluon.jit
     def _ring_words(w_smem, stage, W_LAYOUT: gl.constexpr):
         """Chunk words [4, BN] x 4 blocks from ring stage `stage`."""
-        buf = w_smem.index(stage)
-        w0 = buf.slice(0, 4, dim=0).load(W_LAYOUT)
-        w1 = buf.slice(4, 4, dim=0).load(W_LAYOUT)
-        w2 = buf.slice(8, 4, dim=0).load(W_LAYOUT)
-        w3 = buf.slice(12, 4, dim=0).load(W_LAYOUT)
-        return w0, w1, w2, w3
+        return _quarters(w_smem.index(stage), 4, 0, W_LAYOUT)
 
     @gluon.jit
     def _ring_slice(x_ptr, stride_xm, M, K, up_ptr, us_ptr, uz_ptr, gp_ptr, gs_ptr, gz_ptr, N, n0,
