@@ -355,6 +355,18 @@ if gluon is not None:
         return u0, u1, u2, u3, g0, g1, g2, g3
 
     @gluon.jit
+    def _slice_start(stride_xm, M, n0, N, BM: gl.constexpr, BN: gl.constexpr,
+                     DTYPE: gl.constexpr, X_LAYOUT: gl.constexpr, B_LAYOUT: gl.constexpr,
+                     MMA: gl.constexpr):  # fmt: skip
+        """What a light slice starts from: x's chunk offsets, mask, k index and shared tile;
+        its columns' scale offsets and mask; the ones operand of x's sums; zero accumulators."""
+        x_off, x_mask, xk, x_smem = _x_tiles(stride_xm, M, BM, DTYPE, X_LAYOUT)
+        sc = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, MMA))
+        ones = gl.full([32, BN], 1.0, DTYPE, layout=B_LAYOUT)
+        acc = gl.zeros([BM, BN], gl.float32, layout=MMA)
+        return x_off, x_mask, xk, x_smem, sc, sc < N, ones, acc, acc
+
+    @gluon.jit
     def _ring_copy(w_smem, ptr, stage, cc, n0, N, KR, TAIL: gl.constexpr, BN: gl.constexpr,
                    C_LAYOUT: gl.constexpr):  # fmt: skip
         """cp.async of chunk cc's 16 word rows x BN columns into ring stage `stage` (16 bytes a
@@ -397,12 +409,9 @@ if gluon is not None:
         wg_smem = wu_smem
         if DUAL:
             wg_smem = gl.allocate_shared_memory(gl.int32, [STAGES, 16, BN], WS)
-        x_off, x_mask, xk, x_smem = _x_tiles(stride_xm, M, BM, DTYPE, X_LAYOUT)
-        sc = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, MMA))
-        s_mask = sc < N
-        ones = gl.full([32, BN], 1.0, DTYPE, layout=B_LAYOUT)
-        acc_u = gl.zeros([BM, BN], gl.float32, layout=MMA)
-        acc_g = gl.zeros([BM, BN], gl.float32, layout=MMA)
+        x_off, x_mask, xk, x_smem, sc, s_mask, ones, acc_u, acc_g = _slice_start(
+            stride_xm, M, n0, N, BM, BN, DTYPE, X_LAYOUT, B_LAYOUT, MMA
+        )
         last = c_hi - 1
         for i in gl.static_range(STAGES - 1):  # prologue: chunks c_lo .. c_lo + STAGES - 2
             cc = gl.minimum(c_lo + i, last)
@@ -466,12 +475,9 @@ if gluon is not None:
         wc = gl.arange(0, BN, layout=gl.SliceLayout(0, W_LAYOUT))
         w_off = wr[:, None] * N + (n0 + wc)[None, :] + c_lo * 16 * N
         w_mask = ((n0 + wc) < N)[None, :]
-        x_off, x_mask, xk, x_smem = _x_tiles(stride_xm, M, BM, DTYPE, X_LAYOUT)
-        sc = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, MMA))
-        s_mask = sc < N
-        ones = gl.full([32, BN], 1.0, DTYPE, layout=B_LAYOUT)
-        acc_u = gl.zeros([BM, BN], gl.float32, layout=MMA)
-        acc_g = gl.zeros([BM, BN], gl.float32, layout=MMA)
+        x_off, x_mask, xk, x_smem, sc, s_mask, ones, acc_u, acc_g = _slice_start(
+            stride_xm, M, n0, N, BM, BN, DTYPE, X_LAYOUT, B_LAYOUT, MMA
+        )
         last = c_hi - 1
         u0, u1, u2, u3, g0, g1, g2, g3 = _light_words(up_ptr, gp_ptr, w_off, w_mask, c_lo, c_lo,
                                                       N, KR, DUAL, TAIL)  # fmt: skip
