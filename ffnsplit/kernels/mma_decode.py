@@ -274,6 +274,13 @@ if gluon is not None:
         return s0, z0, s1, z1
 
     @gluon.jit
+    def _group_out(acc, blk, xs, s, z, SYMMETRIC: gl.constexpr, BIAS: gl.constexpr):
+        """acc + s (blk - (z + BIAS) sum x) of one group (symmetric: z = 8)."""
+        if SYMMETRIC:
+            return acc + (blk - xs * (8.0 + BIAS)) * s[None, :]
+        return acc + (blk - xs * (z + BIAS)[None, :]) * s[None, :]
+
+    @gluon.jit
     def _apply(acc, x0, x1, x2, x3, w0, w1, w2, w3, xs0, xs1, s0, z0, s1, z1,
                SYMMETRIC: gl.constexpr, GROUP: gl.constexpr, DTYPE: gl.constexpr,
                CHAINS: gl.constexpr, B_LAYOUT: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
@@ -290,10 +297,7 @@ if gluon is not None:
         if GROUP == 64:
             if CHAINS == 2:
                 blk += odd
-            if SYMMETRIC:
-                acc += (blk - xs0 * (8.0 + BIAS)) * s0[None, :]
-            else:
-                acc += (blk - xs0 * (z0 + BIAS)[None, :]) * s0[None, :]
+            acc = _group_out(acc, blk, xs0, s0, z0, SYMMETRIC, BIAS)
             blk = mma_v2(x2, _codes(w2, DTYPE, B_LAYOUT), z)
             if CHAINS == 2:
                 odd = mma_v2(x3, _codes(w3, DTYPE, B_LAYOUT), z)
@@ -307,11 +311,7 @@ if gluon is not None:
                 blk = mma_v2(x3, _codes(w3, DTYPE, B_LAYOUT), blk)
         if CHAINS == 2:
             blk += odd
-        if SYMMETRIC:
-            acc += (blk - xs1 * (8.0 + BIAS)) * s1[None, :]
-        else:
-            acc += (blk - xs1 * (z1 + BIAS)[None, :]) * s1[None, :]
-        return acc
+        return _group_out(acc, blk, xs1, s1, z1, SYMMETRIC, BIAS)
 
     @gluon.jit
     def _light_step(acc_u, acc_g, u0, u1, u2, u3, g0, g1, g2, g3, c, c_lo, c_next, x_cur, x_ptr,
