@@ -289,29 +289,28 @@ if gluon is not None:
         for more registers."""
         BIAS: gl.constexpr = 1024.0 if gl.float16 == DTYPE else 128.0  # the codes' offset
         z = gl.zeros(acc.shape, gl.float32, layout=MMA)
-        blk = mma_v2(x0, _codes(w0, DTYPE, B_LAYOUT), z)
-        if CHAINS == 2:
-            odd = mma_v2(x1, _codes(w1, DTYPE, B_LAYOUT), z)
-        else:
-            blk = mma_v2(x1, _codes(w1, DTYPE, B_LAYOUT), blk)
+        blk, odd = _mma_pair(x0, w0, x1, w1, z, z, DTYPE, CHAINS, B_LAYOUT)
         if GROUP == 64:
             if CHAINS == 2:
                 blk += odd
             acc = _group_out(acc, blk, xs0, s0, z0, SYMMETRIC, BIAS)
-            blk = mma_v2(x2, _codes(w2, DTYPE, B_LAYOUT), z)
-            if CHAINS == 2:
-                odd = mma_v2(x3, _codes(w3, DTYPE, B_LAYOUT), z)
-            else:
-                blk = mma_v2(x3, _codes(w3, DTYPE, B_LAYOUT), blk)
+            blk, odd = _mma_pair(x2, w2, x3, w3, z, z, DTYPE, CHAINS, B_LAYOUT)
         else:
-            blk = mma_v2(x2, _codes(w2, DTYPE, B_LAYOUT), blk)
-            if CHAINS == 2:
-                odd = mma_v2(x3, _codes(w3, DTYPE, B_LAYOUT), odd)
-            else:
-                blk = mma_v2(x3, _codes(w3, DTYPE, B_LAYOUT), blk)
+            blk, odd = _mma_pair(x2, w2, x3, w3, blk, odd, DTYPE, CHAINS, B_LAYOUT)
         if CHAINS == 2:
             blk += odd
         return _group_out(acc, blk, xs1, s1, z1, SYMMETRIC, BIAS)
+
+    @gluon.jit
+    def _mma_pair(xa, wa, xb, wb, blk, odd, DTYPE: gl.constexpr, CHAINS: gl.constexpr,
+                  B_LAYOUT: gl.constexpr):  # fmt: skip
+        """Two blocks' products: both into blk, or (CHAINS 2) the second into odd."""
+        blk = mma_v2(xa, _codes(wa, DTYPE, B_LAYOUT), blk)
+        if CHAINS == 2:
+            odd = mma_v2(xb, _codes(wb, DTYPE, B_LAYOUT), odd)
+        else:
+            blk = mma_v2(xb, _codes(wb, DTYPE, B_LAYOUT), blk)
+        return blk, odd
 
     @gluon.jit
     def _light_step(acc_u, acc_g, u0, u1, u2, u3, g0, g1, g2, g3, c, c_lo, c_next, x_cur, x_ptr,
