@@ -313,6 +313,17 @@ if gluon is not None:
         return blk, odd
 
     @gluon.jit
+    def _x_sums(x0, x1, x2, x3, ones, like, GROUP: gl.constexpr, MMA: gl.constexpr):
+        """x's row sums (the zero points' and BIAS's term) on the tensor cores, in like's shape:
+        blocks 0-1 and, with GROUP 64 apart, 2-3 (else all four in the second)."""
+        xs0 = mma_v2(x1, ones, mma_v2(x0, ones, gl.zeros(like.shape, gl.float32, layout=MMA)))
+        if GROUP == 64:
+            xs1 = gl.zeros(like.shape, gl.float32, layout=MMA)
+        else:
+            xs1 = xs0
+        return xs0, mma_v2(x3, ones, mma_v2(x2, ones, xs1))
+
+    @gluon.jit
     def _light_step(acc_u, acc_g, u0, u1, u2, u3, g0, g1, g2, g3, c, c_lo, c_next, x_cur, x_ptr,
                     x_off, x_mask, xk, x_smem, ones, us_ptr, uz_ptr, gs_ptr, gz_ptr, N, K, G, sc,
                     s_mask, DUAL: gl.constexpr, SYMMETRIC: gl.constexpr, GROUP: gl.constexpr,
@@ -328,13 +339,7 @@ if gluon is not None:
             sg0, zg0, sg1, zg1 = _scales(gs_ptr, gz_ptr, c, N, G, sc, s_mask, SYMMETRIC, GROUP)
         x0, x1, x2, x3 = _stage(x_smem, c - c_lo, x_cur, True, A_LAYOUT)
         x_next = _x_chunk(x_ptr, x_off, x_mask, xk, c_next * _CHUNK, K, TAIL)
-        # x's row sums (the zero points' term) on the tensor cores, per half chunk
-        xs0 = mma_v2(x1, ones, mma_v2(x0, ones, gl.zeros(acc_u.shape, gl.float32, layout=MMA)))
-        if GROUP == 64:
-            xs1 = gl.zeros(acc_u.shape, gl.float32, layout=MMA)
-        else:
-            xs1 = xs0
-        xs1 = mma_v2(x3, ones, mma_v2(x2, ones, xs1))
+        xs0, xs1 = _x_sums(x0, x1, x2, x3, ones, acc_u, GROUP, MMA)
         acc_u = _apply(acc_u, x0, x1, x2, x3, u0, u1, u2, u3, xs0, xs1, su0, zu0, su1, zu1,
                        SYMMETRIC, GROUP, DTYPE, CHAINS, B_LAYOUT, MMA)  # fmt: skip
         if DUAL:
@@ -437,12 +442,7 @@ if gluon is not None:
                            C_LAYOUT)  # fmt: skip
             async_copy.commit_group()
             u0, u1, u2, u3 = _ring_words(wu_smem, j % STAGES, W_LAYOUT)
-            xs0 = mma_v2(x1, ones, mma_v2(x0, ones, gl.zeros([BM, BN], gl.float32, layout=MMA)))
-            if GROUP == 64:
-                xs1 = gl.zeros([BM, BN], gl.float32, layout=MMA)
-            else:
-                xs1 = xs0
-            xs1 = mma_v2(x3, ones, mma_v2(x2, ones, xs1))
+            xs0, xs1 = _x_sums(x0, x1, x2, x3, ones, acc_u, GROUP, MMA)
             acc_u = _apply(acc_u, x0, x1, x2, x3, u0, u1, u2, u3, xs0, xs1, su0, zu0, su1, zu1,
                            SYMMETRIC, GROUP, DTYPE, CHAINS, B_LAYOUT, MMA)  # fmt: skip
             if DUAL:
