@@ -1,7 +1,8 @@
 """Where an eager 512-token prefill goes: a 4-layer Llama-3-8B-shaped model, dense and with every
 FFN split (5% random heavy fp16 = 717 neurons, int4 g128), through `ffnsplit bench`'s
-StaticDecoder; prints medians, the torch profiler's top CUDA kernels and one FFN module's eager
-time (GPU only). Session 11 found cuBLAS's sm75 fallback with it (benchmarks/RESULTS.md).
+StaticDecoder; prints medians, the torch profiler's top CUDA kernels and one FFN module's time
+with its kernels launched from Python and replayed from a CUDA graph (GPU only). In the 4-layer
+prefill the split FFNs replay their own graphs (ffnsplit/graphs.py), as users' eager calls do. Session 11 found cuBLAS's sm75 fallback with it (benchmarks/RESULTS.md).
 
     PYTHONPATH=. python3 benchmarks/prof_prefill.py
 """
@@ -17,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ffnsplit.eval import bench  # noqa: E402
+from ffnsplit.kernels.tiles import capture_graph  # noqa: E402
 from ffnsplit.plan import parse_light_format  # noqa: E402
 
 DEVICE = torch.device("cuda")
@@ -43,6 +45,8 @@ def measure(model: torch.nn.Module, prompt: torch.Tensor, tag: str) -> None:
                                         max_name_column_width=60))  # fmt: skip
         x = torch.randn(1, PROMPT, model.config.hidden_size, device=DEVICE, dtype=torch.float16)
         mlp = model.model.layers[0].mlp
+        if hasattr(mlp, "cuda_graphs"):  # a SplitFFN: time its kernels' launches, not its graphs
+            mlp.cuda_graphs = False
         for _ in range(3):
             mlp(x)
         times = [bench.elapsed_us(lambda: mlp(x), DEVICE) for _ in range(9)]
@@ -50,15 +54,7 @@ def measure(model: torch.nn.Module, prompt: torch.Tensor, tag: str) -> None:
             f"{tag}: one FFN ({type(mlp).__name__}) eager, median {statistics.median(times):.1f} us"
         )
         # the same call replayed from a CUDA graph: eager minus this is host (launch) overhead
-        graph = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            mlp(x)
-            with torch.cuda.graph(graph, stream=stream):
-                mlp(x)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph.replay()
+        graph = capture_graph(lambda: mlp(x))
         times = [bench.elapsed_us(graph.replay, DEVICE) for _ in range(9)]
         with torch.profiler.profile(activities=activities) as prof:
             mlp(x)

@@ -175,8 +175,9 @@ class GraphedCalls:
         for this bucket from then on)."""
         device = x.device
         side = _stream(device)
+        # the warm-ups and the capture run on whatever the buffer holds (finite values); the
+        # caller copies x in before the replay
         static_in = _shared_buffer("in", padded, x.shape[-1], x.dtype, device)
-        static_in[: x.numel() // x.shape[-1]].copy_(x.reshape(-1, x.shape[-1]))
         side.wait_stream(torch.cuda.current_stream(device))
         graph = torch.cuda.CUDAGraph()
         try:
