@@ -80,19 +80,29 @@ def main() -> int:
             row[f"{path}_ffn_us"] = graph_time_us(
                 [lambda w=w, x=x, p=path: sffn.split_ffn(x, w, path=p) for w in copies]
             )
-        # each config of the tier alone (the tuner's picks above are the fastest of these)
+        # each config of the tier alone (the tuner's picks above are the fastest of these),
+        # the W-as-A configs (cfg names "swap<i>") up to SWAP_MAX_M rows included
         a = sffn.split_activations(x, w0, path="mma")
-        up0, down0 = mma_decode.UP_CONFIGS, mma_decode.DOWN_CONFIGS
-        up_rows, down_rows = mma_decode.UP_ROWS, mma_decode.DOWN_ROWS
+        saved = {name: getattr(mma_decode, name) for name in _TABLES}
         try:
-            for i, cfg in enumerate(mma_decode._for_rows(up0, up_rows, m)):
-                mma_decode.UP_CONFIGS, mma_decode.UP_ROWS = (cfg,), {2: (cfg,), 4: (cfg,)}
-                row[f"mma_a_cfg{i}_us"] = graph_time_us(
+            mma_decode.SWAP = "1"
+            ups = mma_decode.candidates(saved["UP_CONFIGS"], saved["UP_ROWS"], saved["UP_SWAP"], m)
+            downs = mma_decode.candidates(saved["DOWN_CONFIGS"], saved["DOWN_ROWS"],
+                                          saved["DOWN_SWAP"], m)  # fmt: skip
+            mma_decode.SWAP = "0"
+            for i, cfg in enumerate(ups):
+                _only(cfg, "UP")
+                a_cfg = sffn.split_activations(x, w0, path="mma")
+                row[f"mma_a_{_name(cfg, i)}_err"] = rel_err(a_cfg, ref_a)
+                row[f"mma_a_{_name(cfg, i)}_us"] = graph_time_us(
                     [lambda w=w, x=x: sffn.split_activations(x, w, path="mma") for w in copies]
                 )
-            for i, cfg in enumerate(mma_decode._for_rows(down0, down_rows, m)):
-                mma_decode.DOWN_CONFIGS, mma_decode.DOWN_ROWS = (cfg,), {2: (cfg,), 4: (cfg,)}
-                row[f"mma_b_cfg{i}_us"] = graph_time_us(
+            for i, cfg in enumerate(downs):
+                _only(cfg, "DOWN")
+                y = qmm.split_linear(a, w0.heavy_down, w0.light_down, None, path="mma")
+                ref_y = reference.split_linear(a.double(), w0.heavy_down.double(), w0.light_down)
+                row[f"mma_b_{_name(cfg, i)}_err"] = rel_err(y, ref_y)
+                row[f"mma_b_{_name(cfg, i)}_us"] = graph_time_us(
                     [
                         lambda w=w, a=a: qmm.split_linear(
                             a, w.heavy_down, w.light_down, None, path="mma"
@@ -101,14 +111,28 @@ def main() -> int:
                     ]  # fmt: skip
                 )
         finally:
-            mma_decode.UP_CONFIGS, mma_decode.DOWN_CONFIGS = up0, down0
-            mma_decode.UP_ROWS, mma_decode.DOWN_ROWS = up_rows, down_rows
+            for name, value in saved.items():
+                setattr(mma_decode, name, value)
         rows.append(row)
         print({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
     write_result(args.out, torch.device("cuda"), heavy=args.heavy, light=args.light, rows=rows,
-                 up_configs=[str(c) for c in mma_decode.UP_CONFIGS],
-                 down_configs=[str(c) for c in mma_decode.DOWN_CONFIGS])  # fmt: skip
+                 up_configs=[str(c) for c in mma_decode.UP_SWAP + mma_decode.UP_CONFIGS],
+                 down_configs=[str(c) for c in mma_decode.DOWN_SWAP + mma_decode.DOWN_CONFIGS])  # fmt: skip
     return 0
+
+
+_TABLES = ("UP_CONFIGS", "UP_ROWS", "UP_SWAP", "DOWN_CONFIGS", "DOWN_ROWS", "DOWN_SWAP", "SWAP")
+
+
+def _only(cfg, kernel: str) -> None:
+    """Make `cfg` the only candidate of kernel "UP" or "DOWN" for every M."""
+    setattr(mma_decode, f"{kernel}_CONFIGS", (cfg,))
+    setattr(mma_decode, f"{kernel}_ROWS", {2: (cfg,), 4: (cfg,)})
+    setattr(mma_decode, f"{kernel}_SWAP", ())
+
+
+def _name(cfg, i: int) -> str:
+    return f"{'swap' if cfg.swap else 'cfg'}{i}"
 
 
 def _as64(w):

@@ -15,7 +15,7 @@
 #   mma (the Gluon decode tier: tests + benchmarks/bench_mma.py), prefill (dequant path variants
 #   at M = 1024-4096: heavy rows in the scratch or not, 128 and 256 MiB chunks), decodeops (decoder op tests), trace
 #   profprefill (benchmarks/prof_prefill.py + probe_cublas.py), odd (717 heavy neurons),
-#   swap (benchmarks/proto_swap.py), eager (benchmarks/bench_eager.py),
+#   swap (benchmarks/proto_swap.py), swaptier (the W-as-A form: tests + bench_mma), graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
 #   (benchmarks/trace_decode.py), decode8b (M = 1, 4 + 8B decode once)
 # Several stages in one call: bash benchmarks/gpu_checks.sh gemv trace decode8b
 # Each step has its own time limit, so one slow step cannot take the whole call.
@@ -115,6 +115,23 @@ half2)  # the packed-half2 prototype of kernel B's loop against gemv's kernel B
     ;;
 swap)  # the W-as-A tensor-core prototype (M <= 8) against gemv's kernel B (session 12: not run)
     run 240 proto_swap python3 benchmarks/proto_swap.py --out "$OUT/proto_swap.json"
+    ;;
+swaptier)  # the W-as-A form of the Gluon tier (MmaConfig.swap): its GPU tests and the x-as-A
+    # tier's, then every config alone at M = 1, 4, 8, 16 against the GEMV path (~9 min)
+    run 300 test_swaptier env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf -n 8 \
+        tests/test_mma_decode.py
+    run 380 bench_swaptier python3 benchmarks/bench_mma.py --m "${SWAP_MS:-1,4,8,16}" --paths gemv,mma \
+        --out "$OUT/bench_swaptier.json"
+    ;;
+final13)  # session 13: the full bench (layer over M + Llama-3-8B end to end), then the layer
+    # at M = 1, 4 and the 8B decode with "auto" taking the Gluon tier at M = 1 too (~8 min)
+    run 330 bench python3 -m ffnsplit.cli bench --shape 4096x14336 --e2e-shape llama3-8b \
+        --json "$OUT/bench.json"
+    run 170 bench_min1 env FFNSPLIT_MMA_MIN_M=1 python3 -m ffnsplit.cli bench --shape 4096x14336 \
+        --m 1,4 --e2e-shape llama3-8b --json "$OUT/bench_min1.json"
+    ;;
+graphs)  # the CUDA-graph replay of eager SplitFFN calls (ffnsplit/graphs.py): its GPU tests
+    run 200 test_graphs env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf tests/test_graphs.py
     ;;
 eager)  # eager calls: one FFN call and HF generate, dense / split / split + CUDA graphs
     run 240 bench_eager python3 benchmarks/bench_eager.py --out "$OUT/eager.json"

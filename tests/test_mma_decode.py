@@ -48,6 +48,16 @@ def _fragment_codes(words: torch.Tensor) -> torch.Tensor:
     return t.reshape(32, n)
 
 
+def _swapped_codes(words: torch.Tensor) -> torch.Tensor:
+    """mma_decode._codes with SWAP (the W-as-A form) in torch: words [4, n] -> codes [n, 32
+    slots], the same registers joined and permuted n first."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    n = w.shape[1]
+    regs = [torch.stack([(w >> (4 * j)) & 0xF, (w >> (4 * (j + 4))) & 0xF], -1) for j in range(4)]
+    t = torch.stack([torch.stack(regs[0:2], -1), torch.stack(regs[2:4], -1)], -1)
+    return t.reshape(2, 2, n, 2, 2, 2).permute(mma_decode.CODE_PERM_A).reshape(n, 32)
+
+
 def _fragment_rows(rows: torch.Tensor) -> torch.Tensor:
     """mma_decode._rows in torch: dense [n, 32] (one block) -> [32 slots, n]."""
     n = rows.shape[0]
@@ -70,6 +80,35 @@ def test_light_slots_match_the_words() -> None:
     codes = torch.cat([_fragment_codes(words[4 * b : 4 * b + 4]) for b in range(4)])
     assert not torch.equal(codes.T, q), "the slot order must differ from k order to be tested"
     torch.testing.assert_close(xs @ codes.to(torch.float64), x @ q.T.to(torch.float64))
+
+
+def test_swapped_codes_match_the_words() -> None:
+    """The W-as-A form: codes [n, slot] (A operand) times x in slot order, transposed (B
+    operand [slot, m]) = W x^T, with the x permutation the x-as-A form stages."""
+    n = 40
+    q = torch.randint(0, 16, (n, 128))
+    words = pack_planes(q, 4)[0]
+    x = torch.randn(16, 128, dtype=torch.float64)
+    xs = _x_slots(x, light=True)
+    codes = torch.cat([_swapped_codes(words[4 * b : 4 * b + 4]) for b in range(4)], dim=1)
+    assert torch.equal(codes, torch.cat([_fragment_codes(words[4 * b : 4 * b + 4]).T
+                                         for b in range(4)], dim=1))  # fmt: skip
+    torch.testing.assert_close(codes.to(torch.float64) @ xs.T, q.to(torch.float64) @ x.T)
+
+
+def test_swap_candidates(monkeypatch) -> None:
+    """FFNSPLIT_MMA_SWAP: the W-as-A configs up to SWAP_MAX_M rows (first, or alone), never
+    above; every one of them takes at most 16 rows of x as its n8 columns."""
+    up, rows, swapped = mma_decode.UP_CONFIGS, mma_decode.UP_ROWS, mma_decode.UP_SWAP
+    assert swapped and all(c.swap for c in swapped) and not any(c.swap for c in up)
+    for mode, want in (("0", up), ("1", swapped + up), ("only", swapped)):
+        monkeypatch.setattr(mma_decode, "SWAP", mode)
+        for m in (1, 8, mma_decode.SWAP_MAX_M):
+            assert mma_decode.candidates(up, rows, swapped, m) == want
+        assert mma_decode.candidates(up, rows, swapped, 17) == rows[2]
+    for cfg in swapped + mma_decode.DOWN_SWAP:
+        assert cfg.block_m(1) == 8 and cfg.block_m(9) == 16
+        assert cfg.block_n == 16 * cfg.num_warps * cfg.tiles and cfg.block_nh == 8 * cfg.num_warps
 
 
 def test_dense_slots_match_the_rows() -> None:
@@ -158,7 +197,7 @@ def test_kernel_path_follows_the_dispatch() -> None:
     w = random_split_weights(256, 16, 96, "silu", True, False, torch.float16, bits=4, group=128)
     x = torch.empty(0, device=DEVICE, dtype=torch.float16)
     runs_mma = mma_decode.ENABLED and ON_GPU and mma_decode.available(torch.device(DEVICE))
-    assert sffn.kernel_path(1, x, w) == "gemv"
+    assert sffn.kernel_path(1, x, w) == ("mma" if runs_mma and mma_decode.MIN_M <= 1 else "gemv")
     for m in (2, 8, 16):
         assert sffn.kernel_path(m, x, w) == (
             "mma" if runs_mma else ("gemv" if m <= 4 else "decode")
@@ -205,6 +244,28 @@ def test_split_ffn_every_config(poison, monkeypatch, case, dtype, config) -> Non
     out = sffn.split_ffn(x, w, path="mma")
     assert out.shape == (m, hidden) and out.dtype == dtype
     assert rel_err(out, ref_split_ffn(x, w)) < TOL[dtype]
+
+
+@gpu
+@needs_mma
+@pytest.mark.parametrize(("case", "dtype"), GPU_CASES)
+@pytest.mark.parametrize("config", range(max(len(mma_decode.UP_SWAP), len(mma_decode.DOWN_SWAP))))
+def test_split_ffn_swap_configs(poison, monkeypatch, case, dtype, config) -> None:
+    """The W-as-A form (every config alone, M 1-16 across the cases) against float64."""
+    hidden, h, light, m, group, symmetric = GPU_SHAPES[case]
+    up, down = mma_decode.UP_SWAP, mma_decode.DOWN_SWAP
+    monkeypatch.setattr(mma_decode, "SWAP", "only")
+    monkeypatch.setattr(mma_decode, "UP_SWAP", (up[config % len(up)],))
+    monkeypatch.setattr(mma_decode, "DOWN_SWAP", (down[config % len(down)],))
+    activation = ("silu", "gelu", "relu", "gelu_tanh", "silu")[case]
+    gated, biases = case != 2, case % 2 == 0
+    w = random_split_weights(hidden, h, light, activation, gated, biases, dtype, bits=4,
+                             group=group, symmetric=symmetric)  # fmt: skip
+    for rows in (m, 1 + m % 8):  # a second size: 1-8 rows, the single n8 tile
+        x = torch.randn(rows, hidden, device=DEVICE).to(dtype)
+        out = sffn.split_ffn(x, w, path="mma")
+        assert out.shape == (rows, hidden) and out.dtype == dtype
+        assert rel_err(out, ref_split_ffn(x, w)) < TOL[dtype]
 
 
 @gpu

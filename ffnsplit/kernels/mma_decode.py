@@ -66,8 +66,9 @@ CHUNK = 128  # k a loop step: 4 blocks of 32 k (one group of 128, half of 256, t
 # session 11, whole FFN: M = 32 85.5 us in 2-tile row programs against the tl small tier's 142.6
 # and dense fp16's 103.5; M = 64 145.6 against 144.0: a tie, so the tl tier keeps it).
 # FFNSPLIT_MMA=0 keeps "auto" on the GEMV path and the tl tiers (comparisons); path="mma"
-# forces this tier.
-MIN_M = 2
+# forces this tier. FFNSPLIT_MMA_MIN_M moves the lower end (1: M = 1 too; H200, session 13, the
+# W-as-A configs: FFN 42.1 us at M = 1 against the GEMV path's 43.2, same call).
+MIN_M = int(os.environ.get("FFNSPLIT_MMA_MIN_M", "2"))
 AUTO_MAX_M = 32
 ENABLED = os.environ.get("FFNSPLIT_MMA", "1") != "0"
 
@@ -77,6 +78,8 @@ ENABLED = os.environ.get("FFNSPLIT_MMA", "1") != "0"
 CODE_PERM = (5, 4, 0, 1, 3, 2)
 # dense rows: [n, t, i2, i1, i0] (k = 8 t + 4 i2 + 2 i1 + i0) -> [slot, n]
 ROW_PERM = (2, 3, 1, 4, 0)
+# the W-as-A form (MmaConfig.swap): the same k-slots with n first, [n, slot] (A operand)
+CODE_PERM_A = (2, 5, 4, 0, 1, 3)
 # x [m, b, t, j2, j1, j0] -> [m, b, slot]: light words' order, dense rows' order
 LIGHT_X_PERM = (0, 1, 4, 5, 2, 3)
 DENSE_X_PERM = (0, 1, 3, 4, 2, 5)
@@ -114,6 +117,7 @@ if gluon is not None:
     _CHUNK = gl.constexpr(CHUNK)
     _CODE_PERM = gl.constexpr(CODE_PERM)
     _ROW_PERM = gl.constexpr(ROW_PERM)
+    _CODE_PERM_A = gl.constexpr(CODE_PERM_A)
     _LIGHT_X_PERM = gl.constexpr(LIGHT_X_PERM)
     _DENSE_X_PERM = gl.constexpr(DENSE_X_PERM)
     # One word (given twice: pack=2) -> the 4 B fragment registers of its lane: register j holds
@@ -148,9 +152,10 @@ if gluon is not None:
     ]))  # fmt: skip
 
     @gluon.jit
-    def _codes(w, DTYPE: gl.constexpr, B_LAYOUT: gl.constexpr):
-        """Words [4 (t), BN] of one 32-k block -> codes [32 k-slots, BN] in the MMA B layout:
-        slot 16 i2 + 8 i1 + 2 t + i0 holds k = 8 t + i1 + 2 i2 + 4 i0 of the block."""
+    def _codes(w, DTYPE: gl.constexpr, LAYOUT: gl.constexpr, SWAP: gl.constexpr):
+        """Words [4 (t), BN] of one 32-k block -> codes [32 k-slots, BN] in the MMA B layout
+        (SWAP: [BN, 32 k-slots] in the A layout): slot 16 i2 + 8 i1 + 2 t + i0 holds
+        k = 8 t + i1 + 2 i2 + 4 i0 of the block."""
         ww = gl.join(w, w)  # [4, BN, 2]: both halves of a register in one thread
         if gl.float16 == DTYPE:
             p0, p1, p2, p3 = gl.inline_asm_elementwise(
@@ -168,8 +173,11 @@ if gluon is not None:
         t = gl.join(gl.join(p0, p1), gl.join(p2, p3))
         n: gl.constexpr = w.shape[1]
         t = gl.reshape(t, [2, 2, n, 2, 2, 2])  # [t1, t0, n, i0, i1, i2]
-        t = gl.permute(t, _CODE_PERM.value)  # [i2, i1, t1, t0, i0, n]
-        return gl.convert_layout(gl.reshape(t, [32, n]), B_LAYOUT, assert_trivial=True)
+        if SWAP:
+            t = gl.reshape(gl.permute(t, _CODE_PERM_A.value), [n, 32])  # [n, i2, i1, t1, t0, i0]
+        else:
+            t = gl.reshape(gl.permute(t, _CODE_PERM.value), [32, n])  # [i2, i1, t1, t0, i0, n]
+        return gl.convert_layout(t, LAYOUT, assert_trivial=True)
 
     @gluon.jit
     def _rows(h, B_LAYOUT: gl.constexpr):
@@ -213,24 +221,35 @@ if gluon is not None:
         return gl.load(x_ptr + x_off + k0, mask=mask, other=0.0)
 
     @gluon.jit
-    def _stage(x_smem, c, x, LIGHT: gl.constexpr, A_LAYOUT: gl.constexpr):
+    def _stage(x_smem, c, x, LIGHT: gl.constexpr, LAYOUT: gl.constexpr, SWAP: gl.constexpr):
         """Store x (slot order) into buffer c % 2, wait for every thread, read the 4 blocks' A
-        fragments (ldmatrix). One barrier a chunk: buffer c % 2 is written again two chunks on,
-        after every thread passed the next chunk's barrier."""
+        fragments [BM, 32] (SWAP: B fragments [32, BM]; ldmatrix). One barrier a chunk: buffer
+        c % 2 is written again two chunks on, after every thread passed the next chunk's
+        barrier."""
         buf = x_smem.index(c % 2)
         buf.store(_slots(x, LIGHT))
         gl.thread_barrier()
-        return _quarters(buf, 32, 1, A_LAYOUT)
+        return _quarters(buf, 32, 1, LAYOUT, SWAP)
 
     @gluon.jit
-    def _quarters(buf, size: gl.constexpr, dim: gl.constexpr, LAYOUT: gl.constexpr):
+    def _quarters(buf, size: gl.constexpr, dim: gl.constexpr, LAYOUT: gl.constexpr,
+                  TRANS: gl.constexpr = False):  # fmt: skip
         """The four consecutive `size`-long slices of shared tile `buf` along `dim`, loaded in
-        LAYOUT (a chunk's 4 blocks: x's k-slots, or the ring's word rows)."""
-        q0 = buf.slice(0, size, dim=dim).load(LAYOUT)
-        q1 = buf.slice(size, size, dim=dim).load(LAYOUT)
-        q2 = buf.slice(2 * size, size, dim=dim).load(LAYOUT)
-        q3 = buf.slice(3 * size, size, dim=dim).load(LAYOUT)
+        LAYOUT, transposed with TRANS (a chunk's 4 blocks: x's k-slots, or the ring's word
+        rows)."""
+        q0 = _slice_load(buf, 0, size, dim, LAYOUT, TRANS)
+        q1 = _slice_load(buf, size, size, dim, LAYOUT, TRANS)
+        q2 = _slice_load(buf, 2 * size, size, dim, LAYOUT, TRANS)
+        q3 = _slice_load(buf, 3 * size, size, dim, LAYOUT, TRANS)
         return q0, q1, q2, q3
+
+    @gluon.jit
+    def _slice_load(buf, start: gl.constexpr, size: gl.constexpr, dim: gl.constexpr,
+                    LAYOUT: gl.constexpr, TRANS: gl.constexpr):  # fmt: skip
+        view = buf.slice(start, size, dim=dim)
+        if TRANS:
+            view = view.permute([1, 0])
+        return view.load(LAYOUT)
 
     @gluon.jit
     def _block_words(ptr, off, mask, row, KR, TAIL: gl.constexpr):
@@ -274,77 +293,102 @@ if gluon is not None:
         return s0, z0, s1, z1
 
     @gluon.jit
-    def _group_out(acc, blk, xs, s, z, SYMMETRIC: gl.constexpr, BIAS: gl.constexpr):
+    def _per_n(v, SWAP: gl.constexpr):
+        """A per-column vector broadcast along the rows of x: [1, BN] (SWAP: [BN, 1])."""
+        if SWAP:
+            out = v[:, None]
+        else:
+            out = v[None, :]
+        return out
+
+    @gluon.jit
+    def _group_out(acc, blk, xs, s, z, SYMMETRIC: gl.constexpr, BIAS: gl.constexpr,
+                   SWAP: gl.constexpr):  # fmt: skip
         """acc + s (blk - (z + BIAS) sum x) of one group (symmetric: z = 8)."""
         if SYMMETRIC:
-            return acc + (blk - xs * (8.0 + BIAS)) * s[None, :]
-        return acc + (blk - xs * (z + BIAS)[None, :]) * s[None, :]
+            return acc + (blk - xs * (8.0 + BIAS)) * _per_n(s, SWAP)
+        return acc + (blk - xs * _per_n(z + BIAS, SWAP)) * _per_n(s, SWAP)
 
     @gluon.jit
     def _apply(acc, x0, x1, x2, x3, w0, w1, w2, w3, xs0, xs1, s0, z0, s1, z1,
                SYMMETRIC: gl.constexpr, GROUP: gl.constexpr, DTYPE: gl.constexpr,
-               CHAINS: gl.constexpr, B_LAYOUT: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
+               CHAINS: gl.constexpr, W_OPERAND: gl.constexpr, MMA: gl.constexpr,
+               SWAP: gl.constexpr):  # fmt: skip
         """acc += s (x q - z sum x) for a chunk's groups (GROUP 64: blocks 0-1 and 2-3 apart).
         CHAINS 2: two accumulator chains (blocks 0, 2 and 1, 3), half the dependent MMA latency
         for more registers."""
         BIAS: gl.constexpr = 1024.0 if gl.float16 == DTYPE else 128.0  # the codes' offset
         z = gl.zeros(acc.shape, gl.float32, layout=MMA)
-        blk, odd = _mma_pair(x0, w0, x1, w1, z, z, DTYPE, CHAINS, B_LAYOUT)
+        blk, odd = _mma_pair(x0, w0, x1, w1, z, z, DTYPE, CHAINS, W_OPERAND, SWAP)
         if GROUP == 64:
             if CHAINS == 2:
                 blk += odd
-            acc = _group_out(acc, blk, xs0, s0, z0, SYMMETRIC, BIAS)
-            blk, odd = _mma_pair(x2, w2, x3, w3, z, z, DTYPE, CHAINS, B_LAYOUT)
+            acc = _group_out(acc, blk, xs0, s0, z0, SYMMETRIC, BIAS, SWAP)
+            blk, odd = _mma_pair(x2, w2, x3, w3, z, z, DTYPE, CHAINS, W_OPERAND, SWAP)
         else:
-            blk, odd = _mma_pair(x2, w2, x3, w3, blk, odd, DTYPE, CHAINS, B_LAYOUT)
+            blk, odd = _mma_pair(x2, w2, x3, w3, blk, odd, DTYPE, CHAINS, W_OPERAND, SWAP)
         if CHAINS == 2:
             blk += odd
-        return _group_out(acc, blk, xs1, s1, z1, SYMMETRIC, BIAS)
+        return _group_out(acc, blk, xs1, s1, z1, SYMMETRIC, BIAS, SWAP)
+
+    @gluon.jit
+    def _mma(x, w, acc, SWAP: gl.constexpr):
+        """acc + x w (x [BM, 32] A, w [32, BN] B), or with SWAP acc + w x (w [BN, 32] A,
+        x [32, BM] B): the weights as the A operand, the rows of x as the n8 columns."""
+        if SWAP:
+            out = mma_v2(w, x, acc)
+        else:
+            out = mma_v2(x, w, acc)
+        return out
 
     @gluon.jit
     def _mma_pair(xa, wa, xb, wb, blk, odd, DTYPE: gl.constexpr, CHAINS: gl.constexpr,
-                  B_LAYOUT: gl.constexpr):  # fmt: skip
+                  W_OPERAND: gl.constexpr, SWAP: gl.constexpr):  # fmt: skip
         """Two blocks' products: both into blk, or (CHAINS 2) the second into odd."""
-        blk = mma_v2(xa, _codes(wa, DTYPE, B_LAYOUT), blk)
+        blk = _mma(xa, _codes(wa, DTYPE, W_OPERAND, SWAP), blk, SWAP)
         if CHAINS == 2:
-            odd = mma_v2(xb, _codes(wb, DTYPE, B_LAYOUT), odd)
+            odd = _mma(xb, _codes(wb, DTYPE, W_OPERAND, SWAP), odd, SWAP)
         else:
-            blk = mma_v2(xb, _codes(wb, DTYPE, B_LAYOUT), blk)
+            blk = _mma(xb, _codes(wb, DTYPE, W_OPERAND, SWAP), blk, SWAP)
         return blk, odd
 
     @gluon.jit
-    def _x_sums(x0, x1, x2, x3, ones, like, GROUP: gl.constexpr, MMA: gl.constexpr):
+    def _x_sums(x0, x1, x2, x3, ones, like, GROUP: gl.constexpr, MMA: gl.constexpr,
+                SWAP: gl.constexpr):  # fmt: skip
         """x's row sums (the zero points' and BIAS's term) on the tensor cores, in like's shape:
         blocks 0-1 and, with GROUP 64 apart, 2-3 (else all four in the second)."""
-        xs0 = mma_v2(x1, ones, mma_v2(x0, ones, gl.zeros(like.shape, gl.float32, layout=MMA)))
+        z = gl.zeros(like.shape, gl.float32, layout=MMA)
+        xs0 = _mma(x1, ones, _mma(x0, ones, z, SWAP), SWAP)
         if GROUP == 64:
-            xs1 = gl.zeros(like.shape, gl.float32, layout=MMA)
+            xs1 = z
         else:
             xs1 = xs0
-        return xs0, mma_v2(x3, ones, mma_v2(x2, ones, xs1))
+        return xs0, _mma(x3, ones, _mma(x2, ones, xs1, SWAP), SWAP)
 
     @gluon.jit
     def _light_step(acc_u, acc_g, u0, u1, u2, u3, g0, g1, g2, g3, c, c_lo, c_next, x_cur, x_ptr,
                     x_off, x_mask, xk, x_smem, ones, us_ptr, uz_ptr, gs_ptr, gz_ptr, N, K, G, sc,
                     s_mask, DUAL: gl.constexpr, SYMMETRIC: gl.constexpr, GROUP: gl.constexpr,
                     TAIL: gl.constexpr, DTYPE: gl.constexpr, CHAINS: gl.constexpr,
-                    MMA: gl.constexpr):  # fmt: skip
-        """Chunk c: its scales, x_cur staged (slot order) and read as A fragments, x of chunk
-        c_next loaded, then acc += s (x q - z sum x) for the up (and gate) words. Returns the
-        accumulators and the next x."""
-        A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
-        B_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+                    MMA: gl.constexpr, SWAP: gl.constexpr):  # fmt: skip
+        """Chunk c: its scales, x_cur staged (slot order) and read as A fragments (SWAP: B), x
+        of chunk c_next loaded, then acc += s (x q - z sum x) for the up (and gate) words.
+        Returns the accumulators and the next x."""
+        X_OPERAND: gl.constexpr = gl.DotOperandLayout(operand_index=1 if SWAP else 0, parent=MMA,
+                                                      k_width=2)  # fmt: skip
+        W_OPERAND: gl.constexpr = gl.DotOperandLayout(operand_index=0 if SWAP else 1, parent=MMA,
+                                                      k_width=2)  # fmt: skip
         su0, zu0, su1, zu1 = _scales(us_ptr, uz_ptr, c, N, G, sc, s_mask, SYMMETRIC, GROUP)
         if DUAL:
             sg0, zg0, sg1, zg1 = _scales(gs_ptr, gz_ptr, c, N, G, sc, s_mask, SYMMETRIC, GROUP)
-        x0, x1, x2, x3 = _stage(x_smem, c - c_lo, x_cur, True, A_LAYOUT)
+        x0, x1, x2, x3 = _stage(x_smem, c - c_lo, x_cur, True, X_OPERAND, SWAP)
         x_next = _x_chunk(x_ptr, x_off, x_mask, xk, c_next * _CHUNK, K, TAIL)
-        xs0, xs1 = _x_sums(x0, x1, x2, x3, ones, acc_u, GROUP, MMA)
+        xs0, xs1 = _x_sums(x0, x1, x2, x3, ones, acc_u, GROUP, MMA, SWAP)
         acc_u = _apply(acc_u, x0, x1, x2, x3, u0, u1, u2, u3, xs0, xs1, su0, zu0, su1, zu1,
-                       SYMMETRIC, GROUP, DTYPE, CHAINS, B_LAYOUT, MMA)  # fmt: skip
+                       SYMMETRIC, GROUP, DTYPE, CHAINS, W_OPERAND, MMA, SWAP)  # fmt: skip
         if DUAL:
             acc_g = _apply(acc_g, x0, x1, x2, x3, g0, g1, g2, g3, xs0, xs1, sg0, zg0, sg1, zg1,
-                           SYMMETRIC, GROUP, DTYPE, CHAINS, B_LAYOUT, MMA)  # fmt: skip
+                           SYMMETRIC, GROUP, DTYPE, CHAINS, W_OPERAND, MMA, SWAP)  # fmt: skip
         return acc_u, acc_g, x_next
 
     @gluon.jit
@@ -360,15 +404,29 @@ if gluon is not None:
 
     @gluon.jit
     def _slice_start(stride_xm, M, n0, N, BM: gl.constexpr, BN: gl.constexpr,
-                     DTYPE: gl.constexpr, X_LAYOUT: gl.constexpr, B_LAYOUT: gl.constexpr,
-                     MMA: gl.constexpr):  # fmt: skip
+                     DTYPE: gl.constexpr, X_LAYOUT: gl.constexpr, W_OPERAND: gl.constexpr,
+                     MMA: gl.constexpr, SWAP: gl.constexpr):  # fmt: skip
         """What a light slice starts from: x's chunk offsets, mask, k index and shared tile;
-        its columns' scale offsets and mask; the ones operand of x's sums; zero accumulators."""
+        its columns' scale offsets and mask; the ones operand of x's sums; zero accumulators
+        ([BM, BN], SWAP: [BN, BM])."""
         x_off, x_mask, xk, x_smem = _x_tiles(stride_xm, M, BM, DTYPE, X_LAYOUT)
-        sc = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, MMA))
-        ones = gl.full([32, BN], 1.0, DTYPE, layout=B_LAYOUT)
-        acc = gl.zeros([BM, BN], gl.float32, layout=MMA)
+        sc = _columns(n0, BN, MMA, SWAP)
+        if SWAP:
+            ones = gl.full([BN, 32], 1.0, DTYPE, layout=W_OPERAND)
+            acc = gl.zeros([BN, BM], gl.float32, layout=MMA)
+        else:
+            ones = gl.full([32, BN], 1.0, DTYPE, layout=W_OPERAND)
+            acc = gl.zeros([BM, BN], gl.float32, layout=MMA)
         return x_off, x_mask, xk, x_smem, sc, sc < N, ones, acc, acc
+
+    @gluon.jit
+    def _columns(n0, BN: gl.constexpr, MMA: gl.constexpr, SWAP: gl.constexpr):
+        """Output columns n0 .. n0 + BN - 1 along the accumulator's column axis (SWAP: rows)."""
+        if SWAP:
+            cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
+        else:
+            cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, MMA))
+        return cols
 
     @gluon.jit
     def _ring_copy(w_smem, ptr, stage, cc, n0, N, KR, TAIL: gl.constexpr, BN: gl.constexpr,
@@ -395,7 +453,7 @@ if gluon is not None:
                     BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
                     CHAINS: gl.constexpr,
                     W_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr, C_LAYOUT: gl.constexpr,
-                    MMA: gl.constexpr):  # fmt: skip
+                    MMA: gl.constexpr, SWAP: gl.constexpr):  # fmt: skip
         """_light_slice with the words through a STAGES-deep cp.async ring in shared memory
         (a tuner candidate; it lost to the register path on an H200, session 11): STAGES - 1
         chunks in flight without holding
@@ -403,8 +461,10 @@ if gluon is not None:
         barrier also publishes every thread's copies of chunk c and ends every thread's reads of
         step c - 1), copy chunk c + STAGES - 1 into the stage step c - 1 read, read chunk c's
         words, multiply."""
-        A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
-        B_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+        X_OPERAND: gl.constexpr = gl.DotOperandLayout(operand_index=1 if SWAP else 0, parent=MMA,
+                                                      k_width=2)  # fmt: skip
+        W_OPERAND: gl.constexpr = gl.DotOperandLayout(operand_index=0 if SWAP else 1, parent=MMA,
+                                                      k_width=2)  # fmt: skip
         KR = K // 8
         G = gl.cdiv(K, GROUP)
         WS: gl.constexpr = gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=4,
@@ -414,7 +474,7 @@ if gluon is not None:
         if DUAL:
             wg_smem = gl.allocate_shared_memory(gl.int32, [STAGES, 16, BN], WS)
         x_off, x_mask, xk, x_smem, sc, s_mask, ones, acc_u, acc_g = _slice_start(
-            stride_xm, M, n0, N, BM, BN, DTYPE, X_LAYOUT, B_LAYOUT, MMA
+            stride_xm, M, n0, N, BM, BN, DTYPE, X_LAYOUT, W_OPERAND, MMA, SWAP
         )
         last = c_hi - 1
         for i in gl.static_range(STAGES - 1):  # prologue: chunks c_lo .. c_lo + STAGES - 2
@@ -431,7 +491,7 @@ if gluon is not None:
                 sg0, zg0, sg1, zg1 = _scales(gs_ptr, gz_ptr, c, N, G, sc, s_mask, SYMMETRIC,
                                              GROUP)  # fmt: skip
             async_copy.wait_group(STAGES - 2)
-            x0, x1, x2, x3 = _stage(x_smem, j, x_next, True, A_LAYOUT)
+            x0, x1, x2, x3 = _stage(x_smem, j, x_next, True, X_OPERAND, SWAP)
             x_next = _x_chunk(x_ptr, x_off, x_mask, xk, gl.minimum(c + 1, last) * _CHUNK, K,
                               TAIL)  # fmt: skip
             cc = gl.minimum(c + STAGES - 1, last)
@@ -442,13 +502,14 @@ if gluon is not None:
                            C_LAYOUT)  # fmt: skip
             async_copy.commit_group()
             u0, u1, u2, u3 = _ring_words(wu_smem, j % STAGES, W_LAYOUT)
-            xs0, xs1 = _x_sums(x0, x1, x2, x3, ones, acc_u, GROUP, MMA)
+            xs0, xs1 = _x_sums(x0, x1, x2, x3, ones, acc_u, GROUP, MMA, SWAP)
             acc_u = _apply(acc_u, x0, x1, x2, x3, u0, u1, u2, u3, xs0, xs1, su0, zu0, su1, zu1,
-                           SYMMETRIC, GROUP, DTYPE, CHAINS, B_LAYOUT, MMA)  # fmt: skip
+                           SYMMETRIC, GROUP, DTYPE, CHAINS, W_OPERAND, MMA, SWAP)  # fmt: skip
             if DUAL:
                 g0, g1, g2, g3 = _ring_words(wg_smem, j % STAGES, W_LAYOUT)
                 acc_g = _apply(acc_g, x0, x1, x2, x3, g0, g1, g2, g3, xs0, xs1, sg0, zg0, sg1,
-                               zg1, SYMMETRIC, GROUP, DTYPE, CHAINS, B_LAYOUT, MMA)  # fmt: skip
+                               zg1, SYMMETRIC, GROUP, DTYPE, CHAINS, W_OPERAND, MMA,
+                               SWAP)  # fmt: skip
         async_copy.wait_group(0)
         return acc_u, acc_g
 
@@ -458,16 +519,18 @@ if gluon is not None:
                      GROUP: gl.constexpr, TAIL: gl.constexpr, DTYPE: gl.constexpr,
                      BM: gl.constexpr, BN: gl.constexpr, DEPTH: gl.constexpr,
                      CHAINS: gl.constexpr, W_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
-                     MMA: gl.constexpr):  # fmt: skip
-        """fp32 [BM, BN] x times columns n0.. of one (DUAL: two) packed int4 weights [N, K] over
-        chunks c_lo .. c_hi - 1 (c_hi > c_lo). Returns (up, gate) (gate = up without DUAL).
+                     MMA: gl.constexpr, SWAP: gl.constexpr):  # fmt: skip
+        """fp32 [BM, BN] (SWAP: [BN, BM]) x times columns n0.. of one (DUAL: two) packed int4
+        weights [N, K] over chunks c_lo .. c_hi - 1 (c_hi > c_lo). Returns (up, gate) (gate = up
+        without DUAL).
 
         DEPTH 1: the next chunk's words are loaded at the top of each step into new registers
         and moved into the current ones at its end; the moves wait for those loads, so the
         chunk after is requested only once the next one has arrived (sm_90 SASS: one chunk in
         flight). DEPTH 2: two steps a loop iteration on two register sets, each set reloaded
         (chunk c + 2) right after its step: no moves, two chunks in flight."""
-        B_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+        W_OPERAND: gl.constexpr = gl.DotOperandLayout(operand_index=0 if SWAP else 1, parent=MMA,
+                                                      k_width=2)  # fmt: skip
         KR = K // 8  # word rows
         G = gl.cdiv(K, GROUP)
         wr = gl.arange(0, 4, layout=gl.SliceLayout(1, W_LAYOUT))
@@ -475,7 +538,7 @@ if gluon is not None:
         w_off = wr[:, None] * N + (n0 + wc)[None, :] + c_lo * 16 * N
         w_mask = ((n0 + wc) < N)[None, :]
         x_off, x_mask, xk, x_smem, sc, s_mask, ones, acc_u, acc_g = _slice_start(
-            stride_xm, M, n0, N, BM, BN, DTYPE, X_LAYOUT, B_LAYOUT, MMA
+            stride_xm, M, n0, N, BM, BN, DTYPE, X_LAYOUT, W_OPERAND, MMA, SWAP
         )
         last = c_hi - 1
         u0, u1, u2, u3, g0, g1, g2, g3 = _light_words(up_ptr, gp_ptr, w_off, w_mask, c_lo, c_lo,
@@ -489,7 +552,7 @@ if gluon is not None:
                 acc_u, acc_g, x_next = _light_step(
                     acc_u, acc_g, u0, u1, u2, u3, g0, g1, g2, g3, c, c_lo, c + 1, x_next, x_ptr,
                     x_off, x_mask, xk, x_smem, ones, us_ptr, uz_ptr, gs_ptr, gz_ptr, N, K, G, sc,
-                    s_mask, DUAL, SYMMETRIC, GROUP, TAIL, DTYPE, CHAINS, MMA,
+                    s_mask, DUAL, SYMMETRIC, GROUP, TAIL, DTYPE, CHAINS, MMA, SWAP,
                 )  # fmt: skip
                 u0, u1, u2, u3, g0, g1, g2, g3 = _light_words(
                     up_ptr, gp_ptr, w_off, w_mask, gl.minimum(c + 2, last), c_lo, N, KR, DUAL,
@@ -499,7 +562,7 @@ if gluon is not None:
                     acc_u, acc_g, v0, v1, v2, v3, h0, h1, h2, h3, c + 1, c_lo,
                     gl.minimum(c + 2, last), x_next, x_ptr, x_off, x_mask, xk, x_smem, ones,
                     us_ptr, uz_ptr, gs_ptr, gz_ptr, N, K, G, sc, s_mask, DUAL, SYMMETRIC, GROUP,
-                    TAIL, DTYPE, CHAINS, MMA,
+                    TAIL, DTYPE, CHAINS, MMA, SWAP,
                 )  # fmt: skip
                 v0, v1, v2, v3, h0, h1, h2, h3 = _light_words(
                     up_ptr, gp_ptr, w_off, w_mask, gl.minimum(c + 3, last), c_lo, N, KR, DUAL,
@@ -509,7 +572,7 @@ if gluon is not None:
                 acc_u, acc_g, x_next = _light_step(
                     acc_u, acc_g, u0, u1, u2, u3, g0, g1, g2, g3, last, c_lo, last, x_next,
                     x_ptr, x_off, x_mask, xk, x_smem, ones, us_ptr, uz_ptr, gs_ptr, gz_ptr, N, K,
-                    G, sc, s_mask, DUAL, SYMMETRIC, GROUP, TAIL, DTYPE, CHAINS, MMA,
+                    G, sc, s_mask, DUAL, SYMMETRIC, GROUP, TAIL, DTYPE, CHAINS, MMA, SWAP,
                 )  # fmt: skip
         else:
             for c in range(c_lo, c_hi):
@@ -522,7 +585,7 @@ if gluon is not None:
                 acc_u, acc_g, x_next = _light_step(
                     acc_u, acc_g, u0, u1, u2, u3, g0, g1, g2, g3, c, c_lo, c_next, x_next, x_ptr,
                     x_off, x_mask, xk, x_smem, ones, us_ptr, uz_ptr, gs_ptr, gz_ptr, N, K, G, sc,
-                    s_mask, DUAL, SYMMETRIC, GROUP, TAIL, DTYPE, CHAINS, MMA,
+                    s_mask, DUAL, SYMMETRIC, GROUP, TAIL, DTYPE, CHAINS, MMA, SWAP,
                 )  # fmt: skip
                 u0, u1, u2, u3, g0, g1, g2, g3 = v0, v1, v2, v3, h0, h1, h2, h3
         return acc_u, acc_g
@@ -569,7 +632,7 @@ if gluon is not None:
         h_mask = rows < N
         x_off, x_mask, xk, x_smem = _x_tiles(stride_xm, M, BM, DTYPE, X_LAYOUT)
         acc_u = gl.zeros([BM, BN], gl.float32, layout=MMA)
-        acc_g = gl.zeros([BM, BN], gl.float32, layout=MMA)
+        acc_g = acc_u
         u0, u1, u2, u3 = _dense_chunk(hu_ptr, h_off, h_mask, koff, c_lo * _CHUNK, K, TAIL)
         g0, g1, g2, g3 = u0, u1, u2, u3
         if DUAL:
@@ -581,7 +644,7 @@ if gluon is not None:
             f0, f1, f2, f3 = v0, v1, v2, v3
             if DUAL:
                 f0, f1, f2, f3 = _dense_chunk(hg_ptr, h_off, h_mask, koff, k_next, K, TAIL)
-            x0, x1, x2, x3 = _stage(x_smem, c - c_lo, x_next, False, A_LAYOUT)
+            x0, x1, x2, x3 = _stage(x_smem, c - c_lo, x_next, False, A_LAYOUT, False)
             x_next = _x_chunk(x_ptr, x_off, x_mask, xk, k_next, K, TAIL)
             acc_u = _dense_product(acc_u, x0, x1, x2, x3, u0, u1, u2, u3, B_LAYOUT)
             u0, u1, u2, u3 = v0, v1, v2, v3
@@ -591,12 +654,27 @@ if gluon is not None:
         return acc_u, acc_g
 
     @gluon.jit
-    def _store_partial(ws_ptr, acc, slot, M, NT, cols, n_mask, MMA: gl.constexpr):
-        """fp32 [BM, BN] partial sums into slot rows ws[slot, m, cols] (ws [.., M, NT])."""
-        BM: gl.constexpr = acc.shape[0]
-        om = gl.arange(0, BM, layout=gl.SliceLayout(1, MMA))
-        ptrs = ws_ptr + slot * M * NT + om[:, None] * NT + cols[None, :]
-        gl.store(ptrs, acc, mask=(om < M)[:, None] & n_mask[None, :])
+    def _tile(M, stride, cols, n_mask, BM: gl.constexpr, MMA: gl.constexpr,
+              SWAP: gl.constexpr):  # fmt: skip
+        """Offsets m * stride + col and mask of an accumulator tile (rows m < M, columns
+        `cols`): [BM, BN], or [BN, BM] with SWAP."""
+        if SWAP:
+            om = gl.arange(0, BM, layout=gl.SliceLayout(0, MMA))
+            off = om[None, :] * stride + cols[:, None]
+            mask = (om < M)[None, :] & n_mask[:, None]
+        else:
+            om = gl.arange(0, BM, layout=gl.SliceLayout(1, MMA))
+            off = om[:, None] * stride + cols[None, :]
+            mask = (om < M)[:, None] & n_mask[None, :]
+        return off, mask
+
+    @gluon.jit
+    def _store_partial(ws_ptr, acc, slot, M, NT, cols, n_mask, BM: gl.constexpr,
+                       MMA: gl.constexpr, SWAP: gl.constexpr):  # fmt: skip
+        """fp32 partial sums (acc [BM, BN], SWAP: [BN, BM]) into slot rows ws[slot, m, cols]
+        (ws [.., M, NT])."""
+        off, mask = _tile(M, NT, cols, n_mask, BM, MMA, SWAP)
+        gl.store(ws_ptr + slot * M * NT + off, acc, mask=mask)
 
     @gluon.jit
     def _act(g, ACTIVATION: gl.constexpr):
@@ -608,21 +686,23 @@ if gluon is not None:
         elif ACTIVATION == "gelu_tanh":
             inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
             return g / (1.0 + gl.exp(-2.0 * inner))  # 0.5 * (1 + tanh(t)) == sigmoid(2t)
+        elif ACTIVATION == "identity":  # kernel B's finish: the sum and the bias only
+            return g
         else:
             return gl.maximum(g, 0.0)
 
     @gluon.jit
     def _finish(ws_ptr, a_ptr, ub_ptr, gb_ptr, M, NT, stride_am, cols, n_mask, n_split,
                 DUAL: gl.constexpr, ACTIVATION: gl.constexpr, HAS_UP_BIAS: gl.constexpr,
-                HAS_GATE_BIAS: gl.constexpr, BM: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
+                HAS_GATE_BIAS: gl.constexpr, BM: gl.constexpr, MMA: gl.constexpr,
+                SWAP: gl.constexpr):  # fmt: skip
         """a[:, cols] = finish(sum of the tile's slots 0 .. n_split - 1 in slot order): the same
         result whichever program arrives last. Loads bypass L1 (.cg): other programs wrote
         them."""
         DUALS: gl.constexpr = 2 if DUAL else 1
-        om = gl.arange(0, BM, layout=gl.SliceLayout(1, MMA))
-        mask = (om < M)[:, None] & n_mask[None, :]
-        ptrs = ws_ptr + om[:, None] * NT + cols[None, :]
-        up = gl.zeros([BM, cols.shape[0]], gl.float32, layout=MMA)
+        off, mask = _tile(M, NT, cols, n_mask, BM, MMA, SWAP)
+        ptrs = ws_ptr + off
+        up = gl.zeros(off.shape, gl.float32, layout=MMA)
         gate = up
         for s in range(0, n_split):
             up += gl.load(ptrs + s * DUALS * M * NT, mask=mask, other=0.0, cache_modifier=".cg")
@@ -630,21 +710,22 @@ if gluon is not None:
                 gate += gl.load(ptrs + (s * DUALS + 1) * M * NT, mask=mask, other=0.0,
                                 cache_modifier=".cg")  # fmt: skip
         if HAS_UP_BIAS:
-            up += gl.load(ub_ptr + cols, mask=n_mask, other=0.0).to(gl.float32)[None, :]
+            up += _per_n(gl.load(ub_ptr + cols, mask=n_mask, other=0.0).to(gl.float32), SWAP)
         if DUAL:
             if HAS_GATE_BIAS:
-                gate += gl.load(gb_ptr + cols, mask=n_mask, other=0.0).to(gl.float32)[None, :]
+                gb = gl.load(gb_ptr + cols, mask=n_mask, other=0.0).to(gl.float32)
+                gate += _per_n(gb, SWAP)
             out = _act(gate, ACTIVATION) * up
         else:
             out = _act(up, ACTIVATION)
-        a_ptrs = a_ptr + om[:, None] * stride_am + cols[None, :]
-        gl.store(a_ptrs, out.to(a_ptr.dtype.element_ty), mask=mask)
+        a_off, _ = _tile(M, stride_am, cols, n_mask, BM, MMA, SWAP)
+        gl.store(a_ptr + a_off, out.to(a_ptr.dtype.element_ty), mask=mask)
 
     @gluon.jit
     def _arrive(cnt_ptr, tile, n_split, ws_ptr, a_ptr, ub_ptr, gb_ptr, M, NT, stride_am, cols,
                 n_mask, DUAL: gl.constexpr, ACTIVATION: gl.constexpr,
                 HAS_UP_BIAS: gl.constexpr, HAS_GATE_BIAS: gl.constexpr, BM: gl.constexpr,
-                MMA: gl.constexpr):  # fmt: skip
+                MMA: gl.constexpr, SWAP: gl.constexpr):  # fmt: skip
         """Count this program's partials of `tile` in (every thread fences its stores, a CTA
         barrier, one acq_rel atomic: the ticket's release covers only its own thread); the
         program that brings the count to n_split finishes the tile and resets the counter for
@@ -656,7 +737,7 @@ if gluon is not None:
         if ticket == n_split - 1:
             gl.thread_barrier()
             _finish(ws_ptr, a_ptr, ub_ptr, gb_ptr, M, NT, stride_am, cols, n_mask, n_split, DUAL,
-                    ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS, BM, MMA)  # fmt: skip
+                    ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS, BM, MMA, SWAP)  # fmt: skip
             gl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
 
     @gluon.jit
@@ -669,13 +750,14 @@ if gluon is not None:
                    DTYPE: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
                    BNH: gl.constexpr, DEPTH: gl.constexpr, CHAINS: gl.constexpr,
                    W_LAYOUT: gl.constexpr, H_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
-                   C_LAYOUT: gl.constexpr,
-                   MMA: gl.constexpr):  # fmt: skip
+                   C_LAYOUT: gl.constexpr, MMA: gl.constexpr, SWAP: gl.constexpr,
+                   BMH: gl.constexpr, MMA_H: gl.constexpr):  # fmt: skip
         """Kernel A's up (and gate) sums of K-slice program_id(1) for one tile of heavy rows
         (the first programs along axis 0, BNH neurons) or light columns (BN neurons), as fp32
         partials into ws [slices, 2 (1 without DUAL), M, NH + NL]. FUSED: the last of a tile's
         slices to arrive adds them and writes a [M, NH + NL] (biases, activation, gating);
-        otherwise gemv's reduce kernel does, in a second launch."""
+        otherwise gemv's reduce kernel does, in a second launch. Heavy tiles are always x-as-A
+        products (BMH rows, layout MMA_H): in the W-as-A form (SWAP) the light tiles only."""
         pid = gl.program_id(0)
         split = gl.program_id(1)
         n_split = gl.num_programs(1)
@@ -688,49 +770,57 @@ if gluon is not None:
         if pid < heavy_tiles:
             # names apart from the light branch's: tiles of other widths
             h_u, h_g = _heavy_slice(x_ptr, stride_xm, M, K, hu_ptr, hg_ptr, stride_hw, NH,
-                                    pid * BNH, c_lo, c_hi, DUAL, TAIL, DTYPE, BM, BNH,
-                                    H_LAYOUT, X_LAYOUT, MMA)  # fmt: skip
-            h_cols = pid * BNH + gl.arange(0, BNH, layout=gl.SliceLayout(0, MMA))
-            _store_partial(ws_ptr, h_u, split * DUALS, M, NT, h_cols, h_cols < NH, MMA)
+                                    pid * BNH, c_lo, c_hi, DUAL, TAIL, DTYPE, BMH, BNH,
+                                    H_LAYOUT, X_LAYOUT, MMA_H)  # fmt: skip
+            h_cols = _columns(pid * BNH, BNH, MMA_H, False)
+            _store_partial(ws_ptr, h_u, split * DUALS, M, NT, h_cols, h_cols < NH, BMH, MMA_H,
+                           False)  # fmt: skip
             if DUAL:
-                _store_partial(ws_ptr, h_g, split * DUALS + 1, M, NT, h_cols, h_cols < NH, MMA)
+                _store_partial(ws_ptr, h_g, split * DUALS + 1, M, NT, h_cols, h_cols < NH, BMH,
+                               MMA_H, False)  # fmt: skip
             if FUSED:
                 _arrive(cnt_ptr, pid, n_split, ws_ptr, a_ptr, ub_ptr, gb_ptr, M, NT, stride_am,
                         h_cols, h_cols < NH, DUAL, ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS,
-                        BM, MMA)  # fmt: skip
+                        BMH, MMA_H, False)  # fmt: skip
         else:
             l0 = (pid - heavy_tiles) * BN
             if DEPTH == 3:
                 l_u, l_g = _ring_slice(x_ptr, stride_xm, M, K, up_ptr, us_ptr, uz_ptr, gp_ptr,
                                        gs_ptr, gz_ptr, NL, l0, c_lo, c_hi, DUAL, SYMMETRIC,
                                        GROUP, TAIL, DTYPE, BM, BN, 4, CHAINS, W_LAYOUT,
-                                       X_LAYOUT, C_LAYOUT, MMA)  # fmt: skip
+                                       X_LAYOUT, C_LAYOUT, MMA, SWAP)  # fmt: skip
             else:
                 l_u, l_g = _light_slice(x_ptr, stride_xm, M, K, up_ptr, us_ptr, uz_ptr, gp_ptr,
                                         gs_ptr, gz_ptr, NL, l0, c_lo, c_hi, DUAL, SYMMETRIC,
                                         GROUP, TAIL, DTYPE, BM, BN, DEPTH, CHAINS, W_LAYOUT,
-                                        X_LAYOUT, MMA)  # fmt: skip
-            l_cols = l0 + gl.arange(0, BN, layout=gl.SliceLayout(0, MMA))
-            _store_partial(ws_ptr, l_u, split * DUALS, M, NT, NH + l_cols, l_cols < NL, MMA)
+                                        X_LAYOUT, MMA, SWAP)  # fmt: skip
+            l_cols = _columns(l0, BN, MMA, SWAP)
+            _store_partial(ws_ptr, l_u, split * DUALS, M, NT, NH + l_cols, l_cols < NL, BM, MMA,
+                           SWAP)  # fmt: skip
             if DUAL:
                 _store_partial(ws_ptr, l_g, split * DUALS + 1, M, NT, NH + l_cols, l_cols < NL,
-                               MMA)  # fmt: skip
+                               BM, MMA, SWAP)  # fmt: skip
             if FUSED:
                 _arrive(cnt_ptr, pid, n_split, ws_ptr, a_ptr, ub_ptr, gb_ptr, M, NT, stride_am,
                         NH + l_cols, l_cols < NL, DUAL, ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS,
-                        BM, MMA)  # fmt: skip
+                        BM, MMA, SWAP)  # fmt: skip
 
     @gluon.jit
-    def _down_kernel(xh_ptr, xl_ptr, hw_ptr, p_ptr, s_ptr, z_ptr, ws_ptr, M, N, KH, KL,
-                     stride_xm, stride_hw, SL, SYMMETRIC: gl.constexpr, GROUP: gl.constexpr,
+    def _down_kernel(xh_ptr, xl_ptr, hw_ptr, p_ptr, s_ptr, z_ptr, ws_ptr, cnt_ptr, out_ptr, b_ptr,
+                     M, N, KH, KL, stride_xm, stride_hw, stride_om, SL, FUSED: gl.constexpr,
+                     HAS_BIAS: gl.constexpr, SYMMETRIC: gl.constexpr, GROUP: gl.constexpr,
                      TAIL_L: gl.constexpr, TAIL_H: gl.constexpr, DTYPE: gl.constexpr,
                      BM: gl.constexpr, BN: gl.constexpr, DEPTH: gl.constexpr,
                      CHAINS: gl.constexpr, W_LAYOUT: gl.constexpr, H_LAYOUT: gl.constexpr,
-                     X_LAYOUT: gl.constexpr, C_LAYOUT: gl.constexpr,
-                     MMA: gl.constexpr):  # fmt: skip
+                     X_LAYOUT: gl.constexpr, C_LAYOUT: gl.constexpr, MMA: gl.constexpr,
+                     SWAP: gl.constexpr, BMH: gl.constexpr, BNH: gl.constexpr,
+                     MMA_H: gl.constexpr):  # fmt: skip
         """Kernel B (or any split linear): fp32 partials ws [slices, M, N] of output columns
         program_id(0) * BN ..; slices 0 .. SL - 1 cover the packed columns (x = xl [M, KL]), the
-        others the dense ones (x = xh [M, KH]): both parts end in one reduce."""
+        others the dense ones (x = xh [M, KH]): both parts end in one reduce, by the last slice
+        of the tile to arrive (FUSED: out = sum + bias, no second launch) or by quant_matmul's
+        reduce kernel. The dense slices are x-as-A products (BMH rows, layout MMA_H) of BN / BNH
+        column tiles in turn."""
         pid = gl.program_id(0)
         split = gl.program_id(1)
         n0 = pid * BN
@@ -742,22 +832,31 @@ if gluon is not None:
                 acc, _ = _ring_slice(xl_ptr, stride_xm, M, KL, p_ptr, s_ptr, z_ptr, p_ptr, s_ptr,
                                      z_ptr, N, n0, c_lo, c_hi, False, SYMMETRIC, GROUP, TAIL_L,
                                      DTYPE, BM, BN, 4, CHAINS, W_LAYOUT, X_LAYOUT, C_LAYOUT,
-                                     MMA)  # fmt: skip
+                                     MMA, SWAP)  # fmt: skip
             else:
                 acc, _ = _light_slice(xl_ptr, stride_xm, M, KL, p_ptr, s_ptr, z_ptr, p_ptr,
                                       s_ptr, z_ptr, N, n0, c_lo, c_hi, False, SYMMETRIC, GROUP,
                                       TAIL_L, DTYPE, BM, BN, DEPTH, CHAINS, W_LAYOUT, X_LAYOUT,
-                                      MMA)  # fmt: skip
+                                      MMA, SWAP)  # fmt: skip
+            cols = _columns(n0, BN, MMA, SWAP)
+            _store_partial(ws_ptr, acc, split, M, N, cols, cols < N, BM, MMA, SWAP)
         else:
             sh = gl.num_programs(1) - SL
             chunks = gl.cdiv(KH, _CHUNK)
             c_lo = (split - SL) * chunks // sh
             c_hi = (split - SL + 1) * chunks // sh
-            acc, _ = _heavy_slice(xh_ptr, stride_xm, M, KH, hw_ptr, hw_ptr, stride_hw, N, n0,
-                                  c_lo, c_hi, False, TAIL_H, DTYPE, BM, BN, H_LAYOUT,
-                                  X_LAYOUT, MMA)  # fmt: skip
-        cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, MMA))
-        _store_partial(ws_ptr, acc, split, M, N, cols, cols < N, MMA)
+            for sub in gl.static_range(BN // BNH):
+                h0 = n0 + sub * BNH
+                h_acc, h_acc2 = _heavy_slice(xh_ptr, stride_xm, M, KH, hw_ptr, hw_ptr, stride_hw, N,
+                                        h0, c_lo, c_hi, False, TAIL_H, DTYPE, BMH, BNH,
+                                        H_LAYOUT, X_LAYOUT, MMA_H)  # fmt: skip
+                h_cols = _columns(h0, BNH, MMA_H, False)
+                _store_partial(ws_ptr, h_acc, split, M, N, h_cols, h_cols < N, BMH, MMA_H, False)
+        if FUSED:
+            f_cols = _columns(n0, BN, MMA, SWAP)
+            _arrive(cnt_ptr, pid, gl.num_programs(1), ws_ptr, out_ptr, b_ptr, b_ptr, M, N,
+                    stride_om, f_cols, f_cols < N, False, "identity", HAS_BIAS, False, BM, MMA,
+                    SWAP)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -779,10 +878,27 @@ class MmaConfig:
     fused: bool = False  # kernel A: the last slice to arrive finishes its tile (no reduce launch)
     chains: int = 1  # MMA accumulator chains a chunk (2: less dependent latency, more registers)
     rows: int = 1  # m16 row tiles a program (BM = 16 rows each): the weights are read once for M
+    # W as the A operand (up to 16 rows): m16 tiles of output features, the rows of x in the n8
+    # columns (8 rows, or two n8 tiles for 9-16); `tiles` m16 tiles a warp
+    swap: bool = False
+    maxnreg: int | None = None  # a register cap for `resident` programs an SM (ptxas may spill)
 
     @property
     def block_n(self) -> int:
-        return 8 * self.num_warps * self.tiles
+        """Output columns of a light tile."""
+        return (16 if self.swap else 8) * self.num_warps * self.tiles
+
+    @property
+    def block_nh(self) -> int:
+        """Output columns of one of kernel A's heavy tiles: one n8 tile a warp (x as A in both
+        forms)."""
+        return 8 * self.num_warps
+
+    def block_m(self, m: int) -> int:
+        """Rows of x a program takes."""
+        if self.swap:
+            return 8 if m <= 8 else 16
+        return BLOCK_M * self.rows
 
 
 # H100, Llama-3-8B shape, each config alone (session 9, benchmarks/RESULTS.md), M = 4 / 16:
@@ -800,6 +916,9 @@ UP_CONFIGS = (
     MmaConfig(4, 2, resident=3, waves=1, fused=True, chains=2),
 )
 DOWN_CONFIGS = (
+    # H200, session 13, M = 1 / 4 / 16: 20.6 / 21.9 / 22.9 us against the next one's 22.0 /
+    # 22.6 / 23.1 (148 registers without the cap: 3 programs an SM, not the 4 assumed)
+    MmaConfig(4, 2, resident=4, fused=True, maxnreg=128),
     MmaConfig(4, 2, resident=4, waves=1),
     MmaConfig(4, 2, resident=4, waves=1, depth=2),
     MmaConfig(4, 4, resident=2, waves=1, depth=2),
@@ -822,10 +941,47 @@ DOWN_ROWS = {
 }
 
 
-def _for_rows(table: tuple, by_rows: dict, m: int) -> tuple:
-    """The candidates for M rows: `table` up to 16 rows, else those of 2 or 4 m16 tiles."""
+# W as the A operand (MmaConfig.swap), up to SWAP_MAX_M rows. sm_90 AOT (fp16, Llama-3-8B
+# shape): kernel A 4 x 1 127 registers (4 programs an SM), light loop 2.4 SASS instructions a
+# code (x-as-A 4 x 2: 3.0); 4 x 2 168 (3), 2.1; kernel B 4 x 2 128 (4), 2.9 (x-as-A 4 x 2 148,
+# 4.9); 4 x 1 123 (4); 4 x 2 depth 2 168 (3). H200, session 13, each alone, M = 1 / 4 / 16
+# (results/bench_mma_h200_s13_swap.json): kernel A 26.9 / 26.9 / 47.6 us (x-as-A best 29.5 /
+# 31.4 / 32.8; GEMV at M = 1 27.8); kernel B 19.3 / 19.6 / 27.9, 4 x 1 20.1 / 20.0 / 23.6
+# (x-as-A best 21.6 / 20.7 / 22.5; GEMV 17.2). So up to 8 rows only: at 16 the second n8 tile
+# doubles the MMAs a word and the x-as-A tiles win.
+# Second round (results/bench_mma_h200_s13_swap2.json, M = 1 / 2 / 4 / 8), kernel A: the
+# 4 x 1 cp.async ring 25.5 / 26.0 / 26.2 / 26.6 us, 4 x 1 26.9 / 26.7 / 26.9 / 27.5; dropped:
+# 4 x 2 (28.0-29.6), 4 x 1 depth 2 (27.0-30.8), two waves (29.0-30.5). Kernel B (fused: the
+# last slice adds the tile's partials, no reduce launch; 19.3 -> 17.6 us at M = 1 for 4 x 2):
+# 4 x 2 17.8 / 18.5 / 18.7 / 19.9, 4 x 1 depth 2 17.9 / 18.6 / 19.5 / 19.9, 4 x 2 ring
+# 18.3-20.5; dropped: 4 x 1 (19.6-20.3), two waves (20.9-24.7).
+UP_SWAP = (
+    MmaConfig(4, 1, resident=4, fused=True, swap=True, depth=3),
+    MmaConfig(4, 1, resident=4, fused=True, swap=True),
+)
+DOWN_SWAP = (
+    MmaConfig(4, 2, resident=4, swap=True, fused=True, maxnreg=128),
+    MmaConfig(4, 1, resident=4, swap=True, fused=True, depth=2),
+    MmaConfig(4, 2, resident=4, swap=True, fused=True, depth=3, maxnreg=128),
+)
+SWAP_MAX_M = 8
+# FFNSPLIT_MMA_SWAP: "1" (default) the W-as-A configs are candidates up to SWAP_MAX_M rows
+# (first: the pick without the tuner), "0" they are not, "only" nothing else up to SWAP_MAX_M
+# rows (path="mma" forces this tier, so "only" with it forces this form)
+SWAP = os.environ.get("FFNSPLIT_MMA_SWAP", "1")
+
+
+def candidates(table: tuple, by_rows: dict, swapped: tuple, m: int) -> tuple:
+    """The candidates for M rows: the W-as-A configs (per FFNSPLIT_MMA_SWAP) and `table` up to
+    16 rows, else those of 2 or 4 m16 tiles."""
     rows = triton.next_power_of_2(triton.cdiv(m, BLOCK_M))
-    return table if rows == 1 else by_rows[rows]
+    if rows > 1:
+        return by_rows[rows]
+    if m <= SWAP_MAX_M and SWAP == "only":
+        return swapped
+    if m <= SWAP_MAX_M and SWAP == "1":
+        return swapped + table
+    return table
 
 
 if os.environ.get("FFNSPLIT_MMA_FUSED", "1") == "0":  # comparisons: no fused kernel A
@@ -834,9 +990,12 @@ if os.environ.get("FFNSPLIT_MMA_FUSED", "1") == "0":  # comparisons: no fused ke
 
 
 @functools.cache
-def layouts(num_warps: int, tiles: int) -> tuple:
+def layouts(num_warps: int, tiles: int, swap: bool = False) -> tuple:
     """(W_LAYOUT, H_LAYOUT (dense rows of `tiles` n8 tiles a warp), H1_LAYOUT (one n8 tile a
-    warp), X_LAYOUT, MMA) for num_warps warps along N."""
+    warp), X_LAYOUT, MMA, C_LAYOUT) for num_warps warps along N; with `swap`, m16 tiles of the
+    W-as-A form."""
+    if swap:
+        return _swap_layouts(num_warps, tiles)
     mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, num_warps],
                                     instr_shape=[16, 8])  # fmt: skip
     log_w, log_t = num_warps.bit_length() - 1, tiles.bit_length() - 1
@@ -860,16 +1019,65 @@ def layouts(num_warps: int, tiles: int) -> tuple:
 
     # x's [16, 128] chunk read coalesced: 8 values (16 bytes) a thread
     x_layout = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])
-    # a chunk's words [16, BN] copied into the ring (DEPTH 3): 4 words (16 bytes) a thread
-    lanes_n = min(32, 2 * num_warps * tiles)
-    copy = gl.BlockedLayout([1, 4], [32 // lanes_n, lanes_n], [num_warps, 1], [1, 0])
+    copy = _copy_layout(num_warps, 8 * num_warps * tiles)
     return words, rows(tiles), rows(1), x_layout, mma, copy
+
+
+def _copy_layout(num_warps: int, block_n: int) -> object:
+    """A chunk's words [16, BN] copied into the ring (DEPTH 3): 4 words (16 bytes) a thread."""
+    lanes_n = min(32, block_n // 4)
+    return gl.BlockedLayout([1, 4], [32 // lanes_n, lanes_n], [num_warps, 1], [1, 0])
+
+
+def _swap_layouts(num_warps: int, tiles: int) -> tuple:
+    """layouts() of the W-as-A form: warps stacked along the output features (dim 0 of the
+    [BN, BM] accumulators), `tiles` m16 tiles a warp in registers. The dense rows of both
+    kernels stay x-as-A products, so no dense-row layouts."""
+    mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[num_warps, 1],
+                                    instr_shape=[16, 8])  # fmt: skip
+    log_w, log_t = num_warps.bit_length() - 1, tiles.bit_length() - 1
+    # words [4 (t), BN]: lane 4 g + t holds word row t of columns g and g + 8 (a register
+    # apart) of its warp's m16 tile; the A fragment rows g and g + 8
+    words = gl.DistributedLinearLayout(
+        reg_bases=[[0, 8]] + [[0, 16 * num_warps << i] for i in range(log_t)],
+        lane_bases=[[1, 0], [2, 0], [0, 1], [0, 2], [0, 4]],
+        warp_bases=[[0, 16 << i] for i in range(log_w)],
+        block_bases=[], shape=[4, 16 * num_warps * tiles],
+    )  # fmt: skip
+
+    x_layout = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])
+    copy = _copy_layout(num_warps, 16 * num_warps * tiles)
+    return words, None, None, x_layout, mma, copy  # dense rows: x-as-A tiles (layouts(..))
 
 
 def _slices(cfg: MmaConfig, tiles: int, sms: int) -> int:
     """K-slices of `tiles` output tiles that fill cfg.waves whole waves: a last, partial wave of
     these latency-bound programs costs about as much as a full one."""
     return max(1, cfg.resident * sms * cfg.waves // tiles)
+
+
+def _meta(cfg: MmaConfig, m: int, heavy_tiles: int) -> dict:
+    """The tile constexprs both kernels take for M rows: light tiles per cfg, dense rows in x-as-A
+    tiles of `heavy_tiles` n8 tiles a warp."""
+    words, _, _, x_layout, mma, copy = layouts(cfg.num_warps, cfg.tiles, cfg.swap)
+    _, rows, _, _, mma_h, _ = layouts(cfg.num_warps, heavy_tiles)
+    return dict(BM=cfg.block_m(m), BN=cfg.block_n, DEPTH=cfg.depth, CHAINS=cfg.chains,
+                W_LAYOUT=words, H_LAYOUT=rows, X_LAYOUT=x_layout, C_LAYOUT=copy, MMA=mma,
+                SWAP=cfg.swap, BMH=BLOCK_M if cfg.swap else cfg.block_m(m),
+                MMA_H=mma_h)  # fmt: skip
+
+
+def up_meta(cfg: MmaConfig, m: int) -> dict:
+    """_up_kernel's tile constexprs: heavy tiles of one n8 tile a warp (cfg.block_nh)."""
+    return dict(_meta(cfg, m, 1), BNH=cfg.block_nh)
+
+
+def down_meta(cfg: MmaConfig, m: int) -> dict:
+    """_down_kernel's tile constexprs: its dense slices take a light tile's columns in x-as-A
+    tiles of at most 2 n8 tiles a warp in the W-as-A form (its m16 tiles hold twice the
+    registers), all at once in the x-as-A form."""
+    heavy_tiles = min(cfg.block_n // (8 * cfg.num_warps), 2 if cfg.swap else cfg.tiles)
+    return dict(_meta(cfg, m, heavy_tiles), BNH=8 * cfg.num_warps * heavy_tiles)
 
 
 _up_tuner = Tuner()
@@ -909,8 +1117,7 @@ def split_activations(x2: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor) -> 
     gate_bias = w.gate_bias if w.gate_bias is not None else a
 
     def run(cfg: MmaConfig) -> None:
-        words, rows, rows1, x_layout, mma, copy = layouts(cfg.num_warps, cfg.tiles)
-        bnh = 8 * cfg.num_warps
+        bnh = cfg.block_nh
         tiles = triton.cdiv(h, bnh) + triton.cdiv(n_light, cfg.block_n)
         split = min(_slices(cfg, tiles, sms), chunks)
         ws = torch.empty((split, duals, m, nt), dtype=torch.float32, device=x2.device)
@@ -920,12 +1127,9 @@ def split_activations(x2: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor) -> 
             x2.stride(0), hu.stride(0), a.stride(0), DUAL=w.gated, FUSED=cfg.fused,
             ACTIVATION=w.activation, HAS_UP_BIAS=w.up_bias is not None,
             HAS_GATE_BIAS=w.gated and w.gate_bias is not None, SYMMETRIC=symmetric, GROUP=group,
-            TAIL=hidden % CHUNK != 0,
-            DTYPE=_gl_dtype(x2.dtype), BM=16 * cfg.rows, BN=cfg.block_n, BNH=bnh,
-            DEPTH=cfg.depth, CHAINS=cfg.chains,
-            W_LAYOUT=words,
-            H_LAYOUT=rows1,
-            X_LAYOUT=x_layout, C_LAYOUT=copy, MMA=mma, num_warps=cfg.num_warps,
+            TAIL=hidden % CHUNK != 0, DTYPE=_gl_dtype(x2.dtype), **up_meta(cfg, m),
+            num_warps=cfg.num_warps,
+            maxnreg=cfg.maxnreg,
         )  # fmt: skip
         if cfg.fused:
             return
@@ -939,7 +1143,7 @@ def split_activations(x2: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor) -> 
 
     key = (triton.next_power_of_2(m), hidden, h, n_light, group, symmetric, w.gated, x2.dtype,
            x2.device)  # fmt: skip
-    run(_up_tuner.pick(key, _for_rows(UP_CONFIGS, UP_ROWS, m), run))
+    run(_up_tuner.pick(key, candidates(UP_CONFIGS, UP_ROWS, UP_SWAP, m), run))
 
 
 def _down_slices(total: int, kh: int, kl: int, group: int) -> tuple[int, int]:
@@ -981,19 +1185,20 @@ def split_linear(x2: torch.Tensor, heavy: torch.Tensor | None, light: QuantizedW
     sms = sm_count(x2.device)
 
     def run(cfg: MmaConfig) -> None:
-        words, rows, _, x_layout, mma, copy = layouts(cfg.num_warps, cfg.tiles)
         tiles = triton.cdiv(n, cfg.block_n)
         sl, sh = _down_slices(_slices(cfg, tiles, sms), kh, kl, group)
         ws = torch.empty((sl + sh, m, n), dtype=torch.float32, device=x2.device)
+        dummy = gemv._zeroed(x2.device, 1, torch.int32)
+        counters = gemv._zeroed(x2.device, tiles, torch.int32) if cfg.fused else dummy
+        b = bias if bias is not None else out
         _down_kernel[(tiles, sl + sh)](
-            x2, xl, hw, *packed, ws, m, n, kh, kl, x2.stride(0), hw.stride(0), sl,
-            SYMMETRIC=symmetric, GROUP=group, TAIL_L=kl % CHUNK != 0, TAIL_H=kh % CHUNK != 0,
-            DTYPE=_gl_dtype(x2.dtype), BM=16 * cfg.rows, BN=cfg.block_n, DEPTH=cfg.depth,
-            CHAINS=cfg.chains,
-            W_LAYOUT=words,
-            H_LAYOUT=rows,
-            X_LAYOUT=x_layout, C_LAYOUT=copy, MMA=mma, num_warps=cfg.num_warps,
+            x2, xl, hw, *packed, ws, counters, out, b, m, n, kh, kl, x2.stride(0), hw.stride(0),
+            out.stride(0), sl, FUSED=cfg.fused, HAS_BIAS=bias is not None, SYMMETRIC=symmetric, GROUP=group, TAIL_L=kl % CHUNK != 0, TAIL_H=kh % CHUNK != 0,
+            DTYPE=_gl_dtype(x2.dtype), **down_meta(cfg, m), num_warps=cfg.num_warps,
+            maxnreg=cfg.maxnreg,
         )  # fmt: skip
+        if cfg.fused:
+            return
         block = 1024
         _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
             ws, bias if bias is not None else out, out, m * n, n, SPLIT=sl + sh,
@@ -1001,7 +1206,7 @@ def split_linear(x2: torch.Tensor, heavy: torch.Tensor | None, light: QuantizedW
         )  # fmt: skip
 
     key = (triton.next_power_of_2(m), n, kh, kl, group, symmetric, x2.dtype, x2.device)
-    run(_down_tuner.pick(key, _for_rows(DOWN_CONFIGS, DOWN_ROWS, m), run))
+    run(_down_tuner.pick(key, candidates(DOWN_CONFIGS, DOWN_ROWS, DOWN_SWAP, m), run))
 
 
 def use(m: int, path: str, x: torch.Tensor, light: QuantizedWeight | None) -> bool:
