@@ -43,7 +43,7 @@ def compile_config(kernel: str, cfg, m: int, dtype: str, heavy: int, light: int,
     """The compiled kernel (Triton's CompiledKernel) of `kernel` ("up" or "down") for `cfg`."""
     gdt = md.gl.float16 if dtype == "fp16" else md.gl.bfloat16
     t = "*" + dtype
-    common = dict(GROUP=128, SYMMETRIC=False, DTYPE=gdt)
+    common = dict(GROUP=128, SYMMETRIC=False, DTYPE=gdt, PDL=True)
     if kernel == "up":
         sig = dict(x_ptr=t, hu_ptr=t, hg_ptr=t, up_ptr="*i32", us_ptr=t, uz_ptr=t, gp_ptr="*i32",
                    gs_ptr=t, gz_ptr=t, ws_ptr="*fp32", cnt_ptr="*i32", a_ptr=t, ub_ptr=t,

@@ -130,6 +130,15 @@ final13)  # session 13: the full bench (layer over M + Llama-3-8B end to end), t
     run 170 bench_min1 env FFNSPLIT_MMA_MIN_M=1 python3 -m ffnsplit.cli bench --shape 4096x14336 \
         --m 1,4 --e2e-shape llama3-8b --json "$OUT/bench_min1.json"
     ;;
+pdlmma)  # the Gluon tier as PDL launches: its GPU tests, then the layer at M = 1, 4 and the
+    # 8B decode with "auto" taking the Gluon tier at M = 1 (FFNSPLIT_MMA_MIN_M=1) and not (~5 min)
+    run 150 test_pdlmma env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf -n 8 \
+        tests/test_mma_decode.py
+    for min_m in 1 2; do
+        run 100 "bench_pdl_min$min_m" env FFNSPLIT_MMA_MIN_M=$min_m python3 -m ffnsplit.cli bench \
+            --shape 4096x14336 --m 1,4 --e2e-shape llama3-8b --json "$OUT/bench_pdl_min$min_m.json"
+    done
+    ;;
 graphs)  # the CUDA-graph replay of eager SplitFFN calls (ffnsplit/graphs.py): its GPU tests
     run 200 test_graphs env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf tests/test_graphs.py
     ;;

@@ -24,7 +24,13 @@ from ffnsplit import graphs
 from ffnsplit.arch import ACTIVATIONS, apply_activation
 from ffnsplit.compress.lowrank import LowRank
 from ffnsplit.errors import CheckpointError
-from ffnsplit.kernels.format import PLANES, QuantizedWeight, SplitFFNWeights, n_groups
+from ffnsplit.kernels.format import (
+    PLANES,
+    QuantizedWeight,
+    SplitFFNWeights,
+    aligned_rows,
+    n_groups,
+)
 from ffnsplit.kernels.ops import split_ffn
 
 MODULE_FORMAT = "splitffn"
@@ -332,6 +338,12 @@ class SplitFFN(nn.Module):
         from CUDA graphs recorded on first use (ffnsplit/graphs.py: the kernels' launch costs
         more host time than their GPU time at decode sizes); `cuda_graphs = False` on the
         module or FFNSPLIT_CUDA_GRAPHS=0 turns that off."""
+        if x.is_cuda and self.heavy_down is not None:
+            # 16-byte aligned rows for the kernels' vector loads, once per placement (a
+            # reassignment: recorded graphs are dropped, before any is recorded here)
+            aligned = aligned_rows(self.heavy_down)
+            if aligned is not self.heavy_down:
+                self.heavy_down = aligned
         if x.is_cuda and self.cuda_graphs:
             calls = self.__dict__.get("_graphs")
             if calls is None:

@@ -284,6 +284,22 @@ def test_gemv_x_vector_loads(poison, monkeypatch, heavy, m, xvec) -> None:
     assert rel_err(sffn.split_ffn(x, w, path="gemv"), ref_split_ffn(x, w)) < TOL[torch.float16]
 
 
+@pytest.mark.parametrize("path", ["gemv", "decode"])
+def test_padded_heavy_down_rows(poison, path) -> None:
+    """heavy_down as SplitFFN lays it out on a GPU (format.aligned_rows: [H, 22] rows in a
+    [H, 24] buffer): the kernels read it through its row stride, without a dense copy."""
+    from dataclasses import replace
+
+    from ffnsplit.kernels.format import aligned_rows
+
+    w = random_split_weights(160, 22, 352, "silu", True, True, torch.float16, bits=4, group=64)
+    padded = replace(w, heavy_down=aligned_rows(w.heavy_down))
+    assert padded.heavy_down.stride() == (24, 1)
+    x = torch.randn(2, 160, device=DEVICE).half()
+    out = sffn.split_ffn(x, padded, path=path)
+    assert rel_err(out, ref_split_ffn(x, w)) < TOL[torch.float16]
+
+
 @pytest.mark.parametrize(("heavy", "mode"), [(0, "a"), (9, "a"), (0, "all"), (9, "all")])
 def test_gemv_fused_reduction_matches_separate_launch(poison, monkeypatch, heavy, mode) -> None:
     """The in-kernel split-K reduction (last program of a tile adds the slots) against the

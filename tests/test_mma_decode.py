@@ -10,6 +10,7 @@ magic-number arithmetic turns every nibble into its exact value in fp16 and bf16
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ import torch
 from ffnsplit.kernels import mma_decode
 from ffnsplit.kernels import quant_matmul as qmm
 from ffnsplit.kernels import split_ffn as sffn
-from ffnsplit.kernels.format import pack_planes
+from ffnsplit.kernels.format import aligned_rows, pack_planes
 from tests.test_kernels import (
     DEVICE,
     ON_GPU,
@@ -261,9 +262,12 @@ def test_split_ffn_swap_configs(poison, monkeypatch, case, dtype, config) -> Non
     gated, biases = case != 2, case % 2 == 0
     w = random_split_weights(hidden, h, light, activation, gated, biases, dtype, bits=4,
                              group=group, symmetric=symmetric)  # fmt: skip
-    for rows in (m, 1 + m % 8):  # a second size: 1-8 rows, the single n8 tile
+    # a second size (1-8 rows: the single n8 tile) with heavy_down's rows padded to 16 bytes as
+    # SplitFFN lays them out on a GPU (format.aligned_rows)
+    padded = replace(w, heavy_down=aligned_rows(w.heavy_down)) if h else w
+    for rows, weights in ((m, w), (1 + m % 8, padded)):
         x = torch.randn(rows, hidden, device=DEVICE).to(dtype)
-        out = sffn.split_ffn(x, w, path="mma")
+        out = sffn.split_ffn(x, weights, path="mma")
         assert out.shape == (rows, hidden) and out.dtype == dtype
         assert rel_err(out, ref_split_ffn(x, w)) < TOL[dtype]
 

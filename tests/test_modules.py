@@ -240,3 +240,25 @@ def test_whole_smollm2_shape_model_triton_matches_reference(dtype, tol) -> None:
             ref = reference(input_ids=ids, use_cache=False).logits.double()
             out = gpu(input_ids=ids.cuda(), use_cache=False).logits.double().cpu()
         assert ((out - ref).norm() / ref.norm()).item() < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_aligned_rows_keeps_values_and_pads_the_row_stride(dtype) -> None:
+    """heavy_down [H, h] with h not a multiple of 8 (ceil(5% of I)): the kernels get the same
+    values with rows 16-byte aligned, as a view (no second copy); aligned input is returned as
+    is; the pad is zero and saving writes the view contiguously."""
+    from ffnsplit.kernels.format import aligned_rows
+
+    t = torch.randn(48, 717).to(dtype)
+    a = aligned_rows(t)
+    assert a.shape == t.shape and a.stride() == (720, 1) and torch.equal(a, t)
+    assert a.untyped_storage().nbytes() == 48 * 720 * t.element_size()
+    assert torch.count_nonzero(a.as_strided((48, 3), (720, 1), 717)) == 0
+    assert aligned_rows(a) is a
+    even = torch.randn(16, 64).to(dtype)
+    assert aligned_rows(even) is even
+    assert aligned_rows(even.T).stride() == (16, 1)  # column-major: re-laid row-major
+    assert torch.equal(aligned_rows(even.T), even.T)
+    with torch.inference_mode():  # a module's first call may run under inference mode
+        b = aligned_rows(torch.randn(8, 37).to(dtype))
+    assert not b.is_inference() and b.stride() == (40, 1)

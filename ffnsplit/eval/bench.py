@@ -50,7 +50,13 @@ from ffnsplit.fsutil import atomic_write_text
 from ffnsplit.kernels import decode_ops, ops, reference, tiles
 from ffnsplit.kernels import quant_matmul as qmm
 from ffnsplit.kernels import split_ffn as sffn
-from ffnsplit.kernels.format import PACK_ALIGN, QuantizedWeight, SplitFFNWeights, pack_planes
+from ffnsplit.kernels.format import (
+    PACK_ALIGN,
+    QuantizedWeight,
+    SplitFFNWeights,
+    aligned_rows,
+    pack_planes,
+)
 from ffnsplit.kernels.format import n_groups as count_groups
 from ffnsplit.kernels.tiles import capture_graph
 from ffnsplit.plan import LayerPlan, LightFormat, SplitPlan, group_for, parse_light_format
@@ -392,6 +398,8 @@ def clone_split_weights(w: SplitFFNWeights) -> SplitFFNWeights:
 
     names = ("heavy_up", "heavy_gate", "heavy_down", "up_bias", "gate_bias", "down_bias")
     changes = {name: _clone(getattr(w, name)) for name in names}
+    if changes["heavy_down"] is not None:  # keep the aligned rows a module gives its kernels
+        changes["heavy_down"] = aligned_rows(changes["heavy_down"])
     changes.update({name: packed(getattr(w, name)) for name in ("light_up", "light_gate",
                                                                 "light_down")})  # fmt: skip
     return replace(w, **changes)
@@ -582,6 +590,8 @@ def model_cases(
             )
             continue
         first = module.split_weights()
+        if first.heavy_down is not None:  # as the module's forward lays it out for its kernels
+            first = replace(first, heavy_down=aligned_rows(first.heavy_down))
         light = first.light_up
         light_label = "none"
         if light is not None:

@@ -198,6 +198,22 @@ class QuantizedWeight:
         )
 
 
+def aligned_rows(t: torch.Tensor, multiple: int = 8) -> torch.Tensor:
+    """`t` [R, C] itself if its rows start every `multiple` elements (16 bytes in fp16/bf16: the
+    kernels' vector loads of a row need it), else the same values as a view [:, :C] of a
+    zero-padded [R, C rounded up] tensor (no second copy kept: callers replace `t` with it).
+    The heavy down projection [H, h] is the case: h = ceil(5% of I) is rarely a multiple of 8,
+    and a Gluon-tier dense row read with 2-byte loads costs ~8x the instructions."""
+    if t.dim() != 2 or t.stride(1) == 1 and t.stride(0) % multiple == 0:
+        return t
+    rows, cols = t.shape
+    with torch.inference_mode(False):  # a module's buffer: usable outside inference mode too
+        padded = torch.zeros((rows, -(-cols // multiple) * multiple), dtype=t.dtype,
+                             device=t.device)  # fmt: skip
+        padded[:, :cols] = t
+    return padded[:, :cols]
+
+
 @dataclass
 class SplitFFNWeights:
     """Everything the split-FFN kernels consume for one FFN.

@@ -933,7 +933,10 @@ def split_linear(
     out: torch.Tensor,
 ) -> None:
     """Kernel B on CUDA cores: out = x2[:, :kh] @ heavy^T + x2[:, kh:] @ dequant(light)^T + bias."""
-    dense = None if heavy is None else (heavy.contiguous(), None)
+    # rows may be strided (SplitFFN pads heavy_down's rows to 16 bytes: format.aligned_rows)
+    dense = (
+        None if heavy is None else (heavy if heavy.stride(-1) == 1 else heavy.contiguous(), None)
+    )
     lw = None if light is None else (light, None)
 
     def run(cfg: GemvConfig) -> None:

@@ -46,7 +46,7 @@ import triton
 
 from ffnsplit.kernels import gemv
 from ffnsplit.kernels.format import QuantizedWeight, SplitFFNWeights
-from ffnsplit.kernels.tiles import INTERPRET, Tuner, sm_count
+from ffnsplit.kernels.tiles import INTERPRET, Tuner, pdl_options, sm_count
 
 try:  # Gluon (Triton >= 3.5); absent or unusable: the tier is off (available() says why)
     from triton.experimental import gluon
@@ -293,6 +293,21 @@ if gluon is not None:
         return s0, z0, s1, z1
 
     @gluon.jit
+    def _pdl_wait(PDL: gl.constexpr):
+        """tiles.pdl_wait in Gluon: wait for the previous kernel on the stream (its writes
+        visible); every program of a PDL launch passes here before it reads x or writes."""
+        if PDL:
+            gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
+                                      is_pure=False, pack=1)  # fmt: skip
+
+    @gluon.jit
+    def _pdl_trigger(PDL: gl.constexpr):
+        """tiles.pdl_trigger in Gluon: let the next kernel on the stream launch."""
+        if PDL:
+            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
+                                      dtype=gl.int32, is_pure=False, pack=1)  # fmt: skip
+
+    @gluon.jit
     def _per_n(v, SWAP: gl.constexpr):
         """A per-column vector broadcast along the rows of x: [1, BN] (SWAP: [BN, 1])."""
         if SWAP:
@@ -453,7 +468,7 @@ if gluon is not None:
                     BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
                     CHAINS: gl.constexpr,
                     W_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr, C_LAYOUT: gl.constexpr,
-                    MMA: gl.constexpr, SWAP: gl.constexpr):  # fmt: skip
+                    MMA: gl.constexpr, SWAP: gl.constexpr, PDL: gl.constexpr = False):  # fmt: skip
         """_light_slice with the words through a STAGES-deep cp.async ring in shared memory
         (a tuner candidate; it lost to the register path on an H200, session 11): STAGES - 1
         chunks in flight without holding
@@ -483,6 +498,7 @@ if gluon is not None:
             if DUAL:
                 _ring_copy(wg_smem, gp_ptr, i, cc, n0, N, KR, TAIL, BN, C_LAYOUT)
             async_copy.commit_group()
+        _pdl_wait(PDL)  # the weights above need nothing from the previous kernel; x does
         x_next = _x_chunk(x_ptr, x_off, x_mask, xk, c_lo * _CHUNK, K, TAIL)
         for c in range(c_lo, c_hi):
             j = c - c_lo
@@ -519,7 +535,7 @@ if gluon is not None:
                      GROUP: gl.constexpr, TAIL: gl.constexpr, DTYPE: gl.constexpr,
                      BM: gl.constexpr, BN: gl.constexpr, DEPTH: gl.constexpr,
                      CHAINS: gl.constexpr, W_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
-                     MMA: gl.constexpr, SWAP: gl.constexpr):  # fmt: skip
+                     MMA: gl.constexpr, SWAP: gl.constexpr, PDL: gl.constexpr = False):  # fmt: skip
         """fp32 [BM, BN] (SWAP: [BN, BM]) x times columns n0.. of one (DUAL: two) packed int4
         weights [N, K] over chunks c_lo .. c_hi - 1 (c_hi > c_lo). Returns (up, gate) (gate = up
         without DUAL).
@@ -543,6 +559,7 @@ if gluon is not None:
         last = c_hi - 1
         u0, u1, u2, u3, g0, g1, g2, g3 = _light_words(up_ptr, gp_ptr, w_off, w_mask, c_lo, c_lo,
                                                       N, KR, DUAL, TAIL)  # fmt: skip
+        _pdl_wait(PDL)  # the weights above need nothing from the previous kernel; x does
         x_next = _x_chunk(x_ptr, x_off, x_mask, xk, c_lo * _CHUNK, K, TAIL)
         if DEPTH == 2:
             c1 = gl.minimum(c_lo + 1, last)
@@ -616,7 +633,7 @@ if gluon is not None:
     def _heavy_slice(x_ptr, stride_xm, M, K, hu_ptr, hg_ptr, stride_hw, N, n0, c_lo, c_hi,
                      DUAL: gl.constexpr, TAIL: gl.constexpr, DTYPE: gl.constexpr,
                      BM: gl.constexpr, BN: gl.constexpr, H_LAYOUT: gl.constexpr,
-                     X_LAYOUT: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
+                     X_LAYOUT: gl.constexpr, MMA: gl.constexpr, PDL: gl.constexpr = False):  # fmt: skip
         """fp32 [BM, BN] x times rows n0.. of one (DUAL: two) dense [N, K] weights over chunks
         c_lo .. c_hi - 1. Returns (up, gate) (gate = up without DUAL)."""
         A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
@@ -637,6 +654,7 @@ if gluon is not None:
         g0, g1, g2, g3 = u0, u1, u2, u3
         if DUAL:
             g0, g1, g2, g3 = _dense_chunk(hg_ptr, h_off, h_mask, koff, c_lo * _CHUNK, K, TAIL)
+        _pdl_wait(PDL)  # the weights above need nothing from the previous kernel; x does
         x_next = _x_chunk(x_ptr, x_off, x_mask, xk, c_lo * _CHUNK, K, TAIL)
         for c in range(c_lo, c_hi):
             k_next = gl.minimum(c + 1, c_hi - 1) * _CHUNK
@@ -751,13 +769,16 @@ if gluon is not None:
                    BNH: gl.constexpr, DEPTH: gl.constexpr, CHAINS: gl.constexpr,
                    W_LAYOUT: gl.constexpr, H_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
                    C_LAYOUT: gl.constexpr, MMA: gl.constexpr, SWAP: gl.constexpr,
-                   BMH: gl.constexpr, MMA_H: gl.constexpr):  # fmt: skip
+                   BMH: gl.constexpr, MMA_H: gl.constexpr, PDL: gl.constexpr):  # fmt: skip
         """Kernel A's up (and gate) sums of K-slice program_id(1) for one tile of heavy rows
         (the first programs along axis 0, BNH neurons) or light columns (BN neurons), as fp32
         partials into ws [slices, 2 (1 without DUAL), M, NH + NL]. FUSED: the last of a tile's
         slices to arrive adds them and writes a [M, NH + NL] (biases, activation, gating);
         otherwise gemv's reduce kernel does, in a second launch. Heavy tiles are always x-as-A
-        products (BMH rows, layout MMA_H): in the W-as-A form (SWAP) the light tiles only."""
+        products (BMH rows, layout MMA_H): in the W-as-A form (SWAP) the light tiles only.
+        PDL: a programmatic dependent launch (trigger first; each slice loads its first words,
+        then waits for the previous kernel before it reads x)."""
+        _pdl_trigger(PDL)
         pid = gl.program_id(0)
         split = gl.program_id(1)
         n_split = gl.num_programs(1)
@@ -771,7 +792,7 @@ if gluon is not None:
             # names apart from the light branch's: tiles of other widths
             h_u, h_g = _heavy_slice(x_ptr, stride_xm, M, K, hu_ptr, hg_ptr, stride_hw, NH,
                                     pid * BNH, c_lo, c_hi, DUAL, TAIL, DTYPE, BMH, BNH,
-                                    H_LAYOUT, X_LAYOUT, MMA_H)  # fmt: skip
+                                    H_LAYOUT, X_LAYOUT, MMA_H, PDL)  # fmt: skip
             h_cols = _columns(pid * BNH, BNH, MMA_H, False)
             _store_partial(ws_ptr, h_u, split * DUALS, M, NT, h_cols, h_cols < NH, BMH, MMA_H,
                            False)  # fmt: skip
@@ -788,12 +809,12 @@ if gluon is not None:
                 l_u, l_g = _ring_slice(x_ptr, stride_xm, M, K, up_ptr, us_ptr, uz_ptr, gp_ptr,
                                        gs_ptr, gz_ptr, NL, l0, c_lo, c_hi, DUAL, SYMMETRIC,
                                        GROUP, TAIL, DTYPE, BM, BN, 4, CHAINS, W_LAYOUT,
-                                       X_LAYOUT, C_LAYOUT, MMA, SWAP)  # fmt: skip
+                                       X_LAYOUT, C_LAYOUT, MMA, SWAP, PDL)  # fmt: skip
             else:
                 l_u, l_g = _light_slice(x_ptr, stride_xm, M, K, up_ptr, us_ptr, uz_ptr, gp_ptr,
                                         gs_ptr, gz_ptr, NL, l0, c_lo, c_hi, DUAL, SYMMETRIC,
                                         GROUP, TAIL, DTYPE, BM, BN, DEPTH, CHAINS, W_LAYOUT,
-                                        X_LAYOUT, MMA, SWAP)  # fmt: skip
+                                        X_LAYOUT, MMA, SWAP, PDL)  # fmt: skip
             l_cols = _columns(l0, BN, MMA, SWAP)
             _store_partial(ws_ptr, l_u, split * DUALS, M, NT, NH + l_cols, l_cols < NL, BM, MMA,
                            SWAP)  # fmt: skip
@@ -814,13 +835,14 @@ if gluon is not None:
                      CHAINS: gl.constexpr, W_LAYOUT: gl.constexpr, H_LAYOUT: gl.constexpr,
                      X_LAYOUT: gl.constexpr, C_LAYOUT: gl.constexpr, MMA: gl.constexpr,
                      SWAP: gl.constexpr, BMH: gl.constexpr, BNH: gl.constexpr,
-                     MMA_H: gl.constexpr):  # fmt: skip
+                     MMA_H: gl.constexpr, PDL: gl.constexpr):  # fmt: skip
         """Kernel B (or any split linear): fp32 partials ws [slices, M, N] of output columns
         program_id(0) * BN ..; slices 0 .. SL - 1 cover the packed columns (x = xl [M, KL]), the
         others the dense ones (x = xh [M, KH]): both parts end in one reduce, by the last slice
         of the tile to arrive (FUSED: out = sum + bias, no second launch) or by quant_matmul's
         reduce kernel. The dense slices are x-as-A products (BMH rows, layout MMA_H) of BN / BNH
-        column tiles in turn."""
+        column tiles in turn. PDL: as in _up_kernel."""
+        _pdl_trigger(PDL)
         pid = gl.program_id(0)
         split = gl.program_id(1)
         n0 = pid * BN
@@ -832,12 +854,12 @@ if gluon is not None:
                 acc, _ = _ring_slice(xl_ptr, stride_xm, M, KL, p_ptr, s_ptr, z_ptr, p_ptr, s_ptr,
                                      z_ptr, N, n0, c_lo, c_hi, False, SYMMETRIC, GROUP, TAIL_L,
                                      DTYPE, BM, BN, 4, CHAINS, W_LAYOUT, X_LAYOUT, C_LAYOUT,
-                                     MMA, SWAP)  # fmt: skip
+                                     MMA, SWAP, PDL)  # fmt: skip
             else:
                 acc, _ = _light_slice(xl_ptr, stride_xm, M, KL, p_ptr, s_ptr, z_ptr, p_ptr,
                                       s_ptr, z_ptr, N, n0, c_lo, c_hi, False, SYMMETRIC, GROUP,
                                       TAIL_L, DTYPE, BM, BN, DEPTH, CHAINS, W_LAYOUT, X_LAYOUT,
-                                      MMA, SWAP)  # fmt: skip
+                                      MMA, SWAP, PDL)  # fmt: skip
             cols = _columns(n0, BN, MMA, SWAP)
             _store_partial(ws_ptr, acc, split, M, N, cols, cols < N, BM, MMA, SWAP)
         else:
@@ -849,7 +871,7 @@ if gluon is not None:
                 h0 = n0 + sub * BNH
                 h_acc, h_acc2 = _heavy_slice(xh_ptr, stride_xm, M, KH, hw_ptr, hw_ptr, stride_hw, N,
                                         h0, c_lo, c_hi, False, TAIL_H, DTYPE, BMH, BNH,
-                                        H_LAYOUT, X_LAYOUT, MMA_H)  # fmt: skip
+                                        H_LAYOUT, X_LAYOUT, MMA_H, PDL)  # fmt: skip
                 h_cols = _columns(h0, BNH, MMA_H, False)
                 _store_partial(ws_ptr, h_acc, split, M, N, h_cols, h_cols < N, BMH, MMA_H, False)
         if FUSED:
@@ -1115,6 +1137,7 @@ def split_activations(x2: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor) -> 
     duals = 2 if w.gated else 1
     up_bias = w.up_bias if w.up_bias is not None else a
     gate_bias = w.gate_bias if w.gate_bias is not None else a
+    pdl = pdl_options(x2.device)  # PDL (constexpr) and launch_pdl
 
     def run(cfg: MmaConfig) -> None:
         bnh = cfg.block_nh
@@ -1127,7 +1150,7 @@ def split_activations(x2: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor) -> 
             x2.stride(0), hu.stride(0), a.stride(0), DUAL=w.gated, FUSED=cfg.fused,
             ACTIVATION=w.activation, HAS_UP_BIAS=w.up_bias is not None,
             HAS_GATE_BIAS=w.gated and w.gate_bias is not None, SYMMETRIC=symmetric, GROUP=group,
-            TAIL=hidden % CHUNK != 0, DTYPE=_gl_dtype(x2.dtype), **up_meta(cfg, m),
+            TAIL=hidden % CHUNK != 0, DTYPE=_gl_dtype(x2.dtype), **up_meta(cfg, m), **pdl,
             num_warps=cfg.num_warps,
             maxnreg=cfg.maxnreg,
         )  # fmt: skip
@@ -1183,6 +1206,7 @@ def split_linear(x2: torch.Tensor, heavy: torch.Tensor | None, light: QuantizedW
         packed = [gemv._zeroed(x2.device, 1, torch.int32), x2, x2]
     xl = x2[:, kh:] if kl else x2
     sms = sm_count(x2.device)
+    pdl = pdl_options(x2.device)
 
     def run(cfg: MmaConfig) -> None:
         tiles = triton.cdiv(n, cfg.block_n)
@@ -1194,7 +1218,7 @@ def split_linear(x2: torch.Tensor, heavy: torch.Tensor | None, light: QuantizedW
         _down_kernel[(tiles, sl + sh)](
             x2, xl, hw, *packed, ws, counters, out, b, m, n, kh, kl, x2.stride(0), hw.stride(0),
             out.stride(0), sl, FUSED=cfg.fused, HAS_BIAS=bias is not None, SYMMETRIC=symmetric, GROUP=group, TAIL_L=kl % CHUNK != 0, TAIL_H=kh % CHUNK != 0,
-            DTYPE=_gl_dtype(x2.dtype), **down_meta(cfg, m), num_warps=cfg.num_warps,
+            DTYPE=_gl_dtype(x2.dtype), **down_meta(cfg, m), **pdl, num_warps=cfg.num_warps,
             maxnreg=cfg.maxnreg,
         )  # fmt: skip
         if cfg.fused:
