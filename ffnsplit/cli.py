@@ -157,17 +157,24 @@ def models_command() -> None:
 
     from ffnsplit.models import DEFAULT_MODEL, packaged_models
 
-    table = Table(title="Packaged models (no download needed)")
-    for column in ("name", "family", "parameters", "FFN share", "installed", "cached"):
+    infos = packaged_models()
+    table = Table(
+        title="Packaged models (no download needed)",
+        caption="cached: converted for transformers (done once, on first use)",
+    )
+    # a name is what users type: never cut (a long "cached" note on a narrow terminal had cut
+    # "smollm2-135m" to "smollm2-13…")
+    table.add_column("name", min_width=max(len(info.name) for info in infos))
+    for column in ("family", "parameters", "FFN share", "installed", "cached"):
         table.add_column(
             column, justify="right" if column in ("parameters", "FFN share") else "left"
         )
-    for info in packaged_models():
+    for info in infos:
         name = info.name + (" (default)" if info.name == DEFAULT_MODEL else "")
         params = f"{info.parameters / 1e6:.1f} M" if info.parameters else "-"
         share = f"{info.ffn_share:.1%}" if info.ffn_share is not None else "-"
         installed = "yes" if info.installed else f"no: {info.install}"
-        cached = "yes" if info.cached else "no (converted on first use)"
+        cached = "yes" if info.cached else "no"
         table.add_row(name, info.family, params, share, installed, cached)
     console.print(table)
 

@@ -262,7 +262,12 @@ def test_corrupt_and_newer_checkpoints(workspace: dict[str, Path], tmp_path: Pat
     assert_one_line_error(code, output, "upgrade ffnsplit")
 
 
-def test_models_lists_the_packaged_models() -> None:
+@pytest.mark.parametrize("columns", [None, "60"])
+def test_models_lists_the_packaged_models(monkeypatch, columns) -> None:
+    """Every packaged name in full, cached or not, on a narrow terminal too (a long cell had
+    cut "smollm2-135m" to "smollm2-13…" before the model was first converted)."""
+    if columns:
+        monkeypatch.setenv("COLUMNS", columns)
     code, output = run("models")
     assert code == 0
     for name in ("smollm2-135m", "gemma3-270m", "minilm-l6"):

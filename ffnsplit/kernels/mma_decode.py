@@ -23,11 +23,19 @@ moves between threads:
     fp16 (fp32 roundings of BIAS sum |x|; tests/test_mma_decode.py). The next chunk's words are loaded before the
     current chunk is multiplied.
   * K is split into slices (grid axis 1) that write fp32 partials, added in slot order
-    (deterministic) and finished: for kernel A by the last slice of each tile to arrive (`fused`
-    configs: biases, activation and gating in the kernel) or by gemv._gemv_reduce_kernel; for
-    kernel B by quant_matmul._splitk_reduce_kernel with the down bias. Kernel A's heavy and
+    (deterministic) and finished by the last slice of each tile to arrive (`fused` configs:
+    kernel A's biases, activation and gating, kernel B's bias) or by a reduce launch
+    (gemv._gemv_reduce_kernel, quant_matmul._splitk_reduce_kernel). Kernel A's heavy and
     light tiles are programs of one launch; kernel B's heavy columns are extra K-slices of the
     same launch, so heavy and light land in one output.
+  * Up to SWAP_MAX_M (8) rows the light tiles may take the "W as A" form (MmaConfig.swap): the
+    words' codes are the A operand ([16 features, 16 k] a tile, lane g holding columns g and
+    g + 8 of its word row, the same k-slots in [n, slot] order), x's rows the n8 columns of the
+    B operand, read transposed from the same staged tile: 8 rows cost what 16 do in the x-as-A
+    form and the loop issues ~2.4 SASS instructions a code instead of ~3.0 (kernel A, sm_90).
+    Dense rows stay x-as-A tiles in both forms.
+  * On sm_90+ both kernels are programmatic dependent launches: a program triggers the next
+    kernel, loads its first chunk of weights, then waits for the previous kernel before x.
 
 H100, Llama-3-8B FFN shape (benchmarks/RESULTS.md, session 9): the whole FFN 104-109 us on the
 tl decode tier -> 56-62 us here for M = 2 .. 16 (59.5 us at M = 16, 2.34x dense fp16). Gluon
