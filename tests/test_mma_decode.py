@@ -300,3 +300,26 @@ def test_split_ffn_row_tiles(poison, monkeypatch, dtype, m) -> None:
         x = torch.randn(m, 576, device=DEVICE).to(dtype)
         out = sffn.split_ffn(x, w, path="mma")
         assert rel_err(out, ref_split_ffn(x, w)) < TOL[dtype]
+
+
+@pytest.mark.parametrize(
+    ("kernel", "table", "m"),
+    [
+        ("up", "UP_SWAP", 1),
+        ("down", "DOWN_SWAP", 4),
+        ("up", "UP_CONFIGS", 16),
+        ("down", "DOWN_CONFIGS", 16),
+    ],  # fmt: skip
+)
+def test_default_configs_compile_for_sm90_and_fit(kernel, table, m) -> None:
+    """The first config of each table (the pick without the tuner) compiles for sm_90 with the
+    installed Triton (no GPU: its own ptxas; Gluon's API moves between releases, e.g.
+    thread_barrier -> barrier after 3.6), without spills, and in few enough registers for the
+    `resident` programs an SM its K-slices assume (65,536 registers an SM on sm_80-90)."""
+    if mma_decode.gluon is None:
+        pytest.skip(f"Gluon does not import here: {mma_decode._IMPORT_ERROR}")
+    cfg = getattr(mma_decode, table)[0]
+    regs, spills = mma_decode.aot_resources(mma_decode.aot_compile(kernel, cfg, m))
+    assert spills == 0
+    allocated = -(-regs // 8) * 8  # in units of 8 a thread
+    assert allocated * 32 * cfg.num_warps * cfg.resident <= 65536, (cfg, regs)

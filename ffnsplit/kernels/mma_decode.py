@@ -122,6 +122,10 @@ def light_ok(qw: QuantizedWeight | None, dtype: torch.dtype) -> bool:
 
 
 if gluon is not None:
+    # a CTA barrier: gl.thread_barrier up to Triton 3.6, gl.barrier in later releases
+    _barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+    # cp.async global -> shared: async_copy_global_to_shared up to 3.6, async_load later
+    _async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
     _CHUNK = gl.constexpr(CHUNK)
     _CODE_PERM = gl.constexpr(CODE_PERM)
     _ROW_PERM = gl.constexpr(ROW_PERM)
@@ -236,7 +240,7 @@ if gluon is not None:
         barrier."""
         buf = x_smem.index(c % 2)
         buf.store(_slots(x, LIGHT))
-        gl.thread_barrier()
+        _barrier()
         return _quarters(buf, 32, 1, LAYOUT, SWAP)
 
     @gluon.jit
@@ -462,7 +466,7 @@ if gluon is not None:
         if TAIL:
             mask = mask & ((cc * 16 + r) < KR)[:, None]
         ptrs = ptr + (cc * 16 + r)[:, None] * N + (n0 + n)[None, :]
-        async_copy.async_copy_global_to_shared(w_smem.index(stage), ptrs, mask=mask)
+        _async_load(w_smem.index(stage), ptrs, mask=mask)
 
     @gluon.jit
     def _ring_words(w_smem, stage, W_LAYOUT: gl.constexpr):
@@ -758,10 +762,10 @@ if gluon is not None:
         the next launch (gemv._arrive's protocol)."""
         gl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, 0;", "=r", [], dtype=gl.int32,
                                   is_pure=False, pack=1)  # fmt: skip
-        gl.thread_barrier()
+        _barrier()
         ticket = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if ticket == n_split - 1:
-            gl.thread_barrier()
+            _barrier()
             _finish(ws_ptr, a_ptr, ub_ptr, gb_ptr, M, NT, stride_am, cols, n_mask, n_split, DUAL,
                     ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS, BM, MMA, SWAP)  # fmt: skip
             gl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
@@ -961,12 +965,19 @@ DOWN_CONFIGS = (
 # more than 16 rows: 2 or 4 m16 tiles a program, the weights read once for all rows (H200,
 # session 11: M = 32 85.5 us for the FFN, M = 64 145.6; benchmarks/RESULTS.md); sm_90 AOT (fp16): kernel A 4 x 2 168 registers at 32 rows
 # (3 an SM), 255 at 64 (2), 4 x 1 189 at 64; kernel B 4 x 2 150 at 32, 204 at 64
+# Session 13, sm_90 AOT (Triton 3.6, fp16, K tail off): the 2-row configs compile to 202
+# (kernel A) and 212 (kernel B) registers, 2 programs an SM where 3 are assumed (1.5 waves); the
+# second candidates (a 168-register cap without spills; kernel B one wave of 2) are for the tuner
+# and NOT measured yet
 UP_ROWS = {
-    2: (MmaConfig(4, 2, resident=3, fused=True, rows=2),),
+    2: (
+        MmaConfig(4, 2, resident=3, fused=True, rows=2),
+        MmaConfig(4, 2, resident=3, fused=True, rows=2, maxnreg=168),
+    ),
     4: (MmaConfig(4, 1, resident=2, fused=True, rows=4), MmaConfig(4, 2, resident=2, rows=4)),
 }
 DOWN_ROWS = {
-    2: (MmaConfig(4, 2, resident=3, rows=2),),
+    2: (MmaConfig(4, 2, resident=3, rows=2), MmaConfig(4, 2, resident=2, rows=2)),
     4: (MmaConfig(4, 2, resident=2, rows=4), MmaConfig(4, 1, resident=2, rows=4)),
 }
 
@@ -1239,6 +1250,76 @@ def split_linear(x2: torch.Tensor, heavy: torch.Tensor | None, light: QuantizedW
 
     key = (triton.next_power_of_2(m), n, kh, kl, group, symmetric, x2.dtype, x2.device)
     run(_down_tuner.pick(key, candidates(DOWN_CONFIGS, DOWN_ROWS, DOWN_SWAP, m), run))
+
+
+def aot_compile(kernel: str, cfg: MmaConfig, m: int = 1, dtype: str = "fp16", *,
+                heavy: int = 720, light: int = 13632, hidden: int = 4096, arch: int = 90):  # fmt: skip
+    """Compile `kernel` ("up": kernel A, "down": kernel B) for one config and M rows ahead of
+    time for CUDA sm_`arch`, no GPU needed (Triton's pipeline with its bundled ptxas), at the
+    Llama-3-8B FFN shape by default; returns Triton's CompiledKernel (`.n_regs`, `.n_spills`,
+    `.asm`). benchmarks/aot_mma.py reports it; a CPU test compiles each form with the installed
+    Triton, whose Gluon API moves between releases."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    gdt = gl.float16 if dtype == "fp16" else gl.bfloat16
+    t = "*" + dtype
+    common = dict(GROUP=128, SYMMETRIC=False, DTYPE=gdt, PDL=True)
+    if kernel == "up":
+        fn = _up_kernel
+        sig = dict(x_ptr=t, hu_ptr=t, hg_ptr=t, up_ptr="*i32", us_ptr=t, uz_ptr=t, gp_ptr="*i32",
+                   gs_ptr=t, gz_ptr=t, ws_ptr="*fp32", cnt_ptr="*i32", a_ptr=t, ub_ptr=t,
+                   gb_ptr=t, M="i32", K="i32", NH="i32", NL="i32", stride_xm="i32",
+                   stride_hw="i32", stride_am="i32")  # fmt: skip
+        const = dict(common, **up_meta(cfg, m), DUAL=True, FUSED=cfg.fused, ACTIVATION="silu",
+                     HAS_UP_BIAS=False, HAS_GATE_BIAS=False, TAIL=hidden % CHUNK != 0)  # fmt: skip
+        aligned = [n for n in sig if n.endswith("_ptr")] + ["K", "stride_xm", "stride_hw"]
+    else:
+        fn = _down_kernel
+        sig = dict(xh_ptr=t, xl_ptr=t, hw_ptr=t, p_ptr="*i32", s_ptr=t, z_ptr=t, ws_ptr="*fp32",
+                   cnt_ptr="*i32", out_ptr=t, b_ptr=t, M="i32", N="i32", KH="i32", KL="i32",
+                   stride_xm="i32", stride_hw="i32", stride_om="i32", SL="i32")  # fmt: skip
+        const = dict(common, **down_meta(cfg, m), FUSED=cfg.fused, HAS_BIAS=False,
+                     TAIL_L=light % CHUNK != 0, TAIL_H=heavy % CHUNK != 0)  # fmt: skip
+        # x's light part starts at column `heavy`: aligned only if that is a multiple of 8
+        aligned = ["xh_ptr", "hw_ptr", "p_ptr", "s_ptr", "z_ptr", "ws_ptr", "cnt_ptr", "out_ptr",
+                   "b_ptr", "N", "KH", "stride_xm", "stride_hw", "stride_om"]  # fmt: skip
+        if heavy % 8 == 0:
+            aligned.append("xl_ptr")
+    names = [p.name for p in fn.params]
+    signature = {n: sig.get(n, "constexpr") for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    return triton.compile(GluonASTSource(fn, signature, const, attrs),
+                          target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": cfg.num_warps, "maxnreg": cfg.maxnreg})  # fmt: skip
+
+
+def aot_resources(compiled, arch: int = 90) -> tuple[int, int]:
+    """(registers a thread, spill-store bytes) of an `aot_compile` result, from `ptxas -v` on
+    its PTX (Triton's bundled ptxas; the CompiledKernel reports them only once loaded on a
+    GPU)."""
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from triton.backends.nvidia import compiler as nvidia
+
+    try:
+        ptxas = nvidia.get_ptxas(arch).path
+    except TypeError:  # Triton 3.6: no arch argument
+        ptxas = nvidia.get_ptxas().path
+    with tempfile.TemporaryDirectory() as folder:
+        source = Path(folder) / "kernel.ptx"
+        source.write_text(compiled.asm["ptx"])
+        log = subprocess.run(
+            [ptxas, "-v", f"--gpu-name={nvidia.sm_arch_from_capability(arch)}", str(source),
+             "-o", str(source.with_suffix(".cubin"))],
+            capture_output=True, text=True, check=True,
+        ).stderr  # fmt: skip
+    regs = re.findall(r"Used (\d+) registers", log)
+    spills = re.findall(r"(\d+) bytes spill stores", log)
+    return int(regs[-1]), int(spills[-1]) if spills else 0
 
 
 def use(m: int, path: str, x: torch.Tensor, light: QuantizedWeight | None) -> bool:
