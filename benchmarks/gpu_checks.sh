@@ -15,7 +15,8 @@
 #   mma (the Gluon decode tier: tests + benchmarks/bench_mma.py), prefill (dequant path variants
 #   at M = 1024-4096: heavy rows in the scratch or not, 128 and 256 MiB chunks), decodeops (decoder op tests), trace
 #   profprefill (benchmarks/prof_prefill.py + probe_cublas.py), odd (717 heavy neurons),
-#   swap (benchmarks/proto_swap.py), swaptier (the W-as-A form: tests + bench_mma), graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
+#   swap (benchmarks/proto_swap.py), swaptier (the W-as-A form: tests + bench_mma), pdlmma,
+#   next14 (session 13's open questions), final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
 #   (benchmarks/trace_decode.py), decode8b (M = 1, 4 + 8B decode once)
 # Several stages in one call: bash benchmarks/gpu_checks.sh gemv trace decode8b
 # Each step has its own time limit, so one slow step cannot take the whole call.
@@ -138,6 +139,13 @@ pdlmma)  # the Gluon tier as PDL launches: its GPU tests, then the layer at M = 
         run 100 "bench_pdl_min$min_m" env FFNSPLIT_MMA_MIN_M=$min_m python3 -m ffnsplit.cli bench \
             --shape 4096x14336 --m 1,4 --e2e-shape llama3-8b --json "$OUT/bench_pdl_min$min_m.json"
     done
+    ;;
+next14)  # session 13's open questions in one call (~7 min): the pdlmma stage (GPU tests with
+    # the padded heavy_down rows, then M = 1, 4 and the 8B decode with the Gluon tier at M = 1
+    # and without), then every Gluon config alone at M = 16 and 32 (the 2-row candidates)
+    bash "$0" pdlmma
+    run 200 bench_mma_16_32 python3 benchmarks/bench_mma.py --m 16,32 --paths mma \
+        --out "$OUT/bench_mma_16_32.json"
     ;;
 graphs)  # the CUDA-graph replay of eager SplitFFN calls (ffnsplit/graphs.py): its GPU tests
     run 200 test_graphs env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf tests/test_graphs.py
