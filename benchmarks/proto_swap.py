@@ -1,7 +1,9 @@
 """Prototype: the int4 light product at M <= 8 on the tensor cores with W as the A operand.
 
-Written in session 12 without device time (NOT run on a GPU yet; docs/kernels_notes.md, version
-17). The decode tier (ffnsplit/kernels/mma_decode.py) puts x in the m16 rows of m16n8k16 and the
+Written in session 12 without device time; first run on an H200 in session 13 (15.5-16.2 us
+from M = 1 to 8 against gemv's 14.7 / 26.7 / 47.0, results/proto_swap_h200_s13.json), then
+built into the tier as MmaConfig.swap, whose layouts and unpack this script now uses (its own
+kernel stays: the light part alone, slices added by torch). The decode tier (ffnsplit/kernels/mma_decode.py) puts x in the m16 rows of m16n8k16 and the
 weights in the n8 columns: at M <= 8 it computes 16 rows to use M, and each word feeds two MMAs.
 Here D[n, m] (16 x 8) += A[n, k] (16 x 16) B[k, m] (16 x 8): 16 output features a warp tile, up
 to 8 tokens in the columns.
@@ -48,46 +50,8 @@ from ffnsplit.kernels import mma_decode as md  # noqa: E402
 gl = md.gl
 gluon = md.gluon
 
-# codes [t1, t0, n, i0, i1, i2] -> [n, i2, i1, t1, t0, i0]: the A operand's [n, slot]
-CODE_PERM_A = (2, 5, 4, 0, 1, 3)
-
 if gluon is not None:
-    _CODE_PERM_A = gl.constexpr(CODE_PERM_A)
     _CHUNK = gl.constexpr(md.CHUNK)
-
-    @gluon.jit
-    def _codes_a(w, DTYPE: gl.constexpr, A_LAYOUT: gl.constexpr):
-        """Words [4 (t), BN] of one 32-k block -> codes [BN, 32 k-slots] in the MMA A layout
-        (BIAS + q; slot 16 i2 + 8 i1 + 2 t + i0 holds k = 8 t + i1 + 2 i2 + 4 i0)."""
-        ww = gl.join(w, w)
-        if gl.float16 == DTYPE:
-            p0, p1, p2, p3 = gl.inline_asm_elementwise(
-                md._ASM_F16, "=r,=r,=r,=r,r,r", [ww],
-                dtype=(gl.float16, gl.float16, gl.float16, gl.float16), is_pure=True, pack=2,
-            )  # fmt: skip
-        else:
-            p0, p1, p2, p3 = gl.inline_asm_elementwise(
-                md._ASM_BF16, "=r,=r,=r,=r,r,r", [ww],
-                dtype=(gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16), is_pure=True,
-                pack=2,
-            )  # fmt: skip
-        t = gl.join(gl.join(p0, p1), gl.join(p2, p3))
-        n: gl.constexpr = w.shape[1]
-        t = gl.reshape(t, [2, 2, n, 2, 2, 2])  # [t1, t0, n, i0, i1, i2]
-        t = gl.permute(t, _CODE_PERM_A.value)  # [n, i2, i1, t1, t0, i0]
-        return gl.convert_layout(gl.reshape(t, [n, 32]), A_LAYOUT, assert_trivial=True)
-
-    @gluon.jit
-    def _stage_b(x_smem, c, x, B_LAYOUT: gl.constexpr):
-        """x [8, 128] (slot order) into buffer c % 2, then the 4 blocks' B fragments [32, 8]."""
-        buf = x_smem.index(c % 2)
-        buf.store(md._slots(x, True))
-        gl.thread_barrier()
-        x0 = buf.slice(0, 32, dim=1).permute([1, 0]).load(B_LAYOUT)
-        x1 = buf.slice(32, 32, dim=1).permute([1, 0]).load(B_LAYOUT)
-        x2 = buf.slice(64, 32, dim=1).permute([1, 0]).load(B_LAYOUT)
-        x3 = buf.slice(96, 32, dim=1).permute([1, 0]).load(B_LAYOUT)
-        return x0, x1, x2, x3
 
     @gluon.jit
     def _words_at(ptr, off, mask, N):
@@ -134,16 +98,16 @@ if gluon is not None:
             c_next = gl.minimum(c + 1, last)
             v0, v1, v2, v3 = _words_at(p_ptr + c_next * 16 * N, w_off, w_mask, N)
             s0, z0, s1, z1 = md._scales(s_ptr, z_ptr, c, N, G, sc, s_mask, False, 128)
-            x0, x1, x2, x3 = _stage_b(x_smem, c - c_lo, x_next, B_LAYOUT)
+            x0, x1, x2, x3 = md._stage(x_smem, c - c_lo, x_next, True, B_LAYOUT, True)
             x_next = md._x_chunk(x_ptr, x_off, x_mask, xk, c_next * _CHUNK, K, TAIL)
             xs = md.mma_v2(ones, x0, zero)
             xs = md.mma_v2(ones, x1, xs)
             xs = md.mma_v2(ones, x2, xs)
             xs = md.mma_v2(ones, x3, xs)
-            blk = md.mma_v2(_codes_a(w0, DTYPE, A_LAYOUT), x0, zero)
-            blk = md.mma_v2(_codes_a(w1, DTYPE, A_LAYOUT), x1, blk)
-            blk = md.mma_v2(_codes_a(w2, DTYPE, A_LAYOUT), x2, blk)
-            blk = md.mma_v2(_codes_a(w3, DTYPE, A_LAYOUT), x3, blk)
+            blk = md.mma_v2(md._codes(w0, DTYPE, A_LAYOUT, True), x0, zero)
+            blk = md.mma_v2(md._codes(w1, DTYPE, A_LAYOUT, True), x1, blk)
+            blk = md.mma_v2(md._codes(w2, DTYPE, A_LAYOUT, True), x2, blk)
+            blk = md.mma_v2(md._codes(w3, DTYPE, A_LAYOUT, True), x3, blk)
             acc += (blk - xs * (z0 + BIAS)[:, None]) * s0[:, None]
             w0, w1, w2, w3 = v0, v1, v2, v3
         om = gl.arange(0, 8, layout=gl.SliceLayout(0, MMA))
@@ -152,19 +116,9 @@ if gluon is not None:
 
 
 def layouts(num_warps: int, tiles: int) -> tuple:
-    """(W_LAYOUT [4, BN], X_LAYOUT [8, 128], MMA) for num_warps warps along N, `tiles` 16-row
-    tiles a warp (BN = 16 * num_warps * tiles)."""
-    mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[num_warps, 1],
-                                    instr_shape=[16, 8])  # fmt: skip
-    log_w, log_t = num_warps.bit_length() - 1, tiles.bit_length() - 1
-    # lane 4 g + t: word row t of columns g and g + 8 (a register apart) of its warp's 16
-    words = gl.DistributedLinearLayout(
-        reg_bases=[[0, 8]] + [[0, 16 * num_warps << i] for i in range(log_t)],
-        lane_bases=[[1, 0], [2, 0], [0, 1], [0, 2], [0, 4]],
-        warp_bases=[[0, 16 << i] for i in range(log_w)],
-        block_bases=[], shape=[4, 16 * num_warps * tiles],
-    )  # fmt: skip
-    x_layout = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])  # 8 rows with 4 warps
+    """(W_LAYOUT [4, BN], X_LAYOUT [8, 128], MMA): the tier's own W-as-A layouts (`tiles` m16
+    tiles a warp, BN = 16 * num_warps * tiles)."""
+    words, _, _, x_layout, mma, _ = md.layouts(num_warps, tiles, True)
     return words, x_layout, mma
 
 
@@ -188,9 +142,9 @@ def swap_linear(x: torch.Tensor, qw, num_warps: int, tiles: int, slices: int) ->
 
 def check_cpu() -> None:
     """The prototype's maps in torch: words of one 128-k chunk unpacked the PTX's way, joined
-    and permuted as _codes_a does ([n, slot]), against x permuted as the tier's _slots does:
-    the slot-order product must equal x W^T (the A/B fragment ownership itself is asserted by
-    the compiler: convert_layout(..., assert_trivial=True))."""
+    and permuted as the tier's _codes does with SWAP ([n, slot]), against x permuted as its
+    _slots does: the slot-order product must equal x W^T (the A/B fragment ownership itself is
+    asserted by the compiler: convert_layout(..., assert_trivial=True))."""
     from ffnsplit.kernels.format import pack_planes
 
     n, m = 48, 8
@@ -204,7 +158,7 @@ def check_cpu() -> None:
         regs = [torch.stack([(w >> (4 * j)) & 0xF, (w >> (4 * (j + 4))) & 0xF], -1)
                 for j in range(4)]  # fmt: skip
         t = torch.stack([torch.stack(regs[0:2], -1), torch.stack(regs[2:4], -1)], -1)
-        codes = t.reshape(2, 2, n, 2, 2, 2).permute(CODE_PERM_A).reshape(n, 32)
+        codes = t.reshape(2, 2, n, 2, 2, 2).permute(md.CODE_PERM_A).reshape(n, 32)
         total += codes.to(torch.float64) @ xs[:, b].T
     torch.testing.assert_close(total, q.to(torch.float64) @ x.T)
     print("the prototype's k-slot maps agree: codes [n, slot] x [slot, m] = W x^T")

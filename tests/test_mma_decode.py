@@ -226,6 +226,23 @@ GPU_SHAPES = [
 GPU_CASES = list(itertools.product(range(len(GPU_SHAPES)), (torch.float16, torch.bfloat16)))
 
 
+def _case_weights(case: int, dtype: torch.dtype):
+    """(weights, hidden, m) of GPU_SHAPES[case]: activation, gating and biases vary by case."""
+    hidden, h, light, m, group, symmetric = GPU_SHAPES[case]
+    activation = ("silu", "gelu", "relu", "gelu_tanh", "silu")[case]
+    gated, biases = case != 2, case % 2 == 0
+    w = random_split_weights(hidden, h, light, activation, gated, biases, dtype, bits=4,
+                             group=group, symmetric=symmetric)  # fmt: skip
+    return w, hidden, m
+
+
+def _only(monkeypatch, up_table: str, down_table: str, config: int) -> None:
+    """Config `config` (modulo each table's length) the only candidate of both kernels."""
+    for name in (up_table, down_table):
+        table = getattr(mma_decode, name)
+        monkeypatch.setattr(mma_decode, name, (table[config % len(table)],))
+
+
 @gpu
 @needs_mma
 @pytest.mark.parametrize(("case", "dtype"), GPU_CASES)
@@ -233,14 +250,8 @@ GPU_CASES = list(itertools.product(range(len(GPU_SHAPES)), (torch.float16, torch
     "config", range(max(len(mma_decode.UP_CONFIGS), len(mma_decode.DOWN_CONFIGS)))
 )
 def test_split_ffn_every_config(poison, monkeypatch, case, dtype, config) -> None:
-    hidden, h, light, m, group, symmetric = GPU_SHAPES[case]
-    up, down = mma_decode.UP_CONFIGS, mma_decode.DOWN_CONFIGS
-    monkeypatch.setattr(mma_decode, "UP_CONFIGS", (up[config % len(up)],))
-    monkeypatch.setattr(mma_decode, "DOWN_CONFIGS", (down[config % len(down)],))
-    activation = ("silu", "gelu", "relu", "gelu_tanh", "silu")[case]
-    gated, biases = case != 2, case % 2 == 0
-    w = random_split_weights(hidden, h, light, activation, gated, biases, dtype, bits=4,
-                             group=group, symmetric=symmetric)  # fmt: skip
+    _only(monkeypatch, "UP_CONFIGS", "DOWN_CONFIGS", config)
+    w, hidden, m = _case_weights(case, dtype)
     x = torch.randn(m, hidden, device=DEVICE).to(dtype)
     out = sffn.split_ffn(x, w, path="mma")
     assert out.shape == (m, hidden) and out.dtype == dtype
@@ -252,19 +263,14 @@ def test_split_ffn_every_config(poison, monkeypatch, case, dtype, config) -> Non
 @pytest.mark.parametrize(("case", "dtype"), GPU_CASES)
 @pytest.mark.parametrize("config", range(max(len(mma_decode.UP_SWAP), len(mma_decode.DOWN_SWAP))))
 def test_split_ffn_swap_configs(poison, monkeypatch, case, dtype, config) -> None:
-    """The W-as-A form (every config alone, M 1-16 across the cases) against float64."""
-    hidden, h, light, m, group, symmetric = GPU_SHAPES[case]
-    up, down = mma_decode.UP_SWAP, mma_decode.DOWN_SWAP
+    """The W-as-A form (every config alone, 1-8 rows; the cases' 9-16 rows take the x-as-A
+    configs) against float64."""
     monkeypatch.setattr(mma_decode, "SWAP", "only")
-    monkeypatch.setattr(mma_decode, "UP_SWAP", (up[config % len(up)],))
-    monkeypatch.setattr(mma_decode, "DOWN_SWAP", (down[config % len(down)],))
-    activation = ("silu", "gelu", "relu", "gelu_tanh", "silu")[case]
-    gated, biases = case != 2, case % 2 == 0
-    w = random_split_weights(hidden, h, light, activation, gated, biases, dtype, bits=4,
-                             group=group, symmetric=symmetric)  # fmt: skip
+    _only(monkeypatch, "UP_SWAP", "DOWN_SWAP", config)
+    w, hidden, m = _case_weights(case, dtype)
     # a second size (1-8 rows: the single n8 tile) with heavy_down's rows padded to 16 bytes as
     # SplitFFN lays them out on a GPU (format.aligned_rows)
-    padded = replace(w, heavy_down=aligned_rows(w.heavy_down)) if h else w
+    padded = replace(w, heavy_down=aligned_rows(w.heavy_down)) if w.n_heavy else w
     for rows, weights in ((m, w), (1 + m % 8, padded)):
         x = torch.randn(rows, hidden, device=DEVICE).to(dtype)
         out = sffn.split_ffn(x, weights, path="mma")
