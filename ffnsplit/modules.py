@@ -338,9 +338,14 @@ class SplitFFN(nn.Module):
         from CUDA graphs recorded on first use (ffnsplit/graphs.py: the kernels' launch costs
         more host time than their GPU time at decode sizes); `cuda_graphs = False` on the
         module or FFNSPLIT_CUDA_GRAPHS=0 turns that off."""
-        if x.is_cuda and self.heavy_down is not None:
+        if (
+            x.is_cuda
+            and self.heavy_down is not None
+            and not torch.cuda.is_current_stream_capturing()
+        ):
             # 16-byte aligned rows for the kernels' vector loads, once per placement (a
-            # reassignment: recorded graphs are dropped, before any is recorded here)
+            # reassignment: recorded graphs are dropped, before any is recorded here; never
+            # inside a caller's capture, whose graph would redo the copy at every replay)
             aligned = aligned_rows(self.heavy_down)
             if aligned is not self.heavy_down:
                 self.heavy_down = aligned

@@ -199,3 +199,23 @@ def test_ineligible_cuda_calls_run_eagerly() -> None:
     module.cuda_graphs = True
     module(x.requires_grad_())
     assert not module._graphs.graphs
+
+
+@needs_cuda
+def test_first_cuda_call_aligns_heavy_down_rows() -> None:
+    """SmolLM2's 5% heavy count (77) leaves heavy_down's rows 154 bytes apart: the first CUDA
+    call re-lays them 16-byte aligned (same values, a view), before any graph is recorded, and
+    the output still matches the module's own eager call on the unpadded copy."""
+    module = split_ffn_module("cuda", torch.float16)
+    original = module.heavy_down.clone()
+    assert original.shape[1] % 8 and module.heavy_down.stride(0) % 8
+    x = torch.randn(2, module.hidden_size, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        out = module(x)
+    assert module.heavy_down.stride(0) % 8 == 0 and torch.equal(module.heavy_down, original)
+    assert recorded(module) == 1
+    module.cuda_graphs = False
+    module.heavy_down = original  # contiguous again: the next call re-lays it
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), out, rtol=2e-3, atol=2e-3)
+    assert module.heavy_down.stride(0) % 8 == 0
