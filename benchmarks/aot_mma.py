@@ -23,10 +23,11 @@ os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="aot_mma_")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from aot_sass import _ptxas_verbose, report  # noqa: E402
+from aot_sass import report  # noqa: E402
 
 from ffnsplit.kernels import mma_decode as md  # noqa: E402
 from ffnsplit.kernels.mma_decode import MmaConfig  # noqa: E402,F401 (for --config)
+from ffnsplit.kernels.tiles import ptxas_log  # noqa: E402
 
 
 def main() -> int:
@@ -46,7 +47,7 @@ def main() -> int:
     kernel = md.aot_compile(args.kernel, cfg, args.m, args.dtype, heavy=args.heavy,
                             light=args.light, hidden=args.hidden)  # fmt: skip
     report(f"{args.kernel} {cfg} M={args.m} {args.dtype}", kernel,
-           _ptxas_verbose(kernel.asm["ptx"], 90), cfg.num_warps)  # fmt: skip
+           ptxas_log(kernel.asm["ptx"], 90), cfg.num_warps)  # fmt: skip
     return 0
 
 

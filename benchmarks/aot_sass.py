@@ -45,6 +45,8 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from ffnsplit.kernels.tiles import ptxas_log  # noqa: E402
+
 _PROFILE = "ffnsplit.kernels.profile_stats"
 _ROW_ARGS = "a_ptr=*bf16 c_ptr=*fp32 cut_ptr=*i32 T=16384 size={size} stride_t={size} k={k} "
 _ROW_ARGS += "n_prog=3277 B0={b0} B1={b1} B2={b2} GALLOP=16777216"
@@ -186,29 +188,8 @@ def compile_kernel(
         )
     report = log.getvalue()
     if "registers" not in report:
-        report = _ptxas_verbose(kernel.asm["ptx"], arch)
+        report = ptxas_log(kernel.asm["ptx"], arch)
     return kernel, report
-
-
-def _ptxas_verbose(ptx: str, arch: int) -> str:
-    """ptxas -v on the PTX, as Triton runs it (its bundled ptxas, the same target)."""
-    from triton.backends.nvidia import compiler as nvidia
-
-    try:
-        ptxas = nvidia.get_ptxas(arch).path
-    except TypeError:  # older Triton: no arch argument
-        ptxas = nvidia.get_ptxas().path
-    with tempfile.TemporaryDirectory() as folder:
-        source = Path(folder) / "kernel.ptx"
-        source.write_text(ptx)
-        command = [ptxas, "-lineinfo", "-v", f"--gpu-name={nvidia.sm_arch_from_capability(arch)}"]
-        done = subprocess.run(
-            [*command, str(source), "-o", str(source.with_suffix(".cubin"))],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-    return done.stderr
 
 
 _BRANCH = re.compile(r"BRA\S*\s+(?:!?U?P\w+,\s*)?0x([0-9a-f]+)")

@@ -170,9 +170,11 @@ def aot(num_warps: int, tiles: int, dtype: str) -> None:
 
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="aot_swap_")
-    from aot_sass import _ptxas_verbose, report
+    from aot_sass import report
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
+
+    from ffnsplit.kernels.tiles import ptxas_log
 
     words, x_layout, mma = layouts(num_warps, tiles)
     fn = _swap_kernel
@@ -189,7 +191,7 @@ def aot(num_warps: int, tiles: int, dtype: str) -> None:
     src = GluonASTSource(fn, full, const, attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": num_warps})  # fmt: skip
-    report(f"swap {num_warps}x{tiles} {dtype}", kernel, _ptxas_verbose(kernel.asm["ptx"], 90),
+    report(f"swap {num_warps}x{tiles} {dtype}", kernel, ptxas_log(kernel.asm["ptx"], 90),
            num_warps)  # fmt: skip
 
 

@@ -54,7 +54,7 @@ import triton
 
 from ffnsplit.kernels import gemv
 from ffnsplit.kernels.format import QuantizedWeight, SplitFFNWeights
-from ffnsplit.kernels.tiles import INTERPRET, Tuner, pdl_options, sm_count
+from ffnsplit.kernels.tiles import INTERPRET, Tuner, pdl_options, ptxas_log, sm_count
 
 try:  # Gluon (Triton >= 3.5); absent or unusable: the tier is off (available() says why)
     from triton.experimental import gluon
@@ -74,8 +74,9 @@ CHUNK = 128  # k a loop step: 4 blocks of 32 k (one group of 128, half of 256, t
 # session 11, whole FFN: M = 32 85.5 us in 2-tile row programs against the tl small tier's 142.6
 # and dense fp16's 103.5; M = 64 145.6 against 144.0: a tie, so the tl tier keeps it).
 # FFNSPLIT_MMA=0 keeps "auto" on the GEMV path and the tl tiers (comparisons); path="mma"
-# forces this tier. FFNSPLIT_MMA_MIN_M moves the lower end (1: M = 1 too; H200, session 13, the
-# W-as-A configs: FFN 42.1 us at M = 1 against the GEMV path's 43.2, same call).
+# forces this tier. FFNSPLIT_MMA_MIN_M moves the lower end (1: M = 1 too; H200, session 13, PDL
+# launches: the layer at M = 1 37.4 us against the GEMV path's 41.7, but the Llama-3-8B decode
+# 1.42x dense against 1.55x, so "auto" keeps GEMV at M = 1; benchmarks/RESULTS.md).
 MIN_M = int(os.environ.get("FFNSPLIT_MMA_MIN_M", "2"))
 AUTO_MAX_M = 32
 ENABLED = os.environ.get("FFNSPLIT_MMA", "1") != "0"
@@ -1085,7 +1086,6 @@ def _swap_layouts(num_warps: int, tiles: int) -> tuple:
         warp_bases=[[0, 16 << i] for i in range(log_w)],
         block_bases=[], shape=[4, 16 * num_warps * tiles],
     )  # fmt: skip
-
     x_layout = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])
     copy = _copy_layout(num_warps, 16 * num_warps * tiles)
     return words, None, None, x_layout, mma, copy  # dense rows: x-as-A tiles (layouts(..))
@@ -1236,7 +1236,8 @@ def split_linear(x2: torch.Tensor, heavy: torch.Tensor | None, light: QuantizedW
         b = bias if bias is not None else out
         _down_kernel[(tiles, sl + sh)](
             x2, xl, hw, *packed, ws, counters, out, b, m, n, kh, kl, x2.stride(0), hw.stride(0),
-            out.stride(0), sl, FUSED=cfg.fused, HAS_BIAS=bias is not None, SYMMETRIC=symmetric, GROUP=group, TAIL_L=kl % CHUNK != 0, TAIL_H=kh % CHUNK != 0,
+            out.stride(0), sl, FUSED=cfg.fused, HAS_BIAS=bias is not None, SYMMETRIC=symmetric,
+            GROUP=group, TAIL_L=kl % CHUNK != 0, TAIL_H=kh % CHUNK != 0,
             DTYPE=_gl_dtype(x2.dtype), **down_meta(cfg, m), **pdl, num_warps=cfg.num_warps,
             maxnreg=cfg.maxnreg,
         )  # fmt: skip
@@ -1256,8 +1257,8 @@ def aot_compile(kernel: str, cfg: MmaConfig, m: int = 1, dtype: str = "fp16", *,
                 heavy: int = 720, light: int = 13632, hidden: int = 4096, arch: int = 90):  # fmt: skip
     """Compile `kernel` ("up": kernel A, "down": kernel B) for one config and M rows ahead of
     time for CUDA sm_`arch`, no GPU needed (Triton's pipeline with its bundled ptxas), at the
-    Llama-3-8B FFN shape by default; returns Triton's CompiledKernel (`.n_regs`, `.n_spills`,
-    `.asm`). benchmarks/aot_mma.py reports it; a CPU test compiles each form with the installed
+    Llama-3-8B FFN shape by default; returns Triton's CompiledKernel (`.asm`: ptx, cubin;
+    `aot_resources` reads its registers and spills). benchmarks/aot_mma.py reports it; a CPU test compiles each form with the installed
     Triton, whose Gluon API moves between releases."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -1299,24 +1300,8 @@ def aot_resources(compiled, arch: int = 90) -> tuple[int, int]:
     its PTX (Triton's bundled ptxas; the CompiledKernel reports them only once loaded on a
     GPU)."""
     import re
-    import subprocess
-    import tempfile
-    from pathlib import Path
 
-    from triton.backends.nvidia import compiler as nvidia
-
-    try:
-        ptxas = nvidia.get_ptxas(arch).path
-    except TypeError:  # Triton 3.6: no arch argument
-        ptxas = nvidia.get_ptxas().path
-    with tempfile.TemporaryDirectory() as folder:
-        source = Path(folder) / "kernel.ptx"
-        source.write_text(compiled.asm["ptx"])
-        log = subprocess.run(
-            [ptxas, "-v", f"--gpu-name={nvidia.sm_arch_from_capability(arch)}", str(source),
-             "-o", str(source.with_suffix(".cubin"))],
-            capture_output=True, text=True, check=True,
-        ).stderr  # fmt: skip
+    log = ptxas_log(compiled.asm["ptx"], arch)
     regs = re.findall(r"Used (\d+) registers", log)
     spills = re.findall(r"(\d+) bytes spill stores", log)
     return int(regs[-1]), int(spills[-1]) if spills else 0

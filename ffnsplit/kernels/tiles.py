@@ -548,6 +548,32 @@ def pdl_trigger(PDL: tl.constexpr):
 _COMPILED = tl.constexpr(not INTERPRET)
 
 
+def ptxas_log(ptx: str, arch: int = 90) -> str:
+    """`ptxas -v` on PTX as Triton assembles it (its bundled ptxas, sm_`arch`, line info): the
+    registers, spills and stack it reports, without a GPU (ahead-of-time checks and reports)."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from triton.backends.nvidia import compiler as nvidia
+
+    try:
+        ptxas = nvidia.get_ptxas(arch).path
+    except TypeError:  # Triton 3.6: no arch argument
+        ptxas = nvidia.get_ptxas().path
+    with tempfile.TemporaryDirectory() as folder:
+        source = Path(folder) / "kernel.ptx"
+        source.write_text(ptx)
+        command = [ptxas, "-lineinfo", "-v", f"--gpu-name={nvidia.sm_arch_from_capability(arch)}"]
+        done = subprocess.run(
+            [*command, str(source), "-o", str(source.with_suffix(".cubin"))],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    return done.stderr
+
+
 @triton.jit
 def fence_gpu():
     """Every thread: its earlier global writes and atomics are performed at GPU scope before
