@@ -16,7 +16,7 @@
 #   at M = 1024-4096: heavy rows in the scratch or not, 128 and 256 MiB chunks), decodeops (decoder op tests), trace
 #   profprefill (benchmarks/prof_prefill.py + probe_cublas.py), odd (717 heavy neurons),
 #   swap (benchmarks/proto_swap.py), swaptier (the W-as-A form: tests + bench_mma), pdlmma,
-#   next14 (session 13's open questions), aligns, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
+#   next14 (session 13's open questions), padheavy, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
 #   (benchmarks/trace_decode.py), decode8b (M = 1, 4 + 8B decode once)
 # Several stages in one call: bash benchmarks/gpu_checks.sh gemv trace decode8b
 # Each step has its own time limit, so one slow step cannot take the whole call.
@@ -147,8 +147,9 @@ next14)  # session 13's open questions in one call (~7 min): the pdlmma stage (G
     run 200 bench_mma_16_32 python3 benchmarks/bench_mma.py --m 16,32 --paths mma \
         --out "$OUT/bench_mma_16_32.json"
     ;;
-aligns)  # the first CUDA call's re-layout of heavy_down rows to 16 bytes (session 13, untested)
-    run 120 test_aligns env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf tests/test_graphs.py -k aligns
+padheavy)  # the first CUDA call pads the heavy part to a multiple of 8 neurons (format.pad_heavy)
+    run 120 test_padheavy env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf tests/test_graphs.py \
+        -k pads_the_heavy
     ;;
 graphs)  # the CUDA-graph replay of eager SplitFFN calls (ffnsplit/graphs.py): its GPU tests
     run 200 test_graphs env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf tests/test_graphs.py

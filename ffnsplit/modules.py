@@ -25,11 +25,12 @@ from ffnsplit.arch import ACTIVATIONS, apply_activation
 from ffnsplit.compress.lowrank import LowRank
 from ffnsplit.errors import CheckpointError
 from ffnsplit.kernels.format import (
+    HEAVY_MULTIPLE,
     PLANES,
     QuantizedWeight,
     SplitFFNWeights,
-    aligned_rows,
     n_groups,
+    pad_heavy,
 )
 from ffnsplit.kernels.ops import split_ffn
 
@@ -246,7 +247,7 @@ class SplitFFN(nn.Module):
         bias goes with the first."""
         tiers = []
         if self.heavy_up is not None or self.light_up is not None:
-            tiers.append(replace(self.split_weights(), down_bias=None))
+            tiers.append(replace(self._padded_split(), down_bias=None))
         if self.qheavy_up is not None:
             gate = None if self.qheavy_gate is None else self.qheavy_gate.weight()
             tiers.append(
@@ -266,24 +267,64 @@ class SplitFFN(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         self._dense_cache = None  # moved or cast: the dequantized copy is stale
+        self.__dict__.pop("_padded", None)
         self._clear_graphs()
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
-        # new values: the dequantized copy is stale. Recorded graphs are not: a load copies into
-        # the same tensors; one with assign=True (or swapped tensors) puts new tensors in place,
-        # which __setattr__ or the address check at the next replay catches
+        # new values: the dequantized copy is stale, and so are the padded biases (the padded
+        # heavy weights are the buffers' storage: a load copies into them), with any graph that
+        # read them. Recorded graphs are not stale otherwise: a load copies into the same
+        # tensors; one with assign=True (or swapped tensors) puts new tensors in place, which
+        # __setattr__ or the address check at the next replay catches
         self._dense_cache = None
+        if self.__dict__.pop("_padded", None) is not None:
+            self._clear_graphs()
         super()._load_from_state_dict(*args, **kwargs)
 
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)
         if not name.startswith("_"):  # a tensor or part reassigned: recorded graphs are stale
+            self.__dict__.pop("_padded", None)
             self._clear_graphs()
 
     def __getstate__(self) -> dict:
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {**state, "_graphs": None}  # CUDA graphs are not copied or pickled
+        # CUDA graphs are not copied or pickled; nor the padded layout (rebuilt on first use)
+        return {**state, "_graphs": None, "_padded": None}
+
+    def _pad_heavy(self) -> None:
+        """Give the kernels a heavy part of a multiple of 8 neurons (format.pad_heavy: zero
+        neurons appended) once per placement; the heavy buffers become views of the padded
+        tensors (same values and shapes, no second copy), the padded biases are kept beside."""
+        h = self.heavy_up.shape[0]
+        if h % HEAVY_MULTIPLE == 0 or self._padded_valid():
+            return
+        w = pad_heavy(self.split_weights(), HEAVY_MULTIPLE)
+        self.heavy_up = w.heavy_up[:h]  # reassignments: recorded graphs are dropped
+        if w.heavy_gate is not None:
+            self.heavy_gate = w.heavy_gate[:h]
+        self.heavy_down = w.heavy_down[:, :h]
+        self.__dict__["_padded"] = w
+
+    def _padded_valid(self) -> bool:
+        padded = self.__dict__.get("_padded")
+        if padded is None or self.heavy_up is None:
+            return False
+        pairs = [(padded.heavy_up, self.heavy_up), (padded.heavy_down, self.heavy_down)]
+        if self.heavy_gate is not None:
+            pairs.append((padded.heavy_gate, self.heavy_gate))
+        return all(p is not None and p.data_ptr() == t.data_ptr() for p, t in pairs)
+
+    def _padded_split(self) -> SplitFFNWeights:
+        """split_weights() with the padded heavy part where the first CUDA call laid one out."""
+        w = self.split_weights()
+        if not self._padded_valid():
+            return w
+        p = self.__dict__["_padded"]
+        return replace(w, heavy_up=p.heavy_up, heavy_gate=p.heavy_gate,
+                       heavy_down=p.heavy_down, up_bias=p.up_bias,
+                       gate_bias=p.gate_bias)  # fmt: skip
 
     def _clear_graphs(self) -> None:
         calls = self.__dict__.get("_graphs")
@@ -338,17 +379,13 @@ class SplitFFN(nn.Module):
         from CUDA graphs recorded on first use (ffnsplit/graphs.py: the kernels' launch costs
         more host time than their GPU time at decode sizes); `cuda_graphs = False` on the
         module or FFNSPLIT_CUDA_GRAPHS=0 turns that off."""
-        if (
-            x.is_cuda
-            and self.heavy_down is not None
-            and not torch.cuda.is_current_stream_capturing()
-        ):
-            # 16-byte aligned rows for the kernels' vector loads, once per placement (a
-            # reassignment: recorded graphs are dropped, before any is recorded here; never
-            # inside a caller's capture, whose graph would redo the copy at every replay)
-            aligned = aligned_rows(self.heavy_down)
-            if aligned is not self.heavy_down:
-                self.heavy_down = aligned
+        # a heavy part of a multiple of 8 neurons for the kernels' 16-byte loads, once per
+        # placement (before any graph is recorded here; never inside a caller's capture, whose
+        # graph would redo the copy at every replay)
+        heavy = self.heavy_up
+        odd = heavy is not None and heavy.shape[0] % HEAVY_MULTIPLE != 0
+        if x.is_cuda and odd and not torch.cuda.is_current_stream_capturing():
+            self._pad_heavy()
         if x.is_cuda and self.cuda_graphs:
             calls = self.__dict__.get("_graphs")
             if calls is None:

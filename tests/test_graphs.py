@@ -202,10 +202,11 @@ def test_ineligible_cuda_calls_run_eagerly() -> None:
 
 
 @needs_cuda
-def test_first_cuda_call_aligns_heavy_down_rows() -> None:
-    """SmolLM2's 5% heavy count (77) leaves heavy_down's rows 154 bytes apart: the first CUDA
-    call re-lays them 16-byte aligned (same values, a view), before any graph is recorded, and
-    the output still matches the module's own eager call on the unpadded copy."""
+def test_first_cuda_call_pads_the_heavy_part() -> None:
+    """SmolLM2's 5% heavy count (77) is not a multiple of 8: the first CUDA call pads the heavy
+    part to 80 neurons (format.pad_heavy; the buffers become views of the padded tensors, same
+    values), before any graph is recorded, and the output still matches an eager call with
+    the unpadded part."""
     module = split_ffn_module("cuda", torch.float16)
     original = module.heavy_down.clone()
     assert original.shape[1] % 8 and module.heavy_down.stride(0) % 8
@@ -213,9 +214,13 @@ def test_first_cuda_call_aligns_heavy_down_rows() -> None:
     with torch.no_grad():
         out = module(x)
     assert module.heavy_down.stride(0) % 8 == 0 and torch.equal(module.heavy_down, original)
+    assert module._padded_split().n_heavy % 8 == 0
     assert recorded(module) == 1
     module.cuda_graphs = False
-    module.heavy_down = original  # contiguous again: the next call re-lays it
+    module.heavy_down = original  # a new tensor: the padded layout is dropped
+    assert module._padded_split().n_heavy == original.shape[1]
     with torch.no_grad():
+        unpadded = module._forward(x)
+        torch.testing.assert_close(unpadded, out, rtol=2e-3, atol=2e-3)
         torch.testing.assert_close(module(x), out, rtol=2e-3, atol=2e-3)
-    assert module.heavy_down.stride(0) % 8 == 0
+    assert module._padded_split().n_heavy % 8 == 0

@@ -285,19 +285,24 @@ def test_gemv_x_vector_loads(poison, monkeypatch, heavy, m, xvec) -> None:
 
 
 @pytest.mark.parametrize("path", ["gemv", "decode"])
-def test_padded_heavy_down_rows(poison, path) -> None:
-    """heavy_down as SplitFFN lays it out on a GPU (format.aligned_rows: [H, 22] rows in a
-    [H, 24] buffer): the kernels read it through its row stride, without a dense copy."""
+def test_strided_heavy_down_and_padded_heavy_part(poison, path) -> None:
+    """22 heavy neurons: heavy_down [H, 22] as a view of [H, 24] rows is read through its row
+    stride (no dense copy), and format.pad_heavy's 24 (two zero neurons, biases included), what
+    SplitFFN hands its kernels on a GPU, gives the unpadded FFN's output."""
     from dataclasses import replace
 
-    from ffnsplit.kernels.format import aligned_rows
+    from ffnsplit.kernels.format import pad_heavy
 
     w = random_split_weights(160, 22, 352, "silu", True, True, torch.float16, bits=4, group=64)
-    padded = replace(w, heavy_down=aligned_rows(w.heavy_down))
-    assert padded.heavy_down.stride() == (24, 1)
+    wide = torch.randn(160, 24, device=DEVICE).half()
+    wide[:, :22] = w.heavy_down
+    strided = replace(w, heavy_down=wide[:, :22])
+    padded = pad_heavy(w)
+    assert strided.heavy_down.stride() == (24, 1) and padded.n_heavy == 24
     x = torch.randn(2, 160, device=DEVICE).half()
-    out = sffn.split_ffn(x, padded, path=path)
-    assert rel_err(out, ref_split_ffn(x, w)) < TOL[torch.float16]
+    ref = ref_split_ffn(x, w)
+    for weights in (strided, padded):
+        assert rel_err(sffn.split_ffn(x, weights, path=path), ref) < TOL[torch.float16]
 
 
 @pytest.mark.parametrize(("heavy", "mode"), [(0, "a"), (9, "a"), (0, "all"), (9, "all")])

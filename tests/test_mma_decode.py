@@ -10,7 +10,6 @@ magic-number arithmetic turns every nibble into its exact value in fp16 and bf16
 from __future__ import annotations
 
 import itertools
-from dataclasses import replace
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ import torch
 from ffnsplit.kernels import mma_decode
 from ffnsplit.kernels import quant_matmul as qmm
 from ffnsplit.kernels import split_ffn as sffn
-from ffnsplit.kernels.format import aligned_rows, pack_planes
+from ffnsplit.kernels.format import pack_planes, pad_heavy
 from tests.test_kernels import (
     DEVICE,
     ON_GPU,
@@ -268,9 +267,9 @@ def test_split_ffn_swap_configs(poison, monkeypatch, case, dtype, config) -> Non
     monkeypatch.setattr(mma_decode, "SWAP", "only")
     _only(monkeypatch, "UP_SWAP", "DOWN_SWAP", config)
     w, hidden, m = _case_weights(case, dtype)
-    # a second size (1-8 rows: the single n8 tile) with heavy_down's rows padded to 16 bytes as
-    # SplitFFN lays them out on a GPU (format.aligned_rows)
-    padded = replace(w, heavy_down=aligned_rows(w.heavy_down)) if w.n_heavy else w
+    # a second size (1-8 rows: the single n8 tile) with the heavy part padded to a multiple of 8
+    # neurons as SplitFFN lays it out on a GPU (format.pad_heavy)
+    padded = pad_heavy(w)
     for rows, weights in ((m, w), (1 + m % 8, padded)):
         x = torch.randn(rows, hidden, device=DEVICE).to(dtype)
         out = sffn.split_ffn(x, weights, path="mma")

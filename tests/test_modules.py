@@ -242,23 +242,61 @@ def test_whole_smollm2_shape_model_triton_matches_reference(dtype, tol) -> None:
         assert ((out - ref).norm() / ref.norm()).item() < tol
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_aligned_rows_keeps_values_and_pads_the_row_stride(dtype) -> None:
-    """heavy_down [H, h] with h not a multiple of 8 (ceil(5% of I)): the kernels get the same
-    values with rows 16-byte aligned, as a view (no second copy); aligned input is returned as
-    is; the pad is zero and saving writes the view contiguously."""
-    from ffnsplit.kernels.format import aligned_rows
+def test_pad_heavy_appends_zero_neurons() -> None:
+    """format.pad_heavy: 17 heavy neurons become 24 (zero up/gate rows, down columns, and zero
+    bias entries between the heavy and light ones); a multiple of 8 comes back as is; padded
+    under inference mode, the tensors are still usable outside it."""
+    from ffnsplit.kernels.format import pad_heavy
+    from tests.test_kernels import random_split_weights
 
-    t = torch.randn(48, 717).to(dtype)
-    a = aligned_rows(t)
-    assert a.shape == t.shape and a.stride() == (720, 1) and torch.equal(a, t)
-    assert a.untyped_storage().nbytes() == 48 * 720 * t.element_size()
-    assert torch.count_nonzero(a.as_strided((48, 3), (720, 1), 717)) == 0
-    assert aligned_rows(a) is a
-    even = torch.randn(16, 64).to(dtype)
-    assert aligned_rows(even) is even
-    assert aligned_rows(even.T).stride() == (16, 1)  # column-major: re-laid row-major
-    assert torch.equal(aligned_rows(even.T), even.T)
-    with torch.inference_mode():  # a module's first call may run under inference mode
-        b = aligned_rows(torch.randn(8, 37).to(dtype))
-    assert not b.is_inference() and b.stride() == (40, 1)
+    w = random_split_weights(64, 17, 96, "silu", True, True, torch.float16, device="cpu")
+    with torch.inference_mode():
+        p = pad_heavy(w)
+    assert p.n_heavy == 24 and p.heavy_down.shape == (64, 24) and p.heavy_down.is_contiguous()
+    for name in ("heavy_up", "heavy_gate"):
+        assert torch.equal(getattr(p, name)[:17], getattr(w, name))
+        assert not getattr(p, name)[17:].any() and not getattr(p, name).is_inference()
+    assert torch.equal(p.heavy_down[:, :17], w.heavy_down) and not p.heavy_down[:, 17:].any()
+    for name in ("up_bias", "gate_bias"):
+        b, pb = getattr(w, name), getattr(p, name)
+        assert torch.equal(pb, torch.cat([b[:17], torch.zeros(7, dtype=b.dtype), b[17:]]))
+    assert p.light_up is w.light_up and p.down_bias is w.down_bias
+    assert pad_heavy(p) is p and pad_heavy(w, multiple=1) is w
+
+
+def test_split_ffn_module_pads_its_heavy_part_in_place() -> None:
+    """What a SplitFFN's first CUDA call does (`_pad_heavy`, run here on CPU): its heavy
+    buffers become views of the padded tensors (same values and shapes, one copy), the
+    kernels get the padded part, the output is unchanged, saving writes the unpadded values;
+    reassigning a buffer, a load or a move drop the padded layout."""
+    import safetensors.torch
+
+    model = tiny_model("opt")  # biases on up (fc1) and down
+    parts = get_ffn_blocks(model)[0].parts()
+    layer = random_layer_plan(parts.intermediate_size, 13, LightFormat(bits=4, group_size=32))
+    module = build_split_ffn(parts, layer)
+    x = torch.randn(3, module.hidden_size)
+    with torch.no_grad():
+        before = module(x)
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    module._pad_heavy()
+    p = module._padded_split()
+    assert p.n_heavy == 16 and p.up_bias.shape[0] == 16 + module.light_up.weight().shape[0]
+    assert module.heavy_up.shape[0] == 13 and module.heavy_up.data_ptr() == p.heavy_up.data_ptr()
+    assert module.heavy_down.stride() == (16, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), before, rtol=1e-5, atol=1e-5)
+    saved = safetensors.torch.load(safetensors.torch.save(
+        {k: v.contiguous() for k, v in module.state_dict().items()}))  # fmt: skip
+    assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in state)
+    module._pad_heavy()  # once per placement
+    assert module._padded_split().heavy_up is p.heavy_up
+    module.load_state_dict(state)
+    assert module._padded_split().n_heavy == 13
+    module._pad_heavy()
+    module.up_bias = module.up_bias.clone()
+    assert module._padded_split().n_heavy == 13
+    module._pad_heavy()
+    assert copy.deepcopy(module)._padded_split().n_heavy == 13
+    module.to(torch.float64)
+    assert module._padded_split().n_heavy == 13

@@ -54,8 +54,8 @@ from ffnsplit.kernels.format import (
     PACK_ALIGN,
     QuantizedWeight,
     SplitFFNWeights,
-    aligned_rows,
     pack_planes,
+    pad_heavy,
 )
 from ffnsplit.kernels.format import n_groups as count_groups
 from ffnsplit.kernels.tiles import capture_graph
@@ -398,8 +398,6 @@ def clone_split_weights(w: SplitFFNWeights) -> SplitFFNWeights:
 
     names = ("heavy_up", "heavy_gate", "heavy_down", "up_bias", "gate_bias", "down_bias")
     changes = {name: _clone(getattr(w, name)) for name in names}
-    if changes["heavy_down"] is not None:  # keep the aligned rows a module gives its kernels
-        changes["heavy_down"] = aligned_rows(changes["heavy_down"])
     changes.update({name: packed(getattr(w, name)) for name in ("light_up", "light_gate",
                                                                 "light_down")})  # fmt: skip
     return replace(w, **changes)
@@ -589,9 +587,8 @@ def model_cases(
                 "not covered by the layer bench (the end-to-end bench runs them)"
             )
             continue
-        first = module.split_weights()
-        if first.heavy_down is not None:  # as the module's forward lays it out for its kernels
-            first = replace(first, heavy_down=aligned_rows(first.heavy_down))
+        stored = module.split_weights()
+        first = pad_heavy(stored)  # as the module's CUDA forward lays it out for its kernels
         light = first.light_up
         light_label = "none"
         if light is not None:
@@ -603,7 +600,7 @@ def model_cases(
         cases.append(
             LayerCase(
                 label=f"layers {span}: {module.hidden_size}x{intermediate} {module.activation}"
-                f"{' gated' if module.gated else ''}, {first.n_heavy} heavy fp16 + "
+                f"{' gated' if module.gated else ''}, {stored.n_heavy} heavy fp16 + "
                 f"{module.n_light} light {light_label}"
                 + (f" ({first.n_light} stored)" if first.n_light != module.n_light else ""),
                 hidden=module.hidden_size,

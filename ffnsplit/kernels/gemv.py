@@ -933,7 +933,7 @@ def split_linear(
     out: torch.Tensor,
 ) -> None:
     """Kernel B on CUDA cores: out = x2[:, :kh] @ heavy^T + x2[:, kh:] @ dequant(light)^T + bias."""
-    # rows may be strided (SplitFFN pads heavy_down's rows to 16 bytes: format.aligned_rows)
+    # rows may be strided (a view of wider rows: not copied)
     dense = (
         None if heavy is None else (heavy if heavy.stride(-1) == 1 else heavy.contiguous(), None)
     )
