@@ -16,7 +16,7 @@
 #   at M = 1024-4096: heavy rows in the scratch or not, 128 and 256 MiB chunks), decodeops (decoder op tests), trace
 #   profprefill (benchmarks/prof_prefill.py + probe_cublas.py), odd (717 heavy neurons),
 #   swap (benchmarks/proto_swap.py), swaptier (the W-as-A form: tests + bench_mma), pdlmma,
-#   next14 (session 13's open questions), padheavy, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
+#   next14 (session 13's open questions), padheavy, s14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
 #   (benchmarks/trace_decode.py), decode8b (M = 1, 4 + 8B decode once)
 # Several stages in one call: bash benchmarks/gpu_checks.sh gemv trace decode8b
 # Each step has its own time limit, so one slow step cannot take the whole call.
@@ -150,6 +150,15 @@ next14)  # session 13's open questions in one call (~7 min): the pdlmma stage (G
 padheavy)  # the first CUDA call pads the heavy part to a multiple of 8 neurons (format.pad_heavy)
     run 120 test_padheavy env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf tests/test_graphs.py \
         -k pads_the_heavy
+    ;;
+s14)  # session 14: the padded heavy part's GPU tests (Gluon tier, GEMV, whole model), then the
+    # layer at M = 1, 4 and the 8B decode with the Gluon tier at M = 1 and without (~6 min)
+    run 200 test_s14 env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf -n 8 tests/test_mma_decode.py \
+        tests/test_kernels.py tests/test_modules.py -k "mma or strided or whole or gemv"
+    for min_m in 1 2; do
+        run 150 "dec_min$min_m" env FFNSPLIT_MMA_MIN_M=$min_m python3 -m ffnsplit.cli bench \
+            --shape 4096x14336 --m 1,4 --e2e-shape llama3-8b --json "$OUT/dec_min$min_m.json"
+    done
     ;;
 graphs)  # the CUDA-graph replay of eager SplitFFN calls (ffnsplit/graphs.py): its GPU tests
     run 200 test_graphs env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf tests/test_graphs.py
