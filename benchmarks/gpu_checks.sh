@@ -16,7 +16,7 @@
 #   at M = 1024-4096: heavy rows in the scratch or not, 128 and 256 MiB chunks), decodeops (decoder op tests), trace
 #   profprefill (benchmarks/prof_prefill.py + probe_cublas.py), odd (717 heavy neurons),
 #   swap (benchmarks/proto_swap.py), swaptier (the W-as-A form: tests + bench_mma), pdlmma,
-#   next14 (session 13's open questions), padheavy, s14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
+#   next14 (session 13's open questions), padheavy, s14, final14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
 #   (benchmarks/trace_decode.py), decode8b (M = 1, 4 + 8B decode once)
 # Several stages in one call: bash benchmarks/gpu_checks.sh gemv trace decode8b
 # Each step has its own time limit, so one slow step cannot take the whole call.
@@ -159,6 +159,13 @@ s14)  # session 14: the padded heavy part's GPU tests (Gluon tier, GEMV, whole m
         run 150 "dec_min$min_m" env FFNSPLIT_MMA_MIN_M=$min_m python3 -m ffnsplit.cli bench \
             --shape 4096x14336 --m 1,4 --e2e-shape llama3-8b --json "$OUT/dec_min$min_m.json"
     done
+    ;;
+final14)  # session 14's defaults ("auto" takes the Gluon tier at M = 1): the tests that name
+    # the path a bench row took, the padded heavy part's, then the full bench (~7 min)
+    run 150 test_final14 env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf -n 8 tests/test_bench.py \
+        tests/test_graphs.py tests/test_mma_decode.py -k "every_method or kernel_path or pads or e2e"
+    run 330 bench python3 -m ffnsplit.cli bench --shape 4096x14336 --e2e-shape llama3-8b \
+        --json "$OUT/bench.json"
     ;;
 graphs)  # the CUDA-graph replay of eager SplitFFN calls (ffnsplit/graphs.py): its GPU tests
     run 200 test_graphs env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf tests/test_graphs.py

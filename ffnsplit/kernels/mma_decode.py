@@ -69,15 +69,15 @@ except Exception as exc:  # pragma: no cover - depends on the installed Triton
 BLOCK_M = 16  # rows of one m16 tile; a program takes 1, 2 or 4 of them (MmaConfig.rows)
 MAX_M = 64  # path="mma" takes up to this many rows
 CHUNK = 128  # k a loop step: 4 blocks of 32 k (one group of 128, half of 256, two of 64)
-# "auto" takes this tier from MIN_M rows (H100, Llama-3-8B FFN, session 9: M = 2 56.2 us against
-# the GEMV path's 58.9, M = 4 56.8 against 88.7; M = 1 54.6 against 49.4) to AUTO_MAX_M (H200,
-# session 11, whole FFN: M = 32 85.5 us in 2-tile row programs against the tl small tier's 142.6
-# and dense fp16's 103.5; M = 64 145.6 against 144.0: a tie, so the tl tier keeps it).
+# "auto" takes this tier from MIN_M rows to AUTO_MAX_M (H200, session 11, whole FFN: M = 32
+# 85.5 us in 2-tile row programs against the tl small tier's 142.6 and dense fp16's 103.5; M = 64
+# 145.6 against 144.0: a tie, so the tl tier keeps it). M = 1 since session 14 (H200, W-as-A
+# configs, PDL launches, heavy part padded to 8 neurons: the layer 37.6 us against the GEMV
+# path's 41.8, the Llama-3-8B decode 1.67x dense against 1.61x; benchmarks/RESULTS.md). Before
+# the W-as-A form the GEMV path won at M = 1 (H100, session 9: 49.4 against 54.6 us).
 # FFNSPLIT_MMA=0 keeps "auto" on the GEMV path and the tl tiers (comparisons); path="mma"
-# forces this tier. FFNSPLIT_MMA_MIN_M moves the lower end (1: M = 1 too; H200, session 13, PDL
-# launches: the layer at M = 1 37.4 us against the GEMV path's 41.7, but the Llama-3-8B decode
-# 1.42x dense against 1.55x, so "auto" keeps GEMV at M = 1; benchmarks/RESULTS.md).
-MIN_M = int(os.environ.get("FFNSPLIT_MMA_MIN_M", "2"))
+# forces this tier; FFNSPLIT_MMA_MIN_M=2 gives M = 1 back to the GEMV path.
+MIN_M = int(os.environ.get("FFNSPLIT_MMA_MIN_M", "1"))
 AUTO_MAX_M = 32
 ENABLED = os.environ.get("FFNSPLIT_MMA", "1") != "0"
 
