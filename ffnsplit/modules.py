@@ -383,8 +383,9 @@ class SplitFFN(nn.Module):
         # placement (before any graph is recorded here; never inside a caller's capture, whose
         # graph would redo the copy at every replay)
         heavy = self.heavy_up
-        odd = heavy is not None and heavy.shape[0] % HEAVY_MULTIPLE != 0
-        if x.is_cuda and odd and not torch.cuda.is_current_stream_capturing():
+        unpadded = heavy is not None and heavy.shape[0] % HEAVY_MULTIPLE != 0
+        unpadded = unpadded and x.is_cuda and not self._padded_valid()
+        if unpadded and not torch.cuda.is_current_stream_capturing():
             self._pad_heavy()
         if x.is_cuda and self.cuda_graphs:
             calls = self.__dict__.get("_graphs")

@@ -45,16 +45,19 @@ def test_layer_bench_runs_every_method_and_each_matches_fp32() -> None:
     rows = {(r["m"], r["method"]): r for r in case["rows"]}
     assert not [r for r in case["rows"] if "error" in r]
     assert set(rows) == {(m, method) for m in (1, 20) for method in bench.METHODS}
-    mma_at_1 = (DEVICE == "cuda" and mma_decode.ENABLED and mma_decode.MIN_M <= 1
-                and mma_decode.available(torch.device(DEVICE)))  # fmt: skip
+    runs_mma = (
+        DEVICE == "cuda" and mma_decode.ENABLED and mma_decode.available(torch.device(DEVICE))
+    )
+    tier = {m: "mma" if runs_mma and mma_decode.MIN_M <= m <= mma_decode.AUTO_MAX_M else None
+            for m in (1, 20)}  # fmt: skip
     for (m, method), row in rows.items():
         assert row["rel_err"] < TOLERANCE[method], (m, method, row["rel_err"])
         assert row["us"] > 0 and row["GBps"] > 0
         assert row["x_floor"] == pytest.approx(row["us"] / row["floor_us"])
         assert row["vs_dense"] == pytest.approx(rows[(m, "dense")]["us"] / row["us"])
-        # the kernel tier that served each M: the Gluon tier from MIN_M rows where it runs (a
-        # GPU of sm_80+), else the GEMV path; 20 rows of this shape the tl small tier
-        expected_path = {1: "mma" if mma_at_1 else "gemv", 20: "small"}[m]
+        # the kernel tier that served each M: the Gluon tier from MIN_M to AUTO_MAX_M rows where
+        # it runs (a GPU of sm_80+), else the GEMV path (1 row) and the tl small tier (20)
+        expected_path = tier[m] or {1: "gemv", 20: "small"}[m]
         assert row.get("path") == (expected_path if method in ("ffnsplit", "kernel_A",
                                                                "kernel_B") else None)  # fmt: skip
     bytes_ = case["weight_bytes"]
