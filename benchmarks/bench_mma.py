@@ -37,7 +37,26 @@ def main() -> int:
     parser.add_argument("--light", type=int, default=13632)
     parser.add_argument("--paths", default="gemv,decode,mma", help="paths timed besides dense")
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_mma.json"))
+    parser.add_argument(
+        "--swap-max-m",
+        type=int,
+        default=None,
+        help="rows up to which the W-as-A configs are timed (default: the tier's)",
+    )
+    parser.add_argument(
+        "--extra-up",
+        default="",
+        help="more W-as-A kernel A configs to time, ';'-separated MmaConfig(...) expressions",
+    )
+    parser.add_argument("--extra-down", default="", help="the same for kernel B")
     args = parser.parse_args()
+    if args.swap_max_m is not None:
+        mma_decode.SWAP_MAX_M = args.swap_max_m
+    for kernel, extra in (("UP", args.extra_up), ("DOWN", args.extra_down)):
+        configs = tuple(eval(e, {"MmaConfig": mma_decode.MmaConfig}) for e in extra.split(";")
+                        if e.strip())  # fmt: skip
+        name = f"{kernel}_SWAP"
+        setattr(mma_decode, name, getattr(mma_decode, name) + configs)
     hidden = 4096
     copies = [split_weights(hidden, args.heavy, args.light, 4, 128) for _ in range(2)]
     dense = [

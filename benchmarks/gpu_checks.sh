@@ -16,7 +16,7 @@
 #   at M = 1024-4096: heavy rows in the scratch or not, 128 and 256 MiB chunks), decodeops (decoder op tests), trace
 #   profprefill (benchmarks/prof_prefill.py + probe_cublas.py), odd (717 heavy neurons),
 #   swap (benchmarks/proto_swap.py), swaptier (the W-as-A form: tests + bench_mma), pdlmma,
-#   next14 (session 13's open questions), padheavy, s14, final14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
+#   next14 (session 13's open questions), padheavy, s14, final14, swap16, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
 #   (benchmarks/trace_decode.py), decode8b (M = 1, 4 + 8B decode once)
 # Several stages in one call: bash benchmarks/gpu_checks.sh gemv trace decode8b
 # Each step has its own time limit, so one slow step cannot take the whole call.
@@ -166,6 +166,17 @@ final14)  # session 14's defaults ("auto" takes the Gluon tier at M = 1): the te
         tests/test_graphs.py tests/test_mma_decode.py -k "every_method or kernel_path or pads or e2e"
     run 330 bench python3 -m ffnsplit.cli bench --shape 4096x14336 --e2e-shape llama3-8b \
         --json "$OUT/bench.json"
+    ;;
+swap16)  # the W-as-A configs at 16 rows with the register counts the sm_90 AOT gives there
+    # (kernel A's ring 127, so 4 an SM; the others resized), then the 8B decode trace (~6 min)
+    run 150 test_swap16 env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf -n 8 tests/test_bench.py \
+        tests/test_graphs.py tests/test_mma_decode.py -k "every_method or kernel_path or pads or swap"
+    run 200 bench_swap16 python3 benchmarks/bench_mma.py --m 8,16 --paths mma --swap-max-m 16 \
+        --extra-up "MmaConfig(4, 1, resident=3, fused=True, swap=True)" \
+        --extra-down "MmaConfig(4, 1, resident=4, swap=True, fused=True, maxnreg=128);
+            MmaConfig(4, 1, resident=2, swap=True, fused=True, depth=2)" \
+        --out "$OUT/bench_swap16.json"
+    run 170 trace_decode python3 benchmarks/trace_decode.py --out "$OUT/trace_decode.json"
     ;;
 graphs)  # the CUDA-graph replay of eager SplitFFN calls (ffnsplit/graphs.py): its GPU tests
     run 200 test_graphs env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf tests/test_graphs.py
