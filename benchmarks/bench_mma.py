@@ -53,7 +53,8 @@ def main() -> int:
     if args.swap_max_m is not None:
         mma_decode.SWAP_MAX_M = args.swap_max_m
     for kernel, extra in (("UP", args.extra_up), ("DOWN", args.extra_down)):
-        configs = tuple(eval(e, {"MmaConfig": mma_decode.MmaConfig}) for e in extra.split(";")
+        configs = tuple(eval(e.strip(), {"MmaConfig": mma_decode.MmaConfig})  # noqa: S307
+                        for e in extra.split(";")
                         if e.strip())  # fmt: skip
         name = f"{kernel}_SWAP"
         setattr(mma_decode, name, getattr(mma_decode, name) + configs)
