@@ -968,8 +968,9 @@ DOWN_CONFIGS = (
 # (3 an SM), 255 at 64 (2), 4 x 1 189 at 64; kernel B 4 x 2 150 at 32, 204 at 64
 # Session 13, sm_90 AOT (Triton 3.6, fp16, K tail off): the 2-row configs compile to 202
 # (kernel A) and 212 (kernel B) registers, 2 programs an SM where 3 are assumed (1.5 waves); the
-# second candidates (a 168-register cap without spills; kernel B one wave of 2) are for the tuner
-# and NOT measured yet
+# second candidates were a 168-register cap without spills (kernel A) and one wave of 2 (kernel
+# B). H200, session 14, each alone at M = 32 (results/bench_mma_h200_s14_16_32.json): kernel A
+# 63.2 us, capped 62.5 (kept for the tuner); kernel B 32.7, one wave of 2 40.2 (dropped)
 UP_ROWS = {
     2: (
         MmaConfig(4, 2, resident=3, fused=True, rows=2),
@@ -978,7 +979,7 @@ UP_ROWS = {
     4: (MmaConfig(4, 1, resident=2, fused=True, rows=4), MmaConfig(4, 2, resident=2, rows=4)),
 }
 DOWN_ROWS = {
-    2: (MmaConfig(4, 2, resident=3, rows=2), MmaConfig(4, 2, resident=2, rows=2)),
+    2: (MmaConfig(4, 2, resident=3, rows=2),),
     4: (MmaConfig(4, 2, resident=2, rows=4), MmaConfig(4, 1, resident=2, rows=4)),
 }
 
@@ -1006,6 +1007,10 @@ DOWN_SWAP = (
     MmaConfig(4, 1, resident=4, swap=True, fused=True, depth=2),
     MmaConfig(4, 2, resident=4, swap=True, fused=True, depth=3, maxnreg=128),
 )
+# Session 14 at 16 rows with configs whose registers fit what they assume (sm_90 AOT: kernel A's
+# ring 127, 4 x 1 148 so resident 3; kernel B 4 x 1 capped at 128 without spills; H200, JSON
+# results/bench_mma_h200_s14_swap16.json): kernel A 33.7 / 43.9 us against x-as-A 30.3, kernel B
+# 22.7 against 21.9. So still 8 rows.
 SWAP_MAX_M = 8
 # FFNSPLIT_MMA_SWAP: "1" (default) the W-as-A configs are candidates up to SWAP_MAX_M rows
 # (first: the pick without the tuner), "0" they are not, "only" nothing else up to SWAP_MAX_M
