@@ -297,15 +297,21 @@ class SplitFFN(nn.Module):
         """Give the kernels a heavy part of a multiple of 8 neurons (format.pad_heavy: zero
         neurons appended) once per placement; the heavy buffers become views of the padded
         tensors (same values and shapes, no second copy), the padded biases are kept beside."""
-        h = self.heavy_up.shape[0]
-        if h % HEAVY_MULTIPLE == 0 or self._padded_valid():
+        if not self._unpadded():
             return
+        h = self.heavy_up.shape[0]
         w = pad_heavy(self.split_weights(), HEAVY_MULTIPLE)
         self.heavy_up = w.heavy_up[:h]  # reassignments: recorded graphs are dropped
         if w.heavy_gate is not None:
             self.heavy_gate = w.heavy_gate[:h]
         self.heavy_down = w.heavy_down[:, :h]
         self.__dict__["_padded"] = w
+
+    def _unpadded(self) -> bool:
+        """A dense heavy part whose count is not a multiple of 8 and not yet padded."""
+        heavy = self.heavy_up
+        odd = heavy is not None and heavy.shape[0] % HEAVY_MULTIPLE != 0
+        return odd and not self._padded_valid()
 
     def _padded_valid(self) -> bool:
         padded = self.__dict__.get("_padded")
@@ -382,10 +388,7 @@ class SplitFFN(nn.Module):
         # a heavy part of a multiple of 8 neurons for the kernels' 16-byte loads, once per
         # placement (before any graph is recorded here; never inside a caller's capture, whose
         # graph would redo the copy at every replay)
-        heavy = self.heavy_up
-        unpadded = heavy is not None and heavy.shape[0] % HEAVY_MULTIPLE != 0
-        unpadded = unpadded and x.is_cuda and not self._padded_valid()
-        if unpadded and not torch.cuda.is_current_stream_capturing():
+        if x.is_cuda and self._unpadded() and not torch.cuda.is_current_stream_capturing():
             self._pad_heavy()
         if x.is_cuda and self.cuda_graphs:
             calls = self.__dict__.get("_graphs")
