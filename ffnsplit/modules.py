@@ -308,10 +308,17 @@ class SplitFFN(nn.Module):
         self.__dict__["_padded"] = w
 
     def _unpadded(self) -> bool:
-        """A dense heavy part whose count is not a multiple of 8 and not yet padded."""
+        """A dense heavy part whose count is not a multiple of 8 and not (or no longer) padded.
+        Buffers replaced behind the module's back (an offloading hook that loads them before
+        every call, as accelerate's does) drop the padded layout, which would otherwise hold a
+        copy of the heavy part on the GPU between calls; after graphs.MAX_MOVES such moves the
+        module stops padding, as its graphs stop recording."""
         heavy = self.heavy_up
-        odd = heavy is not None and heavy.shape[0] % HEAVY_MULTIPLE != 0
-        return odd and not self._padded_valid()
+        if heavy is None or heavy.shape[0] % HEAVY_MULTIPLE == 0 or self._padded_valid():
+            return False
+        if self.__dict__.pop("_padded", None) is not None:
+            self.__dict__["_pad_moves"] = self.__dict__.get("_pad_moves", 0) + 1
+        return self.__dict__.get("_pad_moves", 0) <= graphs.MAX_MOVES
 
     def _padded_valid(self) -> bool:
         padded = self.__dict__.get("_padded")

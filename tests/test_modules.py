@@ -300,3 +300,12 @@ def test_split_ffn_module_pads_its_heavy_part_in_place() -> None:
     assert copy.deepcopy(module)._padded_split().n_heavy == 13
     module.to(torch.float64)
     assert module._padded_split().n_heavy == 13
+    from ffnsplit import graphs
+
+    # an offloading hook swapping the buffers: padded again up to MAX_MOVES times, then not
+    for moves in range(graphs.MAX_MOVES + 2):
+        module._pad_heavy()
+        assert module._padded_split().n_heavy == (16 if moves <= graphs.MAX_MOVES else 13)
+        module._buffers["heavy_up"] = module.heavy_up.clone()
+    module._pad_heavy()
+    assert module.__dict__.get("_padded") is None  # no padded copy kept after the last move
