@@ -244,7 +244,7 @@ def pad_heavy(w: SplitFFNWeights, multiple: int = HEAVY_MULTIPLE) -> SplitFFNWei
     adds exactly 0 to the output. h = ceil(5% of I) is rarely a multiple of 8; then the light
     columns of the activations `a` [M, h + l] start at an odd offset and heavy_down's rows are
     not 16 bytes apart, and kernel B reads both with 2-byte loads (H200, 4096x14336 at M = 1:
-    the Gluon tier's kernel B 29-33 us with 717 heavy neurons, 15.4 us with 720). The cost is
+    the Gluon tier's kernel B 29.4 us with 717 heavy neurons, 15.4 us with 720). The cost is
     `pad` dense neurons: 3 of 717 in the example, 0.07% of the layer's bytes."""
     h = w.n_heavy
     pad = -h % multiple
