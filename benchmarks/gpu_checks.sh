@@ -16,7 +16,7 @@
 #   at M = 1024-4096: heavy rows in the scratch or not, 128 and 256 MiB chunks), decodeops (decoder op tests), trace
 #   profprefill (benchmarks/prof_prefill.py + probe_cublas.py), odd (717 heavy neurons),
 #   swap (benchmarks/proto_swap.py), swaptier (the W-as-A form: tests + bench_mma), pdlmma,
-#   next14 (session 13's open questions), padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
+#   next14 (session 13's open questions), fused15 (the one-launch FFN), padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
 #   (benchmarks/trace_decode.py), decode8b (M = 1, 4 + 8B decode once)
 # Several stages in one call: bash benchmarks/gpu_checks.sh gemv trace decode8b
 # Each step has its own time limit, so one slow step cannot take the whole call.
@@ -184,6 +184,12 @@ verify14)  # session 14's GPU tests of the decode paths, whole models and graphs
         tests/test_kernels.py tests/test_bench.py tests/test_modules.py tests/test_mma_decode.py \
         tests/test_graphs.py \
         -k "gemv or mma or cuda_graph or static_decoder or e2e or whole or strided or pad or graph"
+    ;;
+fused15)  # session 15: the one-launch split FFN's GPU tests, then bench_fused at M = 1-4
+    # (each config alone) (~6 min on a cold Triton cache)
+    run 240 test_fused15 env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf -n 8 \
+        tests/test_kernels.py -k "fused or cuda_graph or auto_path"
+    run 300 bench_fused python3 benchmarks/bench_fused.py --m 1,2,4 --out "$OUT/fused.json"
     ;;
 graphs)  # the CUDA-graph replay of eager SplitFFN calls (ffnsplit/graphs.py): its GPU tests
     run 200 test_graphs env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf tests/test_graphs.py

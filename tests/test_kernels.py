@@ -354,9 +354,71 @@ def test_gemv_atomic_accumulation(poison, monkeypatch, heavy, m, dtype) -> None:
     assert rel_err(sffn.split_ffn(x, w, path="gemv"), out) < REPEAT_TOL[dtype]
 
 
+# (activation, gated, biases, dtype, m, heavy, light, bits, group, symmetric): odd heavy counts,
+# partial light units, every row count of the path, the exact (fp32, 3/8-bit) and the
+# two-mantissa (int4 16-bit) loops
+FUSED_CASES = [
+    ("silu", True, True, torch.float16, 1, 20, 96, 4, 128, False),
+    ("gelu", False, False, torch.float32, 3, 0, 192, 4, 64, True),
+    ("relu", True, True, torch.float32, 2, 37, 0, 4, 128, False),
+    ("gelu_tanh", True, True, torch.float32, 4, 9, 64, 3, 64, False),
+    ("silu", True, False, torch.float16, 4, 13, 160, 4, 64, False),
+    ("gelu", True, True, torch.float16, 2, 24, 128, 8, 128, True),
+]
+
+
+@pytest.mark.parametrize(
+    ("activation", "gated", "biases", "dtype", "m", "heavy", "light", "bits", "group", "symmetric"),
+    FUSED_CASES,
+)
+def test_fused_split_ffn(poison, activation, gated, biases, dtype, m, heavy, light, bits, group,
+                         symmetric) -> None:  # fmt: skip
+    """The one-launch split FFN (units of neurons, down partials added atomically, the last
+    program finishes) against float64; its accumulator and counter are left at zero, so a second
+    call agrees up to the order of the additions."""
+    from ffnsplit.kernels import fused_decode
+
+    w = random_split_weights(512, heavy, light, activation, gated, biases, dtype, bits=bits,
+                             group=group, symmetric=symmetric)  # fmt: skip
+    x = torch.randn(m, 512, device=DEVICE).to(dtype)
+    assert fused_decode.applies(m, x, w)
+    out = sffn.split_ffn(x, w, path="fused")
+    assert out.shape == (m, 512) and out.dtype == dtype
+    assert rel_err(out, ref_split_ffn(x, w)) < TOL[dtype]
+    for buf in gemv_module._zeroed_bufs.values():
+        assert not buf.any()
+    assert rel_err(sffn.split_ffn(x, w, path="fused"), out) < REPEAT_TOL[dtype]
+
+
+def test_fused_path_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    """path="fused" takes 1-4 rows and K that splits into whole groups per lane, and says so
+    otherwise; its halves are not separate paths; "auto" takes it on a GPU only, up to
+    AUTO_MAX_M rows."""
+    from ffnsplit.kernels import fused_decode
+
+    w = random_split_weights(512, 8, 64, "silu", True, False, torch.float16, group=128)
+    x = torch.randn(5, 512, device=DEVICE).half()
+    with pytest.raises(ValueError, match="kernel path 'fused' takes 1 to 4 rows"):
+        sffn.split_ffn(x, w, path="fused")
+    odd = random_split_weights(96, 8, 64, "silu", True, False, torch.float16, group=32)
+    with pytest.raises(ValueError, match="whole quantization groups"):
+        sffn.split_ffn(torch.randn(1, 96, device=DEVICE).half(), odd, path="fused")
+    with pytest.raises(ValueError, match="only split_ffn"):
+        sffn.split_activations(x[:1], w, path="fused")
+    monkeypatch.setattr(fused_decode, "AUTO_MAX_M", 2)
+    assert fused_decode.use(2, x[:2], w, "auto") == ON_GPU
+    assert not fused_decode.use(3, x[:3], w, "auto")
+    assert sffn.ffn_path(2, x[:2], w) == ("fused" if ON_GPU else sffn.kernel_path(2, x[:2], w))
+    monkeypatch.setattr(fused_decode, "ENABLED", False)
+    assert not fused_decode.use(1, x[:1], w, "auto")
+
+
 def test_auto_path_picks_gemv_for_few_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ffnsplit.kernels import fused_decode
+
     w = random_split_weights(64, 8, 32, "relu", False, False, torch.float32)
     monkeypatch.setattr(tiles, "GEMV_MAX_M", 2)
+    monkeypatch.setattr(fused_decode, "AUTO_MAX_M", 0)
     calls = []
     monkeypatch.setattr(sffn.gemv, "split_activations", lambda *a: calls.append("A"))
     monkeypatch.setattr(qmm.gemv, "split_linear", lambda *a: calls.append("B"))
@@ -519,6 +581,26 @@ def test_every_dequant_config(poison, monkeypatch, index) -> None:
         dequant_gemm.dequantize_chunk(qw, 150, 250, out, second=qw2)
         ref = torch.cat((qw.dequantize()[150:250], qw2.dequantize()[150:250]))
         torch.testing.assert_close(out, ref, rtol=1e-6, atol=0)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("index", range(5))
+def test_every_fused_config(poison, monkeypatch, dtype, index) -> None:
+    """Each one-launch candidate alone (the tuner may pick any), 1-4 rows, on a shape every
+    candidate takes (K = 1,024, groups of 128): 37 heavy neurons (partial heavy units), 416
+    light (partial light units), biases."""
+    from ffnsplit.kernels import fused_decode
+
+    cfg = fused_decode._CONFIGS[index]
+    monkeypatch.setattr(fused_decode, "_CONFIGS", (cfg,))
+    w = random_split_weights(1024, 37, 416, "silu", True, True, dtype, bits=4, group=128)
+    assert fused_decode._config_ok(cfg, w)
+    for m in (1, 2, 3, 4):
+        x = torch.randn(m, 1024, device=DEVICE).to(dtype)
+        out = sffn.split_ffn(x, w, path="fused")
+        assert rel_err(out, ref_split_ffn(x, w)) < TOL[dtype], (m, cfg)
 
 
 def _tier_cases() -> list[tuple[str, int]]:

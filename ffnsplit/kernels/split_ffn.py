@@ -1,4 +1,5 @@
-"""The fused split FFN: two launches (one more for each kernel that splits K and reduces its
+"""The fused split FFN: one launch for 1-4 rows where the shapes allow (fused_decode: units of
+neurons, each program the whole FFN for its neurons), else two launches (one more for each kernel that splits K and reduces its
 partials in a second launch: kernel B on the GEMV path, either kernel in the tensor-core decode
 tier when the tuner picks a split config), no dense copy of any weight.
 
@@ -16,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ffnsplit.kernels import dequant_gemm, gemv, mma_decode
+from ffnsplit.kernels import dequant_gemm, fused_decode, gemv, mma_decode
 from ffnsplit.kernels.format import QuantizedWeight, SplitFFNWeights
 from ffnsplit.kernels.quant_matmul import kernel_path as quant_kernel_path
 from ffnsplit.kernels.quant_matmul import split_linear, wave_splits
@@ -206,6 +207,13 @@ def kernel_path(m: int, x: torch.Tensor, w: SplitFFNWeights, path: str = "auto")
     return quant_kernel_path(m, x, w.light_up if w.n_light else None, path)
 
 
+def ffn_path(m: int, x: torch.Tensor, w: SplitFFNWeights, path: str = "auto") -> str:
+    """The path `split_ffn` takes for M rows like x: "fused" (one launch), else kernel_path's."""
+    if path == "fused" or path == "auto" and fused_decode.use(m, x, w, path):
+        return "fused"
+    return kernel_path(m, x, w, path)
+
+
 def split_activations(x: torch.Tensor, w: SplitFFNWeights, *, path: str = "auto") -> torch.Tensor:
     """Kernel A: a [..., h + l] = act(gate x + gate_bias) * (up x + up_bias) (or act(up x + b))."""
     _validate(x, w)
@@ -285,7 +293,18 @@ def split_activations(x: torch.Tensor, w: SplitFFNWeights, *, path: str = "auto"
 
 
 def split_ffn(x: torch.Tensor, w: SplitFFNWeights, *, path: str = "auto") -> torch.Tensor:
-    """y [..., H] = down(a) + down_bias with a from `split_activations` (Triton)."""
+    """y [..., H] = down(a) + down_bias with a from `split_activations` (Triton), or for 1-4 rows
+    the one-launch kernel (fused_decode, "auto" up to its AUTO_MAX_M on a GPU, path="fused")."""
+    m = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
+    if path == "fused" or path == "auto" and 1 <= m <= fused_decode.MAX_M:
+        _validate(x, w)
+        x2 = x.reshape(-1, x.shape[-1])
+        if fused_decode.use(m, x2, w, path):
+            if x2.stride(-1) != 1:
+                x2 = x2.contiguous()
+            out = torch.empty((m, w.hidden_size), dtype=x.dtype, device=x.device)
+            fused_decode.split_ffn(x2, w, out)
+            return out.reshape(*x.shape[:-1], w.hidden_size)
     a = split_activations(x, w, path=path)
     a2 = a.reshape(-1, a.shape[-1])
     m = a2.shape[0]

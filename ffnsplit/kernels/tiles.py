@@ -631,7 +631,7 @@ def resident_blocks(
     return _resident[key]
 
 
-PATHS = ("auto", "gemv", "mma", "decode", "small", "prefill", "dequant")
+PATHS = ("auto", "gemv", "mma", "decode", "small", "prefill", "dequant", "fused")
 
 
 def use_gemv(m: int, path: str) -> bool:
@@ -668,6 +668,9 @@ def tier_configs(
     """
     if path not in PATHS:
         raise ValueError(f"unknown kernel path {path!r}: choose one of {', '.join(PATHS)}")
+    if path == "fused":
+        raise ValueError("kernel path 'fused' is the whole split FFN in one launch: only split_ffn "
+                         "takes it; use path='auto' for its halves")  # fmt: skip
     if path == "auto":
         path = "decode" if m <= DECODE_MAX_M else ("small" if m <= SMALL_MAX_M else "prefill")
     if INTERPRET:
