@@ -390,6 +390,19 @@ def test_fused_split_ffn(poison, activation, gated, biases, dtype, m, heavy, lig
     assert rel_err(sffn.split_ffn(x, w, path="fused"), out) < REPEAT_TOL[dtype]
 
 
+def test_fused_partial_light_unit(poison, monkeypatch) -> None:
+    """Light units of 64 neurons over 96 light neurons: the last unit has 32, and its down
+    projection reads only its own word rows of light_down (and of a)."""
+    from ffnsplit.kernels import fused_decode
+
+    cfg = dataclasses.replace(fused_decode._INTERPRET_CONFIG, nb=64)
+    monkeypatch.setattr(fused_decode, "_INTERPRET_CONFIG", cfg)
+    monkeypatch.setattr(fused_decode, "_CONFIGS", (dataclasses.replace(cfg, num_warps=4),))
+    w = random_split_weights(512, 12, 96, "silu", True, True, torch.float16, group=64)
+    x = torch.randn(2, 512, device=DEVICE).half()
+    assert rel_err(sffn.split_ffn(x, w, path="fused"), ref_split_ffn(x, w)) < TOL[torch.float16]
+
+
 def test_fused_path_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     """path="fused" takes 1-4 rows and K that splits into whole groups per lane, and says so
     otherwise; its halves are not separate paths; "auto" takes it on a GPU only, up to
@@ -586,7 +599,7 @@ def test_every_dequant_config(poison, monkeypatch, index) -> None:
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("index", range(5))
+@pytest.mark.parametrize("index", range(7))
 def test_every_fused_config(poison, monkeypatch, dtype, index) -> None:
     """Each one-launch candidate alone (the tuner may pick any), 1-4 rows, on a shape every
     candidate takes (K = 1,024, groups of 128): 37 heavy neurons (partial heavy units), 416

@@ -174,40 +174,56 @@ def _add_rows(acc_ptr, H, cols, mask, M, y0, y1, y2, y3, BM: tl.constexpr):
 
 
 @triton.jit
-def _light_down(a_ptr, stride_am, M, d0_ptr, d1_ptr, ds_ptr, dz_ptr, acc_ptr, H, c0, ONE,
+def _light_down(a_ptr, stride_am, M, d0_ptr, d1_ptr, ds_ptr, dz_ptr, acc_ptr, H, NL, c0, ONE,
                 BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
                 BM: tl.constexpr, NB: tl.constexpr, CB: tl.constexpr, FAST: tl.constexpr,
                 XVEC: tl.constexpr):  # fmt: skip
     """acc[:, :H] += a[:, c0:c0 + NB] @ dequant(light_down[:, c0:c0 + NB])^T, CB output columns
-    at a time (a: the light part of the activations, rows stride_am apart). The unit's NB
-    neurons lie in one group of light_down (the launcher checks)."""
-    SPU: tl.constexpr = NB // STEP_K  # steps of the unit
+    at a time (a: the light part of the activations, rows stride_am apart; the last unit may
+    have fewer than NB neurons). The unit lies in one group of light_down (the launcher
+    checks). FAST: one loop over (column chunk, step) whose next words are loaded before the
+    current step is computed, also across chunks."""
+    n_steps = tl.minimum(NB, NL - c0) // STEP_K
     g = c0 // GROUP
     z1 = tl.zeros([CB], dtype=tl.float32)
     zs = tl.zeros([], dtype=tl.float32)
     offs = tl.arange(0, CB)
-    for c in range(0, tl.cdiv(H, CB)):
-        cols = c * CB + offs
-        mask = cols < H
-        if FAST:
-            ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3 = z1, z1, z1, z1, z1, z1, z1, z1
-            xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3 = zs, zs, zs, zs, zs, zs, zs, zs
-            for j in tl.static_range(SPU):
-                k0 = c0 + j * STEP_K
-                w = _load_step4(d0_ptr, d0_ptr, H, k0, cols, mask, False)
-                (ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3, _, _, _, _, _, _, _, _,
-                 xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3) = _light_step4(
-                    ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3, z1, z1, z1, z1, z1, z1, z1, z1,
-                    xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3, *w, a_ptr, stride_am, M, k0, ONE,
-                    False, BM, XVEC)  # fmt: skip
-            s, z = _scale_pair(ds_ptr, dz_ptr, g, H, cols, mask, SYMMETRIC)
-            y0, y1, y2, y3 = _finish_rows4(z1, z1, z1, z1, ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3,
-                                           s, z, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3,
-                                           BM)  # fmt: skip
-        else:
+    if FAST:
+        total = tl.cdiv(H, CB) * n_steps
+        nxt = _load_step4(d0_ptr, d0_ptr, H, c0, offs, offs < H, False)
+        ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3 = z1, z1, z1, z1, z1, z1, z1, z1
+        xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3 = zs, zs, zs, zs, zs, zs, zs, zs
+        for i in range(0, total):
+            c = i // n_steps
+            j = i - c * n_steps
+            cols = c * CB + offs
+            mask = cols < H
+            cur = nxt
+            i1 = tl.minimum(i + 1, total - 1)
+            c1 = i1 // n_steps
+            cols1 = c1 * CB + offs
+            nxt = _load_step4(d0_ptr, d0_ptr, H, c0 + (i1 - c1 * n_steps) * STEP_K, cols1,
+                              cols1 < H, False)  # fmt: skip
+            (ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3, _, _, _, _, _, _, _, _,
+             xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3) = _light_step4(
+                ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3, z1, z1, z1, z1, z1, z1, z1, z1,
+                xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3, *cur, a_ptr, stride_am, M,
+                c0 + j * STEP_K, ONE, False, BM, XVEC)  # fmt: skip
+            if j == n_steps - 1:  # the chunk's last step: scale, add, start the next chunk
+                s, z = _scale_pair(ds_ptr, dz_ptr, g, H, cols, mask, SYMMETRIC)
+                y0, y1, y2, y3 = _finish_rows4(z1, z1, z1, z1, ul0, uh0, ul1, uh1, ul2, uh2, ul3,
+                                               uh3, s, z, xe0, xo0, xe1, xo1, xe2, xo2, xe3,
+                                               xo3, BM)  # fmt: skip
+                _add_rows(acc_ptr, H, cols, mask, M, y0, y1, y2, y3, BM)
+                ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3 = z1, z1, z1, z1, z1, z1, z1, z1
+                xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3 = zs, zs, zs, zs, zs, zs, zs, zs
+    else:
+        for c in range(0, tl.cdiv(H, CB)):
+            cols = c * CB + offs
+            mask = cols < H
             t0, t1, t2, t3 = z1, z1, z1, z1
             xs0, xs1, xs2, xs3 = zs, zs, zs, zs
-            for j in tl.static_range(SPU):
+            for j in range(0, n_steps):
                 t0, t1, t2, t3, _, _, _, _, xs0, xs1, xs2, xs3 = _light_step(
                     t0, t1, t2, t3, z1, z1, z1, z1, xs0, xs1, xs2, xs3, a_ptr, stride_am, M,
                     d0_ptr, d1_ptr, d0_ptr, d1_ptr, H, c0 + j * STEP_K, cols, mask, ONE, BITS,
@@ -215,7 +231,7 @@ def _light_down(a_ptr, stride_am, M, d0_ptr, d1_ptr, ds_ptr, dz_ptr, acc_ptr, H,
             a, b = _scale_terms(ds_ptr, dz_ptr, g, H, cols, mask, BITS, SYMMETRIC)
             y0, y1, y2, y3 = _scaled_rows(z1, z1, z1, z1, t0, t1, t2, t3, a, b, xs0, xs1, xs2,
                                           xs3, BM)  # fmt: skip
-        _add_rows(acc_ptr, H, cols, mask, M, y0, y1, y2, y3, BM)
+            _add_rows(acc_ptr, H, cols, mask, M, y0, y1, y2, y3, BM)
 
 
 @triton.jit
@@ -286,7 +302,7 @@ def _fused_ffn_kernel(
                  u3, g0, g1, g2, g3, DUAL, ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS,
                  BM)  # fmt: skip
         tl.debug_barrier()
-        _light_down(a_ptr + NH, stride_am, M, d0_ptr, d1_ptr, ds_ptr, dz_ptr, acc_ptr, H, c0, ONE,
+        _light_down(a_ptr + NH, stride_am, M, d0_ptr, d1_ptr, ds_ptr, dz_ptr, acc_ptr, H, NL, c0, ONE,
                     DBITS, DGROUP, DSYMMETRIC, BM, NB, CB, DFAST, AVEC)  # fmt: skip
     out_cols = tl.arange(0, BLOCK_H)
     _arrive(cnt_ptr, 0, tl.num_programs(0), acc_ptr, out_ptr, db_ptr, db_ptr, out_cols,
@@ -310,6 +326,7 @@ class FusedConfig:
     block_kd: int
     br: int
     num_warps: int
+    maxnreg: int | None = None  # a register cap (more programs an SM; ptxas may spill)
 
     def ks(self) -> int:
         return max(1, 128 * self.num_warps // self.nb)
@@ -324,6 +341,9 @@ _CONFIGS = (
     FusedConfig(64, 8, 4, 256, 256, num_warps=4),
     FusedConfig(128, 16, 4, 256, 256, num_warps=4),
     FusedConfig(32, 8, 2, 256, 256, num_warps=2),
+    # 516 units at the Llama-3-8B shape: one wave with 4 programs an SM (168 registers: 3)
+    FusedConfig(32, 8, 4, 256, 256, num_warps=4, maxnreg=128),
+    FusedConfig(64, 16, 4, 256, 256, num_warps=4, maxnreg=128),
 )
 _INTERPRET_CONFIG = FusedConfig(32, 8, 4, 32, 32, num_warps=1)
 _tuner = Tuner()
@@ -417,7 +437,7 @@ def split_ffn(x2: torch.Tensor, w: SplitFFNWeights, out: torch.Tensor) -> None:
             out.stride(0), ONE_BITS,
             KS=cfg.ks(), NB=cfg.nb, CB=cfg.cb(), NBH=cfg.nbh, BLOCK_ND=cfg.block_nd,
             BLOCK_KD=cfg.block_kd, BR=cfg.br, **constexprs,
-            num_warps=cfg.num_warps, num_stages=1, **launch,
+            num_warps=cfg.num_warps, num_stages=1, maxnreg=cfg.maxnreg, **launch,
         )  # fmt: skip
 
     configs = tuple(c for c in _configs() if _config_ok(c, w))
