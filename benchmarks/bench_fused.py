@@ -89,6 +89,14 @@ def main() -> int:
         row["fused_us"] = graph_time_us(
             [lambda w=w, x=x: sffn.split_ffn(x, w, path="fused") for w in copies]
         )
+        # where the time goes: the fused launch with the light or the heavy neurons alone
+        for part, wp in (("light_only", [replace(w, heavy_up=None, heavy_gate=None,
+                                                  heavy_down=None) for w in copies]),
+                         ("heavy_only", [replace(w, light_up=None, light_gate=None,
+                                                  light_down=None) for w in copies])):  # fmt: skip
+            row[f"{part}_us"] = graph_time_us(
+                [lambda w=w, x=x: sffn.split_ffn(x, w, path="fused") for w in wp]
+            )
         for name in ("two_launch", "fused"):
             row[f"{name}_vs_dense"] = row["dense_us"] / row[f"{name}_us"]
             row[f"{name}_x_floor"] = row[f"{name}_us"] / floor_us

@@ -390,12 +390,14 @@ def test_fused_split_ffn(poison, activation, gated, biases, dtype, m, heavy, lig
     assert rel_err(sffn.split_ffn(x, w, path="fused"), out) < REPEAT_TOL[dtype]
 
 
-def test_fused_partial_light_unit(poison, monkeypatch) -> None:
+@pytest.mark.parametrize("stages", [1, 3])
+def test_fused_partial_light_unit(poison, monkeypatch, stages) -> None:
     """Light units of 64 neurons over 96 light neurons: the last unit has 32, and its down
-    projection reads only its own word rows of light_down (and of a)."""
+    projection reads only its own word rows of light_down (and of a); both loop forms (words
+    prefetched into registers, or one flat loop for Triton's pipeliner)."""
     from ffnsplit.kernels import fused_decode
 
-    cfg = dataclasses.replace(fused_decode._INTERPRET_CONFIG, nb=64)
+    cfg = dataclasses.replace(fused_decode._INTERPRET_CONFIG, nb=64, stages=stages)
     monkeypatch.setattr(fused_decode, "_INTERPRET_CONFIG", cfg)
     monkeypatch.setattr(fused_decode, "_CONFIGS", (dataclasses.replace(cfg, num_warps=4),))
     w = random_split_weights(512, 12, 96, "silu", True, True, torch.float16, group=64)
@@ -599,7 +601,7 @@ def test_every_dequant_config(poison, monkeypatch, index) -> None:
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("index", range(7))
+@pytest.mark.parametrize("index", range(13))
 def test_every_fused_config(poison, monkeypatch, dtype, index) -> None:
     """Each one-launch candidate alone (the tuner may pick any), 1-4 rows, on a shape every
     candidate takes (K = 1,024, groups of 128): 37 heavy neurons (partial heavy units), 416

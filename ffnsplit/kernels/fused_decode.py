@@ -75,11 +75,15 @@ def _lane_sum(t, BM: tl.constexpr, r: tl.constexpr, NB: tl.constexpr):
 def _light_up(x_ptr, stride_xm, M, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u_ptr,
               NL, K, c0, ONE, BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
               DUAL: tl.constexpr, BM: tl.constexpr, KS: tl.constexpr, NB: tl.constexpr,
-              FAST: tl.constexpr, XVEC: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+              FAST: tl.constexpr, XVEC: tl.constexpr, PDL: tl.constexpr,
+              STAGES: tl.constexpr):  # fmt: skip
     """Up (and gate) sums of light columns c0..c0 + NB over all of K, rows 0..BM of x: lane ks of
     the [KS, NB] tiles takes steps ks * SPL .. (ks + 1) * SPL (SPL = K / 32 / KS), which are whole
     groups or lie inside one (the launcher checks), so scales apply once a chunk of CH steps.
-    Returns [NB] fp32 sums per row (up u0..u3, gate g0..g3)."""
+    Returns [NB] fp32 sums per row (up u0..u3, gate g0..g3). FAST with STAGES > 1: one loop
+    over the lane's steps that Triton's pipeliner feeds (cp.async into shared memory, STAGES - 1
+    steps ahead); else the next step's words are loaded into registers before the current step
+    is computed."""
     ks = tl.arange(0, KS)[:, None]
     cols = c0 + tl.arange(0, NB)[None, :]
     mask = cols < NL
@@ -91,7 +95,51 @@ def _light_up(x_ptr, stride_xm, M, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr,
     zs = tl.zeros([KS, 1], dtype=tl.float32)
     au0, au1, au2, au3 = _zero_rows(zero)
     ag0, ag1, ag2, ag3 = _zero_rows(zero)
-    if FAST:
+    if FAST and STAGES > 1:
+        pdl_wait(PDL)
+        ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3 = zero, zero, zero, zero, zero, zero, zero, zero
+        gl0, gh0, gl1, gh1, gl2, gh2, gl3, gh3 = zero, zero, zero, zero, zero, zero, zero, zero
+        xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3 = zs, zs, zs, zs, zs, zs, zs, zs
+        for i in tl.range(0, SPL, num_stages=STAGES):
+            w = _load_step4(p0_ptr, q0_ptr, NL, (st0 + i) * STEP_K, cols, mask, DUAL)
+            (ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3, gl0, gh0, gl1, gh1, gl2, gh2, gl3, gh3,
+             xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3) = _light_step4(
+                ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3, gl0, gh0, gl1, gh1, gl2, gh2, gl3,
+                gh3, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3, *w, x_ptr, stride_xm, M,
+                (st0 + i) * STEP_K, ONE, DUAL, BM, XVEC)  # fmt: skip
+            if (i + 1) % CH == 0:  # a chunk's last step: its scales, then the next chunk
+                g = (st0 + i) // SPG
+                s, z = _scale_pair(s_ptr, z_ptr, g, NL, cols, mask, SYMMETRIC)
+                au0, au1, au2, au3 = _finish_rows4(au0, au1, au2, au3, ul0, uh0, ul1, uh1, ul2,
+                                                   uh2, ul3, uh3, s, z, xe0, xo0, xe1, xo1, xe2,
+                                                   xo2, xe3, xo3, BM)  # fmt: skip
+                if DUAL:
+                    s, z = _scale_pair(t_ptr, u_ptr, g, NL, cols, mask, SYMMETRIC)
+                    ag0, ag1, ag2, ag3 = _finish_rows4(ag0, ag1, ag2, ag3, gl0, gh0, gl1, gh1,
+                                                       gl2, gh2, gl3, gh3, s, z, xe0, xo0, xe1,
+                                                       xo1, xe2, xo2, xe3, xo3, BM)  # fmt: skip
+                ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3 = (
+                    zero,
+                    zero,
+                    zero,
+                    zero,
+                    zero,
+                    zero,
+                    zero,
+                    zero,
+                )
+                gl0, gh0, gl1, gh1, gl2, gh2, gl3, gh3 = (
+                    zero,
+                    zero,
+                    zero,
+                    zero,
+                    zero,
+                    zero,
+                    zero,
+                    zero,
+                )
+                xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3 = zs, zs, zs, zs, zs, zs, zs, zs
+    elif FAST:
         nxt = _load_step4(p0_ptr, q0_ptr, NL, st0 * STEP_K, cols, mask, DUAL)
         pdl_wait(PDL)
         for c in range(0, SPL // CH):
@@ -177,12 +225,12 @@ def _add_rows(acc_ptr, H, cols, mask, M, y0, y1, y2, y3, BM: tl.constexpr):
 def _light_down(a_ptr, stride_am, M, d0_ptr, d1_ptr, ds_ptr, dz_ptr, acc_ptr, H, NL, c0, ONE,
                 BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
                 BM: tl.constexpr, NB: tl.constexpr, CB: tl.constexpr, FAST: tl.constexpr,
-                XVEC: tl.constexpr):  # fmt: skip
+                XVEC: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
     """acc[:, :H] += a[:, c0:c0 + NB] @ dequant(light_down[:, c0:c0 + NB])^T, CB output columns
     at a time (a: the light part of the activations, rows stride_am apart; the last unit may
     have fewer than NB neurons). The unit lies in one group of light_down (the launcher
     checks). FAST: one loop over (column chunk, step) whose next words are loaded before the
-    current step is computed, also across chunks."""
+    current step is computed, also across chunks (STAGES > 1: by Triton's pipeliner)."""
     n_steps = tl.minimum(NB, NL - c0) // STEP_K
     g = c0 // GROUP
     z1 = tl.zeros([CB], dtype=tl.float32)
@@ -190,20 +238,23 @@ def _light_down(a_ptr, stride_am, M, d0_ptr, d1_ptr, ds_ptr, dz_ptr, acc_ptr, H,
     offs = tl.arange(0, CB)
     if FAST:
         total = tl.cdiv(H, CB) * n_steps
-        nxt = _load_step4(d0_ptr, d0_ptr, H, c0, offs, offs < H, False)
+        nxt = _load_step4(d0_ptr, d0_ptr, H, c0, offs, offs < H, False)  # STAGES == 1
         ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3 = z1, z1, z1, z1, z1, z1, z1, z1
         xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3 = zs, zs, zs, zs, zs, zs, zs, zs
-        for i in range(0, total):
+        for i in tl.range(0, total, num_stages=STAGES):
             c = i // n_steps
             j = i - c * n_steps
             cols = c * CB + offs
             mask = cols < H
-            cur = nxt
-            i1 = tl.minimum(i + 1, total - 1)
-            c1 = i1 // n_steps
-            cols1 = c1 * CB + offs
-            nxt = _load_step4(d0_ptr, d0_ptr, H, c0 + (i1 - c1 * n_steps) * STEP_K, cols1,
-                              cols1 < H, False)  # fmt: skip
+            if STAGES > 1:
+                cur = _load_step4(d0_ptr, d0_ptr, H, c0 + j * STEP_K, cols, mask, False)
+            else:
+                cur = nxt
+                i1 = tl.minimum(i + 1, total - 1)
+                c1 = i1 // n_steps
+                cols1 = c1 * CB + offs
+                nxt = _load_step4(d0_ptr, d0_ptr, H, c0 + (i1 - c1 * n_steps) * STEP_K, cols1,
+                                  cols1 < H, False)  # fmt: skip
             (ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3, _, _, _, _, _, _, _, _,
              xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3) = _light_step4(
                 ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3, z1, z1, z1, z1, z1, z1, z1, z1,
@@ -274,7 +325,7 @@ def _fused_ffn_kernel(
     KS: tl.constexpr, NB: tl.constexpr, CB: tl.constexpr, NBH: tl.constexpr,
     BLOCK_ND: tl.constexpr, BLOCK_KD: tl.constexpr, BR: tl.constexpr, BLOCK_H: tl.constexpr,
     FAST: tl.constexpr, DFAST: tl.constexpr, XVEC: tl.constexpr, AVEC: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     """One unit of neurons a program: the first cdiv(NH, NBH) programs take NBH heavy neurons
     each, the others NB light neurons each; then every program counts in at one ticket and the
@@ -296,14 +347,14 @@ def _fused_ffn_kernel(
         c0 = (pid - units_h) * NB
         u0, u1, u2, u3, g0, g1, g2, g3 = _light_up(
             x_ptr, stride_xm, M, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u_ptr, NL,
-            H, c0, ONE, BITS, GROUP, SYMMETRIC, DUAL, BM, KS, NB, FAST, XVEC, PDL)  # fmt: skip
+            H, c0, ONE, BITS, GROUP, SYMMETRIC, DUAL, BM, KS, NB, FAST, XVEC, PDL, STAGES)  # fmt: skip
         cols = c0 + tl.arange(0, NB)
         _store_a(a_ptr + NH, ub_ptr + NH, gb_ptr + NH, stride_am, M, cols, cols < NL, u0, u1, u2,
                  u3, g0, g1, g2, g3, DUAL, ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS,
                  BM)  # fmt: skip
         tl.debug_barrier()
         _light_down(a_ptr + NH, stride_am, M, d0_ptr, d1_ptr, ds_ptr, dz_ptr, acc_ptr, H, NL, c0, ONE,
-                    DBITS, DGROUP, DSYMMETRIC, BM, NB, CB, DFAST, AVEC)  # fmt: skip
+                    DBITS, DGROUP, DSYMMETRIC, BM, NB, CB, DFAST, AVEC, STAGES)  # fmt: skip
     out_cols = tl.arange(0, BLOCK_H)
     _arrive(cnt_ptr, 0, tl.num_programs(0), acc_ptr, out_ptr, db_ptr, db_ptr, out_cols,
             out_cols < H, M, 0, H, stride_om, 1, False, False, ACTIVATION, HAS_DOWN_BIAS, False,
@@ -327,6 +378,7 @@ class FusedConfig:
     br: int
     num_warps: int
     maxnreg: int | None = None  # a register cap (more programs an SM; ptxas may spill)
+    stages: int = 1  # > 1: the light loops' words through Triton's cp.async pipeline
 
     def ks(self) -> int:
         return max(1, 128 * self.num_warps // self.nb)
@@ -344,6 +396,13 @@ _CONFIGS = (
     # 516 units at the Llama-3-8B shape: one wave with 4 programs an SM (168 registers: 3)
     FusedConfig(32, 8, 4, 256, 256, num_warps=4, maxnreg=128),
     FusedConfig(64, 16, 4, 256, 256, num_warps=4, maxnreg=128),
+    # heavy units: more bytes in flight a program ([16, 256] dense tiles), or more, smaller units
+    FusedConfig(64, 16, 16, 256, 256, num_warps=4),
+    FusedConfig(64, 4, 4, 256, 256, num_warps=4),
+    FusedConfig(64, 8, 8, 512, 512, num_warps=4),
+    FusedConfig(64, 16, 4, 256, 256, num_warps=4, stages=3),
+    FusedConfig(64, 16, 4, 256, 256, num_warps=4, stages=4),
+    FusedConfig(32, 8, 4, 256, 256, num_warps=4, stages=3),
 )
 _INTERPRET_CONFIG = FusedConfig(32, 8, 4, 32, 32, num_warps=1)
 _tuner = Tuner()
@@ -436,7 +495,7 @@ def split_ffn(x2: torch.Tensor, w: SplitFFNWeights, out: torch.Tensor) -> None:
             m, hidden, h, nl, x2.stride(0), hu.stride(0), hd.stride(0), a.stride(0),
             out.stride(0), ONE_BITS,
             KS=cfg.ks(), NB=cfg.nb, CB=cfg.cb(), NBH=cfg.nbh, BLOCK_ND=cfg.block_nd,
-            BLOCK_KD=cfg.block_kd, BR=cfg.br, **constexprs,
+            BLOCK_KD=cfg.block_kd, BR=cfg.br, STAGES=cfg.stages, **constexprs,
             num_warps=cfg.num_warps, num_stages=1, maxnreg=cfg.maxnreg, **launch,
         )  # fmt: skip
 
