@@ -16,7 +16,7 @@
 #   at M = 1024-4096: heavy rows in the scratch or not, 128 and 256 MiB chunks), decodeops (decoder op tests), trace
 #   profprefill (benchmarks/prof_prefill.py + probe_cublas.py), odd (717 heavy neurons),
 #   swap (benchmarks/proto_swap.py), swaptier (the W-as-A form: tests + bench_mma), pdlmma,
-#   next14 (session 13's open questions), fused15 (the one-launch FFN), padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
+#   next14 (session 13's open questions), fused15 (the one-launch FFN), verify15, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
 #   (benchmarks/trace_decode.py), decode8b (M = 1, 4 + 8B decode once)
 # Several stages in one call: bash benchmarks/gpu_checks.sh gemv trace decode8b
 # Each step has its own time limit, so one slow step cannot take the whole call.
@@ -190,6 +190,14 @@ fused15)  # session 15: the one-launch split FFN's GPU tests, then bench_fused a
     run 240 test_fused15 env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf -n 8 \
         tests/test_kernels.py -k "fused or cuda_graph or auto_path"
     run 300 bench_fused python3 benchmarks/bench_fused.py --m 1,2,4 --out "$OUT/fused.json"
+    ;;
+verify15)  # session 15's final GPU check: every one-launch config (fp16, bf16), the bench rows'
+    # paths, graphs of split_ffn; then bench_fused with the final configs, tuned (~7 min)
+    run 330 test_verify15 env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf -n 8 \
+        tests/test_kernels.py tests/test_bench.py tests/test_mma_decode.py \
+        -k "fused or cuda_graph or auto_path or every_method or kernel_path"
+    run 200 bench_fused python3 benchmarks/bench_fused.py --m 1,2,4 --no-configs \
+        --out "$OUT/fused.json"
     ;;
 graphs)  # the CUDA-graph replay of eager SplitFFN calls (ffnsplit/graphs.py): its GPU tests
     run 200 test_graphs env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf tests/test_graphs.py

@@ -20,6 +20,13 @@ the FFN restricted to it, which needs nothing from any other program:
 Units are sized so that heavy and light ones read about the same bytes. The sums follow the
 order in which units arrive, so results are not bitwise repeatable from call to call (as gemv's
 atomic configs); FFNSPLIT_FUSED=0 turns the path off.
+
+Outcome (H200, Llama-3-8B FFN shape, benchmarks/RESULTS.md session 15): correct, but slower than
+the two launches at every M: M = 1 50.9 us against 38.3 (the light units alone 43.2 us), M = 2
+61.9 against 39.0, M = 4 108.7 against 39.3. The light loops run on CUDA cores (~3.4 SASS
+instructions a code, x per lane) and on this card they are bound by instruction issue, not by
+the bytes; the Gluon tier's tensor-core loops are not. So "auto" does not take this path unless
+FFNSPLIT_FUSED_MAX_M says so (AUTO_MAX_M).
 """
 
 from __future__ import annotations
@@ -53,8 +60,12 @@ from ffnsplit.kernels.tiles import INTERPRET, Tuner, pdl_options, pdl_trigger, p
 
 ENABLED = os.environ.get("FFNSPLIT_FUSED", "1") != "0"
 MAX_M = 4  # rows of x per program (gemv's explicit per-row accumulators)
-# "auto" takes this path for M <= AUTO_MAX_M (0: never); FFNSPLIT_FUSED_MAX_M overrides it
-AUTO_MAX_M = int(os.environ.get("FFNSPLIT_FUSED_MAX_M", "1"))
+# "auto" takes this path for M <= AUTO_MAX_M: 0 by default, since on an H200 it is slower than
+# the two-launch paths at every M it takes (M = 1: 50.9 us against the Gluon tier's 38.3; its
+# CUDA-core loop issues ~3.4 SASS instructions a code, which at 4.2 TB/s over 132 SMs cannot keep
+# up; benchmarks/RESULTS.md, session 15). FFNSPLIT_FUSED_MAX_M=1 (up to 4) opts in (GPUs with
+# less bandwidth an SM: not measured), path="fused" forces it.
+AUTO_MAX_M = int(os.environ.get("FFNSPLIT_FUSED_MAX_M", "0"))
 
 
 @triton.jit
@@ -387,22 +398,15 @@ class FusedConfig:
         return 128 * self.num_warps
 
 
-_CONFIGS = (
-    FusedConfig(64, 16, 4, 256, 256, num_warps=4),
-    FusedConfig(32, 8, 4, 256, 256, num_warps=4),
-    FusedConfig(64, 8, 4, 256, 256, num_warps=4),
-    FusedConfig(128, 16, 4, 256, 256, num_warps=4),
-    FusedConfig(32, 8, 2, 256, 256, num_warps=2),
-    # 516 units at the Llama-3-8B shape: one wave with 4 programs an SM (168 registers: 3)
-    FusedConfig(32, 8, 4, 256, 256, num_warps=4, maxnreg=128),
-    FusedConfig(64, 16, 4, 256, 256, num_warps=4, maxnreg=128),
-    # heavy units: more bytes in flight a program ([16, 256] dense tiles), or more, smaller units
-    FusedConfig(64, 16, 16, 256, 256, num_warps=4),
-    FusedConfig(64, 4, 4, 256, 256, num_warps=4),
-    FusedConfig(64, 8, 8, 512, 512, num_warps=4),
-    FusedConfig(64, 16, 4, 256, 256, num_warps=4, stages=3),
-    FusedConfig(64, 16, 4, 256, 256, num_warps=4, stages=4),
+_CONFIGS = (  # H200, Llama-3-8B FFN shape, each alone (benchmarks/RESULTS.md, session 15)
+    # M = 1 50.9 us: the light loops through the pipeliner, 516 units (one wave of 6 an SM)
     FusedConfig(32, 8, 4, 256, 256, num_warps=4, stages=3),
+    # M = 2-4: 71.9 us at M = 2, 108.7 us at M = 4
+    FusedConfig(64, 16, 4, 256, 256, num_warps=4),
+    # 516 units in one wave of 4 programs an SM: M = 1 54.0 us
+    FusedConfig(32, 8, 4, 256, 256, num_warps=4, maxnreg=128),
+    # M = 2 71.1 us
+    FusedConfig(64, 16, 4, 256, 256, num_warps=4, maxnreg=128),
 )
 _INTERPRET_CONFIG = FusedConfig(32, 8, 4, 32, 32, num_warps=1)
 _tuner = Tuner()
