@@ -447,6 +447,9 @@ def test_auto_path_picks_gemv_for_few_rows(monkeypatch: pytest.MonkeyPatch) -> N
 def test_empty_batch() -> None:
     w = random_split_weights(32, 4, 32, "silu", True, True, torch.float32)
     assert sffn.split_ffn(torch.randn(0, 32, device=DEVICE), w).shape == (0, 32)
+    x = torch.randn(0, 256, device=DEVICE)
+    w = random_split_weights(256, 4, 32, "silu", True, True, torch.float32, group=64)
+    assert sffn.split_ffn(x, w, path="fused").shape == (0, 256)
 
 
 # ---------------------------------------------------------------------------------------------

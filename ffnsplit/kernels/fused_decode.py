@@ -22,8 +22,8 @@ order in which units arrive, so results are not bitwise repeatable from call to 
 atomic configs); FFNSPLIT_FUSED=0 turns the path off.
 
 Outcome (H200, Llama-3-8B FFN shape, benchmarks/RESULTS.md session 15): correct, but slower than
-the two launches at every M: M = 1 50.9 us against 38.3 (the light units alone 43.2 us), M = 2
-61.9 against 39.0, M = 4 108.7 against 39.3. The light loops run on CUDA cores (~3.4 SASS
+the two launches at every M: M = 1 50.8 us against 37.5 (the light units alone 43.3 us), M = 2
+61.2 against 38.8, M = 4 111.8 against 39.4. The light loops run on CUDA cores (~3.4 SASS
 instructions a code, x per lane) and on this card they are bound by instruction issue, not by
 the bytes; the Gluon tier's tensor-core loops are not. So "auto" does not take this path unless
 FFNSPLIT_FUSED_MAX_M says so (AUTO_MAX_M).
@@ -61,7 +61,7 @@ from ffnsplit.kernels.tiles import INTERPRET, Tuner, pdl_options, pdl_trigger, p
 ENABLED = os.environ.get("FFNSPLIT_FUSED", "1") != "0"
 MAX_M = 4  # rows of x per program (gemv's explicit per-row accumulators)
 # "auto" takes this path for M <= AUTO_MAX_M: 0 by default, since on an H200 it is slower than
-# the two-launch paths at every M it takes (M = 1: 50.9 us against the Gluon tier's 38.3; its
+# the two-launch paths at every M it takes (M = 1: 50.8 us against the Gluon tier's 37.5; its
 # CUDA-core loop issues ~3.4 SASS instructions a code, which at 4.2 TB/s over 132 SMs cannot keep
 # up; benchmarks/RESULTS.md, session 15). FFNSPLIT_FUSED_MAX_M=1 (up to 4) opts in (GPUs with
 # less bandwidth an SM: not measured), path="fused" forces it.
@@ -462,7 +462,6 @@ def split_ffn(x2: torch.Tensor, w: SplitFFNWeights, out: torch.Tensor) -> None:
     hd = w.heavy_down if h else x2
     if h and hd.stride(-1) != 1:
         hd = hd.contiguous()
-    dummy = torch.zeros(1, dtype=torch.int32, device=x2.device)
     if nl:
         up = w.light_up
         gate = w.light_gate if w.gated else up
@@ -470,7 +469,8 @@ def split_ffn(x2: torch.Tensor, w: SplitFFNWeights, out: torch.Tensor) -> None:
         light = up.kernel_args() + gate.kernel_args() + down.kernel_args()
         bits, group, sym = up.bits, up.group_size, up.symmetric
         dbits, dgroup, dsym = down.bits, down.group_size, down.symmetric
-    else:
+    else:  # never read (no light units), but typed like planes and scales
+        dummy = torch.zeros(1, dtype=torch.int32, device=x2.device)
         light = [dummy, dummy, x2, x2] * 3
         bits, group, sym, dbits, dgroup, dsym = 4, 32, True, 4, 32, True
     half = x2.dtype != torch.float32

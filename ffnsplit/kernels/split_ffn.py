@@ -296,7 +296,7 @@ def split_ffn(x: torch.Tensor, w: SplitFFNWeights, *, path: str = "auto") -> tor
     """y [..., H] = down(a) + down_bias with a from `split_activations` (Triton), or for 1-4 rows
     the one-launch kernel (fused_decode, "auto" up to its AUTO_MAX_M on a GPU, path="fused")."""
     m = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
-    if path == "fused" or path == "auto" and 1 <= m <= fused_decode.MAX_M:
+    if m and (path == "fused" or path == "auto" and m <= fused_decode.MAX_M):
         _validate(x, w)
         x2 = x.reshape(-1, x.shape[-1])
         if fused_decode.use(m, x2, w, path):
