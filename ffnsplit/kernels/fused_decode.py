@@ -69,8 +69,27 @@ AUTO_MAX_M = int(os.environ.get("FFNSPLIT_FUSED_MAX_M", "0"))
 
 
 @triton.jit
-def _zero_rows(t):
-    return t, t, t, t
+def _zeros8(t):
+    """Eight copies of t: the fresh accumulators of one chunk (u/g, lo/hi, four rows)."""
+    return t, t, t, t, t, t, t, t
+
+
+@triton.jit
+def _finish_light(au0, au1, au2, au3, ag0, ag1, ag2, ag3, ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3,
+                  gl0, gh0, gl1, gh1, gl2, gh2, gl3, gh3, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3,
+                  s_ptr, z_ptr, t_ptr, u_ptr, g, NL, cols, mask, SYMMETRIC: tl.constexpr,
+                  DUAL: tl.constexpr, BM: tl.constexpr):  # fmt: skip
+    """A chunk's up (and gate) sums scaled with group g's scales and zeros, added to a*."""
+    s, z = _scale_pair(s_ptr, z_ptr, g, NL, cols, mask, SYMMETRIC)
+    au0, au1, au2, au3 = _finish_rows4(au0, au1, au2, au3, ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3,
+                                       s, z, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3,
+                                       BM)  # fmt: skip
+    if DUAL:
+        s, z = _scale_pair(t_ptr, u_ptr, g, NL, cols, mask, SYMMETRIC)
+        ag0, ag1, ag2, ag3 = _finish_rows4(ag0, ag1, ag2, ag3, gl0, gh0, gl1, gh1, gl2, gh2, gl3,
+                                           gh3, s, z, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3,
+                                           BM)  # fmt: skip
+    return au0, au1, au2, au3, ag0, ag1, ag2, ag3
 
 
 @triton.jit
@@ -104,13 +123,12 @@ def _light_up(x_ptr, stride_xm, M, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr,
     st0 = ks * SPL
     zero = tl.zeros([KS, NB], dtype=tl.float32)
     zs = tl.zeros([KS, 1], dtype=tl.float32)
-    au0, au1, au2, au3 = _zero_rows(zero)
-    ag0, ag1, ag2, ag3 = _zero_rows(zero)
+    au0, au1, au2, au3, ag0, ag1, ag2, ag3 = _zeros8(zero)
     if FAST and STAGES > 1:
         pdl_wait(PDL)
-        ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3 = zero, zero, zero, zero, zero, zero, zero, zero
-        gl0, gh0, gl1, gh1, gl2, gh2, gl3, gh3 = zero, zero, zero, zero, zero, zero, zero, zero
-        xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3 = zs, zs, zs, zs, zs, zs, zs, zs
+        ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3 = _zeros8(zero)
+        gl0, gh0, gl1, gh1, gl2, gh2, gl3, gh3 = _zeros8(zero)
+        xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3 = _zeros8(zs)
         for i in tl.range(0, SPL, num_stages=STAGES):
             w = _load_step4(p0_ptr, q0_ptr, NL, (st0 + i) * STEP_K, cols, mask, DUAL)
             (ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3, gl0, gh0, gl1, gh1, gl2, gh2, gl3, gh3,
@@ -119,44 +137,21 @@ def _light_up(x_ptr, stride_xm, M, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr,
                 gh3, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3, *w, x_ptr, stride_xm, M,
                 (st0 + i) * STEP_K, ONE, DUAL, BM, XVEC)  # fmt: skip
             if (i + 1) % CH == 0:  # a chunk's last step: its scales, then the next chunk
-                g = (st0 + i) // SPG
-                s, z = _scale_pair(s_ptr, z_ptr, g, NL, cols, mask, SYMMETRIC)
-                au0, au1, au2, au3 = _finish_rows4(au0, au1, au2, au3, ul0, uh0, ul1, uh1, ul2,
-                                                   uh2, ul3, uh3, s, z, xe0, xo0, xe1, xo1, xe2,
-                                                   xo2, xe3, xo3, BM)  # fmt: skip
-                if DUAL:
-                    s, z = _scale_pair(t_ptr, u_ptr, g, NL, cols, mask, SYMMETRIC)
-                    ag0, ag1, ag2, ag3 = _finish_rows4(ag0, ag1, ag2, ag3, gl0, gh0, gl1, gh1,
-                                                       gl2, gh2, gl3, gh3, s, z, xe0, xo0, xe1,
-                                                       xo1, xe2, xo2, xe3, xo3, BM)  # fmt: skip
-                ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3 = (
-                    zero,
-                    zero,
-                    zero,
-                    zero,
-                    zero,
-                    zero,
-                    zero,
-                    zero,
-                )
-                gl0, gh0, gl1, gh1, gl2, gh2, gl3, gh3 = (
-                    zero,
-                    zero,
-                    zero,
-                    zero,
-                    zero,
-                    zero,
-                    zero,
-                    zero,
-                )
-                xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3 = zs, zs, zs, zs, zs, zs, zs, zs
+                au0, au1, au2, au3, ag0, ag1, ag2, ag3 = _finish_light(
+                    au0, au1, au2, au3, ag0, ag1, ag2, ag3, ul0, uh0, ul1, uh1, ul2, uh2, ul3,
+                    uh3, gl0, gh0, gl1, gh1, gl2, gh2, gl3, gh3, xe0, xo0, xe1, xo1, xe2, xo2,
+                    xe3, xo3, s_ptr, z_ptr, t_ptr, u_ptr, (st0 + i) // SPG, NL, cols, mask,
+                    SYMMETRIC, DUAL, BM)  # fmt: skip
+                ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3 = _zeros8(zero)
+                gl0, gh0, gl1, gh1, gl2, gh2, gl3, gh3 = _zeros8(zero)
+                xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3 = _zeros8(zs)
     elif FAST:
         nxt = _load_step4(p0_ptr, q0_ptr, NL, st0 * STEP_K, cols, mask, DUAL)
         pdl_wait(PDL)
         for c in range(0, SPL // CH):
-            ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3 = zero, zero, zero, zero, zero, zero, zero, zero
-            gl0, gh0, gl1, gh1, gl2, gh2, gl3, gh3 = zero, zero, zero, zero, zero, zero, zero, zero
-            xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3 = zs, zs, zs, zs, zs, zs, zs, zs
+            ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3 = _zeros8(zero)
+            gl0, gh0, gl1, gh1, gl2, gh2, gl3, gh3 = _zeros8(zero)
+            xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3 = _zeros8(zs)
             for j in range(0, CH):
                 i = c * CH + j
                 cur = nxt
@@ -167,20 +162,15 @@ def _light_up(x_ptr, stride_xm, M, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr,
                     ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3, gl0, gh0, gl1, gh1, gl2, gh2, gl3,
                     gh3, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3, *cur, x_ptr, stride_xm, M,
                     (st0 + i) * STEP_K, ONE, DUAL, BM, XVEC)  # fmt: skip
-            g = (st0 + c * CH) // SPG
-            s, z = _scale_pair(s_ptr, z_ptr, g, NL, cols, mask, SYMMETRIC)
-            au0, au1, au2, au3 = _finish_rows4(au0, au1, au2, au3, ul0, uh0, ul1, uh1, ul2, uh2,
-                                               ul3, uh3, s, z, xe0, xo0, xe1, xo1, xe2, xo2, xe3,
-                                               xo3, BM)  # fmt: skip
-            if DUAL:
-                s, z = _scale_pair(t_ptr, u_ptr, g, NL, cols, mask, SYMMETRIC)
-                ag0, ag1, ag2, ag3 = _finish_rows4(ag0, ag1, ag2, ag3, gl0, gh0, gl1, gh1, gl2,
-                                                   gh2, gl3, gh3, s, z, xe0, xo0, xe1, xo1, xe2,
-                                                   xo2, xe3, xo3, BM)  # fmt: skip
+            au0, au1, au2, au3, ag0, ag1, ag2, ag3 = _finish_light(
+                au0, au1, au2, au3, ag0, ag1, ag2, ag3, ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3,
+                gl0, gh0, gl1, gh1, gl2, gh2, gl3, gh3, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3,
+                s_ptr, z_ptr, t_ptr, u_ptr, (st0 + c * CH) // SPG, NL, cols, mask, SYMMETRIC,
+                DUAL, BM)  # fmt: skip
     else:
         pdl_wait(PDL)
         for c in range(0, SPL // CH):
-            tu0, tu1, tu2, tu3, tg0, tg1, tg2, tg3 = zero, zero, zero, zero, zero, zero, zero, zero
+            tu0, tu1, tu2, tu3, tg0, tg1, tg2, tg3 = _zeros8(zero)
             xs0, xs1, xs2, xs3 = zs, zs, zs, zs
             for j in range(0, CH):
                 tu0, tu1, tu2, tu3, tg0, tg1, tg2, tg3, xs0, xs1, xs2, xs3 = _light_step(
@@ -250,8 +240,8 @@ def _light_down(a_ptr, stride_am, M, d0_ptr, d1_ptr, ds_ptr, dz_ptr, acc_ptr, H,
     if FAST:
         total = tl.cdiv(H, CB) * n_steps
         nxt = _load_step4(d0_ptr, d0_ptr, H, c0, offs, offs < H, False)  # STAGES == 1
-        ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3 = z1, z1, z1, z1, z1, z1, z1, z1
-        xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3 = zs, zs, zs, zs, zs, zs, zs, zs
+        ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3 = _zeros8(z1)
+        xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3 = _zeros8(zs)
         for i in tl.range(0, total, num_stages=STAGES):
             c = i // n_steps
             j = i - c * n_steps
@@ -277,8 +267,8 @@ def _light_down(a_ptr, stride_am, M, d0_ptr, d1_ptr, ds_ptr, dz_ptr, acc_ptr, H,
                                                uh3, s, z, xe0, xo0, xe1, xo1, xe2, xo2, xe3,
                                                xo3, BM)  # fmt: skip
                 _add_rows(acc_ptr, H, cols, mask, M, y0, y1, y2, y3, BM)
-                ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3 = z1, z1, z1, z1, z1, z1, z1, z1
-                xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3 = zs, zs, zs, zs, zs, zs, zs, zs
+                ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3 = _zeros8(z1)
+                xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3 = _zeros8(zs)
     else:
         for c in range(0, tl.cdiv(H, CB)):
             cols = c * CB + offs
