@@ -390,19 +390,25 @@ def test_fused_split_ffn(poison, activation, gated, biases, dtype, m, heavy, lig
     assert rel_err(sffn.split_ffn(x, w, path="fused"), out) < REPEAT_TOL[dtype]
 
 
-@pytest.mark.parametrize("stages", [1, 3])
-def test_fused_partial_light_unit(poison, monkeypatch, stages) -> None:
+@pytest.mark.parametrize(("stages", "xpre"), [(1, False), (3, False), (3, True)])
+def test_fused_partial_light_unit(poison, monkeypatch, stages, xpre) -> None:
     """Light units of 64 neurons over 96 light neurons: the last unit has 32, and its down
     projection reads only its own word rows of light_down (and of a); both loop forms (words
     prefetched into registers, or one flat loop for Triton's pipeliner)."""
     from ffnsplit.kernels import fused_decode
 
-    cfg = dataclasses.replace(fused_decode._INTERPRET_CONFIG, nb=64, stages=stages)
+    cfg = dataclasses.replace(fused_decode._INTERPRET_CONFIG, nb=64, stages=stages, xpre=xpre)
     monkeypatch.setattr(fused_decode, "_INTERPRET_CONFIG", cfg)
     monkeypatch.setattr(fused_decode, "_CONFIGS", (dataclasses.replace(cfg, num_warps=4),))
     w = random_split_weights(512, 12, 96, "silu", True, True, torch.float16, group=64)
-    x = torch.randn(2, 512, device=DEVICE).half()
-    assert rel_err(sffn.split_ffn(x, w, path="fused"), ref_split_ffn(x, w)) < TOL[torch.float16]
+    for m in (1, 2):  # xpre: x's quads a step ahead at one row
+        x = torch.randn(m, 512, device=DEVICE).half()
+        out = sffn.split_ffn(x, w, path="fused")
+        assert rel_err(out, ref_split_ffn(x, w)) < TOL[torch.float16]
+    # one step a unit (32 neurons): with xpre, a's quads are loaded once a unit
+    monkeypatch.setattr(fused_decode, "_INTERPRET_CONFIG", dataclasses.replace(cfg, nb=32))
+    out = sffn.split_ffn(x[:1], w, path="fused")
+    assert rel_err(out, ref_split_ffn(x[:1], w)) < TOL[torch.float16]
 
 
 def test_fused_path_rules(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -604,7 +610,7 @@ def test_every_dequant_config(poison, monkeypatch, index) -> None:
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("index", range(4))
+@pytest.mark.parametrize("index", range(5))
 def test_every_fused_config(poison, monkeypatch, dtype, index) -> None:
     """Each one-launch candidate alone (the tuner may pick any), 1-4 rows, on a shape every
     candidate takes (K = 1,024, groups of 128): 37 heavy neurons (partial heavy units), 416

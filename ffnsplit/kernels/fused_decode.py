@@ -50,10 +50,14 @@ from ffnsplit.kernels.gemv import (
     _light_step,
     _light_step4,
     _load_step4,
+    _nibble_floats,
     _scale_pair,
     _scale_terms,
     _scaled_rows,
     _store_out,
+    _word_rows,
+    _x_pair,
+    _x_quad,
     _zeroed,
 )
 from ffnsplit.kernels.tiles import INTERPRET, Tuner, pdl_options, pdl_trigger, pdl_wait
@@ -72,6 +76,50 @@ AUTO_MAX_M = int(os.environ.get("FFNSPLIT_FUSED_MAX_M", "0"))
 def _zeros8(t):
     """Eight copies of t: the fresh accumulators of one chunk (u/g, lo/hi, four rows)."""
     return t, t, t, t, t, t, t, t
+
+
+@triton.jit
+def _x_quads(x_ptr, stride_xm, M, k0):
+    """Row 0's 32 x values of the step at k0 as eight int64 quads (16-bit values; the caller
+    checks 8-byte alignment), to be loaded a step ahead of their use."""
+    return (_x_quad(x_ptr, stride_xm, 0, M, k0, True), _x_quad(x_ptr, stride_xm, 0, M, k0 + 4, True),
+            _x_quad(x_ptr, stride_xm, 0, M, k0 + 8, True),
+            _x_quad(x_ptr, stride_xm, 0, M, k0 + 12, True),
+            _x_quad(x_ptr, stride_xm, 0, M, k0 + 16, True),
+            _x_quad(x_ptr, stride_xm, 0, M, k0 + 20, True),
+            _x_quad(x_ptr, stride_xm, 0, M, k0 + 24, True),
+            _x_quad(x_ptr, stride_xm, 0, M, k0 + 28, True))  # fmt: skip
+
+
+@triton.jit
+def _word_row0(ul, uh, gl, gh, xe, xo, w, v, qa, qb, x_ptr, ONE, DUAL: tl.constexpr):
+    """gemv._word_step4 for one row of x whose two quads (k0.., k0 + 4..) are given."""
+    for i in tl.static_range(4):
+        if i < 2:
+            c = w << (12 - 8 * i)
+            d = v << (12 - 8 * i)
+            q = qa
+        else:
+            c = w >> (8 * i - 12)
+            d = v >> (8 * i - 12)
+            q = qb
+        lo, hi = _nibble_floats(c, ONE)
+        dlo, dhi = _nibble_floats(d, ONE)
+        x_even, x_odd = _x_pair(x_ptr, 0, 0, 1, 0, q, (2 * i) % 4, True)
+        ul, uh, gl, gh, xe, xo = _word_rows(ul, uh, gl, gh, xe, xo, lo, hi, dlo, dhi, x_even,
+                                            x_odd, DUAL)  # fmt: skip
+    return ul, uh, gl, gh, xe, xo
+
+
+@triton.jit
+def _step_row0(ul, uh, gl, gh, xe, xo, w0, w1, w2, w3, v0, v1, v2, v3, q0, q1, q2, q3, q4, q5, q6,
+               q7, x_ptr, ONE, DUAL: tl.constexpr):  # fmt: skip
+    """gemv._light_step4 for one row of x (BM = 1) with the step's x quads given (_x_quads)."""
+    ul, uh, gl, gh, xe, xo = _word_row0(ul, uh, gl, gh, xe, xo, w0, v0, q0, q1, x_ptr, ONE, DUAL)
+    ul, uh, gl, gh, xe, xo = _word_row0(ul, uh, gl, gh, xe, xo, w1, v1, q2, q3, x_ptr, ONE, DUAL)
+    ul, uh, gl, gh, xe, xo = _word_row0(ul, uh, gl, gh, xe, xo, w2, v2, q4, q5, x_ptr, ONE, DUAL)
+    ul, uh, gl, gh, xe, xo = _word_row0(ul, uh, gl, gh, xe, xo, w3, v3, q6, q7, x_ptr, ONE, DUAL)
+    return ul, uh, gl, gh, xe, xo
 
 
 @triton.jit
@@ -106,14 +154,14 @@ def _light_up(x_ptr, stride_xm, M, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr,
               NL, K, c0, ONE, BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
               DUAL: tl.constexpr, BM: tl.constexpr, KS: tl.constexpr, NB: tl.constexpr,
               FAST: tl.constexpr, XVEC: tl.constexpr, PDL: tl.constexpr,
-              STAGES: tl.constexpr):  # fmt: skip
+              STAGES: tl.constexpr, XPRE: tl.constexpr):  # fmt: skip
     """Up (and gate) sums of light columns c0..c0 + NB over all of K, rows 0..BM of x: lane ks of
     the [KS, NB] tiles takes steps ks * SPL .. (ks + 1) * SPL (SPL = K / 32 / KS), which are whole
     groups or lie inside one (the launcher checks), so scales apply once a chunk of CH steps.
     Returns [NB] fp32 sums per row (up u0..u3, gate g0..g3). FAST with STAGES > 1: one loop
     over the lane's steps that Triton's pipeliner feeds (cp.async into shared memory, STAGES - 1
-    steps ahead); else the next step's words are loaded into registers before the current step
-    is computed."""
+    steps ahead; XPRE, one row with x vector loads: x's quads a step ahead too); else the next
+    step's words are loaded into registers before the current step is computed."""
     ks = tl.arange(0, KS)[:, None]
     cols = c0 + tl.arange(0, NB)[None, :]
     mask = cols < NL
@@ -129,13 +177,21 @@ def _light_up(x_ptr, stride_xm, M, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr,
         ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3 = _zeros8(zero)
         gl0, gh0, gl1, gh1, gl2, gh2, gl3, gh3 = _zeros8(zero)
         xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3 = _zeros8(zs)
+        if XPRE:
+            xq = _x_quads(x_ptr, stride_xm, M, st0 * STEP_K)
         for i in tl.range(0, SPL, num_stages=STAGES):
             w = _load_step4(p0_ptr, q0_ptr, NL, (st0 + i) * STEP_K, cols, mask, DUAL)
-            (ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3, gl0, gh0, gl1, gh1, gl2, gh2, gl3, gh3,
-             xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3) = _light_step4(
-                ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3, gl0, gh0, gl1, gh1, gl2, gh2, gl3,
-                gh3, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3, *w, x_ptr, stride_xm, M,
-                (st0 + i) * STEP_K, ONE, DUAL, BM, XVEC)  # fmt: skip
+            if XPRE:
+                cur_x = xq
+                xq = _x_quads(x_ptr, stride_xm, M, (st0 + tl.minimum(i + 1, SPL - 1)) * STEP_K)
+                ul0, uh0, gl0, gh0, xe0, xo0 = _step_row0(ul0, uh0, gl0, gh0, xe0, xo0, *w,
+                                                          *cur_x, x_ptr, ONE, DUAL)  # fmt: skip
+            else:
+                (ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3, gl0, gh0, gl1, gh1, gl2, gh2, gl3, gh3,
+                 xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3) = _light_step4(
+                    ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3, gl0, gh0, gl1, gh1, gl2, gh2, gl3,
+                    gh3, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3, *w, x_ptr, stride_xm, M,
+                    (st0 + i) * STEP_K, ONE, DUAL, BM, XVEC)  # fmt: skip
             if (i + 1) % CH == 0:  # a chunk's last step: its scales, then the next chunk
                 au0, au1, au2, au3, ag0, ag1, ag2, ag3 = _finish_light(
                     au0, au1, au2, au3, ag0, ag1, ag2, ag3, ul0, uh0, ul1, uh1, ul2, uh2, ul3,
@@ -226,12 +282,13 @@ def _add_rows(acc_ptr, H, cols, mask, M, y0, y1, y2, y3, BM: tl.constexpr):
 def _light_down(a_ptr, stride_am, M, d0_ptr, d1_ptr, ds_ptr, dz_ptr, acc_ptr, H, NL, c0, ONE,
                 BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
                 BM: tl.constexpr, NB: tl.constexpr, CB: tl.constexpr, FAST: tl.constexpr,
-                XVEC: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
+                XVEC: tl.constexpr, STAGES: tl.constexpr, XPRE: tl.constexpr):  # fmt: skip
     """acc[:, :H] += a[:, c0:c0 + NB] @ dequant(light_down[:, c0:c0 + NB])^T, CB output columns
     at a time (a: the light part of the activations, rows stride_am apart; the last unit may
     have fewer than NB neurons). The unit lies in one group of light_down (the launcher
     checks). FAST: one loop over (column chunk, step) whose next words are loaded before the
-    current step is computed, also across chunks (STAGES > 1: by Triton's pipeliner)."""
+    current step is computed, also across chunks (STAGES > 1: by Triton's pipeliner). XPRE with
+    one step a unit (NB = 32): the unit's a quads are loaded once, before the loop."""
     n_steps = tl.minimum(NB, NL - c0) // STEP_K
     g = c0 // GROUP
     z1 = tl.zeros([CB], dtype=tl.float32)
@@ -240,6 +297,9 @@ def _light_down(a_ptr, stride_am, M, d0_ptr, d1_ptr, ds_ptr, dz_ptr, acc_ptr, H,
     if FAST:
         total = tl.cdiv(H, CB) * n_steps
         nxt = _load_step4(d0_ptr, d0_ptr, H, c0, offs, offs < H, False)  # STAGES == 1
+        APRE: tl.constexpr = XPRE and NB == STEP_K
+        if APRE:
+            aq = _x_quads(a_ptr, stride_am, M, c0)
         ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3 = _zeros8(z1)
         xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3 = _zeros8(zs)
         for i in tl.range(0, total, num_stages=STAGES):
@@ -256,11 +316,15 @@ def _light_down(a_ptr, stride_am, M, d0_ptr, d1_ptr, ds_ptr, dz_ptr, acc_ptr, H,
                 cols1 = c1 * CB + offs
                 nxt = _load_step4(d0_ptr, d0_ptr, H, c0 + (i1 - c1 * n_steps) * STEP_K, cols1,
                                   cols1 < H, False)  # fmt: skip
-            (ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3, _, _, _, _, _, _, _, _,
-             xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3) = _light_step4(
-                ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3, z1, z1, z1, z1, z1, z1, z1, z1,
-                xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3, *cur, a_ptr, stride_am, M,
-                c0 + j * STEP_K, ONE, False, BM, XVEC)  # fmt: skip
+            if APRE:
+                ul0, uh0, _, _, xe0, xo0 = _step_row0(ul0, uh0, z1, z1, xe0, xo0, *cur, *aq, a_ptr,
+                                                      ONE, False)  # fmt: skip
+            else:
+                (ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3, _, _, _, _, _, _, _, _,
+                 xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3) = _light_step4(
+                    ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3, z1, z1, z1, z1, z1, z1, z1, z1,
+                    xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3, *cur, a_ptr, stride_am, M,
+                    c0 + j * STEP_K, ONE, False, BM, XVEC)  # fmt: skip
             if j == n_steps - 1:  # the chunk's last step: scale, add, start the next chunk
                 s, z = _scale_pair(ds_ptr, dz_ptr, g, H, cols, mask, SYMMETRIC)
                 y0, y1, y2, y3 = _finish_rows4(z1, z1, z1, z1, ul0, uh0, ul1, uh1, ul2, uh2, ul3,
@@ -326,7 +390,7 @@ def _fused_ffn_kernel(
     KS: tl.constexpr, NB: tl.constexpr, CB: tl.constexpr, NBH: tl.constexpr,
     BLOCK_ND: tl.constexpr, BLOCK_KD: tl.constexpr, BR: tl.constexpr, BLOCK_H: tl.constexpr,
     FAST: tl.constexpr, DFAST: tl.constexpr, XVEC: tl.constexpr, AVEC: tl.constexpr,
-    PDL: tl.constexpr, STAGES: tl.constexpr,
+    PDL: tl.constexpr, STAGES: tl.constexpr, XPRE: tl.constexpr, APRE: tl.constexpr,
 ):  # fmt: skip
     """One unit of neurons a program: the first cdiv(NH, NBH) programs take NBH heavy neurons
     each, the others NB light neurons each; then every program counts in at one ticket and the
@@ -348,14 +412,15 @@ def _fused_ffn_kernel(
         c0 = (pid - units_h) * NB
         u0, u1, u2, u3, g0, g1, g2, g3 = _light_up(
             x_ptr, stride_xm, M, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u_ptr, NL,
-            H, c0, ONE, BITS, GROUP, SYMMETRIC, DUAL, BM, KS, NB, FAST, XVEC, PDL, STAGES)  # fmt: skip
+            H, c0, ONE, BITS, GROUP, SYMMETRIC, DUAL, BM, KS, NB, FAST, XVEC, PDL, STAGES,
+            XPRE)  # fmt: skip
         cols = c0 + tl.arange(0, NB)
         _store_a(a_ptr + NH, ub_ptr + NH, gb_ptr + NH, stride_am, M, cols, cols < NL, u0, u1, u2,
                  u3, g0, g1, g2, g3, DUAL, ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS,
                  BM)  # fmt: skip
         tl.debug_barrier()
         _light_down(a_ptr + NH, stride_am, M, d0_ptr, d1_ptr, ds_ptr, dz_ptr, acc_ptr, H, NL, c0, ONE,
-                    DBITS, DGROUP, DSYMMETRIC, BM, NB, CB, DFAST, AVEC, STAGES)  # fmt: skip
+                    DBITS, DGROUP, DSYMMETRIC, BM, NB, CB, DFAST, AVEC, STAGES, APRE)  # fmt: skip
     out_cols = tl.arange(0, BLOCK_H)
     _arrive(cnt_ptr, 0, tl.num_programs(0), acc_ptr, out_ptr, db_ptr, db_ptr, out_cols,
             out_cols < H, M, 0, H, stride_om, 1, False, False, ACTIVATION, HAS_DOWN_BIAS, False,
@@ -380,6 +445,7 @@ class FusedConfig:
     num_warps: int
     maxnreg: int | None = None  # a register cap (more programs an SM; ptxas may spill)
     stages: int = 1  # > 1: the light loops' words through Triton's cp.async pipeline
+    xpre: bool = False  # one row (M = 1): x's quads loaded a step ahead, a's once a unit
 
     def ks(self) -> int:
         return max(1, 128 * self.num_warps // self.nb)
@@ -391,6 +457,8 @@ class FusedConfig:
 _CONFIGS = (  # H200, Llama-3-8B FFN shape, each alone (benchmarks/RESULTS.md, session 15)
     # M = 1 50.9 us: the light loops through the pipeliner, 516 units (one wave of 6 an SM)
     FusedConfig(32, 8, 4, 256, 256, num_warps=4, stages=3),
+    # the same with x's quads a step ahead (ncu: 35% of the stalls waited on L1TEX, x's loads)
+    FusedConfig(32, 8, 4, 256, 256, num_warps=4, stages=3, xpre=True),
     # M = 2-4: 71.9 us at M = 2, 108.7 us at M = 4
     FusedConfig(64, 16, 4, 256, 256, num_warps=4),
     # 516 units in one wave of 4 programs an SM: M = 1 54.0 us
@@ -489,7 +557,11 @@ def split_ffn(x2: torch.Tensor, w: SplitFFNWeights, out: torch.Tensor) -> None:
             m, hidden, h, nl, x2.stride(0), hu.stride(0), hd.stride(0), a.stride(0),
             out.stride(0), ONE_BITS,
             KS=cfg.ks(), NB=cfg.nb, CB=cfg.cb(), NBH=cfg.nbh, BLOCK_ND=cfg.block_nd,
-            BLOCK_KD=cfg.block_kd, BR=cfg.br, STAGES=cfg.stages, **constexprs,
+            BLOCK_KD=cfg.block_kd, BR=cfg.br, STAGES=cfg.stages,
+            XPRE=cfg.xpre and cfg.stages > 1 and bm == 1 and constexprs["FAST"]
+            and constexprs["XVEC"],
+            APRE=cfg.xpre and bm == 1 and constexprs["DFAST"] and constexprs["AVEC"],
+            **constexprs,
             num_warps=cfg.num_warps, num_stages=1, maxnreg=cfg.maxnreg, **launch,
         )  # fmt: skip
 
