@@ -23,10 +23,12 @@ atomic configs); FFNSPLIT_FUSED=0 turns the path off.
 
 Outcome (H200, Llama-3-8B FFN shape, benchmarks/RESULTS.md session 15): correct, but slower than
 the two launches at every M: M = 1 50.8 us against 37.5 (the light units alone 43.3 us), M = 2
-61.2 against 38.8, M = 4 111.8 against 39.4. The light loops run on CUDA cores (~3.4 SASS
-instructions a code, x per lane) and on this card they are bound by instruction issue, not by
-the bytes; the Gluon tier's tensor-core loops are not. So "auto" does not take this path unless
-FFNSPLIT_FUSED_MAX_M says so (AUTO_MAX_M).
+61.2 against 38.8, M = 4 111.8 against 39.4 (M = 1 47.6 with x's quads a step ahead). The
+light loops run on CUDA cores (~3.4 SASS instructions a code, x per lane: ~19.5 us of issue for
+the layer even at 4 a cycle on 132 SMs) and ncu shows them issuing on 42% of cycles, ~3 warps a
+scheduler and 35% of the stalls on loads; the Gluon tier's tensor-core loops need fewer
+instructions. So "auto" does not take this path unless FFNSPLIT_FUSED_MAX_M says so
+(AUTO_MAX_M).
 """
 
 from __future__ import annotations
@@ -66,9 +68,9 @@ ENABLED = os.environ.get("FFNSPLIT_FUSED", "1") != "0"
 MAX_M = 4  # rows of x per program (gemv's explicit per-row accumulators)
 # "auto" takes this path for M <= AUTO_MAX_M: 0 by default, since on an H200 it is slower than
 # the two-launch paths at every M it takes (M = 1: 50.8 us against the Gluon tier's 37.5; its
-# CUDA-core loop issues ~3.4 SASS instructions a code, which at 4.2 TB/s over 132 SMs cannot keep
-# up; benchmarks/RESULTS.md, session 15). FFNSPLIT_FUSED_MAX_M=1 (up to 4) opts in (GPUs with
-# less bandwidth an SM: not measured), path="fused" forces it.
+# CUDA-core loop issues ~3.4 SASS instructions a code, too many for 4.2 TB/s over 132 SMs at the
+# occupancy it reaches; benchmarks/RESULTS.md, session 15). FFNSPLIT_FUSED_MAX_M=1 (up to 4)
+# opts in (GPUs with less bandwidth an SM: not measured), path="fused" forces it.
 AUTO_MAX_M = int(os.environ.get("FFNSPLIT_FUSED_MAX_M", "0"))
 
 
@@ -457,7 +459,8 @@ class FusedConfig:
 _CONFIGS = (  # H200, Llama-3-8B FFN shape, each alone (benchmarks/RESULTS.md, session 15)
     # M = 1 50.9 us: the light loops through the pipeliner, 516 units (one wave of 6 an SM)
     FusedConfig(32, 8, 4, 256, 256, num_warps=4, stages=3),
-    # the same with x's quads a step ahead (ncu: 35% of the stalls waited on L1TEX, x's loads)
+    # the same with x's quads a step ahead (ncu: 35% of the stalls waited on L1TEX, x's loads):
+    # M = 1 47.9 against 48.7 us in one call
     FusedConfig(32, 8, 4, 256, 256, num_warps=4, stages=3, xpre=True),
     # M = 2-4: 71.9 us at M = 2, 108.7 us at M = 4
     FusedConfig(64, 16, 4, 256, 256, num_warps=4),
