@@ -58,13 +58,9 @@ def test_layer_bench_runs_every_method_and_each_matches_fp32() -> None:
         # the kernel tier that served each M: the Gluon tier from MIN_M to AUTO_MAX_M rows where
         # it runs (a GPU of sm_80+), else the GEMV path (1 row) and the tl small tier (20)
         expected_path = tier[m] or {1: "gemv", 20: "small"}[m]
-        if (
-            method == "ffnsplit"
-            and DEVICE == "cuda"
-            and fused_decode.ENABLED
-            and (m <= fused_decode.AUTO_MAX_M)
-        ):
-            expected_path = "fused"  # the whole FFN in one launch (its halves keep their tiers)
+        fused = DEVICE == "cuda" and fused_decode.ENABLED and m <= fused_decode.AUTO_MAX_M
+        if method == "ffnsplit" and fused:  # one launch (its halves keep their tiers)
+            expected_path = "fused"
         assert row.get("path") == (expected_path if method in ("ffnsplit", "kernel_A",
                                                                "kernel_B") else None)  # fmt: skip
     bytes_ = case["weight_bytes"]

@@ -1,7 +1,7 @@
-"""The fused split FFN: one launch for 1-4 rows where the shapes allow (fused_decode: units of
-neurons, each program the whole FFN for its neurons), else two launches (one more for each kernel that splits K and reduces its
+"""The fused split FFN: two launches (one more for each kernel that splits K and reduces its
 partials in a second launch: kernel B on the GEMV path, either kernel in the tensor-core decode
-tier when the tuner picks a split config), no dense copy of any weight.
+tier when the tuner picks a split config), no dense copy of any weight; opt-in for 1-4 rows, one
+launch (fused_decode: units of neurons, each program the whole FFN of its own neurons).
 
 Kernel A computes a = act(gate x + gate_bias) * (up x + up_bias) (or act(up x + up_bias)) for all
 neurons in one launch: the first programs take tiles of heavy neurons (dense rows in x's dtype),
@@ -296,7 +296,8 @@ def split_ffn(x: torch.Tensor, w: SplitFFNWeights, *, path: str = "auto") -> tor
     """y [..., H] = down(a) + down_bias with a from `split_activations` (Triton), or for 1-4 rows
     the one-launch kernel (fused_decode, "auto" up to its AUTO_MAX_M on a GPU, path="fused")."""
     m = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
-    if m and (path == "fused" or path == "auto" and m <= fused_decode.MAX_M):
+    # "auto" asks nothing more while the path is off (AUTO_MAX_M 0): no work on the decode path
+    if m and (path == "fused" or path == "auto" and m <= fused_decode.AUTO_MAX_M):
         _validate(x, w)
         x2 = x.reshape(-1, x.shape[-1])
         if fused_decode.use(m, x2, w, path):
