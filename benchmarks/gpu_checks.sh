@@ -16,7 +16,7 @@
 #   at M = 1024-4096: heavy rows in the scratch or not, 128 and 256 MiB chunks), decodeops (decoder op tests), trace
 #   profprefill (benchmarks/prof_prefill.py + probe_cublas.py), odd (717 heavy neurons),
 #   swap (benchmarks/proto_swap.py), swaptier (the W-as-A form: tests + bench_mma), pdlmma,
-#   next14 (session 13's open questions), fused15 (the one-launch FFN), verify15, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
+#   next14 (session 13's open questions), fused15 (the one-launch FFN), verify15, next16, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
 #   (benchmarks/trace_decode.py), decode8b (M = 1, 4 + 8B decode once)
 # Several stages in one call: bash benchmarks/gpu_checks.sh gemv trace decode8b
 # Each step has its own time limit, so one slow step cannot take the whole call.
@@ -198,6 +198,15 @@ verify15)  # session 15's final GPU check: every one-launch config (fp16, bf16),
         -k "fused or cuda_graph or auto_path or every_method or kernel_path"
     run 200 bench_fused python3 benchmarks/bench_fused.py --m 1,2,4 --no-configs \
         --out "$OUT/fused.json"
+    ;;
+next16)  # for session 16: more programs an SM for the Gluon tier at M = 1-4 (ncu, session 15:
+    # ~3.5 warps a scheduler in both kernels): W-as-A configs with 5-6 resident programs under
+    # register caps (sm_90 AOT, Triton 3.6: kernel A ring 96 registers 40/48 bytes of spills,
+    # 80 registers 144/92; kernel B 96 registers 256/248), each alone against the tier's (~4 min)
+    run 330 bench_mma_next16 python3 benchmarks/bench_mma.py --m 1,4 --paths mma \
+        --extra-up "MmaConfig(4, 1, resident=5, fused=True, swap=True, depth=3, maxnreg=96); MmaConfig(4, 1, resident=6, fused=True, swap=True, depth=3, maxnreg=80)" \
+        --extra-down "MmaConfig(4, 2, resident=5, swap=True, fused=True, maxnreg=96)" \
+        --out "$OUT/bench_mma_next16.json"
     ;;
 graphs)  # the CUDA-graph replay of eager SplitFFN calls (ffnsplit/graphs.py): its GPU tests
     run 200 test_graphs env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf tests/test_graphs.py
