@@ -48,6 +48,8 @@ from ffnsplit.kernels.gemv import (
     STEP_K,
     _arrive,
     _dense_program,
+    _finish_chunk,
+    _finish_chunk4,
     _finish_rows4,
     _light_step,
     _light_step4,
@@ -125,24 +127,6 @@ def _step_row0(ul, uh, gl, gh, xe, xo, w0, w1, w2, w3, v0, v1, v2, v3, q0, q1, q
 
 
 @triton.jit
-def _finish_light(au0, au1, au2, au3, ag0, ag1, ag2, ag3, ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3,
-                  gl0, gh0, gl1, gh1, gl2, gh2, gl3, gh3, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3,
-                  s_ptr, z_ptr, t_ptr, u_ptr, g, NL, cols, mask, SYMMETRIC: tl.constexpr,
-                  DUAL: tl.constexpr, BM: tl.constexpr):  # fmt: skip
-    """A chunk's up (and gate) sums scaled with group g's scales and zeros, added to a*."""
-    s, z = _scale_pair(s_ptr, z_ptr, g, NL, cols, mask, SYMMETRIC)
-    au0, au1, au2, au3 = _finish_rows4(au0, au1, au2, au3, ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3,
-                                       s, z, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3,
-                                       BM)  # fmt: skip
-    if DUAL:
-        s, z = _scale_pair(t_ptr, u_ptr, g, NL, cols, mask, SYMMETRIC)
-        ag0, ag1, ag2, ag3 = _finish_rows4(ag0, ag1, ag2, ag3, gl0, gh0, gl1, gh1, gl2, gh2, gl3,
-                                           gh3, s, z, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3,
-                                           BM)  # fmt: skip
-    return au0, au1, au2, au3, ag0, ag1, ag2, ag3
-
-
-@triton.jit
 def _lane_sum(t, BM: tl.constexpr, r: tl.constexpr, NB: tl.constexpr):
     """Sum of a [KS, NB] lane tile over its lanes for row r < BM (zeros, never used, past BM)."""
     if r < BM:
@@ -195,7 +179,7 @@ def _light_up(x_ptr, stride_xm, M, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr,
                     gh3, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3, *w, x_ptr, stride_xm, M,
                     (st0 + i) * STEP_K, ONE, DUAL, BM, XVEC)  # fmt: skip
             if (i + 1) % CH == 0:  # a chunk's last step: its scales, then the next chunk
-                au0, au1, au2, au3, ag0, ag1, ag2, ag3 = _finish_light(
+                au0, au1, au2, au3, ag0, ag1, ag2, ag3 = _finish_chunk4(
                     au0, au1, au2, au3, ag0, ag1, ag2, ag3, ul0, uh0, ul1, uh1, ul2, uh2, ul3,
                     uh3, gl0, gh0, gl1, gh1, gl2, gh2, gl3, gh3, xe0, xo0, xe1, xo1, xe2, xo2,
                     xe3, xo3, s_ptr, z_ptr, t_ptr, u_ptr, (st0 + i) // SPG, NL, cols, mask,
@@ -220,7 +204,7 @@ def _light_up(x_ptr, stride_xm, M, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr,
                     ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3, gl0, gh0, gl1, gh1, gl2, gh2, gl3,
                     gh3, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3, *cur, x_ptr, stride_xm, M,
                     (st0 + i) * STEP_K, ONE, DUAL, BM, XVEC)  # fmt: skip
-            au0, au1, au2, au3, ag0, ag1, ag2, ag3 = _finish_light(
+            au0, au1, au2, au3, ag0, ag1, ag2, ag3 = _finish_chunk4(
                 au0, au1, au2, au3, ag0, ag1, ag2, ag3, ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3,
                 gl0, gh0, gl1, gh1, gl2, gh2, gl3, gh3, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3,
                 s_ptr, z_ptr, t_ptr, u_ptr, (st0 + c * CH) // SPG, NL, cols, mask, SYMMETRIC,
@@ -235,14 +219,10 @@ def _light_up(x_ptr, stride_xm, M, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr,
                     tu0, tu1, tu2, tu3, tg0, tg1, tg2, tg3, xs0, xs1, xs2, xs3, x_ptr, stride_xm,
                     M, p0_ptr, p1_ptr, q0_ptr, q1_ptr, NL, (st0 + c * CH + j) * STEP_K, cols, mask,
                     ONE, BITS, DUAL, BM)  # fmt: skip
-            g = (st0 + c * CH) // SPG
-            a, b = _scale_terms(s_ptr, z_ptr, g, NL, cols, mask, BITS, SYMMETRIC)
-            au0, au1, au2, au3 = _scaled_rows(au0, au1, au2, au3, tu0, tu1, tu2, tu3, a, b, xs0,
-                                              xs1, xs2, xs3, BM)  # fmt: skip
-            if DUAL:
-                a, b = _scale_terms(t_ptr, u_ptr, g, NL, cols, mask, BITS, SYMMETRIC)
-                ag0, ag1, ag2, ag3 = _scaled_rows(ag0, ag1, ag2, ag3, tg0, tg1, tg2, tg3, a, b,
-                                                  xs0, xs1, xs2, xs3, BM)  # fmt: skip
+            au0, au1, au2, au3, ag0, ag1, ag2, ag3 = _finish_chunk(
+                au0, au1, au2, au3, ag0, ag1, ag2, ag3, tu0, tu1, tu2, tu3, tg0, tg1, tg2, tg3,
+                xs0, xs1, xs2, xs3, s_ptr, z_ptr, t_ptr, u_ptr, (st0 + c * CH) // SPG, NL, cols,
+                mask, BITS, SYMMETRIC, DUAL, BM)  # fmt: skip
     return (_lane_sum(au0, BM, 0, NB), _lane_sum(au1, BM, 1, NB), _lane_sum(au2, BM, 2, NB),
             _lane_sum(au3, BM, 3, NB), _lane_sum(ag0, BM, 0, NB), _lane_sum(ag1, BM, 1, NB),
             _lane_sum(ag2, BM, 2, NB), _lane_sum(ag3, BM, 3, NB))  # fmt: skip

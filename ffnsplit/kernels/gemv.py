@@ -329,6 +329,41 @@ def _scale_terms(s_ptr, z_ptr, g, N, offs_n, mask_n, BITS: tl.constexpr,
 
 
 @triton.jit
+def _finish_chunk4(au0, au1, au2, au3, ag0, ag1, ag2, ag3, ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3,
+                  gl0, gh0, gl1, gh1, gl2, gh2, gl3, gh3, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3,
+                  s_ptr, z_ptr, t_ptr, u_ptr, g, NL, cols, mask, SYMMETRIC: tl.constexpr,
+                  DUAL: tl.constexpr, BM: tl.constexpr):  # fmt: skip
+    """The int4 loop's chunk end (_light_step4 sums): W0's (and, DUAL, W1's) sums scaled with
+    group g's scales and zeros and added to a* (up) and ag* (gate), each row of x."""
+    s, z = _scale_pair(s_ptr, z_ptr, g, NL, cols, mask, SYMMETRIC)
+    au0, au1, au2, au3 = _finish_rows4(au0, au1, au2, au3, ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3,
+                                       s, z, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3,
+                                       BM)  # fmt: skip
+    if DUAL:
+        s, z = _scale_pair(t_ptr, u_ptr, g, NL, cols, mask, SYMMETRIC)
+        ag0, ag1, ag2, ag3 = _finish_rows4(ag0, ag1, ag2, ag3, gl0, gh0, gl1, gh1, gl2, gh2, gl3,
+                                           gh3, s, z, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3,
+                                           BM)  # fmt: skip
+    return au0, au1, au2, au3, ag0, ag1, ag2, ag3
+
+
+@triton.jit
+def _finish_chunk(au0, au1, au2, au3, ag0, ag1, ag2, ag3, tu0, tu1, tu2, tu3, tg0, tg1, tg2, tg3,
+                  xs0, xs1, xs2, xs3, s_ptr, z_ptr, t_ptr, u_ptr, g, NL, cols, mask,
+                  BITS: tl.constexpr, SYMMETRIC: tl.constexpr, DUAL: tl.constexpr,
+                  BM: tl.constexpr):  # fmt: skip
+    """The exact loop's chunk end (_light_step sums): as _finish_chunk4."""
+    a, b = _scale_terms(s_ptr, z_ptr, g, NL, cols, mask, BITS, SYMMETRIC)
+    au0, au1, au2, au3 = _scaled_rows(au0, au1, au2, au3, tu0, tu1, tu2, tu3, a, b, xs0, xs1, xs2,
+                                      xs3, BM)  # fmt: skip
+    if DUAL:
+        a, b = _scale_terms(t_ptr, u_ptr, g, NL, cols, mask, BITS, SYMMETRIC)
+        ag0, ag1, ag2, ag3 = _scaled_rows(ag0, ag1, ag2, ag3, tg0, tg1, tg2, tg3, a, b, xs0, xs1,
+                                          xs2, xs3, BM)  # fmt: skip
+    return au0, au1, au2, au3, ag0, ag1, ag2, ag3
+
+
+@triton.jit
 def _put(ptr, value, mask, ATOMIC: tl.constexpr):
     """A store, or (ATOMIC) an fp32 add into the accumulator (relaxed: the fence, barrier and
     arrival ticket of _arrive publish it, as they do the stores)."""
@@ -396,15 +431,11 @@ def _light_program(x_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u
                     ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3, gl0, gh0, gl1, gh1, gl2, gh2, gl3,
                     gh3, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3, *cur, x_ptr, stride_xm, M - m0,
                     st * STEP_K, ONE, DUAL, BM, XVEC)  # fmt: skip
-            s, z = _scale_pair(s_ptr, z_ptr, g, NL, offs_n, mask_n, SYMMETRIC)
-            au0, au1, au2, au3 = _finish_rows4(au0, au1, au2, au3, ul0, uh0, ul1, uh1, ul2, uh2,
-                                               ul3, uh3, s, z, xe0, xo0, xe1, xo1, xe2, xo2, xe3,
-                                               xo3, BM)  # fmt: skip
-            if DUAL:
-                s, z = _scale_pair(t_ptr, u_ptr, g, NL, offs_n, mask_n, SYMMETRIC)
-                ag0, ag1, ag2, ag3 = _finish_rows4(ag0, ag1, ag2, ag3, gl0, gh0, gl1, gh1, gl2,
-                                                   gh2, gl3, gh3, s, z, xe0, xo0, xe1, xo1, xe2,
-                                                   xo2, xe3, xo3, BM)  # fmt: skip
+            au0, au1, au2, au3, ag0, ag1, ag2, ag3 = _finish_chunk4(
+                au0, au1, au2, au3, ag0, ag1, ag2, ag3, ul0, uh0, ul1, uh1, ul2, uh2, ul3, uh3,
+                gl0, gh0, gl1, gh1, gl2, gh2, gl3, gh3, xe0, xo0, xe1, xo1, xe2, xo2, xe3, xo3,
+                s_ptr, z_ptr, t_ptr, u_ptr, g, NL, offs_n, mask_n, SYMMETRIC, DUAL,
+                BM)  # fmt: skip
     else:
         pdl_wait(PDL)
         for g in range(s_lo // SPG, tl.cdiv(s_hi, SPG)):
@@ -416,13 +447,10 @@ def _light_program(x_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, q0_ptr, q1_ptr, t_ptr, u
                     tu0, tu1, tu2, tu3, tg0, tg1, tg2, tg3, xs0, xs1, xs2, xs3, x_ptr, stride_xm,
                     M - m0, p0_ptr, p1_ptr, q0_ptr, q1_ptr, NL, st * STEP_K, offs_n, mask_n, ONE,
                     BITS, DUAL, BM)  # fmt: skip
-            a, b = _scale_terms(s_ptr, z_ptr, g, NL, offs_n, mask_n, BITS, SYMMETRIC)
-            au0, au1, au2, au3 = _scaled_rows(au0, au1, au2, au3, tu0, tu1, tu2, tu3, a, b, xs0,
-                                              xs1, xs2, xs3, BM)  # fmt: skip
-            if DUAL:
-                a, b = _scale_terms(t_ptr, u_ptr, g, NL, offs_n, mask_n, BITS, SYMMETRIC)
-                ag0, ag1, ag2, ag3 = _scaled_rows(ag0, ag1, ag2, ag3, tg0, tg1, tg2, tg3, a, b,
-                                                  xs0, xs1, xs2, xs3, BM)  # fmt: skip
+            au0, au1, au2, au3, ag0, ag1, ag2, ag3 = _finish_chunk(
+                au0, au1, au2, au3, ag0, ag1, ag2, ag3, tu0, tu1, tu2, tu3, tg0, tg1, tg2, tg3,
+                xs0, xs1, xs2, xs3, s_ptr, z_ptr, t_ptr, u_ptr, g, NL, offs_n, mask_n, BITS,
+                SYMMETRIC, DUAL, BM)  # fmt: skip
     cols = OL + offs_n
     _store_rows(ws_ptr, au0, au1, au2, au3, SLOT_L + split, 0, DUALS, M, NOUT, m0, cols, mask_n,
                 BM, ATOMIC)  # fmt: skip
