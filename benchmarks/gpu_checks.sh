@@ -16,7 +16,7 @@
 #   at M = 1024-4096: heavy rows in the scratch or not, 128 and 256 MiB chunks), decodeops (decoder op tests), trace
 #   profprefill (benchmarks/prof_prefill.py + probe_cublas.py), odd (717 heavy neurons),
 #   swap (benchmarks/proto_swap.py), swaptier (the W-as-A form: tests + bench_mma), pdlmma,
-#   next14 (session 13's open questions), fused15 (the one-launch FFN), verify15, next16, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
+#   next14 (session 13's open questions), fused15 (the one-launch FFN), verify15, next16, s16ab, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
 #   (benchmarks/trace_decode.py), decode8b (M = 1, 4 + 8B decode once)
 # Several stages in one call: bash benchmarks/gpu_checks.sh gemv trace decode8b
 # Each step has its own time limit, so one slow step cannot take the whole call.
@@ -207,6 +207,19 @@ next16)  # for session 16: more programs an SM for the Gluon tier at M = 1-4 (nc
         --extra-up "MmaConfig(4, 1, resident=5, fused=True, swap=True, depth=3, maxnreg=96); MmaConfig(4, 1, resident=6, fused=True, swap=True, depth=3, maxnreg=80)" \
         --extra-down "MmaConfig(4, 2, resident=5, swap=True, fused=True, maxnreg=96)" \
         --out "$OUT/bench_mma_next16.json"
+    ;;
+s16ab)  # session 16: kernel A's heavy tiles over 2 programs a slice (mma_decode.heavy_split)
+    # and the tile finish's slot loads four in flight (_slot_sum), against the package in
+    # out/base (carry it: git archive of the commit before), layer at M = 1, 4, 16, new / base /
+    # new on one machine (~7 min)
+    run 100 test_heavy_split env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf -n 4 \
+        tests/test_mma_decode.py -k "heavy_split or swap_configs"
+    for name in a_new b_base c_new; do
+        path=.
+        [ "$name" = b_base ] && path=out/base
+        run 130 "bench_$name" env -C "$path" python3 -m ffnsplit.cli bench \
+            --shape 4096x14336 --m 1,4,16 --json "$OUT/bench_$name.json"
+    done
     ;;
 graphs)  # the CUDA-graph replay of eager SplitFFN calls (ffnsplit/graphs.py): its GPU tests
     run 200 test_graphs env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf tests/test_graphs.py

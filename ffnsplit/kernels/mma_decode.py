@@ -723,23 +723,38 @@ if gluon is not None:
             return gl.maximum(g, 0.0)
 
     @gluon.jit
+    def _slot_sum(ptrs, n, stride, mask, MMA: gl.constexpr):
+        """The sum of slots 0 .. n - 1 (ptrs + s * stride, fp32) in slot order, four loads in
+        flight a step: a loop of one load a slot would wait an L2 round trip for each (kernel B
+        finishes ~16 slots). Loads bypass L1 (.cg): other programs wrote them."""
+        total = gl.zeros(ptrs.shape, gl.float32, layout=MMA)
+        for s in range(0, n, 4):
+            v0 = gl.load(ptrs + s * stride, mask=mask, other=0.0, cache_modifier=".cg")
+            v1 = gl.load(ptrs + (s + 1) * stride, mask=mask & (s + 1 < n), other=0.0,
+                         cache_modifier=".cg")  # fmt: skip
+            v2 = gl.load(ptrs + (s + 2) * stride, mask=mask & (s + 2 < n), other=0.0,
+                         cache_modifier=".cg")  # fmt: skip
+            v3 = gl.load(ptrs + (s + 3) * stride, mask=mask & (s + 3 < n), other=0.0,
+                         cache_modifier=".cg")  # fmt: skip
+            total += v0
+            total += v1
+            total += v2
+            total += v3
+        return total
+
+    @gluon.jit
     def _finish(ws_ptr, a_ptr, ub_ptr, gb_ptr, M, NT, stride_am, cols, n_mask, n_split,
                 DUAL: gl.constexpr, ACTIVATION: gl.constexpr, HAS_UP_BIAS: gl.constexpr,
                 HAS_GATE_BIAS: gl.constexpr, BM: gl.constexpr, MMA: gl.constexpr,
                 SWAP: gl.constexpr):  # fmt: skip
         """a[:, cols] = finish(sum of the tile's slots 0 .. n_split - 1 in slot order): the same
-        result whichever program arrives last. Loads bypass L1 (.cg): other programs wrote
-        them."""
+        result whichever program arrives last."""
         DUALS: gl.constexpr = 2 if DUAL else 1
         off, mask = _tile(M, NT, cols, n_mask, BM, MMA, SWAP)
-        ptrs = ws_ptr + off
-        up = gl.zeros(off.shape, gl.float32, layout=MMA)
+        up = _slot_sum(ws_ptr + off, n_split, DUALS * M * NT, mask, MMA)
         gate = up
-        for s in range(0, n_split):
-            up += gl.load(ptrs + s * DUALS * M * NT, mask=mask, other=0.0, cache_modifier=".cg")
-            if DUAL:
-                gate += gl.load(ptrs + (s * DUALS + 1) * M * NT, mask=mask, other=0.0,
-                                cache_modifier=".cg")  # fmt: skip
+        if DUAL:
+            gate = _slot_sum(ws_ptr + M * NT + off, n_split, DUALS * M * NT, mask, MMA)
         if HAS_UP_BIAS:
             up += _per_n(gl.load(ub_ptr + cols, mask=n_mask, other=0.0).to(gl.float32), SWAP)
         if DUAL:
@@ -774,7 +789,7 @@ if gluon is not None:
     @gluon.jit
     def _up_kernel(x_ptr, hu_ptr, hg_ptr, up_ptr, us_ptr, uz_ptr, gp_ptr, gs_ptr, gz_ptr, ws_ptr,
                    cnt_ptr, a_ptr, ub_ptr, gb_ptr, M, K, NH, NL, stride_xm, stride_hw,
-                   stride_am, DUAL: gl.constexpr, FUSED: gl.constexpr,
+                   stride_am, HS, DUAL: gl.constexpr, FUSED: gl.constexpr,
                    ACTIVATION: gl.constexpr, HAS_UP_BIAS: gl.constexpr,
                    HAS_GATE_BIAS: gl.constexpr,
                    SYMMETRIC: gl.constexpr, GROUP: gl.constexpr, TAIL: gl.constexpr,
@@ -785,39 +800,47 @@ if gluon is not None:
                    BMH: gl.constexpr, MMA_H: gl.constexpr, PDL: gl.constexpr):  # fmt: skip
         """Kernel A's up (and gate) sums of K-slice program_id(1) for one tile of heavy rows
         (the first programs along axis 0, BNH neurons) or light columns (BN neurons), as fp32
-        partials into ws [slices, 2 (1 without DUAL), M, NH + NL]. FUSED: the last of a tile's
-        slices to arrive adds them and writes a [M, NH + NL] (biases, activation, gating);
-        otherwise gemv's reduce kernel does, in a second launch. Heavy tiles are always x-as-A
-        products (BMH rows, layout MMA_H): in the W-as-A form (SWAP) the light tiles only.
-        PDL: a programmatic dependent launch (trigger first; each slice loads its first words,
-        then waits for the previous kernel before it reads x)."""
+        partials into ws [slices, 2 (1 without DUAL), M, NH + NL]. A heavy tile's neurons
+        weigh ~2x a light tile's in bytes, so each heavy tile takes HS programs a slice (the
+        first heavy_tiles * HS along axis 0), HS * slices in all, and every program of the launch
+        streams about as many bytes. FUSED: the last of a tile's slices to arrive adds them and
+        writes a [M, NH + NL] (biases, activation, gating); otherwise gemv's reduce kernel does,
+        in a second launch. Heavy tiles are always x-as-A products (BMH rows, layout MMA_H): in
+        the W-as-A form (SWAP) the light tiles only. PDL: a programmatic dependent launch
+        (trigger first; each slice loads its first words, then waits for the previous kernel
+        before it reads x)."""
         _pdl_trigger(PDL)
         pid = gl.program_id(0)
         split = gl.program_id(1)
         n_split = gl.num_programs(1)
         chunks = gl.cdiv(K, _CHUNK)
-        c_lo = split * chunks // n_split
-        c_hi = (split + 1) * chunks // n_split
         heavy_tiles = gl.cdiv(NH, BNH)
         NT = NH + NL
         DUALS: gl.constexpr = 2 if DUAL else 1
-        if pid < heavy_tiles:
+        if pid < heavy_tiles * HS:
             # names apart from the light branch's: tiles of other widths
+            h_tile = pid // HS
+            h_slice = split * HS + pid % HS
+            h_split = n_split * HS
             h_u, h_g = _heavy_slice(x_ptr, stride_xm, M, K, hu_ptr, hg_ptr, stride_hw, NH,
-                                    pid * BNH, c_lo, c_hi, DUAL, TAIL, DTYPE, BMH, BNH,
-                                    H_LAYOUT, X_LAYOUT, MMA_H, PDL)  # fmt: skip
-            h_cols = _columns(pid * BNH, BNH, MMA_H, False)
-            _store_partial(ws_ptr, h_u, split * DUALS, M, NT, h_cols, h_cols < NH, BMH, MMA_H,
+                                    h_tile * BNH, h_slice * chunks // h_split,
+                                    (h_slice + 1) * chunks // h_split, DUAL, TAIL, DTYPE, BMH,
+                                    BNH, H_LAYOUT, X_LAYOUT, MMA_H, PDL)  # fmt: skip
+            h_cols = _columns(h_tile * BNH, BNH, MMA_H, False)
+            _store_partial(ws_ptr, h_u, h_slice * DUALS, M, NT, h_cols, h_cols < NH, BMH, MMA_H,
                            False)  # fmt: skip
             if DUAL:
-                _store_partial(ws_ptr, h_g, split * DUALS + 1, M, NT, h_cols, h_cols < NH, BMH,
+                _store_partial(ws_ptr, h_g, h_slice * DUALS + 1, M, NT, h_cols, h_cols < NH, BMH,
                                MMA_H, False)  # fmt: skip
             if FUSED:
-                _arrive(cnt_ptr, pid, n_split, ws_ptr, a_ptr, ub_ptr, gb_ptr, M, NT, stride_am,
-                        h_cols, h_cols < NH, DUAL, ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS,
-                        BMH, MMA_H, False)  # fmt: skip
+                _arrive(cnt_ptr, h_tile, h_split, ws_ptr, a_ptr, ub_ptr, gb_ptr, M, NT,
+                        stride_am, h_cols, h_cols < NH, DUAL, ACTIVATION, HAS_UP_BIAS,
+                        HAS_GATE_BIAS, BMH, MMA_H, False)  # fmt: skip
         else:
-            l0 = (pid - heavy_tiles) * BN
+            c_lo = split * chunks // n_split
+            c_hi = (split + 1) * chunks // n_split
+            l_tile = pid - heavy_tiles * (HS - 1)  # its counter: after the heavy tiles'
+            l0 = (l_tile - heavy_tiles) * BN
             if DEPTH == 3:
                 l_u, l_g = _ring_slice(x_ptr, stride_xm, M, K, up_ptr, us_ptr, uz_ptr, gp_ptr,
                                        gs_ptr, gz_ptr, NL, l0, c_lo, c_hi, DUAL, SYMMETRIC,
@@ -835,9 +858,9 @@ if gluon is not None:
                 _store_partial(ws_ptr, l_g, split * DUALS + 1, M, NT, NH + l_cols, l_cols < NL,
                                BM, MMA, SWAP)  # fmt: skip
             if FUSED:
-                _arrive(cnt_ptr, pid, n_split, ws_ptr, a_ptr, ub_ptr, gb_ptr, M, NT, stride_am,
-                        NH + l_cols, l_cols < NL, DUAL, ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS,
-                        BM, MMA, SWAP)  # fmt: skip
+                _arrive(cnt_ptr, l_tile, n_split, ws_ptr, a_ptr, ub_ptr, gb_ptr, M, NT,
+                        stride_am, NH + l_cols, l_cols < NL, DUAL, ACTIVATION, HAS_UP_BIAS,
+                        HAS_GATE_BIAS, BM, MMA, SWAP)  # fmt: skip
 
     @gluon.jit
     def _down_kernel(xh_ptr, xl_ptr, hw_ptr, p_ptr, s_ptr, z_ptr, ws_ptr, cnt_ptr, out_ptr, b_ptr,
@@ -917,6 +940,9 @@ class MmaConfig:
     # columns (8 rows, or two n8 tiles for 9-16); `tiles` m16 tiles a warp
     swap: bool = False
     maxnreg: int | None = None  # a register cap for `resident` programs an SM (ptxas may spill)
+    # kernel A: programs a heavy tile takes a K-slice (0: as many as even out the bytes a program
+    # against a light tile's, `heavy_split`; 1: one, as light tiles)
+    heavy_split: int = 0
 
     @property
     def block_n(self) -> int:
@@ -1102,6 +1128,31 @@ def _slices(cfg: MmaConfig, tiles: int, sms: int) -> int:
     return max(1, cfg.resident * sms * cfg.waves // tiles)
 
 
+def heavy_split(cfg: MmaConfig, h: int, n_light: int, group: int) -> int:
+    """Kernel A's programs a heavy tile a K-slice: cfg.heavy_split, or (0) the ratio of a heavy
+    tile's bytes a chunk (BNH neurons, 2 bytes a weight) to a light tile's (BN neurons, half a
+    byte a code plus a scale and a zero a group), rounded; 1 without both parts. A one-wave grid
+    of programs that stream 2x the bytes of the others ends when they do."""
+    if not h or not n_light:
+        return 1
+    if cfg.heavy_split:
+        return cfg.heavy_split
+    light = cfg.block_n * (CHUNK / 2 + 4 * CHUNK / group)
+    return max(1, round(cfg.block_nh * 2 * CHUNK / light))
+
+
+def up_grid(cfg: MmaConfig, h: int, n_light: int, group: int, chunks: int,
+            sms: int) -> tuple[int, int, int, int]:  # fmt: skip
+    """Kernel A's grid: (heavy tiles, light tiles, programs a heavy tile a slice, K-slices) for
+    h heavy and n_light light neurons over `chunks` chunks of K on `sms` SMs: one wave of
+    cfg.resident programs an SM (cfg.waves), no program without a chunk."""
+    heavy_tiles = triton.cdiv(h, cfg.block_nh)
+    light_tiles = triton.cdiv(n_light, cfg.block_n)
+    hs = heavy_split(cfg, h, n_light, group)
+    split = min(_slices(cfg, heavy_tiles * hs + light_tiles, sms), chunks)
+    return heavy_tiles, light_tiles, max(1, min(hs, chunks // split)), split
+
+
 def _meta(cfg: MmaConfig, m: int, heavy_tiles: int) -> dict:
     """The tile constexprs both kernels take for M rows: light tiles per cfg, dense rows in x-as-A
     tiles of `heavy_tiles` n8 tiles a warp."""
@@ -1164,14 +1215,13 @@ def split_activations(x2: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor) -> 
     pdl = pdl_options(x2.device)  # PDL (constexpr) and launch_pdl
 
     def run(cfg: MmaConfig) -> None:
-        bnh = cfg.block_nh
-        tiles = triton.cdiv(h, bnh) + triton.cdiv(n_light, cfg.block_n)
-        split = min(_slices(cfg, tiles, sms), chunks)
-        ws = torch.empty((split, duals, m, nt), dtype=torch.float32, device=x2.device)
+        heavy_tiles, light_tiles, hs, split = up_grid(cfg, h, n_light, group, chunks, sms)
+        ws = torch.empty((split * hs, duals, m, nt), dtype=torch.float32, device=x2.device)
+        tiles = heavy_tiles + light_tiles
         counters = gemv._zeroed(x2.device, tiles, torch.int32) if cfg.fused else dummy
-        _up_kernel[(tiles, split)](
+        _up_kernel[(heavy_tiles * hs + light_tiles, split)](
             x2, hu, hg, *light, ws, counters, a, up_bias, gate_bias, m, hidden, h, n_light,
-            x2.stride(0), hu.stride(0), a.stride(0), DUAL=w.gated, FUSED=cfg.fused,
+            x2.stride(0), hu.stride(0), a.stride(0), hs, DUAL=w.gated, FUSED=cfg.fused,
             ACTIVATION=w.activation, HAS_UP_BIAS=w.up_bias is not None,
             HAS_GATE_BIAS=w.gated and w.gate_bias is not None, SYMMETRIC=symmetric, GROUP=group,
             TAIL=hidden % CHUNK != 0, DTYPE=_gl_dtype(x2.dtype), **up_meta(cfg, m), **pdl,
@@ -1182,10 +1232,10 @@ def split_activations(x2: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor) -> 
             return
         block = 512
         gemv._gemv_reduce_kernel[(triton.cdiv(m * nt, block),)](
-            ws, up_bias, gate_bias, a, m, nt, a.stride(0), 0, 0, split, split, DUAL=w.gated,
-            ACT=True, ACTIVATION=w.activation, HAS_UP_BIAS=w.up_bias is not None,
+            ws, up_bias, gate_bias, a, m, nt, a.stride(0), h, split * hs, split, split * hs,
+            DUAL=w.gated, ACT=True, ACTIVATION=w.activation, HAS_UP_BIAS=w.up_bias is not None,
             HAS_GATE_BIAS=w.gated and w.gate_bias is not None, BLOCK=block,
-            BLOCK_S=triton.next_power_of_2(split), PDL=False, num_warps=4,
+            BLOCK_S=triton.next_power_of_2(split * hs), PDL=False, num_warps=4,
         )  # fmt: skip
 
     key = (triton.next_power_of_2(m), hidden, h, n_light, group, symmetric, w.gated, x2.dtype,
@@ -1276,7 +1326,7 @@ def aot_compile(kernel: str, cfg: MmaConfig, m: int = 1, dtype: str = "fp16", *,
         sig = dict(x_ptr=t, hu_ptr=t, hg_ptr=t, up_ptr="*i32", us_ptr=t, uz_ptr=t, gp_ptr="*i32",
                    gs_ptr=t, gz_ptr=t, ws_ptr="*fp32", cnt_ptr="*i32", a_ptr=t, ub_ptr=t,
                    gb_ptr=t, M="i32", K="i32", NH="i32", NL="i32", stride_xm="i32",
-                   stride_hw="i32", stride_am="i32")  # fmt: skip
+                   stride_hw="i32", stride_am="i32", HS="i32")  # fmt: skip
         const = dict(common, **up_meta(cfg, m), DUAL=True, FUSED=cfg.fused, ACTIVATION="silu",
                      HAS_UP_BIAS=False, HAS_GATE_BIAS=False, TAIL=hidden % CHUNK != 0)  # fmt: skip
         aligned = [n for n in sig if n.endswith("_ptr")] + ["K", "stride_xm", "stride_hw"]
