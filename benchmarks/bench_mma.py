@@ -46,7 +46,8 @@ def main() -> int:
     parser.add_argument(
         "--extra-up",
         default="",
-        help="more W-as-A kernel A configs to time, ';'-separated MmaConfig(...) expressions",
+        help="more kernel A configs to time, ';'-separated MmaConfig(...) expressions (W-as-A "
+        "ones beside the W-as-A table, others beside the x-as-A table)",
     )
     parser.add_argument("--extra-down", default="", help="the same for kernel B")
     args = parser.parse_args()
@@ -56,8 +57,9 @@ def main() -> int:
         configs = tuple(eval(e.strip(), {"MmaConfig": mma_decode.MmaConfig})  # noqa: S307
                         for e in extra.split(";")
                         if e.strip())  # fmt: skip
-        name = f"{kernel}_SWAP"
-        setattr(mma_decode, name, getattr(mma_decode, name) + configs)
+        for name, table in ((f"{kernel}_SWAP", [c for c in configs if c.swap]),
+                            (f"{kernel}_CONFIGS", [c for c in configs if not c.swap])):  # fmt: skip
+            setattr(mma_decode, name, getattr(mma_decode, name) + tuple(table))
     hidden = 4096
     copies = [split_weights(hidden, args.heavy, args.light, 4, 128) for _ in range(2)]
     dense = [

@@ -16,7 +16,7 @@
 #   at M = 1024-4096: heavy rows in the scratch or not, 128 and 256 MiB chunks), decodeops (decoder op tests), trace
 #   profprefill (benchmarks/prof_prefill.py + probe_cublas.py), odd (717 heavy neurons),
 #   swap (benchmarks/proto_swap.py), swaptier (the W-as-A form: tests + bench_mma), pdlmma,
-#   next14 (session 13's open questions), fused15 (the one-launch FFN), verify15, next16, s16ab, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
+#   next14 (session 13's open questions), fused15 (the one-launch FFN), verify15, next16, s16ab, s16pf, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
 #   (benchmarks/trace_decode.py), decode8b (M = 1, 4 + 8B decode once)
 # Several stages in one call: bash benchmarks/gpu_checks.sh gemv trace decode8b
 # Each step has its own time limit, so one slow step cannot take the whole call.
@@ -220,6 +220,20 @@ s16ab)  # session 16: kernel A's heavy tiles over 2 programs a slice (mma_decode
         run 130 "bench_$name" env -C "$path" python3 -m ffnsplit.cli bench \
             --shape 4096x14336 --m 1,4,16 --json "$OUT/bench_$name.json"
     done
+    ;;
+s16pf)  # session 16: L2 prefetch distances (MmaConfig.prefetch) in the Gluon tier's loops, each
+    # config alone at M = 1, 4, 16 (~6 min)
+    run 420 bench_mma_pf python3 benchmarks/bench_mma.py --m 1,4,16 --paths mma \
+        --extra-up "MmaConfig(4, 1, resident=4, fused=True, swap=True, depth=3, prefetch=6);
+            MmaConfig(4, 1, resident=4, fused=True, swap=True, depth=3, prefetch=10);
+            MmaConfig(4, 1, resident=4, fused=True, swap=True, prefetch=3);
+            MmaConfig(4, 1, resident=4, fused=True, swap=True, prefetch=6);
+            MmaConfig(4, 2, resident=4, waves=1, fused=True, prefetch=4)" \
+        --extra-down "MmaConfig(4, 2, resident=4, swap=True, fused=True, maxnreg=128, prefetch=3);
+            MmaConfig(4, 2, resident=4, swap=True, fused=True, maxnreg=128, prefetch=6);
+            MmaConfig(4, 2, resident=4, swap=True, fused=True, depth=3, maxnreg=128, prefetch=6);
+            MmaConfig(4, 2, resident=4, fused=True, maxnreg=128, prefetch=4)" \
+        --out "$OUT/bench_mma_pf.json"
     ;;
 graphs)  # the CUDA-graph replay of eager SplitFFN calls (ffnsplit/graphs.py): its GPU tests
     run 200 test_graphs env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf tests/test_graphs.py

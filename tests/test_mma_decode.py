@@ -9,7 +9,6 @@ magic-number arithmetic turns every nibble into its exact value in fp16 and bf16
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 
 import pytest
@@ -304,48 +303,6 @@ def test_split_ffn_row_tiles(poison, monkeypatch, dtype, m) -> None:
         monkeypatch.setattr(mma_decode, "DOWN_ROWS", {rows: (down,)})
         w = random_split_weights(576, 20, 224, "silu", True, True, dtype, bits=4, group=128)
         x = torch.randn(m, 576, device=DEVICE).to(dtype)
-        out = sffn.split_ffn(x, w, path="mma")
-        assert rel_err(out, ref_split_ffn(x, w)) < TOL[dtype]
-
-
-def test_heavy_tiles_take_programs_by_bytes() -> None:
-    """Kernel A's grid at the Llama-3-8B shape on 132 SMs: a heavy tile (32 fp16 neurons)
-    weighs ~2x a light one (64 int4 neurons with a scale and a zero a group), so it takes 2
-    programs a slice and the grid stays one wave of 4 an SM; a config's own heavy_split wins;
-    no heavy program is left without a chunk; one part alone needs no split."""
-    cfg = mma_decode.UP_SWAP[0]
-    assert mma_decode.up_grid(cfg, 720, 13632, 128, 32, 132) == (23, 213, 2, 2)
-    assert cfg.resident * 132 >= (23 * 2 + 213) * 2
-    one = dataclasses.replace(cfg, heavy_split=1)
-    assert mma_decode.up_grid(one, 720, 13632, 128, 32, 132) == (23, 213, 1, 2)
-    three = dataclasses.replace(cfg, heavy_split=3)
-    assert mma_decode.up_grid(three, 720, 13632, 128, 2, 132) == (23, 213, 2, 1)
-    assert mma_decode.up_grid(three, 720, 13632, 128, 1, 132) == (23, 213, 1, 1)
-    assert mma_decode.heavy_split(cfg, 720, 0, 128) == 1
-    assert mma_decode.heavy_split(cfg, 0, 13632, 128) == 1
-    assert mma_decode.heavy_split(mma_decode.UP_ROWS[4][0], 720, 13632, 128) == 4  # 32 light
-
-
-@gpu
-@needs_mma
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("hs", [2, 3])
-def test_heavy_split_programs(poison, monkeypatch, dtype, hs) -> None:
-    """Heavy tiles over hs programs a K-slice, fused (W as A, x as A) and through gemv's reduce
-    kernel, against float64: 6 SMs assumed, so the grids have 2-3 slices of 3-4 chunks and every
-    heavy tile takes hs programs a slice; partial heavy and light tiles, a partial last chunk."""
-    monkeypatch.setattr(mma_decode, "sm_count", lambda device: 6)
-    w = random_split_weights(1100, 44, 200, "silu", True, True, dtype, bits=4, group=64)
-    chunks = -(-1100 // mma_decode.CHUNK)
-    for table, base, m in (("UP_SWAP", mma_decode.UP_SWAP[0], 3),
-                           ("UP_CONFIGS", mma_decode.UP_CONFIGS[0], 11),
-                           ("UP_CONFIGS", mma_decode.UP_CONFIGS[1], 5)):  # fmt: skip
-        cfg = dataclasses.replace(base, heavy_split=hs)
-        *_, used, split = mma_decode.up_grid(cfg, 44, 200, 64, chunks, 6)
-        assert used == hs and split > 1, (cfg, used, split)
-        monkeypatch.setattr(mma_decode, table, (cfg,))
-        monkeypatch.setattr(mma_decode, "SWAP", "only" if cfg.swap else "0")
-        x = torch.randn(m, 1100, device=DEVICE).to(dtype)
         out = sffn.split_ffn(x, w, path="mma")
         assert rel_err(out, ref_split_ffn(x, w)) < TOL[dtype]
 

@@ -306,6 +306,65 @@ if gluon is not None:
         return s0, z0, s1, z1
 
     @gluon.jit
+    def _prefetch(ptrs, mask):
+        """prefetch.global.L2 of each address where `mask`: the line is requested into L2 and no
+        thread waits for it (no register, no shared memory held)."""
+        gl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+            "=r,l,r", [ptrs, mask.to(gl.int32)], dtype=gl.int32, is_pure=False, pack=1,
+        )  # fmt: skip
+
+    @gluon.jit
+    def _prefetch_rows(ptr, first, rows, cols, stride, n_rows, n_cols, on, ROWS: gl.constexpr,
+                       SEGS: gl.constexpr, SEG: gl.constexpr, P_LAYOUT: gl.constexpr):  # fmt: skip
+        """Prefetch ROWS rows (first .. first + ROWS - 1, < n_rows) of SEGS segments of SEG
+        elements from column `cols` (< n_cols) of a [n_rows, stride] array into L2 when `on`:
+        one segment a thread (P_LAYOUT: one element a thread), in turns of as many segments as
+        threads."""
+        T: gl.constexpr = P_LAYOUT.warps_per_cta[0] * 32
+        i = gl.arange(0, T, layout=P_LAYOUT)
+        for p in gl.static_range(0, ROWS * SEGS, T):
+            j = p + i
+            row = first + j // SEGS
+            col = cols + (j % SEGS) * SEG
+            mask = on & (j < ROWS * SEGS) & (row < n_rows) & (col < n_cols)
+            _prefetch(ptr + row.to(gl.int64) * stride + col, mask)
+
+    @gluon.jit
+    def _prefetch_light(up_ptr, us_ptr, uz_ptr, gp_ptr, gs_ptr, gz_ptr, c, c_hi, n0, N, KR, G,
+                        DUAL: gl.constexpr, SYMMETRIC: gl.constexpr, GROUP: gl.constexpr,
+                        BN: gl.constexpr, P_LAYOUT: gl.constexpr):  # fmt: skip
+        """Chunk c of a light tile (columns n0 ..) into L2 when c < c_hi: its 16 word rows (128
+        bytes = 32 words a segment) and its groups' scale and zero rows (32 values a segment:
+        128 bytes in fp32, a line twice in 16-bit dtypes), up and (DUAL) gate."""
+        on = c < c_hi
+        GPC: gl.constexpr = 2 if GROUP == 64 else 1
+        g = c * _CHUNK // GROUP
+        SEGS: gl.constexpr = (BN + 31) // 32
+        _prefetch_rows(up_ptr, c * 16, 16, n0, N, KR, N, on, 16, SEGS, 32, P_LAYOUT)
+        _prefetch_rows(us_ptr, g, GPC, n0, N, G, N, on, GPC, SEGS, 32, P_LAYOUT)
+        if not SYMMETRIC:
+            _prefetch_rows(uz_ptr, g, GPC, n0, N, G, N, on, GPC, SEGS, 32, P_LAYOUT)
+        if DUAL:
+            _prefetch_rows(gp_ptr, c * 16, 16, n0, N, KR, N, on, 16, SEGS, 32, P_LAYOUT)
+            _prefetch_rows(gs_ptr, g, GPC, n0, N, G, N, on, GPC, SEGS, 32, P_LAYOUT)
+            if not SYMMETRIC:
+                _prefetch_rows(gz_ptr, g, GPC, n0, N, G, N, on, GPC, SEGS, 32, P_LAYOUT)
+
+    @gluon.jit
+    def _prefetch_dense(hu_ptr, hg_ptr, stride_hw, c, c_hi, n0, N, K, DUAL: gl.constexpr,
+                        BN: gl.constexpr, P_LAYOUT: gl.constexpr):  # fmt: skip
+        """Chunk c of BN dense rows from n0 into L2 when c < c_hi: 128 k of 16-bit weights, two
+        128-byte segments a row, up and (DUAL) gate."""
+        on = c < c_hi
+        k_left = K - c * _CHUNK
+        _prefetch_rows(hu_ptr + c * _CHUNK, n0, BN, 0, stride_hw, N, k_left, on, BN, 2, 64,
+                       P_LAYOUT)  # fmt: skip
+        if DUAL:
+            _prefetch_rows(hg_ptr + c * _CHUNK, n0, BN, 0, stride_hw, N, k_left, on, BN, 2, 64,
+                           P_LAYOUT)  # fmt: skip
+
+    @gluon.jit
     def _pdl_wait(PDL: gl.constexpr):
         """tiles.pdl_wait in Gluon: wait for the previous kernel on the stream (its writes
         visible); every program of a PDL launch passes here before it reads x or writes."""
@@ -481,7 +540,8 @@ if gluon is not None:
                     BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
                     CHAINS: gl.constexpr,
                     W_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr, C_LAYOUT: gl.constexpr,
-                    MMA: gl.constexpr, SWAP: gl.constexpr, PDL: gl.constexpr = False):  # fmt: skip
+                    MMA: gl.constexpr, SWAP: gl.constexpr, PDL: gl.constexpr = False,
+                    PF: gl.constexpr = 0, P_LAYOUT: gl.constexpr = None):  # fmt: skip
         """_light_slice with the words through a STAGES-deep cp.async ring in shared memory
         (a tuner candidate; it lost to the register path on an H200, session 11): STAGES - 1
         chunks in flight without holding
@@ -511,10 +571,16 @@ if gluon is not None:
             if DUAL:
                 _ring_copy(wg_smem, gp_ptr, i, cc, n0, N, KR, TAIL, BN, C_LAYOUT)
             async_copy.commit_group()
+        for p in gl.static_range(STAGES - 1, PF):  # L2 prefetch: the chunks up to c_lo + PF - 1
+            _prefetch_light(up_ptr, us_ptr, uz_ptr, gp_ptr, gs_ptr, gz_ptr, c_lo + p, c_hi, n0,
+                            N, KR, G, DUAL, SYMMETRIC, GROUP, BN, P_LAYOUT)  # fmt: skip
         _pdl_wait(PDL)  # the weights above need nothing from the previous kernel; x does
         x_next = _x_chunk(x_ptr, x_off, x_mask, xk, c_lo * _CHUNK, K, TAIL)
         for c in range(c_lo, c_hi):
             j = c - c_lo
+            if PF > 0:  # chunk c + PF into L2: the ring's copies and the scales then hit it
+                _prefetch_light(up_ptr, us_ptr, uz_ptr, gp_ptr, gs_ptr, gz_ptr, c + PF, c_hi, n0,
+                                N, KR, G, DUAL, SYMMETRIC, GROUP, BN, P_LAYOUT)  # fmt: skip
             su0, zu0, su1, zu1 = _scales(us_ptr, uz_ptr, c, N, G, sc, s_mask, SYMMETRIC, GROUP)
             if DUAL:
                 sg0, zg0, sg1, zg1 = _scales(gs_ptr, gz_ptr, c, N, G, sc, s_mask, SYMMETRIC,
@@ -548,7 +614,8 @@ if gluon is not None:
                      GROUP: gl.constexpr, TAIL: gl.constexpr, DTYPE: gl.constexpr,
                      BM: gl.constexpr, BN: gl.constexpr, DEPTH: gl.constexpr,
                      CHAINS: gl.constexpr, W_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
-                     MMA: gl.constexpr, SWAP: gl.constexpr, PDL: gl.constexpr = False):  # fmt: skip
+                     MMA: gl.constexpr, SWAP: gl.constexpr, PDL: gl.constexpr = False,
+                     PF: gl.constexpr = 0, P_LAYOUT: gl.constexpr = None):  # fmt: skip
         """fp32 [BM, BN] (SWAP: [BN, BM]) x times columns n0.. of one (DUAL: two) packed int4
         weights [N, K] over chunks c_lo .. c_hi - 1 (c_hi > c_lo). Returns (up, gate) (gate = up
         without DUAL).
@@ -572,6 +639,9 @@ if gluon is not None:
         last = c_hi - 1
         u0, u1, u2, u3, g0, g1, g2, g3 = _light_words(up_ptr, gp_ptr, w_off, w_mask, c_lo, c_lo,
                                                       N, KR, DUAL, TAIL)  # fmt: skip
+        for p in gl.static_range(1, PF):  # L2 prefetch: the chunks up to c_lo + PF - 1
+            _prefetch_light(up_ptr, us_ptr, uz_ptr, gp_ptr, gs_ptr, gz_ptr, c_lo + p, c_hi, n0, N,
+                            KR, G, DUAL, SYMMETRIC, GROUP, BN, P_LAYOUT)  # fmt: skip
         _pdl_wait(PDL)  # the weights above need nothing from the previous kernel; x does
         x_next = _x_chunk(x_ptr, x_off, x_mask, xk, c_lo * _CHUNK, K, TAIL)
         if DEPTH == 2:
@@ -579,6 +649,12 @@ if gluon is not None:
             v0, v1, v2, v3, h0, h1, h2, h3 = _light_words(up_ptr, gp_ptr, w_off, w_mask, c1, c_lo,
                                                           N, KR, DUAL, TAIL)  # fmt: skip
             for c in range(c_lo, c_hi - 1, 2):  # chunks c and c + 1 (both < c_hi)
+                if PF > 0:  # chunks c + PF and c + PF + 1 into L2
+                    _prefetch_light(up_ptr, us_ptr, uz_ptr, gp_ptr, gs_ptr, gz_ptr, c + PF, c_hi,
+                                    n0, N, KR, G, DUAL, SYMMETRIC, GROUP, BN, P_LAYOUT)  # fmt: skip
+                    _prefetch_light(up_ptr, us_ptr, uz_ptr, gp_ptr, gs_ptr, gz_ptr, c + PF + 1,
+                                    c_hi, n0, N, KR, G, DUAL, SYMMETRIC, GROUP, BN,
+                                    P_LAYOUT)  # fmt: skip
                 acc_u, acc_g, x_next = _light_step(
                     acc_u, acc_g, u0, u1, u2, u3, g0, g1, g2, g3, c, c_lo, c + 1, x_next, x_ptr,
                     x_off, x_mask, xk, x_smem, ones, us_ptr, uz_ptr, gs_ptr, gz_ptr, N, K, G, sc,
@@ -606,6 +682,9 @@ if gluon is not None:
                 )  # fmt: skip
         else:
             for c in range(c_lo, c_hi):
+                if PF > 0:  # chunk c + PF into L2: its words and scales then hit it
+                    _prefetch_light(up_ptr, us_ptr, uz_ptr, gp_ptr, gs_ptr, gz_ptr, c + PF, c_hi,
+                                    n0, N, KR, G, DUAL, SYMMETRIC, GROUP, BN, P_LAYOUT)  # fmt: skip
                 # the next chunk's words and x in flight while this one is multiplied (clamped
                 # at the last chunk: loaded again, never used)
                 c_next = gl.minimum(c + 1, last)
@@ -646,7 +725,8 @@ if gluon is not None:
     def _heavy_slice(x_ptr, stride_xm, M, K, hu_ptr, hg_ptr, stride_hw, N, n0, c_lo, c_hi,
                      DUAL: gl.constexpr, TAIL: gl.constexpr, DTYPE: gl.constexpr,
                      BM: gl.constexpr, BN: gl.constexpr, H_LAYOUT: gl.constexpr,
-                     X_LAYOUT: gl.constexpr, MMA: gl.constexpr, PDL: gl.constexpr = False):  # fmt: skip
+                     X_LAYOUT: gl.constexpr, MMA: gl.constexpr, PDL: gl.constexpr = False,
+                     PF: gl.constexpr = 0, P_LAYOUT: gl.constexpr = None):  # fmt: skip
         """fp32 [BM, BN] x times rows n0.. of one (DUAL: two) dense [N, K] weights over chunks
         c_lo .. c_hi - 1. Returns (up, gate) (gate = up without DUAL)."""
         A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
@@ -667,9 +747,15 @@ if gluon is not None:
         g0, g1, g2, g3 = u0, u1, u2, u3
         if DUAL:
             g0, g1, g2, g3 = _dense_chunk(hg_ptr, h_off, h_mask, koff, c_lo * _CHUNK, K, TAIL)
+        for p in gl.static_range(1, PF):  # L2 prefetch: the chunks up to c_lo + PF - 1
+            _prefetch_dense(hu_ptr, hg_ptr, stride_hw, c_lo + p, c_hi, n0, N, K, DUAL, BN,
+                            P_LAYOUT)  # fmt: skip
         _pdl_wait(PDL)  # the weights above need nothing from the previous kernel; x does
         x_next = _x_chunk(x_ptr, x_off, x_mask, xk, c_lo * _CHUNK, K, TAIL)
         for c in range(c_lo, c_hi):
+            if PF > 0:  # chunk c + PF into L2: the loads of the step before it then hit it
+                _prefetch_dense(hu_ptr, hg_ptr, stride_hw, c + PF, c_hi, n0, N, K, DUAL, BN,
+                                P_LAYOUT)  # fmt: skip
             k_next = gl.minimum(c + 1, c_hi - 1) * _CHUNK
             v0, v1, v2, v3 = _dense_chunk(hu_ptr, h_off, h_mask, koff, k_next, K, TAIL)
             f0, f1, f2, f3 = v0, v1, v2, v3
@@ -789,7 +875,7 @@ if gluon is not None:
     @gluon.jit
     def _up_kernel(x_ptr, hu_ptr, hg_ptr, up_ptr, us_ptr, uz_ptr, gp_ptr, gs_ptr, gz_ptr, ws_ptr,
                    cnt_ptr, a_ptr, ub_ptr, gb_ptr, M, K, NH, NL, stride_xm, stride_hw,
-                   stride_am, HS, DUAL: gl.constexpr, FUSED: gl.constexpr,
+                   stride_am, DUAL: gl.constexpr, FUSED: gl.constexpr,
                    ACTIVATION: gl.constexpr, HAS_UP_BIAS: gl.constexpr,
                    HAS_GATE_BIAS: gl.constexpr,
                    SYMMETRIC: gl.constexpr, GROUP: gl.constexpr, TAIL: gl.constexpr,
@@ -797,60 +883,56 @@ if gluon is not None:
                    BNH: gl.constexpr, DEPTH: gl.constexpr, CHAINS: gl.constexpr,
                    W_LAYOUT: gl.constexpr, H_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
                    C_LAYOUT: gl.constexpr, MMA: gl.constexpr, SWAP: gl.constexpr,
-                   BMH: gl.constexpr, MMA_H: gl.constexpr, PDL: gl.constexpr):  # fmt: skip
+                   BMH: gl.constexpr, MMA_H: gl.constexpr, PDL: gl.constexpr,
+                   PF: gl.constexpr, P_LAYOUT: gl.constexpr):  # fmt: skip
         """Kernel A's up (and gate) sums of K-slice program_id(1) for one tile of heavy rows
         (the first programs along axis 0, BNH neurons) or light columns (BN neurons), as fp32
-        partials into ws [slices, 2 (1 without DUAL), M, NH + NL]. A heavy tile's neurons
-        weigh ~2x a light tile's in bytes, so each heavy tile takes HS programs a slice (the
-        first heavy_tiles * HS along axis 0), HS * slices in all, and every program of the launch
-        streams about as many bytes. FUSED: the last of a tile's slices to arrive adds them and
-        writes a [M, NH + NL] (biases, activation, gating); otherwise gemv's reduce kernel does,
-        in a second launch. Heavy tiles are always x-as-A products (BMH rows, layout MMA_H): in
-        the W-as-A form (SWAP) the light tiles only. PDL: a programmatic dependent launch
-        (trigger first; each slice loads its first words, then waits for the previous kernel
-        before it reads x)."""
+        partials into ws [slices, 2 (1 without DUAL), M, NH + NL]. FUSED: the last of a tile's
+        slices to arrive adds them and writes a [M, NH + NL] (biases, activation, gating);
+        otherwise gemv's reduce kernel does, in a second launch. Heavy tiles are always x-as-A
+        products (BMH rows, layout MMA_H): in the W-as-A form (SWAP) the light tiles only.
+        PDL: a programmatic dependent launch (trigger first; each slice loads its first words,
+        then waits for the previous kernel before it reads x)."""
         _pdl_trigger(PDL)
         pid = gl.program_id(0)
         split = gl.program_id(1)
         n_split = gl.num_programs(1)
         chunks = gl.cdiv(K, _CHUNK)
+        c_lo = split * chunks // n_split
+        c_hi = (split + 1) * chunks // n_split
         heavy_tiles = gl.cdiv(NH, BNH)
         NT = NH + NL
         DUALS: gl.constexpr = 2 if DUAL else 1
-        if pid < heavy_tiles * HS:
+        if pid < heavy_tiles:
             # names apart from the light branch's: tiles of other widths
-            h_tile = pid // HS
-            h_slice = split * HS + pid % HS
-            h_split = n_split * HS
             h_u, h_g = _heavy_slice(x_ptr, stride_xm, M, K, hu_ptr, hg_ptr, stride_hw, NH,
-                                    h_tile * BNH, h_slice * chunks // h_split,
-                                    (h_slice + 1) * chunks // h_split, DUAL, TAIL, DTYPE, BMH,
-                                    BNH, H_LAYOUT, X_LAYOUT, MMA_H, PDL)  # fmt: skip
-            h_cols = _columns(h_tile * BNH, BNH, MMA_H, False)
-            _store_partial(ws_ptr, h_u, h_slice * DUALS, M, NT, h_cols, h_cols < NH, BMH, MMA_H,
+                                    pid * BNH, c_lo, c_hi, DUAL, TAIL, DTYPE, BMH, BNH,
+                                    H_LAYOUT, X_LAYOUT, MMA_H, PDL, PF,
+                                    P_LAYOUT)  # fmt: skip
+            h_cols = _columns(pid * BNH, BNH, MMA_H, False)
+            _store_partial(ws_ptr, h_u, split * DUALS, M, NT, h_cols, h_cols < NH, BMH, MMA_H,
                            False)  # fmt: skip
             if DUAL:
-                _store_partial(ws_ptr, h_g, h_slice * DUALS + 1, M, NT, h_cols, h_cols < NH, BMH,
+                _store_partial(ws_ptr, h_g, split * DUALS + 1, M, NT, h_cols, h_cols < NH, BMH,
                                MMA_H, False)  # fmt: skip
             if FUSED:
-                _arrive(cnt_ptr, h_tile, h_split, ws_ptr, a_ptr, ub_ptr, gb_ptr, M, NT,
-                        stride_am, h_cols, h_cols < NH, DUAL, ACTIVATION, HAS_UP_BIAS,
-                        HAS_GATE_BIAS, BMH, MMA_H, False)  # fmt: skip
+                _arrive(cnt_ptr, pid, n_split, ws_ptr, a_ptr, ub_ptr, gb_ptr, M, NT, stride_am,
+                        h_cols, h_cols < NH, DUAL, ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS,
+                        BMH, MMA_H, False)  # fmt: skip
         else:
-            c_lo = split * chunks // n_split
-            c_hi = (split + 1) * chunks // n_split
-            l_tile = pid - heavy_tiles * (HS - 1)  # its counter: after the heavy tiles'
-            l0 = (l_tile - heavy_tiles) * BN
+            l0 = (pid - heavy_tiles) * BN
             if DEPTH == 3:
                 l_u, l_g = _ring_slice(x_ptr, stride_xm, M, K, up_ptr, us_ptr, uz_ptr, gp_ptr,
                                        gs_ptr, gz_ptr, NL, l0, c_lo, c_hi, DUAL, SYMMETRIC,
                                        GROUP, TAIL, DTYPE, BM, BN, 4, CHAINS, W_LAYOUT,
-                                       X_LAYOUT, C_LAYOUT, MMA, SWAP, PDL)  # fmt: skip
+                                       X_LAYOUT, C_LAYOUT, MMA, SWAP, PDL, PF,
+                                       P_LAYOUT)  # fmt: skip
             else:
                 l_u, l_g = _light_slice(x_ptr, stride_xm, M, K, up_ptr, us_ptr, uz_ptr, gp_ptr,
                                         gs_ptr, gz_ptr, NL, l0, c_lo, c_hi, DUAL, SYMMETRIC,
                                         GROUP, TAIL, DTYPE, BM, BN, DEPTH, CHAINS, W_LAYOUT,
-                                        X_LAYOUT, MMA, SWAP, PDL)  # fmt: skip
+                                        X_LAYOUT, MMA, SWAP, PDL, PF,
+                                        P_LAYOUT)  # fmt: skip
             l_cols = _columns(l0, BN, MMA, SWAP)
             _store_partial(ws_ptr, l_u, split * DUALS, M, NT, NH + l_cols, l_cols < NL, BM, MMA,
                            SWAP)  # fmt: skip
@@ -858,9 +940,9 @@ if gluon is not None:
                 _store_partial(ws_ptr, l_g, split * DUALS + 1, M, NT, NH + l_cols, l_cols < NL,
                                BM, MMA, SWAP)  # fmt: skip
             if FUSED:
-                _arrive(cnt_ptr, l_tile, n_split, ws_ptr, a_ptr, ub_ptr, gb_ptr, M, NT,
-                        stride_am, NH + l_cols, l_cols < NL, DUAL, ACTIVATION, HAS_UP_BIAS,
-                        HAS_GATE_BIAS, BM, MMA, SWAP)  # fmt: skip
+                _arrive(cnt_ptr, pid, n_split, ws_ptr, a_ptr, ub_ptr, gb_ptr, M, NT, stride_am,
+                        NH + l_cols, l_cols < NL, DUAL, ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS,
+                        BM, MMA, SWAP)  # fmt: skip
 
     @gluon.jit
     def _down_kernel(xh_ptr, xl_ptr, hw_ptr, p_ptr, s_ptr, z_ptr, ws_ptr, cnt_ptr, out_ptr, b_ptr,
@@ -871,7 +953,8 @@ if gluon is not None:
                      CHAINS: gl.constexpr, W_LAYOUT: gl.constexpr, H_LAYOUT: gl.constexpr,
                      X_LAYOUT: gl.constexpr, C_LAYOUT: gl.constexpr, MMA: gl.constexpr,
                      SWAP: gl.constexpr, BMH: gl.constexpr, BNH: gl.constexpr,
-                     MMA_H: gl.constexpr, PDL: gl.constexpr):  # fmt: skip
+                     MMA_H: gl.constexpr, PDL: gl.constexpr, PF: gl.constexpr,
+                     P_LAYOUT: gl.constexpr):  # fmt: skip
         """Kernel B (or any split linear): fp32 partials ws [slices, M, N] of output columns
         program_id(0) * BN ..; slices 0 .. SL - 1 cover the packed columns (x = xl [M, KL]), the
         others the dense ones (x = xh [M, KH]): both parts end in one reduce, by the last slice
@@ -890,12 +973,14 @@ if gluon is not None:
                 acc, _ = _ring_slice(xl_ptr, stride_xm, M, KL, p_ptr, s_ptr, z_ptr, p_ptr, s_ptr,
                                      z_ptr, N, n0, c_lo, c_hi, False, SYMMETRIC, GROUP, TAIL_L,
                                      DTYPE, BM, BN, 4, CHAINS, W_LAYOUT, X_LAYOUT, C_LAYOUT,
-                                     MMA, SWAP, PDL)  # fmt: skip
+                                     MMA, SWAP, PDL, PF,
+                                     P_LAYOUT)  # fmt: skip
             else:
                 acc, _ = _light_slice(xl_ptr, stride_xm, M, KL, p_ptr, s_ptr, z_ptr, p_ptr,
                                       s_ptr, z_ptr, N, n0, c_lo, c_hi, False, SYMMETRIC, GROUP,
                                       TAIL_L, DTYPE, BM, BN, DEPTH, CHAINS, W_LAYOUT, X_LAYOUT,
-                                      MMA, SWAP, PDL)  # fmt: skip
+                                      MMA, SWAP, PDL, PF,
+                                      P_LAYOUT)  # fmt: skip
             cols = _columns(n0, BN, MMA, SWAP)
             _store_partial(ws_ptr, acc, split, M, N, cols, cols < N, BM, MMA, SWAP)
         else:
@@ -907,7 +992,8 @@ if gluon is not None:
                 h0 = n0 + sub * BNH
                 h_acc, h_acc2 = _heavy_slice(xh_ptr, stride_xm, M, KH, hw_ptr, hw_ptr, stride_hw, N,
                                         h0, c_lo, c_hi, False, TAIL_H, DTYPE, BMH, BNH,
-                                        H_LAYOUT, X_LAYOUT, MMA_H, PDL)  # fmt: skip
+                                        H_LAYOUT, X_LAYOUT, MMA_H, PDL, PF,
+                                        P_LAYOUT)  # fmt: skip
                 h_cols = _columns(h0, BNH, MMA_H, False)
                 _store_partial(ws_ptr, h_acc, split, M, N, h_cols, h_cols < N, BMH, MMA_H, False)
         if FUSED:
@@ -940,9 +1026,10 @@ class MmaConfig:
     # columns (8 rows, or two n8 tiles for 9-16); `tiles` m16 tiles a warp
     swap: bool = False
     maxnreg: int | None = None  # a register cap for `resident` programs an SM (ptxas may spill)
-    # kernel A: programs a heavy tile takes a K-slice (0: as many as even out the bytes a program
-    # against a light tile's, `heavy_split`; 1: one, as light tiles)
-    heavy_split: int = 0
+    # L2 prefetch distance in chunks (0: none): step c requests chunk c + prefetch's lines (words,
+    # scales, dense rows) into L2 with prefetch.global.L2, so the loads of later steps wait for
+    # L2 instead of DRAM; no registers or shared memory held for them
+    prefetch: int = 0
 
     @property
     def block_n(self) -> int:
@@ -1128,31 +1215,6 @@ def _slices(cfg: MmaConfig, tiles: int, sms: int) -> int:
     return max(1, cfg.resident * sms * cfg.waves // tiles)
 
 
-def heavy_split(cfg: MmaConfig, h: int, n_light: int, group: int) -> int:
-    """Kernel A's programs a heavy tile a K-slice: cfg.heavy_split, or (0) the ratio of a heavy
-    tile's bytes a chunk (BNH neurons, 2 bytes a weight) to a light tile's (BN neurons, half a
-    byte a code plus a scale and a zero a group), rounded; 1 without both parts. A one-wave grid
-    of programs that stream 2x the bytes of the others ends when they do."""
-    if not h or not n_light:
-        return 1
-    if cfg.heavy_split:
-        return cfg.heavy_split
-    light = cfg.block_n * (CHUNK / 2 + 4 * CHUNK / group)
-    return max(1, round(cfg.block_nh * 2 * CHUNK / light))
-
-
-def up_grid(cfg: MmaConfig, h: int, n_light: int, group: int, chunks: int,
-            sms: int) -> tuple[int, int, int, int]:  # fmt: skip
-    """Kernel A's grid: (heavy tiles, light tiles, programs a heavy tile a slice, K-slices) for
-    h heavy and n_light light neurons over `chunks` chunks of K on `sms` SMs: one wave of
-    cfg.resident programs an SM (cfg.waves), no program without a chunk."""
-    heavy_tiles = triton.cdiv(h, cfg.block_nh)
-    light_tiles = triton.cdiv(n_light, cfg.block_n)
-    hs = heavy_split(cfg, h, n_light, group)
-    split = min(_slices(cfg, heavy_tiles * hs + light_tiles, sms), chunks)
-    return heavy_tiles, light_tiles, max(1, min(hs, chunks // split)), split
-
-
 def _meta(cfg: MmaConfig, m: int, heavy_tiles: int) -> dict:
     """The tile constexprs both kernels take for M rows: light tiles per cfg, dense rows in x-as-A
     tiles of `heavy_tiles` n8 tiles a warp."""
@@ -1161,7 +1223,8 @@ def _meta(cfg: MmaConfig, m: int, heavy_tiles: int) -> dict:
     return dict(BM=cfg.block_m(m), BN=cfg.block_n, DEPTH=cfg.depth, CHAINS=cfg.chains,
                 W_LAYOUT=words, H_LAYOUT=rows, X_LAYOUT=x_layout, C_LAYOUT=copy, MMA=mma,
                 SWAP=cfg.swap, BMH=BLOCK_M if cfg.swap else cfg.block_m(m),
-                MMA_H=mma_h)  # fmt: skip
+                MMA_H=mma_h, PF=cfg.prefetch,
+                P_LAYOUT=gl.BlockedLayout([1], [32], [cfg.num_warps], [0]))  # fmt: skip
 
 
 def up_meta(cfg: MmaConfig, m: int) -> dict:
@@ -1215,13 +1278,14 @@ def split_activations(x2: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor) -> 
     pdl = pdl_options(x2.device)  # PDL (constexpr) and launch_pdl
 
     def run(cfg: MmaConfig) -> None:
-        heavy_tiles, light_tiles, hs, split = up_grid(cfg, h, n_light, group, chunks, sms)
-        ws = torch.empty((split * hs, duals, m, nt), dtype=torch.float32, device=x2.device)
-        tiles = heavy_tiles + light_tiles
+        bnh = cfg.block_nh
+        tiles = triton.cdiv(h, bnh) + triton.cdiv(n_light, cfg.block_n)
+        split = min(_slices(cfg, tiles, sms), chunks)
+        ws = torch.empty((split, duals, m, nt), dtype=torch.float32, device=x2.device)
         counters = gemv._zeroed(x2.device, tiles, torch.int32) if cfg.fused else dummy
-        _up_kernel[(heavy_tiles * hs + light_tiles, split)](
+        _up_kernel[(tiles, split)](
             x2, hu, hg, *light, ws, counters, a, up_bias, gate_bias, m, hidden, h, n_light,
-            x2.stride(0), hu.stride(0), a.stride(0), hs, DUAL=w.gated, FUSED=cfg.fused,
+            x2.stride(0), hu.stride(0), a.stride(0), DUAL=w.gated, FUSED=cfg.fused,
             ACTIVATION=w.activation, HAS_UP_BIAS=w.up_bias is not None,
             HAS_GATE_BIAS=w.gated and w.gate_bias is not None, SYMMETRIC=symmetric, GROUP=group,
             TAIL=hidden % CHUNK != 0, DTYPE=_gl_dtype(x2.dtype), **up_meta(cfg, m), **pdl,
@@ -1232,10 +1296,10 @@ def split_activations(x2: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor) -> 
             return
         block = 512
         gemv._gemv_reduce_kernel[(triton.cdiv(m * nt, block),)](
-            ws, up_bias, gate_bias, a, m, nt, a.stride(0), h, split * hs, split, split * hs,
-            DUAL=w.gated, ACT=True, ACTIVATION=w.activation, HAS_UP_BIAS=w.up_bias is not None,
+            ws, up_bias, gate_bias, a, m, nt, a.stride(0), 0, 0, split, split, DUAL=w.gated,
+            ACT=True, ACTIVATION=w.activation, HAS_UP_BIAS=w.up_bias is not None,
             HAS_GATE_BIAS=w.gated and w.gate_bias is not None, BLOCK=block,
-            BLOCK_S=triton.next_power_of_2(split * hs), PDL=False, num_warps=4,
+            BLOCK_S=triton.next_power_of_2(split), PDL=False, num_warps=4,
         )  # fmt: skip
 
     key = (triton.next_power_of_2(m), hidden, h, n_light, group, symmetric, w.gated, x2.dtype,
@@ -1326,7 +1390,7 @@ def aot_compile(kernel: str, cfg: MmaConfig, m: int = 1, dtype: str = "fp16", *,
         sig = dict(x_ptr=t, hu_ptr=t, hg_ptr=t, up_ptr="*i32", us_ptr=t, uz_ptr=t, gp_ptr="*i32",
                    gs_ptr=t, gz_ptr=t, ws_ptr="*fp32", cnt_ptr="*i32", a_ptr=t, ub_ptr=t,
                    gb_ptr=t, M="i32", K="i32", NH="i32", NL="i32", stride_xm="i32",
-                   stride_hw="i32", stride_am="i32", HS="i32")  # fmt: skip
+                   stride_hw="i32", stride_am="i32")  # fmt: skip
         const = dict(common, **up_meta(cfg, m), DUAL=True, FUSED=cfg.fused, ACTIVATION="silu",
                      HAS_UP_BIAS=False, HAS_GATE_BIAS=False, TAIL=hidden % CHUNK != 0)  # fmt: skip
         aligned = [n for n in sig if n.endswith("_ptr")] + ["K", "stride_xm", "stride_hw"]
