@@ -1394,6 +1394,8 @@ def aot_compile(kernel: str, cfg: MmaConfig, m: int = 1, dtype: str = "fp16", *,
         const = dict(common, **up_meta(cfg, m), DUAL=True, FUSED=cfg.fused, ACTIVATION="silu",
                      HAS_UP_BIAS=False, HAS_GATE_BIAS=False, TAIL=hidden % CHUNK != 0)  # fmt: skip
         aligned = [n for n in sig if n.endswith("_ptr")] + ["K", "stride_xm", "stride_hw"]
+        # the runtime specializes an integer divisible by 16 (the Llama-3-8B counts are)
+        aligned += [n for n, v in (("NH", heavy), ("NL", light)) if v % 16 == 0]
     else:
         fn = _down_kernel
         sig = dict(xh_ptr=t, xl_ptr=t, hw_ptr=t, p_ptr="*i32", s_ptr=t, z_ptr=t, ws_ptr="*fp32",
