@@ -240,7 +240,6 @@ ncu16)  # session 16: why the Gluon tier's warps wait at M = 1 (every stall reas
     run 240 ncu_stalls /usr/local/cuda/bin/ncu --clock-control none --launch-skip 4 \
         --launch-count 2 --section SchedulerStats --section WarpStateStats \
         --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
-        --metrics smsp__inst_executed.sum,sm__cycles_active.avg,smsp__issue_active.avg.pct_of_peak_sustained_active \
         python3 benchmarks/ncu_decode.py --m 1 --path auto
     ;;
 graphs)  # the CUDA-graph replay of eager SplitFFN calls (ffnsplit/graphs.py): its GPU tests
