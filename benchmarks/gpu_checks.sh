@@ -237,7 +237,7 @@ s16pf)  # session 16: L2 prefetch distances (MmaConfig.prefetch) in the Gluon ti
     ;;
 ncu16)  # session 16: why the Gluon tier's warps wait at M = 1 (every stall reason a issued
     # instruction, kernel A and B; the tier's default configs; ~2 min)
-    run 240 ncu_stalls /usr/local/cuda/bin/ncu --clock-control none --launch-skip 4 \
+    run 240 ncu_stalls /usr/local/cuda/bin/ncu --clock-control none -k "regex:_up_kernel|_down_kernel" --launch-skip 2 \
         --launch-count 2 --section SchedulerStats --section WarpStateStats \
         --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
         python3 benchmarks/ncu_decode.py --m 1 --path auto
