@@ -208,17 +208,16 @@ next16)  # for session 16: more programs an SM for the Gluon tier at M = 1-4 (nc
         --extra-down "MmaConfig(4, 2, resident=5, swap=True, fused=True, maxnreg=96)" \
         --out "$OUT/bench_mma_next16.json"
     ;;
-s16ab)  # session 16: kernel A's heavy tiles over 2 programs a slice (mma_decode.heavy_split)
-    # and the tile finish's slot loads four in flight (_slot_sum), against the package in
-    # out/base (carry it: git archive of the commit before), layer at M = 1, 4, 16, new / base /
-    # new on one machine (~7 min)
-    run 100 test_heavy_split env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf -n 4 \
-        tests/test_mma_decode.py -k "heavy_split or swap_configs"
+s16ab)  # session 16: this tree against the package in out/base (carry it: git archive of the
+    # commit compared against), GPU tests of the Gluon tier first, then the layer at M = 1, 4,
+    # 8, 16, new / base / new on one machine (~7 min)
+    run 200 test_mma env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf -n 8 \
+        tests/test_mma_decode.py -k "swap_configs or every_config or quant_matmul or row_tiles"
     for name in a_new b_base c_new; do
         path=.
         [ "$name" = b_base ] && path=out/base
         run 130 "bench_$name" env -C "$path" python3 -m ffnsplit.cli bench \
-            --shape 4096x14336 --m 1,4,16 --json "$OUT/bench_$name.json"
+            --shape 4096x14336 --m 1,4,8,16 --json "$OUT/bench_$name.json"
     done
     ;;
 s16pf)  # session 16: L2 prefetch distances (MmaConfig.prefetch) in the Gluon tier's loops, each

@@ -137,6 +137,43 @@ def test_unpack_arithmetic_is_exact() -> None:
         assert torch.equal(got, 1024 + want)
         got = _halves(((w >> (4 * j)) & 0x000F000F) | 0x43004300, torch.bfloat16)
         assert torch.equal(got, 128 + want)
+        # the W-as-A fp16 form (_ASM_F16_X16): odd registers keep their nibbles 4 bits up
+        shift, mask, scale = (0, 0x000F000F, 1) if j % 2 == 0 else (0, 0x00F000F0, 16)
+        got = _halves(((w >> (8 * (j // 2) + shift)) & mask) | 0x64006400, torch.float16)
+        assert torch.equal(got, 1024 + scale * want)
+
+
+def test_odd_k_slots_are_slot_bit_3() -> None:
+    """_ASM_F16_X16's registers 1 and 3 hold the odd k of a word; _sum_weights puts its 16s
+    where slot bit 3 is set: the light slot order (x's LIGHT_X_PERM) maps those slots to odd k."""
+    k = torch.arange(128, dtype=torch.float64).repeat(16, 1)
+    slots = _x_slots(k, light=True)[0]  # the k each slot holds
+    bit3 = (torch.arange(128) // 8) % 2 == 1
+    assert torch.equal(slots[bit3] % 2, torch.ones(64, dtype=torch.float64))
+    assert torch.equal(slots[~bit3] % 2, torch.zeros(64, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_x16_group_arithmetic(symmetric) -> None:
+    """A group as the W-as-A fp16 form forms it: x' (odd k / 16, exact in fp16), codes 1024 + q
+    (even k) and 1024 + 16 q (odd k), the products started from -1024 sum x' and the zero point
+    taken out with sum x = sum of x' weighted 1 / 16 (the MMA against _sum_weights' rows):
+    s (blk - z sum x) against s sum x (q - z) in fp64."""
+    x = torch.randn(8, 128, dtype=torch.float64).to(torch.float16)
+    odd = torch.arange(128) % 2 == 1
+    xp = torch.where(odd, x.double() / 16, x.double()).to(torch.float16)
+    assert torch.equal(torch.where(odd, xp.double() * 16, xp.double()), x.double())
+    q = torch.randint(0, 16, (128, 64)).to(torch.float64)
+    z = torch.full((64,), 8.0, dtype=torch.float64) if symmetric else torch.rand(64) * 15
+    s = torch.rand(64, dtype=torch.float64) / 50
+    codes = torch.where(odd[:, None], 1024 + 16 * q, 1024 + q)  # exact in fp16
+    assert torch.equal(codes.to(torch.float16).double(), codes)
+    seed = (xp.float() @ torch.full((128, 1), -1024.0)).double()  # exact products, fp32 sums
+    blk = (seed.float() + xp.float() @ codes.float()).double()
+    sum_x = (xp.float() @ torch.where(odd, 16.0, 1.0)[:, None]).double()
+    got = (blk.float() - sum_x.float() * z.float()).double() * s
+    ref = (x.double() @ (q - z.double())) * s
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-4
 
 
 @pytest.mark.parametrize(
@@ -169,6 +206,15 @@ def test_the_asm_uses_these_constants() -> None:
             f"shr.u32 t, $4, {s};" for s in (4, 8, 12)
         ]
         assert not any(op in asm for op in ("sub.", "fma.", "0x00f000f0"))
+    x16 = [line for line in mma_decode._ASM_F16_X16.value.splitlines()
+           if line.startswith(("lop3", "shr"))]  # fmt: skip
+    assert x16 == [
+        "lop3.b32 $0, $4, 0x000f000f, 0x64006400, 0xea;",
+        "lop3.b32 $1, $4, 0x00f000f0, 0x64006400, 0xea;",
+        "shr.u32 t, $4, 8;",
+        "lop3.b32 $2, t, 0x000f000f, 0x64006400, 0xea;",
+        "lop3.b32 $3, t, 0x00f000f0, 0x64006400, 0xea;",
+    ]
 
 
 def test_light_ok_formats() -> None:
