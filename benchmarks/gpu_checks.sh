@@ -16,7 +16,7 @@
 #   at M = 1024-4096: heavy rows in the scratch or not, 128 and 256 MiB chunks), decodeops (decoder op tests), trace
 #   profprefill (benchmarks/prof_prefill.py + probe_cublas.py), odd (717 heavy neurons),
 #   swap (benchmarks/proto_swap.py), swaptier (the W-as-A form: tests + bench_mma), pdlmma,
-#   next14 (session 13's open questions), fused15 (the one-launch FFN), verify15, next16, s16ab, s16pf, ncu16, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
+#   next14 (session 13's open questions), fused15 (the one-launch FFN), verify15, next16, s16ab, ncu16, proj, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
 #   (benchmarks/trace_decode.py), decode8b (M = 1, 4 + 8B decode once)
 # Several stages in one call: bash benchmarks/gpu_checks.sh gemv trace decode8b
 # Each step has its own time limit, so one slow step cannot take the whole call.
@@ -220,26 +220,16 @@ s16ab)  # session 16: this tree against the package in out/base (carry it: git a
             --shape 4096x14336 --m 1,4,8,16 --json "$OUT/bench_$name.json"
     done
     ;;
-s16pf)  # session 16: L2 prefetch distances (MmaConfig.prefetch) in the Gluon tier's loops, each
-    # config alone at M = 1, 4, 16 (~6 min)
-    run 420 bench_mma_pf python3 benchmarks/bench_mma.py --m 1,4,16 --paths mma \
-        --extra-up "MmaConfig(4, 1, resident=4, fused=True, swap=True, depth=3, prefetch=6);
-            MmaConfig(4, 1, resident=4, fused=True, swap=True, depth=3, prefetch=10);
-            MmaConfig(4, 1, resident=4, fused=True, swap=True, prefetch=3);
-            MmaConfig(4, 1, resident=4, fused=True, swap=True, prefetch=6);
-            MmaConfig(4, 2, resident=4, waves=1, fused=True, prefetch=4)" \
-        --extra-down "MmaConfig(4, 2, resident=4, swap=True, fused=True, maxnreg=128, prefetch=3);
-            MmaConfig(4, 2, resident=4, swap=True, fused=True, maxnreg=128, prefetch=6);
-            MmaConfig(4, 2, resident=4, swap=True, fused=True, depth=3, maxnreg=128, prefetch=6);
-            MmaConfig(4, 2, resident=4, fused=True, maxnreg=128, prefetch=4)" \
-        --out "$OUT/bench_mma_pf.json"
-    ;;
-ncu16)  # session 16: why the Gluon tier's warps wait at M = 1 (every stall reason a issued
+ncu16)  # session 16: why the Gluon tier's warps wait at M = 1 (every stall reason per issued
     # instruction, kernel A and B; the tier's default configs; ~2 min)
     run 240 ncu_stalls /usr/local/cuda/bin/ncu --clock-control none -k "regex:_up_kernel|_down_kernel" --launch-skip 2 \
         --launch-count 2 --section SchedulerStats --section WarpStateStats \
         --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
         python3 benchmarks/ncu_decode.py --m 1 --path auto
+    ;;
+proj)  # the decoder's dense projections at M = 1, 2, 4: cuBLAS against the dense-only GEMV and
+    # Gluon paths (benchmarks/bench_proj.py, ~2 min)
+    run 240 bench_proj python3 benchmarks/bench_proj.py --out "$OUT/proj.json"
     ;;
 graphs)  # the CUDA-graph replay of eager SplitFFN calls (ffnsplit/graphs.py): its GPU tests
     run 200 test_graphs env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf tests/test_graphs.py

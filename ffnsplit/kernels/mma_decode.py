@@ -33,7 +33,12 @@ moves between threads:
     g + 8 of its word row, the same k-slots in [n, slot] order), x's rows the n8 columns of the
     B operand, read transposed from the same staged tile: 8 rows cost what 16 do in the x-as-A
     form and the loop issues ~2.4 SASS instructions a code instead of ~3.0 (kernel A, sm_90).
-    Dense rows stay x-as-A tiles in both forms.
+    Dense rows stay x-as-A tiles in both forms. In this form, fp16 codes of odd k stay 4 bits
+    up (1024 + 16 q: 4 lop3 and one shift a word instead of 4 and 3) against x staged with its
+    odd k divided by 16; one MMA of x against a constant operand gives -1024 sum x' (the
+    products' starting value) and sum x (the zero point's term): the light loop a chunk 284 ->
+    263 sm_90 instructions in kernel A, 373 -> 362 in kernel B (H200, session 16: the layer
+    at M = 1 37.3 -> 36.1-36.6 us; M = 4-8 unchanged).
   * On sm_90+ both kernels are programmatic dependent launches: a program triggers the next
     kernel, loads its first chunk of weights, then waits for the previous kernel before x.
 
@@ -331,65 +336,6 @@ if gluon is not None:
         return s0, z0, s1, z1
 
     @gluon.jit
-    def _prefetch(ptrs, mask):
-        """prefetch.global.L2 of each address where `mask`: the line is requested into L2 and no
-        thread waits for it (no register, no shared memory held)."""
-        gl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
-            "=r,l,r", [ptrs, mask.to(gl.int32)], dtype=gl.int32, is_pure=False, pack=1,
-        )  # fmt: skip
-
-    @gluon.jit
-    def _prefetch_rows(ptr, first, rows, cols, stride, n_rows, n_cols, on, ROWS: gl.constexpr,
-                       SEGS: gl.constexpr, SEG: gl.constexpr, P_LAYOUT: gl.constexpr):  # fmt: skip
-        """Prefetch ROWS rows (first .. first + ROWS - 1, < n_rows) of SEGS segments of SEG
-        elements from column `cols` (< n_cols) of a [n_rows, stride] array into L2 when `on`:
-        one segment a thread (P_LAYOUT: one element a thread), in turns of as many segments as
-        threads."""
-        T: gl.constexpr = P_LAYOUT.warps_per_cta[0] * 32
-        i = gl.arange(0, T, layout=P_LAYOUT)
-        for p in gl.static_range(0, ROWS * SEGS, T):
-            j = p + i
-            row = first + j // SEGS
-            col = cols + (j % SEGS) * SEG
-            mask = on & (j < ROWS * SEGS) & (row < n_rows) & (col < n_cols)
-            _prefetch(ptr + row.to(gl.int64) * stride + col, mask)
-
-    @gluon.jit
-    def _prefetch_light(up_ptr, us_ptr, uz_ptr, gp_ptr, gs_ptr, gz_ptr, c, c_hi, n0, N, KR, G,
-                        DUAL: gl.constexpr, SYMMETRIC: gl.constexpr, GROUP: gl.constexpr,
-                        BN: gl.constexpr, P_LAYOUT: gl.constexpr):  # fmt: skip
-        """Chunk c of a light tile (columns n0 ..) into L2 when c < c_hi: its 16 word rows (128
-        bytes = 32 words a segment) and its groups' scale and zero rows (32 values a segment:
-        128 bytes in fp32, a line twice in 16-bit dtypes), up and (DUAL) gate."""
-        on = c < c_hi
-        GPC: gl.constexpr = 2 if GROUP == 64 else 1
-        g = c * _CHUNK // GROUP
-        SEGS: gl.constexpr = (BN + 31) // 32
-        _prefetch_rows(up_ptr, c * 16, 16, n0, N, KR, N, on, 16, SEGS, 32, P_LAYOUT)
-        _prefetch_rows(us_ptr, g, GPC, n0, N, G, N, on, GPC, SEGS, 32, P_LAYOUT)
-        if not SYMMETRIC:
-            _prefetch_rows(uz_ptr, g, GPC, n0, N, G, N, on, GPC, SEGS, 32, P_LAYOUT)
-        if DUAL:
-            _prefetch_rows(gp_ptr, c * 16, 16, n0, N, KR, N, on, 16, SEGS, 32, P_LAYOUT)
-            _prefetch_rows(gs_ptr, g, GPC, n0, N, G, N, on, GPC, SEGS, 32, P_LAYOUT)
-            if not SYMMETRIC:
-                _prefetch_rows(gz_ptr, g, GPC, n0, N, G, N, on, GPC, SEGS, 32, P_LAYOUT)
-
-    @gluon.jit
-    def _prefetch_dense(hu_ptr, hg_ptr, stride_hw, c, c_hi, n0, N, K, DUAL: gl.constexpr,
-                        BN: gl.constexpr, P_LAYOUT: gl.constexpr):  # fmt: skip
-        """Chunk c of BN dense rows from n0 into L2 when c < c_hi: 128 k of 16-bit weights, two
-        128-byte segments a row, up and (DUAL) gate."""
-        on = c < c_hi
-        k_left = K - c * _CHUNK
-        _prefetch_rows(hu_ptr + c * _CHUNK, n0, BN, 0, stride_hw, N, k_left, on, BN, 2, 64,
-                       P_LAYOUT)  # fmt: skip
-        if DUAL:
-            _prefetch_rows(hg_ptr + c * _CHUNK, n0, BN, 0, stride_hw, N, k_left, on, BN, 2, 64,
-                           P_LAYOUT)  # fmt: skip
-
-    @gluon.jit
     def _pdl_wait(PDL: gl.constexpr):
         """tiles.pdl_wait in Gluon: wait for the previous kernel on the stream (its writes
         visible); every program of a PDL launch passes here before it reads x or writes."""
@@ -609,8 +555,7 @@ if gluon is not None:
                     BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
                     CHAINS: gl.constexpr,
                     W_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr, C_LAYOUT: gl.constexpr,
-                    MMA: gl.constexpr, SWAP: gl.constexpr, PDL: gl.constexpr = False,
-                    PF: gl.constexpr = 0, P_LAYOUT: gl.constexpr = None):  # fmt: skip
+                    MMA: gl.constexpr, SWAP: gl.constexpr, PDL: gl.constexpr = False):  # fmt: skip
         """_light_slice with the words through a STAGES-deep cp.async ring in shared memory
         (a tuner candidate; it lost to the register path on an H200, session 11): STAGES - 1
         chunks in flight without holding
@@ -640,16 +585,10 @@ if gluon is not None:
             if DUAL:
                 _ring_copy(wg_smem, gp_ptr, i, cc, n0, N, KR, TAIL, BN, C_LAYOUT)
             async_copy.commit_group()
-        for p in gl.static_range(STAGES - 1, PF):  # L2 prefetch: the chunks up to c_lo + PF - 1
-            _prefetch_light(up_ptr, us_ptr, uz_ptr, gp_ptr, gs_ptr, gz_ptr, c_lo + p, c_hi, n0,
-                            N, KR, G, DUAL, SYMMETRIC, GROUP, BN, P_LAYOUT)  # fmt: skip
         _pdl_wait(PDL)  # the weights above need nothing from the previous kernel; x does
         x_next = _x_chunk(x_ptr, x_off, x_mask, xk, c_lo * _CHUNK, K, TAIL)
         for c in range(c_lo, c_hi):
             j = c - c_lo
-            if PF > 0:  # chunk c + PF into L2: the ring's copies and the scales then hit it
-                _prefetch_light(up_ptr, us_ptr, uz_ptr, gp_ptr, gs_ptr, gz_ptr, c + PF, c_hi, n0,
-                                N, KR, G, DUAL, SYMMETRIC, GROUP, BN, P_LAYOUT)  # fmt: skip
             su0, zu0, su1, zu1 = _scales(us_ptr, uz_ptr, c, N, G, sc, s_mask, SYMMETRIC, GROUP)
             if DUAL:
                 sg0, zg0, sg1, zg1 = _scales(gs_ptr, gz_ptr, c, N, G, sc, s_mask, SYMMETRIC,
@@ -683,8 +622,7 @@ if gluon is not None:
                      GROUP: gl.constexpr, TAIL: gl.constexpr, DTYPE: gl.constexpr,
                      BM: gl.constexpr, BN: gl.constexpr, DEPTH: gl.constexpr,
                      CHAINS: gl.constexpr, W_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
-                     MMA: gl.constexpr, SWAP: gl.constexpr, PDL: gl.constexpr = False,
-                     PF: gl.constexpr = 0, P_LAYOUT: gl.constexpr = None):  # fmt: skip
+                     MMA: gl.constexpr, SWAP: gl.constexpr, PDL: gl.constexpr = False):  # fmt: skip
         """fp32 [BM, BN] (SWAP: [BN, BM]) x times columns n0.. of one (DUAL: two) packed int4
         weights [N, K] over chunks c_lo .. c_hi - 1 (c_hi > c_lo). Returns (up, gate) (gate = up
         without DUAL).
@@ -708,9 +646,6 @@ if gluon is not None:
         last = c_hi - 1
         u0, u1, u2, u3, g0, g1, g2, g3 = _light_words(up_ptr, gp_ptr, w_off, w_mask, c_lo, c_lo,
                                                       N, KR, DUAL, TAIL)  # fmt: skip
-        for p in gl.static_range(1, PF):  # L2 prefetch: the chunks up to c_lo + PF - 1
-            _prefetch_light(up_ptr, us_ptr, uz_ptr, gp_ptr, gs_ptr, gz_ptr, c_lo + p, c_hi, n0, N,
-                            KR, G, DUAL, SYMMETRIC, GROUP, BN, P_LAYOUT)  # fmt: skip
         _pdl_wait(PDL)  # the weights above need nothing from the previous kernel; x does
         x_next = _x_chunk(x_ptr, x_off, x_mask, xk, c_lo * _CHUNK, K, TAIL)
         if DEPTH == 2:
@@ -718,12 +653,6 @@ if gluon is not None:
             v0, v1, v2, v3, h0, h1, h2, h3 = _light_words(up_ptr, gp_ptr, w_off, w_mask, c1, c_lo,
                                                           N, KR, DUAL, TAIL)  # fmt: skip
             for c in range(c_lo, c_hi - 1, 2):  # chunks c and c + 1 (both < c_hi)
-                if PF > 0:  # chunks c + PF and c + PF + 1 into L2
-                    _prefetch_light(up_ptr, us_ptr, uz_ptr, gp_ptr, gs_ptr, gz_ptr, c + PF, c_hi,
-                                    n0, N, KR, G, DUAL, SYMMETRIC, GROUP, BN, P_LAYOUT)  # fmt: skip
-                    _prefetch_light(up_ptr, us_ptr, uz_ptr, gp_ptr, gs_ptr, gz_ptr, c + PF + 1,
-                                    c_hi, n0, N, KR, G, DUAL, SYMMETRIC, GROUP, BN,
-                                    P_LAYOUT)  # fmt: skip
                 acc_u, acc_g, x_next = _light_step(
                     acc_u, acc_g, u0, u1, u2, u3, g0, g1, g2, g3, c, c_lo, c + 1, x_next, x_ptr,
                     x_off, x_mask, xk, x_smem, ones, us_ptr, uz_ptr, gs_ptr, gz_ptr, N, K, G, sc,
@@ -751,9 +680,6 @@ if gluon is not None:
                 )  # fmt: skip
         else:
             for c in range(c_lo, c_hi):
-                if PF > 0:  # chunk c + PF into L2: its words and scales then hit it
-                    _prefetch_light(up_ptr, us_ptr, uz_ptr, gp_ptr, gs_ptr, gz_ptr, c + PF, c_hi,
-                                    n0, N, KR, G, DUAL, SYMMETRIC, GROUP, BN, P_LAYOUT)  # fmt: skip
                 # the next chunk's words and x in flight while this one is multiplied (clamped
                 # at the last chunk: loaded again, never used)
                 c_next = gl.minimum(c + 1, last)
@@ -794,8 +720,7 @@ if gluon is not None:
     def _heavy_slice(x_ptr, stride_xm, M, K, hu_ptr, hg_ptr, stride_hw, N, n0, c_lo, c_hi,
                      DUAL: gl.constexpr, TAIL: gl.constexpr, DTYPE: gl.constexpr,
                      BM: gl.constexpr, BN: gl.constexpr, H_LAYOUT: gl.constexpr,
-                     X_LAYOUT: gl.constexpr, MMA: gl.constexpr, PDL: gl.constexpr = False,
-                     PF: gl.constexpr = 0, P_LAYOUT: gl.constexpr = None):  # fmt: skip
+                     X_LAYOUT: gl.constexpr, MMA: gl.constexpr, PDL: gl.constexpr = False):  # fmt: skip
         """fp32 [BM, BN] x times rows n0.. of one (DUAL: two) dense [N, K] weights over chunks
         c_lo .. c_hi - 1. Returns (up, gate) (gate = up without DUAL)."""
         A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
@@ -816,15 +741,9 @@ if gluon is not None:
         g0, g1, g2, g3 = u0, u1, u2, u3
         if DUAL:
             g0, g1, g2, g3 = _dense_chunk(hg_ptr, h_off, h_mask, koff, c_lo * _CHUNK, K, TAIL)
-        for p in gl.static_range(1, PF):  # L2 prefetch: the chunks up to c_lo + PF - 1
-            _prefetch_dense(hu_ptr, hg_ptr, stride_hw, c_lo + p, c_hi, n0, N, K, DUAL, BN,
-                            P_LAYOUT)  # fmt: skip
         _pdl_wait(PDL)  # the weights above need nothing from the previous kernel; x does
         x_next = _x_chunk(x_ptr, x_off, x_mask, xk, c_lo * _CHUNK, K, TAIL)
         for c in range(c_lo, c_hi):
-            if PF > 0:  # chunk c + PF into L2: the loads of the step before it then hit it
-                _prefetch_dense(hu_ptr, hg_ptr, stride_hw, c + PF, c_hi, n0, N, K, DUAL, BN,
-                                P_LAYOUT)  # fmt: skip
             k_next = gl.minimum(c + 1, c_hi - 1) * _CHUNK
             v0, v1, v2, v3 = _dense_chunk(hu_ptr, h_off, h_mask, koff, k_next, K, TAIL)
             f0, f1, f2, f3 = v0, v1, v2, v3
@@ -952,8 +871,7 @@ if gluon is not None:
                    BNH: gl.constexpr, DEPTH: gl.constexpr, CHAINS: gl.constexpr,
                    W_LAYOUT: gl.constexpr, H_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
                    C_LAYOUT: gl.constexpr, MMA: gl.constexpr, SWAP: gl.constexpr,
-                   BMH: gl.constexpr, MMA_H: gl.constexpr, PDL: gl.constexpr,
-                   PF: gl.constexpr, P_LAYOUT: gl.constexpr):  # fmt: skip
+                   BMH: gl.constexpr, MMA_H: gl.constexpr, PDL: gl.constexpr):  # fmt: skip
         """Kernel A's up (and gate) sums of K-slice program_id(1) for one tile of heavy rows
         (the first programs along axis 0, BNH neurons) or light columns (BN neurons), as fp32
         partials into ws [slices, 2 (1 without DUAL), M, NH + NL]. FUSED: the last of a tile's
@@ -976,8 +894,7 @@ if gluon is not None:
             # names apart from the light branch's: tiles of other widths
             h_u, h_g = _heavy_slice(x_ptr, stride_xm, M, K, hu_ptr, hg_ptr, stride_hw, NH,
                                     pid * BNH, c_lo, c_hi, DUAL, TAIL, DTYPE, BMH, BNH,
-                                    H_LAYOUT, X_LAYOUT, MMA_H, PDL, PF,
-                                    P_LAYOUT)  # fmt: skip
+                                    H_LAYOUT, X_LAYOUT, MMA_H, PDL)  # fmt: skip
             h_cols = _columns(pid * BNH, BNH, MMA_H, False)
             _store_partial(ws_ptr, h_u, split * DUALS, M, NT, h_cols, h_cols < NH, BMH, MMA_H,
                            False)  # fmt: skip
@@ -994,14 +911,12 @@ if gluon is not None:
                 l_u, l_g = _ring_slice(x_ptr, stride_xm, M, K, up_ptr, us_ptr, uz_ptr, gp_ptr,
                                        gs_ptr, gz_ptr, NL, l0, c_lo, c_hi, DUAL, SYMMETRIC,
                                        GROUP, TAIL, DTYPE, BM, BN, 4, CHAINS, W_LAYOUT,
-                                       X_LAYOUT, C_LAYOUT, MMA, SWAP, PDL, PF,
-                                       P_LAYOUT)  # fmt: skip
+                                       X_LAYOUT, C_LAYOUT, MMA, SWAP, PDL)  # fmt: skip
             else:
                 l_u, l_g = _light_slice(x_ptr, stride_xm, M, K, up_ptr, us_ptr, uz_ptr, gp_ptr,
                                         gs_ptr, gz_ptr, NL, l0, c_lo, c_hi, DUAL, SYMMETRIC,
                                         GROUP, TAIL, DTYPE, BM, BN, DEPTH, CHAINS, W_LAYOUT,
-                                        X_LAYOUT, MMA, SWAP, PDL, PF,
-                                        P_LAYOUT)  # fmt: skip
+                                        X_LAYOUT, MMA, SWAP, PDL)  # fmt: skip
             l_cols = _columns(l0, BN, MMA, SWAP)
             _store_partial(ws_ptr, l_u, split * DUALS, M, NT, NH + l_cols, l_cols < NL, BM, MMA,
                            SWAP)  # fmt: skip
@@ -1022,8 +937,7 @@ if gluon is not None:
                      CHAINS: gl.constexpr, W_LAYOUT: gl.constexpr, H_LAYOUT: gl.constexpr,
                      X_LAYOUT: gl.constexpr, C_LAYOUT: gl.constexpr, MMA: gl.constexpr,
                      SWAP: gl.constexpr, BMH: gl.constexpr, BNH: gl.constexpr,
-                     MMA_H: gl.constexpr, PDL: gl.constexpr, PF: gl.constexpr,
-                     P_LAYOUT: gl.constexpr):  # fmt: skip
+                     MMA_H: gl.constexpr, PDL: gl.constexpr):  # fmt: skip
         """Kernel B (or any split linear): fp32 partials ws [slices, M, N] of output columns
         program_id(0) * BN ..; slices 0 .. SL - 1 cover the packed columns (x = xl [M, KL]), the
         others the dense ones (x = xh [M, KH]): both parts end in one reduce, by the last slice
@@ -1042,14 +956,12 @@ if gluon is not None:
                 acc, _ = _ring_slice(xl_ptr, stride_xm, M, KL, p_ptr, s_ptr, z_ptr, p_ptr, s_ptr,
                                      z_ptr, N, n0, c_lo, c_hi, False, SYMMETRIC, GROUP, TAIL_L,
                                      DTYPE, BM, BN, 4, CHAINS, W_LAYOUT, X_LAYOUT, C_LAYOUT,
-                                     MMA, SWAP, PDL, PF,
-                                     P_LAYOUT)  # fmt: skip
+                                     MMA, SWAP, PDL)  # fmt: skip
             else:
                 acc, _ = _light_slice(xl_ptr, stride_xm, M, KL, p_ptr, s_ptr, z_ptr, p_ptr,
                                       s_ptr, z_ptr, N, n0, c_lo, c_hi, False, SYMMETRIC, GROUP,
                                       TAIL_L, DTYPE, BM, BN, DEPTH, CHAINS, W_LAYOUT, X_LAYOUT,
-                                      MMA, SWAP, PDL, PF,
-                                      P_LAYOUT)  # fmt: skip
+                                      MMA, SWAP, PDL)  # fmt: skip
             cols = _columns(n0, BN, MMA, SWAP)
             _store_partial(ws_ptr, acc, split, M, N, cols, cols < N, BM, MMA, SWAP)
         else:
@@ -1061,8 +973,7 @@ if gluon is not None:
                 h0 = n0 + sub * BNH
                 h_acc, h_acc2 = _heavy_slice(xh_ptr, stride_xm, M, KH, hw_ptr, hw_ptr, stride_hw, N,
                                         h0, c_lo, c_hi, False, TAIL_H, DTYPE, BMH, BNH,
-                                        H_LAYOUT, X_LAYOUT, MMA_H, PDL, PF,
-                                        P_LAYOUT)  # fmt: skip
+                                        H_LAYOUT, X_LAYOUT, MMA_H, PDL)  # fmt: skip
                 h_cols = _columns(h0, BNH, MMA_H, False)
                 _store_partial(ws_ptr, h_acc, split, M, N, h_cols, h_cols < N, BMH, MMA_H, False)
         if FUSED:
@@ -1095,10 +1006,6 @@ class MmaConfig:
     # columns (8 rows, or two n8 tiles for 9-16); `tiles` m16 tiles a warp
     swap: bool = False
     maxnreg: int | None = None  # a register cap for `resident` programs an SM (ptxas may spill)
-    # L2 prefetch distance in chunks (0: none): step c requests chunk c + prefetch's lines (words,
-    # scales, dense rows) into L2 with prefetch.global.L2, so the loads of later steps wait for
-    # L2 instead of DRAM; no registers or shared memory held for them
-    prefetch: int = 0
 
     @property
     def block_n(self) -> int:
@@ -1292,8 +1199,7 @@ def _meta(cfg: MmaConfig, m: int, heavy_tiles: int) -> dict:
     return dict(BM=cfg.block_m(m), BN=cfg.block_n, DEPTH=cfg.depth, CHAINS=cfg.chains,
                 W_LAYOUT=words, H_LAYOUT=rows, X_LAYOUT=x_layout, C_LAYOUT=copy, MMA=mma,
                 SWAP=cfg.swap, BMH=BLOCK_M if cfg.swap else cfg.block_m(m),
-                MMA_H=mma_h, PF=cfg.prefetch,
-                P_LAYOUT=gl.BlockedLayout([1], [32], [cfg.num_warps], [0]))  # fmt: skip
+                MMA_H=mma_h)  # fmt: skip
 
 
 def up_meta(cfg: MmaConfig, m: int) -> dict:
