@@ -221,8 +221,11 @@ s16ab)  # session 16: this tree against the package in out/base (carry it: git a
     done
     ;;
 ncu16)  # session 16: why the Gluon tier's warps wait at M = 1 (every stall reason per issued
-    # instruction, kernel A and B; the tier's default configs; ~2 min)
-    run 240 ncu_stalls /usr/local/cuda/bin/ncu --clock-control none -k "regex:_up_kernel|_down_kernel" --launch-skip 2 \
+    # instruction, kernel A and B of the second call, the tier's first configs; ~2 min). Session
+    # 16 ran it with the tuner on, whose trial launches made both captured kernels kernel A;
+    # FFNSPLIT_AUTOTUNE=0 (added after) makes each call one kernel A and one kernel B
+    run 240 ncu_stalls env FFNSPLIT_AUTOTUNE=0 /usr/local/cuda/bin/ncu --clock-control none \
+        -k "regex:_up_kernel|_down_kernel" --launch-skip 2 \
         --launch-count 2 --section SchedulerStats --section WarpStateStats \
         --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
         python3 benchmarks/ncu_decode.py --m 1 --path auto

@@ -138,8 +138,8 @@ def test_unpack_arithmetic_is_exact() -> None:
         got = _halves(((w >> (4 * j)) & 0x000F000F) | 0x43004300, torch.bfloat16)
         assert torch.equal(got, 128 + want)
         # the W-as-A fp16 form (_ASM_F16_X16): odd registers keep their nibbles 4 bits up
-        shift, mask, scale = (0, 0x000F000F, 1) if j % 2 == 0 else (0, 0x00F000F0, 16)
-        got = _halves(((w >> (8 * (j // 2) + shift)) & mask) | 0x64006400, torch.float16)
+        mask, scale = (0x000F000F, 1) if j % 2 == 0 else (0x00F000F0, 16)
+        got = _halves(((w >> (8 * (j // 2))) & mask) | 0x64006400, torch.float16)
         assert torch.equal(got, 1024 + scale * want)
 
 
@@ -157,7 +157,7 @@ def test_odd_k_slots_are_slot_bit_3() -> None:
 def test_x16_group_arithmetic(symmetric) -> None:
     """A group as the W-as-A fp16 form forms it: x' (odd k / 16, exact in fp16), codes 1024 + q
     (even k) and 1024 + 16 q (odd k), the products started from -1024 sum x' and the zero point
-    taken out with sum x = sum of x' weighted 1 / 16 (the MMA against _sum_weights' rows):
+    taken out with sum x = x' weighted 1 (even k) and 16 (odd k) (_sum_weights' other rows):
     s (blk - z sum x) against s sum x (q - z) in fp64."""
     x = torch.randn(8, 128, dtype=torch.float64).to(torch.float16)
     odd = torch.arange(128) % 2 == 1
