@@ -264,24 +264,15 @@ if gluon is not None:
         """Store x (slot order) into buffer c % 2, wait for every thread, read the 4 blocks' A
         fragments [BM, 32] (SWAP: B fragments [32, BM]; ldmatrix). One barrier a chunk: buffer
         c % 2 is written again two chunks on, after every thread passed the next chunk's
-        barrier (_stage_store)."""
-        return _stage_buf(x_smem.index(c % 2), x, LIGHT, LAYOUT, SWAP)
-
-    @gluon.jit
-    def _stage_buf(buf, x, LIGHT: gl.constexpr, LAYOUT: gl.constexpr, SWAP: gl.constexpr):
-        """_stage into shared tile `buf` [BM, 128]."""
-        _stage_store(buf, x, LIGHT, SWAP)
-        _barrier()
-        return _quarters(buf, 32, 1, LAYOUT, SWAP)
-
-    @gluon.jit
-    def _stage_store(buf, x, LIGHT: gl.constexpr, SWAP: gl.constexpr):
-        """x (slot order) into shared tile `buf`, no barrier: light fp16 x in the W-as-A form
-        with its odd k divided by 16 (exact), as _ASM_F16_X16's codes want."""
+        barrier. Light fp16 x in the W-as-A form: odd k divided by 16 (exact), as
+        _ASM_F16_X16's codes want."""
         if LIGHT and SWAP and x.dtype == gl.float16:
             k = gl.arange(0, _CHUNK, layout=gl.SliceLayout(0, x.type.layout))
             x = x * gl.where(k % 2 == 1, 0.0625, 1.0).to(gl.float16)[None, :]
+        buf = x_smem.index(c % 2)
         buf.store(_slots(x, LIGHT))
+        _barrier()
+        return _quarters(buf, 32, 1, LAYOUT, SWAP)
 
     @gluon.jit
     def _quarters(buf, size: gl.constexpr, dim: gl.constexpr, LAYOUT: gl.constexpr,
@@ -544,19 +535,13 @@ if gluon is not None:
                    C_LAYOUT: gl.constexpr):  # fmt: skip
         """cp.async of chunk cc's 16 word rows x BN columns into ring stage `stage` (16 bytes a
         thread; rows past K and columns past N zero-filled)."""
-        _ring_copy_buf(w_smem.index(stage), ptr, cc, n0, N, KR, TAIL, BN, C_LAYOUT)
-
-    @gluon.jit
-    def _ring_copy_buf(buf, ptr, cc, n0, N, KR, TAIL: gl.constexpr, BN: gl.constexpr,
-                       C_LAYOUT: gl.constexpr):  # fmt: skip
-        """_ring_copy into shared tile `buf` [16, BN]."""
         r = gl.arange(0, 16, layout=gl.SliceLayout(1, C_LAYOUT))
         n = gl.arange(0, BN, layout=gl.SliceLayout(0, C_LAYOUT))
         mask = ((n0 + n) < N)[None, :] & (r < 16)[:, None]
         if TAIL:
             mask = mask & ((cc * 16 + r) < KR)[:, None]
         ptrs = ptr + (cc * 16 + r)[:, None] * N + (n0 + n)[None, :]
-        _async_load(buf, ptrs, mask=mask)
+        _async_load(w_smem.index(stage), ptrs, mask=mask)
 
     @gluon.jit
     def _ring_words(w_smem, stage, W_LAYOUT: gl.constexpr):
@@ -628,153 +613,6 @@ if gluon is not None:
                 acc_g = _apply(acc_g, x0, x1, x2, x3, g0, g1, g2, g3, xs0, xs1, sg0, zg0, sg1,
                                zg1, SYMMETRIC, GROUP, DTYPE, CHAINS, W_OPERAND, MMA,
                                SWAP)  # fmt: skip
-        async_copy.wait_group(0)
-        return acc_u, acc_g
-
-    @gluon.jit
-    def _ring4_step(c, c_hi, last, acc_u, acc_g, x_cur, cur_u, cur_g, nxt_u, nxt_g, x_buf, x_ptr,
-                    x_off, x_mask, xk, ones, up_ptr, us_ptr, uz_ptr, gp_ptr, gs_ptr, gz_ptr, N,
-                    n0, K, KR, G, sc, s_mask, DUAL: gl.constexpr, SYMMETRIC: gl.constexpr,
-                    GROUP: gl.constexpr, TAIL: gl.constexpr, DTYPE: gl.constexpr,
-                    BN: gl.constexpr, CHAINS: gl.constexpr, W_LAYOUT: gl.constexpr,
-                    C_LAYOUT: gl.constexpr, MMA: gl.constexpr, SWAP: gl.constexpr,
-                    GUARD: gl.constexpr):  # fmt: skip
-        """One step of _ring4_slice (GUARD: only when c < c_hi): chunk c's words are in
-        cur_u / cur_g, chunk c + 3 is copied into nxt_u / nxt_g (the stage the step before
-        read), x staged in x_buf (the one two steps before used). Returns the accumulators and
-        the next x."""
-        if GUARD:
-            run = c < c_hi
-        else:
-            run: gl.constexpr = True
-        if run:
-            X_OPERAND: gl.constexpr = gl.DotOperandLayout(operand_index=1 if SWAP else 0,
-                                                          parent=MMA, k_width=2)  # fmt: skip
-            W_OPERAND: gl.constexpr = gl.DotOperandLayout(operand_index=0 if SWAP else 1,
-                                                          parent=MMA, k_width=2)  # fmt: skip
-            su0, zu0, su1, zu1 = _scales(us_ptr, uz_ptr, c, N, G, sc, s_mask, SYMMETRIC, GROUP)
-            if DUAL:
-                sg0, zg0, sg1, zg1 = _scales(gs_ptr, gz_ptr, c, N, G, sc, s_mask, SYMMETRIC,
-                                             GROUP)  # fmt: skip
-            # x stored first: the one barrier after the wait publishes x and chunk c's copies
-            _stage_store(x_buf, x_cur, True, SWAP)
-            async_copy.wait_group(2)
-            _barrier()
-            x0, x1, x2, x3 = _quarters(x_buf, 32, 1, X_OPERAND, SWAP)
-            x_cur = _x_chunk(x_ptr, x_off, x_mask, xk, gl.minimum(c + 1, last) * _CHUNK, K, TAIL)
-            cc = gl.minimum(c + 3, last)
-            _ring_copy_buf(nxt_u, up_ptr, cc, n0, N, KR, TAIL, BN, C_LAYOUT)
-            if DUAL:
-                _ring_copy_buf(nxt_g, gp_ptr, cc, n0, N, KR, TAIL, BN, C_LAYOUT)
-            async_copy.commit_group()
-            u0, u1, u2, u3 = _quarters(cur_u, 4, 0, W_LAYOUT)
-            xs0, xs1 = _x_sums(x0, x1, x2, x3, ones, acc_u, GROUP, MMA, SWAP)
-            acc_u = _apply(acc_u, x0, x1, x2, x3, u0, u1, u2, u3, xs0, xs1, su0, zu0, su1, zu1,
-                           SYMMETRIC, GROUP, DTYPE, CHAINS, W_OPERAND, MMA, SWAP)  # fmt: skip
-            if DUAL:
-                g0, g1, g2, g3 = _quarters(cur_g, 4, 0, W_LAYOUT)
-                acc_g = _apply(acc_g, x0, x1, x2, x3, g0, g1, g2, g3, xs0, xs1, sg0, zg0, sg1,
-                               zg1, SYMMETRIC, GROUP, DTYPE, CHAINS, W_OPERAND, MMA,
-                               SWAP)  # fmt: skip
-        return acc_u, acc_g, x_cur
-
-    @gluon.jit
-    def _ring4_slice(x_ptr, stride_xm, M, K, up_ptr, us_ptr, uz_ptr, gp_ptr, gs_ptr, gz_ptr, N,
-                     n0, c_lo, c_hi, DUAL: gl.constexpr, SYMMETRIC: gl.constexpr,
-                     GROUP: gl.constexpr, TAIL: gl.constexpr, DTYPE: gl.constexpr,
-                     BM: gl.constexpr, BN: gl.constexpr, CHAINS: gl.constexpr,
-                     W_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr, C_LAYOUT: gl.constexpr,
-                     MMA: gl.constexpr, SWAP: gl.constexpr, PDL: gl.constexpr = False):  # fmt: skip
-        """_ring_slice (4 stages) with every ring stage and both x buffers their own shared
-        allocation and the loop unrolled by the 4 stages, so each step names its buffers
-        statically: the compiler's hazard analysis then sees that a step's copies and x store
-        touch only what the step before it read, and x is stored before the wait for chunk c's
-        copies, so the one barrier after that wait publishes both: one barrier a chunk where
-        _ring_slice has 3 (sm_90 PTX). Steps past c_hi are skipped."""
-        W_OPERAND: gl.constexpr = gl.DotOperandLayout(operand_index=0 if SWAP else 1, parent=MMA,
-                                                      k_width=2)  # fmt: skip
-        KR = K // 8
-        G = gl.cdiv(K, GROUP)
-        WS: gl.constexpr = gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=4,
-                                                   order=[1, 0])  # fmt: skip
-        XS: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0])
-        u0s = gl.allocate_shared_memory(gl.int32, [16, BN], WS)
-        u1s = gl.allocate_shared_memory(gl.int32, [16, BN], WS)
-        u2s = gl.allocate_shared_memory(gl.int32, [16, BN], WS)
-        u3s = gl.allocate_shared_memory(gl.int32, [16, BN], WS)
-        g0s, g1s, g2s, g3s = u0s, u1s, u2s, u3s
-        if DUAL:
-            g0s = gl.allocate_shared_memory(gl.int32, [16, BN], WS)
-            g1s = gl.allocate_shared_memory(gl.int32, [16, BN], WS)
-            g2s = gl.allocate_shared_memory(gl.int32, [16, BN], WS)
-            g3s = gl.allocate_shared_memory(gl.int32, [16, BN], WS)
-        xa = gl.allocate_shared_memory(DTYPE, [BM, _CHUNK], XS)
-        xb = gl.allocate_shared_memory(DTYPE, [BM, _CHUNK], XS)
-        x_off, x_mask, xk, _, sc, s_mask, ones, acc_u, acc_g = _slice_start(
-            stride_xm, M, n0, N, BM, BN, DTYPE, X_LAYOUT, W_OPERAND, MMA, SWAP
-        )
-        last = c_hi - 1
-        _ring_copy_buf(u0s, up_ptr, c_lo, n0, N, KR, TAIL, BN, C_LAYOUT)
-        if DUAL:
-            _ring_copy_buf(g0s, gp_ptr, c_lo, n0, N, KR, TAIL, BN, C_LAYOUT)
-        async_copy.commit_group()
-        _ring_copy_buf(u1s, up_ptr, gl.minimum(c_lo + 1, last), n0, N, KR, TAIL, BN, C_LAYOUT)
-        if DUAL:
-            _ring_copy_buf(g1s, gp_ptr, gl.minimum(c_lo + 1, last), n0, N, KR, TAIL, BN,
-                           C_LAYOUT)  # fmt: skip
-        async_copy.commit_group()
-        _ring_copy_buf(u2s, up_ptr, gl.minimum(c_lo + 2, last), n0, N, KR, TAIL, BN, C_LAYOUT)
-        if DUAL:
-            _ring_copy_buf(g2s, gp_ptr, gl.minimum(c_lo + 2, last), n0, N, KR, TAIL, BN,
-                           C_LAYOUT)  # fmt: skip
-        async_copy.commit_group()
-        _pdl_wait(PDL)  # the weights above need nothing from the previous kernel; x does
-        x_cur = _x_chunk(x_ptr, x_off, x_mask, xk, c_lo * _CHUNK, K, TAIL)
-        whole = c_lo + (c_hi - c_lo) // 4 * 4
-        for c in range(c_lo, whole, 4):  # no step skipped: no barrier the analysis must add
-            acc_u, acc_g, x_cur = _ring4_step(
-                c, c_hi, last, acc_u, acc_g, x_cur, u0s, g0s, u3s, g3s, xa, x_ptr, x_off, x_mask,
-                xk, ones, up_ptr, us_ptr, uz_ptr, gp_ptr, gs_ptr, gz_ptr, N, n0, K, KR, G, sc,
-                s_mask, DUAL, SYMMETRIC, GROUP, TAIL, DTYPE, BN, CHAINS, W_LAYOUT, C_LAYOUT, MMA,
-                SWAP, False,
-            )  # fmt: skip
-            acc_u, acc_g, x_cur = _ring4_step(
-                c + 1, c_hi, last, acc_u, acc_g, x_cur, u1s, g1s, u0s, g0s, xb, x_ptr, x_off,
-                x_mask, xk, ones, up_ptr, us_ptr, uz_ptr, gp_ptr, gs_ptr, gz_ptr, N, n0, K, KR, G,
-                sc, s_mask, DUAL, SYMMETRIC, GROUP, TAIL, DTYPE, BN, CHAINS, W_LAYOUT, C_LAYOUT,
-                MMA, SWAP, False,
-            )  # fmt: skip
-            acc_u, acc_g, x_cur = _ring4_step(
-                c + 2, c_hi, last, acc_u, acc_g, x_cur, u2s, g2s, u1s, g1s, xa, x_ptr, x_off,
-                x_mask, xk, ones, up_ptr, us_ptr, uz_ptr, gp_ptr, gs_ptr, gz_ptr, N, n0, K, KR, G,
-                sc, s_mask, DUAL, SYMMETRIC, GROUP, TAIL, DTYPE, BN, CHAINS, W_LAYOUT, C_LAYOUT,
-                MMA, SWAP, False,
-            )  # fmt: skip
-            acc_u, acc_g, x_cur = _ring4_step(
-                c + 3, c_hi, last, acc_u, acc_g, x_cur, u3s, g3s, u2s, g2s, xb, x_ptr, x_off,
-                x_mask, xk, ones, up_ptr, us_ptr, uz_ptr, gp_ptr, gs_ptr, gz_ptr, N, n0, K, KR, G,
-                sc, s_mask, DUAL, SYMMETRIC, GROUP, TAIL, DTYPE, BN, CHAINS, W_LAYOUT, C_LAYOUT,
-                MMA, SWAP, False,
-            )  # fmt: skip
-        # the last 1-3 chunks: stages 0, 1, 2 in turn, each step only if its chunk exists
-        acc_u, acc_g, x_cur = _ring4_step(
-            whole, c_hi, last, acc_u, acc_g, x_cur, u0s, g0s, u3s, g3s, xa, x_ptr, x_off, x_mask,
-            xk, ones, up_ptr, us_ptr, uz_ptr, gp_ptr, gs_ptr, gz_ptr, N, n0, K, KR, G, sc,
-            s_mask, DUAL, SYMMETRIC, GROUP, TAIL, DTYPE, BN, CHAINS, W_LAYOUT, C_LAYOUT, MMA,
-            SWAP, True,
-        )  # fmt: skip
-        acc_u, acc_g, x_cur = _ring4_step(
-            whole + 1, c_hi, last, acc_u, acc_g, x_cur, u1s, g1s, u0s, g0s, xb, x_ptr, x_off,
-            x_mask, xk, ones, up_ptr, us_ptr, uz_ptr, gp_ptr, gs_ptr, gz_ptr, N, n0, K, KR, G,
-            sc, s_mask, DUAL, SYMMETRIC, GROUP, TAIL, DTYPE, BN, CHAINS, W_LAYOUT, C_LAYOUT, MMA,
-            SWAP, True,
-        )  # fmt: skip
-        acc_u, acc_g, x_cur = _ring4_step(
-            whole + 2, c_hi, last, acc_u, acc_g, x_cur, u2s, g2s, u1s, g1s, xa, x_ptr, x_off,
-            x_mask, xk, ones, up_ptr, us_ptr, uz_ptr, gp_ptr, gs_ptr, gz_ptr, N, n0, K, KR, G,
-            sc, s_mask, DUAL, SYMMETRIC, GROUP, TAIL, DTYPE, BN, CHAINS, W_LAYOUT, C_LAYOUT, MMA,
-            SWAP, True,
-        )  # fmt: skip
         async_copy.wait_group(0)
         return acc_u, acc_g
 
@@ -1069,12 +907,7 @@ if gluon is not None:
                         BMH, MMA_H, False)  # fmt: skip
         else:
             l0 = (pid - heavy_tiles) * BN
-            if DEPTH == 4:
-                l_u, l_g = _ring4_slice(x_ptr, stride_xm, M, K, up_ptr, us_ptr, uz_ptr, gp_ptr,
-                                        gs_ptr, gz_ptr, NL, l0, c_lo, c_hi, DUAL, SYMMETRIC,
-                                        GROUP, TAIL, DTYPE, BM, BN, CHAINS, W_LAYOUT, X_LAYOUT,
-                                        C_LAYOUT, MMA, SWAP, PDL)  # fmt: skip
-            elif DEPTH == 3:
+            if DEPTH == 3:
                 l_u, l_g = _ring_slice(x_ptr, stride_xm, M, K, up_ptr, us_ptr, uz_ptr, gp_ptr,
                                        gs_ptr, gz_ptr, NL, l0, c_lo, c_hi, DUAL, SYMMETRIC,
                                        GROUP, TAIL, DTYPE, BM, BN, 4, CHAINS, W_LAYOUT,
@@ -1119,12 +952,7 @@ if gluon is not None:
             chunks = gl.cdiv(KL, _CHUNK)
             c_lo = split * chunks // SL
             c_hi = (split + 1) * chunks // SL
-            if DEPTH == 4:
-                acc, _ = _ring4_slice(xl_ptr, stride_xm, M, KL, p_ptr, s_ptr, z_ptr, p_ptr, s_ptr,
-                                      z_ptr, N, n0, c_lo, c_hi, False, SYMMETRIC, GROUP, TAIL_L,
-                                      DTYPE, BM, BN, CHAINS, W_LAYOUT, X_LAYOUT, C_LAYOUT, MMA,
-                                      SWAP, PDL)  # fmt: skip
-            elif DEPTH == 3:
+            if DEPTH == 3:
                 acc, _ = _ring_slice(xl_ptr, stride_xm, M, KL, p_ptr, s_ptr, z_ptr, p_ptr, s_ptr,
                                      z_ptr, N, n0, c_lo, c_hi, False, SYMMETRIC, GROUP, TAIL_L,
                                      DTYPE, BM, BN, 4, CHAINS, W_LAYOUT, X_LAYOUT, C_LAYOUT,
@@ -1164,8 +992,7 @@ class MmaConfig:
     """num_warps warps side by side along N with `tiles` n8 tiles each (light tiles of
     8 * num_warps * tiles columns; kernel A's heavy tiles one n8 tile a warp); K-slices for
     `waves` whole waves of `resident` programs an SM (what the registers let reside on sm_90);
-    words loaded `depth` chunks ahead (3: through a 4-stage cp.async ring; 4: the same ring
-    unrolled by its stages, one barrier a chunk)."""
+    words loaded `depth` chunks ahead (3: through a 4-stage cp.async ring)."""
 
     num_warps: int = 4
     tiles: int = 2
@@ -1263,10 +1090,6 @@ DOWN_ROWS = {
 UP_SWAP = (
     MmaConfig(4, 1, resident=4, fused=True, swap=True, depth=3),
     MmaConfig(4, 1, resident=4, fused=True, swap=True),
-    # session 16: the ring unrolled by its 4 stages, one barrier a chunk (_ring4_slice; sm_90
-    # AOT, Triton 3.6: 128 registers under the cap without spills (3.9: 8 bytes), 246
-    # light-loop instructions a chunk against the ring's 263 and 3 barriers; 168 uncapped)
-    MmaConfig(4, 1, resident=4, fused=True, swap=True, depth=4, maxnreg=128),
 )
 DOWN_SWAP = (
     MmaConfig(4, 2, resident=4, swap=True, fused=True, maxnreg=128),
