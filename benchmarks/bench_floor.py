@@ -57,11 +57,13 @@ def _stream_kernel(src_ptr, out_ptr, N, PER, BLOCK: tl.constexpr, PDL: tl.conste
 
 
 @triton.jit
-def _fused_kernel(a_ptr, b_ptr, out_ptr, cnt_ptr, NA, NB, PER_A, PER_B, ITEMS_A, ITEMS_B,
-                  BLOCK: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+def _fused_kernel(a_ptr, b_ptr, out_ptr, cnt_ptr, flag_ptr, NA, NB, PER_A, PER_B, ITEMS_A,
+                  ITEMS_B, BLOCK: tl.constexpr, FLAGS: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     """Both reads in one launch: persistent programs take items by ticket (cnt[0]), A's chunks
-    before B's; a B item loads its first block, then waits until every A item is done (cnt[1]).
-    The last program out (cnt[2]) zeroes the counters for the next launch (CUDA-graph replays)."""
+    before B's; a B item loads its first block, then waits until every A item is done (cnt[1]),
+    or with FLAGS (session 16, a one-launch FFN's per-tile readiness; not yet run on a GPU) only
+    for the A items at its own fraction of the bytes (flag[i] set by A item i). The last
+    program out (cnt[2]) zeroes the counters and flags for the next launch (graph replays)."""
     pdl_trigger(PDL)
     pdl_wait(PDL)
     offs = tl.arange(0, BLOCK)
@@ -75,7 +77,12 @@ def _fused_kernel(a_ptr, b_ptr, out_ptr, cnt_ptr, NA, NB, PER_A, PER_B, ITEMS_A,
         lo = (item - ITEMS_A if is_b else item) * per
         hi = tl.minimum(lo + per, n)
         nxt = tl.load(src + lo + offs, mask=lo + offs < hi, other=0)
-        if is_b:  # spin until all of A is done (acquire: A's results would be visible)
+        if is_b and FLAGS:  # spin until the A items at this item's share are done
+            j = item - ITEMS_A
+            for i in range(j * ITEMS_A // ITEMS_B, ((j + 1) * ITEMS_A + ITEMS_B - 1) // ITEMS_B):
+                while tl.atomic_add(flag_ptr + i, 0, sem="acquire") == 0:
+                    pass
+        elif is_b:  # spin until all of A is done (acquire: A's results would be visible)
             while tl.atomic_add(cnt_ptr + 1, 0, sem="acquire") < ITEMS_A:
                 pass
         for start in range(lo, hi, BLOCK):
@@ -84,25 +91,32 @@ def _fused_kernel(a_ptr, b_ptr, out_ptr, cnt_ptr, NA, NB, PER_A, PER_B, ITEMS_A,
             acc ^= cur
         if not is_b:
             tl.atomic_add(cnt_ptr + 1, 1, sem="release")
+            if FLAGS:
+                tl.atomic_xchg(flag_ptr + item, 1, sem="release")
         item = tl.atomic_add(cnt_ptr, 1)
     tl.store(out_ptr + tl.program_id(0), tl.reduce(acc, 0, _xor))
     if tl.atomic_add(cnt_ptr + 2, 1, sem="acq_rel") == tl.num_programs(0) - 1:
         tl.store(cnt_ptr, 0)
         tl.store(cnt_ptr + 1, 0)
         tl.store(cnt_ptr + 2, 0)
+        if FLAGS:
+            for i in range(0, ITEMS_A, BLOCK):
+                tl.store(flag_ptr + i + offs, 0, mask=i + offs < ITEMS_A)
 
 
 def fused(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, cnt: torch.Tensor, programs: int,
-          items_a: int, items_b: int, block: int, warps: int) -> None:  # fmt: skip
-    """_fused_kernel: A's bytes in items_a chunks, then B's in items_b, `programs` programs."""
+          items_a: int, items_b: int, block: int, warps: int,
+          flags: torch.Tensor | None = None) -> None:  # fmt: skip
+    """_fused_kernel: A's bytes in items_a chunks, then B's in items_b, `programs` programs; with
+    `flags` (zeroed int32, at least items_a) B items wait only for their share of A."""
     per_a = triton.cdiv(triton.cdiv(a.numel(), items_a), block) * block
     per_b = triton.cdiv(triton.cdiv(b.numel(), items_b), block) * block
     launch = pdl_options(a.device)
     pdl = launch.pop("PDL")
     _fused_kernel[(programs,)](
-        a, b, out, cnt, a.numel(), b.numel(), per_a, per_b, triton.cdiv(a.numel(), per_a),
-        triton.cdiv(b.numel(), per_b), BLOCK=block, PDL=pdl, num_warps=warps, num_stages=1,
-        **launch,
+        a, b, out, cnt, flags if flags is not None else cnt, a.numel(), b.numel(), per_a, per_b,
+        triton.cdiv(a.numel(), per_a), triton.cdiv(b.numel(), per_b), BLOCK=block,
+        FLAGS=flags is not None, PDL=pdl, num_warps=warps, num_stages=1, **launch,
     )  # fmt: skip
 
 
@@ -299,20 +313,23 @@ def main() -> int:
         chain.append(dict(mb=[a, b], us=us, floor_us=(a + b) * 1e6 / bw * 1e6))
         print(f"chain {a} MB then {b} MB: {us:.2f} us ({us / chain[-1]['floor_us']:.2f}x floor)")
         # the same bytes in one launch, B's items waiting for all of A's (a fused FFN's bound)
+        # and (wait="flags") B's items waiting only for the A items at their share of the bytes
         cnt = torch.zeros(4, dtype=torch.int32, device=dev)
         for per_sm, warps, block in ((8, 4, 1024), (16, 4, 512), (16, 4, 1024), (8, 8, 2048)):
             p = sms * per_sm
-            for items in (1, 2):
+            for items, wait in ((1, "all"), (2, "all"), (1, "flags"), (2, "flags")):
+                flags = (torch.zeros(p * items, dtype=torch.int32, device=dev)
+                         if wait == "flags" else None)  # fmt: skip
                 calls = [
-                    (lambda sa=sa, sb=sb, p=p, n=p * items, bl=block, w=warps: fused(
-                        sa, sb, out, cnt, p, n, n, bl, w))
+                    (lambda sa=sa, sb=sb, p=p, n=p * items, bl=block, w=warps, f=flags: fused(
+                        sa, sb, out, cnt, p, n, n, bl, w, f))
                     for sa, sb in zip(bufs[a], bufs[b], strict=True)
                 ]  # fmt: skip
                 us = graph_time_us(calls)
-                chain.append(dict(mb=[a, b], fused=True, per_sm=per_sm, warps=warps, block=block,
-                                  items_per_program=items, us=us,
+                chain.append(dict(mb=[a, b], fused=True, wait=wait, per_sm=per_sm, warps=warps,
+                                  block=block, items_per_program=items, us=us,
                                   floor_us=(a + b) * 1e6 / bw * 1e6))  # fmt: skip
-                print(f"fused {a} + {b} MB {per_sm}/SM {warps} warps block {block} "
+                print(f"fused ({wait}) {a} + {b} MB {per_sm}/SM {warps} warps block {block} "
                       f"{items} item(s) a program each: {us:.2f} us "
                       f"({us / chain[-1]['floor_us']:.2f}x floor)", flush=True)  # fmt: skip
     write_result(args.out, dev, copy_bandwidth_tb_s=bw * 1e-12, rows=rows, chain=chain)

@@ -16,7 +16,7 @@
 #   at M = 1024-4096: heavy rows in the scratch or not, 128 and 256 MiB chunks), decodeops (decoder op tests), trace
 #   profprefill (benchmarks/prof_prefill.py + probe_cublas.py), odd (717 heavy neurons),
 #   swap (benchmarks/proto_swap.py), swaptier (the W-as-A form: tests + bench_mma), pdlmma,
-#   next14 (session 13's open questions), fused15 (the one-launch FFN), verify15, next16, s16ab, ncu16, proj, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
+#   next14 (session 13's open questions), fused15 (the one-launch FFN), verify15, next16, s16ab, ncu16, proj, floor17, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
 #   (benchmarks/trace_decode.py), decode8b (M = 1, 4 + 8B decode once)
 # Several stages in one call: bash benchmarks/gpu_checks.sh gemv trace decode8b
 # Each step has its own time limit, so one slow step cannot take the whole call.
@@ -229,6 +229,11 @@ ncu16)  # session 16: why the Gluon tier's warps wait at M = 1 (every stall reas
         --launch-count 2 --section SchedulerStats --section WarpStateStats \
         --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
         python3 benchmarks/ncu_decode.py --m 1 --path auto
+    ;;
+floor17)  # for session 17 (prepared in 16, not run): the one-launch floor with B's items waiting
+    # only for their share of A (per-item flags) against waiting for all of A and against two
+    # PDL launches (benchmarks/bench_floor.py, A's and B's byte counts; ~3 min)
+    run 300 bench_floor17 python3 benchmarks/bench_floor.py --mb 35.6,71.1 --out "$OUT/floor17.json"
     ;;
 proj)  # the decoder's dense projections at M = 1, 2, 4: cuBLAS against the dense-only GEMV and
     # Gluon paths (benchmarks/bench_proj.py, ~2 min)
