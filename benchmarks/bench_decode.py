@@ -142,7 +142,7 @@ def main() -> int:
             [lambda x=x, d=d: dense_ffn(x, d) for x, d in zip(xs, dense, strict=True)]
         )
         record(m, "dense fp16 (torch)", "ffn", us, bytes_dense)
-        ref = reference.split_ffn(xs[0].float(), _as_float(w0))
+        ref = reference.split_ffn(xs[0].float(), heavy_as(w0, torch.float32))
         for path in ("decode",):
             us = graph_time_us([lambda x=x, w=w, path=path: sffn.split_ffn(x, w, path=path)
                                 for x, w in zip(xs, ws, strict=True)])  # fmt: skip
@@ -191,11 +191,19 @@ def main() -> int:
     return 0
 
 
-def _as_float(w: SplitFFNWeights) -> SplitFFNWeights:
+def heavy_as(w: SplitFFNWeights, dtype: torch.dtype) -> SplitFFNWeights:
+    """w with its dense (heavy) weights in `dtype`: the float references' weights."""
     from dataclasses import replace
 
-    return replace(w, heavy_up=w.heavy_up.float(), heavy_gate=w.heavy_gate.float(),
-                   heavy_down=w.heavy_down.float())  # fmt: skip
+    return replace(w, heavy_up=w.heavy_up.to(dtype), heavy_gate=w.heavy_gate.to(dtype),
+                   heavy_down=w.heavy_down.to(dtype))  # fmt: skip
+
+
+def dense_swiglu(x: torch.Tensor, wud: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The dense fp16 FFN the decode benchmarks time against: wud = ([gate; up] [2I, H],
+    down [H, I]), silu(gate) * up, then down (cuBLAS)."""
+    g, u = (x @ wud[0].T).chunk(2, dim=-1)
+    return (torch.nn.functional.silu(g) * u) @ wud[1].T
 
 
 if __name__ == "__main__":

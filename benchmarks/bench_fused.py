@@ -24,7 +24,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_decode import copy_bandwidth, graph_time_us, rel_err, split_weights  # noqa: E402
+from bench_decode import (  # noqa: E402
+    copy_bandwidth,
+    dense_swiglu,
+    graph_time_us,
+    heavy_as,
+    rel_err,
+    split_weights,
+)
 from bench_floor import write_result  # noqa: E402
 
 from ffnsplit.kernels import fused_decode, reference  # noqa: E402
@@ -58,8 +65,7 @@ def main() -> int:
          torch.randn(hidden, inter, device="cuda", dtype=torch.float16) / inter**0.5)
         for _ in range(args.copies)
     ]  # fmt: skip
-    w64 = replace(w0, heavy_up=w0.heavy_up.double(), heavy_gate=w0.heavy_gate.double(),
-                  heavy_down=w0.heavy_down.double())  # fmt: skip
+    w64 = heavy_as(w0, torch.float64)
     floor_us = nbytes / bw * 1e6
     print(f"copy {bw / 1e12:.3f} TB/s, weight bytes {nbytes / 1e6:.2f} MB, floor {floor_us:.2f} us")
     rows = []
@@ -68,13 +74,7 @@ def main() -> int:
         x = torch.randn(m, hidden, device="cuda", dtype=torch.float16)
         ref = reference.split_ffn(x.double(), w64)
         row: dict = {"m": m}
-
-        def dense_ffn(wud, x=x):
-            gu = x @ wud[0].T
-            g, u = gu.chunk(2, dim=-1)
-            return (torch.nn.functional.silu(g) * u) @ wud[1].T
-
-        row["dense_us"] = graph_time_us([lambda d=d: dense_ffn(d) for d in dense])
+        row["dense_us"] = graph_time_us([lambda d=d, x=x: dense_swiglu(x, d) for d in dense])
         saved = fused_decode.AUTO_MAX_M
         fused_decode.AUTO_MAX_M = 0
         try:

@@ -22,7 +22,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_decode import graph_time_us, rel_err, split_weights  # noqa: E402
+from bench_decode import (  # noqa: E402
+    dense_swiglu,
+    graph_time_us,
+    heavy_as,
+    rel_err,
+    split_weights,
+)
 from bench_floor import write_result  # noqa: E402
 
 from ffnsplit.kernels import mma_decode, reference  # noqa: E402
@@ -71,15 +77,9 @@ def main() -> int:
     w0 = copies[0]
     for m in (int(v) for v in args.m.split(",")):
         x = torch.randn(m, hidden, device="cuda", dtype=torch.float16)
-        ref_a = reference.split_activations(x.double(), _as64(w0))
+        ref_a = reference.split_activations(x.double(), heavy_as(w0, torch.float64))
         row: dict = {"m": m}
-
-        def dense_ffn(wud, x=x):
-            gu = x @ wud[0].T
-            g, u = gu.chunk(2, dim=-1)
-            return (torch.nn.functional.silu(g) * u) @ wud[1].T
-
-        row["dense_us"] = graph_time_us([lambda d=d: dense_ffn(d) for d in dense])
+        row["dense_us"] = graph_time_us([lambda d=d, x=x: dense_swiglu(x, d) for d in dense])
         for path in args.paths.split(","):
             if path == "gemv" and m > 4 or path == "decode" and m > 16:
                 continue
@@ -155,15 +155,6 @@ def _only(cfg, kernel: str) -> None:
 
 def _name(cfg, i: int) -> str:
     return f"{'swap' if cfg.swap else 'cfg'}{i}"
-
-
-def _as64(w):
-    from dataclasses import replace
-
-    return replace(
-        w, heavy_up=w.heavy_up.double(), heavy_gate=w.heavy_gate.double(),
-        heavy_down=w.heavy_down.double(),
-    )  # fmt: skip
 
 
 if __name__ == "__main__":

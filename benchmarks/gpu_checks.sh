@@ -202,7 +202,8 @@ verify15)  # session 15's final GPU check: every one-launch config (fp16, bf16),
 next16)  # for session 16: more programs an SM for the Gluon tier at M = 1-4 (ncu, session 15:
     # ~3.5 warps a scheduler in both kernels): W-as-A configs with 5-6 resident programs under
     # register caps (sm_90 AOT, Triton 3.6: kernel A ring 96 registers 40/48 bytes of spills,
-    # 80 registers 144/92; kernel B 96 registers 256/248), each alone against the tier's (~4 min)
+    # 80 registers 144/92; kernel B 96 registers 256/248), each alone against the tier's (~4 min;
+    # run in session 16, slower: results/bench_mma_h200_s16_resident.json)
     run 330 bench_mma_next16 python3 benchmarks/bench_mma.py --m 1,4 --paths mma \
         --extra-up "MmaConfig(4, 1, resident=5, fused=True, swap=True, depth=3, maxnreg=96); MmaConfig(4, 1, resident=6, fused=True, swap=True, depth=3, maxnreg=80)" \
         --extra-down "MmaConfig(4, 2, resident=5, swap=True, fused=True, maxnreg=96)" \
