@@ -111,6 +111,15 @@ def test_swap_candidates(monkeypatch) -> None:
         assert cfg.block_n == 16 * cfg.num_warps * cfg.tiles and cfg.block_nh == 8 * cfg.num_warps
 
 
+def test_finish_slots() -> None:
+    """Kernel B's tile finish (_finish_rows) loads 16 words a thread at one row and 32 at 2-8
+    rows (4 slots of 8 rows: what the MMA layout's finish held), never more slots than exist."""
+    assert [mma_decode._finish_slots(m, 16) for m in (1, 2, 3, 4, 5, 8)] == [16, 16, 8, 8, 4, 4]
+    assert mma_decode._finish_slots(1, 3) == 4 and mma_decode._finish_slots(8, 2) == 2
+    if mma_decode.gluon is not None:  # the layouts need Gluon
+        assert mma_decode.down_meta(mma_decode.DOWN_SWAP[0], 3)["FM"] == 4
+
+
 def test_dense_slots_match_the_rows() -> None:
     n = 40
     rows = torch.randn(n, 128, dtype=torch.float64)

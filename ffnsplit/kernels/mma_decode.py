@@ -817,6 +817,66 @@ if gluon is not None:
         return total
 
     @gluon.jit
+    def _slot_group(ptr, s0, n, stride, M, NT, c0, c_end, SB: gl.constexpr, W: gl.constexpr,
+                    FM: gl.constexpr, L3: gl.constexpr):  # fmt: skip
+        """The sum over slots s0 .. s0 + SB - 1 (< n) of ws[slot, m, c0 + j] as [W, FM] (ptr:
+        slot 0 of the dual, stride: a slot's words): SB slots loaded at once (one L2 round trip),
+        added in a fixed tree."""
+        s = s0 + gl.arange(0, SB, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
+        j = gl.arange(0, W, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3)))
+        r = gl.arange(0, FM, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3)))
+        s3 = gl.expand_dims(gl.expand_dims(s, 1), 2)
+        j3 = gl.expand_dims(gl.expand_dims(c0 + j, 0), 2)
+        r3 = gl.expand_dims(gl.expand_dims(r, 0), 1)
+        mask = (s3 < n) & (j3 < c_end) & (r3 < M)
+        v = gl.load(ptr + s3 * stride + r3 * NT + j3, mask=mask, other=0.0, cache_modifier=".cg")
+        return gl.reduce(v, 0, _add)  # gl.sum is a tl function: unusable with TRITON_INTERPRET
+
+    @gluon.jit
+    def _add(a, b):
+        return a + b
+
+    @gluon.jit
+    def _slots_sum(ptr, n, stride, M, NT, c0, c_end, SB: gl.constexpr, W: gl.constexpr,
+                   FM: gl.constexpr, L3: gl.constexpr):  # fmt: skip
+        """All n slots of one dual: groups of SB slots (_slot_group) added in order."""
+        total = gl.zeros([W, FM], gl.float32, layout=gl.SliceLayout(0, L3))
+        for s0 in range(0, n, SB):
+            total += _slot_group(ptr, s0, n, stride, M, NT, c0, c_end, SB, W, FM, L3)
+        return total
+
+    @gluon.jit
+    def _finish_rows(ws_ptr, a_ptr, ub_ptr, gb_ptr, M, NT, stride_am, c0, c_end, n_split,
+                     DUAL: gl.constexpr, ACTIVATION: gl.constexpr, HAS_UP_BIAS: gl.constexpr,
+                     HAS_GATE_BIAS: gl.constexpr, W: gl.constexpr, FM: gl.constexpr,
+                     SB: gl.constexpr):  # fmt: skip
+        """_finish for columns c0 .. c0 + W - 1 (< c_end) of at most FM rows in a layout of its
+        own: the columns along the threads, FM rows and SB slots in registers. At M = 1 a thread
+        holds one word a slot, so kernel B's 16 slots are one load round trip where the MMA
+        layout (8 words a thread a slot, 7 of them masked) took four. The slot groups are added
+        in order, each in a fixed tree: the same result whichever program arrives last."""
+        L3: gl.constexpr = gl.BlockedLayout([1, 1, FM], [1, 32, 1], [1, gl.num_warps(), 1],
+                                            [2, 1, 0])  # fmt: skip
+        DUALS: gl.constexpr = 2 if DUAL else 1
+        stride = DUALS * M * NT
+        up = _slots_sum(ws_ptr, n_split, stride, M, NT, c0, c_end, SB, W, FM, L3)
+        j = c0 + gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(0, L3)))
+        r = gl.arange(0, FM, layout=gl.SliceLayout(0, gl.SliceLayout(0, L3)))
+        jm = j < c_end
+        if HAS_UP_BIAS:
+            up += gl.load(ub_ptr + j, mask=jm, other=0.0).to(gl.float32)[:, None]
+        if DUAL:
+            gate = _slots_sum(ws_ptr + M * NT, n_split, stride, M, NT, c0, c_end, SB, W, FM, L3)
+            if HAS_GATE_BIAS:
+                gate += gl.load(gb_ptr + j, mask=jm, other=0.0).to(gl.float32)[:, None]
+            out = _act(gate, ACTIVATION) * up
+        else:
+            out = _act(up, ACTIVATION)
+        a_off = r[None, :] * stride_am + j[:, None]
+        gl.store(a_ptr + a_off, out.to(a_ptr.dtype.element_ty),
+                 mask=jm[:, None] & (r < M)[None, :])  # fmt: skip
+
+    @gluon.jit
     def _finish(ws_ptr, a_ptr, ub_ptr, gb_ptr, M, NT, stride_am, cols, n_mask, n_split,
                 DUAL: gl.constexpr, ACTIVATION: gl.constexpr, HAS_UP_BIAS: gl.constexpr,
                 HAS_GATE_BIAS: gl.constexpr, BM: gl.constexpr, MMA: gl.constexpr,
@@ -845,19 +905,26 @@ if gluon is not None:
     def _arrive(cnt_ptr, tile, n_split, ws_ptr, a_ptr, ub_ptr, gb_ptr, M, NT, stride_am, cols,
                 n_mask, DUAL: gl.constexpr, ACTIVATION: gl.constexpr,
                 HAS_UP_BIAS: gl.constexpr, HAS_GATE_BIAS: gl.constexpr, BM: gl.constexpr,
-                MMA: gl.constexpr, SWAP: gl.constexpr):  # fmt: skip
+                MMA: gl.constexpr, SWAP: gl.constexpr, ROWS: gl.constexpr = False, c0=0,
+                c_end=0, W: gl.constexpr = 1, FM: gl.constexpr = 1,
+                SB: gl.constexpr = 1):  # fmt: skip
         """Count this program's partials of `tile` in (every thread fences its stores, a CTA
         barrier, one acq_rel atomic: the ticket's release covers only its own thread); the
         program that brings the count to n_split finishes the tile and resets the counter for
-        the next launch (gemv._arrive's protocol)."""
+        the next launch (gemv._arrive's protocol). ROWS: the finish in _finish_rows' layout
+        (`cols` = c0 .. c0 + W - 1 below c_end, at most FM rows, SB slots a load)."""
         gl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, 0;", "=r", [], dtype=gl.int32,
                                   is_pure=False, pack=1)  # fmt: skip
         _barrier()
         ticket = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if ticket == n_split - 1:
             _barrier()
-            _finish(ws_ptr, a_ptr, ub_ptr, gb_ptr, M, NT, stride_am, cols, n_mask, n_split, DUAL,
-                    ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS, BM, MMA, SWAP)  # fmt: skip
+            if ROWS:
+                _finish_rows(ws_ptr, a_ptr, ub_ptr, gb_ptr, M, NT, stride_am, c0, c_end, n_split,
+                             DUAL, ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS, W, FM, SB)  # fmt: skip
+            else:
+                _finish(ws_ptr, a_ptr, ub_ptr, gb_ptr, M, NT, stride_am, cols, n_mask, n_split,
+                        DUAL, ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS, BM, MMA, SWAP)  # fmt: skip
             gl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
 
     @gluon.jit
@@ -937,7 +1004,8 @@ if gluon is not None:
                      CHAINS: gl.constexpr, W_LAYOUT: gl.constexpr, H_LAYOUT: gl.constexpr,
                      X_LAYOUT: gl.constexpr, C_LAYOUT: gl.constexpr, MMA: gl.constexpr,
                      SWAP: gl.constexpr, BMH: gl.constexpr, BNH: gl.constexpr,
-                     MMA_H: gl.constexpr, PDL: gl.constexpr):  # fmt: skip
+                     MMA_H: gl.constexpr, PDL: gl.constexpr, FM: gl.constexpr,
+                     SB: gl.constexpr):  # fmt: skip
         """Kernel B (or any split linear): fp32 partials ws [slices, M, N] of output columns
         program_id(0) * BN ..; slices 0 .. SL - 1 cover the packed columns (x = xl [M, KL]), the
         others the dense ones (x = xh [M, KH]): both parts end in one reduce, by the last slice
@@ -980,7 +1048,7 @@ if gluon is not None:
             f_cols = _columns(n0, BN, MMA, SWAP)
             _arrive(cnt_ptr, pid, gl.num_programs(1), ws_ptr, out_ptr, b_ptr, b_ptr, M, N,
                     stride_om, f_cols, f_cols < N, False, "identity", HAS_BIAS, False, BM, MMA,
-                    SWAP)  # fmt: skip
+                    SWAP, FM <= 8, n0, N, BN, FM, SB)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1212,11 +1280,20 @@ def down_meta(cfg: MmaConfig, m: int) -> dict:
     tiles of at most 2 n8 tiles a warp in the W-as-A form (its m16 tiles hold twice the
     registers), all at once in the x-as-A form."""
     heavy_tiles = min(cfg.block_n // (8 * cfg.num_warps), 2 if cfg.swap else cfg.tiles)
-    return dict(_meta(cfg, m, heavy_tiles), BNH=8 * cfg.num_warps * heavy_tiles)
+    # FM: the rows of its tile finish (_finish_rows up to 8, the MMA layout's _finish above)
+    return dict(_meta(cfg, m, heavy_tiles), BNH=8 * cfg.num_warps * heavy_tiles,
+                FM=triton.next_power_of_2(m))  # fmt: skip
 
 
 _up_tuner = Tuner()
 _down_tuner = Tuner()
+
+
+def _finish_slots(m: int, split: int) -> int:
+    """K-slices _finish_rows loads at once for M rows and `split` slices: 16 words a thread at
+    one row, 32 at 2-8 rows (what the MMA layout's four slots a load held), no more than
+    there are."""
+    return min(16, max(4, 32 // triton.next_power_of_2(m)), triton.next_power_of_2(split))
 
 
 def _gl_dtype(dtype: torch.dtype):
@@ -1332,7 +1409,8 @@ def split_linear(x2: torch.Tensor, heavy: torch.Tensor | None, light: QuantizedW
             x2, xl, hw, *packed, ws, counters, out, b, m, n, kh, kl, x2.stride(0), hw.stride(0),
             out.stride(0), sl, FUSED=cfg.fused, HAS_BIAS=bias is not None, SYMMETRIC=symmetric,
             GROUP=group, TAIL_L=kl % CHUNK != 0, TAIL_H=kh % CHUNK != 0,
-            DTYPE=_gl_dtype(x2.dtype), **down_meta(cfg, m), **pdl, num_warps=cfg.num_warps,
+            DTYPE=_gl_dtype(x2.dtype), **down_meta(cfg, m), SB=_finish_slots(m, sl + sh), **pdl,
+            num_warps=cfg.num_warps,
             maxnreg=cfg.maxnreg,
         )  # fmt: skip
         if cfg.fused:
@@ -1348,7 +1426,8 @@ def split_linear(x2: torch.Tensor, heavy: torch.Tensor | None, light: QuantizedW
 
 
 def aot_compile(kernel: str, cfg: MmaConfig, m: int = 1, dtype: str = "fp16", *,
-                heavy: int = 720, light: int = 13632, hidden: int = 4096, arch: int = 90):  # fmt: skip
+                heavy: int = 720, light: int = 13632, hidden: int = 4096, arch: int = 90,
+                sms: int = 132):  # fmt: skip
     """Compile `kernel` ("up": kernel A, "down": kernel B) for one config and M rows ahead of
     time for CUDA sm_`arch`, no GPU needed (Triton's pipeline with its bundled ptxas), at the
     Llama-3-8B FFN shape by default; returns Triton's CompiledKernel (`.asm`: ptx, cubin;
@@ -1376,7 +1455,10 @@ def aot_compile(kernel: str, cfg: MmaConfig, m: int = 1, dtype: str = "fp16", *,
         sig = dict(xh_ptr=t, xl_ptr=t, hw_ptr=t, p_ptr="*i32", s_ptr=t, z_ptr=t, ws_ptr="*fp32",
                    cnt_ptr="*i32", out_ptr=t, b_ptr=t, M="i32", N="i32", KH="i32", KL="i32",
                    stride_xm="i32", stride_hw="i32", stride_om="i32", SL="i32")  # fmt: skip
-        const = dict(common, **down_meta(cfg, m), FUSED=cfg.fused, HAS_BIAS=False,
+        sl, sh = _down_slices(_slices(cfg, triton.cdiv(hidden, cfg.block_n), sms), heavy, light,
+                              128)  # fmt: skip
+        const = dict(common, **down_meta(cfg, m), SB=_finish_slots(m, sl + sh), FUSED=cfg.fused,
+                     HAS_BIAS=False,
                      TAIL_L=light % CHUNK != 0, TAIL_H=heavy % CHUNK != 0)  # fmt: skip
         # x's light part starts at column `heavy`: aligned only if that is a multiple of 8
         aligned = ["xh_ptr", "hw_ptr", "p_ptr", "s_ptr", "z_ptr", "ws_ptr", "cnt_ptr", "out_ptr",
