@@ -16,7 +16,7 @@
 #   at M = 1024-4096: heavy rows in the scratch or not, 128 and 256 MiB chunks), decodeops (decoder op tests), trace
 #   profprefill (benchmarks/prof_prefill.py + probe_cublas.py), odd (717 heavy neurons),
 #   swap (benchmarks/proto_swap.py), swaptier (the W-as-A form: tests + bench_mma), pdlmma,
-#   next14 (session 13's open questions), fused15 (the one-launch FFN), verify15, next16, s16ab, ncu16, proj, floor17, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
+#   next14 (session 13's open questions), fused15 (the one-launch FFN), verify15, next16, s16ab, ncu16, proj, floor17 (ran in 17), finish17, trace17, ab17, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
 #   (benchmarks/trace_decode.py), decode8b (M = 1, 4 + 8B decode once)
 # Several stages in one call: bash benchmarks/gpu_checks.sh gemv trace decode8b
 # Each step has its own time limit, so one slow step cannot take the whole call.
@@ -235,6 +235,31 @@ floor17)  # for session 17 (prepared in 16, not run): the one-launch floor with 
     # only for their share of A (per-item flags) against waiting for all of A and against two
     # PDL launches (benchmarks/bench_floor.py, A's and B's byte counts; ~3 min)
     run 300 bench_floor17 python3 benchmarks/bench_floor.py --mb 35.6,71.1 --out "$OUT/floor17.json"
+    ;;
+finish17)  # session 17: what the split-K tile finish costs kernel A and B at M = 1, 4, 8
+    # (fused against partials only; benchmarks/bench_finish.py, ~1 min)
+    run 200 bench_finish env FFNSPLIT_AUTOTUNE=0 python3 benchmarks/bench_finish.py \
+        --out "$OUT/finish.json"
+    ;;
+trace17)  # session 17: per-program %globaltimer stamps of kernel A and B at M = 1, 4 in a graph
+    # replay of the layer (benchmarks/trace_tiles.py; a script copy of it ran in session 17)
+    run 200 trace_tiles env FFNSPLIT_AUTOTUNE=0 python3 benchmarks/trace_tiles.py \
+        --out "$OUT/trace.json"
+    ;;
+ab17)  # session 17: this tree against the package in out/base (carry out; git archive BASE
+    # ffnsplit benchmarks/bench_decode.py | tar -x -C out/base), new / base / new / base, then
+    # the Gluon tier's GPU tests (~3 min)
+    abs_out=$(cd "$OUT" && pwd)
+    for name in a_new b_base c_new d_base; do
+        if [ "${name#*_}" = base ]; then
+            (cd out/base && OUT=$abs_out run 90 "ab_$name" env FFNSPLIT_AUTOTUNE=0 PYTHONPATH=. \
+                python3 ../../benchmarks/ab_mma.py "$name")
+        else
+            run 90 "ab_$name" env FFNSPLIT_AUTOTUNE=0 python3 benchmarks/ab_mma.py "$name"
+        fi
+    done
+    run 200 test_mma env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf -n 8 \
+        tests/test_mma_decode.py -k "swap_configs or every_config or quant_matmul"
     ;;
 proj)  # the decoder's dense projections at M = 1, 2, 4: cuBLAS against the dense-only GEMV and
     # Gluon paths (benchmarks/bench_proj.py, ~2 min)
