@@ -860,21 +860,33 @@ if gluon is not None:
         DUALS: gl.constexpr = 2 if DUAL else 1
         stride = DUALS * M * NT
         up = _slots_sum(ws_ptr, n_split, stride, M, NT, c0, c_end, SB, W, FM, L3)
+        gate = up
+        if DUAL:
+            gate = _slots_sum(ws_ptr + M * NT, n_split, stride, M, NT, c0, c_end, SB, W, FM, L3)
         j = c0 + gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(0, L3)))
         r = gl.arange(0, FM, layout=gl.SliceLayout(0, gl.SliceLayout(0, L3)))
         jm = j < c_end
+        # [W, FM] has the features first, as the W-as-A form's accumulators (SWAP)
+        _store_tile(up, gate, ub_ptr, gb_ptr, a_ptr + r[None, :] * stride_am + j[:, None], j, jm,
+                    jm[:, None] & (r < M)[None, :], DUAL, ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS,
+                    True)  # fmt: skip
+
+    @gluon.jit
+    def _store_tile(up, gate, ub_ptr, gb_ptr, a_ptrs, cols, n_mask, mask, DUAL: gl.constexpr,
+                    ACTIVATION: gl.constexpr, HAS_UP_BIAS: gl.constexpr,
+                    HAS_GATE_BIAS: gl.constexpr, SWAP: gl.constexpr):  # fmt: skip
+        """A finished tile's sums out: biases of columns `cols`, the activation (and gating),
+        stored at a_ptrs where mask."""
         if HAS_UP_BIAS:
-            up += gl.load(ub_ptr + j, mask=jm, other=0.0).to(gl.float32)[:, None]
+            up += _per_n(gl.load(ub_ptr + cols, mask=n_mask, other=0.0).to(gl.float32), SWAP)
         if DUAL:
-            gate = _slots_sum(ws_ptr + M * NT, n_split, stride, M, NT, c0, c_end, SB, W, FM, L3)
             if HAS_GATE_BIAS:
-                gate += gl.load(gb_ptr + j, mask=jm, other=0.0).to(gl.float32)[:, None]
+                gb = gl.load(gb_ptr + cols, mask=n_mask, other=0.0).to(gl.float32)
+                gate += _per_n(gb, SWAP)
             out = _act(gate, ACTIVATION) * up
         else:
             out = _act(up, ACTIVATION)
-        a_off = r[None, :] * stride_am + j[:, None]
-        gl.store(a_ptr + a_off, out.to(a_ptr.dtype.element_ty),
-                 mask=jm[:, None] & (r < M)[None, :])  # fmt: skip
+        gl.store(a_ptrs, out.to(a_ptrs.dtype.element_ty), mask=mask)
 
     @gluon.jit
     def _finish(ws_ptr, a_ptr, ub_ptr, gb_ptr, M, NT, stride_am, cols, n_mask, n_split,
@@ -889,17 +901,9 @@ if gluon is not None:
         gate = up
         if DUAL:
             gate = _slot_sum(ws_ptr + M * NT + off, n_split, DUALS * M * NT, mask, MMA)
-        if HAS_UP_BIAS:
-            up += _per_n(gl.load(ub_ptr + cols, mask=n_mask, other=0.0).to(gl.float32), SWAP)
-        if DUAL:
-            if HAS_GATE_BIAS:
-                gb = gl.load(gb_ptr + cols, mask=n_mask, other=0.0).to(gl.float32)
-                gate += _per_n(gb, SWAP)
-            out = _act(gate, ACTIVATION) * up
-        else:
-            out = _act(up, ACTIVATION)
         a_off, _ = _tile(M, stride_am, cols, n_mask, BM, MMA, SWAP)
-        gl.store(a_ptr + a_off, out.to(a_ptr.dtype.element_ty), mask=mask)
+        _store_tile(up, gate, ub_ptr, gb_ptr, a_ptr + a_off, cols, n_mask, mask, DUAL,
+                    ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS, SWAP)  # fmt: skip
 
     @gluon.jit
     def _arrive(cnt_ptr, tile, n_split, ws_ptr, a_ptr, ub_ptr, gb_ptr, M, NT, stride_am, cols,
