@@ -2,7 +2,8 @@
 
 Loads a copy of ffnsplit/kernels/mma_decode.py with %globaltimer stamps added to kernel A and
 kernel B (each program: 0 start, 1 end of its K-slice loop, 2 partials stored, 3 fenced, 4
-ticket taken (column 7: the ticket), 5 tile finished by the last slice), replays the layer
+ticket taken (column 7: the ticket), 5 tile finished by the last slice; column 6: the SM),
+replays the layer
 (A then B over two weight copies) from a CUDA graph with the default configs, and reports each
 stamp's min / median / 90th percentile / max over the programs, in microseconds from the first
 program of kernel A of the last call, plus the raw stamps. The copy is made by text
@@ -19,6 +20,7 @@ import os
 import sys
 import tempfile
 import types
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -37,6 +39,10 @@ _HELPERS = """    @gluon.jit
         t = gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=gl.int64,
                                       is_pure=False, pack=1)
         gl.store(tr_ptr + prog * 8 + k, t)
+        if k == 0:  # and the SM it runs on
+            sm = gl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=gl.int32,
+                                           is_pure=False, pack=1)
+            gl.store(tr_ptr + prog * 8 + 6, sm.to(gl.int64))
 
 """
 
@@ -176,6 +182,9 @@ def main() -> int:
             raw[kernel] = tr[tr[:, 0] > 0].tolist()
         t0 = min(r[0] for r in raw["A"])
         row = dict(m=m, layer_us=layer, A=summary(raw["A"], t0), B=summary(raw["B"], t0), raw=raw)
+        for kernel in ("A", "B"):  # how many programs each SM ran: {programs: SMs}
+            per_sm = Counter(Counter(r[6] for r in raw[kernel]).values())
+            row[f"{kernel}_programs_per_sm"] = dict(sorted(per_sm.items()))
         results.append(row)
         print(f"M = {m}: layer {layer:.2f} us", {k: row[k] for k in ("A", "B")}, flush=True)
     write_result(args.out, torch.device("cuda"), stamps=list(STAMPS), rows=results)
