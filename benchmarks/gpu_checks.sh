@@ -16,7 +16,7 @@
 #   at M = 1024-4096: heavy rows in the scratch or not, 128 and 256 MiB chunks), decodeops (decoder op tests), trace
 #   profprefill (benchmarks/prof_prefill.py + probe_cublas.py), odd (717 heavy neurons),
 #   swap (benchmarks/proto_swap.py), swaptier (the W-as-A form: tests + bench_mma), pdlmma,
-#   next14 (session 13's open questions), fused15 (the one-launch FFN), verify15, next16, s16ab, ncu16, proj, floor17 (ran in 17), finish17, trace17, ab17, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
+#   next14 (session 13's open questions), fused15 (the one-launch FFN), verify15, next16, s16ab, ncu16, proj, floor17 (ran in 17), finish17, trace17, ab17, ab18, ticket18, oracle, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
 #   (benchmarks/trace_decode.py), decode8b (M = 1, 4 + 8B decode once)
 # Several stages in one call: bash benchmarks/gpu_checks.sh gemv trace decode8b
 # Each step has its own time limit, so one slow step cannot take the whole call.
@@ -260,6 +260,28 @@ ab17)  # session 17: this tree against the package in out/base (carry out; git a
     done
     run 200 test_mma env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf -n 8 \
         tests/test_mma_decode.py -k "swap_configs or every_config or quant_matmul"
+    ;;
+ab18)  # session 18: the ticket without the per-thread fence: its GPU tests (the graph-replay
+    # stress test first), then this tree against out/base as in ab17 (~4 min)
+    run 240 test_mma18 env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf -x -n 8 \
+        tests/test_mma_decode.py -k "ticket or swap_configs or every_config or quant_matmul or row_tiles"
+    abs_out=$(cd "$OUT" && pwd)
+    for name in a_new b_base c_new d_base; do
+        if [ "${name#*_}" = base ]; then
+            (cd out/base && OUT=$abs_out run 90 "ab_$name" env FFNSPLIT_AUTOTUNE=0 PYTHONPATH=. \
+                python3 ../../benchmarks/ab_mma.py "$name")
+        else
+            run 90 "ab_$name" env FFNSPLIT_AUTOTUNE=0 python3 benchmarks/ab_mma.py "$name"
+        fi
+    done
+    ;;
+ticket18)  # session 18: the ticket's GPU tests alone (the graph-replay stress test first)
+    run 240 test_mma18 env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf -x -n 8 \
+        tests/test_mma_decode.py -k "ticket or swap_configs or every_config or quant_matmul or row_tiles"
+    ;;
+oracle)  # what-if timings of the 8B decode step: without the post-attention norm, the FFN, the
+    # attention (benchmarks/oracle_decode.py, ~3 min)
+    run 300 oracle python3 benchmarks/oracle_decode.py --out "$OUT/oracle.json"
     ;;
 proj)  # the decoder's dense projections at M = 1, 2, 4: cuBLAS against the dense-only GEMV and
     # Gluon paths (benchmarks/bench_proj.py, ~2 min)

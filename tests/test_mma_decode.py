@@ -335,6 +335,41 @@ def test_split_ffn_swap_configs(poison, monkeypatch, case, dtype, config) -> Non
 @gpu
 @needs_mma
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("swap", ["only", "0"])
+def test_ticket_publishes_partials_in_graph_replays(monkeypatch, dtype, swap) -> None:
+    """The split-K ticket (a CTA barrier, then one thread's acq_rel atomic, no per-thread fence)
+    must publish every warp's partials to the program that finishes the tile: four calls in a
+    row in one CUDA graph (each kernel overlapping the next through PDL), replayed 150 times.
+    The finish adds the slots in a fixed order, so a stale or missing partial would show as an
+    output that differs bit for bit from the first replay's, or from float64."""
+    monkeypatch.setattr(mma_decode, "SWAP", swap)
+    w = pad_heavy(random_split_weights(1536, 72, 4000, "silu", True, False, dtype, bits=4,
+                                       group=128))  # fmt: skip
+    for rows in (1, 4, 8, 16, 40):
+        xs = [torch.randn(rows, 1536, device=DEVICE).to(dtype) for _ in range(4)]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for x in xs:  # compile outside the capture
+                sffn.split_ffn(x, w, path="mma")
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = [sffn.split_ffn(x, w, path="mma") for x in xs]
+        graph.replay()
+        first = [out.clone() for out in outs]
+        for x, out in zip(xs, first, strict=True):
+            assert rel_err(out, ref_split_ffn(x, w)) < TOL[dtype], rows
+        for rep in range(150):
+            graph.replay()
+            torch.cuda.synchronize()
+            for out, ref in zip(outs, first, strict=True):
+                assert torch.equal(out, ref), (rows, rep)
+
+
+@gpu
+@needs_mma
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_quant_matmul_and_auto(poison, dtype) -> None:
     """A plain packed linear (no dense part) with a bias, and "auto" taking this tier at M = 8."""
     qw = random_qweight(300, 1056, 4, 128, False)

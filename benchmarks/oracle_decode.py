@@ -1,0 +1,120 @@
+"""What-if timings of the end-to-end decode step (GPU only): how much of a compressed step each
+part costs, measured by leaving that part out of the CUDA graph (the outputs are then wrong;
+only the timings mean anything). Same model and decoder as `ffnsplit bench --e2e-shape` and
+benchmarks/trace_decode.py (random Llama-3-8B-shaped weights, every FFN split 5% fp16 / 95%
+int4 g128, the decode_ops kernels).
+
+Variants, each timed as the median over 5 runs of 32 graph replays (one replay = one step):
+  full        the step as the bench runs it
+  no_post     without the post-attention add + RMSNorm launch (x = attention output): what
+              fusing that norm into kernel A could save at most
+  no_ffn      without the FFN (h = x): the rest of the step
+  no_attn     without q/k/v, rotary, attention and o (out = x)
+
+    PYTHONPATH=. python3 benchmarks/oracle_decode.py --out $OUT/oracle.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+import torch
+
+VARIANTS = ("full", "no_post", "no_ffn", "no_attn")
+
+
+def hidden(decoder, variant: str):
+    """StaticDecoder._hidden_kernels with `variant`'s part left out."""
+    from ffnsplit.kernels import decode_ops
+
+    def run(h, cos, sin, positions, last_only):
+        residual = None
+        for index, layer in enumerate(decoder.layers):
+            (in_weight, in_eps), post = decoder.norms[index]
+            if residual is None:
+                residual, x = h, decode_ops.rms_norm(h, in_weight, in_eps)
+            else:
+                x, residual = decode_ops.add_rms_norm(h, residual, in_weight, in_eps)
+            if variant == "no_attn":
+                out = x
+            else:
+                out = decoder._attention_kernels(layer.self_attn, x, index, cos, sin, positions)
+            if variant == "no_post":
+                x = out
+            else:
+                x, residual = decode_ops.add_rms_norm(out, residual, *post)
+            h = x if variant == "no_ffn" else layer.mlp(x)
+        if last_only:
+            h, residual = h[:, -1:], residual[:, -1:]
+        return decode_ops.add_rms_norm(h, residual, *decoder.final_norm)[0]
+
+    return run
+
+
+def step_us(decoder, first, position: int, steps: int) -> float:
+    from ffnsplit.kernels.tiles import capture_graph
+
+    decoder.start_decode(first, position)
+    graph = capture_graph(decoder.decode_step)
+    for _ in range(10):
+        graph.replay()
+    torch.cuda.synchronize()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    walls = []
+    for _ in range(5):
+        decoder.start_decode(first, position)
+        start.record()
+        for _ in range(steps):
+            graph.replay()
+        stop.record()
+        stop.synchronize()
+        walls.append(start.elapsed_time(stop) * 1e3 / steps)
+    del graph
+    return statistics.median(walls)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default="llama3-8b")
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "oracle.json"))
+    args = parser.parse_args()
+
+    from ffnsplit.eval import bench
+    from ffnsplit.plan import LightFormat
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = bench.random_llama(args.shape, device, torch.float16, args.prompt + 2 * args.steps)
+    prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt), device=device)
+    result = {"shape": args.shape, "prompt": args.prompt, "steps": args.steps,
+              "card": torch.cuda.get_device_name(device), "torch": torch.__version__,
+              "command": "benchmarks/oracle_decode.py"}  # fmt: skip
+    for label in ("dense", "compressed"):
+        if label == "compressed":
+            plan = bench.random_plan(
+                model, heavy_fraction=0.05, light=LightFormat(kind="quant", bits=4, group_size=128)
+            )
+            bench.split_model_(model, plan)
+        max_len = -(-(args.prompt + 2 * args.steps + 16) // 64) * 64
+        rows = {}
+        with torch.no_grad():
+            decoder = bench.StaticDecoder(model, 1, max_len)
+            logits = decoder.forward(prompt, decoder.key_positions[: args.prompt])
+            first = logits[:, -1].argmax(dim=-1, keepdim=True)
+            for variant in VARIANTS:
+                decoder._hidden_kernels = hidden(decoder, variant)
+                rows[variant] = round(step_us(decoder, first, args.prompt, args.steps), 1)
+                print(label, variant, rows[variant], "us/step", flush=True)
+            del decoder
+        result[label] = rows
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
