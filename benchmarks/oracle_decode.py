@@ -5,7 +5,9 @@ benchmarks/trace_decode.py (random Llama-3-8B-shaped weights, every FFN split 5%
 int4 g128, the decode_ops kernels).
 
 Variants, each timed as the median over 5 runs of 32 graph replays (one replay = one step):
-  full        the step as the bench runs it
+  full        the step as the bench runs it (the decoder's defaults: cuBLAS projections)
+  own_proj    q/k/v and o projections through ffnsplit's split_linear (the Gluon tier:
+              FFNSPLIT_DECODER_PROJ=ffnsplit)
   no_post     without the post-attention add + RMSNorm launch (x = attention output): what
               fusing that norm into kernel A could save at most
   no_ffn      without the FFN (h = x): the rest of the step
@@ -23,7 +25,7 @@ import statistics
 
 import torch
 
-VARIANTS = ("full", "no_post", "no_ffn", "no_attn")
+VARIANTS = ("full", "own_proj", "no_post", "no_ffn", "no_attn")
 
 
 def hidden(decoder, variant: str):
@@ -106,8 +108,10 @@ def main() -> None:
             decoder = bench.StaticDecoder(model, 1, max_len)
             logits = decoder.forward(prompt, decoder.key_positions[: args.prompt])
             first = logits[:, -1].argmax(dim=-1, keepdim=True)
+            default = decoder.own_projections
             for variant in VARIANTS:
                 decoder._hidden_kernels = hidden(decoder, variant)
+                decoder.own_projections = default or variant == "own_proj"
                 rows[variant] = round(step_us(decoder, first, args.prompt, args.steps), 1)
                 print(label, variant, rows[variant], "us/step", flush=True)
             del decoder

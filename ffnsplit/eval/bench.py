@@ -857,6 +857,9 @@ def _rms_norm_args(norm: nn.Module) -> tuple[Tensor, float]:
     return norm.weight, float(eps)
 
 
+PROJ_MAX_ROWS = 16  # StaticDecoder's projections: split_linear up to this many tokens a call
+
+
 class StaticDecoder:
     """A Llama-style causal LM run over a static KV cache; every step is CUDA-graph capturable.
 
@@ -871,8 +874,9 @@ class StaticDecoder:
     the cache repeated per query head, masked SDPA, argmax); "triton" runs kernels/decode_ops.py:
     each RMSNorm fused with the residual add before it, rotary + cache write in one launch, attention over the
     unrepeated cache whose cost follows the position (prefill too: one pass per tile of query
-    rows), the greedy pick in two short reductions; "auto" is triton on CUDA, torch elsewhere.
-    Both models of a comparison run the same.
+    rows), the greedy pick in two short reductions (FFNSPLIT_DECODER_PROJ=ffnsplit: decode
+    projections through ffnsplit's dense split_linear); "auto" is triton on CUDA, torch
+    elsewhere. Both models of a comparison run the same.
     """
 
     def __init__(self, model: nn.Module, batch: int, max_len: int, kernels: str = "auto") -> None:
@@ -916,6 +920,15 @@ class StaticDecoder:
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         self.kernels = kernels == "triton" or (kernels == "auto" and device.type == "cuda")
+        # FFNSPLIT_DECODER_PROJ=ffnsplit: decode-sized q/k/v and o projections through
+        # ffnsplit's dense split_linear (the Gluon tier on a GPU) instead of cuBLAS, both models
+        # alike. Off by default: on an H200 (session 18, benchmarks/oracle_decode.py) it made the
+        # dense 8B step ~100 us faster but the split one ~180 us slower.
+        self.own_projections = (
+            self.kernels
+            and device.type == "cuda"
+            and os.environ.get("FFNSPLIT_DECODER_PROJ", "torch") == "ffnsplit"
+        )
         if self.kernels:
             if device.type != "cuda" and not tiles.INTERPRET:
                 raise OptionError(
@@ -973,13 +986,21 @@ class StaticDecoder:
         weight, bias = self.qkv[index]
         keys, values = self.keys[index], self.values[index]
         q = decode_ops.rope_kv_write(
-            F.linear(x, weight, bias), cos, sin, positions, keys, values, self.q_heads,
+            self._project(x, weight, bias), cos, sin, positions, keys, values, self.q_heads,
             keys.shape[1], self.head_dim, **self.qk_norms[index],
         )  # fmt: skip
         out = decode_ops.decode_attention(
             q, keys, values, positions, attn.scaling, self.groups, self.windows[index]
         )
-        return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))  # a view: out is [B, T, H, D]
+        o = attn.o_proj  # out is [B, T, H, D] viewed as [B, H, T, D]: merging the heads is free
+        return self._project(out.transpose(1, 2).reshape(b, t, -1), o.weight, o.bias)
+
+    def _project(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """x @ weight^T + bias: at decode sizes through split_linear's dense path when
+        `own_projections` (the Gluon tier picks it up to mma_decode.AUTO_MAX_M rows), else torch."""
+        if self.own_projections and x.shape[0] * x.shape[1] <= PROJ_MAX_ROWS:
+            return qmm.split_linear(x, weight, None, bias)
+        return F.linear(x, weight, bias)
 
     def _hidden_kernels(
         self, h: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, last_only: bool
@@ -1363,6 +1384,7 @@ def run_bench(
         "batch": options.batch, "prompt_len": options.prompt_len,
         "decode_steps": options.decode_steps, "seed": options.seed,
         "decoder_kernels": options.decoder_kernels,
+        "decoder_projections": os.environ.get("FFNSPLIT_DECODER_PROJ", "torch"),
         "gemv_max_m": options.gemv_max_m if options.gemv_max_m is not None else tiles.GEMV_MAX_M,
     }  # fmt: skip
     payload.update(layers=[], e2e=[], notes=[])
