@@ -418,3 +418,14 @@ def test_default_configs_compile_for_sm90_and_fit(kernel, table, m) -> None:
     assert spills == 0
     allocated = -(-regs // 8) * 8  # in units of 8 a thread
     assert allocated * 32 * cfg.num_warps * cfg.resident <= 65536, (cfg, regs)
+
+
+def test_down_slices_share_out_the_bytes() -> None:
+    """Kernel B's K-slices: packed and dense in proportion to their weighted bytes (the Llama-3-8B
+    FFN's down projection, 16 slices a tile: 14 packed, 2 dense), every part at least one slice,
+    none past the chunks it has, and a part that is absent gets none."""
+    assert mma_decode._down_slices(16, 720, 13632, 128) == (14, 2)
+    assert mma_decode._down_slices(16, 0, 13632, 128) == (16, 0)
+    assert mma_decode._down_slices(16, 4096, 0, 128) == (0, 16)
+    assert mma_decode._down_slices(200, 720, 13632, 128) == (107, 6)  # chunks: 107 and 6
+    assert mma_decode._down_slices(4, 64, 13632, 128) == (3, 1)

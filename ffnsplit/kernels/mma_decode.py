@@ -1365,15 +1365,23 @@ def split_activations(x2: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor) -> 
     run(_up_tuner.pick(key, candidates(UP_CONFIGS, UP_ROWS, UP_SWAP, m), run))
 
 
+# What a dense byte costs kernel B against a packed one when its K-slices are shared out: a
+# packed chunk also unpacks and scales its codes, so its bytes take longer. H200, session 18
+# (Llama-3-8B FFN, default W-as-A config, 16 slices a tile: 13 packed + 3 dense at 1.0, 14 + 2 at
+# 0.75): kernel B -1.0 us and the layer -1.2 / -1.0 / -1.0 us at M = 1 / 4 / 8, M = 16 and 32
+# unchanged (two passes each); 0.5 (15 + 1) was 2 us slower than 1.0.
+DENSE_SLICE_WEIGHT = 0.75
+
+
 def _down_slices(total: int, kh: int, kl: int, group: int) -> tuple[int, int]:
     """(packed, dense) K-slices out of `total`, in proportion to their bytes a column (half a
-    byte a code plus a scale and a zero a group, against 2 bytes a dense weight), at least one
-    for a part that exists, none longer than a chunk."""
+    byte a code plus a scale and a zero a group, against 2 bytes a dense weight, weighted by
+    DENSE_SLICE_WEIGHT), at least one for a part that exists, none longer than a chunk."""
     if not kh:
         return min(total, triton.cdiv(kl, CHUNK)), 0
     if not kl:
         return 0, min(total, triton.cdiv(kh, CHUNK))
-    light_bytes, heavy_bytes = kl / 2 + 4 * kl / group, 2 * kh
+    light_bytes, heavy_bytes = kl / 2 + 4 * kl / group, 2 * kh * DENSE_SLICE_WEIGHT
     sh = max(1, round(total * heavy_bytes / (light_bytes + heavy_bytes)))
     sh = min(sh, triton.cdiv(kh, CHUNK))
     return max(1, min(total - sh, triton.cdiv(kl, CHUNK))), sh
