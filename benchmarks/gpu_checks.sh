@@ -16,7 +16,7 @@
 #   at M = 1024-4096: heavy rows in the scratch or not, 128 and 256 MiB chunks), decodeops (decoder op tests), trace
 #   profprefill (benchmarks/prof_prefill.py + probe_cublas.py), odd (717 heavy neurons),
 #   swap (benchmarks/proto_swap.py), swaptier (the W-as-A form: tests + bench_mma), pdlmma,
-#   next14 (session 13's open questions), fused15 (the one-launch FFN), verify15, next16, s16ab, ncu16, proj, floor17 (ran in 17), finish17, trace17, ab17, ab18, ticket18, decoder18, trace18, oracle, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
+#   next14 (session 13's open questions), fused15 (the one-launch FFN), verify15, next16, s16ab, ncu16, proj, floor17 (ran in 17), finish17, trace17, ab17, ab18, ticket18, decoder18, trace18, slices18, oracle, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
 #   (benchmarks/trace_decode.py), decode8b (M = 1, 4 + 8B decode once)
 # Several stages in one call: bash benchmarks/gpu_checks.sh gemv trace decode8b
 # Each step has its own time limit, so one slow step cannot take the whole call.
@@ -289,6 +289,9 @@ trace18)  # session 18: the decode_ops GPU tests, then the decode step traced wi
         tests/test_decode_ops.py
     run 170 trace18 env FFNSPLIT_DECODER_PROJ=torch python3 benchmarks/trace_decode.py \
         --out "$OUT/trace18.json"
+    ;;
+slices18)  # kernel B's packed / dense K-slice share-out: DENSE_SLICE_WEIGHT 1.0, 0.75, 0.5
+    run 120 slices_down env FFNSPLIT_AUTOTUNE=0 python3 benchmarks/slices_down.py
     ;;
 oracle)  # what-if timings of the 8B decode step: without the post-attention norm, the FFN, the
     # attention (benchmarks/oracle_decode.py, ~3 min)
