@@ -114,6 +114,35 @@ def test_static_decoder_matches_the_hf_forward(family: str, kernels: str) -> Non
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_static_decoder_projections_through_split_linear(monkeypatch) -> None:
+    """FFNSPLIT_DECODER_PROJ=ffnsplit: q/k/v and o projections of up to PROJ_MAX_ROWS tokens go
+    through split_linear (spied on) and give the logits the torch projections give."""
+    if not tiles.INTERPRET and DEVICE != "cuda":
+        pytest.skip("the triton decoder needs a GPU or the interpreter")
+    monkeypatch.setenv("FFNSPLIT_DECODER_PROJ", "ffnsplit")
+    model = _decoder_model("qwen2", "triton")  # q/k/v biases
+    ids = tiny_input_ids(model, batch=1, seq=7).to(model.device)
+    calls = []
+    real = bench.qmm.split_linear
+
+    def spy(x, *args, **kwargs):
+        calls.append(x.shape[1])
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(bench.qmm, "split_linear", spy)
+    with torch.no_grad():
+        decoder = bench.StaticDecoder(model, batch=1, max_len=16, kernels="triton")
+        assert decoder.own_projections
+        decoder.forward(ids[:, :6], decoder.key_positions[:6])
+        own = decoder.forward(ids[:, 6:], decoder.key_positions[6:7])
+        assert calls == [6] * 2 * len(decoder.layers) + [1] * 2 * len(decoder.layers)
+        decoder.own_projections = False
+        decoder.forward(ids[:, :6], decoder.key_positions[:6])
+        plain = decoder.forward(ids[:, 6:], decoder.key_positions[6:7])
+    assert len(calls) == 4 * len(decoder.layers)  # torch projections: no more calls
+    torch.testing.assert_close(own, plain, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("kernels", KERNELS)
 def test_decode_steps_are_greedy_generation(kernels: str) -> None:
     model = _decoder_model("llama", kernels)
