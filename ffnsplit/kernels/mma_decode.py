@@ -1368,7 +1368,7 @@ def split_activations(x2: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor) -> 
 # What a dense byte costs kernel B against a packed one when its K-slices are shared out: a
 # packed chunk also unpacks and scales its codes, so its bytes take longer. H200, session 18
 # (Llama-3-8B FFN, default W-as-A config, 16 slices a tile: 13 packed + 3 dense at 1.0, 14 + 2 at
-# 0.75): kernel B -1.0 us and the layer -1.2 / -1.0 / -1.0 us at M = 1 / 4 / 8, M = 16 and 32
+# 0.75): kernel B -0.7 to -1.1 us and the layer -0.8 to -1.7 us at M = 1-8, M = 16 and 32
 # unchanged (two passes each); 0.5 (15 + 1) was 2 us slower than 1.0.
 DENSE_SLICE_WEIGHT = 0.75
 
