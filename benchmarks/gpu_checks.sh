@@ -36,6 +36,25 @@ run() {  # run LIMIT NAME CMD...: log to $OUT/NAME.log, print its tail
     tail -n 3 "$OUT/$name.log"
 }
 
+ab_mma_runs() {  # this tree against the package in out/base (carry out; git archive BASE
+    # ffnsplit benchmarks/bench_decode.py | tar -x -C out/base): new / base / new / base
+    local abs_out name
+    abs_out=$(cd "$OUT" && pwd)
+    for name in a_new b_base c_new d_base; do
+        if [ "${name#*_}" = base ]; then
+            (cd out/base && OUT=$abs_out run 90 "ab_$name" env FFNSPLIT_AUTOTUNE=0 PYTHONPATH=. \
+                python3 ../../benchmarks/ab_mma.py "$name")
+        else
+            run 90 "ab_$name" env FFNSPLIT_AUTOTUNE=0 python3 benchmarks/ab_mma.py "$name"
+        fi
+    done
+}
+
+mma_tests18() {  # the Gluon tier's GPU tests, the ticket's graph-replay stress test first
+    run 240 test_mma18 env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf -x -n 8 \
+        tests/test_mma_decode.py -k "ticket or swap_configs or every_config or quant_matmul or row_tiles"
+}
+
 for stage in "${stages[@]}"; do
 case "$stage" in
 tests)
@@ -249,35 +268,17 @@ trace17)  # session 17: per-program %globaltimer stamps of kernel A and B at M =
 ab17)  # session 17: this tree against the package in out/base (carry out; git archive BASE
     # ffnsplit benchmarks/bench_decode.py | tar -x -C out/base), new / base / new / base, then
     # the Gluon tier's GPU tests (~3 min)
-    abs_out=$(cd "$OUT" && pwd)
-    for name in a_new b_base c_new d_base; do
-        if [ "${name#*_}" = base ]; then
-            (cd out/base && OUT=$abs_out run 90 "ab_$name" env FFNSPLIT_AUTOTUNE=0 PYTHONPATH=. \
-                python3 ../../benchmarks/ab_mma.py "$name")
-        else
-            run 90 "ab_$name" env FFNSPLIT_AUTOTUNE=0 python3 benchmarks/ab_mma.py "$name"
-        fi
-    done
+    ab_mma_runs
     run 200 test_mma env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf -n 8 \
         tests/test_mma_decode.py -k "swap_configs or every_config or quant_matmul"
     ;;
 ab18)  # session 18: the ticket without the per-thread fence: its GPU tests (the graph-replay
     # stress test first), then this tree against out/base as in ab17 (~4 min)
-    run 240 test_mma18 env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf -x -n 8 \
-        tests/test_mma_decode.py -k "ticket or swap_configs or every_config or quant_matmul or row_tiles"
-    abs_out=$(cd "$OUT" && pwd)
-    for name in a_new b_base c_new d_base; do
-        if [ "${name#*_}" = base ]; then
-            (cd out/base && OUT=$abs_out run 90 "ab_$name" env FFNSPLIT_AUTOTUNE=0 PYTHONPATH=. \
-                python3 ../../benchmarks/ab_mma.py "$name")
-        else
-            run 90 "ab_$name" env FFNSPLIT_AUTOTUNE=0 python3 benchmarks/ab_mma.py "$name"
-        fi
-    done
+    mma_tests18
+    ab_mma_runs
     ;;
 ticket18)  # session 18: the ticket's GPU tests alone (the graph-replay stress test first)
-    run 240 test_mma18 env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf -x -n 8 \
-        tests/test_mma_decode.py -k "ticket or swap_configs or every_config or quant_matmul or row_tiles"
+    mma_tests18
     ;;
 decoder18)  # session 18: the bench's decoder (projections through split_linear) on the GPU
     run 200 test_decoder18 env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf -x -n 4 \

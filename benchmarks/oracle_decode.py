@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 
 import torch
 
@@ -56,28 +55,6 @@ def hidden(decoder, variant: str):
     return run
 
 
-def step_us(decoder, first, position: int, steps: int) -> float:
-    from ffnsplit.kernels.tiles import capture_graph
-
-    decoder.start_decode(first, position)
-    graph = capture_graph(decoder.decode_step)
-    for _ in range(10):
-        graph.replay()
-    torch.cuda.synchronize()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    walls = []
-    for _ in range(5):
-        decoder.start_decode(first, position)
-        start.record()
-        for _ in range(steps):
-            graph.replay()
-        stop.record()
-        stop.synchronize()
-        walls.append(start.elapsed_time(stop) * 1e3 / steps)
-    del graph
-    return statistics.median(walls)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="llama3-8b")
@@ -86,35 +63,22 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "oracle.json"))
     args = parser.parse_args()
 
-    from ffnsplit.eval import bench
-    from ffnsplit.plan import LightFormat
+    from trace_decode import captured_step, decoders
 
-    device = torch.device("cuda")
-    torch.manual_seed(0)
-    model = bench.random_llama(args.shape, device, torch.float16, args.prompt + 2 * args.steps)
-    prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt), device=device)
     result = {"shape": args.shape, "prompt": args.prompt, "steps": args.steps,
-              "card": torch.cuda.get_device_name(device), "torch": torch.__version__,
+              "card": torch.cuda.get_device_name(), "torch": torch.__version__,
               "command": "benchmarks/oracle_decode.py"}  # fmt: skip
-    for label in ("dense", "compressed"):
-        if label == "compressed":
-            plan = bench.random_plan(
-                model, heavy_fraction=0.05, light=LightFormat(kind="quant", bits=4, group_size=128)
-            )
-            bench.split_model_(model, plan)
-        max_len = -(-(args.prompt + 2 * args.steps + 16) // 64) * 64
+    for label, decoder, first in decoders(args.shape, args.prompt, args.steps):
         rows = {}
-        with torch.no_grad():
-            decoder = bench.StaticDecoder(model, 1, max_len)
-            logits = decoder.forward(prompt, decoder.key_positions[: args.prompt])
-            first = logits[:, -1].argmax(dim=-1, keepdim=True)
-            default = decoder.own_projections
-            for variant in VARIANTS:
-                decoder._hidden_kernels = hidden(decoder, variant)
-                decoder.own_projections = default or variant == "own_proj"
-                rows[variant] = round(step_us(decoder, first, args.prompt, args.steps), 1)
-                print(label, variant, rows[variant], "us/step", flush=True)
-            del decoder
+        default = decoder.own_projections
+        for variant in VARIANTS:
+            decoder._hidden_kernels = hidden(decoder, variant)
+            decoder.own_projections = default or variant == "own_proj"
+            with torch.no_grad():
+                graph, rows[variant] = captured_step(decoder, first, args.prompt, args.steps)
+            del graph
+            rows[variant] = round(rows[variant], 1)
+            print(label, variant, rows[variant], "us/step", flush=True)
         result[label] = rows
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

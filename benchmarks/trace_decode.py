@@ -46,9 +46,9 @@ def short(name: str) -> str:
     return name if len(name) < 60 else name[:57] + "..."
 
 
-def trace(decoder, first: torch.Tensor, position: int, steps: int) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
+def captured_step(decoder, first: torch.Tensor, position: int, steps: int):
+    """(the decode step captured as a CUDA graph and warmed up, the median wall time of a step
+    over 5 runs of `steps` replays from `position`, us)."""
     from ffnsplit.kernels.tiles import capture_graph
 
     decoder.start_decode(first, position)
@@ -66,6 +66,38 @@ def trace(decoder, first: torch.Tensor, position: int, steps: int) -> dict:
         stop.record()
         stop.synchronize()
         walls.append(start.elapsed_time(stop) * 1e3 / steps)
+    return graph, statistics.median(walls)
+
+
+def decoders(shape: str, prompt_len: int, steps: int):
+    """Yield ("dense" | "compressed", StaticDecoder, first token) of one random-weight model of
+    E2E shape `shape` after a prefill of `prompt_len` random tokens: dense first, then with
+    every FFN split as `ffnsplit bench --e2e-shape` does (5% random heavy fp16, int4 g128 RTN)."""
+    from ffnsplit.eval import bench
+    from ffnsplit.plan import LightFormat
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = bench.random_llama(shape, device, torch.float16, prompt_len + 2 * steps)
+    prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), device=device)
+    for label in ("dense", "compressed"):
+        if label == "compressed":
+            plan = bench.random_plan(
+                model, heavy_fraction=0.05, light=LightFormat(kind="quant", bits=4, group_size=128)
+            )
+            bench.split_model_(model, plan)
+        max_len = -(-(prompt_len + 2 * steps + 16) // 64) * 64
+        with torch.no_grad():
+            decoder = bench.StaticDecoder(model, 1, max_len)
+            logits = decoder.forward(prompt, decoder.key_positions[:prompt_len])
+        yield label, decoder, logits[:, -1].argmax(dim=-1, keepdim=True)
+        del decoder
+
+
+def trace(decoder, first: torch.Tensor, position: int, steps: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    graph, wall = captured_step(decoder, first, position, steps)
     decoder.start_decode(first, position)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
@@ -90,7 +122,7 @@ def trace(decoder, first: torch.Tensor, position: int, steps: int) -> dict:
     )
     del graph
     return {
-        "wall_us_per_step": statistics.median(walls),
+        "wall_us_per_step": wall,
         "traced_span_us_per_step": span / steps,
         "busy_us_per_step": busy_us(events) / steps,
         "kernel_us_per_step": sum(e - s for _, s, e in events) / steps,
@@ -107,29 +139,12 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "trace.json"))
     args = parser.parse_args()
 
-    from ffnsplit.eval import bench
-    from ffnsplit.plan import LightFormat
-
-    device = torch.device("cuda")
-    torch.manual_seed(0)
-    model = bench.random_llama(args.shape, device, torch.float16, args.prompt + 2 * args.steps)
-    prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt), device=device)
     result = {"shape": args.shape, "prompt": args.prompt, "steps": args.steps,
-              "card": torch.cuda.get_device_name(device), "torch": torch.__version__,
+              "card": torch.cuda.get_device_name(), "torch": torch.__version__,
               "pdl": os.environ.get("FFNSPLIT_PDL", "1")}  # fmt: skip
-    for label in ("dense", "compressed"):
-        if label == "compressed":
-            plan = bench.random_plan(
-                model, heavy_fraction=0.05, light=LightFormat(kind="quant", bits=4, group_size=128)
-            )
-            bench.split_model_(model, plan)
-        max_len = -(-(args.prompt + 2 * args.steps + 16) // 64) * 64
+    for label, decoder, first in decoders(args.shape, args.prompt, args.steps):
         with torch.no_grad():
-            decoder = bench.StaticDecoder(model, 1, max_len)
-            logits = decoder.forward(prompt, decoder.key_positions[: args.prompt])
-            first = logits[:, -1].argmax(dim=-1, keepdim=True)
             result[label] = trace(decoder, first, args.prompt, args.steps)
-            del decoder
         r = result[label]
         print(f"{label}: wall {r['wall_us_per_step']:.1f} us/step, busy {r['busy_us_per_step']:.1f},"
               f" kernels {r['kernel_us_per_step']:.1f} ({r['kernels_per_step']:.0f} launches)")  # fmt: skip
