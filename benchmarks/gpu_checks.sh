@@ -291,8 +291,13 @@ trace18)  # session 18: the decode_ops GPU tests, then the decode step traced wi
     run 170 trace18 env FFNSPLIT_DECODER_PROJ=torch python3 benchmarks/trace_decode.py \
         --out "$OUT/trace18.json"
     ;;
-slices18)  # kernel B's packed / dense K-slice share-out: DENSE_SLICE_WEIGHT 1.0, 0.75, 0.5
+slices18)  # kernel B's packed / dense K-slice share-out: DENSE_SLICE_WEIGHT 1.0, 0.75, 0.5 at
+    # the Llama-3-8B FFN, then 1.0 against 0.75 at three other FFN shapes (~4 min)
     run 120 slices_down env FFNSPLIT_AUTOTUNE=0 python3 benchmarks/slices_down.py
+    for shape in 4096x11008 3584x18944 2048x8192; do
+        run 90 "slices_down_$shape" env FFNSPLIT_AUTOTUNE=0 python3 benchmarks/slices_down.py \
+            --shape "$shape" --weights 1.0,0.75
+    done
     ;;
 oracle)  # what-if timings of the 8B decode step: without the post-attention norm, the FFN, the
     # attention (benchmarks/oracle_decode.py, ~3 min)
