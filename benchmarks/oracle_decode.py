@@ -18,9 +18,7 @@ Variants, each timed as the median over 5 runs of 32 graph replays (one replay =
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 
 import torch
 
@@ -56,14 +54,9 @@ def hidden(decoder, variant: str):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", default="llama3-8b")
-    parser.add_argument("--prompt", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "oracle.json"))
-    args = parser.parse_args()
+    from trace_decode import captured_step, decoders, step_args
 
-    from trace_decode import captured_step, decoders
+    args = step_args(__doc__, "oracle.json")
 
     result = {"shape": args.shape, "prompt": args.prompt, "steps": args.steps,
               "card": torch.cuda.get_device_name(), "torch": torch.__version__,

@@ -131,13 +131,19 @@ def trace(decoder, first: torch.Tensor, position: int, steps: int) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def step_args(doc: str, out_name: str) -> argparse.Namespace:
+    """The command line of a decode-step script: --shape, --prompt, --steps, --out (default
+    $OUT/`out_name`); `doc`'s first paragraph is its description."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--shape", default="llama3-8b")
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "trace.json"))
-    args = parser.parse_args()
+    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), out_name))
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = step_args(__doc__, "trace.json")
 
     result = {"shape": args.shape, "prompt": args.prompt, "steps": args.steps,
               "card": torch.cuda.get_device_name(), "torch": torch.__version__,
