@@ -16,7 +16,7 @@
 #   at M = 1024-4096: heavy rows in the scratch or not, 128 and 256 MiB chunks), decodeops (decoder op tests), trace
 #   profprefill (benchmarks/prof_prefill.py + probe_cublas.py), odd (717 heavy neurons),
 #   swap (benchmarks/proto_swap.py), swaptier (the W-as-A form: tests + bench_mma), pdlmma,
-#   next14 (session 13's open questions), fused15 (the one-launch FFN), verify15, next16, s16ab, ncu16, proj, floor17 (ran in 17), finish17, trace17, ab17, ab18, ticket18, decoder18, trace18, slices18, oracle, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
+#   next14 (session 13's open questions), fused15 (the one-launch FFN), verify15, next16, s16ab, ncu16, proj, floor17 (ran in 17), finish17, trace17, ab17, ab18, ticket18, decoder18, trace18, slices18, trig19 (branch s19-prepared), oracle, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
 #   (benchmarks/trace_decode.py), decode8b (M = 1, 4 + 8B decode once)
 # Several stages in one call: bash benchmarks/gpu_checks.sh gemv trace decode8b
 # Each step has its own time limit, so one slow step cannot take the whole call.
@@ -298,6 +298,17 @@ slices18)  # kernel B's packed / dense K-slice share-out: DENSE_SLICE_WEIGHT 1.0
         run 90 "slices_down_$shape" env FFNSPLIT_AUTOTUNE=0 python3 benchmarks/slices_down.py \
             --shape "$shape" --weights 1.0,0.75
     done
+    ;;
+trig19)  # prepared in session 18 (branch s19-prepared, not run): dense-only split_linear calls
+    # (the decoder's projections) without the early PDL trigger (FFNSPLIT_DENSE_TRIGGER=0).
+    # GPU tests of the tier and the decoder, then the oracle with the trigger on and off: look at
+    # own_proj against full in each (~5 min)
+    run 200 test_trig19 env FFNSPLIT_AUTOTUNE=0 FFNSPLIT_DENSE_TRIGGER=0 python3 -m pytest -q \
+        -rf -x -n 8 tests/test_mma_decode.py tests/test_bench.py -k "quant_matmul or ticket or \
+        projections or static_decoder or e2e"
+    run 150 oracle_trigger_on python3 benchmarks/oracle_decode.py --out "$OUT/oracle_on.json"
+    run 150 oracle_trigger_off env FFNSPLIT_DENSE_TRIGGER=0 python3 benchmarks/oracle_decode.py \
+        --out "$OUT/oracle_off.json"
     ;;
 oracle)  # what-if timings of the 8B decode step: without the post-attention norm, the FFN, the
     # attention (benchmarks/oracle_decode.py, ~3 min)

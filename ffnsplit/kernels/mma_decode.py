@@ -1011,14 +1011,16 @@ if gluon is not None:
                      X_LAYOUT: gl.constexpr, C_LAYOUT: gl.constexpr, MMA: gl.constexpr,
                      SWAP: gl.constexpr, BMH: gl.constexpr, BNH: gl.constexpr,
                      MMA_H: gl.constexpr, PDL: gl.constexpr, FM: gl.constexpr,
-                     SB: gl.constexpr):  # fmt: skip
+                     SB: gl.constexpr, TRIGGER: gl.constexpr = True):  # fmt: skip
         """Kernel B (or any split linear): fp32 partials ws [slices, M, N] of output columns
         program_id(0) * BN ..; slices 0 .. SL - 1 cover the packed columns (x = xl [M, KL]), the
         others the dense ones (x = xh [M, KH]): both parts end in one reduce, by the last slice
         of the tile to arrive (FUSED: out = sum + bias, no second launch) or by quant_matmul's
         reduce kernel. The dense slices are x-as-A products (BMH rows, layout MMA_H) of BN / BNH
-        column tiles in turn. PDL: as in _up_kernel."""
-        _pdl_trigger(PDL)
+        column tiles in turn. PDL: as in _up_kernel; TRIGGER False: no early trigger (the next
+        kernel launches when this one ends), the wait kept."""
+        if TRIGGER:
+            _pdl_trigger(PDL)
         pid = gl.program_id(0)
         split = gl.program_id(1)
         n0 = pid * BN
@@ -1387,6 +1389,13 @@ def _down_slices(total: int, kh: int, kl: int, group: int) -> tuple[int, int]:
     return max(1, min(total - sh, triton.cdiv(kl, CHUNK))), sh
 
 
+# Dense-only split_linear calls (a decoder's projections) trigger their dependents early as the
+# FFN's kernels do; FFNSPLIT_DENSE_TRIGGER=0: they let the next kernel launch only when they end.
+# Prepared in session 18 (branch s19-prepared, not run): with the Gluon projections the split
+# 8B step was slower, kernel A launched early behind the o projection (RESULTS.md).
+DENSE_TRIGGER = os.environ.get("FFNSPLIT_DENSE_TRIGGER", "1") != "0"
+
+
 def split_linear(x2: torch.Tensor, heavy: torch.Tensor | None, light: QuantizedWeight | None,
                  bias: torch.Tensor | None, out: torch.Tensor) -> None:  # fmt: skip
     """out [M <= MAX_M, N] = x2[:, :kh] heavy^T + x2[:, kh:] light^T + bias: the light columns'
@@ -1424,6 +1433,7 @@ def split_linear(x2: torch.Tensor, heavy: torch.Tensor | None, light: QuantizedW
             out.stride(0), sl, FUSED=cfg.fused, HAS_BIAS=bias is not None, SYMMETRIC=symmetric,
             GROUP=group, TAIL_L=kl % CHUNK != 0, TAIL_H=kh % CHUNK != 0,
             DTYPE=_gl_dtype(x2.dtype), **down_meta(cfg, m), SB=_finish_slots(m, sl + sh), **pdl,
+            TRIGGER=light is not None or DENSE_TRIGGER,
             num_warps=cfg.num_warps,
             maxnreg=cfg.maxnreg,
         )  # fmt: skip
@@ -1472,7 +1482,7 @@ def aot_compile(kernel: str, cfg: MmaConfig, m: int = 1, dtype: str = "fp16", *,
         sl, sh = _down_slices(_slices(cfg, triton.cdiv(hidden, cfg.block_n), sms), heavy, light,
                               128)  # fmt: skip
         const = dict(common, **down_meta(cfg, m), SB=_finish_slots(m, sl + sh), FUSED=cfg.fused,
-                     HAS_BIAS=False,
+                     HAS_BIAS=False, TRIGGER=True,
                      TAIL_L=light % CHUNK != 0, TAIL_H=heavy % CHUNK != 0)  # fmt: skip
         # x's light part starts at column `heavy`: aligned only if that is a multiple of 8
         aligned = ["xh_ptr", "hw_ptr", "p_ptr", "s_ptr", "z_ptr", "ws_ptr", "cnt_ptr", "out_ptr",
