@@ -5,9 +5,10 @@ benchmarks/trace_decode.py (random Llama-3-8B-shaped weights, every FFN split 5%
 int4 g128, the decode_ops kernels).
 
 Variants, each timed as the median over 5 runs of 32 graph replays (one replay = one step):
-  full        the step as the bench runs it (the decoder's defaults: cuBLAS projections)
-  own_proj    q/k/v and o projections through ffnsplit's split_linear (the Gluon tier:
-              FFNSPLIT_DECODER_PROJ=ffnsplit)
+  full        the step as the bench runs it (the decoder's defaults: on sm_90 the q/k/v and o
+              projections through ffnsplit's split_linear, bench.decoder_projections)
+  own_proj    the projections through split_linear whatever the default
+  torch_proj  the projections through cuBLAS (F.linear) whatever the default
   no_post     without the post-attention add + RMSNorm launch (x = attention output): what
               fusing that norm into kernel A could save at most
   no_ffn      without the FFN (h = x): the rest of the step
@@ -22,7 +23,7 @@ import json
 
 import torch
 
-VARIANTS = ("full", "own_proj", "no_post", "no_ffn", "no_attn")
+VARIANTS = ("full", "own_proj", "torch_proj", "no_post", "no_ffn", "no_attn")
 
 
 def hidden(decoder, variant: str):
@@ -66,7 +67,8 @@ def main() -> None:
         default = decoder.own_projections
         for variant in VARIANTS:
             decoder._hidden_kernels = hidden(decoder, variant)
-            decoder.own_projections = default or variant == "own_proj"
+            own = {"own_proj": True, "torch_proj": False}.get(variant, default)
+            decoder.own_projections = own
             with torch.no_grad():
                 graph, rows[variant] = captured_step(decoder, first, args.prompt, args.steps)
             del graph

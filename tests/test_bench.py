@@ -143,6 +143,21 @@ def test_static_decoder_projections_through_split_linear(monkeypatch) -> None:
     torch.testing.assert_close(own, plain, rtol=1e-4, atol=1e-4)
 
 
+def test_decoder_projections_choice(monkeypatch) -> None:
+    """FFNSPLIT_DECODER_PROJ: auto is torch off sm_90 GPUs, a stated choice holds where it can
+    run, a wrong value is an OptionError naming the choices."""
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("FFNSPLIT_DECODER_PROJ", raising=False)
+    assert bench.decoder_projections(cpu) == "torch"
+    monkeypatch.setenv("FFNSPLIT_DECODER_PROJ", "torch")
+    assert bench.decoder_projections(cpu) == "torch"
+    monkeypatch.setenv("FFNSPLIT_DECODER_PROJ", "ffnsplit")
+    assert bench.decoder_projections(cpu) == ("ffnsplit" if tiles.INTERPRET else "torch")
+    monkeypatch.setenv("FFNSPLIT_DECODER_PROJ", "cublas")
+    with pytest.raises(bench.OptionError, match="auto, ffnsplit or torch"):
+        bench.decoder_projections(cpu)
+
+
 @pytest.mark.parametrize("kernels", KERNELS)
 def test_decode_steps_are_greedy_generation(kernels: str) -> None:
     model = _decoder_model("llama", kernels)

@@ -860,6 +860,27 @@ def _rms_norm_args(norm: nn.Module) -> tuple[Tensor, float]:
 PROJ_MAX_ROWS = 16  # StaticDecoder's projections: split_linear up to this many tokens a call
 
 
+def decoder_projections(device: torch.device) -> str:
+    """Where StaticDecoder (kernels="triton") sends its q/k/v and o projections: "ffnsplit"
+    (split_linear's dense path) or "torch" (cuBLAS). FFNSPLIT_DECODER_PROJ picks one; "auto"
+    (default) is ffnsplit where the Gluon tier runs on an sm_90 GPU or newer, torch elsewhere.
+    H200, Llama-3-8B step (session 19, benchmarks/oracle_decode.py): dense 4,747 -> 4,646 us,
+    split 2,704 -> 2,586 us once dense-only calls stopped triggering their dependents early
+    (mma_decode.DENSE_TRIGGER); with the early trigger the split step had been 266 us slower.
+    "ffnsplit" on the CPU needs TRITON_INTERPRET=1 (the tests use it)."""
+    choice = os.environ.get("FFNSPLIT_DECODER_PROJ", "auto")
+    if choice not in ("auto", "ffnsplit", "torch"):
+        raise OptionError(f"FFNSPLIT_DECODER_PROJ={choice!r}: use auto, ffnsplit or torch")
+    if choice == "auto":
+        from ffnsplit.kernels import mma_decode
+
+        fast = mma_decode.available(device) and torch.cuda.get_device_capability(device) >= (9, 0)
+        return "ffnsplit" if fast else "torch"
+    if choice == "ffnsplit" and device.type != "cuda" and not tiles.INTERPRET:
+        return "torch"
+    return choice
+
+
 class StaticDecoder:
     """A Llama-style causal LM run over a static KV cache; every step is CUDA-graph capturable.
 
@@ -874,8 +895,8 @@ class StaticDecoder:
     the cache repeated per query head, masked SDPA, argmax); "triton" runs kernels/decode_ops.py:
     each RMSNorm fused with the residual add before it, rotary + cache write in one launch, attention over the
     unrepeated cache whose cost follows the position (prefill too: one pass per tile of query
-    rows), the greedy pick in two short reductions (FFNSPLIT_DECODER_PROJ=ffnsplit: decode
-    projections through ffnsplit's dense split_linear); "auto" is triton on CUDA, torch
+    rows), the greedy pick in two short reductions, and on sm_90 GPUs the decode projections
+    through ffnsplit's dense split_linear (decoder_projections); "auto" is triton on CUDA, torch
     elsewhere. Both models of a comparison run the same.
     """
 
@@ -920,15 +941,9 @@ class StaticDecoder:
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         self.kernels = kernels == "triton" or (kernels == "auto" and device.type == "cuda")
-        # FFNSPLIT_DECODER_PROJ=ffnsplit: decode-sized q/k/v and o projections through
-        # ffnsplit's dense split_linear (the Gluon tier on a GPU) instead of cuBLAS, both models
-        # alike. Off by default: on an H200 (session 18, benchmarks/oracle_decode.py) it made the
-        # dense 8B step ~100 us faster but the split one ~180 us slower.
-        self.own_projections = (
-            self.kernels
-            and (device.type == "cuda" or tiles.INTERPRET)
-            and os.environ.get("FFNSPLIT_DECODER_PROJ", "torch") == "ffnsplit"
-        )
+        # decode-sized q/k/v and o projections through ffnsplit's dense split_linear (the
+        # Gluon tier) instead of cuBLAS, both models alike: see decoder_projections
+        self.own_projections = self.kernels and decoder_projections(device) == "ffnsplit"
         if self.kernels:
             if device.type != "cuda" and not tiles.INTERPRET:
                 raise OptionError(
@@ -1384,7 +1399,7 @@ def run_bench(
         "batch": options.batch, "prompt_len": options.prompt_len,
         "decode_steps": options.decode_steps, "seed": options.seed,
         "decoder_kernels": options.decoder_kernels,
-        "decoder_projections": os.environ.get("FFNSPLIT_DECODER_PROJ", "torch"),
+        "decoder_projections": decoder_projections(device),
         "gemv_max_m": options.gemv_max_m if options.gemv_max_m is not None else tiles.GEMV_MAX_M,
     }  # fmt: skip
     payload.update(layers=[], e2e=[], notes=[])

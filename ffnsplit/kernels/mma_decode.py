@@ -1389,11 +1389,13 @@ def _down_slices(total: int, kh: int, kl: int, group: int) -> tuple[int, int]:
     return max(1, min(total - sh, triton.cdiv(kl, CHUNK))), sh
 
 
-# Dense-only split_linear calls (a decoder's projections) trigger their dependents early as the
-# FFN's kernels do; FFNSPLIT_DENSE_TRIGGER=0: they let the next kernel launch only when they end.
-# Prepared in session 18 (branch s19-prepared, not run): with the Gluon projections the split
-# 8B step was slower, kernel A launched early behind the o projection (RESULTS.md).
-DENSE_TRIGGER = os.environ.get("FFNSPLIT_DENSE_TRIGGER", "1") != "0"
+# Dense-only split_linear calls (a decoder's projections) keep their PDL wait but let the next
+# kernel launch only when they end; FFNSPLIT_DENSE_TRIGGER=1 has them trigger their dependents
+# first thing, as the FFN's kernels do. H200, Llama-3-8B decode step with the decoder's
+# projections through split_linear (session 19, benchmarks/oracle_decode.py): split step 2,970
+# us with the early trigger, 2,586 without (kernel A had launched behind the o projection and
+# taken SM slots as its programs left); dense step 4,663 and 4,646.
+DENSE_TRIGGER = os.environ.get("FFNSPLIT_DENSE_TRIGGER", "0") == "1"
 
 
 def split_linear(x2: torch.Tensor, heavy: torch.Tensor | None, light: QuantizedWeight | None,
