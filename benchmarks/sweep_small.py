@@ -1,0 +1,98 @@
+"""K-split sweep of the tl small tier (16 < M <= 64 rows) at the Llama-3-8B FFN shape (GPU only):
+kernel A (split_activations) and kernel B (split_linear) each with one tile config and a forced
+number of K-slices, timed from CUDA-graph replays over two weight copies (L2 cannot hold them).
+The tier sizes its grids without counting shared memory, so a grid can spill into a partial
+second wave; this finds the splits that do not.
+
+    FFNSPLIT_AUTOTUNE=0 PYTHONPATH=. python3 benchmarks/sweep_small.py --m 64 --out $OUT/sweep.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import replace
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__))))
+from bench_decode import graph_time_us, split_weights  # noqa: E402
+
+from ffnsplit.kernels import quant_matmul as qmm  # noqa: E402
+from ffnsplit.kernels import split_ffn as sffn  # noqa: E402
+from ffnsplit.kernels.tiles import TileConfig  # noqa: E402
+
+T = TileConfig
+UP = {
+    "a64x64w4": T(64, 64, 128, 64, num_warps=4, num_stages=3, block_nh=64, scale_after=False,
+                  interleave=False),
+    "a64x128w8": T(64, 128, 128, 64, num_warps=8, num_stages=3, block_nh=128, scale_after=False,
+                   interleave=False),
+    "a64x32w4": T(64, 32, 128, 64, num_warps=4, num_stages=4, block_nh=32, scale_after=False,
+                  interleave=False),
+}  # fmt: skip
+DOWN = {
+    "b64x128w8": T(64, 128, 128, 64, num_warps=8, num_stages=3, scale_after=False,
+                   interleave=False),
+    "b64x64w4": T(64, 64, 128, 64, num_warps=4, num_stages=3, scale_after=False,
+                  interleave=False),
+    "b32x128w4": T(32, 128, 128, 64, num_warps=4, num_stages=4, scale_after=False,
+                   interleave=False),
+}  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--m", type=int, default=64)
+    parser.add_argument("--up-splits", default="1,2,3,4")
+    parser.add_argument("--down-splits", default="4,6,8,9,12,16")
+    parser.add_argument("--out", default="sweep_small.json")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    copies = [split_weights(4096, 720, 13632, 4, 128) for _ in range(2)]
+    x = torch.randn(args.m, 4096, device="cuda", dtype=torch.float16)
+    a = sffn.split_activations(x, copies[0], path="small")
+    ref_a = a.float()
+    ref_b = qmm.split_linear(a, copies[0].heavy_down, copies[0].light_down, None, path="small")
+    ref_b = ref_b.float()
+    rows = []
+    forced = {"split": 1}
+    sffn.wave_splits = lambda *_: forced["split"]
+    qmm.n_splits = lambda *_: forced["split"]
+    for name, cfg in UP.items():
+        sffn._CONFIGS["small"] = (replace(cfg, per_sm=1),)
+        for split in map(int, args.up_splits.split(",")):
+            forced["split"] = split
+            sffn._tuner.__init__()
+            got = sffn.split_activations(x, copies[0], path="small").float()
+            err = float((got - ref_a).norm() / ref_a.norm())
+            us = graph_time_us([
+                lambda w=w: sffn.split_activations(x, w, path="small") for w in copies
+            ])  # fmt: skip
+            rows.append(dict(kernel="A", config=name, split=split, us=round(us, 2),
+                             rel_err=err))  # fmt: skip
+            print(rows[-1], flush=True)
+    for name, cfg in DOWN.items():
+        qmm._CONFIGS["small"] = (cfg,)
+        for split in map(int, args.down_splits.split(",")):
+            forced["split"] = split
+            qmm._tuner.__init__()
+            got = qmm.split_linear(a, copies[0].heavy_down, copies[0].light_down, None,
+                                   path="small").float()  # fmt: skip
+            err = float((got - ref_b).norm() / ref_b.norm())
+            us = graph_time_us([
+                lambda w=w: qmm.split_linear(a, w.heavy_down, w.light_down, None, path="small")
+                for w in copies
+            ])  # fmt: skip
+            rows.append(dict(kernel="B", config=name, split=split, us=round(us, 2),
+                             rel_err=err))  # fmt: skip
+            print(rows[-1], flush=True)
+    with open(args.out, "w") as f:
+        json.dump(dict(m=args.m, card=torch.cuda.get_device_name(), rows=rows), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
