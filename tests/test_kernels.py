@@ -95,6 +95,39 @@ def test_split_linear_heavy_and_light(poison, path) -> None:
     assert rel_err(out, ref) < 1e-5
 
 
+def test_split_linear_waves_of_resident_programs(poison, monkeypatch) -> None:
+    """A small-tier config with per_sm=0 sizes its K-slices by what an SM holds of the compiled
+    kernel (registers and shared memory; the interpreter's guess here: 2) and still computes the
+    product; blocks_per_sm counts shared memory when given it."""
+    assert tiles.blocks_per_sm(140, 4, 73728, 228 * 1024) == 3  # sm_90: by shared memory
+    assert tiles.blocks_per_sm(131, 8, 98304, 228 * 1024) == 1  # by registers
+    assert tiles.blocks_per_sm(128, 4) == 4 and tiles.blocks_per_sm(128, 4, 200_000, 0) == 4
+    base = tiles.tier_configs(5, "small", torch.float32, qmm._CONFIGS)[1][0]
+    if not tiles.INTERPRET:
+        monkeypatch.setitem(qmm._CONFIGS, "small", (dataclasses.replace(base, per_sm=0),))
+    else:
+        monkeypatch.setitem(tiles._INTERPRET, "small", dataclasses.replace(base, per_sm=0))
+    seen = []
+    real = qmm.n_splits
+
+    def spy(cfg, *args):
+        seen.append((cfg.per_sm, real(cfg, *args)))
+        return seen[-1][1]
+
+    monkeypatch.setattr(qmm, "n_splits", spy)
+    n, kh, kl, m = 72, 40, 992, 5
+    heavy = torch.randn(n, kh, device=DEVICE)
+    light = random_qweight(n, kl, 4, 32, False)
+    bias = torch.randn(n, device=DEVICE)
+    x = torch.randn(m, kh + kl, device=DEVICE)
+    out = qmm.split_linear(x, heavy, light, bias, path="small")
+    ref = x[:, :kh].double() @ heavy.double().T + ref_linear(x[:, kh:], light, bias)
+    assert rel_err(out, ref) < 1e-5
+    assert seen and seen[0][0] >= 1  # resolved before the split was taken
+    if tiles.INTERPRET:
+        assert seen[0] == (2, 2)  # 2 an SM x 4 "SMs" over 3 tiles: 2 K-slices
+
+
 def random_split_weights(
     hidden: int,
     h: int,

@@ -11,6 +11,8 @@ DRAM about once.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import triton
 import triton.language as tl
@@ -26,6 +28,7 @@ from ffnsplit.kernels.tiles import (
     fast_unpack,
     light_block,
     light_rows,
+    resident_blocks,
     scale_after_ok,
     sm_count,
     tier_configs,
@@ -121,7 +124,16 @@ _CONFIGS = {  # (block_m, block_n, block_kl (light K-block, codes), block_kh (de
         _T(16, 64, 128, 64, num_warps=4, num_stages=4, interleave=False, per_sm=5),
         _T(16, 64, 128, 64, num_warps=4, num_stages=4, interleave=False, per_sm=4),
     ),
-    "small": (  # 16 < M <= 128: still weight-bound, moderate row tiles
+    # 16 < M <= 64, K-slices in whole waves of what an SM holds (per_sm=0: registers and shared
+    # memory of the compiled kernel; sm_90: 64 x 64 4 warps 140 registers and 72 KiB, 3 an SM;
+    # 64 x 128 8 warps 131 and 96 KiB, 1). H200, Llama-3-8B down projection at M = 64
+    # (benchmarks/sweep_small.py, session 19): 64 x 64 in 6 slices 42.9 us, 64 x 128 in 4 51.3,
+    # where the earlier "2 programs an SM" split (9 slices of 64 x 128: 2.2 waves) took 68.9
+    "small": (
+        _T(64, 64, 128, 64, num_warps=4, num_stages=3, scale_after=False, interleave=False,
+           per_sm=0),
+        _T(64, 128, 128, 64, num_warps=8, num_stages=3, scale_after=False, interleave=False,
+           per_sm=0),
         _T(64, 128, 128, 64, num_warps=8, num_stages=3, scale_after=False, interleave=False),
         _T(32, 128, 128, 64, num_warps=4, num_stages=4, scale_after=False, interleave=False),
         _T(64, 128, 128, 64, num_warps=8, num_stages=3, scale_after=False),
@@ -235,19 +247,31 @@ def split_linear(
     sms = sm_count(x.device)
 
     def run(cfg: TileConfig) -> None:
+        const = dict(
+            BITS=bits, GROUP=group, SYMMETRIC=symmetric,
+            SCALE_AFTER=scale_after_ok(cfg, bits, group, kl), HAS_BIAS=bias is not None,
+            PRECISION=dot_precision(x.dtype), BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n, ROWS=light_rows(cfg, bits), BLOCK_KH=cfg.block_kh,
+            INTERLEAVE=cfg.interleave,
+            FAST4=fast_unpack(cfg, bits, group, kl, x.dtype, x.device),
+            UNIFORM=uniform_ok(cfg, bits, group, kl),
+        )  # fmt: skip
+
+        def args(ws: torch.Tensor, split: int) -> tuple:
+            return (x2, heavy_arg, p0, p1, scales, zeros, bias if bias is not None else out, ws,
+                    m, n, kh, kl, x2.stride(0), heavy_arg.stride(0), n, m * n, split)  # fmt: skip
+
+        if cfg.per_sm == 0:  # whole waves of what an SM holds of the (partial-sum) variant
+            probe = torch.empty(1, dtype=torch.float32, device=x.device)
+            cfg = replace(cfg, per_sm=resident_blocks(
+                _split_linear_kernel, args(probe, 2), dict(const, PARTIAL=True), cfg.num_warps,
+                2, stages=cfg.num_stages, count_shared=True,
+            ))  # fmt: skip
         split = n_splits(cfg, m, n, kh, kl, sms)
         grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
         ws = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
         _split_linear_kernel[grid](
-            x2, heavy_arg, p0, p1, scales, zeros, bias if bias is not None else out, ws,
-            m, n, kh, kl, x2.stride(0), heavy_arg.stride(0), n, m * n, split,
-            BITS=bits, GROUP=group, SYMMETRIC=symmetric,
-            SCALE_AFTER=scale_after_ok(cfg, bits, group, kl), HAS_BIAS=bias is not None,
-            PARTIAL=split > 1, PRECISION=dot_precision(x.dtype), BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n, ROWS=light_rows(cfg, bits), BLOCK_KH=cfg.block_kh,
-            INTERLEAVE=cfg.interleave,
-            FAST4=fast_unpack(cfg, bits, group, kl, x.dtype, x.device),
-            UNIFORM=uniform_ok(cfg, bits, group, kl), num_warps=cfg.num_warps,
+            *args(ws, split), **const, PARTIAL=split > 1, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )  # fmt: skip
         if split > 1:

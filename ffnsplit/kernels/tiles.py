@@ -16,6 +16,7 @@ that span several groups, and the prefill tier, where one dequantized tile serve
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -593,31 +594,51 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-# Programs an SM holds, by the registers of each compiled kernel variant (Triton's warmup compiles
-# it before the first launch): grids are sized to fill the GPU in whole waves.
+# Programs an SM holds, by the registers and shared memory of each compiled kernel variant
+# (Triton's warmup compiles it before the first launch): grids are sized to fill the GPU in whole
+# waves.
 _resident: dict[tuple, int] = {}
 
 
-def blocks_per_sm(n_regs: int, warps: int) -> int:
-    """Blocks of `warps` warps that fit an sm_80/sm_90 SM by registers (64K), warps (64) and
-    blocks (32)."""
+def blocks_per_sm(n_regs: int, warps: int, shared: int = 0, shared_per_sm: int = 0) -> int:
+    """Blocks of `warps` warps that fit an sm_80/sm_90 SM by registers (64K), warps (64), blocks
+    (32) and, given `shared_per_sm`, shared memory (`shared` bytes a block plus the 1 KiB the
+    hardware reserves for each)."""
     per_warp = 32 * ((n_regs + 7) // 8 * 8)
-    return max(1, min(32, 65536 // (per_warp * warps), 64 // warps))
+    fit = min(32, 65536 // (per_warp * warps), 64 // warps)
+    if shared and shared_per_sm:
+        fit = min(fit, shared_per_sm // (shared + 1024))
+    return max(1, fit)
+
+
+@functools.cache
+def shared_per_sm(index: int) -> int:
+    """Shared memory of one SM of CUDA device `index` in bytes (the properties' field where torch
+    has it, else by compute capability: 228 KiB on sm_90, 164 KiB on sm_80, 100 KiB otherwise)."""
+    props = torch.cuda.get_device_properties(index)
+    known = getattr(props, "shared_memory_per_multiprocessor", 0)
+    if known:
+        return int(known)
+    return {(9, 0): 228, (8, 0): 164}.get((props.major, props.minor), 100) * 1024
 
 
 def resident_blocks(
-    kernel, args: tuple, constexprs: dict, warps: int, guess: int, stages: int | None = None
-) -> int:
+    kernel, args: tuple, constexprs: dict, warps: int, guess: int, stages: int | None = None,
+    count_shared: bool = False,
+) -> int:  # fmt: skip
     """Programs of `kernel` (launched with these arguments) that an SM holds at once, from the
-    registers of the compiled variant (compiled here by Triton's warmup, as the launch would);
-    `guess` where that is not available (the interpreter, a Triton without these internals)."""
+    registers and shared memory of the compiled variant (compiled here by Triton's warmup, as the launch would);
+    `guess` where that is not available (the interpreter, a Triton without these internals).
+    Shared memory counts with `count_shared` (the tl tiers' pipelined kernels, whose stages can
+    hold more than the registers allow for); the callers sized without it keep their grids."""
     if INTERPRET or not args[0].is_cuda:
         return guess
     spec = tuple(
         (t.dtype, t.data_ptr() % 16 == 0) if isinstance(t, torch.Tensor) else (t == 1, t % 16 == 0)
         for t in args
     )
-    key = (kernel.fn.__name__, args[0].device.index, spec, tuple(constexprs.items()), warps, stages)
+    key = (kernel.fn.__name__, args[0].device.index, spec, tuple(constexprs.items()), warps, stages,
+           count_shared)  # fmt: skip
     if key not in _resident:
         options = (
             {"num_warps": warps} if stages is None else {"num_warps": warps, "num_stages": stages}
@@ -625,7 +646,11 @@ def resident_blocks(
         try:
             compiled = kernel.warmup(*args, **constexprs, **options, grid=(1,))
             compiled._init_handles()
-            _resident[key] = blocks_per_sm(int(compiled.n_regs), warps)
+            shared = int(getattr(compiled.metadata, "shared", 0) or 0) if count_shared else 0
+            index = args[0].device.index
+            index = torch.cuda.current_device() if index is None else index
+            _resident[key] = blocks_per_sm(int(compiled.n_regs), warps, shared,
+                                           shared_per_sm(index) if shared else 0)  # fmt: skip
         except Exception:  # noqa: BLE001 - a Triton without these internals: keep the estimate
             _resident[key] = guess
     return _resident[key]
