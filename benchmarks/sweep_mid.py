@@ -42,10 +42,10 @@ def main() -> int:
             got_b = qmm.split_linear(a, copies[0].heavy_down, copies[0].light_down, None,
                                      path=path).float()  # fmt: skip
             ta = graph_time_us([
-                lambda w=w, p=path: sffn.split_activations(x, w, path=p) for w in copies
+                lambda w=w, p=path, x=x: sffn.split_activations(x, w, path=p) for w in copies
             ])  # fmt: skip
             tb = graph_time_us([
-                lambda w=w, p=path: qmm.split_linear(a, w.heavy_down, w.light_down, None, path=p)
+                lambda w=w, p=path, a=a: qmm.split_linear(a, w.heavy_down, w.light_down, None, path=p)
                 for w in copies
             ])  # fmt: skip
             rows.append(dict(
