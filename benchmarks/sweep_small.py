@@ -32,6 +32,22 @@ UP = {
                    interleave=False),
     "a64x32w4": T(64, 32, 128, 64, num_warps=4, num_stages=4, block_nh=32, scale_after=False,
                   interleave=False),
+    "a64x64w4s2": T(64, 64, 128, 64, num_warps=4, num_stages=2, block_nh=64, scale_after=False,
+                    interleave=False),
+    "a64x64w4s4": T(64, 64, 128, 64, num_warps=4, num_stages=4, block_nh=64, scale_after=False,
+                    interleave=False),
+    "a64x64w8": T(64, 64, 128, 64, num_warps=8, num_stages=3, block_nh=64, scale_after=False,
+                  interleave=False),
+    "a32x64w4": T(32, 64, 128, 64, num_warps=4, num_stages=3, block_nh=64, scale_after=False,
+                  interleave=False),
+    "a32x64w4s4": T(32, 64, 128, 64, num_warps=4, num_stages=4, block_nh=64, scale_after=False,
+                    interleave=False),
+    "a16x64w4s4": T(16, 64, 128, 64, num_warps=4, num_stages=4, block_nh=64, scale_after=False,
+                    interleave=False),
+    "a64x64w4k64": T(64, 64, 64, 64, num_warps=4, num_stages=4, block_nh=64, scale_after=False,
+                     interleave=False),
+    "a64x128w4": T(64, 128, 128, 64, num_warps=4, num_stages=3, block_nh=128, scale_after=False,
+                   interleave=False),
 }  # fmt: skip
 DOWN = {
     "b64x128w8": T(64, 128, 128, 64, num_warps=8, num_stages=3, scale_after=False,
@@ -48,6 +64,8 @@ def main() -> int:
     parser.add_argument("--m", type=int, default=64)
     parser.add_argument("--up-splits", default="1,2,3,4")
     parser.add_argument("--down-splits", default="4,6,8,9,12,16")
+    parser.add_argument("--up", default=",".join(UP), help="kernel A configs (names above)")
+    parser.add_argument("--down", default=",".join(DOWN), help="kernel B configs")
     parser.add_argument("--out", default="sweep_small.json")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -61,7 +79,8 @@ def main() -> int:
     forced = {"split": 1}
     sffn.wave_splits = lambda *_: forced["split"]
     qmm.n_splits = lambda *_: forced["split"]
-    for name, cfg in UP.items():
+    for name in filter(None, args.up.split(",")):
+        cfg = UP[name]
         sffn._CONFIGS["small"] = (replace(cfg, per_sm=1),)
         for split in map(int, args.up_splits.split(",")):
             forced["split"] = split
@@ -74,7 +93,8 @@ def main() -> int:
             rows.append(dict(kernel="A", config=name, split=split, us=round(us, 2),
                              rel_err=err))  # fmt: skip
             print(rows[-1], flush=True)
-    for name, cfg in DOWN.items():
+    for name in filter(None, args.down.split(",")):
+        cfg = DOWN[name]
         qmm._CONFIGS["small"] = (cfg,)
         for split in map(int, args.down_splits.split(",")):
             forced["split"] = split
