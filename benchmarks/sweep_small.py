@@ -49,6 +49,14 @@ UP = {
     "a64x128w4": T(64, 128, 128, 64, num_warps=4, num_stages=3, block_nh=128, scale_after=False,
                    interleave=False),
 }  # fmt: skip
+# the W-as-A form (TileConfig.w_as_a: the dequantized weights as wgmma's register A operand)
+for _bm in (16, 32, 64):
+    UP[f"a{_bm}x64wa"] = T(_bm, 64, 128, 64, num_warps=4, num_stages=3, block_nh=64,
+                           scale_after=False, interleave=False, w_as_a=True)  # fmt: skip
+UP["a32x64wa_s4"] = T(32, 64, 128, 64, num_warps=4, num_stages=4, block_nh=64, scale_after=False,
+                      interleave=False, w_as_a=True)  # fmt: skip
+UP["a32x128wa_w8"] = T(32, 128, 128, 64, num_warps=8, num_stages=3, block_nh=128,
+                       scale_after=False, interleave=False, w_as_a=True)  # fmt: skip
 DOWN = {
     "b64x128w8": T(64, 128, 128, 64, num_warps=8, num_stages=3, scale_after=False,
                    interleave=False),
@@ -57,6 +65,11 @@ DOWN = {
     "b32x128w4": T(32, 128, 128, 64, num_warps=4, num_stages=4, scale_after=False,
                    interleave=False),
 }  # fmt: skip
+for _bm in (16, 32, 64):
+    DOWN[f"b{_bm}x64wa"] = T(_bm, 64, 128, 64, num_warps=4, num_stages=3, scale_after=False,
+                             interleave=False, w_as_a=True)  # fmt: skip
+DOWN["b32x128wa_w8"] = T(32, 128, 128, 64, num_warps=8, num_stages=3, scale_after=False,
+                         interleave=False, w_as_a=True)  # fmt: skip
 
 
 def main() -> int:

@@ -222,6 +222,29 @@ def test_split_ffn_k_slices(poison, monkeypatch, activation, gated, biases, m) -
     assert rel_err(out, ref_split_ffn(x, w)) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize(("group", "m"), [(128, 5), (128, 33), (32, 17)])
+def test_weights_as_the_a_operand(poison, monkeypatch, dtype, group, m) -> None:
+    """TileConfig.w_as_a: the small tier's light blocks as W @ x^T (kernel A and the down
+    projection) agree with the reference and with the x @ W^T form; blocks spanning groups
+    (group 32) keep the x @ W^T form."""
+    w = random_split_weights(1056, 20, 96, "silu", True, biases=True, dtype=dtype, group=group)
+    x = torch.randn(m, 1056, device=DEVICE).to(dtype)
+    plain = sffn.split_ffn(x, w, path="small")
+    for table in (sffn._CONFIGS, qmm._CONFIGS):
+        cfg = table["small"][0] if ON_GPU else tiles._INTERPRET["small"]
+        monkeypatch.setitem(
+            table, "small", (dataclasses.replace(cfg, w_as_a=True, scale_after=False),)
+        )
+    monkeypatch.setitem(tiles._INTERPRET, "small",
+                        dataclasses.replace(tiles._INTERPRET["small"], w_as_a=True, scale_after=False))  # fmt: skip
+    cfg = tiles.tier_configs(m, "small", dtype, sffn._CONFIGS)[1][0]
+    assert tiles.w_as_a_ok(cfg, 4, group, 1056) == (group == 128)
+    out = sffn.split_ffn(x, w, path="small")
+    assert rel_err(out, ref_split_ffn(x, w)) < TOL[dtype]
+    assert rel_err(out, plain) < TOL[dtype]
+
+
 class _Recorder:
     """A jitted kernel whose launches record their arguments (keywords, and `args`)."""
 

@@ -36,6 +36,7 @@ from ffnsplit.kernels.tiles import (
     uniform_ok,
     use_dequant,
     use_gemv,
+    w_as_a_ok,
 )
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -49,7 +50,7 @@ def _split_linear_kernel(
     SCALE_AFTER: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_KH: tl.constexpr, INTERLEAVE: tl.constexpr,
-    FAST4: tl.constexpr, UNIFORM: tl.constexpr,
+    FAST4: tl.constexpr, UNIFORM: tl.constexpr, WA: tl.constexpr = False,
 ):  # fmt: skip
     """One [BLOCK_M, BLOCK_N] output tile over the K-slice of split program_id(2).
 
@@ -73,6 +74,9 @@ def _split_linear_kernel(
                                PRECISION)  # fmt: skip
     BLOCK_KL: tl.constexpr = ROWS * PACK
     nb_light = tl.cdiv(KL, BLOCK_KL)
+    acc_l = acc  # WA: the light blocks' own [BLOCK_N, BLOCK_M] sums (light_block's W @ x^T)
+    if WA:
+        acc_l = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     b0 = pid_s * nb_light // n_split
     s_next, z_next = block_scales(s_ptr, z_ptr, N, KL, b0 * BLOCK_KL, offs_n, mask_n, GROUP,
                                   SYMMETRIC, SCALE_AFTER or UNIFORM)  # fmt: skip
@@ -80,11 +84,15 @@ def _split_linear_kernel(
         s, z = s_next, z_next
         s_next, z_next = block_scales(s_ptr, z_ptr, N, KL, (b + 1) * BLOCK_KL, offs_n, mask_n,
                                       GROUP, SYMMETRIC, SCALE_AFTER or UNIFORM)  # fmt: skip
-        acc, _ = light_block(acc, acc, x_ptr + KH, stride_xm, offs_m, mask_m,
+        acc_l, _ = light_block(acc_l, acc_l, x_ptr + KH, stride_xm, offs_m, mask_m,
                              p0_ptr, p1_ptr, s_ptr, z_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr,
                              s, z, s, z, N, KL, b * BLOCK_KL, offs_n, mask_n, BITS, GROUP,
                              SYMMETRIC, SCALE_AFTER, False, ROWS, INTERLEAVE, FAST4,
-                             PRECISION, UNIFORM)  # fmt: skip
+                             PRECISION, UNIFORM, WA)  # fmt: skip
+    if WA:
+        acc += tl.trans(acc_l)
+    else:
+        acc = acc_l
     out_mask = mask_m[:, None] & mask_n[None, :]
     if PARTIAL:
         out = out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
@@ -254,7 +262,7 @@ def split_linear(
             BLOCK_N=cfg.block_n, ROWS=light_rows(cfg, bits), BLOCK_KH=cfg.block_kh,
             INTERLEAVE=cfg.interleave,
             FAST4=fast_unpack(cfg, bits, group, kl, x.dtype, x.device),
-            UNIFORM=uniform_ok(cfg, bits, group, kl),
+            UNIFORM=uniform_ok(cfg, bits, group, kl), WA=w_as_a_ok(cfg, bits, group, kl),
         )  # fmt: skip
 
         def args(ws: torch.Tensor, split: int) -> tuple:

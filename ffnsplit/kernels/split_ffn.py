@@ -37,6 +37,7 @@ from ffnsplit.kernels.tiles import (
     tier_configs,
     torch_to_triton_ok,
     uniform_ok,
+    w_as_a_ok,
 )
 
 
@@ -50,7 +51,7 @@ def _split_up_kernel(
     HAS_UP_BIAS: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_NH: tl.constexpr, BLOCK_NL: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_KH: tl.constexpr, INTERLEAVE: tl.constexpr,
-    FAST4: tl.constexpr, UNIFORM: tl.constexpr, PARTIAL: tl.constexpr,
+    FAST4: tl.constexpr, UNIFORM: tl.constexpr, PARTIAL: tl.constexpr, WA: tl.constexpr = False,
 ):  # fmt: skip
     """a[:, tile] for one row tile (program_id 0) and one heavy or light neuron tile (id 1).
 
@@ -85,8 +86,12 @@ def _split_up_kernel(
     else:
         offs_l = (pid_n - heavy_tiles) * BLOCK_NL + tl.arange(0, BLOCK_NL)
         mask_l = offs_l < NL
-        acc_lu = tl.zeros([BLOCK_M, BLOCK_NL], dtype=tl.float32)
-        acc_lg = tl.zeros([BLOCK_M, BLOCK_NL], dtype=tl.float32)
+        if WA:  # [neurons, rows]: light_block's W @ x^T form
+            acc_lu = tl.zeros([BLOCK_NL, BLOCK_M], dtype=tl.float32)
+            acc_lg = tl.zeros([BLOCK_NL, BLOCK_M], dtype=tl.float32)
+        else:
+            acc_lu = tl.zeros([BLOCK_M, BLOCK_NL], dtype=tl.float32)
+            acc_lg = tl.zeros([BLOCK_M, BLOCK_NL], dtype=tl.float32)
         PER_BLOCK: tl.constexpr = SCALE_AFTER or UNIFORM  # one scale per column and block
         BLOCK_KL: tl.constexpr = ROWS * PACK
         nb = tl.cdiv(K, BLOCK_KL)
@@ -108,7 +113,10 @@ def _split_up_kernel(
                                          gp0_ptr, gp1_ptr, gs_ptr, gz_ptr, su, zu, sg, zg,
                                          NL, K, k0, offs_l, mask_l, BITS, GROUP, SYMMETRIC,
                                          SCALE_AFTER, GATED, ROWS, INTERLEAVE, FAST4,
-                                         PRECISION, UNIFORM)  # fmt: skip
+                                         PRECISION, UNIFORM, WA)  # fmt: skip
+        if WA:
+            acc_lu = tl.trans(acc_lu)
+            acc_lg = tl.trans(acc_lg)
         if PARTIAL:
             _store_partial(ws_ptr, acc_lu, acc_lg, pid_s, M, NH + NL, offs_m, mask_m,
                            NH + offs_l, mask_l, GATED)  # fmt: skip
@@ -274,6 +282,7 @@ def split_activations(x: torch.Tensor, w: SplitFFNWeights, *, path: str = "auto"
             INTERLEAVE=cfg.interleave,
             FAST4=fast_unpack(cfg, bits, group, hidden, x.dtype, x.device),
             UNIFORM=uniform_ok(cfg, bits, group, hidden), PARTIAL=split > 1,
+            WA=w_as_a_ok(cfg, bits, group, hidden),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
         if split > 1:  # every column has `split` slots, added in order, then finished

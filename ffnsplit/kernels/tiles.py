@@ -265,8 +265,12 @@ def light_block(acc0, acc1, x_ptr, stride_xm, offs_m, mask_m,
                 BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
                 SCALE_AFTER: tl.constexpr, DUAL: tl.constexpr, ROWS: tl.constexpr,
                 INTERLEAVE: tl.constexpr, FAST4: tl.constexpr,
-                PRECISION: tl.constexpr, UNIFORM: tl.constexpr = False):  # fmt: skip
+                PRECISION: tl.constexpr, UNIFORM: tl.constexpr = False,
+                WA: tl.constexpr = False):  # fmt: skip
     """acc0 (+= x @ W0[:, k-block]^T) and, when DUAL, acc1 (+= x @ W1^T) for one K-block.
+    WA (UNIFORM blocks only): the accumulators are [BLOCK_N, BLOCK_M] and take W0 @ x^T, the
+    dequantized weights as the MMA's A operand (registers on sm_90: no shared-memory copy of
+    them), x as B.
 
     W0 is (p0, p1, s, z), W1 is (q0, q1, t, u): two weights of the same shape and format sharing
     the x tile (up and gate). With INTERLEAVE the x tile is permuted to the codes' row order.
@@ -313,10 +317,17 @@ def light_block(acc0, acc1, x_ptr, stride_xm, offs_m, mask_m,
         # the block lies in one group, scales applied per element (prefill: one dequantized tile
         # serves many rows) in the activation dtype
         w = uniform_weights(w0, w1, sa0, za0, BITS, SYMMETRIC, INTERLEAVE, FAST4, DTYPE)
-        acc0 = tl.dot(x, w, acc0, input_precision=PRECISION)
+        if WA:
+            xt = tl.trans(x)
+            acc0 = tl.dot(tl.trans(w), xt, acc0, input_precision=PRECISION)
+        else:
+            acc0 = tl.dot(x, w, acc0, input_precision=PRECISION)
         if DUAL:
             w = uniform_weights(v0, v1, sa1, za1, BITS, SYMMETRIC, INTERLEAVE, FAST4, DTYPE)
-            acc1 = tl.dot(x, w, acc1, input_precision=PRECISION)
+            if WA:
+                acc1 = tl.dot(tl.trans(w), xt, acc1, input_precision=PRECISION)
+            else:
+                acc1 = tl.dot(x, w, acc1, input_precision=PRECISION)
     else:
         # groups change along the block (a word never straddles one: GROUP % PACK == 0)
         r = tl.arange(0, ROWS)
@@ -437,6 +448,9 @@ class TileConfig:
     # kernel: no split)
     per_sm: int | None = None
     waves: int = 1
+    # light blocks as W @ x^T (the dequantized weights as the MMA's A operand) where the block
+    # lies in one group (uniform_ok, scale_after off): see light_block's WA
+    w_as_a: bool = False
 
 
 def light_rows(cfg: TileConfig, bits: int) -> int:
@@ -452,6 +466,11 @@ def block_in_group(block_k: int, group: int, k: int) -> bool:
 def scale_after_ok(cfg: TileConfig, bits: int, group: int, k: int) -> bool:
     """Whether every light K-block of `cfg` lies inside one quantization group."""
     return cfg.scale_after and block_in_group(light_rows(cfg, bits) * pack_factor(bits), group, k)
+
+
+def w_as_a_ok(cfg: TileConfig, bits: int, group: int, k: int) -> bool:
+    """Whether cfg's light blocks run in light_block's WA form (cfg.w_as_a, UNIFORM blocks)."""
+    return cfg.w_as_a and uniform_ok(cfg, bits, group, k)
 
 
 def uniform_ok(cfg: TileConfig, bits: int, group: int, k: int) -> bool:
