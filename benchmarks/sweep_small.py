@@ -57,6 +57,11 @@ UP["a32x64wa_s4"] = T(32, 64, 128, 64, num_warps=4, num_stages=4, block_nh=64, s
                       interleave=False, w_as_a=True)  # fmt: skip
 UP["a32x128wa_w8"] = T(32, 128, 128, 64, num_warps=8, num_stages=3, block_nh=128,
                        scale_after=False, interleave=False, w_as_a=True)  # fmt: skip
+for _st in (2, 4):
+    UP[f"a64x64wa_s{_st}"] = T(64, 64, 128, 64, num_warps=4, num_stages=_st, block_nh=64,
+                               scale_after=False, interleave=False, w_as_a=True)  # fmt: skip
+UP["a64x128wa_w8"] = T(64, 128, 128, 64, num_warps=8, num_stages=3, block_nh=128,
+                       scale_after=False, interleave=False, w_as_a=True)  # fmt: skip
 DOWN = {
     "b64x128w8": T(64, 128, 128, 64, num_warps=8, num_stages=3, scale_after=False,
                    interleave=False),
@@ -68,6 +73,11 @@ DOWN = {
 for _bm in (16, 32, 64):
     DOWN[f"b{_bm}x64wa"] = T(_bm, 64, 128, 64, num_warps=4, num_stages=3, scale_after=False,
                              interleave=False, w_as_a=True)  # fmt: skip
+for _st in (2, 4):
+    DOWN[f"b64x64wa_s{_st}"] = T(64, 64, 128, 64, num_warps=4, num_stages=_st, scale_after=False,
+                                 interleave=False, w_as_a=True)  # fmt: skip
+DOWN["b64x128wa_w8"] = T(64, 128, 128, 64, num_warps=8, num_stages=3, scale_after=False,
+                         interleave=False, w_as_a=True)  # fmt: skip
 DOWN["b32x128wa_w8"] = T(32, 128, 128, 64, num_warps=8, num_stages=3, scale_after=False,
                          interleave=False, w_as_a=True)  # fmt: skip
 
