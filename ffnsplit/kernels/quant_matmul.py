@@ -136,8 +136,13 @@ _CONFIGS = {  # (block_m, block_n, block_kl (light K-block, codes), block_kh (de
     # memory of the compiled kernel; sm_90: 64 x 64 4 warps 140 registers and 72 KiB, 3 an SM;
     # 64 x 128 8 warps 131 and 96 KiB, 1). H200, Llama-3-8B down projection at M = 64
     # (benchmarks/sweep_small.py, session 19): 64 x 64 in 6 slices 42.9 us, 64 x 128 in 4 51.3,
-    # where the earlier "2 programs an SM" split (9 slices of 64 x 128: 2.2 waves) took 68.9
+    # where the earlier "2 programs an SM" split (9 slices of 64 x 128: 2.2 waves) took 68.9;
+    # the W-as-A form (TileConfig.w_as_a) of 64 x 64 in 4 slices (207 registers: 2 an SM) 39.4
     "small": (
+        _T(64, 64, 128, 64, num_warps=4, num_stages=3, scale_after=False, interleave=False,
+           per_sm=0, w_as_a=True),
+        _T(64, 128, 128, 64, num_warps=8, num_stages=3, scale_after=False, interleave=False,
+           per_sm=0, w_as_a=True),
         _T(64, 64, 128, 64, num_warps=4, num_stages=3, scale_after=False, interleave=False,
            per_sm=0),
         _T(64, 128, 128, 64, num_warps=8, num_stages=3, scale_after=False, interleave=False,

@@ -152,7 +152,13 @@ _CONFIGS = {  # (block_m, block_n (light neurons), block_kl, block_kh); block_nh
         _T(16, 64, 128, 128, num_warps=4, num_stages=3, block_nh=16, interleave=False, per_sm=3,
            waves=2),
     ),
+    # H200, Llama-3-8B up + gate at M = 64 (benchmarks/sweep_small.py, session 19): the W-as-A
+    # forms 64.1 us (64 x 128, 8 warps) and 71.0 (64 x 64) against the x @ W^T form's 77.5
     "small": (
+        _T(64, 128, 128, 64, num_warps=8, num_stages=3, block_nh=128, scale_after=False,
+           interleave=False, w_as_a=True),
+        _T(64, 64, 128, 64, num_warps=4, num_stages=3, block_nh=64, scale_after=False,
+           interleave=False, w_as_a=True),
         _T(64, 64, 128, 64, num_warps=4, num_stages=3, block_nh=64, scale_after=False,
            interleave=False),
         _T(32, 64, 128, 64, num_warps=4, num_stages=4, block_nh=32, scale_after=False,
