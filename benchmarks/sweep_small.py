@@ -62,6 +62,9 @@ for _st in (2, 4):
                                scale_after=False, interleave=False, w_as_a=True)  # fmt: skip
 UP["a64x128wa_w8"] = T(64, 128, 128, 64, num_warps=8, num_stages=3, block_nh=128,
                        scale_after=False, interleave=False, w_as_a=True)  # fmt: skip
+for _bm in (128, 256):
+    UP[f"a{_bm}x128wa_w8"] = T(_bm, 128, 128, 64, num_warps=8, num_stages=3, block_nh=128,
+                               scale_after=False, interleave=False, w_as_a=True)  # fmt: skip
 DOWN = {
     "b64x128w8": T(64, 128, 128, 64, num_warps=8, num_stages=3, scale_after=False,
                    interleave=False),
@@ -78,6 +81,9 @@ for _st in (2, 4):
                                  interleave=False, w_as_a=True)  # fmt: skip
 DOWN["b64x128wa_w8"] = T(64, 128, 128, 64, num_warps=8, num_stages=3, scale_after=False,
                          interleave=False, w_as_a=True)  # fmt: skip
+for _bm in (128, 256):
+    DOWN[f"b{_bm}x128wa_w8"] = T(_bm, 128, 128, 64, num_warps=8, num_stages=3,
+                                 scale_after=False, interleave=False, w_as_a=True)  # fmt: skip
 DOWN["b32x128wa_w8"] = T(32, 128, 128, 64, num_warps=8, num_stages=3, scale_after=False,
                          interleave=False, w_as_a=True)  # fmt: skip
 
