@@ -151,7 +151,12 @@ _CONFIGS = {  # (block_m, block_n, block_kl (light K-block, codes), block_kh (de
         _T(32, 128, 128, 64, num_warps=4, num_stages=4, scale_after=False, interleave=False),
         _T(64, 128, 128, 64, num_warps=8, num_stages=3, scale_after=False),
     ),
-    "prefill": (  # natural k order, blocks inside a group: fp16/bf16 dequant (uniform_ok)
+    # natural k order, blocks inside a group: fp16/bf16 dequant (uniform_ok). H200, Llama-3-8B
+    # down projection at M = 256 (sweep_small.py, session 19): W-as-A 128 x 128 in 2 K-slices
+    # 87.0 us against the dequant path's 100.9 (1 slice 153.3, 4 slices 92.2)
+    "prefill": (
+        _T(128, 128, 128, 64, num_warps=8, num_stages=3, scale_after=False, interleave=False,
+           per_sm=0, w_as_a=True),
         _T(128, 128, 128, 64, num_warps=8, num_stages=3, scale_after=False, interleave=False),
         _T(256, 128, 64, 64, num_warps=8, num_stages=3, scale_after=False, interleave=False),
         _T(128, 256, 64, 64, num_warps=8, num_stages=3, scale_after=False, interleave=False),

@@ -165,7 +165,12 @@ _CONFIGS = {  # (block_m, block_n (light neurons), block_kl, block_kh); block_nh
            interleave=False),
         _T(64, 64, 128, 64, num_warps=4, num_stages=3, block_nh=64, scale_after=False),
     ),
-    "prefill": (  # natural k order, blocks inside a group: fp16/bf16 dequant (uniform_ok)
+    # natural k order, blocks inside a group: fp16/bf16 dequant (uniform_ok). H200, Llama-3-8B
+    # up + gate at M = 256 (sweep_small.py, session 19): the W-as-A 128 x 128 163.4 us against
+    # the dequant path's 177.4 (and the 128 x 64 x @ W^T tile's 244.1)
+    "prefill": (
+        _T(128, 128, 128, 64, num_warps=8, num_stages=3, block_nh=128, scale_after=False,
+           interleave=False, w_as_a=True),
         _T(128, 64, 128, 64, num_warps=8, num_stages=3, block_nh=64, scale_after=False,
            interleave=False),
         _T(256, 64, 64, 64, num_warps=8, num_stages=3, block_nh=64, scale_after=False,
