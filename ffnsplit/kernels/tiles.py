@@ -44,7 +44,7 @@ SMALL_MAX_M = 64
 # (dequant_gemm.py) instead of the dequantize-in-the-loop prefill tier (H200, session 11, heavy
 # rows in the scratch, 256 MiB chunks: M = 128 247.6 us against the prefill tier's 194.5, M = 256
 # 281.3 against 318.1, M = 512 408.0 against 590.0; benchmarks/RESULTS.md)
-DEQUANT_MIN_M = int(os.environ.get("FFNSPLIT_DEQUANT_MIN_M", "384"))
+DEQUANT_MIN_M = int(os.environ.get("FFNSPLIT_DEQUANT_MIN_M", "320"))
 ACTIVATION_NAMES = ("silu", "gelu", "gelu_tanh", "relu")
 _WIDTH = {8: 8, 4: 4, 3: 2, 2: 2}  # width of the first (or only) bit plane
 
