@@ -16,7 +16,7 @@
 #   at M = 1024-4096: heavy rows in the scratch or not, 128 and 256 MiB chunks), decodeops (decoder op tests), trace
 #   profprefill (benchmarks/prof_prefill.py + probe_cublas.py), odd (717 heavy neurons),
 #   swap (benchmarks/proto_swap.py), swaptier (the W-as-A form: tests + bench_mma), pdlmma,
-#   next14 (session 13's open questions), fused15 (the one-launch FFN), verify15, next16, s16ab, ncu16, proj, floor17 (ran in 17), finish17, trace17, ab17, ab18, ticket18, decoder18, trace18, slices18, trig19 (branch s19-prepared), oracle, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
+#   next14 (session 13's open questions), fused15 (the one-launch FFN), verify15, next16, s16ab, ncu16, proj, floor17 (ran in 17), finish17, trace17, ab17, ab18, ticket18, decoder18, trace18, slices18, trig19 (ran in 19), mid19, oracle, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
 #   (benchmarks/trace_decode.py), decode8b (M = 1, 4 + 8B decode once)
 # Several stages in one call: bash benchmarks/gpu_checks.sh gemv trace decode8b
 # Each step has its own time limit, so one slow step cannot take the whole call.
@@ -309,6 +309,21 @@ trig19)  # prepared in session 18 (branch s19-prepared, not run): dense-only spl
     run 150 oracle_trigger_on python3 benchmarks/oracle_decode.py --out "$OUT/oracle_on.json"
     run 150 oracle_trigger_off env FFNSPLIT_DENSE_TRIGGER=0 python3 benchmarks/oracle_decode.py \
         --out "$OUT/oracle_off.json"
+    ;;
+mid19)  # session 19: the tl small / prefill tiers at 64-512 rows: the W-as-A configs against
+    # the x @ W^T ones with forced K-splits (sweep_small.py), the prefill / dequant crossover
+    # (sweep_mid.py), their GPU tests (~4 min)
+    run 200 test_mid19 env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf -x -n 8 \
+        tests/test_kernels.py -k "weights_as_the_a_operand or split_linear or small or prefill"
+    run 200 sweep64 env FFNSPLIT_AUTOTUNE=0 python3 benchmarks/sweep_small.py --m 64 \
+        --up a64x64w4,a64x64wa,a64x128wa_w8 --up-splits 1,2 \
+        --down b64x128w8,b64x64w4,b64x64wa,b64x128wa_w8 --down-splits 2,4,6,8,9 \
+        --out "$OUT/sweep64.json"
+    run 120 sweep256 env FFNSPLIT_AUTOTUNE=0 python3 benchmarks/sweep_small.py --m 256 \
+        --up a128x128wa_w8 --up-splits 1 --down b128x128wa_w8 --down-splits 1,2,4 \
+        --out "$OUT/sweep256.json"
+    run 120 crossover env FFNSPLIT_AUTOTUNE=0 python3 benchmarks/sweep_mid.py \
+        --m 64,128,256,384,512 --paths small,prefill,dequant --out "$OUT/crossover.json"
     ;;
 oracle)  # what-if timings of the 8B decode step: without the post-attention norm, the FFN, the
     # attention (benchmarks/oracle_decode.py, ~3 min)
