@@ -38,12 +38,14 @@ DECODE_MAX_M = 16  # up to this many rows the weights are streamed once (decode 
 # tensor-core decode tier at M <= 4 and loses from M = 8 (benchmarks/RESULTS.md, version 7).
 GEMV_MAX_M = 4
 # up to this many rows "auto" takes the tl small tier, then the prefill tier (H200, session 11,
-# Llama-3-8B FFN: M = 64 small 147.9 us, prefill 193.0; M = 128 small 262.4, prefill 194.5)
+# Llama-3-8B FFN: M = 64 small 147.9 us, prefill 193.0; M = 128 small 262.4, prefill 194.5;
+# session 19 with the W-as-A configs: M = 64 small 62.9 + 39.3, M = 128 prefill 82.8 + 48.6)
 SMALL_MAX_M = 64
 # from this many rows "auto" dequantizes chunks of the light weights and multiplies with cuBLAS
-# (dequant_gemm.py) instead of the dequantize-in-the-loop prefill tier (H200, session 11, heavy
-# rows in the scratch, 256 MiB chunks: M = 128 247.6 us against the prefill tier's 194.5, M = 256
-# 281.3 against 318.1, M = 512 408.0 against 590.0; benchmarks/RESULTS.md)
+# (dequant_gemm.py) instead of the dequantize-in-the-loop prefill tier. H200, Llama-3-8B FFN,
+# kernel A + B (session 19, benchmarks/sweep_mid.py, the prefill tier's W-as-A configs first):
+# M = 256 248.7 us against the dequant path's 277.0, M = 384 397.5 against 349.4 (crossover ~300,
+# interpolated; session 11's x @ W^T prefill tier had lost from 256). FFNSPLIT_DEQUANT_MIN_M.
 DEQUANT_MIN_M = int(os.environ.get("FFNSPLIT_DEQUANT_MIN_M", "320"))
 ACTIVATION_NAMES = ("silu", "gelu", "gelu_tanh", "relu")
 _WIDTH = {8: 8, 4: 4, 3: 2, 2: 2}  # width of the first (or only) bit plane
