@@ -16,7 +16,7 @@
 #   at M = 1024-4096: heavy rows in the scratch or not, 128 and 256 MiB chunks), decodeops (decoder op tests), trace
 #   profprefill (benchmarks/prof_prefill.py + probe_cublas.py), odd (717 heavy neurons),
 #   swap (benchmarks/proto_swap.py), swaptier (the W-as-A form: tests + bench_mma), pdlmma,
-#   next14 (session 13's open questions), fused15 (the one-launch FFN), verify15, next16, s16ab, ncu16, proj, floor17 (ran in 17), finish17, trace17, ab17, ab18, ticket18, decoder18, trace18, slices18, trig19 (ran in 19), mid19, oracle, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
+#   next14 (session 13's open questions), fused15 (the one-launch FFN), verify15, next16, s16ab, ncu16, proj, floor17 (ran in 17), finish17, trace17, ab17, ab18, ticket18, decoder18, trace18, slices18, trig19 (ran in 19), mid19, big20 (prepared), oracle, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
 #   (benchmarks/trace_decode.py), decode8b (M = 1, 4 + 8B decode once)
 # Several stages in one call: bash benchmarks/gpu_checks.sh gemv trace decode8b
 # Each step has its own time limit, so one slow step cannot take the whole call.
@@ -324,6 +324,13 @@ mid19)  # session 19: the tl small / prefill tiers at 64-512 rows: the W-as-A co
         --out "$OUT/sweep256.json"
     run 120 crossover env FFNSPLIT_AUTOTUNE=0 python3 benchmarks/sweep_mid.py \
         --m 64,128,256,384,512 --paths small,prefill,dequant --out "$OUT/crossover.json"
+    ;;
+big20)  # prepared in session 19 (not run): larger W-as-A tiles for M = 256 (the layer is at
+    # 0.65x dense there), each with forced K-splits (~1 min)
+    run 150 sweep256b env FFNSPLIT_AUTOTUNE=0 python3 benchmarks/sweep_small.py --m 256 \
+        --up a128x128wa_w8,a128x128wa_w8_s2,a128x64wa_w8,a64x128wa_w8 --up-splits 1,2 \
+        --down b128x128wa_w8,b128x128wa_w8_s2,b128x64wa_w8,b64x128wa_w8 --down-splits 1,2,4 \
+        --out "$OUT/sweep256b.json"
     ;;
 oracle)  # what-if timings of the 8B decode step: without the post-attention norm, the FFN, the
     # attention (benchmarks/oracle_decode.py, ~3 min)

@@ -65,6 +65,13 @@ UP["a64x128wa_w8"] = T(64, 128, 128, 64, num_warps=8, num_stages=3, block_nh=128
 for _bm in (128, 256):
     UP[f"a{_bm}x128wa_w8"] = T(_bm, 128, 128, 64, num_warps=8, num_stages=3, block_nh=128,
                                scale_after=False, interleave=False, w_as_a=True)  # fmt: skip
+# prepared for M = 256 (not run). sm_90 AOT (Triton 3.6, kernel A): 128 x 128 8 warps 3 stages
+# 255 registers + 56 spilled (the measured best), 2 stages the same in 96 KiB; 128 x 64 8 warps
+# 204, no spills, 128 KiB; 256- and 256-neuron tiles spill thousands
+UP["a128x64wa_w8"] = T(128, 64, 128, 64, num_warps=8, num_stages=3, block_nh=64,
+                       scale_after=False, interleave=False, w_as_a=True)  # fmt: skip
+UP["a128x128wa_w8_s2"] = T(128, 128, 128, 64, num_warps=8, num_stages=2, block_nh=128,
+                           scale_after=False, interleave=False, w_as_a=True)  # fmt: skip
 DOWN = {
     "b64x128w8": T(64, 128, 128, 64, num_warps=8, num_stages=3, scale_after=False,
                    interleave=False),
@@ -84,6 +91,10 @@ DOWN["b64x128wa_w8"] = T(64, 128, 128, 64, num_warps=8, num_stages=3, scale_afte
 for _bm in (128, 256):
     DOWN[f"b{_bm}x128wa_w8"] = T(_bm, 128, 128, 64, num_warps=8, num_stages=3,
                                  scale_after=False, interleave=False, w_as_a=True)  # fmt: skip
+DOWN["b128x64wa_w8"] = T(128, 64, 128, 64, num_warps=8, num_stages=3, scale_after=False,
+                         interleave=False, w_as_a=True)  # fmt: skip
+DOWN["b128x128wa_w8_s2"] = T(128, 128, 128, 64, num_warps=8, num_stages=2, scale_after=False,
+                             interleave=False, w_as_a=True)  # fmt: skip
 DOWN["b32x128wa_w8"] = T(32, 128, 128, 64, num_warps=8, num_stages=3, scale_after=False,
                          interleave=False, w_as_a=True)  # fmt: skip
 
