@@ -14,7 +14,7 @@ import itertools
 import pytest
 import torch
 
-from ffnsplit.kernels import mma_decode
+from ffnsplit.kernels import mma_decode, tiles
 from ffnsplit.kernels import quant_matmul as qmm
 from ffnsplit.kernels import split_ffn as sffn
 from ffnsplit.kernels.format import pack_planes, pad_heavy
@@ -262,8 +262,9 @@ def test_kernel_path_follows_the_dispatch() -> None:
     assert sffn.kernel_path(33, x, w) == "small"
     assert sffn.kernel_path(64, x, w) == "small"
     assert sffn.kernel_path(65, x, w) == "prefill"
-    assert sffn.kernel_path(255, x, w) == "prefill"
-    assert sffn.kernel_path(256, x, w) == "dequant"
+    assert sffn.kernel_path(256, x, w) == "prefill"
+    assert sffn.kernel_path(tiles.DEQUANT_MIN_M - 1, x, w) == "prefill"
+    assert sffn.kernel_path(tiles.DEQUANT_MIN_M, x, w) == "dequant"
     assert sffn.kernel_path(2048, x, w) == "dequant"
     assert sffn.kernel_path(8, x, w, path="decode") == "decode"
 
