@@ -186,6 +186,7 @@ def wave_splits(cfg: TileConfig, tiles: int, blocks: int, sms: int) -> int:
 
 
 _tuner = Tuner()
+_held: dict[tuple, int] = {}  # per_sm=0 configs: programs an SM holds, by config and variant
 
 
 def _validate(x: torch.Tensor, heavy: torch.Tensor | None, light: QuantizedWeight | None) -> None:
@@ -280,11 +281,14 @@ def split_linear(
                     m, n, kh, kl, x2.stride(0), heavy_arg.stride(0), n, m * n, split)  # fmt: skip
 
         if cfg.per_sm == 0:  # whole waves of what an SM holds of the (partial-sum) variant
-            probe = torch.empty(1, dtype=torch.float32, device=x.device)
-            cfg = replace(cfg, per_sm=resident_blocks(
-                _split_linear_kernel, args(probe, 2), dict(const, PARTIAL=True), cfg.num_warps,
-                2, stages=cfg.num_stages, count_shared=True,
-            ))  # fmt: skip
+            held = (cfg, tuple(const.items()), x2.dtype, x.device)
+            if held not in _held:  # asked once: the decode-sized calls pay a dict lookup
+                probe = torch.empty(1, dtype=torch.float32, device=x.device)
+                _held[held] = resident_blocks(
+                    _split_linear_kernel, args(probe, 2), dict(const, PARTIAL=True),
+                    cfg.num_warps, 2, stages=cfg.num_stages, count_shared=True,
+                )  # fmt: skip
+            cfg = replace(cfg, per_sm=_held[held])
         split = n_splits(cfg, m, n, kh, kl, sms)
         grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
         ws = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
