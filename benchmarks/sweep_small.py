@@ -24,79 +24,52 @@ from ffnsplit.kernels import quant_matmul as qmm  # noqa: E402
 from ffnsplit.kernels import split_ffn as sffn  # noqa: E402
 from ffnsplit.kernels.tiles import TileConfig  # noqa: E402
 
-T = TileConfig
+
+def up(bm: int, bn: int, warps: int = 4, stages: int = 3, wa: bool = False, kl: int = 128):
+    """A kernel A tile: bm rows of x, bn neurons (heavy tiles too), light K-blocks of kl codes,
+    per-element scales (scale_after off), natural k order; wa: the W-as-A form."""
+    return TileConfig(bm, bn, kl, 64, num_warps=warps, num_stages=stages, block_nh=bn,
+                      scale_after=False, interleave=False, w_as_a=wa)  # fmt: skip
+
+
+def down(bm: int, bn: int, warps: int = 4, stages: int = 3, wa: bool = False):
+    """A kernel B (split_linear) tile, as `up`."""
+    return TileConfig(bm, bn, 128, 64, num_warps=warps, num_stages=stages, scale_after=False,
+                      interleave=False, w_as_a=wa)  # fmt: skip
+
+
 UP = {
-    "a64x64w4": T(64, 64, 128, 64, num_warps=4, num_stages=3, block_nh=64, scale_after=False,
-                  interleave=False),
-    "a64x128w8": T(64, 128, 128, 64, num_warps=8, num_stages=3, block_nh=128, scale_after=False,
-                   interleave=False),
-    "a64x32w4": T(64, 32, 128, 64, num_warps=4, num_stages=4, block_nh=32, scale_after=False,
-                  interleave=False),
-    "a64x64w4s2": T(64, 64, 128, 64, num_warps=4, num_stages=2, block_nh=64, scale_after=False,
-                    interleave=False),
-    "a64x64w4s4": T(64, 64, 128, 64, num_warps=4, num_stages=4, block_nh=64, scale_after=False,
-                    interleave=False),
-    "a64x64w8": T(64, 64, 128, 64, num_warps=8, num_stages=3, block_nh=64, scale_after=False,
-                  interleave=False),
-    "a32x64w4": T(32, 64, 128, 64, num_warps=4, num_stages=3, block_nh=64, scale_after=False,
-                  interleave=False),
-    "a32x64w4s4": T(32, 64, 128, 64, num_warps=4, num_stages=4, block_nh=64, scale_after=False,
-                    interleave=False),
-    "a16x64w4s4": T(16, 64, 128, 64, num_warps=4, num_stages=4, block_nh=64, scale_after=False,
-                    interleave=False),
-    "a64x64w4k64": T(64, 64, 64, 64, num_warps=4, num_stages=4, block_nh=64, scale_after=False,
-                     interleave=False),
-    "a64x128w4": T(64, 128, 128, 64, num_warps=4, num_stages=3, block_nh=128, scale_after=False,
-                   interleave=False),
+    "a64x64w4": up(64, 64), "a64x128w8": up(64, 128, warps=8), "a64x32w4": up(64, 32, stages=4),
+    "a64x64w4s2": up(64, 64, stages=2), "a64x64w4s4": up(64, 64, stages=4),
+    "a64x64w8": up(64, 64, warps=8), "a32x64w4": up(32, 64), "a32x64w4s4": up(32, 64, stages=4),
+    "a16x64w4s4": up(16, 64, stages=4), "a64x64w4k64": up(64, 64, stages=4, kl=64),
+    "a64x128w4": up(64, 128),
+    # the W-as-A form (TileConfig.w_as_a: the dequantized weights as wgmma's register A operand)
+    "a16x64wa": up(16, 64, wa=True), "a32x64wa": up(32, 64, wa=True),
+    "a64x64wa": up(64, 64, wa=True), "a32x64wa_s4": up(32, 64, stages=4, wa=True),
+    "a32x128wa_w8": up(32, 128, warps=8, wa=True), "a64x64wa_s2": up(64, 64, stages=2, wa=True),
+    "a64x64wa_s4": up(64, 64, stages=4, wa=True), "a64x128wa_w8": up(64, 128, warps=8, wa=True),
+    "a128x128wa_w8": up(128, 128, warps=8, wa=True),
+    "a256x128wa_w8": up(256, 128, warps=8, wa=True),  # 240 KiB of shared memory: does not run
+    # prepared for M = 256 (not run). sm_90 AOT (Triton 3.6, kernel A): 128 x 128 8 warps 3
+    # stages 255 registers + 56 spilled (the measured best), 2 stages the same in 96 KiB;
+    # 128 x 64 8 warps 204, no spills, 128 KiB; 256-row and 256-neuron tiles spill thousands
+    "a128x64wa_w8": up(128, 64, warps=8, wa=True),
+    "a128x128wa_w8_s2": up(128, 128, warps=8, stages=2, wa=True),
 }  # fmt: skip
-# the W-as-A form (TileConfig.w_as_a: the dequantized weights as wgmma's register A operand)
-for _bm in (16, 32, 64):
-    UP[f"a{_bm}x64wa"] = T(_bm, 64, 128, 64, num_warps=4, num_stages=3, block_nh=64,
-                           scale_after=False, interleave=False, w_as_a=True)  # fmt: skip
-UP["a32x64wa_s4"] = T(32, 64, 128, 64, num_warps=4, num_stages=4, block_nh=64, scale_after=False,
-                      interleave=False, w_as_a=True)  # fmt: skip
-UP["a32x128wa_w8"] = T(32, 128, 128, 64, num_warps=8, num_stages=3, block_nh=128,
-                       scale_after=False, interleave=False, w_as_a=True)  # fmt: skip
-for _st in (2, 4):
-    UP[f"a64x64wa_s{_st}"] = T(64, 64, 128, 64, num_warps=4, num_stages=_st, block_nh=64,
-                               scale_after=False, interleave=False, w_as_a=True)  # fmt: skip
-UP["a64x128wa_w8"] = T(64, 128, 128, 64, num_warps=8, num_stages=3, block_nh=128,
-                       scale_after=False, interleave=False, w_as_a=True)  # fmt: skip
-for _bm in (128, 256):
-    UP[f"a{_bm}x128wa_w8"] = T(_bm, 128, 128, 64, num_warps=8, num_stages=3, block_nh=128,
-                               scale_after=False, interleave=False, w_as_a=True)  # fmt: skip
-# prepared for M = 256 (not run). sm_90 AOT (Triton 3.6, kernel A): 128 x 128 8 warps 3 stages
-# 255 registers + 56 spilled (the measured best), 2 stages the same in 96 KiB; 128 x 64 8 warps
-# 204, no spills, 128 KiB; 256- and 256-neuron tiles spill thousands
-UP["a128x64wa_w8"] = T(128, 64, 128, 64, num_warps=8, num_stages=3, block_nh=64,
-                       scale_after=False, interleave=False, w_as_a=True)  # fmt: skip
-UP["a128x128wa_w8_s2"] = T(128, 128, 128, 64, num_warps=8, num_stages=2, block_nh=128,
-                           scale_after=False, interleave=False, w_as_a=True)  # fmt: skip
 DOWN = {
-    "b64x128w8": T(64, 128, 128, 64, num_warps=8, num_stages=3, scale_after=False,
-                   interleave=False),
-    "b64x64w4": T(64, 64, 128, 64, num_warps=4, num_stages=3, scale_after=False,
-                  interleave=False),
-    "b32x128w4": T(32, 128, 128, 64, num_warps=4, num_stages=4, scale_after=False,
-                   interleave=False),
+    "b64x128w8": down(64, 128, warps=8), "b64x64w4": down(64, 64),
+    "b32x128w4": down(32, 128, stages=4),
+    "b16x64wa": down(16, 64, wa=True), "b32x64wa": down(32, 64, wa=True),
+    "b64x64wa": down(64, 64, wa=True), "b64x64wa_s2": down(64, 64, stages=2, wa=True),
+    "b64x64wa_s4": down(64, 64, stages=4, wa=True),
+    "b64x128wa_w8": down(64, 128, warps=8, wa=True),
+    "b128x128wa_w8": down(128, 128, warps=8, wa=True),
+    "b256x128wa_w8": down(256, 128, warps=8, wa=True),
+    "b128x64wa_w8": down(128, 64, warps=8, wa=True),
+    "b128x128wa_w8_s2": down(128, 128, warps=8, stages=2, wa=True),
+    "b32x128wa_w8": down(32, 128, warps=8, wa=True),
 }  # fmt: skip
-for _bm in (16, 32, 64):
-    DOWN[f"b{_bm}x64wa"] = T(_bm, 64, 128, 64, num_warps=4, num_stages=3, scale_after=False,
-                             interleave=False, w_as_a=True)  # fmt: skip
-for _st in (2, 4):
-    DOWN[f"b64x64wa_s{_st}"] = T(64, 64, 128, 64, num_warps=4, num_stages=_st, scale_after=False,
-                                 interleave=False, w_as_a=True)  # fmt: skip
-DOWN["b64x128wa_w8"] = T(64, 128, 128, 64, num_warps=8, num_stages=3, scale_after=False,
-                         interleave=False, w_as_a=True)  # fmt: skip
-for _bm in (128, 256):
-    DOWN[f"b{_bm}x128wa_w8"] = T(_bm, 128, 128, 64, num_warps=8, num_stages=3,
-                                 scale_after=False, interleave=False, w_as_a=True)  # fmt: skip
-DOWN["b128x64wa_w8"] = T(128, 64, 128, 64, num_warps=8, num_stages=3, scale_after=False,
-                         interleave=False, w_as_a=True)  # fmt: skip
-DOWN["b128x128wa_w8_s2"] = T(128, 128, 128, 64, num_warps=8, num_stages=2, scale_after=False,
-                             interleave=False, w_as_a=True)  # fmt: skip
-DOWN["b32x128wa_w8"] = T(32, 128, 128, 64, num_warps=8, num_stages=3, scale_after=False,
-                         interleave=False, w_as_a=True)  # fmt: skip
 
 
 def main() -> int:
