@@ -143,6 +143,22 @@ def test_static_decoder_projections_through_split_linear(monkeypatch) -> None:
     torch.testing.assert_close(own, plain, rtol=1e-4, atol=1e-4)
 
 
+def test_slower_than_dense_is_said() -> None:
+    """The layer bench names every M where ffnsplit lost to dense fp16, with ratio and path."""
+    rows = [
+        {"m": 1, "method": "dense", "us": 97.0, "vs_dense": 1.0},
+        {"m": 1, "method": "ffnsplit", "us": 34.4, "vs_dense": 2.82, "path": "mma"},
+        {"m": 256, "method": "ffnsplit", "us": 245.3, "vs_dense": 0.6535, "path": "prefill"},
+        {"m": 512, "method": "ffnsplit", "error": "OutOfResources"},
+        {"m": 2048, "method": "ffnsplit", "us": 1266.6, "vs_dense": 0.94, "path": "dequant"},
+    ]
+    assert bench.slower_note(rows) == (
+        "ffnsplit slower than dense fp16 at M = 256 (0.65x, path prefill), "
+        "M = 2048 (0.94x, path dequant)"
+    )
+    assert bench.slower_note(rows[:2]) is None
+
+
 def test_decoder_projections_choice(monkeypatch) -> None:
     """FFNSPLIT_DECODER_PROJ: auto is torch off sm_90 GPUs, a stated choice holds where it can
     run, a wrong value is an OptionError naming the choices."""

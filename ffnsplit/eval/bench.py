@@ -777,6 +777,9 @@ def bench_layer(
         line = " ".join(f"{r['method']}={r['us']:.1f}us" for r in rows if r["m"] == m and "us" in r)
         paths = {r["path"] for r in rows if r["m"] == m and "path" in r}
         log(f"  M={m} {line}" + (f" (path {', '.join(sorted(paths))})" if paths else ""))
+    slower = slower_note(rows) if cuda else None  # CPU smoke runs time nothing worth saying
+    if slower:  # said in the results, not left for the reader to spot in the table
+        notes.append(slower)
     return {
         "label": case.label,
         "layers": case.layers,
@@ -791,6 +794,17 @@ def bench_layer(
         "notes": notes,
         "rows": rows,
     }
+
+
+def slower_note(rows: list[dict]) -> str | None:
+    """The layer bench's note on the row counts M where ffnsplit ran slower than dense fp16
+    (vs_dense < 1), with each one's ratio and kernel path; None where it never did."""
+    slower = [r for r in rows if r["method"] == "ffnsplit" and (r.get("vs_dense") or 1.0) < 1.0]
+    if not slower:
+        return None
+    return "ffnsplit slower than dense fp16 at " + ", ".join(
+        f"M = {r['m']} ({r['vs_dense']:.2f}x, path {r.get('path', '?')})" for r in slower
+    )
 
 
 def tuning_timings() -> dict:
