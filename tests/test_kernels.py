@@ -128,6 +128,22 @@ def test_split_linear_waves_of_resident_programs(poison, monkeypatch) -> None:
         assert seen[0] == (2, 2)  # 2 an SM x 4 "SMs" over 3 tiles: 2 K-slices
 
 
+def test_shared_per_sm(monkeypatch) -> None:
+    """An SM's shared memory: the device properties' field where torch has it, else by compute
+    capability (sm_90 228 KiB, sm_80 164 KiB, others 100 KiB)."""
+    from types import SimpleNamespace
+
+    cases = [(SimpleNamespace(shared_memory_per_multiprocessor=233472, major=9, minor=0), 233472),
+             (SimpleNamespace(major=9, minor=0), 228 * 1024),
+             (SimpleNamespace(major=8, minor=0), 164 * 1024),
+             (SimpleNamespace(major=8, minor=9), 100 * 1024)]  # fmt: skip
+    for props, want in cases:
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index, p=props: p)
+        tiles.shared_per_sm.cache_clear()
+        assert tiles.shared_per_sm(0) == want
+    tiles.shared_per_sm.cache_clear()
+
+
 def random_split_weights(
     hidden: int,
     h: int,
