@@ -13,6 +13,23 @@ Variants, each timed as the median over 5 runs of 32 graph replays (one replay =
               fusing that norm into kernel A could save at most
   no_ffn      without the FFN (h = x): the rest of the step
   no_attn     without q/k/v, rotary, attention and o (out = x)
+  no_core     q/k/v and o projections kept, rotary + cache write + attention left out (o
+              projects q's columns of the q/k/v output)
+  no_rope     the rotary + cache write left out (attention reads q's columns as they are)
+  no_o        the o projection left out (the attention output goes to the post-attention norm)
+  no_qkv      the q/k/v projection left out (rotary reads a fixed buffer)
+  no_in_norm  the input add + RMSNorm left out (x = the previous FFN's output)
+  chunk128, chunk256, one_pass
+              the split attention with 128- or 256-key chunks (fewer programs, fewer partials
+              to combine), or one program a kv head (no combine launch)
+  no_prefetch the o projection without its L2 requests before the PDL wait
+              (mma_decode.DENSE_PREFETCH off)
+  all_prefetch
+              the q/k/v projection with them too
+  attn_unfused, attn_fused, attn_ticket
+              a decode token's attention in three launches (rotary + cache write, attention,
+              combine), in one launch and its combine, in one launch combining by ticket
+              (StaticDecoder.attention_mode; the chunk* and no_rope variants take the first)
 
     PYTHONPATH=. python3 benchmarks/oracle_decode.py --out $OUT/oracle.json
 """
@@ -20,10 +37,59 @@ Variants, each timed as the median over 5 runs of 32 graph replays (one replay =
 from __future__ import annotations
 
 import json
+import statistics
 
 import torch
 
-VARIANTS = ("full", "own_proj", "torch_proj", "no_post", "no_ffn", "no_attn")
+from ffnsplit.eval import bench
+from ffnsplit.kernels import mma_decode
+
+VARIANTS = ("full", "own_proj", "torch_proj", "no_post", "no_ffn", "no_attn", "no_core",
+            "no_rope", "no_o", "no_qkv", "no_in_norm", "chunk128", "chunk256", "one_pass",
+            "no_prefetch", "all_prefetch", "attn_unfused", "attn_fused", "attn_ticket")  # fmt: skip
+PREFETCH = mma_decode.DENSE_PREFETCH  # the default, restored after the variants that change it
+CHUNKS = {"chunk128": 128, "chunk256": 256, "one_pass": 1 << 30}
+ATTENTION = {"attn_unfused": "unfused", "attn_fused": "fused", "attn_ticket": "ticket"}
+MODE = bench.decoder_attention()  # the decoder's default (FFNSPLIT_DECODE_ATTENTION)
+
+
+def attention(decoder, attn, x, index, cos, sin, positions, variant: str):
+    """StaticDecoder._attention_kernels with `variant`'s part left out."""
+    from ffnsplit.kernels import decode_ops
+
+    mma_decode.DENSE_PREFETCH = PREFETCH and variant != "no_prefetch"
+    b, t, _ = x.shape
+    weight, bias = decoder.qkv[index]
+    keys, values = decoder.keys[index], decoder.values[index]
+    width = decoder.q_heads * decoder.head_dim
+    if variant == "no_qkv":
+        if getattr(decoder, "_oracle_qkv", None) is None:
+            decoder._oracle_qkv = torch.randn(b, t, weight.shape[0], dtype=x.dtype,
+                                              device=x.device) * 0.1  # fmt: skip
+        qkv = decoder._oracle_qkv
+    else:
+        qkv = decoder._project(x, weight, bias, prefetch=variant == "all_prefetch")
+    o = attn.o_proj
+    if variant == "no_core":
+        return decoder._project(qkv[..., :width].contiguous(), o.weight, o.bias, prefetch=True)
+    if variant in ("no_rope", *CHUNKS):  # the three-launch form, changed
+        if variant == "no_rope":
+            q = qkv[..., :width].view(b, t, decoder.q_heads, decoder.head_dim).transpose(1, 2)
+        else:
+            q = decode_ops.rope_kv_write(
+                qkv, cos, sin, positions, keys, values, decoder.q_heads, keys.shape[1],
+                decoder.head_dim, **decoder.qk_norms[index],
+            )  # fmt: skip
+        out = decode_ops.decode_attention(
+            q, keys, values, positions, attn.scaling, decoder.groups, decoder.windows[index],
+            chunk=CHUNKS.get(variant),
+        )  # fmt: skip
+    else:
+        decoder.attention_mode = ATTENTION.get(variant, MODE)
+        out = decoder._attend(attn, qkv, index, cos, sin, positions)
+        decoder.attention_mode = MODE
+    out = out.transpose(1, 2).reshape(b, t, -1)
+    return out if variant == "no_o" else decoder._project(out, o.weight, o.bias, prefetch=True)
 
 
 def hidden(decoder, variant: str):
@@ -36,12 +102,14 @@ def hidden(decoder, variant: str):
             (in_weight, in_eps), post = decoder.norms[index]
             if residual is None:
                 residual, x = h, decode_ops.rms_norm(h, in_weight, in_eps)
+            elif variant == "no_in_norm":
+                x = h
             else:
                 x, residual = decode_ops.add_rms_norm(h, residual, in_weight, in_eps)
             if variant == "no_attn":
                 out = x
             else:
-                out = decoder._attention_kernels(layer.self_attn, x, index, cos, sin, positions)
+                out = attention(decoder, layer.self_attn, x, index, cos, sin, positions, variant)
             if variant == "no_post":
                 x = out
             else:
@@ -57,24 +125,47 @@ def hidden(decoder, variant: str):
 def main() -> None:
     from trace_decode import captured_step, decoders, step_args
 
-    args = step_args(__doc__, "oracle.json")
+    def extra(parser) -> None:
+        parser.add_argument(
+            "--variants",
+            default=",".join(VARIANTS),
+            help="comma-separated, from: " + ", ".join(VARIANTS),
+        )
+        parser.add_argument("--rounds", type=int, default=1,
+                            help="the variants timed in turn this many times (median kept)")  # fmt: skip
+
+    args = step_args(__doc__, "oracle.json", extra)
+    variants = args.variants.split(",")
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}: choose from {', '.join(VARIANTS)}")
 
     result = {"shape": args.shape, "prompt": args.prompt, "steps": args.steps,
               "card": torch.cuda.get_device_name(), "torch": torch.__version__,
               "command": "benchmarks/oracle_decode.py"}  # fmt: skip
     for label, decoder, first in decoders(args.shape, args.prompt, args.steps):
-        rows = {}
+        times: dict[str, list[float]] = {v: [] for v in variants}
         default = decoder.own_projections
-        for variant in VARIANTS:
-            decoder._hidden_kernels = hidden(decoder, variant)
-            own = {"own_proj": True, "torch_proj": False}.get(variant, default)
-            decoder.own_projections = own
-            with torch.no_grad():
-                graph, rows[variant] = captured_step(decoder, first, args.prompt, args.steps)
-            del graph
-            rows[variant] = round(rows[variant], 1)
-            print(label, variant, rows[variant], "us/step", flush=True)
-        result[label] = rows
+        for _ in range(args.rounds):
+            for variant in variants:
+                decoder._hidden_kernels = hidden(decoder, variant)
+                own = {"own_proj": True, "torch_proj": False}.get(variant, default)
+                decoder.own_projections = own
+                with torch.no_grad():
+                    graph, wall = captured_step(decoder, first, args.prompt, args.steps)
+                del graph
+                times[variant].append(round(wall, 1))
+                print(label, variant, times[variant][-1], "us/step", flush=True)
+        mma_decode.DENSE_PREFETCH = PREFETCH
+        result[label] = {v: statistics.median(ts) for v, ts in times.items()}
+        if args.rounds > 1:
+            result[label + "_rounds"] = times
+        # the tuner's picks for the dense-only calls (the projections), timed on its first call
+        result[label + "_picks"] = [
+            {"key": str(key[:5]), "pick": str(cfg),
+             "us": {str(c): round(t * 1e3, 2) for c, t in mma_decode._down_tuner.timings.get(key, {}).items()}}
+            for key, cfg in mma_decode._down_tuner.cache.items() if key[3] == 0
+        ]  # fmt: skip
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 

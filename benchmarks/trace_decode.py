@@ -131,10 +131,13 @@ def trace(decoder, first: torch.Tensor, position: int, steps: int) -> dict:
     }
 
 
-def step_args(doc: str, out_name: str) -> argparse.Namespace:
+def step_args(doc: str, out_name: str, extra=None) -> argparse.Namespace:
     """The command line of a decode-step script: --shape, --prompt, --steps, --out (default
-    $OUT/`out_name`); `doc`'s first paragraph is its description."""
+    $OUT/`out_name`), and what `extra(parser)` adds; `doc`'s first paragraph is its
+    description."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    if extra is not None:
+        extra(parser)
     parser.add_argument("--shape", default="llama3-8b")
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--steps", type=int, default=32)

@@ -238,6 +238,91 @@ def test_rope_kv_write_rejects_a_width_that_is_not_the_heads() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# A decode token's attention: one launch and its combine (or its ticket)
+
+
+def _check_rope_attention(dtype: torch.dtype, batch: int, position: int, length: int,
+                          q_heads: int, kv_heads: int, head_dim: int, window: int | None,
+                          chunk: int | None, ticket: bool, device: str = DEVICE) -> None:  # fmt: skip
+    """rope_attention against reference.rope_attention. The kernel's caches are NaN at every key
+    the token may not see and at its own position (which it must write and take from
+    registers), so reading anything else fails; the written rows must match the reference's."""
+    inputs = _rope_inputs(dtype, batch, [position], length, q_heads, kv_heads, head_dim, device)
+    expected_caches = (inputs["k_cache"].clone(), inputs["v_cache"].clone())
+    keys = torch.arange(length, device=device)
+    unseen = keys >= position
+    if window is not None:
+        unseen |= keys <= position - window
+    for cache in ("k_cache", "v_cache"):
+        inputs[cache][:, :, unseen] = float("nan")
+    scale = head_dim**-0.5
+    out = decode_ops.rope_attention(**inputs, scale=scale, window=window, chunk=chunk,
+                                    ticket=ticket)  # fmt: skip
+    ref_inputs = {**inputs, "k_cache": expected_caches[0], "v_cache": expected_caches[1]}
+    expected = reference.rope_attention(**ref_inputs, scale=scale, window=window)
+    assert out.shape == expected.shape and out.dtype == dtype
+    q = reference.rope_kv_write(**{**ref_inputs, "k_cache": expected_caches[0].clone(),
+                                   "v_cache": expected_caches[1].clone()})  # fmt: skip
+    two = decode_ops.decode_attention(q, *expected_caches, inputs["positions"], scale,
+                                      q_heads // kv_heads, window)  # fmt: skip
+    assert out.stride() == two.stride()  # the same layout as the two-launch path's
+    assert rel_err(out, expected) < TOL[dtype]
+    for mine, theirs in zip((inputs["k_cache"], inputs["v_cache"]), expected_caches, strict=True):
+        assert rel_err(mine[:, :, position], theirs[:, :, position]) < TOL[dtype]  # (GPU fp32:
+        # the rotary's two products may fuse into one FMA)
+
+
+# (batch, position, length, heads, window, chunk): several chunks with the token at a chunk's
+# first key, its last key and inside one; one chunk; 1, 2 and 5 query heads a kv head; a head
+# size that is not a power of two; a window that starts inside a chunk
+ROPE_ATTENTION_CASES = {
+    "chunks-first-key": (2, 16, 37, (6, 3, 16), None, 16),
+    "chunks-last-key": (1, 31, 37, (6, 3, 16), 6, 16),
+    "chunks-inside": (2, 26, 40, (10, 2, 24), None, 8),
+    "one-chunk": (1, 12, 19, (4, 4, 16), 5, 64),
+    "first-token": (1, 0, 37, (6, 3, 16), None, 16),
+    "last-key": (1, 36, 37, (6, 3, 16), None, None),
+    "long-chunks": (1, 35, 37, (6, 3, 16), 20, 32),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(ROPE_ATTENTION_CASES))
+@pytest.mark.parametrize("ticket", [False, True], ids=["combine", "ticket"])
+def test_rope_attention_matches_the_reference(poison, dtype, case, ticket) -> None:
+    batch, position, length, heads, window, chunk = ROPE_ATTENTION_CASES[case]
+    _check_rope_attention(dtype, batch, position, length, *heads, window, chunk, ticket)
+
+
+def test_rope_attention_tickets_reset_between_calls() -> None:
+    """The chunks' ticket counters are back at zero after each call: a second call (the next
+    position, other heads) combines right, and so does the combine launch after it."""
+    for position in (20, 21, 35):
+        _check_rope_attention(torch.float32, 1, position, 37, 6, 3, 16, None, 8, True)
+    _check_rope_attention(torch.float32, 2, 5, 37, 8, 2, 16, 3, 8, True)
+    _check_rope_attention(torch.float32, 2, 5, 37, 8, 2, 16, 3, 8, False)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"positions": torch.tensor([1, 2])}, "one decode token"),
+        ({"q_heads": 5}, "whole groups"),
+        ({"q_heads": 17 * 3}, "at most 16"),
+        ({"window": 0}, "at least 1"),
+    ],
+)
+def test_rope_attention_rejects_bad_inputs(change: dict, message: str) -> None:
+    inputs = _rope_inputs(torch.float32, batch=1, positions=[2], length=5, **HEADS)
+    if "positions" in change:
+        inputs = _rope_inputs(torch.float32, batch=1, positions=[2, 3], length=5, **HEADS)
+    if change.get("q_heads") == 17 * 3:
+        inputs = _rope_inputs(torch.float32, 1, [2], 5, 17 * 3, 3, 16)
+    with pytest.raises(ValueError, match=message):
+        decode_ops.rope_attention(**{**inputs, **change}, scale=0.25)
+
+
+# ---------------------------------------------------------------------------------------------
 # GPU: Llama-3-8B shapes
 
 LLAMA3 = {"q_heads": 32, "kv_heads": 8, "head_dim": 128}
@@ -304,4 +389,39 @@ def test_gpu_decode_step_replays_in_a_cuda_graph_at_moving_positions() -> None:
         ref_inputs = {**inputs, "k_cache": expected_caches[0], "v_cache": expected_caches[1]}
         q = reference.rope_kv_write(**ref_inputs)
         expected = reference.decode_attention(q, *expected_caches, positions, 128**-0.5, 4)
+        assert rel_err(out, expected) < TOL[dtype], position
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("window", [None, 256])
+@pytest.mark.parametrize("ticket", [False, True], ids=["combine", "ticket"])
+@pytest.mark.parametrize(("batch", "position"), [(1, 600), (4, 600), (1, 8000), (1, 64)],
+                         ids=["decode", "decode-b4", "decode-long", "chunk-edge"])  # fmt: skip
+def test_gpu_rope_attention_llama3(poison, dtype, window, ticket, batch, position) -> None:
+    _check_rope_attention(dtype, batch, position, 8192, window=window, chunk=None, ticket=ticket,
+                          **LLAMA3)  # fmt: skip
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("ticket", [False, True], ids=["combine", "ticket"])
+def test_gpu_rope_attention_replays_in_a_cuda_graph_at_moving_positions(ticket) -> None:
+    """The one-launch decode attention captured once, replayed at positions 600..603 (its
+    tickets reset between replays; the new keys written where the next replay reads them)."""
+    dtype = torch.float16
+    inputs = _rope_inputs(dtype, 1, [600], 8192, **LLAMA3)
+    positions = inputs["positions"]
+    expected_caches = (inputs["k_cache"].clone(), inputs["v_cache"].clone())
+    decode_ops.rope_attention(**inputs, scale=128**-0.5, ticket=ticket)  # compiles (writes 600)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_ops.rope_attention(**inputs, scale=128**-0.5, ticket=ticket)
+    for position in range(600, 604):
+        positions.fill_(position)
+        inputs["qkv"].copy_(randn(*inputs["qkv"].shape, dtype=dtype))
+        graph.replay()
+        ref_inputs = {**inputs, "k_cache": expected_caches[0], "v_cache": expected_caches[1]}
+        expected = reference.rope_attention(**ref_inputs, scale=128**-0.5)
         assert rel_err(out, expected) < TOL[dtype], position

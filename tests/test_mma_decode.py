@@ -371,6 +371,30 @@ def test_ticket_publishes_partials_in_graph_replays(monkeypatch, dtype, swap) ->
 @gpu
 @needs_mma
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_dense_linear_with_its_l2_requests(poison, monkeypatch, dtype, prefetch) -> None:
+    """A dense-only split_linear (a decoder's projection) with and without its weights' L2
+    requests before the PDL wait, odd shapes, chained in a CUDA graph behind another kernel (as
+    in a decode step): the requests are hints and must change nothing."""
+    monkeypatch.setattr(mma_decode, "DENSE_PREFETCH", prefetch)
+    for m, n, k in ((1, 1000, 1288), (3, 300, 600), (16, 4096, 1048)):
+        heavy = torch.randn(n, k, device=DEVICE).to(dtype) / k**0.5
+        bias = torch.randn(n, device=DEVICE).to(dtype)
+        x = torch.randn(m, k, device=DEVICE).to(dtype)
+        ref = x.double() @ heavy.double().T + bias.double()
+        assert rel_err(qmm.split_linear(x, heavy, None, bias, path="mma"), ref) < TOL[dtype]
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = qmm.split_linear(x * 1, heavy, None, bias, path="mma")
+        for _ in range(3):
+            graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(y, ref) < TOL[dtype], (m, n, k)
+
+
+@gpu
+@needs_mma
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_quant_matmul_and_auto(poison, dtype) -> None:
     """A plain packed linear (no dense part) with a bias, and "auto" taking this tier at M = 8."""
     qw = random_qweight(300, 1056, 4, 128, False)
@@ -419,6 +443,26 @@ def test_default_configs_compile_for_sm90_and_fit(kernel, table, m) -> None:
     assert spills == 0
     allocated = -(-regs // 8) * 8  # in units of 8 a thread
     assert allocated * 32 * cfg.num_warps * cfg.resident <= 65536, (cfg, regs)
+
+
+def test_dense_prefetch_is_issued_before_the_wait() -> None:
+    """Kernel B as a dense-only split_linear with PREFETCH (sm_90 AOT, installed Triton): its
+    dense slices' prefetch.global.L2 requests come before their griddepcontrol.wait, with no
+    spills and no more registers than its first config allows."""
+    if mma_decode.gluon is None:
+        pytest.skip(f"Gluon does not import here: {mma_decode._IMPORT_ERROR}")
+    cfg = mma_decode.DOWN_SWAP[0]
+    plain = mma_decode.aot_compile("down", cfg, 1, heavy=4096, light=0, hidden=4096)
+    compiled = mma_decode.aot_compile("down", cfg, 1, heavy=4096, light=0, hidden=4096,
+                                      prefetch=True)  # fmt: skip
+    ptx = compiled.asm["ptx"]
+    assert "prefetch.global.L2" not in plain.asm["ptx"] and "prefetch.global.L2" in ptx
+    # the dense branch's requests, then its wait
+    waits = [i for i, line in enumerate(ptx.splitlines()) if "griddepcontrol.wait" in line]
+    requests = [i for i, line in enumerate(ptx.splitlines()) if "prefetch.global.L2" in line]
+    assert any(w > max(requests) for w in waits)
+    regs, spills = mma_decode.aot_resources(compiled)
+    assert spills == 0 and regs <= (cfg.maxnreg or 255)
 
 
 def test_down_slices_share_out_the_bytes() -> None:

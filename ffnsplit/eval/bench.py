@@ -895,6 +895,22 @@ def decoder_projections(device: torch.device) -> str:
     return choice
 
 
+def decoder_attention() -> str:
+    """How StaticDecoder (kernels="triton") runs a decode token's attention
+    (FFNSPLIT_DECODE_ATTENTION, decode_ops.ROPE_ATTENTION_MODES): "fused" (default:
+    decode_ops.rope_attention, then its combine launch), "ticket" (rope_attention, each kv
+    head's last chunk combining) or "unfused" (rope_kv_write, then decode_attention and its
+    combine: three launches). Models with q/k norms (Qwen3) or more than 16 query heads a kv
+    head always take "unfused"."""
+    choice = os.environ.get("FFNSPLIT_DECODE_ATTENTION", "fused")
+    if choice not in decode_ops.ROPE_ATTENTION_MODES:
+        raise OptionError(
+            f"FFNSPLIT_DECODE_ATTENTION={choice!r}: use "
+            + ", ".join(decode_ops.ROPE_ATTENTION_MODES)
+        )
+    return choice
+
+
 class StaticDecoder:
     """A Llama-style causal LM run over a static KV cache; every step is CUDA-graph capturable.
 
@@ -909,9 +925,10 @@ class StaticDecoder:
     the cache repeated per query head, masked SDPA, argmax); "triton" runs kernels/decode_ops.py:
     each RMSNorm fused with the residual add before it, rotary + cache write in one launch, attention over the
     unrepeated cache whose cost follows the position (prefill too: one pass per tile of query
-    rows), the greedy pick in two short reductions, and on sm_90 GPUs the decode projections
-    through ffnsplit's dense split_linear (decoder_projections); "auto" is triton on CUDA, torch
-    elsewhere. Both models of a comparison run the same.
+    rows; a decode token's rotary, cache write and attention in one launch and a combine,
+    decoder_attention), the greedy pick in two short reductions, and on sm_90 GPUs the decode
+    projections through ffnsplit's dense split_linear (decoder_projections); "auto" is triton
+    on CUDA, torch elsewhere. Both models of a comparison run the same.
     """
 
     def __init__(self, model: nn.Module, batch: int, max_len: int, kernels: str = "auto") -> None:
@@ -958,6 +975,7 @@ class StaticDecoder:
         # decode-sized q/k/v and o projections through ffnsplit's dense split_linear (the
         # Gluon tier) instead of cuBLAS, both models alike: see decoder_projections
         self.own_projections = self.kernels and decoder_projections(device) == "ffnsplit"
+        self.attention_mode = decoder_attention()
         if self.kernels:
             if device.type != "cuda" and not tiles.INTERPRET:
                 raise OptionError(
@@ -1013,22 +1031,47 @@ class StaticDecoder:
         """_attention through decode_ops: qkv projection, rotary + cache write, attention."""
         b, t, _ = x.shape
         weight, bias = self.qkv[index]
+        out = self._attend(attn, self._project(x, weight, bias), index, cos, sin, positions)
+        o = attn.o_proj  # out is [B, T, H, D] viewed as [B, H, T, D]: merging the heads is free
+        # o's weights asked for in L2 while the attention's dependent loads leave memory idle
+        return self._project(out.transpose(1, 2).reshape(b, t, -1), o.weight, o.bias,
+                             prefetch=True)  # fmt: skip
+
+    def _attend(
+        self, attn: nn.Module, qkv: Tensor, index: int, cos: Tensor, sin: Tensor, positions: Tensor
+    ) -> Tensor:
+        """The attention of the q/k/v projection `qkv` [B, T, width] over layer `index`'s cache
+        (written at `positions` first): out [B, q heads, T, D] (a view of [B, T, q heads, D]).
+        A decode token (T = 1) in one launch and its combine (attention_mode), else rotary +
+        cache write, then decode_attention."""
         keys, values = self.keys[index], self.values[index]
+        if (
+            qkv.shape[1] == 1
+            and self.attention_mode != "unfused"
+            and not self.qk_norms[index]
+            and self.groups <= 16
+        ):
+            return decode_ops.rope_attention(
+                qkv, cos, sin, positions, keys, values, self.q_heads, keys.shape[1],
+                self.head_dim, attn.scaling, self.windows[index],
+                ticket=self.attention_mode == "ticket",
+            )  # fmt: skip
         q = decode_ops.rope_kv_write(
-            self._project(x, weight, bias), cos, sin, positions, keys, values, self.q_heads,
-            keys.shape[1], self.head_dim, **self.qk_norms[index],
+            qkv, cos, sin, positions, keys, values, self.q_heads, keys.shape[1], self.head_dim,
+            **self.qk_norms[index],
         )  # fmt: skip
-        out = decode_ops.decode_attention(
+        return decode_ops.decode_attention(
             q, keys, values, positions, attn.scaling, self.groups, self.windows[index]
         )
-        o = attn.o_proj  # out is [B, T, H, D] viewed as [B, H, T, D]: merging the heads is free
-        return self._project(out.transpose(1, 2).reshape(b, t, -1), o.weight, o.bias)
 
-    def _project(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def _project(
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, prefetch: bool = False
+    ) -> Tensor:
         """x @ weight^T + bias: at decode sizes through split_linear's dense path when
-        `own_projections` (the Gluon tier picks it up to mma_decode.AUTO_MAX_M rows), else torch."""
+        `own_projections` (the Gluon tier picks it up to mma_decode.AUTO_MAX_M rows), else torch.
+        `prefetch`: split_linear's (the weights in L2 before the PDL wait)."""
         if self.own_projections and x.shape[0] * x.shape[1] <= PROJ_MAX_ROWS:
-            return qmm.split_linear(x, weight, None, bias)
+            return qmm.split_linear(x, weight, None, bias, prefetch=prefetch)
         return F.linear(x, weight, bias)
 
     def _hidden_kernels(
@@ -1414,6 +1457,7 @@ def run_bench(
         "decode_steps": options.decode_steps, "seed": options.seed,
         "decoder_kernels": options.decoder_kernels,
         "decoder_projections": decoder_projections(device),
+        "decoder_attention": decoder_attention(),
         "gemv_max_m": options.gemv_max_m if options.gemv_max_m is not None else tiles.GEMV_MAX_M,
     }  # fmt: skip
     payload.update(layers=[], e2e=[], notes=[])

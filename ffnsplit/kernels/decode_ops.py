@@ -508,3 +508,291 @@ def decode_attention(
             BLOCK_D=block_d, num_warps=1 if INTERPRET else 4, **pdl_options(q.device),
         )  # fmt: skip
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# A decode token's attention: rotary + cache write + split attention in one launch, then combine
+
+
+@triton.jit
+def _rotate(x_ptrs, d, partner, sign, mask, cos, sin):
+    """x * cos + rotate_half(x) * sin of the rows at x_ptrs [R, 1] (elements d), each product
+    rounded to the dtype as the model's torch ops (and _rope_kv_kernel) do."""
+    dtype = x_ptrs.dtype.element_ty
+    x = tl.load(x_ptrs + d[None, :], mask=mask, other=0.0)
+    xp = tl.load(x_ptrs + partner[None, :], mask=mask, other=0.0)
+    first = (x.to(tl.float32) * cos[None, :]).to(dtype).to(tl.float32)
+    second = (sign[None, :] * xp.to(tl.float32) * sin[None, :]).to(dtype).to(tl.float32)
+    return (first + second).to(dtype)
+
+
+@triton.jit
+def _softmax_block(q, k, v, key_ok, row_ok, m_i, l_i, acc, qk_scale,
+                   DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """One block of keys into the running softmax (m_i, l_i, acc) of the rows of q; keys not
+    key_ok count for nothing (their values are zeroed: a stale cache row may hold NaN)."""
+    v = tl.where(key_ok[:, None], v, 0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    s = tl.where(row_ok[:, None] & key_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _rope_attention_kernel(
+    qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, acc_ptr, m_ptr, l_ptr, cnt_ptr,
+    HQ, HKV, GROUPS, L, D, CHUNK, SPLITS, qk_scale, window,
+    stride_xb, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
+    stride_ob, stride_oh,
+    HAS_WINDOW: tl.constexpr, TICKET: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, RB: tl.constexpr,
+    S2: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """Programs: (batch x kv head, key chunk) of one decode token at position pos.
+
+    Before the wait for the previous kernel (the q/k/v projection) a program reads what that
+    kernel does not write: pos, the cos / sin rows, and the first block of its chunk's cached
+    keys and values (rows below pos, written by earlier steps; row pos is taken from registers).
+    After it: its kv head's GROUPS query heads, rotated; the chunk holding pos also rotates the
+    new key and writes it and the new value into the caches. Every chunk stores its partial
+    softmax (an empty one past pos or before the window), so the combine needs no position:
+    TICKET, the last chunk of a (batch, kv head) to arrive (a CTA barrier, then one acq_rel
+    atomic) combines them and resets the counter; else _combine_all_kernel's launch does."""
+    pdl_trigger(PDL)
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (bh // HKV).to(tl.int64)
+    kvh = bh % HKV
+    start = split * CHUNK
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    pos = tl.load(pos_ptr).to(tl.int32)
+    cos = tl.load(cos_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+    end = tl.minimum(tl.minimum(start + CHUNK, pos + 1), L)
+    first = 0
+    if HAS_WINDOW:
+        first = pos - window + 1
+    k_head = k_ptr + b * stride_kb + kvh * stride_kh
+    v_head = v_ptr + b * stride_vb + kvh * stride_vh
+    keys0 = start + tl.arange(0, BLOCK_N)
+    key_ok = (keys0 < end) & (keys0 >= first)
+    old = (key_ok & (keys0 != pos))[:, None] & d_ok[None, :]
+    k0 = tl.load(k_head + keys0[:, None] * stride_kl + d[None, :], mask=old, other=0.0)
+    v0 = tl.load(v_head + keys0[:, None] * stride_vl + d[None, :], mask=old, other=0.0)
+    pdl_wait(PDL)
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < GROUPS
+    half = D // 2
+    partner = tl.where(d < half, d + half, d - half)
+    sign = tl.where(d < half, -1.0, 1.0)
+    x_row = qkv_ptr + b * stride_xb
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if start < end:  # chunks past pos or wholly before the window store an empty softmax
+        q_rows = x_row + ((kvh * GROUPS + rows) * D)[:, None]
+        q = _rotate(q_rows, d, partner, sign, row_ok[:, None] & d_ok[None, :], cos, sin)
+        one = tl.arange(0, 1)
+        mine = (start <= pos) & (pos < start + CHUNK)
+        here = start + one  # [1]: a vector mask (the interpreter takes no scalar in one)
+        new_ok = ((here <= pos) & (pos < here + CHUNK))[:, None] & d_ok[None, :]
+        k_new = _rotate(x_row + ((HQ + kvh) * D + one)[:, None], d, partner, sign, new_ok, cos,
+                        sin)  # fmt: skip
+        v_new = tl.load(x_row + ((HQ + HKV + kvh) * D + one)[:, None] + d[None, :], mask=new_ok,
+                        other=0.0)  # fmt: skip
+        if mine:
+            tl.store(k_head + pos.to(tl.int64) * stride_kl + one[:, None] + d[None, :],
+                     k_new.to(k_ptr.dtype.element_ty), mask=new_ok)  # fmt: skip
+            tl.store(v_head + pos.to(tl.int64) * stride_vl + one[:, None] + d[None, :],
+                     v_new.to(v_ptr.dtype.element_ty), mask=new_ok)  # fmt: skip
+        is_new = (keys0 == pos)[:, None]
+        k0 = tl.where(is_new, k_new.to(k0.dtype), k0)
+        v0 = tl.where(is_new, v_new.to(v0.dtype), v0)
+        m_i, l_i, acc = _softmax_block(q, k0, v0, key_ok, row_ok, m_i, l_i, acc, qk_scale,
+                                       DOT_PRECISION)  # fmt: skip
+        # the chunk's other blocks (long caches: chunks of several blocks), from the window's
+        lo = tl.maximum(start + BLOCK_N, (tl.maximum(first, 0) // BLOCK_N) * BLOCK_N)
+        for n in range(lo, end, BLOCK_N):
+            keys = n + tl.arange(0, BLOCK_N)
+            key_ok = (keys < end) & (keys >= first)
+            kv_mask = (key_ok & (keys != pos))[:, None] & d_ok[None, :]
+            is_new = (keys == pos)[:, None]
+            k = tl.load(k_head + keys[:, None] * stride_kl + d[None, :], mask=kv_mask, other=0.0)
+            k = tl.where(is_new, k_new.to(k.dtype), k)
+            v = tl.load(v_head + keys[:, None] * stride_vl + d[None, :], mask=kv_mask, other=0.0)
+            v = tl.where(is_new, v_new.to(v.dtype), v)
+            m_i, l_i, acc = _softmax_block(q, k, v, key_ok, row_ok, m_i, l_i, acc, qk_scale,
+                                           DOT_PRECISION)  # fmt: skip
+    o_head = o_ptr + b * stride_ob + kvh * GROUPS * stride_oh
+    if SPLITS == 1:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(o_head + rows[:, None] * stride_oh + d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])  # fmt: skip
+    else:
+        slot = (bh.to(tl.int64) * GROUPS + rows) * SPLITS + split
+        tl.store(m_ptr + slot, m_i, mask=row_ok)
+        tl.store(l_ptr + slot, l_i, mask=row_ok)
+        tl.store(acc_ptr + slot[:, None] * D + d[None, :], acc,
+                 mask=row_ok[:, None] & d_ok[None, :])  # fmt: skip
+        if TICKET:
+            tl.debug_barrier()
+            ticket = tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel", scope="gpu")
+            if ticket == SPLITS - 1:
+                tl.debug_barrier()
+                _combine_chunks(acc_ptr, m_ptr, l_ptr, o_head, bh, 0, GROUPS, GROUPS, D, SPLITS,
+                                stride_oh, d, d_ok, BLOCK_D, RB, S2)  # fmt: skip
+                tl.atomic_xchg(cnt_ptr + bh, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _combine_chunks(acc_ptr, m_ptr, l_ptr, o_head, bh, r_lo, r_hi, GROUPS, D, SPLITS, stride_oh,
+                    d, d_ok, BLOCK_D: tl.constexpr, RB: tl.constexpr, S2: tl.constexpr):  # fmt: skip
+    """The softmax-weighted sum of the SPLITS chunks' partials for query heads r_lo .. r_hi - 1
+    of kv head `bh`'s GROUPS: RB rows at a time, S2 chunks a load (one pass, rescaled as the
+    maximum grows; .cg loads: the partials come from other SMs)."""
+    s2 = tl.arange(0, S2)
+    for r0 in range(r_lo, r_hi, RB):
+        r = r0 + tl.arange(0, RB)
+        r_ok = r < r_hi
+        base = (bh.to(tl.int64) * GROUPS + r) * SPLITS
+        m_run = tl.zeros([RB], dtype=tl.float32) - 1.0e30
+        total = tl.zeros([RB], dtype=tl.float32)
+        acc = tl.zeros([RB, BLOCK_D], dtype=tl.float32)
+        for s0 in range(0, SPLITS, S2):
+            ok = r_ok[:, None] & ((s0 + s2) < SPLITS)[None, :]
+            idx = base[:, None] + s0 + s2[None, :]
+            m = tl.load(m_ptr + idx, mask=ok, other=-1.0e30, cache_modifier=".cg")
+            lse = tl.load(l_ptr + idx, mask=ok, other=0.0, cache_modifier=".cg")
+            part = tl.load(acc_ptr + idx[:, :, None] * D + d[None, None, :],
+                           mask=ok[:, :, None] & d_ok[None, None, :], other=0.0,
+                           cache_modifier=".cg")  # fmt: skip
+            m_new = tl.maximum(m_run, tl.max(m, axis=1))
+            alpha = tl.exp2(m_run - m_new)
+            w = tl.exp2(m - m_new[:, None])
+            total = total * alpha + tl.sum(w * lse, axis=1)
+            acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * part, axis=1)
+            m_run = m_new
+        out = acc / tl.where(total > 0, total, 1.0)[:, None]
+        tl.store(o_head + r[:, None] * stride_oh + d[None, :],
+                 out.to(o_head.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])  # fmt: skip
+
+
+@triton.jit
+def _combine_all_kernel(
+    acc_ptr, m_ptr, l_ptr, o_ptr, HKV, GROUPS, D, SPLITS, stride_ob, stride_oh,
+    BLOCK_D: tl.constexpr, RB: tl.constexpr, S2: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """Programs: (batch x kv head, RB of its query heads): _combine_chunks over every chunk's
+    partial (all stored, empty ones included), no position needed."""
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
+    bh = tl.program_id(0)
+    r_lo = tl.program_id(1) * RB
+    d = tl.arange(0, BLOCK_D)
+    o_head = o_ptr + (bh // HKV).to(tl.int64) * stride_ob + (bh % HKV) * GROUPS * stride_oh
+    _combine_chunks(acc_ptr, m_ptr, l_ptr, o_head, bh, r_lo, tl.minimum(r_lo + RB, GROUPS),
+                    GROUPS, D, SPLITS, stride_oh, d, d < D, BLOCK_D, RB, S2)  # fmt: skip
+
+
+# FFNSPLIT_DECODE_ATTENTION: how StaticDecoder runs a decode token's attention: "fused"
+# (rope_attention, then its combine launch), "ticket" (rope_attention, its last chunk
+# combining), "unfused" (rope_kv_write, then decode_attention: three launches)
+ROPE_ATTENTION_MODES = ("fused", "ticket", "unfused")
+
+
+def rope_attention(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    q_heads: int,
+    kv_heads: int,
+    head_dim: int,
+    scale: float,
+    window: int | None = None,
+    chunk: int | None = None,
+    ticket: bool = False,
+) -> torch.Tensor:
+    """One decode token: rope_kv_write then decode_attention without the q round trip or the
+    rotary launch. qkv [B, 1, (q + 2 kv) * D], cos / sin [1, D], positions [1]; the new key and
+    value are written into the caches [B, kv, L, D] at positions[0]; returns out [B, q heads, 1,
+    D] laid out as decode_attention's. No q/k norms (Qwen3 takes the two-launch path). Key
+    chunks of `chunk` keys (default: enough for at most MAX_SPLITS) are combined by a second
+    launch, or with `ticket` by each kv head's last chunk to finish.
+
+    Under PDL the kernel reads positions, cos, sin and its first cache block before it waits for
+    the previous kernel: that kernel must not write them (in a decode step the q/k/v projection
+    comes just before this one)."""
+    b, t, width = qkv.shape
+    if t != 1:
+        raise ValueError(f"rope_attention takes one decode token, got {t}: use rope_kv_write")
+    if width != (q_heads + 2 * kv_heads) * head_dim or head_dim % 2 or q_heads % kv_heads:
+        raise ValueError(
+            f"qkv of width {width} is not ({q_heads} + 2 x {kv_heads}) heads x {head_dim} "
+            "(an even head size, whole groups of query heads)"
+        )
+    groups = q_heads // kv_heads
+    if groups > 16:
+        raise ValueError(f"{groups} query heads per kv head: at most 16 (use decode_attention)")
+    for name, table in (("cos", cos), ("sin", sin)):
+        if table.shape != (1, head_dim) or table.stride(1) != 1:
+            raise ValueError(f"{name} must be [1, D={head_dim}], got {tuple(table.shape)}")
+    if positions.shape != (1,) or positions.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"positions must be an integer tensor [1], got {positions.shape}")
+    if window is not None and window < 1:
+        raise ValueError(f"sliding window {window} must be at least 1")
+    cache_shape = (b, kv_heads, k_cache.shape[2], head_dim)
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if tuple(cache.shape) != cache_shape or cache.stride(3) != 1:
+            raise ValueError(f"{name} must be [B, kv, L, D] = {cache_shape}, got {cache.shape}")
+    _float_ok(qkv, cos, sin, k_cache, v_cache)
+    if len({qkv.dtype, k_cache.dtype, v_cache.dtype}) > 1 or positions.device != qkv.device:
+        raise ValueError("qkv and the caches must share a dtype, and positions their device")
+    from ffnsplit.kernels.gemv import _zeroed  # the tickets' counters
+
+    if qkv.stride(2) != 1:
+        qkv = qkv.contiguous()
+    length = k_cache.shape[2]
+    block_n = 16 if INTERPRET else 64
+    if chunk is None:
+        chunk = block_n * triton.cdiv(triton.cdiv(length, block_n), MAX_SPLITS)
+    chunk = block_n * triton.cdiv(chunk, block_n)
+    splits = triton.cdiv(length, chunk)
+    out = torch.empty(b, 1, q_heads, head_dim, dtype=qkv.dtype, device=qkv.device).transpose(1, 2)
+    if out.numel() == 0:
+        return out
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    rb = 1 if not ticket else min(triton.next_power_of_2(groups), 4)
+    s2 = max(1, min(triton.next_power_of_2(splits), 8192 // (rb * block_d)))
+    parts = b * kv_heads * groups * splits
+    if splits > 1:
+        acc = torch.empty(parts, head_dim, dtype=torch.float32, device=qkv.device)
+        m = torch.empty(parts, dtype=torch.float32, device=qkv.device)
+        lse = torch.empty_like(m)
+        counters = _zeroed(qkv.device, b * kv_heads, torch.int32) if ticket else m
+    else:
+        acc = m = lse = counters = out
+    warps = 1 if INTERPRET else 4
+    _rope_attention_kernel[(b * kv_heads, splits)](
+        qkv, cos, sin, positions, k_cache, v_cache, out, acc, m, lse, counters,
+        q_heads, kv_heads, groups, length, head_dim, chunk, splits, float(scale) * LOG2E,
+        window or 0, qkv.stride(0), *k_cache.stride()[:3], *v_cache.stride()[:3],
+        out.stride(0), out.stride(1),
+        HAS_WINDOW=window is not None, TICKET=ticket,
+        DOT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
+        BLOCK_M=16, BLOCK_N=block_n, BLOCK_D=block_d, RB=rb, S2=s2,
+        num_warps=warps, **pdl_options(qkv.device),
+    )  # fmt: skip
+    if splits > 1 and not ticket:
+        _combine_all_kernel[(b * kv_heads, triton.cdiv(groups, rb))](
+            acc, m, lse, out, kv_heads, groups, head_dim, splits, out.stride(0), out.stride(1),
+            BLOCK_D=block_d, RB=rb, S2=s2, num_warps=warps, **pdl_options(qkv.device),
+        )  # fmt: skip
+    return out

@@ -336,6 +336,27 @@ if gluon is not None:
         return s0, z0, s1, z1
 
     @gluon.jit
+    def _prefetch_block(ptr, row0, rows, stride, col0, cols, n_cols, SEG: gl.constexpr):
+        """prefetch.global.L2 of rows row0 .. row0 + rows - 1 of a [*, stride] 16-bit array,
+        columns col0 .. col0 + cols - 1 (below n_cols), SEG elements (one 128-byte line) a
+        request, one request a thread in turns: nothing waits for the lines."""
+        T: gl.constexpr = 32 * gl.num_warps()
+        L: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+        segs = gl.cdiv(gl.maximum(cols, 0), SEG)
+        total = gl.maximum(rows, 0) * segs
+        i = gl.arange(0, T, layout=L)
+        for base in range(0, total, T):
+            j = base + i
+            row = row0 + j // segs
+            col = col0 + (j % segs) * SEG
+            mask = (j < total) & (col < n_cols)
+            gl.inline_asm_elementwise(
+                "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+                "=r,l,r", [ptr + row.to(gl.int64) * stride + col, mask.to(gl.int32)],
+                dtype=gl.int32, is_pure=False, pack=1,
+            )  # fmt: skip
+
+    @gluon.jit
     def _pdl_wait(PDL: gl.constexpr):
         """tiles.pdl_wait in Gluon: wait for the previous kernel on the stream (its writes
         visible); every program of a PDL launch passes here before it reads x or writes."""
@@ -1011,14 +1032,17 @@ if gluon is not None:
                      X_LAYOUT: gl.constexpr, C_LAYOUT: gl.constexpr, MMA: gl.constexpr,
                      SWAP: gl.constexpr, BMH: gl.constexpr, BNH: gl.constexpr,
                      MMA_H: gl.constexpr, PDL: gl.constexpr, FM: gl.constexpr,
-                     SB: gl.constexpr, TRIGGER: gl.constexpr = True):  # fmt: skip
+                     SB: gl.constexpr, TRIGGER: gl.constexpr = True,
+                     PREFETCH: gl.constexpr = False):  # fmt: skip
         """Kernel B (or any split linear): fp32 partials ws [slices, M, N] of output columns
         program_id(0) * BN ..; slices 0 .. SL - 1 cover the packed columns (x = xl [M, KL]), the
         others the dense ones (x = xh [M, KH]): both parts end in one reduce, by the last slice
         of the tile to arrive (FUSED: out = sum + bias, no second launch) or by quant_matmul's
         reduce kernel. The dense slices are x-as-A products (BMH rows, layout MMA_H) of BN / BNH
         column tiles in turn. PDL: as in _up_kernel; TRIGGER False: no early trigger (the next
-        kernel launches when this one ends), the wait kept."""
+        kernel launches when this one ends), the wait kept. PREFETCH (with PDL): the dense
+        slices ask for their whole K-slice in L2 before the wait, while the previous kernels
+        (a decoder's attention, latency-bound) leave the memory idle."""
         if TRIGGER:
             _pdl_trigger(PDL)
         pid = gl.program_id(0)
@@ -1045,6 +1069,9 @@ if gluon is not None:
             chunks = gl.cdiv(KH, _CHUNK)
             c_lo = (split - SL) * chunks // sh
             c_hi = (split - SL + 1) * chunks // sh
+            if PDL and PREFETCH:
+                _prefetch_block(hw_ptr, n0, gl.minimum(BN, N - n0), stride_hw, c_lo * _CHUNK,
+                                gl.minimum(c_hi * _CHUNK, KH) - c_lo * _CHUNK, KH, 64)  # fmt: skip
             for sub in gl.static_range(BN // BNH):
                 h0 = n0 + sub * BNH
                 h_acc, h_acc2 = _heavy_slice(xh_ptr, stride_xm, M, KH, hw_ptr, hw_ptr, stride_hw, N,
@@ -1396,13 +1423,19 @@ def _down_slices(total: int, kh: int, kl: int, group: int) -> tuple[int, int]:
 # us with the early trigger, 2,586 without (kernel A had launched behind the o projection and
 # taken SM slots as its programs left); dense step 4,663 and 4,646.
 DENSE_TRIGGER = os.environ.get("FFNSPLIT_DENSE_TRIGGER", "0") == "1"
+# split_linear(prefetch=True) calls under PDL ask for their dense weights in L2 before the wait,
+# for a call that launches while latency-bound kernels still run (a decoder's o projection
+# behind its attention: a chain of dependent loads that leaves the memory idle).
+# FFNSPLIT_DENSE_PREFETCH=0 turns the requests off everywhere.
+DENSE_PREFETCH = os.environ.get("FFNSPLIT_DENSE_PREFETCH", "1") == "1"
 
 
 def split_linear(x2: torch.Tensor, heavy: torch.Tensor | None, light: QuantizedWeight | None,
-                 bias: torch.Tensor | None, out: torch.Tensor) -> None:  # fmt: skip
+                 bias: torch.Tensor | None, out: torch.Tensor, prefetch: bool = False) -> None:  # fmt: skip
     """out [M <= MAX_M, N] = x2[:, :kh] heavy^T + x2[:, kh:] light^T + bias: the light columns'
     K-slices and the heavy columns' K-slices are programs of one launch writing fp32 partials,
-    quant_matmul's reduce kernel adds them in order with the bias."""
+    quant_matmul's reduce kernel adds them in order with the bias. `prefetch`: the dense
+    slices' weights asked for in L2 before the PDL wait (DENSE_PREFETCH)."""
     from ffnsplit.kernels.quant_matmul import _splitk_reduce_kernel
 
     m = x2.shape[0]
@@ -1436,6 +1469,7 @@ def split_linear(x2: torch.Tensor, heavy: torch.Tensor | None, light: QuantizedW
             GROUP=group, TAIL_L=kl % CHUNK != 0, TAIL_H=kh % CHUNK != 0,
             DTYPE=_gl_dtype(x2.dtype), **down_meta(cfg, m), SB=_finish_slots(m, sl + sh), **pdl,
             TRIGGER=light is not None or DENSE_TRIGGER,
+            PREFETCH=prefetch and DENSE_PREFETCH,
             num_warps=cfg.num_warps,
             maxnreg=cfg.maxnreg,
         )  # fmt: skip
@@ -1453,12 +1487,13 @@ def split_linear(x2: torch.Tensor, heavy: torch.Tensor | None, light: QuantizedW
 
 def aot_compile(kernel: str, cfg: MmaConfig, m: int = 1, dtype: str = "fp16", *,
                 heavy: int = 720, light: int = 13632, hidden: int = 4096, arch: int = 90,
-                sms: int = 132):  # fmt: skip
+                sms: int = 132, prefetch: bool = False):  # fmt: skip
     """Compile `kernel` ("up": kernel A, "down": kernel B) for one config and M rows ahead of
     time for CUDA sm_`arch`, no GPU needed (Triton's pipeline with its bundled ptxas), at the
     Llama-3-8B FFN shape by default; returns Triton's CompiledKernel (`.asm`: ptx, cubin;
     `aot_resources` reads its registers and spills). benchmarks/aot_mma.py reports it; a CPU test compiles each form with the installed
-    Triton, whose Gluon API moves between releases."""
+    Triton, whose Gluon API moves between releases. `prefetch`: kernel B's PREFETCH (the dense
+    slices' L2 requests before the wait; light=0 makes it a dense-only split_linear)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -1484,7 +1519,7 @@ def aot_compile(kernel: str, cfg: MmaConfig, m: int = 1, dtype: str = "fp16", *,
         sl, sh = _down_slices(_slices(cfg, triton.cdiv(hidden, cfg.block_n), sms), heavy, light,
                               128)  # fmt: skip
         const = dict(common, **down_meta(cfg, m), SB=_finish_slots(m, sl + sh), FUSED=cfg.fused,
-                     HAS_BIAS=False, TRIGGER=True,
+                     HAS_BIAS=False, TRIGGER=True, PREFETCH=prefetch,
                      TAIL_L=light % CHUNK != 0, TAIL_H=heavy % CHUNK != 0)  # fmt: skip
         # x's light part starts at column `heavy`: aligned only if that is a multiple of 8
         aligned = ["xh_ptr", "hw_ptr", "p_ptr", "s_ptr", "z_ptr", "ws_ptr", "cnt_ptr", "out_ptr",

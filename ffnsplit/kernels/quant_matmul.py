@@ -226,11 +226,15 @@ def split_linear(
     bias: torch.Tensor | None = None,
     *,
     path: str = "auto",
+    prefetch: bool = False,
 ) -> torch.Tensor:
     """y = x[..., :kh] @ heavy^T + x[..., kh:] @ light.dequantize()^T + bias, in x's dtype.
 
     `heavy` is a dense [N, kh] weight in x's dtype (or None), `light` a packed [N, kl] weight (or
     None); at least one must be given. `path` forces a tier ("decode", "small", "prefill").
+    `prefetch` (the Gluon tier under PDL, mma_decode.split_linear): the dense part's weights are
+    asked for in L2 before the wait for the previous kernel; for a call behind latency-bound
+    kernels (a decoder's attention), not behind a bandwidth-bound one.
     """
     if heavy is None and light is None:
         raise ValueError("split_linear needs a dense or a quantized part")
@@ -250,8 +254,11 @@ def split_linear(
         raise ValueError(f"bias must be [{n}] on {x.device}, got {tuple(bias.shape)}")
     chosen = kernel_path(m, x2, light, path)
     if chosen in ("mma", "gemv", "dequant"):
-        module = {"mma": mma_decode, "gemv": gemv, "dequant": dequant_gemm}[chosen]
-        module.split_linear(x2, heavy, light, bias, out)
+        if chosen == "mma":
+            mma_decode.split_linear(x2, heavy, light, bias, out, prefetch=prefetch)
+        else:
+            module = gemv if chosen == "gemv" else dequant_gemm
+            module.split_linear(x2, heavy, light, bias, out)
         return out.reshape(*lead, n)
     heavy_arg = heavy if heavy is not None else x2
     if heavy is not None and heavy.stride(-1) != 1:

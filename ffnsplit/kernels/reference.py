@@ -158,3 +158,24 @@ def decode_attention(
         visible &= index[None, :] > positions[:, None] - window
     probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
     return (probs @ values).to(q.dtype)
+
+
+def rope_attention(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    q_heads: int,
+    kv_heads: int,
+    head_dim: int,
+    scale: float,
+    window: int | None = None,
+    chunk: int | None = None,
+    ticket: bool = False,
+) -> torch.Tensor:
+    """One decode token's rope_kv_write then decode_attention (the caches written at
+    positions); `chunk` and `ticket` (the kernel's split and combine) are ignored."""
+    q = rope_kv_write(qkv, cos, sin, positions, k_cache, v_cache, q_heads, kv_heads, head_dim)
+    return decode_attention(q, k_cache, v_cache, positions, scale, q_heads // kv_heads, window)
