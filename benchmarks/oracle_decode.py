@@ -50,6 +50,7 @@ VARIANTS = ("full", "own_proj", "torch_proj", "no_post", "no_ffn", "no_attn", "n
 PREFETCH = mma_decode.DENSE_PREFETCH  # the default, restored after the variants that change it
 CHUNKS = {"chunk128": 128, "chunk256": 256, "one_pass": 1 << 30}
 ATTENTION = {"attn_unfused": "unfused", "attn_fused": "fused", "attn_ticket": "ticket"}
+UNFUSED = ("no_rope", *CHUNKS, "attn_unfused")  # variants of the three-launch attention
 MODE = bench.decoder_attention()  # the decoder's default (FFNSPLIT_DECODE_ATTENTION)
 
 
@@ -72,7 +73,7 @@ def attention(decoder, attn, x, index, cos, sin, positions, variant: str):
     o = attn.o_proj
     if variant == "no_core":
         return decoder._project(qkv[..., :width].contiguous(), o.weight, o.bias, prefetch=True)
-    if variant in ("no_rope", *CHUNKS):  # the three-launch form, changed
+    if variant in UNFUSED:  # the three-launch form (forward gathered cos and sin: main)
         if variant == "no_rope":
             q = qkv[..., :width].view(b, t, decoder.q_heads, decoder.head_dim).transpose(1, 2)
         else:
@@ -151,9 +152,12 @@ def main() -> None:
                 decoder._hidden_kernels = hidden(decoder, variant)
                 own = {"own_proj": True, "torch_proj": False}.get(variant, default)
                 decoder.own_projections = own
+                fused = decoder.fused_decode
+                decoder.fused_decode = fused and variant not in UNFUSED
                 with torch.no_grad():
                     graph, wall = captured_step(decoder, first, args.prompt, args.steps)
                 del graph
+                decoder.fused_decode = fused
                 times[variant].append(round(wall, 1))
                 print(label, variant, times[variant][-1], "us/step", flush=True)
         mma_decode.DENSE_PREFETCH = PREFETCH

@@ -50,6 +50,28 @@ def test_greedy_tokens_is_argmax_with_ties(vocab) -> None:
     assert got[0, 0] == vocab // 2 and got[1, 0] == 5
 
 
+def test_greedy_tokens_in_place_with_the_position_step(poison) -> None:
+    """The decode step's form: tokens written into `out`, the position advanced by one, a NaN
+    taken as the maximum (before a later +inf too: NaN counts as +inf, first index wins), fp32
+    rows of odd length with their maximum in the last, partial chunk."""
+    logits = torch.randn(4, 777, device=DEVICE)
+    logits[0, 776] = 50.0
+    logits[1, 300] = float("nan")
+    logits[1, 500] = float("inf")
+    logits[2, :] = -3.0  # all tied: the first index
+    out = torch.full((4, 1), -1, dtype=torch.int64, device=DEVICE)
+    position = torch.tensor([41], device=DEVICE)
+    got = decode_ops.greedy_tokens(logits, out=out, position=position)
+    assert got.data_ptr() == out.data_ptr()
+    assert out[:, 0].tolist() == [776, 300, 0, int(logits[3].argmax())]
+    assert position.item() == 42
+    decode_ops.greedy_tokens(logits[:, :5], out=out, position=position)  # counters reset
+    assert torch.equal(out, logits[:, :5].nan_to_num(float("inf")).argmax(-1, keepdim=True))
+    assert position.item() == 43
+    with pytest.raises(ValueError, match="int64"):
+        decode_ops.greedy_tokens(logits, out=out.int())
+
+
 # ---------------------------------------------------------------------------------------------
 # RMSNorm
 
@@ -248,6 +270,9 @@ def _check_rope_attention(dtype: torch.dtype, batch: int, position: int, length:
     the token may not see and at its own position (which it must write and take from
     registers), so reading anything else fails; the written rows must match the reference's."""
     inputs = _rope_inputs(dtype, batch, [position], length, q_heads, kv_heads, head_dim, device)
+    # the rotary tables of every position (P > L): the kernel reads row `position`
+    inputs["cos"] = randn(length + 3, head_dim, dtype=dtype, device=device)
+    inputs["sin"] = randn(length + 3, head_dim, dtype=dtype, device=device)
     expected_caches = (inputs["k_cache"].clone(), inputs["v_cache"].clone())
     keys = torch.arange(length, device=device)
     unseen = keys >= position
@@ -261,7 +286,8 @@ def _check_rope_attention(dtype: torch.dtype, batch: int, position: int, length:
     ref_inputs = {**inputs, "k_cache": expected_caches[0], "v_cache": expected_caches[1]}
     expected = reference.rope_attention(**ref_inputs, scale=scale, window=window)
     assert out.shape == expected.shape and out.dtype == dtype
-    q = reference.rope_kv_write(**{**ref_inputs, "k_cache": expected_caches[0].clone(),
+    rows = {name: inputs[name][position : position + 1] for name in ("cos", "sin")}
+    q = reference.rope_kv_write(**{**ref_inputs, **rows, "k_cache": expected_caches[0].clone(),
                                    "v_cache": expected_caches[1].clone()})  # fmt: skip
     two = decode_ops.decode_attention(q, *expected_caches, inputs["positions"], scale,
                                       q_heads // kv_heads, window)  # fmt: skip
@@ -310,6 +336,7 @@ def test_rope_attention_tickets_reset_between_calls() -> None:
         ({"q_heads": 5}, "whole groups"),
         ({"q_heads": 17 * 3}, "at most 16"),
         ({"window": 0}, "at least 1"),
+        ({"cos": torch.zeros(16, device=DEVICE)}, "table"),
     ],
 )
 def test_rope_attention_rejects_bad_inputs(change: dict, message: str) -> None:
@@ -412,6 +439,7 @@ def test_gpu_rope_attention_replays_in_a_cuda_graph_at_moving_positions(ticket) 
     tickets reset between replays; the new keys written where the next replay reads them)."""
     dtype = torch.float16
     inputs = _rope_inputs(dtype, 1, [600], 8192, **LLAMA3)
+    inputs["cos"], inputs["sin"] = randn(8192, 128, dtype=dtype), randn(8192, 128, dtype=dtype)
     positions = inputs["positions"]
     expected_caches = (inputs["k_cache"].clone(), inputs["v_cache"].clone())
     decode_ops.rope_attention(**inputs, scale=128**-0.5, ticket=ticket)  # compiles (writes 600)

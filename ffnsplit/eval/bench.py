@@ -926,7 +926,8 @@ class StaticDecoder:
     each RMSNorm fused with the residual add before it, rotary + cache write in one launch, attention over the
     unrepeated cache whose cost follows the position (prefill too: one pass per tile of query
     rows; a decode token's rotary, cache write and attention in one launch and a combine,
-    decoder_attention), the greedy pick in two short reductions, and on sm_90 GPUs the decode
+    decoder_attention), the greedy pick, token write and position step in one launch, and on
+    sm_90 GPUs the decode
     projections through ffnsplit's dense split_linear (decoder_projections); "auto" is triton
     on CUDA, torch elsewhere. Both models of a comparison run the same.
     """
@@ -976,6 +977,12 @@ class StaticDecoder:
         # Gluon tier) instead of cuBLAS, both models alike: see decoder_projections
         self.own_projections = self.kernels and decoder_projections(device) == "ffnsplit"
         self.attention_mode = decoder_attention()
+        # decode tokens through decode_ops.rope_attention (it reads the rotary tables itself)
+        self.fused_decode = (
+            self.attention_mode != "unfused"
+            and self.groups <= 16
+            and getattr(attn, "q_norm", None) is None
+        )
         if self.kernels:
             if device.type != "cuda" and not tiles.INTERPRET:
                 raise OptionError(
@@ -1042,15 +1049,11 @@ class StaticDecoder:
     ) -> Tensor:
         """The attention of the q/k/v projection `qkv` [B, T, width] over layer `index`'s cache
         (written at `positions` first): out [B, q heads, T, D] (a view of [B, T, q heads, D]).
-        A decode token (T = 1) in one launch and its combine (attention_mode), else rotary +
-        cache write, then decode_attention."""
+        A decode token (T = 1) in one launch and its combine (fused_decode: cos and sin are
+        then the whole rotary tables), else rotary + cache write (cos, sin: the rows of
+        `positions`), then decode_attention."""
         keys, values = self.keys[index], self.values[index]
-        if (
-            qkv.shape[1] == 1
-            and self.attention_mode != "unfused"
-            and not self.qk_norms[index]
-            and self.groups <= 16
-        ):
+        if qkv.shape[1] == 1 and self.fused_decode:  # cos, sin: the tables (forward)
             return decode_ops.rope_attention(
                 qkv, cos, sin, positions, keys, values, self.q_heads, keys.shape[1],
                 self.head_dim, attn.scaling, self.windows[index],
@@ -1100,8 +1103,11 @@ class StaticDecoder:
         """Logits [B, T (1 if last_only), V] of tokens `ids` [B, T] at `positions` [T] (a long
         tensor on the device), whose keys and values are written into the cache."""
         h = self.base.embed_tokens(ids)
-        cos = self.cos.index_select(0, positions)
-        sin = self.sin.index_select(0, positions)
+        if self.kernels and ids.shape[1] == 1 and self.fused_decode:
+            cos, sin = self.cos, self.sin  # rope_attention reads row `position` itself
+        else:
+            cos = self.cos.index_select(0, positions)
+            sin = self.sin.index_select(0, positions)
         if self.kernels:
             return self.model.lm_head(self._hidden_kernels(h, cos, sin, positions, last_only))
         keys, queries = self.key_positions[None, :], positions[:, None]
@@ -1131,11 +1137,11 @@ class StaticDecoder:
     def decode_step(self) -> None:
         """One greedy step: `tokens` at `position` -> next tokens; both advance in place."""
         logits = self.forward(self.tokens, self.position)[:, -1]
-        if self.kernels:
-            self.tokens.copy_(decode_ops.greedy_tokens(logits))
+        if self.kernels:  # the pick, the tokens' write and the position's step in one launch
+            decode_ops.greedy_tokens(logits, out=self.tokens, position=self.position)
         else:
             self.tokens.copy_(logits.argmax(dim=-1, keepdim=True))
-        self.position.add_(1)
+            self.position.add_(1)
 
 
 def random_llama(

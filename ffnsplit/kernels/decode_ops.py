@@ -9,8 +9,9 @@ weights, set the time of everything but the FFN. Here:
   times the weight).
 - `rope_kv_write`: from the fused q/k/v projection, the rotary on q and k (optionally the per-head
   RMSNorm of Qwen3 first), k and v written into the static cache at `positions`, q returned.
-- `greedy_tokens`: argmax over the vocabulary in two short reductions (a max per chunk of the
-  row, then over the chunks) instead of one program walking a 128k-entry row.
+- `greedy_tokens`: argmax over the vocabulary in one launch (a max per chunk of the row, then
+  over the chunks by the row's last chunk to finish), writing the next tokens and advancing the
+  decode position in place.
 - `decode_attention`: grouped-query attention over the static cache without repeating it (each
   program loads a key/value block once for all the query heads of its kv head), split-K
   (flash-decoding) when there are few query rows: programs own fixed key chunks, those past the
@@ -147,23 +148,90 @@ def _norm(
 # The greedy pick of a decode step
 
 
-GREEDY_CHUNKS = 256  # chunks of a row whose maxima are taken first
+GREEDY_BLOCK = 64 if INTERPRET else 512  # logits a program of the greedy pick
 
 
-def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+@triton.jit
+def _greedy_kernel(
+    logits_ptr, vals_ptr, idx_ptr, cnt_ptr, out_ptr, pos_ptr, V, CHUNKS, stride_l, stride_o,
+    ADVANCE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """Programs: (row, chunk of BLOCK logits). Each stores its chunk's maximum and the first
+    index holding it; the row's last chunk to arrive (a CTA barrier, then one acq_rel atomic)
+    takes the first chunk holding the largest, writes the token, resets the row's counter, and
+    (ADVANCE, row 0) adds one to the decode position. NaN counts as +inf."""
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    offs = chunk * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(logits_ptr + row.to(tl.int64) * stride_l + offs, mask=offs < V,
+                other=float("-inf")).to(tl.float32)  # fmt: skip
+    x = tl.where(x != x, float("inf"), x)
+    best = tl.max(x, axis=0)
+    first = tl.min(tl.where((x == best) & (offs < V), offs, V), axis=0)
+    slot = row * CHUNKS + chunk
+    tl.store(vals_ptr + slot, best)
+    tl.store(idx_ptr + slot, first)
+    tl.debug_barrier()
+    ticket = tl.atomic_add(cnt_ptr + row, 1, sem="acq_rel", scope="gpu")
+    if ticket == CHUNKS - 1:
+        c = tl.arange(0, BLOCK_C)
+        c_ok = c < CHUNKS
+        vals = tl.load(vals_ptr + row * CHUNKS + c, mask=c_ok, other=float("-inf"),
+                       cache_modifier=".cg")  # fmt: skip
+        idx = tl.load(idx_ptr + row * CHUNKS + c, mask=c_ok, other=V, cache_modifier=".cg")
+        top = tl.max(vals, axis=0)
+        token = tl.min(tl.where((vals == top) & c_ok, idx, V), axis=0)
+        tl.store(out_ptr + row.to(tl.int64) * stride_o, token.to(tl.int64))
+        tl.atomic_xchg(cnt_ptr + row, 0, sem="relaxed", scope="gpu")
+        if ADVANCE and row == 0:
+            tl.store(pos_ptr, tl.load(pos_ptr) + 1)
+
+
+def greedy_tokens(
+    logits: torch.Tensor, out: torch.Tensor | None = None, position: torch.Tensor | None = None
+) -> torch.Tensor:
     """logits [B, V] -> [B, 1] int64: the first index of each row's maximum (torch.argmax's
-    answer), as a max per chunk of the row, then the first chunk holding the largest."""
+    answer; NaN counts as +inf), in one launch: a maximum per chunk of the row, then, by the
+    row's last chunk to finish, the first chunk holding the largest. `out` [B, 1] int64 (e.g.
+    a decoder's next tokens) is written in place and returned; `position` (a one-element
+    integer tensor) gets one added by the same launch (a decode step's last two ops)."""
     if logits.dim() != 2:
         raise ValueError(f"logits must be [B, V], got {tuple(logits.shape)}")
     b, v = logits.shape
-    chunks = GREEDY_CHUNKS
-    while chunks > 1 and v % chunks:  # a divisor of V: no padded copy of the logits
-        chunks //= 2
-    if chunks == 1 or v // chunks < 64:
-        return logits.argmax(dim=-1, keepdim=True)
-    values, index = logits.reshape(b, chunks, v // chunks).max(dim=-1)
-    best = values.argmax(dim=-1, keepdim=True)
-    return best * (v // chunks) + index.gather(1, best)
+    _float_ok(logits)
+    if out is None:
+        out = torch.empty(b, 1, dtype=torch.int64, device=logits.device)
+    elif out.shape != (b, 1) or out.dtype != torch.int64 or out.device != logits.device:
+        raise ValueError(f"out must be a [{b}, 1] int64 tensor on {logits.device}")
+    if position is not None and (
+        position.numel() != 1
+        or position.dtype not in (torch.int32, torch.int64)
+        or position.device != logits.device
+    ):
+        raise ValueError(f"position must be a one-element integer tensor on {logits.device}")
+    if b == 0 or v == 0:
+        if v == 0 and b:
+            raise ValueError("logits over an empty vocabulary have no maximum")
+        if position is not None:
+            position.add_(1)
+        return out
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    from ffnsplit.kernels.gemv import _zeroed  # the rows' arrival counters
+
+    chunks = triton.cdiv(v, GREEDY_BLOCK)
+    vals = torch.empty(b * chunks, dtype=torch.float32, device=logits.device)
+    idx = torch.empty(b * chunks, dtype=torch.int32, device=logits.device)
+    _greedy_kernel[(b, chunks)](
+        logits, vals, idx, _zeroed(logits.device, b, torch.int32), out,
+        position if position is not None else out, v, chunks, logits.stride(0), out.stride(0),
+        ADVANCE=position is not None, BLOCK=GREEDY_BLOCK,
+        BLOCK_C=triton.next_power_of_2(chunks), num_warps=1 if INTERPRET else 4,
+        **pdl_options(logits.device),
+    )  # fmt: skip
+    return out
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -546,8 +614,8 @@ def _softmax_block(q, k, v, key_ok, row_ok, m_i, l_i, acc, qk_scale,
 def _rope_attention_kernel(
     qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, acc_ptr, m_ptr, l_ptr, cnt_ptr,
     HQ, HKV, GROUPS, L, D, CHUNK, SPLITS, qk_scale, window,
-    stride_xb, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
-    stride_ob, stride_oh,
+    stride_xb, stride_cos, stride_sin, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh,
+    stride_vl, stride_ob, stride_oh,
     HAS_WINDOW: tl.constexpr, TICKET: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, RB: tl.constexpr,
     S2: tl.constexpr, PDL: tl.constexpr,
@@ -555,7 +623,7 @@ def _rope_attention_kernel(
     """Programs: (batch x kv head, key chunk) of one decode token at position pos.
 
     Before the wait for the previous kernel (the q/k/v projection) a program reads what that
-    kernel does not write: pos, the cos / sin rows, and the first block of its chunk's cached
+    kernel does not write: pos, the cos / sin tables' rows pos, and the first block of its chunk's cached
     keys and values (rows below pos, written by earlier steps; row pos is taken from registers).
     After it: its kv head's GROUPS query heads, rotated; the chunk holding pos also rotates the
     new key and writes it and the new value into the caches. Every chunk stores its partial
@@ -571,8 +639,8 @@ def _rope_attention_kernel(
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     pos = tl.load(pos_ptr).to(tl.int32)
-    cos = tl.load(cos_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+    cos = tl.load(cos_ptr + pos * stride_cos + d, mask=d_ok, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + pos * stride_sin + d, mask=d_ok, other=0.0).to(tl.float32)
     end = tl.minimum(tl.minimum(start + CHUNK, pos + 1), L)
     first = 0
     if HAS_WINDOW:
@@ -721,9 +789,11 @@ def rope_attention(
     ticket: bool = False,
 ) -> torch.Tensor:
     """One decode token: rope_kv_write then decode_attention without the q round trip or the
-    rotary launch. qkv [B, 1, (q + 2 kv) * D], cos / sin [1, D], positions [1]; the new key and
-    value are written into the caches [B, kv, L, D] at positions[0]; returns out [B, q heads, 1,
-    D] laid out as decode_attention's. No q/k norms (Qwen3 takes the two-launch path). Key
+    rotary launch. qkv [B, 1, (q + 2 kv) * D], positions [1], cos / sin the rotary tables [P, D]
+    of every position (row positions[0] is read on the device: P is not checked against it, as
+    nothing here waits for the device); the new key and value are written into the caches
+    [B, kv, L, D] at positions[0]; returns out [B, q heads, 1, D] laid out as
+    decode_attention's. No q/k norms (Qwen3 takes the two-launch path). Key
     chunks of `chunk` keys (default: enough for at most MAX_SPLITS) are combined by a second
     launch, or with `ticket` by each kv head's last chunk to finish.
 
@@ -742,8 +812,8 @@ def rope_attention(
     if groups > 16:
         raise ValueError(f"{groups} query heads per kv head: at most 16 (use decode_attention)")
     for name, table in (("cos", cos), ("sin", sin)):
-        if table.shape != (1, head_dim) or table.stride(1) != 1:
-            raise ValueError(f"{name} must be [1, D={head_dim}], got {tuple(table.shape)}")
+        if table.dim() != 2 or table.shape[1] != head_dim or table.stride(1) != 1:
+            raise ValueError(f"{name} must be a table [P, D={head_dim}], got {tuple(table.shape)}")
     if positions.shape != (1,) or positions.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"positions must be an integer tensor [1], got {positions.shape}")
     if window is not None and window < 1:
@@ -783,8 +853,8 @@ def rope_attention(
     _rope_attention_kernel[(b * kv_heads, splits)](
         qkv, cos, sin, positions, k_cache, v_cache, out, acc, m, lse, counters,
         q_heads, kv_heads, groups, length, head_dim, chunk, splits, float(scale) * LOG2E,
-        window or 0, qkv.stride(0), *k_cache.stride()[:3], *v_cache.stride()[:3],
-        out.stride(0), out.stride(1),
+        window or 0, qkv.stride(0), cos.stride(0), sin.stride(0), *k_cache.stride()[:3],
+        *v_cache.stride()[:3], out.stride(0), out.stride(1),
         HAS_WINDOW=window is not None, TICKET=ticket,
         DOT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
         BLOCK_M=16, BLOCK_N=block_n, BLOCK_D=block_d, RB=rb, S2=s2,

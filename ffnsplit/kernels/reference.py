@@ -175,7 +175,9 @@ def rope_attention(
     chunk: int | None = None,
     ticket: bool = False,
 ) -> torch.Tensor:
-    """One decode token's rope_kv_write then decode_attention (the caches written at
-    positions); `chunk` and `ticket` (the kernel's split and combine) are ignored."""
+    """One decode token's rope_kv_write then decode_attention (cos / sin: tables [P, D] over
+    positions, row positions[0] used; the caches written at positions); `chunk` and `ticket`
+    (the kernel's split and combine) are ignored."""
+    cos, sin = cos.index_select(0, positions), sin.index_select(0, positions)
     q = rope_kv_write(qkv, cos, sin, positions, k_cache, v_cache, q_heads, kv_heads, head_dim)
     return decode_attention(q, k_cache, v_cache, positions, scale, q_heads // kv_heads, window)
