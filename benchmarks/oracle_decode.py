@@ -22,10 +22,9 @@ Variants, each timed as the median over 5 runs of 32 graph replays (one replay =
   chunk128, chunk256, one_pass
               the split attention with 128- or 256-key chunks (fewer programs, fewer partials
               to combine), or one program a kv head (no combine launch)
-  no_prefetch the o projection without its L2 requests before the PDL wait
-              (mma_decode.DENSE_PREFETCH off)
-  all_prefetch
-              the q/k/v projection with them too
+  no_prefetch, o_prefetch, all_prefetch
+              the o projection without or with its weights' L2 requests before the PDL wait
+              (mma_decode.DENSE_PREFETCH, off by default), the q/k/v projection with them too
   attn_unfused, attn_fused, attn_ticket
               a decode token's attention in three launches (rotary + cache write, attention,
               combine), in one launch and its combine, in one launch combining by ticket
@@ -46,7 +45,7 @@ from ffnsplit.kernels import mma_decode
 
 VARIANTS = ("full", "own_proj", "torch_proj", "no_post", "no_ffn", "no_attn", "no_core",
             "no_rope", "no_o", "no_qkv", "no_in_norm", "chunk128", "chunk256", "one_pass",
-            "no_prefetch", "all_prefetch", "attn_unfused", "attn_fused", "attn_ticket")  # fmt: skip
+            "no_prefetch", "o_prefetch", "all_prefetch", "attn_unfused", "attn_fused", "attn_ticket")  # fmt: skip
 PREFETCH = mma_decode.DENSE_PREFETCH  # the default, restored after the variants that change it
 CHUNKS = {"chunk128": 128, "chunk256": 256, "one_pass": 1 << 30}
 ATTENTION = {"attn_unfused": "unfused", "attn_fused": "fused", "attn_ticket": "ticket"}
@@ -58,7 +57,9 @@ def attention(decoder, attn, x, index, cos, sin, positions, variant: str):
     """StaticDecoder._attention_kernels with `variant`'s part left out."""
     from ffnsplit.kernels import decode_ops
 
-    mma_decode.DENSE_PREFETCH = PREFETCH and variant != "no_prefetch"
+    mma_decode.DENSE_PREFETCH = variant in ("o_prefetch", "all_prefetch") or (
+        PREFETCH and variant != "no_prefetch"
+    )
     b, t, _ = x.shape
     weight, bias = decoder.qkv[index]
     keys, values = decoder.keys[index], decoder.values[index]

@@ -382,10 +382,11 @@ def test_dense_linear_with_its_l2_requests(poison, monkeypatch, dtype, prefetch)
         bias = torch.randn(n, device=DEVICE).to(dtype)
         x = torch.randn(m, k, device=DEVICE).to(dtype)
         ref = x.double() @ heavy.double().T + bias.double()
-        assert rel_err(qmm.split_linear(x, heavy, None, bias, path="mma"), ref) < TOL[dtype]
+        got = qmm.split_linear(x, heavy, None, bias, path="mma", prefetch=True)
+        assert rel_err(got, ref) < TOL[dtype]
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            y = qmm.split_linear(x * 1, heavy, None, bias, path="mma")
+            y = qmm.split_linear(x * 1, heavy, None, bias, path="mma", prefetch=True)
         for _ in range(3):
             graph.replay()
         torch.cuda.synchronize()

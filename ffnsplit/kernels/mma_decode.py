@@ -1423,11 +1423,16 @@ def _down_slices(total: int, kh: int, kl: int, group: int) -> tuple[int, int]:
 # us with the early trigger, 2,586 without (kernel A had launched behind the o projection and
 # taken SM slots as its programs left); dense step 4,663 and 4,646.
 DENSE_TRIGGER = os.environ.get("FFNSPLIT_DENSE_TRIGGER", "0") == "1"
-# split_linear(prefetch=True) calls under PDL ask for their dense weights in L2 before the wait,
-# for a call that launches while latency-bound kernels still run (a decoder's o projection
-# behind its attention: a chain of dependent loads that leaves the memory idle).
-# FFNSPLIT_DENSE_PREFETCH=0 turns the requests off everywhere.
-DENSE_PREFETCH = os.environ.get("FFNSPLIT_DENSE_PREFETCH", "1") == "1"
+# FFNSPLIT_DENSE_PREFETCH=1: split_linear(prefetch=True) calls under PDL ask for their dense
+# weights in L2 before the wait, for a call that launches while latency-bound kernels still run
+# (a decoder's o projection behind its attention: a chain of dependent loads that leaves the
+# memory idle). Off by default: H200, session 20, Llama-3-8B decode step, the o projection
+# with them: -96 us a split step and -91 a dense one on two cards where the tuner picked the
+# 4 x 1 depth-2 config for o (benchmarks/oracle_decode.py), +72 / +61 us with the first config
+# (FFNSPLIT_AUTOTUNE=0), and in `ffnsplit bench` on a third card 391.9 -> 384.2 tok/s split and
+# 220.0 -> 217.4 dense (benchmarks/results/*_s20_*). The q/k/v projection with them (behind the
+# previous FFN's bandwidth-bound kernel B) lost 55-60 us a step everywhere.
+DENSE_PREFETCH = os.environ.get("FFNSPLIT_DENSE_PREFETCH", "0") == "1"
 
 
 def split_linear(x2: torch.Tensor, heavy: torch.Tensor | None, light: QuantizedWeight | None,
