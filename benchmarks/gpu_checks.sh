@@ -332,6 +332,17 @@ big20)  # prepared in session 19 (not run): larger W-as-A tiles for M = 256 (the
         --down b128x128wa_w8,b128x128wa_w8_s2,b128x64wa_w8,b64x128wa_w8 --down-splits 1,2,4 \
         --out "$OUT/sweep256b.json"
     ;;
+attn20)  # session 20: the decode step's parts, the o projection's L2 requests and the one-launch
+    # attention (oracle_decode.py, three interleaved rounds), then the 8B decode in `ffnsplit
+    # bench` under the four settings on one machine (~7 min)
+    run 300 oracle_attn20 python3 benchmarks/oracle_decode.py --rounds 3 --out "$OUT/oracle_attn20.json" \
+        --variants full,no_core,no_o,no_qkv,no_prefetch,o_prefetch,attn_unfused,attn_ticket
+    for v in on:1:fused off:0:fused on_unf:1:unfused off_unf:0:unfused; do
+        set -- ${v//:/ }
+        run 100 "e2e_$1" env FFNSPLIT_DENSE_PREFETCH=$2 FFNSPLIT_DECODE_ATTENTION=$3 python3 -m \
+            ffnsplit.cli bench --shape 4096x14336 --m 1 --e2e-shape llama3-8b --json "$OUT/e2e_$1.json"
+    done
+    ;;
 oracle)  # what-if timings of the 8B decode step: without the post-attention norm, the FFN, the
     # attention (benchmarks/oracle_decode.py, ~3 min)
     run 300 oracle python3 benchmarks/oracle_decode.py --out "$OUT/oracle.json"

@@ -1618,7 +1618,7 @@ def _e2e_markdown(run: dict, payload: dict) -> list[str]:
         )
     lines.append(
         f"| compressed / dense | {_fmt(run['weights_ratio'], '.2f', 'x')} | - | "
-        f"{_fmt(run['prefill_speedup'], '.2f', 'x')} | {_fmt(run['decode_speedup'], '.2f', 'x')} "
+        f"{_fmt(run['prefill_speedup'], '.2f', 'x')} | {_fmt(run['decode_speedup'], '.3f', 'x')} "
         f"| - | {_fmt(run['peak_memory_ratio'], '.2f', 'x')} |"
     )
     lines += ["", logits_line(run) + ".", ""]
