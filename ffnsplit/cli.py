@@ -743,9 +743,11 @@ def _e2e_table(run: dict):
 
     dense, compressed = run["dense"], run["compressed"]
     timing = {dense["decode_timing"], compressed["decode_timing"]}
+    prefill = {dense.get("prefill_timing", "eager"), compressed.get("prefill_timing", "eager")}
     table = Table(
-        title=f"end-to-end {run['source']}: batch {run['batch']}, prompt {run['prompt_len']}, "
-        f"{run['decode_steps']} decode steps ({', '.join(sorted(timing))}), {run['dtype']}",
+        title=f"end-to-end {run['source']}: batch {run['batch']}, prompt {run['prompt_len']} "
+        f"({', '.join(sorted(prefill))}), {run['decode_steps']} decode steps "
+        f"({', '.join(sorted(timing))}), {run['dtype']}",
         title_justify="left",
     )
     for column in ("model", "weights", "prefill tok/s", "decode tok/s", "ms/step", "peak mem"):

@@ -213,6 +213,7 @@ def test_e2e_twin_with_every_neuron_heavy_is_the_dense_model() -> None:
         metrics = result[side]
         assert metrics["decode_tokens_per_s"] > 0 and metrics["prefill_tokens_per_s"] > 0
         assert metrics["decode_timing"] == ("cuda-graph" if cuda else "eager-cpu")
+        assert metrics["prefill_timing"] == ("cuda-graph" if cuda else "eager-cpu")
         assert (metrics["peak_memory_bytes"] is not None) == cuda
     assert result["batch"] == 2
     # fp32 on the CPU: equal up to summation order; fp16 on a GPU: up to fp16 rounding

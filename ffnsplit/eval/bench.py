@@ -19,8 +19,8 @@ error ||out - ref|| / ||ref|| of each method against an fp32 computation with th
 End-to-end: a Llama-style causal LM and its compressed twin (a compressed folder and its dense
 original, or a random-weight model of a named shape and the same model with every FFN split in
 place: a random heavy set kept fp16, the rest RTN-quantized) run through `StaticDecoder`, the same
-code for both: prefill = one forward of the prompt, decode = greedy steps over a static KV cache,
-one step per CUDA-graph replay. Reported: prefill and decode tokens/s, peak GPU memory, and how
+code for both: prefill = one forward of the prompt (a CUDA-graph replay on a GPU), decode =
+greedy steps over a static KV cache, one step per CUDA-graph replay. Reported: prefill and decode tokens/s, peak GPU memory, and how
 far the compressed model's logits are from the dense model's.
 
 On the CPU (`device="cpu"`) everything runs eagerly with tiny shapes: smoke numbers, not timings.
@@ -1267,9 +1267,23 @@ def measure_model(
         for _ in range(E2E_WARMUP if cuda else 0):
             decoder.forward(prompt, positions)
         _sync(device)
-        prefill_us = statistics.median(
-            elapsed_us(lambda: decoder.forward(prompt, positions), device) for _ in range(reps)
-        )
+
+        def prefill() -> None:
+            decoder.forward(prompt, positions)
+
+        prefill_timing = "eager" if cuda else "eager-cpu"
+        prefill_graph = None
+        if cuda and graphs:
+            # one forward of the prompt as a CUDA graph, as the decode steps: eagerly the host's
+            # launches set its time (sessions 18-20 saw one card's 512-token prefill move 2x)
+            try:
+                prefill_graph = capture_graph(prefill)
+            except RuntimeError as error:
+                log(f"  the prefill could not be captured ({error}); timing it eagerly")
+            else:
+                prefill, prefill_timing = prefill_graph.replay, "cuda-graph"
+        prefill_us = statistics.median(elapsed_us(prefill, device) for _ in range(reps))
+        del prefill_graph
         first = logits[:, -1].argmax(dim=-1, keepdim=True)
         decoder.start_decode(first, prompt_len)
         step, timing = decoder.decode_step, "eager" if cuda else "eager-cpu"
@@ -1299,13 +1313,14 @@ def measure_model(
         "ffn_bytes": ffn_bytes,
         "prefill_ms": prefill_us / 1e3,
         "prefill_tokens_per_s": batch * prompt_len / (prefill_us * 1e-6),
+        "prefill_timing": prefill_timing,
         "decode_ms_per_step": step_us / 1e3,
         "decode_tokens_per_s": batch / (step_us * 1e-6),
         "decode_timing": timing,
         "peak_memory_bytes": peak,
     }
     log(
-        f"  prefill {metrics['prefill_tokens_per_s']:,.0f} tok/s, decode "
+        f"  prefill {metrics['prefill_tokens_per_s']:,.0f} tok/s ({prefill_timing}), decode "
         f"{metrics['decode_tokens_per_s']:,.1f} tok/s ({timing})"
         + (f", peak {peak / 2**30:.2f} GiB" if peak else "")
     )
@@ -1335,7 +1350,8 @@ def _e2e_result(
         "decode_speedup": ratio("decode_tokens_per_s"),
         "peak_memory_ratio": ratio("peak_memory_bytes"),
         "weights_ratio": ratio("weights_bytes"),
-        "same_timing": d["decode_timing"] == c["decode_timing"],
+        "same_timing": d["decode_timing"] == c["decode_timing"]
+        and d.get("prefill_timing") == c.get("prefill_timing"),
         "logits_rel_err": rel_err(c_logits, d_logits),
         "top1_agreement": float((c_logits.argmax(-1) == d_logits.argmax(-1)).float().mean()),
     }
@@ -1598,8 +1614,9 @@ def _e2e_markdown(run: dict, payload: dict) -> list[str]:
         f"{run['decode_steps']} decode steps ({payload['date']})",
         "",
         f"{_versions(payload)}. Command: `{payload['command']}`. {run['dtype']}; {what}. Prefill: "
-        "one forward of the prompt; decode: greedy steps over a static KV cache "
-        f"({d['decode_timing']} dense, {c['decode_timing']} compressed); medians."
+        f"one forward of the prompt ({d.get('prefill_timing', 'eager')} dense, "
+        f"{c.get('prefill_timing', 'eager')} compressed); decode: greedy steps over a static KV "
+        f"cache ({d['decode_timing']} dense, {c['decode_timing']} compressed); medians."
         + (" **Smoke run: not timings to report.**" if payload["smoke"] else ""),
         "",
         "| model | weights GiB | FFN GiB | prefill tok/s | decode tok/s | decode ms/step "
