@@ -16,7 +16,8 @@
 #   at M = 1024-4096: heavy rows in the scratch or not, 128 and 256 MiB chunks), decodeops (decoder op tests), trace
 #   profprefill (benchmarks/prof_prefill.py + probe_cublas.py), odd (717 heavy neurons),
 #   swap (benchmarks/proto_swap.py), swaptier (the W-as-A form: tests + bench_mma), pdlmma,
-#   next14 (session 13's open questions), fused15 (the one-launch FFN), verify15, next16, s16ab, ncu16, proj, floor17 (ran in 17), finish17, trace17, ab17, ab18, ticket18, decoder18, trace18, slices18, trig19 (ran in 19), mid19, big20 (prepared), oracle, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
+#   next14 (session 13's open questions), fused15 (the one-launch FFN), verify15, next16, s16ab, ncu16, proj, floor17 (ran in 17), finish17, trace17, ab17, ab18, ticket18, decoder18, trace18, slices18, trig19 (ran in 19), mid19, big20 (prepared), wg20 (branch s20-wgmma,
+#   ran in 20), attn20, attn21 (prepared), tune21 (branch s21-prepared), oracle, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
 #   (benchmarks/trace_decode.py), decode8b (M = 1, 4 + 8B decode once)
 # Several stages in one call: bash benchmarks/gpu_checks.sh gemv trace decode8b
 # Each step has its own time limit, so one slow step cannot take the whole call.
@@ -342,6 +343,20 @@ attn20)  # session 20: the decode step's parts, the o projection's L2 requests a
         run 100 "e2e_$1" env FFNSPLIT_DENSE_PREFETCH=$2 FFNSPLIT_DECODE_ATTENTION=$3 python3 -m \
             ffnsplit.cli bench --shape 4096x14336 --m 1 --e2e-shape llama3-8b --json "$OUT/e2e_$1.json"
     done
+    ;;
+attn21)  # prepared in session 20 (not run): the decode attention chain alone, 32 layers' caches
+    # in one graph (benchmarks/bench_attention.py: one launch + combine, ticket, three launches,
+    # attention alone, rotary alone, an empty kernel a layer; then with a q/k/v-sized GEMV before
+    # each), then every stall reason of the one-launch kernel and its combine (ncu; ~3 min)
+    run 120 bench_attention python3 benchmarks/bench_attention.py --out "$OUT/attention.json"
+    run 120 bench_attention_proj python3 benchmarks/bench_attention.py --with-proj \
+        --out "$OUT/attention_proj.json"
+    run 240 ncu_attention env FFNSPLIT_AUTOTUNE=0 /usr/local/cuda/bin/ncu --clock-control none \
+        -k "regex:_rope_attention_kernel|_combine_all_kernel" --launch-skip 4 --launch-count 2 \
+        --section SpeedOfLight --section SchedulerStats --section WarpStateStats \
+        --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+        python3 benchmarks/bench_attention.py --forms fused --layers 2 --reps 1 \
+        --out "$OUT/attention_ncu.json"
     ;;
 oracle)  # what-if timings of the 8B decode step: without the post-attention norm, the FFN, the
     # attention (benchmarks/oracle_decode.py, ~3 min)
