@@ -20,8 +20,9 @@ End-to-end: a Llama-style causal LM and its compressed twin (a compressed folder
 original, or a random-weight model of a named shape and the same model with every FFN split in
 place: a random heavy set kept fp16, the rest RTN-quantized) run through `StaticDecoder`, the same
 code for both: prefill = one forward of the prompt (a CUDA-graph replay on a GPU), decode =
-greedy steps over a static KV cache, one step per CUDA-graph replay. Reported: prefill and decode tokens/s, peak GPU memory, and how
-far the compressed model's logits are from the dense model's.
+greedy steps over a static KV cache, one step per CUDA-graph replay. Reported: prefill and decode
+tokens/s, peak GPU memory, and how far the compressed model's logits are from the dense
+model's.
 
 On the CPU (`device="cpu"`) everything runs eagerly with tiny shapes: smoke numbers, not timings.
 """
@@ -927,9 +928,9 @@ class StaticDecoder:
     unrepeated cache whose cost follows the position (prefill too: one pass per tile of query
     rows; a decode token's rotary, cache write and attention in one launch and a combine,
     decoder_attention), the greedy pick, token write and position step in one launch, and on
-    sm_90 GPUs the decode
-    projections through ffnsplit's dense split_linear (decoder_projections); "auto" is triton
-    on CUDA, torch elsewhere. Both models of a comparison run the same.
+    sm_90 GPUs the decode projections through ffnsplit's dense split_linear
+    (decoder_projections); "auto" is triton on CUDA, torch elsewhere. Both models of a
+    comparison run the same.
     """
 
     def __init__(self, model: nn.Module, batch: int, max_len: int, kernels: str = "auto") -> None:
@@ -1040,7 +1041,8 @@ class StaticDecoder:
         weight, bias = self.qkv[index]
         out = self._attend(attn, self._project(x, weight, bias), index, cos, sin, positions)
         o = attn.o_proj  # out is [B, T, H, D] viewed as [B, H, T, D]: merging the heads is free
-        # o's weights asked for in L2 while the attention's dependent loads leave memory idle
+        # o's weights asked for in L2 while the attention's dependent loads leave the memory
+        # idle, where mma_decode.DENSE_PREFETCH allows it (off by default: session 20)
         return self._project(out.transpose(1, 2).reshape(b, t, -1), o.weight, o.bias,
                              prefetch=True)  # fmt: skip
 
