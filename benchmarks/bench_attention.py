@@ -2,8 +2,9 @@
 each layer its own Llama-3-8B-shaped cache (8 kv heads of 128, 32 query heads), so the caches
 do not sit in L2, the launches chained by PDL as in the decode step. Forms, us a layer:
 
-  fused       decode_ops.rope_attention and its combine launch (the decoder's default)
-  ticket      rope_attention combining by its last chunk (one launch)
+  fused       decode_ops.rope_attention and its combine launch (the decoder's default), for
+              each --block-n and --warps
+  ticket      rope_attention combining by its last chunk (one launch), likewise
   unfused     rope_kv_write, decode_attention, its combine (three launches)
   attention   decode_attention (and its combine) alone on a rotated q
   rope        rope_kv_write alone
@@ -48,6 +49,10 @@ def main() -> None:
     parser.add_argument("--forms", default=",".join(FORMS))
     parser.add_argument("--with-proj", action="store_true",
                         help="a 4096 -> 6144 dense projection before each layer's attention")  # fmt: skip
+    parser.add_argument("--block-n", default="64",
+                        help="rope_attention's keys a block, comma-separated: each is timed")  # fmt: skip
+    parser.add_argument("--warps", default="4",
+                        help="rope_attention's warps a program, comma-separated: each is timed")  # fmt: skip
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "attention.json"))
     args = parser.parse_args()
     device, dtype = torch.device("cuda"), torch.float16
@@ -92,9 +97,19 @@ def main() -> None:
     result = {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": triton.__version__, "position": args.position, "length": args.length,
               "layers": args.layers, "with_proj": args.with_proj, "us_per_layer": {}}  # fmt: skip
+    runs = []
     for form in args.forms.split(","):
         if form not in FORMS:
             raise SystemExit(f"unknown form {form!r}: choose from {', '.join(FORMS)}")
+        if form in ("fused", "ticket"):  # the one-launch kernel under each block and warp count
+            runs += [(form, int(n), int(w)) for n in args.block_n.split(",")
+                     for w in args.warps.split(",")]  # fmt: skip
+        else:
+            runs.append((form, None, None))
+    for form, block_n, warps in runs:
+        label = form if block_n is None else f"{form} n{block_n} w{warps}"
+        if block_n is not None:
+            decode_ops.ROPE_ATTENTION_BLOCK_N, decode_ops.ROPE_ATTENTION_WARPS = block_n, warps
 
         def chain(form: str = form) -> None:
             for k, v in caches:
@@ -110,8 +125,8 @@ def main() -> None:
             stop.synchronize()
             walls.append(start.elapsed_time(stop) * 1e3 / args.layers)
         del graph
-        result["us_per_layer"][form] = round(statistics.median(walls), 2)
-        print(f"{form:10s} {result['us_per_layer'][form]:7.2f} us a layer", flush=True)
+        result["us_per_layer"][label] = round(statistics.median(walls), 2)
+        print(f"{label:16s} {result['us_per_layer'][label]:7.2f} us a layer", flush=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 

@@ -345,10 +345,12 @@ attn20)  # session 20: the decode step's parts, the o projection's L2 requests a
     done
     ;;
 attn21)  # prepared in session 20 (not run): the decode attention chain alone, 32 layers' caches
-    # in one graph (benchmarks/bench_attention.py: one launch + combine, ticket, three launches,
-    # attention alone, rotary alone, an empty kernel a layer; then with a q/k/v-sized GEMV before
+    # in one graph (benchmarks/bench_attention.py: one launch + combine and ticket at 32-128 keys
+    # a block and 1-8 warps, three launches, attention alone, rotary alone, an empty kernel a
+    # layer; then with a q/k/v-sized GEMV before
     # each), then every stall reason of the one-launch kernel and its combine (ncu; ~3 min)
-    run 120 bench_attention python3 benchmarks/bench_attention.py --out "$OUT/attention.json"
+    run 120 bench_attention python3 benchmarks/bench_attention.py --block-n 32,64,128 \
+        --warps 1,2,4,8 --out "$OUT/attention.json"
     run 120 bench_attention_proj python3 benchmarks/bench_attention.py --with-proj \
         --out "$OUT/attention_proj.json"
     run 240 ncu_attention env FFNSPLIT_AUTOTUNE=0 /usr/local/cuda/bin/ncu --clock-control none \

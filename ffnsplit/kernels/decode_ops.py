@@ -25,6 +25,8 @@ signature). No host syncs, no data-dependent shapes.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -771,6 +773,10 @@ def _combine_all_kernel(
 # (rope_attention, then its combine launch), "ticket" (rope_attention, its last chunk
 # combining), "unfused" (rope_kv_write, then decode_attention: three launches)
 ROPE_ATTENTION_MODES = ("fused", "ticket", "unfused")
+# rope_attention's keys a block and warps a program (measurement knobs: benchmarks/
+# bench_attention.py --block-n / --warps sweeps them; the interpreter takes 16 keys, 1 warp)
+ROPE_ATTENTION_BLOCK_N = int(os.environ.get("FFNSPLIT_ROPE_ATTENTION_BLOCK_N", "64"))
+ROPE_ATTENTION_WARPS = int(os.environ.get("FFNSPLIT_ROPE_ATTENTION_WARPS", "4"))
 
 
 def rope_attention(
@@ -830,7 +836,7 @@ def rope_attention(
     if qkv.stride(2) != 1:
         qkv = qkv.contiguous()
     length = k_cache.shape[2]
-    block_n = 16 if INTERPRET else 64
+    block_n = 16 if INTERPRET else ROPE_ATTENTION_BLOCK_N
     if chunk is None:
         chunk = block_n * triton.cdiv(triton.cdiv(length, block_n), MAX_SPLITS)
     chunk = block_n * triton.cdiv(chunk, block_n)
@@ -849,7 +855,7 @@ def rope_attention(
         counters = _zeroed(qkv.device, b * kv_heads, torch.int32) if ticket else m
     else:
         acc = m = lse = counters = out
-    warps = 1 if INTERPRET else 4
+    warps = 1 if INTERPRET else ROPE_ATTENTION_WARPS
     _rope_attention_kernel[(b * kv_heads, splits)](
         qkv, cos, sin, positions, k_cache, v_cache, out, acc, m, lse, counters,
         q_heads, kv_heads, groups, length, head_dim, chunk, splits, float(scale) * LOG2E,
