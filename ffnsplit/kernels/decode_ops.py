@@ -255,6 +255,15 @@ def add_rms_norm(
 
 
 @triton.jit
+def _rotary(x, xp, sign, cos, sin):
+    """x * cos + rotate_half(x) * sin of rows x [R, D] (xp: rotate_half's source elements,
+    `sign` its signs), each product rounded to x's dtype as the model's torch ops do."""
+    first = (x.to(tl.float32) * cos[None, :]).to(x.dtype).to(tl.float32)
+    second = (sign[None, :] * xp.to(tl.float32) * sin[None, :]).to(x.dtype).to(tl.float32)
+    return (first + second).to(x.dtype)
+
+
+@triton.jit
 def _rope_kv_kernel(
     qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, q_ptr, qn_ptr, kn_ptr,
     T, HQ, HKV, D, eps,
@@ -300,10 +309,7 @@ def _rope_kv_kernel(
         xp = tl.where(rotary, xpn, xp)
     cos = tl.load(cos_ptr + t * stride_cos + d, mask=d_ok, other=0.0).to(tl.float32)
     sin = tl.load(sin_ptr + t * stride_sin + d, mask=d_ok, other=0.0).to(tl.float32)
-    # x * cos + rotate_half(x) * sin, each product rounded to the dtype as the model's torch ops do
-    first = (x.to(tl.float32) * cos[None, :]).to(dtype).to(tl.float32)
-    second = (sign[None, :] * xp.to(tl.float32) * sin[None, :]).to(dtype).to(tl.float32)
-    rotated = (first + second).to(dtype)
+    rotated = _rotary(x, xp, sign, cos, sin)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     q_dst = q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + t * stride_qt
     tl.store(q_dst + d[None, :], rotated, mask=mask & is_q[:, None])
@@ -312,6 +318,15 @@ def _rope_kv_kernel(
     tl.store(k_dst + d[None, :], rotated.to(k_ptr.dtype.element_ty), mask=mask & is_k[:, None])
     v_dst = v_ptr + b.to(tl.int64) * stride_vb + kv_head * stride_vh + pos * stride_vl
     tl.store(v_dst + d[None, :], x.to(v_ptr.dtype.element_ty), mask=mask & is_v[:, None])
+
+
+def _check_caches(k_cache: torch.Tensor, v_cache: torch.Tensor, b: int, kv_heads: int,
+                  head_dim: int) -> None:  # fmt: skip
+    """Both caches [B, kv, L, D] of one length, unit stride along D (the rotary launchers)."""
+    cache_shape = (b, kv_heads, k_cache.shape[2], head_dim)
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if tuple(cache.shape) != cache_shape or cache.stride(3) != 1:
+            raise ValueError(f"{name} must be [B, kv, L, D] = {cache_shape}, got {cache.shape}")
 
 
 def rope_kv_write(
@@ -344,10 +359,7 @@ def rope_kv_write(
             raise ValueError(f"{name} must be [T={t}, D={head_dim}], got {tuple(table.shape)}")
     if positions.shape != (t,) or positions.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"positions must be an integer tensor [T={t}], got {positions.shape}")
-    cache_shape = (b, kv_heads, k_cache.shape[2], head_dim)
-    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if tuple(cache.shape) != cache_shape or cache.stride(3) != 1:
-            raise ValueError(f"{name} must be [B, kv, L, D] = {cache_shape}, got {cache.shape}")
+    _check_caches(k_cache, v_cache, b, kv_heads, head_dim)
     norms = [n for n in (q_norm, k_norm) if n is not None]
     if len(norms) == 1 or any(n.shape != (head_dim,) for n in norms):
         raise ValueError(f"q and k norm weights come together, each [D={head_dim}]")
@@ -586,14 +598,10 @@ def decode_attention(
 
 @triton.jit
 def _rotate(x_ptrs, d, partner, sign, mask, cos, sin):
-    """x * cos + rotate_half(x) * sin of the rows at x_ptrs [R, 1] (elements d), each product
-    rounded to the dtype as the model's torch ops (and _rope_kv_kernel) do."""
-    dtype = x_ptrs.dtype.element_ty
+    """_rotary of the rows at x_ptrs [R, 1] (elements d), loaded here."""
     x = tl.load(x_ptrs + d[None, :], mask=mask, other=0.0)
     xp = tl.load(x_ptrs + partner[None, :], mask=mask, other=0.0)
-    first = (x.to(tl.float32) * cos[None, :]).to(dtype).to(tl.float32)
-    second = (sign[None, :] * xp.to(tl.float32) * sin[None, :]).to(dtype).to(tl.float32)
-    return (first + second).to(dtype)
+    return _rotary(x, xp, sign, cos, sin)
 
 
 @triton.jit
@@ -824,10 +832,7 @@ def rope_attention(
         raise ValueError(f"positions must be an integer tensor [1], got {positions.shape}")
     if window is not None and window < 1:
         raise ValueError(f"sliding window {window} must be at least 1")
-    cache_shape = (b, kv_heads, k_cache.shape[2], head_dim)
-    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if tuple(cache.shape) != cache_shape or cache.stride(3) != 1:
-            raise ValueError(f"{name} must be [B, kv, L, D] = {cache_shape}, got {cache.shape}")
+    _check_caches(k_cache, v_cache, b, kv_heads, head_dim)
     _float_ok(qkv, cos, sin, k_cache, v_cache)
     if len({qkv.dtype, k_cache.dtype, v_cache.dtype}) > 1 or positions.device != qkv.device:
         raise ValueError("qkv and the caches must share a dtype, and positions their device")
