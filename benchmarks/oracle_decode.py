@@ -29,6 +29,9 @@ Variants, each timed as the median over 5 runs of 32 graph replays (one replay =
               a decode token's attention in three launches (rotary + cache write, attention,
               combine), in one launch and its combine, in one launch combining by ticket
               (StaticDecoder.attention_mode; the chunk* and no_rope variants take the first)
+  attn_n<keys>[w<warps>], attn_t<keys>[w<warps>]
+              the one-launch attention with <keys> keys a program (and <warps> warps), its
+              combine a launch (n) or by ticket (t): decode_ops.ROPE_ATTENTION_BLOCK_N / _WARPS
 
     PYTHONPATH=. python3 benchmarks/oracle_decode.py --out $OUT/oracle.json
 """
@@ -36,6 +39,7 @@ Variants, each timed as the median over 5 runs of 32 graph replays (one replay =
 from __future__ import annotations
 
 import json
+import re
 import statistics
 
 import torch
@@ -46,6 +50,7 @@ from ffnsplit.kernels import mma_decode
 VARIANTS = ("full", "own_proj", "torch_proj", "no_post", "no_ffn", "no_attn", "no_core",
             "no_rope", "no_o", "no_qkv", "no_in_norm", "chunk128", "chunk256", "one_pass",
             "no_prefetch", "o_prefetch", "all_prefetch", "attn_unfused", "attn_fused", "attn_ticket")  # fmt: skip
+BLOCKS = re.compile(r"attn_([nt])(\d+)(?:w(\d+))?$")  # attn_n16w2: 16 keys a program, 2 warps
 PREFETCH = mma_decode.DENSE_PREFETCH  # the default, restored after the variants that change it
 CHUNKS = {"chunk128": 128, "chunk256": 256, "one_pass": 1 << 30}
 ATTENTION = {"attn_unfused": "unfused", "attn_fused": "fused", "attn_ticket": "ticket"}
@@ -88,8 +93,15 @@ def attention(decoder, attn, x, index, cos, sin, positions, variant: str):
         )  # fmt: skip
     else:
         decoder.attention_mode = ATTENTION.get(variant, MODE)
+        block_n, warps = decode_ops.ROPE_ATTENTION_BLOCK_N, decode_ops.ROPE_ATTENTION_WARPS
+        blocks = BLOCKS.match(variant)
+        if blocks:
+            decode_ops.ROPE_ATTENTION_BLOCK_N = int(blocks[2])
+            decode_ops.ROPE_ATTENTION_WARPS = int(blocks[3] or warps)
+            decoder.attention_mode = "ticket" if blocks[1] == "t" else "fused"
         out = decoder._attend(attn, qkv, index, cos, sin, positions)
         decoder.attention_mode = MODE
+        decode_ops.ROPE_ATTENTION_BLOCK_N, decode_ops.ROPE_ATTENTION_WARPS = block_n, warps
     out = out.transpose(1, 2).reshape(b, t, -1)
     return out if variant == "no_o" else decoder._project(out, o.weight, o.bias, prefetch=True)
 
@@ -138,7 +150,7 @@ def main() -> None:
 
     args = step_args(__doc__, "oracle.json", extra)
     variants = args.variants.split(",")
-    unknown = sorted(set(variants) - set(VARIANTS))
+    unknown = sorted(v for v in set(variants) - set(VARIANTS) if not BLOCKS.match(v))
     if unknown:
         raise SystemExit(f"unknown variants {unknown}: choose from {', '.join(VARIANTS)}")
 

@@ -300,7 +300,8 @@ def _check_rope_attention(dtype: torch.dtype, batch: int, position: int, length:
 
 # (batch, position, length, heads, window, chunk): several chunks with the token at a chunk's
 # first key, its last key and inside one; one chunk; 1, 2 and 5 query heads a kv head; a head
-# size that is not a power of two; a window that starts inside a chunk
+# size that is not a power of two; a window that starts inside a chunk; the token in a chunk's
+# second block of keys (the interpreter's blocks are 16 keys)
 ROPE_ATTENTION_CASES = {
     "chunks-first-key": (2, 16, 37, (6, 3, 16), None, 16),
     "chunks-last-key": (1, 31, 37, (6, 3, 16), 6, 16),
@@ -309,6 +310,7 @@ ROPE_ATTENTION_CASES = {
     "first-token": (1, 0, 37, (6, 3, 16), None, 16),
     "last-key": (1, 36, 37, (6, 3, 16), None, None),
     "long-chunks": (1, 35, 37, (6, 3, 16), 20, 32),
+    "later-block": (1, 20, 37, (6, 3, 16), None, 32),
 }
 
 

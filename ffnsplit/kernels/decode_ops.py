@@ -605,18 +605,27 @@ def _rotate(x_ptrs, d, partner, sign, mask, cos, sin):
 
 
 @triton.jit
-def _softmax_block(q, k, v, key_ok, row_ok, m_i, l_i, acc, qk_scale,
+def _softmax_block(q, k, v, key_ok, row_ok, m_i, l_i, acc, qk_scale, is_new, mine, k_new, v_new,
                    DOT_PRECISION: tl.constexpr):  # fmt: skip
     """One block of keys into the running softmax (m_i, l_i, acc) of the rows of q; keys not
-    key_ok count for nothing (their values are zeroed: a stale cache row may hold NaN)."""
-    v = tl.where(key_ok[:, None], v, 0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    s = tl.where(row_ok[:, None] & key_ok[None, :], s, float("-inf"))
+    key_ok count for nothing (their rows of k and v must be loaded as 0: a stale cache row may
+    hold NaN). The new key (column is_new, when `mine`) is not in k and v (its rows loaded as 0)
+    but in k_new / v_new [1, D]: its score and value are added apart, so no select runs over
+    the block's elements (session 21: those selects were most of the kernel's instructions)."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if mine:
+        s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), axis=1)
+        s = tl.where(is_new[None, :], s_new[:, None], s)
+    s = tl.where(row_ok[:, None] & key_ok[None, :], s * qk_scale, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    p = p.to(v.dtype)
+    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+    if mine:
+        p_new = tl.sum(tl.where(is_new[None, :], p.to(tl.float32), 0.0), axis=1)
+        acc += p_new[:, None] * v_new.to(tl.float32)
     return m_new, l_i, acc
 
 
@@ -688,10 +697,9 @@ def _rope_attention_kernel(
                      k_new.to(k_ptr.dtype.element_ty), mask=new_ok)  # fmt: skip
             tl.store(v_head + pos.to(tl.int64) * stride_vl + one[:, None] + d[None, :],
                      v_new.to(v_ptr.dtype.element_ty), mask=new_ok)  # fmt: skip
-        is_new = (keys0 == pos)[:, None]
-        k0 = tl.where(is_new, k_new.to(k0.dtype), k0)
-        v0 = tl.where(is_new, v_new.to(v0.dtype), v0)
+        new0 = mine & (start + BLOCK_N > pos)  # the new key in the first block
         m_i, l_i, acc = _softmax_block(q, k0, v0, key_ok, row_ok, m_i, l_i, acc, qk_scale,
+                                       keys0 == pos, new0, k_new, v_new,
                                        DOT_PRECISION)  # fmt: skip
         # the chunk's other blocks (long caches: chunks of several blocks), from the window's
         lo = tl.maximum(start + BLOCK_N, (tl.maximum(first, 0) // BLOCK_N) * BLOCK_N)
@@ -699,13 +707,11 @@ def _rope_attention_kernel(
             keys = n + tl.arange(0, BLOCK_N)
             key_ok = (keys < end) & (keys >= first)
             kv_mask = (key_ok & (keys != pos))[:, None] & d_ok[None, :]
-            is_new = (keys == pos)[:, None]
             k = tl.load(k_head + keys[:, None] * stride_kl + d[None, :], mask=kv_mask, other=0.0)
-            k = tl.where(is_new, k_new.to(k.dtype), k)
             v = tl.load(v_head + keys[:, None] * stride_vl + d[None, :], mask=kv_mask, other=0.0)
-            v = tl.where(is_new, v_new.to(v.dtype), v)
             m_i, l_i, acc = _softmax_block(q, k, v, key_ok, row_ok, m_i, l_i, acc, qk_scale,
-                                           DOT_PRECISION)  # fmt: skip
+                                           keys == pos, (n <= pos) & (pos < n + BLOCK_N), k_new,
+                                           v_new, DOT_PRECISION)  # fmt: skip
     o_head = o_ptr + b * stride_ob + kvh * GROUPS * stride_oh
     if SPLITS == 1:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -781,9 +787,12 @@ def _combine_all_kernel(
 # (rope_attention, then its combine launch), "ticket" (rope_attention, its last chunk
 # combining), "unfused" (rope_kv_write, then decode_attention: three launches)
 ROPE_ATTENTION_MODES = ("fused", "ticket", "unfused")
-# rope_attention's keys a block and warps a program (measurement knobs: benchmarks/
-# bench_attention.py --block-n / --warps sweeps them; the interpreter takes 16 keys, 1 warp)
-ROPE_ATTENTION_BLOCK_N = int(os.environ.get("FFNSPLIT_ROPE_ATTENTION_BLOCK_N", "64"))
+# rope_attention's keys a block and warps a program (benchmarks/bench_attention.py --block-n /
+# --warps and oracle_decode.py's attn_n<keys>w<warps> variants sweep them; the interpreter
+# takes 16 keys, 1 warp). H200, session 21, Llama-3-8B decode step (640-key cache): 32 keys
+# and 4 warps took ~95 us a step less than 64 keys in both models (64 keys: 255 registers
+# with spills and 96 KB of shared memory, sm_90), 16 keys and 2 warps within 5-17 us of it
+ROPE_ATTENTION_BLOCK_N = int(os.environ.get("FFNSPLIT_ROPE_ATTENTION_BLOCK_N", "32"))
 ROPE_ATTENTION_WARPS = int(os.environ.get("FFNSPLIT_ROPE_ATTENTION_WARPS", "4"))
 
 
