@@ -68,7 +68,6 @@ def _add_rms_norm_kernel(
     HAS_RESIDUAL: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     pdl_trigger(PDL)  # the next kernel (an FFN's) may start loading its weights
-    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     res_row = res_ptr + row * stride_r
@@ -78,16 +77,20 @@ def _add_rms_norm_kernel(
     if ONE_PASS:
         cols = tl.arange(0, BLOCK)
         mask = cols < H
+        # the norm's weights before the wait (no kernel writes them): their load no longer
+        # follows the sum of squares' barriers (in a decode step they come from DRAM)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        pdl_wait(PDL)
         h = tl.load(x_row + cols, mask=mask, other=0.0)
         if HAS_RESIDUAL:  # rounded to the activations' dtype, as torch's `residual + x` is
             h = (h.to(tl.float32) + tl.load(res_row + cols, mask=mask, other=0.0)).to(dtype)
             tl.store(new_row + cols, h, mask=mask)
         hf = h.to(tl.float32)
         rstd = tl.rsqrt(tl.sum(hf * hf, axis=0) / H + eps)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         normed = (hf * rstd).to(dtype).to(tl.float32)
         tl.store(out_row + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
     else:  # pass 1: the new residual and the sum of squares; pass 2 re-reads the residual
+        pdl_wait(PDL)
         squares = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, H, BLOCK):
             cols = start + tl.arange(0, BLOCK)
