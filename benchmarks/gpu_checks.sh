@@ -17,7 +17,7 @@
 #   profprefill (benchmarks/prof_prefill.py + probe_cublas.py), odd (717 heavy neurons),
 #   swap (benchmarks/proto_swap.py), swaptier (the W-as-A form: tests + bench_mma), pdlmma,
 #   next14 (session 13's open questions), fused15 (the one-launch FFN), verify15, next16, s16ab, ncu16, proj, floor17 (ran in 17), finish17, trace17, ab17, ab18, ticket18, decoder18, trace18, slices18, trig19 (ran in 19), mid19, big20 (prepared), wg20 (branch s20-wgmma,
-#   ran in 20), attn20, attn21 (prepared), tune21 (branch s21-prepared), oracle, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
+#   ran in 20), attn20, attn21 (ran in 21), tune21 (branch s21-prepared, ran in 21), next22 (prepared), oracle, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
 #   (benchmarks/trace_decode.py), decode8b (M = 1, 4 + 8B decode once)
 # Several stages in one call: bash benchmarks/gpu_checks.sh gemv trace decode8b
 # Each step has its own time limit, so one slow step cannot take the whole call.
@@ -325,6 +325,21 @@ mid19)  # session 19: the tl small / prefill tiers at 64-512 rows: the W-as-A co
         --out "$OUT/sweep256.json"
     run 120 crossover env FFNSPLIT_AUTOTUNE=0 python3 benchmarks/sweep_mid.py \
         --m 64,128,256,384,512 --paths small,prefill,dequant --out "$OUT/crossover.json"
+    ;;
+next22)  # prepared in session 21 (not run): the decode attention's keys a program at a long
+    # cache (the 8B step at a 3,968-token prompt: 4,096 keys) and alone with a GEMV before each
+    # layer at 640 and 4,096 keys, then big20's M = 256 tiles (~6 min)
+    run 200 oracle_long22 python3 benchmarks/oracle_decode.py --prompt 3968 --steps 32 --rounds 2 \
+        --variants full,attn_n16w2,attn_n64w4,attn_n32w8 --out "$OUT/oracle_long22.json"
+    for len in 640 4096; do
+        run 90 "attn22_$len" python3 benchmarks/bench_attention.py --length $len \
+            --position $((len - 40)) --with-proj --forms fused,empty --block-n 16,32,64 \
+            --warps 2,4,8 --out "$OUT/attn22_$len.json"
+    done
+    run 150 sweep256b env FFNSPLIT_AUTOTUNE=0 python3 benchmarks/sweep_small.py --m 256 \
+        --up a128x128wa_w8,a128x128wa_w8_s2,a128x64wa_w8,a64x128wa_w8 --up-splits 1,2 \
+        --down b128x128wa_w8,b128x128wa_w8_s2,b128x64wa_w8,b64x128wa_w8 --down-splits 1,2,4 \
+        --out "$OUT/sweep256b.json"
     ;;
 big20)  # prepared in session 19 (not run): larger W-as-A tiles for M = 256 (the layer is at
     # 0.65x dense there), each with forced K-splits (~1 min)
