@@ -17,7 +17,7 @@
 #   profprefill (benchmarks/prof_prefill.py + probe_cublas.py), odd (717 heavy neurons),
 #   swap (benchmarks/proto_swap.py), swaptier (the W-as-A form: tests + bench_mma), pdlmma,
 #   next14 (session 13's open questions), fused15 (the one-launch FFN), verify15, next16, s16ab, ncu16, proj, floor17 (ran in 17), finish17, trace17, ab17, ab18, ticket18, decoder18, trace18, slices18, trig19 (ran in 19), mid19, big20 (prepared), wg20 (branch s20-wgmma,
-#   ran in 20), attn20, attn21 (ran in 21), tune21 (branch s21-prepared, ran in 21), next22 (prepared), oracle, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
+#   ran in 20), attn20, attn21 (ran in 21), tune21 (branch s21-prepared, ran in 21), next22, fin22 (branch s22-prepared; both ran in 22), warps22, oracle, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
 #   (benchmarks/trace_decode.py), decode8b (M = 1, 4 + 8B decode once)
 # Several stages in one call: bash benchmarks/gpu_checks.sh gemv trace decode8b
 # Each step has its own time limit, so one slow step cannot take the whole call.
@@ -325,6 +325,15 @@ mid19)  # session 19: the tl small / prefill tiers at 64-512 rows: the W-as-A co
         --out "$OUT/sweep256.json"
     run 120 crossover env FFNSPLIT_AUTOTUNE=0 python3 benchmarks/sweep_mid.py \
         --m 64,128,256,384,512 --paths small,prefill,dequant --out "$OUT/crossover.json"
+    ;;
+warps22)  # session 22: rope_attention's warps picked by the grid (4 up to two programs an
+    # SM, 2 beyond): its GPU tests, then the 8B step at caches of 1,056, 1,312 and 2,016 keys
+    # with the pick against forced 4 and 2 warps (~5 min)
+    run 240 test_attn22 python3 -m pytest -q -rf -x -n 4 tests/test_decode_ops.py -k "rope_attention or warps"
+    for prompt in 1024 1280 1984; do
+        run 150 "oracle_warps$prompt" python3 benchmarks/oracle_decode.py --prompt $prompt --rounds 2 \
+            --variants full,attn_n32w4,attn_n32w2 --out "$OUT/oracle_warps$prompt.json"
+    done
     ;;
 next22)  # prepared in session 21 (not run): the decode attention's keys a program at a long
     # cache (the 8B step at a 3,968-token prompt: 4,096 keys) and alone with a GEMV before each

@@ -30,8 +30,9 @@ Variants, each timed as the median over 5 runs of 32 graph replays (one replay =
               combine), in one launch and its combine, in one launch combining by ticket
               (StaticDecoder.attention_mode; the chunk* and no_rope variants take the first)
   attn_n<keys>[w<warps>], attn_t<keys>[w<warps>]
-              the one-launch attention with <keys> keys a program (and <warps> warps), its
-              combine a launch (n) or by ticket (t): decode_ops.ROPE_ATTENTION_BLOCK_N / _WARPS
+              the one-launch attention with <keys> keys a program and <warps> warps (without:
+              picked by the grid), its combine a launch (n) or by ticket (t):
+              decode_ops.ROPE_ATTENTION_BLOCK_N / _WARPS
 
     PYTHONPATH=. python3 benchmarks/oracle_decode.py --out $OUT/oracle.json
 """
@@ -97,7 +98,7 @@ def attention(decoder, attn, x, index, cos, sin, positions, variant: str):
         blocks = BLOCKS.match(variant)
         if blocks:
             decode_ops.ROPE_ATTENTION_BLOCK_N = int(blocks[2])
-            decode_ops.ROPE_ATTENTION_WARPS = int(blocks[3] or warps)
+            decode_ops.ROPE_ATTENTION_WARPS = int(blocks[3]) if blocks[3] else warps
             decoder.attention_mode = "ticket" if blocks[1] == "t" else "fused"
         out = decoder._attend(attn, qkv, index, cos, sin, positions)
         decoder.attention_mode = MODE

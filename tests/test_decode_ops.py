@@ -322,6 +322,14 @@ def test_rope_attention_matches_the_reference(poison, dtype, case, ticket) -> No
     _check_rope_attention(dtype, batch, position, length, *heads, window, chunk, ticket)
 
 
+def test_rope_attention_warps_follow_the_grid() -> None:
+    """4 warps a program up to two programs an SM, 2 beyond (a CPU counts as 4 SMs)."""
+    device = torch.device(DEVICE)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if ON_GPU else 4
+    pick = decode_ops._rope_attention_warps
+    assert [pick(device, n) for n in (1, 2 * sms, 2 * sms + 1, 100 * sms)] == [4, 4, 2, 2]
+
+
 def test_rope_attention_tickets_reset_between_calls() -> None:
     """The chunks' ticket counters are back at zero after each call: a second call (the next
     position, other heads) combines right, and so does the combine launch after it."""
@@ -428,7 +436,12 @@ def test_gpu_decode_step_replays_in_a_cuda_graph_at_moving_positions() -> None:
 @pytest.mark.parametrize("ticket", [False, True], ids=["combine", "ticket"])
 @pytest.mark.parametrize(("batch", "position"), [(1, 600), (4, 600), (1, 8000), (1, 64)],
                          ids=["decode", "decode-b4", "decode-long", "chunk-edge"])  # fmt: skip
-def test_gpu_rope_attention_llama3(poison, dtype, window, ticket, batch, position) -> None:
+@pytest.mark.parametrize("warps", [0, 4], ids=["warps-by-grid", "warps-4"])
+def test_gpu_rope_attention_llama3(poison, monkeypatch, dtype, window, ticket, batch, position,
+                                   warps) -> None:  # fmt: skip
+    """An 8,192-key cache: 128 chunks a kv head, more programs than two an SM, so the grid's
+    pick is 2 warps; the forced 4 keep the short-cache form covered at this length."""
+    monkeypatch.setattr(decode_ops, "ROPE_ATTENTION_WARPS", warps)
     _check_rope_attention(dtype, batch, position, 8192, window=window, chunk=None, ticket=ticket,
                           **LLAMA3)  # fmt: skip
 

@@ -794,9 +794,20 @@ ROPE_ATTENTION_MODES = ("fused", "ticket", "unfused")
 # --warps and oracle_decode.py's attn_n<keys>w<warps> variants sweep them; the interpreter
 # takes 16 keys, 1 warp). H200, session 21, Llama-3-8B decode step (640-key cache): 32 keys
 # and 4 warps took ~95 us a step less than 64 keys in both models (64 keys: 255 registers
-# with spills and 96 KB of shared memory, sm_90), 16 keys and 2 warps within 5-17 us of it
+# with spills and 96 KB of shared memory, sm_90), 16 keys and 2 warps within 5-17 us of it.
+# Warps: 0 (the default) picks them by the grid (_rope_attention_warps); a number forces it.
 ROPE_ATTENTION_BLOCK_N = int(os.environ.get("FFNSPLIT_ROPE_ATTENTION_BLOCK_N", "32"))
-ROPE_ATTENTION_WARPS = int(os.environ.get("FFNSPLIT_ROPE_ATTENTION_WARPS", "4"))
+ROPE_ATTENTION_WARPS = int(os.environ.get("FFNSPLIT_ROPE_ATTENTION_WARPS", "0"))
+
+
+def _rope_attention_warps(device: torch.device, programs: int) -> int:
+    """4 warps a program while the grid is at most two programs an SM, 2 beyond. H200, session
+    22, Llama-3-8B decode step at 32 keys a program: a 544-key cache (136 programs) took 6-10
+    us a step less with 4 warps; 2,016 and 4,000 keys (504 and 1,000 programs: past the ~3
+    programs of 4 warps an SM that 168 registers allow) took 83-92 us less with 2, in both models."""
+    from ffnsplit.kernels.tiles import sm_count
+
+    return 4 if programs <= 2 * sm_count(device) else 2
 
 
 def rope_attention(
@@ -872,7 +883,8 @@ def rope_attention(
         counters = _zeroed(qkv.device, b * kv_heads, torch.int32) if ticket else m
     else:
         acc = m = lse = counters = out
-    warps = 1 if INTERPRET else ROPE_ATTENTION_WARPS
+    warps = ROPE_ATTENTION_WARPS or _rope_attention_warps(qkv.device, b * kv_heads * splits)
+    warps = 1 if INTERPRET else warps
     _rope_attention_kernel[(b * kv_heads, splits)](
         qkv, cos, sin, positions, k_cache, v_cache, out, acc, m, lse, counters,
         q_heads, kv_heads, groups, length, head_dim, chunk, splits, float(scale) * LOG2E,
