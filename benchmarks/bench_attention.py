@@ -3,7 +3,7 @@ each layer its own Llama-3-8B-shaped cache (8 kv heads of 128, 32 query heads), 
 do not sit in L2, the launches chained by PDL as in the decode step. Forms, us a layer:
 
   fused       decode_ops.rope_attention and its combine launch (the decoder's default), for
-              each --block-n and --warps
+              each --block-n, --warps (0: picked by the grid) and --chunks
   ticket      rope_attention combining by its last chunk (one launch), likewise
   unfused     rope_kv_write, decode_attention, its combine (three launches)
   attention   decode_attention (and its combine) alone on a rotated q
@@ -53,6 +53,9 @@ def main() -> None:
                         help="rope_attention's keys a block, comma-separated: each is timed")  # fmt: skip
     parser.add_argument("--warps", default="4",
                         help="rope_attention's warps a program, comma-separated: each is timed")  # fmt: skip
+    parser.add_argument("--chunks", default="0",
+                        help="keys a program (rope_attention's chunk), comma-separated; 0: its "
+                        "default (at most MAX_SPLITS chunks)")  # fmt: skip
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "attention.json"))
     args = parser.parse_args()
     device, dtype = torch.device("cuda"), torch.float16
@@ -77,13 +80,14 @@ def main() -> None:
     w = torch.randn(width, 4096, device=device, dtype=dtype) / 64
     scale = dim**-0.5
 
-    def layer(form: str, k: torch.Tensor, v: torch.Tensor) -> None:
+    def layer(form: str, k: torch.Tensor, v: torch.Tensor, chunk: int | None = None) -> None:
         nonlocal qkv
         if args.with_proj:
             qkv = qmm.split_linear(x, w, None, None)
         if form in ("fused", "ticket"):
             decode_ops.rope_attention(qkv, cos_table, sin_table, positions, k, v, q_heads,
-                                      kv_heads, dim, scale, ticket=form == "ticket")  # fmt: skip
+                                      kv_heads, dim, scale, chunk=chunk,
+                                      ticket=form == "ticket")  # fmt: skip
         elif form == "unfused":
             rq = decode_ops.rope_kv_write(qkv, cos, sin, positions, k, v, q_heads, kv_heads, dim)
             decode_ops.decode_attention(rq, k, v, positions, scale, q_heads // kv_heads)
@@ -102,18 +106,19 @@ def main() -> None:
         if form not in FORMS:
             raise SystemExit(f"unknown form {form!r}: choose from {', '.join(FORMS)}")
         if form in ("fused", "ticket"):  # the one-launch kernel under each block and warp count
-            runs += [(form, int(n), int(w)) for n in args.block_n.split(",")
-                     for w in args.warps.split(",")]  # fmt: skip
+            runs += [(form, int(n), int(w), int(c)) for n in args.block_n.split(",")
+                     for w in args.warps.split(",") for c in args.chunks.split(",")]  # fmt: skip
         else:
-            runs.append((form, None, None))
-    for form, block_n, warps in runs:
+            runs.append((form, None, None, 0))
+    for form, block_n, warps, chunk in runs:
         label = form if block_n is None else f"{form} n{block_n} w{warps}"
+        label += f" c{chunk}" if chunk else ""
         if block_n is not None:
             decode_ops.ROPE_ATTENTION_BLOCK_N, decode_ops.ROPE_ATTENTION_WARPS = block_n, warps
 
-        def chain(form: str = form) -> None:
+        def chain(form: str = form, chunk: int | None = chunk or None) -> None:
             for k, v in caches:
-                layer(form, k, v)
+                layer(form, k, v, chunk)
 
         graph = capture_graph(chain)
         walls = []

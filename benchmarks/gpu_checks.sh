@@ -17,7 +17,7 @@
 #   profprefill (benchmarks/prof_prefill.py + probe_cublas.py), odd (717 heavy neurons),
 #   swap (benchmarks/proto_swap.py), swaptier (the W-as-A form: tests + bench_mma), pdlmma,
 #   next14 (session 13's open questions), fused15 (the one-launch FFN), verify15, next16, s16ab, ncu16, proj, floor17 (ran in 17), finish17, trace17, ab17, ab18, ticket18, decoder18, trace18, slices18, trig19 (ran in 19), mid19, big20 (prepared), wg20 (branch s20-wgmma,
-#   ran in 20), attn20, attn21 (ran in 21), tune21 (branch s21-prepared, ran in 21), next22, fin22 (branch s22-prepared; both ran in 22), warps22, oracle, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
+#   ran in 20), attn20, attn21 (ran in 21), tune21 (branch s21-prepared, ran in 21), next22, fin22 (branch s22-prepared; both ran in 22), warps22, chunks22, oracle, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
 #   (benchmarks/trace_decode.py), decode8b (M = 1, 4 + 8B decode once)
 # Several stages in one call: bash benchmarks/gpu_checks.sh gemv trace decode8b
 # Each step has its own time limit, so one slow step cannot take the whole call.
@@ -333,6 +333,14 @@ warps22)  # session 22: rope_attention's warps picked by the grid (4 up to two p
     for prompt in 1024 1280 1984; do
         run 150 "oracle_warps$prompt" python3 benchmarks/oracle_decode.py --prompt $prompt --rounds 2 \
             --variants full,attn_n32w4,attn_n32w2 --out "$OUT/oracle_warps$prompt.json"
+    done
+    ;;
+chunks22)  # session 22: rope_attention's keys a program (chunk) by cache length, 32 keys a
+    # block, 2 and 4 warps, with a GEMV before each layer (~3 min)
+    for len in 640 4096 8192; do
+        run 150 "chunks22_$len" python3 benchmarks/bench_attention.py --length $len \
+            --position $((len - 40)) --with-proj --forms fused,empty --block-n 32 --warps 2,4 \
+            --chunks 0,64,128,256 --out "$OUT/chunks22_$len.json"
     done
     ;;
 next22)  # prepared in session 21 (not run): the decode attention's keys a program at a long
