@@ -5,8 +5,8 @@ do not sit in L2, the launches chained by PDL as in the decode step. Forms, us a
   fused       decode_ops.rope_attention and its combine launch (the decoder's default), for
               each --block-n, --warps (0: picked by the grid) and --chunks
   ticket      rope_attention combining by its last chunk (one launch), likewise
-  unfused     rope_kv_write, decode_attention, its combine (three launches)
-  attention   decode_attention (and its combine) alone on a rotated q
+  unfused     rope_kv_write, decode_attention, its combine (three launches), for each --chunks
+  attention   decode_attention (and its combine) alone on a rotated q, for each --chunks
   rope        rope_kv_write alone
   empty       an empty Triton kernel per layer (the launch chain's own cost)
 
@@ -90,9 +90,11 @@ def main() -> None:
                                       ticket=form == "ticket")  # fmt: skip
         elif form == "unfused":
             rq = decode_ops.rope_kv_write(qkv, cos, sin, positions, k, v, q_heads, kv_heads, dim)
-            decode_ops.decode_attention(rq, k, v, positions, scale, q_heads // kv_heads)
+            decode_ops.decode_attention(rq, k, v, positions, scale, q_heads // kv_heads,
+                                        chunk=chunk)  # fmt: skip
         elif form == "attention":
-            decode_ops.decode_attention(q, k, v, positions, scale, q_heads // kv_heads)
+            decode_ops.decode_attention(q, k, v, positions, scale, q_heads // kv_heads,
+                                        chunk=chunk)  # fmt: skip
         elif form == "rope":
             decode_ops.rope_kv_write(qkv, cos, sin, positions, k, v, q_heads, kv_heads, dim)
         else:
@@ -108,6 +110,8 @@ def main() -> None:
         if form in ("fused", "ticket"):  # the one-launch kernel under each block and warp count
             runs += [(form, int(n), int(w), int(c)) for n in args.block_n.split(",")
                      for w in args.warps.split(",") for c in args.chunks.split(",")]  # fmt: skip
+        elif form in ("unfused", "attention"):
+            runs += [(form, None, None, int(c)) for c in args.chunks.split(",")]
         else:
             runs.append((form, None, None, 0))
     for form, block_n, warps, chunk in runs:

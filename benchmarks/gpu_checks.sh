@@ -17,7 +17,7 @@
 #   profprefill (benchmarks/prof_prefill.py + probe_cublas.py), odd (717 heavy neurons),
 #   swap (benchmarks/proto_swap.py), swaptier (the W-as-A form: tests + bench_mma), pdlmma,
 #   next14 (session 13's open questions), fused15 (the one-launch FFN), verify15, next16, s16ab, ncu16, proj, floor17 (ran in 17), finish17, trace17, ab17, ab18, ticket18, decoder18, trace18, slices18, trig19 (ran in 19), mid19, big20 (prepared), wg20 (branch s20-wgmma,
-#   ran in 20), attn20, attn21 (ran in 21), tune21 (branch s21-prepared, ran in 21), next22, fin22 (branch s22-prepared; both ran in 22), warps22, chunks22, oracle, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
+#   ran in 20), attn20, attn21 (ran in 21), tune21 (branch s21-prepared, ran in 21), next22, fin22 (branch s22-prepared; both ran in 22), warps22, chunks22, split22, oracle, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
 #   (benchmarks/trace_decode.py), decode8b (M = 1, 4 + 8B decode once)
 # Several stages in one call: bash benchmarks/gpu_checks.sh gemv trace decode8b
 # Each step has its own time limit, so one slow step cannot take the whole call.
@@ -341,6 +341,23 @@ chunks22)  # session 22: rope_attention's keys a program (chunk) by cache length
         run 150 "chunks22_$len" python3 benchmarks/bench_attention.py --length $len \
             --position $((len - 40)) --with-proj --forms fused,empty --block-n 32 --warps 2,4 \
             --chunks 0,64,128,256 --out "$OUT/chunks22_$len.json"
+    done
+    ;;
+split22)  # session 22: split attention's chunks for about two programs an SM (was: at most
+    # 128 chunks). The decode_ops GPU tests, then each attention form alone at 640 / 4,096 /
+    # 8,192 keys under the new and the old chunks, then the 8B step with the new chunks (full)
+    # against the old (attn_n32p0) at 640 / 2,112 / 4,096-key caches (~6 min)
+    run 240 test_split22 python3 -m pytest -q -rf -x -n 4 tests/test_decode_ops.py
+    for len in 640 4096 8192; do
+        for p in 2 0; do
+            run 100 "split22_${len}_p$p" env FFNSPLIT_ATTENTION_PROGRAMS_PER_SM=$p python3 \
+                benchmarks/bench_attention.py --length $len --position $((len - 40)) --with-proj \
+                --forms fused,unfused,empty --block-n 32 --warps 0 --out "$OUT/split22_${len}_p$p.json"
+        done
+    done
+    for prompt in 512 1984 3968; do
+        run 150 "oracle_split$prompt" python3 benchmarks/oracle_decode.py --prompt $prompt --rounds 2 \
+            --variants full,attn_n32p0 --out "$OUT/oracle_split$prompt.json"
     done
     ;;
 next22)  # prepared in session 21 (not run): the decode attention's keys a program at a long

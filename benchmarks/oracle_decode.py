@@ -29,10 +29,11 @@ Variants, each timed as the median over 5 runs of 32 graph replays (one replay =
               a decode token's attention in three launches (rotary + cache write, attention,
               combine), in one launch and its combine, in one launch combining by ticket
               (StaticDecoder.attention_mode; the chunk* and no_rope variants take the first)
-  attn_n<keys>[w<warps>], attn_t<keys>[w<warps>]
-              the one-launch attention with <keys> keys a program and <warps> warps (without:
-              picked by the grid), its combine a launch (n) or by ticket (t):
-              decode_ops.ROPE_ATTENTION_BLOCK_N / _WARPS
+  attn_n<keys>[w<warps>][p<k>], attn_t<keys>[w<warps>][p<k>]
+              the one-launch attention with <keys> keys a block and <warps> warps (without:
+              picked by the grid), chunks for about <k> programs an SM (0: at most MAX_SPLITS
+              chunks), its combine a launch (n) or by ticket (t):
+              decode_ops.ROPE_ATTENTION_BLOCK_N / _WARPS / SPLIT_PROGRAMS_PER_SM
 
     PYTHONPATH=. python3 benchmarks/oracle_decode.py --out $OUT/oracle.json
 """
@@ -51,7 +52,8 @@ from ffnsplit.kernels import mma_decode
 VARIANTS = ("full", "own_proj", "torch_proj", "no_post", "no_ffn", "no_attn", "no_core",
             "no_rope", "no_o", "no_qkv", "no_in_norm", "chunk128", "chunk256", "one_pass",
             "no_prefetch", "o_prefetch", "all_prefetch", "attn_unfused", "attn_fused", "attn_ticket")  # fmt: skip
-BLOCKS = re.compile(r"attn_([nt])(\d+)(?:w(\d+))?$")  # attn_n16w2: 16 keys a program, 2 warps
+# attn_n16w2: 16 keys a block, 2 warps; attn_n32p0: 32 keys, at most MAX_SPLITS chunks
+BLOCKS = re.compile(r"attn_([nt])(\d+)(?:w(\d+))?(?:p(\d+))?$")
 PREFETCH = mma_decode.DENSE_PREFETCH  # the default, restored after the variants that change it
 CHUNKS = {"chunk128": 128, "chunk256": 256, "one_pass": 1 << 30}
 ATTENTION = {"attn_unfused": "unfused", "attn_fused": "fused", "attn_ticket": "ticket"}
@@ -95,14 +97,17 @@ def attention(decoder, attn, x, index, cos, sin, positions, variant: str):
     else:
         decoder.attention_mode = ATTENTION.get(variant, MODE)
         block_n, warps = decode_ops.ROPE_ATTENTION_BLOCK_N, decode_ops.ROPE_ATTENTION_WARPS
+        per_sm = decode_ops.SPLIT_PROGRAMS_PER_SM
         blocks = BLOCKS.match(variant)
         if blocks:
             decode_ops.ROPE_ATTENTION_BLOCK_N = int(blocks[2])
             decode_ops.ROPE_ATTENTION_WARPS = int(blocks[3]) if blocks[3] else warps
+            decode_ops.SPLIT_PROGRAMS_PER_SM = int(blocks[4]) if blocks[4] else per_sm
             decoder.attention_mode = "ticket" if blocks[1] == "t" else "fused"
         out = decoder._attend(attn, qkv, index, cos, sin, positions)
         decoder.attention_mode = MODE
         decode_ops.ROPE_ATTENTION_BLOCK_N, decode_ops.ROPE_ATTENTION_WARPS = block_n, warps
+        decode_ops.SPLIT_PROGRAMS_PER_SM = per_sm
     out = out.transpose(1, 2).reshape(b, t, -1)
     return out if variant == "no_o" else decoder._project(out, o.weight, o.bias, prefetch=True)
 

@@ -323,11 +323,29 @@ def test_rope_attention_matches_the_reference(poison, dtype, case, ticket) -> No
 
 
 def test_rope_attention_warps_follow_the_grid() -> None:
-    """4 warps a program up to two programs an SM, 2 beyond (a CPU counts as 4 SMs)."""
+    """4 warps a program up to two programs an SM that take one block of keys each, else 2 (a
+    CPU counts as 4 SMs)."""
     device = torch.device(DEVICE)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if ON_GPU else 4
     pick = decode_ops._rope_attention_warps
-    assert [pick(device, n) for n in (1, 2 * sms, 2 * sms + 1, 100 * sms)] == [4, 4, 2, 2]
+    assert [pick(device, n, 1) for n in (1, 2 * sms, 2 * sms + 1, 100 * sms)] == [4, 4, 2, 2]
+    assert pick(device, 1, 2) == 2
+
+
+def test_split_attention_chunks_keep_two_programs_an_sm(monkeypatch) -> None:
+    """The default chunk: whole blocks, about two programs an SM over the batch's kv heads, at
+    most MAX_SPLITS chunks; FFNSPLIT_ATTENTION_PROGRAMS_PER_SM=0 keeps MAX_SPLITS chunks."""
+    monkeypatch.setattr(decode_ops, "sm_count", lambda device: 132)
+    monkeypatch.setattr(decode_ops, "MAX_SPLITS", 128)
+    chunk = decode_ops._key_chunk
+    cpu = torch.device("cpu")
+    # Llama-3-8B (8 kv heads, 32 keys a block): 20 one-block chunks at 640 keys, 32 at 4,096
+    # and 8,192 (4 and 8 blocks each); 37 keys in 2 blocks; many heads: one chunk
+    assert [chunk(cpu, n, 32, 8) for n in (640, 4096, 8192, 37)] == [32, 128, 256, 32]
+    # a batch of 4: 9 chunks of 15 blocks
+    assert chunk(cpu, 4096, 32, 4 * 8) == 32 * 15 and chunk(cpu, 640, 32, 300) == 640
+    monkeypatch.setattr(decode_ops, "SPLIT_PROGRAMS_PER_SM", 0)
+    assert chunk(cpu, 4096, 32, 8) == 32 and chunk(cpu, 65536, 32, 8) == 512
 
 
 def test_rope_attention_tickets_reset_between_calls() -> None:

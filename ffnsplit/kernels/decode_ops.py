@@ -45,6 +45,23 @@ LOG2E = 1.4426950408889634
 # key chunks of a split attention call at most (partials: splits x D floats a row); two under the
 # interpreter, which runs programs one by one
 MAX_SPLITS = 2 if INTERPRET else 128
+# Split attention's default chunks: about this many programs an SM (0: as many chunks as
+# MAX_SPLITS allows). These programs are latency-bound chains (load, scores, softmax, sum, store);
+# H200, session 22, one layer's rope_attention at Llama-3-8B shape after a q/k/v-sized GEMV:
+# 4,096 keys in 128 chunks (1,024 programs) 18.2 us, in 32 (256 programs) 12.3; 8,192 keys in
+# 128 chunks 21.6 us, in 32 16.5; 640 keys in 20 chunks (one block each) 7.1-7.3, in 10 7.5-7.8
+SPLIT_PROGRAMS_PER_SM = int(os.environ.get("FFNSPLIT_ATTENTION_PROGRAMS_PER_SM", "2"))
+
+
+def _key_chunk(device: torch.device, length: int, block_n: int, batch_heads: int) -> int:
+    """Keys a program of a split attention call: whole blocks, about SPLIT_PROGRAMS_PER_SM
+    programs an SM over the batch's kv heads (fewer chunks, each walking more blocks, once the
+    cache is long), at most MAX_SPLITS chunks."""
+    splits = MAX_SPLITS
+    if SPLIT_PROGRAMS_PER_SM:
+        target = triton.cdiv(SPLIT_PROGRAMS_PER_SM * sm_count(device), max(1, batch_heads))
+        splits = max(1, min(splits, target))
+    return block_n * triton.cdiv(triton.cdiv(length, block_n), splits)
 
 
 def _float_ok(*tensors: torch.Tensor) -> None:
@@ -532,8 +549,8 @@ def decode_attention(
     `window`, p > positions[t] - window); fp32 softmax, out [B, q heads, T, D] in q's dtype (a view
     of a [B, T, q, D] buffer, so merging the heads afterwards is free).
 
-    Few query rows (decode): the key range is split into chunks of `chunk` keys (default: enough
-    for at most MAX_SPLITS chunks), one program each, then combined; chunks past the furthest
+    Few query rows (decode): the key range is split into chunks of `chunk` keys (default:
+    _key_chunk's), one program each, then combined; chunks past the furthest
     position return at once. Many rows (prefill): one program per tile of rows walks the keys up
     to its last position. `chunk` >= L forces one pass (tests)."""
     b, q_heads, t, dim = q.shape
@@ -557,8 +574,7 @@ def decode_attention(
     rows = groups * t
     block_m, block_n, split = _attention_blocks(q.device, rows, b * kv_heads)
     if chunk is None:
-        blocks = triton.cdiv(length, block_n)
-        chunk = block_n * triton.cdiv(blocks, MAX_SPLITS)
+        chunk = _key_chunk(q.device, length, block_n, b * kv_heads)
     else:
         split = True
         chunk = block_n * triton.cdiv(chunk, block_n)
@@ -800,14 +816,14 @@ ROPE_ATTENTION_BLOCK_N = int(os.environ.get("FFNSPLIT_ROPE_ATTENTION_BLOCK_N", "
 ROPE_ATTENTION_WARPS = int(os.environ.get("FFNSPLIT_ROPE_ATTENTION_WARPS", "0"))
 
 
-def _rope_attention_warps(device: torch.device, programs: int) -> int:
-    """4 warps a program while the grid is at most two programs an SM, 2 beyond. H200, session
-    22, Llama-3-8B decode step at 32 keys a program: a 544-key cache (136 programs) took 6-10
-    us a step less with 4 warps; 2,016 and 4,000 keys (504 and 1,000 programs: past the ~3
-    programs of 4 warps an SM that 168 registers allow) took 83-92 us less with 2, in both models."""
-    from ffnsplit.kernels.tiles import sm_count
-
-    return 4 if programs <= 2 * sm_count(device) else 2
+def _rope_attention_warps(device: torch.device, programs: int, blocks: int) -> int:
+    """4 warps a program when each of at most two programs an SM takes one block of keys, else
+    2. H200, session 22, Llama-3-8B decode step, one block a program: a 640-key cache (160
+    programs) took 6-10 us a step less with 4 warps; 2,112 and 4,096 keys (528 and 1,024
+    programs: past the ~3 programs of 4 warps an SM that 168 registers allow) 83-97 us less with
+    2, in both models. Several blocks a program (session 22's chunks): 2 warps 0.8 us a layer
+    ahead at 4,096 and 8,192 keys."""
+    return 4 if programs <= 2 * sm_count(device) and blocks == 1 else 2
 
 
 def rope_attention(
@@ -831,7 +847,7 @@ def rope_attention(
     nothing here waits for the device); the new key and value are written into the caches
     [B, kv, L, D] at positions[0]; returns out [B, q heads, 1, D] laid out as
     decode_attention's. No q/k norms (Qwen3 takes the two-launch path). Key
-    chunks of `chunk` keys (default: enough for at most MAX_SPLITS) are combined by a second
+    chunks of `chunk` keys (default: _key_chunk's) are combined by a second
     launch, or with `ticket` by each kv head's last chunk to finish.
 
     Under PDL the kernel reads positions, cos, sin and its first cache block before it waits for
@@ -866,7 +882,7 @@ def rope_attention(
     length = k_cache.shape[2]
     block_n = 16 if INTERPRET else ROPE_ATTENTION_BLOCK_N
     if chunk is None:
-        chunk = block_n * triton.cdiv(triton.cdiv(length, block_n), MAX_SPLITS)
+        chunk = _key_chunk(qkv.device, length, block_n, b * kv_heads)
     chunk = block_n * triton.cdiv(chunk, block_n)
     splits = triton.cdiv(length, chunk)
     out = torch.empty(b, 1, q_heads, head_dim, dtype=qkv.dtype, device=qkv.device).transpose(1, 2)
@@ -883,7 +899,9 @@ def rope_attention(
         counters = _zeroed(qkv.device, b * kv_heads, torch.int32) if ticket else m
     else:
         acc = m = lse = counters = out
-    warps = ROPE_ATTENTION_WARPS or _rope_attention_warps(qkv.device, b * kv_heads * splits)
+    warps = ROPE_ATTENTION_WARPS or _rope_attention_warps(
+        qkv.device, b * kv_heads * splits, chunk // block_n
+    )
     warps = 1 if INTERPRET else warps
     _rope_attention_kernel[(b * kv_heads, splits)](
         qkv, cos, sin, positions, k_cache, v_cache, out, acc, m, lse, counters,
