@@ -360,8 +360,10 @@ split22)  # session 22: split attention's chunks for about two programs an SM (w
             --variants full,attn_n32p0 --out "$OUT/oracle_split$prompt.json"
     done
     ;;
-persm22)  # session 22: split attention's programs an SM (1-4) at long caches, alone and in
-    # the 8B step (~3 min)
+persm22)  # session 22: the StaticDecoder / e2e GPU tests, then split attention's programs an
+    # SM (1-4) at long caches, alone and in the 8B step (~4 min)
+    run 150 test_bench22 env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf -x -n 8 tests/test_bench.py \
+        -k "static_decoder or e2e or cuda_graph"
     for len in 4096 8192; do
         for p in 1 3 4; do
             run 60 "persm22_${len}_p$p" env FFNSPLIT_ATTENTION_PROGRAMS_PER_SM=$p python3 \
