@@ -454,22 +454,13 @@ def evaluate(
 def _same_kind(model_specs: list[str]) -> None:
     """Refuse, before any model is evaluated, to put a causal LM beside an encoder: they share no
     metric. The kind comes from each model's config (a compressed folder keeps its original's)."""
-    import json
-
-    from ffnsplit import io, models
     from ffnsplit.errors import OptionError
 
     kinds: dict[bool, str] = {}
     for spec in model_specs:
-        path = Path(str(spec)).expanduser()
-        if path.is_dir() and io.is_compressed_dir(path):
-            archs = json.loads((path / "config.json").read_text()).get("architectures") or []
-            if not archs:
-                continue
-            causal = any(name.endswith("ForCausalLM") for name in archs)
-        else:
-            causal = models.resolve_model(spec).causal_lm
-        kinds.setdefault(causal, str(spec))
+        causal = _causal_kind(spec)
+        if causal is not None:
+            kinds.setdefault(causal, str(spec))
     if len(kinds) > 1:
         raise OptionError(
             f"{kinds[True]} is a causal LM and {kinds[False]} an encoder: they share no metric; "
@@ -651,3 +642,82 @@ def bench(
     payload["complete"] = True
     bench_module.write_outputs(payload, json_path=json_path, append=append)
     return payload
+
+
+def generate(
+    model_specs: list[str],
+    prompts: list[str],
+    *,
+    max_new_tokens: int = 64,
+    decoder: str = "auto",
+    chat: bool | None = None,
+    device: str = "auto",
+    dtype: str | None = None,
+    json_path: str | os.PathLike | None = None,
+    trust_remote_code: bool = False,
+) -> dict:
+    """Greedy continuations of `prompts` by each model (one at a time, freed after); name ->
+    list of generate.Completion. `chat` None: through the chat template when the tokenizer has
+    one. JSON: the settings and every model's completions."""
+    import gc
+    import json
+
+    from ffnsplit import generate as gen
+    from ffnsplit.errors import OptionError
+    from ffnsplit.fsutil import atomic_write_text
+    from ffnsplit.runtime import resolve_device, resolve_dtype
+
+    if max_new_tokens < 1:
+        raise OptionError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
+    if not prompts or not all(prompt.strip() for prompt in prompts):
+        raise OptionError("give a prompt with some text: --prompt TEXT (repeatable)")
+    if decoder not in gen.DECODERS:
+        raise OptionError(f"unknown decoder {decoder!r}: choose one of {', '.join(gen.DECODERS)}")
+    run_device = resolve_device(device)
+    compute_dtype = resolve_dtype(dtype)
+    if compute_dtype is None and run_device.type == "cpu":
+        compute_dtype = torch.float32  # fp16 checkpoints run in fp32 on the CPU
+    for spec in model_specs:  # an encoder is refused before any model is loaded
+        if _causal_kind(spec) is False:
+            raise OptionError(
+                f"{spec} is an encoder (no language-model head): generate needs a causal LM "
+                "such as smollm2-135m"
+            )
+    results: dict[str, list] = {}
+    dtypes: dict[str, str] = {}
+    for spec in model_specs:
+        model, tokenizer = open_model(
+            spec, device=run_device, dtype=compute_dtype, trust_remote_code=trust_remote_code
+        )
+        dtypes[str(spec)] = dtype_name(next(model.parameters()).dtype)
+        results[str(spec)] = gen.generate(
+            model, tokenizer, prompts, max_new_tokens=max_new_tokens, decoder=decoder, chat=chat
+        )
+        del model
+        gc.collect()
+    if json_path is not None:
+        payload = {
+            "prompts": prompts,
+            "max_new_tokens": max_new_tokens,
+            "device": str(run_device),
+            "models": {
+                name: {"dtype": dtypes[name], "completions": [c.to_dict() for c in items]}
+                for name, items in results.items()
+            },
+        }
+        atomic_write_text(json_path, json.dumps(payload, indent=2) + "\n")
+    return results
+
+
+def _causal_kind(spec: str) -> bool | None:
+    """True for a causal LM, False for an encoder, None when the config does not say, read
+    without loading the weights (a compressed folder keeps its original's architectures)."""
+    import json
+
+    from ffnsplit import io, models
+
+    path = Path(str(spec)).expanduser()
+    if path.is_dir() and io.is_compressed_dir(path):
+        archs = json.loads((path / "config.json").read_text()).get("architectures") or []
+        return any(name.endswith("ForCausalLM") for name in archs) if archs else None
+    return models.resolve_model(spec).causal_lm

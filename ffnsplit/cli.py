@@ -543,6 +543,101 @@ def eval_command(
         console.print(f"results written to [bold]{json_file}[/]")
 
 
+@app.command("generate")
+@friendly_errors
+def generate_command(
+    model: ModelArg = "smollm2-135m",
+    prompt: Annotated[
+        list[str] | None,
+        typer.Option("--prompt", "-p", help="Text to continue (repeatable: one run each)."),
+    ] = None,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", help="New tokens at most (greedy).")
+    ] = 64,
+    chat: Annotated[
+        bool | None,
+        typer.Option(
+            "--chat/--raw",
+            help="Through the tokenizer's chat template as a user message, or as plain text "
+            "(default: the template when there is one).",
+        ),
+    ] = None,
+    against: Annotated[
+        list[str] | None,
+        typer.Option("--against", help="Other model(s) given the same prompts, side by side."),
+    ] = None,
+    decoder: Annotated[
+        str,
+        typer.Option(
+            "--decoder",
+            help="static (ffnsplit's static-cache decoder, CUDA graphs on a GPU; Llama-style "
+            "models), hf (the model's own generate) or auto.",
+        ),
+    ] = "auto",
+    json_file: Annotated[
+        Path | None, typer.Option("--json", help="Write the completions to this JSON file.")
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing --json file.")
+    ] = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """Greedy text from a model (compressed or not), with its prefill and decode speed.
+
+    With --against, each prompt goes to the other model(s) too and the table says how many
+    leading tokens they share with MODEL's.
+    """
+    from ffnsplit import api
+    from ffnsplit.fsutil import check_output
+
+    if json_file is not None:
+        json_file = check_output(
+            json_file, "--json", overwrite=overwrite, inputs=(model, *(against or ()))
+        )
+    specs = [model, *(against or [])]
+    with console.status("generating"):
+        results = api.generate(
+            specs,
+            prompt or [],
+            max_new_tokens=max_new_tokens,
+            decoder=decoder,
+            chat=chat,
+            device=device,
+            dtype=dtype,
+            json_path=json_file,
+            trust_remote_code=trust_remote_code,
+        )
+    _print_completions(results)
+    if json_file is not None:
+        console.print(f"completions written to [bold]{json_file}[/]")
+
+
+def _print_completions(results: dict) -> None:
+    """Each prompt, then each model's completion under a line of its numbers."""
+    from rich.markup import escape
+
+    from ffnsplit.generate import agreement
+
+    names = list(results)
+    for index in range(len(results[names[0]])):
+        console.rule(f"[bold]prompt {index + 1}[/]: {escape(results[names[0]][index].prompt)}")
+        for name in names:
+            c = results[name][index]
+            facts = [f"{c.decoder} decoder ({c.timing})", f"{len(c.tokens)} tokens ({c.stop})"]
+            if c.prefill_ms is not None:
+                facts.append(f"prefill {c.prefill_ms:,.1f} ms for {c.prompt_tokens} tokens")
+            if c.decode_tokens_per_s is not None:
+                facts.append(f"decode {c.decode_tokens_per_s:,.1f} tok/s")
+            if name != names[0]:
+                first = results[names[0]][index].tokens
+                same = agreement(first, c.tokens)
+                facts.append(f"its first {same} of {len(first)} tokens as {names[0]}'s")
+            console.print(f"[bold cyan]{escape(name)}[/] [dim]{escape(' · '.join(facts))}[/]")
+            console.print(escape(c.text), highlight=False)
+
+
 @app.command("demo")
 @friendly_errors
 def demo_command(

@@ -97,6 +97,22 @@ def test_profile_compress_eval_info_pipeline(workspace: dict[str, Path]) -> None
     ppl_d = next(iter(dense["perplexity"].values()))["ppl"]
     assert 0.5 < ppl_c / ppl_d < 2.0
 
+    completions = root / "generate.json"
+    code, output = run(
+        "generate", out, "--against", model, "-p", "w3 w9 w27", "-p", "w81 w43",
+        "--max-new-tokens", 6, "--json", completions, "--device", "cpu",
+    )  # fmt: skip
+    assert code == 0, output
+    assert "prompt 2" in output and "static decoder" in output and "tokens as" in output
+    payload = json.loads(completions.read_text())
+    assert payload["prompts"] == ["w3 w9 w27", "w81 w43"] and payload["max_new_tokens"] == 6
+    assert list(payload["models"]) == [str(out), str(model)]
+    for entry in payload["models"].values():
+        assert entry["dtype"] == "float32" and len(entry["completions"]) == 2
+        for c in entry["completions"]:
+            assert 1 <= len(c["tokens"]) <= 6 and c["stop"] in ("eos", "length")
+            assert c["prompt_tokens"] == (3 if c["prompt"] == "w3 w9 w27" else 2)
+
 
 def test_budget_mode_and_baselines(workspace: dict[str, Path]) -> None:
     root, model, corpus = workspace["root"], workspace["model"], workspace["corpus"]
@@ -185,6 +201,13 @@ def test_budget_mode_and_baselines(workspace: dict[str, Path]) -> None:
             ["baseline"],
         ),  # fmt: skip
         (["eval", "{notmodel}"], ["config.json"]),
+        (["generate", "{model}", "--device", "cpu"], ["--prompt"]),
+        (["generate", "{model}", "-p", "w1", "--max-new-tokens", "0"], ["at least 1"]),
+        (["generate", "{model}", "-p", "w1", "--max-new-tokens", "70"], ["64 positions"]),
+        (["generate", "{model}", "-p", "w1", "--chat"], ["no chat template"]),
+        (["generate", "{model}", "-p", "w1", "--decoder", "beam"], ["unknown decoder"]),
+        (["generate", "minilm-l6", "-p", "w1"], ["encoder"]),
+        (["generate", "{model}", "-p", "w1", "--json", "{root}/o/x.json"], ["o"]),
     ],
 )
 def test_bad_inputs_are_one_line_errors(
