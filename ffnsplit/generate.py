@@ -158,12 +158,17 @@ def generate_static(
 
     decoder.start_decode(first, prompt_len)
     run = step
+    graph = None
     if cuda and graphs:
-        run, timing = capture_graph(step).replay, "cuda-graph"
-        decoder.start_decode(first, prompt_len)  # the capture ran the step: start again
-    elif cuda:
+        try:
+            graph = capture_graph(step)
+        except RuntimeError:  # a step that cannot be captured still runs, eagerly
+            graph = None
+        else:
+            run, timing = graph.replay, "cuda-graph"
+    if cuda and graph is None:
         step()  # warm-up (compiles)
-        decoder.start_decode(first, prompt_len)
+    decoder.start_decode(first, prompt_len)  # the capture or warm-up ran the step: start again
     steps, stop = 0, "length"
     _sync(device)
     start = time.perf_counter()
