@@ -93,6 +93,7 @@ def test_agreement_counts_leading_tokens() -> None:
     assert gen.agreement([1, 2], [1, 2, 3]) == 2 and gen.agreement([], [1]) == 0
 
 
+@pytest.mark.slow
 def test_smollm2_and_its_compressed_copy_answer_alike(cache_dir) -> None:
     """The packaged SmolLM2-135M-Instruct through its chat template, and a copy with every FFN
     split (20% random heavy neurons in fp32, the rest int8 g64 RTN): both name Paris."""
