@@ -36,6 +36,9 @@ DtypeOpt = Annotated[
     str,
     typer.Option("--dtype", help="Compute dtype: auto (as stored), float32, float16, bfloat16."),
 ]
+JsonOverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Replace an existing --json file.")
+]
 TrustOpt = Annotated[
     bool,
     typer.Option(
@@ -499,9 +502,7 @@ def eval_command(
     json_file: Annotated[
         Path | None, typer.Option("--json", help="Write all results to this JSON file.")
     ] = None,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an existing --json file.")
-    ] = False,
+    overwrite: JsonOverwriteOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     trust_remote_code: TrustOpt = False,
@@ -577,17 +578,15 @@ def generate_command(
     json_file: Annotated[
         Path | None, typer.Option("--json", help="Write the completions to this JSON file.")
     ] = None,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an existing --json file.")
-    ] = False,
+    overwrite: JsonOverwriteOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     trust_remote_code: TrustOpt = False,
 ) -> None:
     """Greedy text from a model (compressed or not), with its prefill and decode speed.
 
-    With --against, each prompt goes to the other model(s) too and the table says how many
-    leading tokens they share with MODEL's.
+    With --against, each prompt goes to the other model(s) too, and each of their completions
+    says how many leading tokens it shares with MODEL's.
     """
     from ffnsplit import api
     from ffnsplit.fsutil import check_output
@@ -973,9 +972,7 @@ def bench_command(
         Path | None,
         typer.Option("--append", help="Append a markdown section to this results file."),
     ] = None,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an existing --json file.")
-    ] = False,
+    overwrite: JsonOverwriteOpt = False,
     device: Annotated[
         str,
         typer.Option("--device", help="auto (a GPU), cuda, cuda:N, or cpu (smoke numbers only)."),
