@@ -634,7 +634,7 @@ def _print_completions(results: dict) -> None:
                 same = agreement(first, c.tokens)
                 facts.append(f"its first {same} of {len(first)} tokens as {names[0]}'s")
             console.print(f"[bold cyan]{escape(name)}[/] [dim]{escape(' · '.join(facts))}[/]")
-            console.print(escape(c.text), highlight=False)
+            console.print(escape(c.text.strip()), highlight=False)  # JSON: the text as is
 
 
 @app.command("demo")
