@@ -629,10 +629,12 @@ def _print_completions(results: dict) -> None:
                 facts.append(f"prefill {c.prefill_ms:,.1f} ms for {c.prompt_tokens} tokens")
             if c.decode_tokens_per_s is not None:
                 facts.append(f"decode {c.decode_tokens_per_s:,.1f} tok/s")
-            if name != names[0]:
-                first = results[names[0]][index].tokens
-                same = agreement(first, c.tokens)
-                facts.append(f"its first {same} of {len(first)} tokens as {names[0]}'s")
+            first = results[names[0]][index]
+            if name != names[0] and c.prompt_ids != first.prompt_ids:
+                facts.append("another tokenizer or template: tokens not compared")
+            elif name != names[0]:
+                same = agreement(first.tokens, c.tokens)
+                facts.append(f"its first {same} of {len(first.tokens)} tokens as {names[0]}'s")
             console.print(f"[bold cyan]{escape(name)}[/] [dim]{escape(' · '.join(facts))}[/]")
             console.print(escape(c.text.strip()), highlight=False)  # JSON: the text as is
 

@@ -32,7 +32,8 @@ _CAPTURE_STEPS = 3
 @dataclass
 class Completion:
     """One prompt's greedy continuation. `tokens` are the new token ids, a stop token last when
-    `stop` is "eos"; `text` is their decoding without special tokens. prefill_ms: the prompt's
+    `stop` is "eos"; `text` is their decoding without special tokens; `prompt_ids` the prompt's
+    ids as the model saw them (template included). prefill_ms: the prompt's
     forward and the first token (static decoder only); decode_tokens_per_s: decode steps run /
     their wall time (static: steps after the first token, the few past a stop token included;
     hf: all new tokens over the whole call, prefill included)."""
@@ -46,6 +47,7 @@ class Completion:
     timing: str  # "cuda-graph", "eager", "eager-cpu" or "hf-generate"
     prefill_ms: float | None
     decode_tokens_per_s: float | None
+    prompt_ids: list[int]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -247,7 +249,18 @@ def generate(
                 timing, prefill_ms = "hf-generate", None
             text = tokenizer.decode(tokens, skip_special_tokens=True)
             completions.append(
-                Completion(prompt, text, ids.shape[1], tokens, stop, name, timing, prefill_ms, rate)
+                Completion(
+                    prompt,
+                    text,
+                    ids.shape[1],
+                    tokens,
+                    stop,
+                    name,
+                    timing,
+                    prefill_ms,
+                    rate,
+                    ids[0].tolist(),
+                )  # fmt: skip
             )
     return completions
 

@@ -129,3 +129,23 @@ def test_gpu_static_generation_replays_a_cuda_graph_with_the_models_tokens() -> 
     for s, h in zip(static, hf, strict=True):
         assert s.timing == "cuda-graph" or s.decode_tokens_per_s is None
         assert s.tokens == h.tokens and s.stop == h.stop
+
+
+def test_completions_are_compared_only_under_one_tokenizer(monkeypatch) -> None:
+    from rich.console import Console
+
+    from ffnsplit import cli
+
+    def completion(tokens: list[int], prompt_ids: list[int]) -> gen.Completion:
+        return gen.Completion("hi", " text\n", len(prompt_ids), tokens, "length", "static",
+                              "eager-cpu", 1.0, 2.0, prompt_ids)  # fmt: skip
+
+    console = Console(record=True, width=200)
+    monkeypatch.setattr(cli, "console", console)
+    cli._print_completions({"a": [completion([1, 2, 3], [7, 8])],
+                            "b": [completion([1, 2, 4], [7, 8])],
+                            "c": [completion([1, 2, 3], [9])]})  # fmt: skip
+    text = console.export_text()
+    assert "its first 2 of 3 tokens as a's" in text
+    assert "another tokenizer or template: tokens not compared" in text
+    assert "prefill 1.0 ms for 2 tokens" in text and "decode 2.0 tok/s" in text
