@@ -152,7 +152,7 @@ def generate_static(
     prefill_ms = (time.perf_counter() - start) * 1e3
     timing = "eager" if cuda else "eager-cpu"
     if tokens[0] in stops or max_new_tokens == 1:
-        return tokens, "eos" if tokens[0] in stops else "length", timing, prefill_ms, None
+        return *_until_stop(tokens, stops), timing, prefill_ms, None
 
     def step() -> None:  # the next token, written at its position into `sequence`
         decoder.decode_step()
@@ -165,27 +165,24 @@ def generate_static(
         try:
             graph = capture_graph(step)
         except RuntimeError:  # a step that cannot be captured still runs, eagerly
-            graph = None
+            pass
         else:
             run, timing = graph.replay, "cuda-graph"
     if cuda and graph is None:
         step()  # warm-up (compiles)
     decoder.start_decode(first, prompt_len)  # the capture or warm-up ran the step: start again
-    steps, stop = 0, "length"
+    steps = 0
     _sync(device)
     start = time.perf_counter()
-    while steps < max_new_tokens - 1 and stop == "length":
+    while steps < max_new_tokens - 1 and not stops.intersection(tokens):
         count = min(CHECK_EVERY, max_new_tokens - 1 - steps)
         for _ in range(count):
             run()
-        new = sequence[0, prompt_len + 1 + steps : prompt_len + 1 + steps + count].tolist()
+        lo = prompt_len + 1 + steps  # the first token of these steps is at position T + 1
+        tokens += sequence[0, lo : lo + count].tolist()
         steps += count
-        if any(token in stops for token in new):
-            stop = "eos"
     seconds = time.perf_counter() - start
-    tokens, stop = _until_stop(tokens + sequence[0, prompt_len + 1 : prompt_len + 1 + steps]
-                               .tolist(), stops)  # fmt: skip
-    return tokens, stop, timing, prefill_ms, steps / seconds
+    return *_until_stop(tokens, stops), timing, prefill_ms, steps / seconds
 
 
 def generate_hf(
