@@ -295,30 +295,20 @@ if gluon is not None:
         return view.load(LAYOUT)
 
     @gluon.jit
-    def _block_words(ptrs, mask, row, KR, TAIL: gl.constexpr):
-        """One 32-k block of words [4, BN] (word rows row .. row + 3, at `ptrs`)."""
+    def _block_words(ptr, off, mask, row, KR, TAIL: gl.constexpr):
+        """One 32-k block of words [4, BN] (word rows row .. row + 3)."""
         if TAIL:
             rows = row + gl.arange(0, 4, layout=gl.SliceLayout(1, mask.type.layout))
             mask = mask & (rows < KR)[:, None]
-        return gl.load(ptrs, mask=mask, other=0)
+        return gl.load(ptr + off, mask=mask, other=0)
 
     @gluon.jit
-    def _chunk_words(ptr, off, mask, row, N, KR, TAIL: gl.constexpr, PTRS: gl.constexpr):
-        """A 128-k chunk's 4 blocks of words (16 word rows from `row`), the first block at
-        ptr + off. PTRS (ptr a pointer tensor, off a scalar): the blocks' addresses are ptr + off
-        plus a scalar, which N constant makes immediate offsets of one address (else each word
-        turns an offset into an address again: 3 SASS instructions)."""
-        if PTRS:
-            p = ptr + off
-            w0 = _block_words(p, mask, row, KR, TAIL)
-            w1 = _block_words(p + 4 * N, mask, row + 4, KR, TAIL)
-            w2 = _block_words(p + 8 * N, mask, row + 8, KR, TAIL)
-            w3 = _block_words(p + 12 * N, mask, row + 12, KR, TAIL)
-        else:
-            w0 = _block_words(ptr + off, mask, row, KR, TAIL)
-            w1 = _block_words(ptr + (off + 4 * N), mask, row + 4, KR, TAIL)
-            w2 = _block_words(ptr + (off + 8 * N), mask, row + 8, KR, TAIL)
-            w3 = _block_words(ptr + (off + 12 * N), mask, row + 12, KR, TAIL)
+    def _chunk_words(ptr, off, mask, row, N, KR, TAIL: gl.constexpr):
+        """A 128-k chunk's 4 blocks of words (16 word rows from `row`, at `off`)."""
+        w0 = _block_words(ptr, off, mask, row, KR, TAIL)
+        w1 = _block_words(ptr, off + 4 * N, mask, row + 4, KR, TAIL)
+        w2 = _block_words(ptr, off + 8 * N, mask, row + 8, KR, TAIL)
+        w3 = _block_words(ptr, off + 12 * N, mask, row + 12, KR, TAIL)
         return w0, w1, w2, w3
 
     @gluon.jit
@@ -523,24 +513,14 @@ if gluon is not None:
         return acc_u, acc_g, x_next
 
     @gluon.jit
-    def _light_words(up_ptr, gp_ptr, up_w, gp_w, w_mask, c, c_lo, N, KR, DUAL: gl.constexpr,
-                     TAIL: gl.constexpr, PTRS: gl.constexpr):  # fmt: skip
-        """Chunk c's up words and (DUAL) gate words (the up words again without DUAL). PTRS:
-        up_w, gp_w are the slice's first chunk's word pointers (kernel B, N constant: immediate
-        offsets); else up_w holds their offsets from up_ptr and gp_ptr (64-bit pointer tensors
-        kept for the whole slice took kernel A's x-as-A config from 122 to 134 registers)."""
-        step = (c - c_lo) * 16 * N
-        if PTRS:
-            u0, u1, u2, u3 = _chunk_words(up_w, step, w_mask, c * 16, N, KR, TAIL, PTRS)
-        else:
-            u0, u1, u2, u3 = _chunk_words(up_ptr, up_w + step, w_mask, c * 16, N, KR, TAIL, PTRS)
+    def _light_words(up_ptr, gp_ptr, w_off, w_mask, c, c_lo, N, KR, DUAL: gl.constexpr,
+                     TAIL: gl.constexpr):  # fmt: skip
+        """Chunk c's up words and (DUAL) gate words (the up words again without DUAL)."""
+        off = w_off + (c - c_lo) * 16 * N
+        u0, u1, u2, u3 = _chunk_words(up_ptr, off, w_mask, c * 16, N, KR, TAIL)
         g0, g1, g2, g3 = u0, u1, u2, u3
         if DUAL:
-            if PTRS:
-                g0, g1, g2, g3 = _chunk_words(gp_w, step, w_mask, c * 16, N, KR, TAIL, PTRS)
-            else:
-                g0, g1, g2, g3 = _chunk_words(gp_ptr, up_w + step, w_mask, c * 16, N, KR, TAIL,
-                                              PTRS)  # fmt: skip
+            g0, g1, g2, g3 = _chunk_words(gp_ptr, off, w_mask, c * 16, N, KR, TAIL)
         return u0, u1, u2, u3, g0, g1, g2, g3
 
     @gluon.jit
@@ -663,8 +643,7 @@ if gluon is not None:
                      GROUP: gl.constexpr, TAIL: gl.constexpr, DTYPE: gl.constexpr,
                      BM: gl.constexpr, BN: gl.constexpr, DEPTH: gl.constexpr,
                      CHAINS: gl.constexpr, W_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
-                     MMA: gl.constexpr, SWAP: gl.constexpr, PDL: gl.constexpr = False,
-                     PTRS: gl.constexpr = False):  # fmt: skip
+                     MMA: gl.constexpr, SWAP: gl.constexpr, PDL: gl.constexpr = False):  # fmt: skip
         """fp32 [BM, BN] (SWAP: [BN, BM]) x times columns n0.. of one (DUAL: two) packed int4
         weights [N, K] over chunks c_lo .. c_hi - 1 (c_hi > c_lo). Returns (up, gate) (gate = up
         without DUAL).
@@ -682,25 +661,18 @@ if gluon is not None:
         wc = gl.arange(0, BN, layout=gl.SliceLayout(0, W_LAYOUT))
         w_off = wr[:, None] * N + (n0 + wc)[None, :] + c_lo * 16 * N
         w_mask = ((n0 + wc) < N)[None, :]
-        if PTRS:
-            up_w = up_ptr + w_off
-            gp_w = gp_ptr + w_off
-        else:
-            up_w = w_off
-            gp_w = w_off
         x_off, x_mask, xk, x_smem, sc, s_mask, ones, acc_u, acc_g = _slice_start(
             stride_xm, M, n0, N, BM, BN, DTYPE, X_LAYOUT, W_OPERAND, MMA, SWAP
         )
         last = c_hi - 1
-        u0, u1, u2, u3, g0, g1, g2, g3 = _light_words(up_ptr, gp_ptr, up_w, gp_w, w_mask, c_lo,
-                                                      c_lo, N, KR, DUAL, TAIL, PTRS)  # fmt: skip
+        u0, u1, u2, u3, g0, g1, g2, g3 = _light_words(up_ptr, gp_ptr, w_off, w_mask, c_lo, c_lo,
+                                                      N, KR, DUAL, TAIL)  # fmt: skip
         _pdl_wait(PDL)  # the weights above need nothing from the previous kernel; x does
         x_next = _x_chunk(x_ptr, x_off, x_mask, xk, c_lo * _CHUNK, K, TAIL)
         if DEPTH == 2:
             c1 = gl.minimum(c_lo + 1, last)
-            v0, v1, v2, v3, h0, h1, h2, h3 = _light_words(up_ptr, gp_ptr, up_w, gp_w, w_mask, c1,
-                                                          c_lo, N, KR, DUAL, TAIL,
-                                                          PTRS)  # fmt: skip
+            v0, v1, v2, v3, h0, h1, h2, h3 = _light_words(up_ptr, gp_ptr, w_off, w_mask, c1, c_lo,
+                                                          N, KR, DUAL, TAIL)  # fmt: skip
             for c in range(c_lo, c_hi - 1, 2):  # chunks c and c + 1 (both < c_hi)
                 acc_u, acc_g, x_next = _light_step(
                     acc_u, acc_g, u0, u1, u2, u3, g0, g1, g2, g3, c, c_lo, c + 1, x_next, x_ptr,
@@ -708,8 +680,8 @@ if gluon is not None:
                     s_mask, DUAL, SYMMETRIC, GROUP, TAIL, DTYPE, CHAINS, MMA, SWAP,
                 )  # fmt: skip
                 u0, u1, u2, u3, g0, g1, g2, g3 = _light_words(
-                    up_ptr, gp_ptr, up_w, gp_w, w_mask, gl.minimum(c + 2, last), c_lo, N, KR,
-                    DUAL, TAIL, PTRS,
+                    up_ptr, gp_ptr, w_off, w_mask, gl.minimum(c + 2, last), c_lo, N, KR, DUAL,
+                    TAIL,
                 )  # fmt: skip
                 acc_u, acc_g, x_next = _light_step(
                     acc_u, acc_g, v0, v1, v2, v3, h0, h1, h2, h3, c + 1, c_lo,
@@ -718,8 +690,8 @@ if gluon is not None:
                     TAIL, DTYPE, CHAINS, MMA, SWAP,
                 )  # fmt: skip
                 v0, v1, v2, v3, h0, h1, h2, h3 = _light_words(
-                    up_ptr, gp_ptr, up_w, gp_w, w_mask, gl.minimum(c + 3, last), c_lo, N, KR,
-                    DUAL, TAIL, PTRS,
+                    up_ptr, gp_ptr, w_off, w_mask, gl.minimum(c + 3, last), c_lo, N, KR, DUAL,
+                    TAIL,
                 )  # fmt: skip
             if (c_hi - c_lo) % 2 == 1:  # an odd count: the last chunk is in u (and g)
                 acc_u, acc_g, x_next = _light_step(
@@ -732,9 +704,9 @@ if gluon is not None:
                 # the next chunk's words and x in flight while this one is multiplied (clamped
                 # at the last chunk: loaded again, never used)
                 c_next = gl.minimum(c + 1, last)
-                v0, v1, v2, v3, h0, h1, h2, h3 = _light_words(up_ptr, gp_ptr, up_w, gp_w,
-                                                              w_mask, c_next, c_lo, N, KR, DUAL,
-                                                              TAIL, PTRS)  # fmt: skip
+                v0, v1, v2, v3, h0, h1, h2, h3 = _light_words(up_ptr, gp_ptr, w_off, w_mask,
+                                                              c_next, c_lo, N, KR, DUAL,
+                                                              TAIL)  # fmt: skip
                 acc_u, acc_g, x_next = _light_step(
                     acc_u, acc_g, u0, u1, u2, u3, g0, g1, g2, g3, c, c_lo, c_next, x_next, x_ptr,
                     x_off, x_mask, xk, x_smem, ones, us_ptr, uz_ptr, gs_ptr, gz_ptr, N, K, G, sc,
@@ -1052,8 +1024,7 @@ if gluon is not None:
 
     @gluon.jit
     def _down_kernel(xh_ptr, xl_ptr, hw_ptr, p_ptr, s_ptr, z_ptr, ws_ptr, cnt_ptr, out_ptr, b_ptr,
-                     M, N: gl.constexpr, KH, KL, stride_xm, stride_hw, stride_om, SL,
-                     FUSED: gl.constexpr,
+                     M, N, KH, KL, stride_xm, stride_hw, stride_om, SL, FUSED: gl.constexpr,
                      HAS_BIAS: gl.constexpr, SYMMETRIC: gl.constexpr, GROUP: gl.constexpr,
                      TAIL_L: gl.constexpr, TAIL_H: gl.constexpr, DTYPE: gl.constexpr,
                      BM: gl.constexpr, BN: gl.constexpr, DEPTH: gl.constexpr,
@@ -1071,10 +1042,7 @@ if gluon is not None:
         column tiles in turn. PDL: as in _up_kernel; TRIGGER False: no early trigger (the next
         kernel launches when this one ends), the wait kept. PREFETCH (with PDL): the dense
         slices ask for their whole K-slice in L2 before the wait, while the previous kernels
-        (a decoder's attention, latency-bound) leave the memory idle. N is a compile-time
-        constant (one per model's hidden or projection size): the word rows of a chunk, N words
-        apart, are then immediate offsets of one address (sm_90 SASS, Llama-3-8B kernel B at
-        M = 1: 320 -> 255 instructions a chunk of its light loop)."""
+        (a decoder's attention, latency-bound) leave the memory idle."""
         if TRIGGER:
             _pdl_trigger(PDL)
         pid = gl.program_id(0)
@@ -1093,7 +1061,7 @@ if gluon is not None:
                 acc, _ = _light_slice(xl_ptr, stride_xm, M, KL, p_ptr, s_ptr, z_ptr, p_ptr,
                                       s_ptr, z_ptr, N, n0, c_lo, c_hi, False, SYMMETRIC, GROUP,
                                       TAIL_L, DTYPE, BM, BN, DEPTH, CHAINS, W_LAYOUT, X_LAYOUT,
-                                      MMA, SWAP, PDL, True)  # fmt: skip
+                                      MMA, SWAP, PDL)  # fmt: skip
             cols = _columns(n0, BN, MMA, SWAP)
             _store_partial(ws_ptr, acc, split, M, N, cols, cols < N, BM, MMA, SWAP)
         else:
@@ -1551,19 +1519,16 @@ def aot_compile(kernel: str, cfg: MmaConfig, m: int = 1, dtype: str = "fp16", *,
     else:
         fn = _down_kernel
         sig = dict(xh_ptr=t, xl_ptr=t, hw_ptr=t, p_ptr="*i32", s_ptr=t, z_ptr=t, ws_ptr="*fp32",
-                   cnt_ptr="*i32", out_ptr=t, b_ptr=t, M="i32", KH="i32", KL="i32",
+                   cnt_ptr="*i32", out_ptr=t, b_ptr=t, M="i32", N="i32", KH="i32", KL="i32",
                    stride_xm="i32", stride_hw="i32", stride_om="i32", SL="i32")  # fmt: skip
         sl, sh = _down_slices(_slices(cfg, triton.cdiv(hidden, cfg.block_n), sms), heavy, light,
                               128)  # fmt: skip
-        const = dict(common, **down_meta(cfg, m), N=hidden, SB=_finish_slots(m, sl + sh),
-                     FUSED=cfg.fused,
+        const = dict(common, **down_meta(cfg, m), SB=_finish_slots(m, sl + sh), FUSED=cfg.fused,
                      HAS_BIAS=False, TRIGGER=True, PREFETCH=prefetch,
                      TAIL_L=light % CHUNK != 0, TAIL_H=heavy % CHUNK != 0)  # fmt: skip
         # x's light part starts at column `heavy`: aligned only if that is a multiple of 8
         aligned = ["xh_ptr", "hw_ptr", "p_ptr", "s_ptr", "z_ptr", "ws_ptr", "cnt_ptr", "out_ptr",
-                   "b_ptr", "KH", "stride_xm", "stride_hw", "stride_om"]  # fmt: skip
-        if light % 16 == 0:
-            aligned.append("KL")
+                   "b_ptr", "N", "KH", "stride_xm", "stride_hw", "stride_om"]  # fmt: skip
         if heavy % 8 == 0:
             aligned.append("xl_ptr")
     names = [p.name for p in fn.params]
