@@ -17,7 +17,7 @@
 #   profprefill (benchmarks/prof_prefill.py + probe_cublas.py), odd (717 heavy neurons),
 #   swap (benchmarks/proto_swap.py), swaptier (the W-as-A form: tests + bench_mma), pdlmma,
 #   next14 (session 13's open questions), fused15 (the one-launch FFN), verify15, next16, s16ab, ncu16, proj, floor17 (ran in 17), finish17, trace17, ab17, ab18, ticket18, decoder18, trace18, slices18, trig19 (ran in 19), mid19, big20 (prepared), wg20 (branch s20-wgmma,
-#   ran in 20), attn20, attn21 (ran in 21), tune21 (branch s21-prepared, ran in 21), next22, fin22 (branch s22-prepared; both ran in 22), warps22, chunks22, split22, persm22 (ran in 22), gen23 (prepared), oracle, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
+#   ran in 20), attn20, attn21 (ran in 21), tune21 (branch s21-prepared, ran in 21), next22, fin22 (branch s22-prepared; both ran in 22), warps22, chunks22, split22, persm22 (ran in 22), gen23, wg23, ptr23, oracle, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
 #   (benchmarks/trace_decode.py), decode8b (M = 1, 4 + 8B decode once)
 # Several stages in one call: bash benchmarks/gpu_checks.sh gemv trace decode8b
 # Each step has its own time limit, so one slow step cannot take the whole call.
@@ -360,9 +360,23 @@ split22)  # session 22: split attention's chunks for about two programs an SM (w
             --variants full,attn_n32p0 --out "$OUT/oracle_split$prompt.json"
     done
     ;;
+ptr23)  # session 23 (ran on branch s23-ptrs, dropped; out/base = dd561ea): kernel B's words through pointer tensors with N a compile-time constant
+    # (immediate offsets; sm_90 light loop 320 -> 255 instructions a chunk at M = 1, 318 -> 210
+    # at 16): the Gluon tier's GPU tests, the decoder ops (their projections are split_linear),
+    # then this tree against out/base (carry out) as in ab17 (~5 min)
+    mma_tests18
+    run 150 test_decodeops23 env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf -x -n 8 -m 'not slow' \
+        tests/test_decode_ops.py tests/test_generate.py
+    ab_mma_runs
+    ;;
+wg23)  # session 23 (ran): the Hopper wgmma int4 GEMM prototype (benchmarks/proto_wgmma.py):
+    # correctness on odd shapes (fp16, bf16), then the 8B FFN's light parts at M = 128-2048
+    # against the tl tiers and cuBLAS (~3 min)
+    run 300 wg23 python3 benchmarks/bench_wgmma.py --out "$OUT/wgmma_s23.json"
+    ;;
 gen23)  # prepared in session 22 (not run): ffnsplit generate's GPU test (the static decoder's
     # CUDA-graph steps against the model's own greedy generate) and the decode_ops tests (~2 min)
-    run 200 test_gen23 python3 -m pytest -q -rf -x -n 4 tests/test_generate.py tests/test_decode_ops.py
+    run 200 test_gen23 python3 -m pytest -q -rf -x -n 4 -m 'not slow' tests/test_generate.py tests/test_decode_ops.py
     ;;
 persm22)  # session 22: the StaticDecoder / e2e GPU tests, then split attention's programs an
     # SM (1-4) at long caches, alone and in the 8B step (~4 min)

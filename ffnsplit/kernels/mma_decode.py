@@ -1529,6 +1529,8 @@ def aot_compile(kernel: str, cfg: MmaConfig, m: int = 1, dtype: str = "fp16", *,
         # x's light part starts at column `heavy`: aligned only if that is a multiple of 8
         aligned = ["xh_ptr", "hw_ptr", "p_ptr", "s_ptr", "z_ptr", "ws_ptr", "cnt_ptr", "out_ptr",
                    "b_ptr", "N", "KH", "stride_xm", "stride_hw", "stride_om"]  # fmt: skip
+        if light % 16 == 0:  # the runtime specializes KL too (the Llama-3-8B count is)
+            aligned.append("KL")
         if heavy % 8 == 0:
             aligned.append("xl_ptr")
     names = [p.name for p in fn.params]

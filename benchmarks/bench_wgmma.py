@@ -1,0 +1,176 @@
+"""The Hopper wgmma int4 GEMM prototype (benchmarks/proto_wgmma.py) on a GPU: correctness against an
+fp64 reference on odd shapes, then the Llama-3-8B FFN's light parts at prefill sizes against the
+tl tiers' kernels on the same split layer and cuBLAS on dense weights of the same shape.
+
+    PYTHONPATH=. python3 benchmarks/bench_wgmma.py --out $OUT/wgmma.json
+    FFNSPLIT_WGMMA_EXPERIMENT=3 PYTHONPATH=. python3 benchmarks/bench_wgmma.py --no-check \
+        --only-wg --m 256,2048       # timing experiments (proto_wgmma.EXPERIMENT)
+
+Correctness: rel. error ||out - ref|| / ||ref|| per case (fp16 and bf16, dual and single weight,
+groups 64/128/256, symmetric or not, M and N off the tile sizes, K with a partial last group).
+Timing: CUDA-graph replays over two weight copies (L2 cannot hold them), median of 15 replays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__))))
+import proto_wgmma as wg  # noqa: E402
+from bench_decode import graph_time_us, rel_err, split_weights  # noqa: E402
+
+from ffnsplit.kernels import quant_matmul as qmm  # noqa: E402
+from ffnsplit.kernels import split_ffn as sffn  # noqa: E402
+from ffnsplit.kernels.format import (  # noqa: E402
+    QuantizedWeight,
+    n_groups,
+    pack_planes,
+    unpack_planes,
+)
+
+
+def dequant(w: QuantizedWeight) -> torch.Tensor:
+    """W [N, K] in fp64 from the packed format."""
+    n, k = w.shape
+    q = unpack_planes(w.planes, w.bits, k).double()
+    s = w.scales.double().repeat_interleave(w.group_size, 0)[:k].t()
+    if w.zeros is None:
+        z = float(2 ** (w.bits - 1))
+    else:
+        z = w.zeros.double().repeat_interleave(w.group_size, 0)[:k].t()
+    return (q - z) * s
+
+
+def qweight(n: int, k: int, group: int, symmetric: bool, dtype: torch.dtype) -> QuantizedWeight:
+    q = torch.randint(0, 16, (n, k), device="cuda")
+    g = n_groups(k, group)
+    scales = ((torch.rand(g, n, device="cuda") + 0.5) * 2e-2).to(dtype)
+    zeros = None if symmetric else (torch.rand(g, n, device="cuda") * 15).to(dtype)
+    return QuantizedWeight(pack_planes(q, 4), scales, zeros, 4, group, (n, k))
+
+
+def check(results: list) -> bool:
+    ok = True
+    cases = [  # (M, N, K, group, symmetric, dual, bt, split)
+        (77, 1000, 4160, 128, False, True, 128, 1),
+        (256, 1000, 4160, 64, False, True, 128, 1),
+        (300, 520, 1088, 256, True, True, 128, 1),
+        (129, 4096, 13632, 128, False, False, 128, 1),
+        (256, 1000, 4160, 128, False, False, 128, 2),
+        (33, 776, 2112, 128, True, False, 64, 1),
+        (200, 1000, 4160, 128, False, True, 64, 1),
+    ]
+    for dtype, bound in ((torch.float16, 2e-3), (torch.bfloat16, 1.2e-2)):
+        for m, n, k, group, sym, dual, bt, split in cases:
+            torch.manual_seed(m + n)
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            w = qweight(n, k, group, sym, dtype)
+            g = qweight(n, k, group, sym, dtype) if dual else None
+            ub = torch.randn(n, device="cuda", dtype=dtype) * 0.1
+            gb = torch.randn(n, device="cuda", dtype=dtype) * 0.1 if dual else None
+            out = torch.full((m, n + 24), float("nan"), device="cuda", dtype=dtype)
+            try:
+                wg.light_gemm(x, w, out, out_col=8, gate=g, up_bias=ub, gate_bias=gb, bt=bt,
+                              split=split)  # fmt: skip
+                torch.cuda.synchronize()
+                up = x.double() @ dequant(w).t() + ub.double()
+                if dual:
+                    gate = x.double() @ dequant(g).t() + gb.double()
+                    ref = torch.nn.functional.silu(gate) * up
+                else:
+                    ref = up
+                err = rel_err(out[:, 8 : 8 + n], ref)
+                untouched = bool(out[:, :8].isnan().all() and out[:, 8 + n :].isnan().all())
+                good = err < bound and untouched
+            except Exception as exc:  # report and go on: one call tests every case
+                err, untouched, good = repr(exc)[:300], False, False
+            ok &= good
+            row = dict(dtype=str(dtype), m=m, n=n, k=k, group=group, symmetric=sym, dual=dual,
+                       bt=bt, split=split, rel_err=err, bound=bound, untouched=untouched,
+                       ok=good)  # fmt: skip
+            results.append(row)
+            print(json.dumps(row), flush=True)
+    return ok
+
+
+def timing(ms: list[int], results: list, hidden: int = 4096, inter: int = 14336,
+           heavy: int = 720, only_wg: bool = False) -> None:  # fmt: skip
+    light = 13632  # the bench's split: 720 heavy fp16 + 13,632 int4 neurons (padded to 32)
+    ws = [split_weights(hidden, heavy, light, 4, 128) for _ in range(2)]
+    dense_up = [torch.randn(2 * inter, hidden, device="cuda", dtype=torch.float16) / 64
+                for _ in range(2)]  # fmt: skip
+    dense_down = [torch.randn(hidden, inter, device="cuda", dtype=torch.float16) / 120
+                  for _ in range(2)]  # fmt: skip
+    for m in ms:
+        x = torch.randn(m, hidden, device="cuda", dtype=torch.float16)
+        a = torch.randn(m, heavy + light, device="cuda", dtype=torch.float16) * 0.1
+        ad = torch.randn(m, inter, device="cuda", dtype=torch.float16) * 0.1
+        out_a = torch.empty(m, heavy + light, device="cuda", dtype=torch.float16)
+        out_b = torch.empty(m, hidden, device="cuda", dtype=torch.float16)
+        row = dict(m=m)
+
+        def t(calls):
+            try:
+                return round(graph_time_us(calls), 2)
+            except Exception as exc:
+                return repr(exc)[:200]
+
+        def calls(fn, *args):  # one call per weight copy, its arguments bound now
+            return [lambda w=w, args=args: fn(w, *args) for w in ws]
+
+        if not only_wg:
+            row["dense_up_gate_us"] = t([lambda w=w, x=x: x @ w.t() for w in dense_up])
+            row["dense_down_us"] = t([lambda w=w, ad=ad: ad @ w.t() for w in dense_down])
+            row["tl_kernel_a_us"] = t(calls(lambda w, x: sffn.split_activations(x, w), x))
+            row["tl_kernel_b_us"] = t(calls(
+                lambda w, a: qmm.split_linear(a, w.heavy_down, w.light_down, None), a))  # fmt: skip
+        for bt in (128, 64):
+            row[f"wg_a_light_bt{bt}_us"] = t(calls(
+                lambda w, x, out, bt: wg.light_gemm(x, w.light_up, out, out_col=heavy,
+                                                    gate=w.light_gate, bt=bt),
+                x, out_a, bt))  # fmt: skip
+        for bt, split in ((128, 1), (128, 2), (128, 4), (64, 2)):
+            row[f"wg_b_light_bt{bt}_s{split}_us"] = t(calls(
+                lambda w, a, out, bt, split: wg.light_gemm(a[:, heavy:], w.light_down, out, bt=bt,
+                                                           split=split),
+                a, out_b, bt, split))  # fmt: skip
+        if only_wg:
+            results.append(row)
+            print(json.dumps(row), flush=True)
+            continue
+        row["cublas_heavy_a_us"] = t(calls(
+            lambda w, x: x @ torch.cat([w.heavy_up, w.heavy_gate]).t(), x))  # fmt: skip
+        row["cublas_heavy_b_us"] = t(calls(lambda w, a: a[:, :heavy] @ w.heavy_down.t(), a))
+        results.append(row)
+        print(json.dumps(row), flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--m", default="128,256,512,1024,2048")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--no-check", action="store_true")
+    parser.add_argument("--only-wg", action="store_true", help="time the wgmma kernels only")
+    args = parser.parse_args()
+    if not wg.available(torch.device("cuda")):
+        print(f"wgmma path unavailable here: {wg._IMPORT_ERROR}", file=sys.stderr)
+        return 2
+    checks, times = [], []
+    ok = True if args.no_check else check(checks)
+    print("checks:", "ok" if ok else "FAILED", flush=True)
+    timing([int(v) for v in args.m.split(",")], times, only_wg=args.only_wg)
+    if args.out:
+        payload = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                       checks=checks, times=times)  # fmt: skip
+        with open(args.out, "w") as fh:
+            json.dump(payload, fh, indent=1)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
