@@ -29,8 +29,8 @@ kernel A's light part at M = 256 188 us (tl kernel A with its heavy rows 164), M
 (tl / dequant path 788); kernel B's light part at M = 256 137 us in 2 K-slices (tl 87). Timing
 experiments (FFNSPLIT_WGMMA_EXPERIMENT, wrong results): without the per-step restaging of x
 (store, proxy fence, barrier) kernel A takes 124 us at M = 256 and 871 at 2048, kernel B 69 and
-395: the register-staged x costs 25-50%, and even without it the kernel reaches ~460-580
-TFLOP/s against cuBLAS's 600-690 on the same FLOPs (M = 256 also loses ~19% to a 1.6-wave grid).
+395: the register-staged x costs 25-50%, and even without it the kernel reaches ~410-580
+TFLOP/s against cuBLAS's 590-690 on the same FLOPs (M = 256 also loses ~19% to a 1.6-wave grid).
 A TMA-fed x (pre-permuted in memory, mbarrier ring, no CTA barrier) would approach the
 experiment's numbers: ~15% under the tl tiers at M = 128-512, still ~0.7x dense at M = 256.
 """
