@@ -10,6 +10,11 @@ magic-number arithmetic turns every nibble into its exact value in fp16 and bf16
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -440,10 +445,10 @@ def test_default_configs_compile_for_sm90_and_fit(kernel, table, m) -> None:
     if mma_decode.gluon is None:
         pytest.skip(f"Gluon does not import here: {mma_decode._IMPORT_ERROR}")
     cfg = getattr(mma_decode, table)[0]
-    regs, spills = mma_decode.aot_resources(mma_decode.aot_compile(kernel, cfg, m))
-    assert spills == 0
-    allocated = -(-regs // 8) * 8  # in units of 8 a thread
-    assert allocated * 32 * cfg.num_warps * cfg.resident <= 65536, (cfg, regs)
+    res = _aot(f"c = md.aot_compile({kernel!r}, md.{table}[0], {m})")
+    assert res["spills"] == 0
+    allocated = -(-res["regs"] // 8) * 8  # in units of 8 a thread
+    assert allocated * 32 * cfg.num_warps * cfg.resident <= 65536, (cfg, res["regs"])
 
 
 def test_dense_prefetch_is_issued_before_the_wait() -> None:
@@ -453,17 +458,37 @@ def test_dense_prefetch_is_issued_before_the_wait() -> None:
     if mma_decode.gluon is None:
         pytest.skip(f"Gluon does not import here: {mma_decode._IMPORT_ERROR}")
     cfg = mma_decode.DOWN_SWAP[0]
-    plain = mma_decode.aot_compile("down", cfg, 1, heavy=4096, light=0, hidden=4096)
-    compiled = mma_decode.aot_compile("down", cfg, 1, heavy=4096, light=0, hidden=4096,
-                                      prefetch=True)  # fmt: skip
-    ptx = compiled.asm["ptx"]
-    assert "prefetch.global.L2" not in plain.asm["ptx"] and "prefetch.global.L2" in ptx
+    args = "'down', md.DOWN_SWAP[0], 1, heavy=4096, light=0, hidden=4096"
+    plain = _aot(f"c = md.aot_compile({args})")
+    res = _aot(f"c = md.aot_compile({args}, prefetch=True)")
+    ptx = res["ptx"]
+    assert "prefetch.global.L2" not in plain["ptx"] and "prefetch.global.L2" in ptx
     # the dense branch's requests, then its wait
     waits = [i for i, line in enumerate(ptx.splitlines()) if "griddepcontrol.wait" in line]
     requests = [i for i, line in enumerate(ptx.splitlines()) if "prefetch.global.L2" in line]
     assert any(w > max(requests) for w in waits)
-    regs, spills = mma_decode.aot_resources(compiled)
-    assert spills == 0 and regs <= (cfg.maxnreg or 255)
+    assert res["spills"] == 0 and res["regs"] <= (cfg.maxnreg or 255)
+
+
+def _aot(statement: str) -> dict:
+    """Run `statement` (binding `c` to an `mma_decode.aot_compile` result) in a fresh Python
+    without TRITON_INTERPRET: {"regs", "spills", "ptx"}. A fresh process because the interpreter
+    patches triton.language's tensor methods while it runs kernels, and a worker that ran
+    interpreted kernels before could compile with them (CI, session 23: three such compiles
+    failed with an interpreter builder inside Gluon's code generator)."""
+    code = "\n".join([
+        "import json",
+        "from ffnsplit.kernels import mma_decode as md",
+        statement,
+        "regs, spills = md.aot_resources(c)",
+        "print(json.dumps(dict(regs=regs, spills=spills, ptx=c.asm['ptx'])))",
+    ])  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def test_down_slices_share_out_the_bytes() -> None:
