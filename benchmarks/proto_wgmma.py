@@ -59,7 +59,6 @@ except Exception as exc:  # pragma: no cover - depends on the installed Triton
 else:
     _IMPORT_ERROR = md._IMPORT_ERROR
 
-BK = 64  # k of one half product (two 32-k blocks of words)
 # timing experiments only (wrong results): 1 x not restaged and no fence, 2 no fence, 3 neither
 # nor the barrier
 EXPERIMENT = int(os.environ.get("FFNSPLIT_WGMMA_EXPERIMENT", "0"))
@@ -72,14 +71,6 @@ def available(device: torch.device) -> bool:
     if md.INTERPRET or torch.version.hip is not None:
         return False
     return torch.cuda.get_device_capability(device) == (9, 0)
-
-
-def light_ok(qw: QuantizedWeight | None, dtype: torch.dtype) -> bool:
-    """Weights this kernel takes: 4 bits, groups a power of two of at least 64, fp16/bf16 x."""
-    if qw is None or dtype not in (torch.float16, torch.bfloat16):
-        return False
-    g = qw.group_size
-    return qw.bits == 4 and g >= BK and g & (g - 1) == 0
 
 
 def _dequant_asm(magic: str, kind: str) -> str:
@@ -101,7 +92,6 @@ def _dequant_asm(magic: str, kind: str) -> str:
 
 
 if gluon is not None and warpgroup_mma is not None:
-    _BK = gl.constexpr(BK)
     _ASM_DQ_F16 = gl.constexpr(_dequant_asm("0x64006400", "f16x2"))
     # bf16: 128 + q (7 mantissa bits), the same steps (sub.bf16x2: sm_90)
     _ASM_DQ_BF16 = gl.constexpr(_dequant_asm("0x43004300", "bf16x2"))
