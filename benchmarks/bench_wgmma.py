@@ -56,7 +56,7 @@ def qweight(n: int, k: int, group: int, symmetric: bool, dtype: torch.dtype) -> 
 
 def check(results: list) -> bool:
     ok = True
-    cases = [  # (M, N, K, group, symmetric, dual, bt, split)
+    cases = [  # (M, N, K, group, symmetric, dual, bt, split[, x_resident])
         (77, 1000, 4160, 128, False, True, 128, 1),
         (256, 1000, 4160, 64, False, True, 128, 1),
         (300, 520, 1088, 256, True, True, 128, 1),
@@ -64,9 +64,18 @@ def check(results: list) -> bool:
         (256, 1000, 4160, 128, False, False, 128, 2),
         (33, 776, 2112, 128, True, False, 64, 1),
         (200, 1000, 4160, 128, False, True, 64, 1),
+        (13, 1000, 4160, 128, False, True, 16, 1),  # decode / mid sizes
+        (21, 520, 4160, 128, False, False, 32, 4),
+        (9, 776, 2112, 64, True, False, 16, 3),
+    ]
+    cases = [(*c, False) for c in cases] + [  # x resident in shared memory (decode / mid sizes)
+        (13, 1000, 4160, 128, False, True, 16, 1, True),
+        (21, 520, 4160, 128, False, False, 32, 4, True),
+        (9, 776, 2112, 64, True, False, 16, 3, True),
+        (50, 1000, 13632, 128, False, False, 64, 16, True),
     ]
     for dtype, bound in ((torch.float16, 2e-3), (torch.bfloat16, 1.2e-2)):
-        for m, n, k, group, sym, dual, bt, split in cases:
+        for m, n, k, group, sym, dual, bt, split, xres in cases:
             torch.manual_seed(m + n)
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             w = qweight(n, k, group, sym, dtype)
@@ -76,7 +85,7 @@ def check(results: list) -> bool:
             out = torch.full((m, n + 24), float("nan"), device="cuda", dtype=dtype)
             try:
                 wg.light_gemm(x, w, out, out_col=8, gate=g, up_bias=ub, gate_bias=gb, bt=bt,
-                              split=split)  # fmt: skip
+                              split=split, x_resident=xres)  # fmt: skip
                 torch.cuda.synchronize()
                 up = x.double() @ dequant(w).t() + ub.double()
                 if dual:
@@ -91,7 +100,7 @@ def check(results: list) -> bool:
                 err, untouched, good = repr(exc)[:300], False, False
             ok &= good
             row = dict(dtype=str(dtype), m=m, n=n, k=k, group=group, symmetric=sym, dual=dual,
-                       bt=bt, split=split, rel_err=err, bound=bound, untouched=untouched,
+                       bt=bt, split=split, x_resident=xres, rel_err=err, bound=bound, untouched=untouched,
                        ok=good)  # fmt: skip
             results.append(row)
             print(json.dumps(row), flush=True)
@@ -150,12 +159,83 @@ def timing(ms: list[int], results: list, hidden: int = 4096, inter: int = 14336,
         print(json.dumps(row), flush=True)
 
 
+def stacked(a: QuantizedWeight, b: QuantizedWeight) -> QuantizedWeight:
+    """up and gate as one weight [2N, K] (the same bytes as kernel A's light part, timed as one
+    single-weight product: no activation)."""
+    zeros = None if a.zeros is None else torch.cat([a.zeros, b.zeros], 1)
+    return QuantizedWeight([torch.cat([a.planes[0], b.planes[0]], 1)],
+                           torch.cat([a.scales, b.scales], 1), zeros, a.bits, a.group_size,
+                           (a.shape[0] + b.shape[0], a.shape[1]))  # fmt: skip
+
+
+def mid_timing(ms: list[int], results: list, hidden: int = 4096, heavy: int = 720) -> None:
+    """Decode and mid sizes (M = 8-128): the prototype's light parts in K-slices (partials
+    written, not summed: the kernel alone) against the tiers' whole kernels A and B (heavy
+    included) and cuBLAS's heavy parts."""
+    light = 13632
+    ws = [split_weights(hidden, heavy, light, 4, 128) for _ in range(2)]
+    ups = [stacked(w.light_up, w.light_gate) for w in ws]
+    for m in ms:
+        results.append(_mid_row(m, ws, ups, hidden, heavy, light))
+        print(json.dumps(results[-1]), flush=True)
+
+
+def _mid_row(m: int, ws: list, ups: list, hidden: int, heavy: int, light: int) -> dict:
+    """One M of mid_timing."""
+    x = torch.randn(m, hidden, device="cuda", dtype=torch.float16)
+    a = torch.randn(m, heavy + light, device="cuda", dtype=torch.float16) * 0.1
+    out_a = torch.empty(m, 2 * light, device="cuda", dtype=torch.float16)
+    out_b = torch.empty(m, hidden, device="cuda", dtype=torch.float16)
+    row = dict(m=m)
+
+    def t(calls):
+        try:
+            return round(graph_time_us(calls), 2)
+        except Exception as exc:
+            return repr(exc)[:200]
+
+    row["tier_kernel_a_us"] = t([lambda w=w: sffn.split_activations(x, w) for w in ws])
+    row["tier_kernel_b_us"] = t(
+        [lambda w=w: qmm.split_linear(a, w.heavy_down, w.light_down, None) for w in ws]
+    )
+    row["cublas_heavy_a_us"] = t(
+        [lambda w=w: x @ torch.cat([w.heavy_up, w.heavy_gate]).t() for w in ws]
+    )
+    row["cublas_heavy_b_us"] = t([lambda w=w: a[:, :heavy] @ w.heavy_down.t() for w in ws])
+    bt = max(16, triton_pow2(m))
+    # x_resident: the slice's x staged once in shared memory (no restaging a step); the
+    # slices that fit (others fail to launch and are reported as such)
+    for nw in (4, 8):
+        row[f"wg_a_dual_xres_nw{nw}_us"] = t([
+            lambda w=w, nw=nw: wg.light_gemm(x, w.light_up, out_a, gate=w.light_gate, bt=bt,
+                                             num_warps=nw, x_resident=True)
+            for w in ws])  # fmt: skip
+        for split in (2, 4, 8):
+            row[f"wg_a_stack_xres_nw{nw}_s{split}_us"] = t([
+                lambda u=u, nw=nw, split=split: wg.light_gemm(
+                    x, u, out_a, bt=bt, num_warps=nw, split=split, reduce=False,
+                    x_resident=True) for u in ups])  # fmt: skip
+        for split in (4, 8, 16):
+            row[f"wg_b_xres_nw{nw}_s{split}_us"] = t([
+                lambda w=w, nw=nw, split=split: wg.light_gemm(
+                    a[:, heavy:], w.light_down, out_b, bt=bt, num_warps=nw, split=split,
+                    reduce=False, x_resident=True) for w in ws])  # fmt: skip
+    return row
+
+
+def triton_pow2(v: int) -> int:
+    return 1 << (v - 1).bit_length()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--m", default="128,256,512,1024,2048")
     parser.add_argument("--out", default=None)
     parser.add_argument("--no-check", action="store_true")
     parser.add_argument("--only-wg", action="store_true", help="time the wgmma kernels only")
+    parser.add_argument(
+        "--mid", default=None, help="decode / mid sizes instead, e.g. 16,32,64,128 (mid_timing)"
+    )
     args = parser.parse_args()
     if not wg.available(torch.device("cuda")):
         print(f"wgmma path unavailable here: {wg._IMPORT_ERROR}", file=sys.stderr)
@@ -163,7 +243,10 @@ def main() -> int:
     checks, times = [], []
     ok = True if args.no_check else check(checks)
     print("checks:", "ok" if ok else "FAILED", flush=True)
-    timing([int(v) for v in args.m.split(",")], times, only_wg=args.only_wg)
+    if args.mid:
+        mid_timing([int(v) for v in args.mid.split(",")], times)
+    else:
+        timing([int(v) for v in args.m.split(",")], times, only_wg=args.only_wg)
     if args.out:
         payload = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                        checks=checks, times=times)  # fmt: skip

@@ -201,13 +201,23 @@ if gluon is not None and warpgroup_mma is not None:
     def _step(i, last, acc0, acc1, a1, h0, h1, s0, z0, s1, z1, x_ptr, x_off, x_rows, x_smem,
               p_ptr, s_ptr, z_ptr, q_ptr, t_ptr, u_ptr, w_off, w_rows, w_cols, w_mask, M, N, K,
               KR, G, DUAL: gl.constexpr, SYMMETRIC: gl.constexpr, GROUP: gl.constexpr,
-              DTYPE: gl.constexpr, A3: gl.constexpr, EXP: gl.constexpr):  # fmt: skip
+              DTYPE: gl.constexpr, A3: gl.constexpr, EXP: gl.constexpr, lo=0,
+              XS: gl.constexpr = 0):  # fmt: skip
         """Step i: half 0's A operand is built while the previous step's half 1 runs, half 1's
         while half 0 runs; then the register set is reloaded for step i + 2 and step i + 1's x
         goes into the buffers step i - 2 read (both warpgroups waited for step i - 1's half 0,
         and so for everything of step i - 2, before the last barrier)."""
         nxt = gl.minimum(i + 1, last)  # clamped: the last steps load their own data again
-        if DUAL:
+        if XS > 0:  # the slice's x resident in shared memory since the prologue
+            if DUAL:
+                b_lo = x_smem.index(i - lo).permute((1, 0))
+                b_hi = b_lo
+            else:
+                b_lo = x_smem.index(2 * (i - lo)).permute((1, 0))
+                b_hi = x_smem.index(2 * (i - lo) + 1).permute((1, 0))
+            xa = 0
+            xb = 0
+        elif DUAL:
             b_lo = x_smem.index((i % 3) * 2).permute((1, 0))
             b_hi = b_lo
             xa = _x_tile(x_ptr, x_off, x_rows, nxt * 64, K, M)
@@ -228,15 +238,16 @@ if gluon is not None and warpgroup_mma is not None:
             gl.minimum(i + 2, last), p_ptr, s_ptr, z_ptr, q_ptr, t_ptr, u_ptr, w_off, w_rows,
             w_cols, w_mask, N, KR, G, DUAL, SYMMETRIC, GROUP)  # fmt: skip
         acc0, a0 = warpgroup_mma_wait(num_outstanding=1, deps=[acc0, a0])
-        if EXP != 1 and EXP != 3:  # noqa: SIM102 (compile-time, then run-time)
-            if i < last:
-                x_smem.index((nxt % 3) * 2).store(_x_slots(xa))
-                if not DUAL:
-                    x_smem.index((nxt % 3) * 2 + 1).store(_x_slots(xb))
-        if EXP == 0:
-            fence_async_shared()
-        if EXP != 3:
-            md._barrier()
+        if XS == 0:
+            if EXP != 1 and EXP != 3:  # noqa: SIM102 (compile-time, then run-time)
+                if i < last:
+                    x_smem.index((nxt % 3) * 2).store(_x_slots(xa))
+                    if not DUAL:
+                        x_smem.index((nxt % 3) * 2 + 1).store(_x_slots(xb))
+            if EXP == 0:
+                fence_async_shared()
+            if EXP != 3:
+                md._barrier()
         return acc0, acc1, a1, h0, h1, s0, z0, s1, z1
 
     @gluon.jit
@@ -247,15 +258,16 @@ if gluon is not None and warpgroup_mma is not None:
                         HAS_UP_BIAS: gl.constexpr, HAS_GATE_BIAS: gl.constexpr,
                         DTYPE: gl.constexpr, BT: gl.constexpr, V3: gl.constexpr,
                         W_L: gl.constexpr, X_L: gl.constexpr, O_L: gl.constexpr,
-                        num_warps: gl.constexpr, EXP: gl.constexpr = 0):  # fmt: skip
+                        num_warps: gl.constexpr, EXP: gl.constexpr = 0,
+                        XS: gl.constexpr = 0):  # fmt: skip
         """One [BN = 16 num_warps neurons, BT rows] tile (program ids 0, 1) over K-slice
         program_id(2) of num_programs(2). Weight (p, s, z) [N, K]; DUAL: gate (q, t, u) too,
         out[:, out_col + n] = act(gate + gb) * (up + ub); else out[:, out_col + n] = x W^T, or
         with PARTIAL fp32 partials ws[slice, m, n] at out_ptr (stride_om = N)."""
         BN: gl.constexpr = 16 * num_warps
         A3: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=V3, k_width=2)
-        XS: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16,
-                                                rank=2)  # fmt: skip
+        XSL: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16,
+                                                 rank=2)  # fmt: skip
 
         n0 = gl.program_id(0) * BN
         m0 = gl.program_id(1) * BT
@@ -276,12 +288,26 @@ if gluon is not None and warpgroup_mma is not None:
         x_off = (
             x_rows[:, None] * stride_xm + gl.arange(0, 64, layout=gl.SliceLayout(0, X_L))[None, :]
         )
-        x_smem = gl.allocate_shared_memory(DTYPE, [6, BT, 64], XS)
+        # XS > 0: x of the whole slice (at most XS steps) stays in shared memory, staged once
+        # (no store, fence or barrier in the loop: decode / mid sizes); else three step buffers
+        if XS > 0:
+            x_smem = gl.allocate_shared_memory(DTYPE, [XS * (1 if DUAL else 2), BT, 64], XSL)
+            for j in range(0, hi - lo):
+                if DUAL:
+                    x_smem.index(j).store(_x_slots(_x_tile(x_ptr, x_off, x_rows, (lo + j) * 64,
+                                                           K, M)))  # fmt: skip
+                else:
+                    x_smem.index(2 * j).store(_x_slots(_x_tile(x_ptr, x_off, x_rows,
+                                                               (lo + j) * 128, K, M)))  # fmt: skip
+                    x_smem.index(2 * j + 1).store(_x_slots(_x_tile(
+                        x_ptr, x_off, x_rows, (lo + j) * 128 + 64, K, M)))  # fmt: skip
+        else:
+            x_smem = gl.allocate_shared_memory(DTYPE, [6, BT, 64], XSL)
+            _stage_x(x_ptr, x_off, x_rows, x_smem, lo, K, M, DUAL)
 
         # prologue: step lo's x tiles in shared memory; register set A (words and scales) of
         # step lo, set B of step lo + 1 (each set is reloaded two steps ahead right after its
         # step read it: no register copies wait for loads in flight)
-        _stage_x(x_ptr, x_off, x_rows, x_smem, lo, K, M, DUAL)
         hA0, hA1, sA0, zA0, sA1, zA1 = _load_set(
             lo, p_ptr, s_ptr, z_ptr, q_ptr, t_ptr, u_ptr, w_off, w_rows, w_cols, w_mask, N, KR,
             G, DUAL, SYMMETRIC, GROUP)  # fmt: skip
@@ -298,16 +324,16 @@ if gluon is not None and warpgroup_mma is not None:
             acc0, acc1, a1, hA0, hA1, sA0, zA0, sA1, zA1 = _step(
                 i, last, acc0, acc1, a1, hA0, hA1, sA0, zA0, sA1, zA1, x_ptr, x_off, x_rows,
                 x_smem, p_ptr, s_ptr, z_ptr, q_ptr, t_ptr, u_ptr, w_off, w_rows, w_cols, w_mask,
-                M, N, K, KR, G, DUAL, SYMMETRIC, GROUP, DTYPE, A3, EXP)  # fmt: skip
+                M, N, K, KR, G, DUAL, SYMMETRIC, GROUP, DTYPE, A3, EXP, lo, XS)  # fmt: skip
             acc0, acc1, a1, hB0, hB1, sB0, zB0, sB1, zB1 = _step(
                 i + 1, last, acc0, acc1, a1, hB0, hB1, sB0, zB0, sB1, zB1, x_ptr, x_off, x_rows,
                 x_smem, p_ptr, s_ptr, z_ptr, q_ptr, t_ptr, u_ptr, w_off, w_rows, w_cols, w_mask,
-                M, N, K, KR, G, DUAL, SYMMETRIC, GROUP, DTYPE, A3, EXP)  # fmt: skip
+                M, N, K, KR, G, DUAL, SYMMETRIC, GROUP, DTYPE, A3, EXP, lo, XS)  # fmt: skip
         if (hi - lo) % 2 == 1:
             acc0, acc1, a1, hA0, hA1, sA0, zA0, sA1, zA1 = _step(
                 last, last, acc0, acc1, a1, hA0, hA1, sA0, zA0, sA1, zA1, x_ptr, x_off, x_rows,
                 x_smem, p_ptr, s_ptr, z_ptr, q_ptr, t_ptr, u_ptr, w_off, w_rows, w_cols, w_mask,
-                M, N, K, KR, G, DUAL, SYMMETRIC, GROUP, DTYPE, A3, EXP)  # fmt: skip
+                M, N, K, KR, G, DUAL, SYMMETRIC, GROUP, DTYPE, A3, EXP, lo, XS)  # fmt: skip
         acc1, a1 = warpgroup_mma_wait(num_outstanding=0, deps=[acc1, a1])
 
         # epilogue: [BN, BT] tiles -> out[m, out_col + n], n fastest (coalesced)
@@ -359,10 +385,14 @@ def _gl_dtype(dtype: torch.dtype):
 def light_gemm(x: torch.Tensor, w: QuantizedWeight, out: torch.Tensor, *, out_col: int = 0,
                gate: QuantizedWeight | None = None, up_bias: torch.Tensor | None = None,
                gate_bias: torch.Tensor | None = None, activation: str = "silu", bt: int = 128,
-               num_warps: int = 8, split: int = 1) -> torch.Tensor:  # fmt: skip
+               num_warps: int = 8, split: int = 1, reduce: bool = True,
+               x_resident: bool = False) -> torch.Tensor:  # fmt: skip
     """out[:, out_col:out_col + N] = x @ W^T (+ up_bias), or with `gate` kernel A's
     act(x G^T + gate_bias) * (x W^T + up_bias); x [M, K] contiguous rows, out [M, *] rows.
-    `split` > 1 (single weight only): fp32 partials summed by torch (prototype)."""
+    `split` > 1 (single weight only): fp32 partials summed by torch (prototype); without
+    `reduce` the partials [split, M, N] are returned unsummed (timing the kernel alone).
+    `x_resident`: the slice's x is staged in shared memory once (decode / mid sizes: no
+    restaging, fence or barrier a step; fails when it does not fit: more slices)."""
     m, k = x.shape
     n = w.shape[0]
     dual = gate is not None
@@ -385,7 +415,10 @@ def light_gemm(x: torch.Tensor, w: QuantizedWeight, out: torch.Tensor, *, out_co
         ACTIVATION=activation, HAS_UP_BIAS=up_bias is not None,
         HAS_GATE_BIAS=dual and gate_bias is not None, DTYPE=_gl_dtype(x.dtype), BT=bt,
         **layouts(bt, num_warps), num_warps=num_warps, EXP=EXPERIMENT,
+        XS=triton.cdiv(triton.cdiv(k, 64 if dual else 128), split) if x_resident else 0,
     )  # fmt: skip
+    if ws is not None and not reduce:
+        return ws
     if ws is not None:
         res = ws.sum(0)
         if up_bias is not None:
@@ -395,7 +428,7 @@ def light_gemm(x: torch.Tensor, w: QuantizedWeight, out: torch.Tensor, *, out_co
 
 
 def aot_compile(dual: bool, m: int = 256, dtype: str = "fp16", *, n: int = 13632, k: int = 4096,
-                bt: int = 128, num_warps: int = 8, arch: int = 90):  # fmt: skip
+                bt: int = 128, num_warps: int = 8, arch: int = 90, xs: int = 0):  # fmt: skip
     """Compile the kernel ahead of time for sm_`arch` (no GPU needed); Triton's CompiledKernel."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -408,7 +441,7 @@ def aot_compile(dual: bool, m: int = 256, dtype: str = "fp16", *, n: int = 13632
     const = dict(DUAL=dual, PARTIAL=False, SYMMETRIC=False, GROUP=128, ACTIVATION="silu",
                  HAS_UP_BIAS=False, HAS_GATE_BIAS=False,
                  DTYPE=gl.float16 if dtype == "fp16" else gl.bfloat16, BT=bt,
-                 **layouts(bt, num_warps), num_warps=num_warps)  # fmt: skip
+                 **layouts(bt, num_warps), num_warps=num_warps, XS=xs)  # fmt: skip
     names = [p.name for p in fn.params]
     signature = {nm: sig.get(nm, "constexpr") for nm in names}
     aligned = [nm for nm in sig if nm.endswith("_ptr")] + ["K", "stride_xm", "stride_om"]
