@@ -17,7 +17,7 @@
 #   profprefill (benchmarks/prof_prefill.py + probe_cublas.py), odd (717 heavy neurons),
 #   swap (benchmarks/proto_swap.py), swaptier (the W-as-A form: tests + bench_mma), pdlmma,
 #   next14 (session 13's open questions), fused15 (the one-launch FFN), verify15, next16, s16ab, ncu16, proj, floor17 (ran in 17), finish17, trace17, ab17, ab18, ticket18, decoder18, trace18, slices18, trig19 (ran in 19), mid19, big20 (prepared), wg20 (branch s20-wgmma,
-#   ran in 20), attn20, attn21 (ran in 21), tune21 (branch s21-prepared, ran in 21), next22, fin22 (branch s22-prepared; both ran in 22), warps22, chunks22, split22, persm22 (ran in 22), gen23, wg23, ptr23, oracle, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
+#   ran in 20), attn20, attn21 (ran in 21), tune21 (branch s21-prepared, ran in 21), next22, fin22 (branch s22-prepared; both ran in 22), warps22, chunks22, split22, persm22 (ran in 22), gen23, wg23, ptr23, pf24, oracle, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
 #   (benchmarks/trace_decode.py), decode8b (M = 1, 4 + 8B decode once)
 # Several stages in one call: bash benchmarks/gpu_checks.sh gemv trace decode8b
 # Each step has its own time limit, so one slow step cannot take the whole call.
@@ -368,6 +368,17 @@ ptr23)  # session 23 (ran on branch s23-ptrs, dropped; out/base = dd561ea): kern
     run 150 test_decodeops23 env FFNSPLIT_AUTOTUNE=0 python3 -m pytest -q -rf -x -n 8 -m 'not slow' \
         tests/test_decode_ops.py tests/test_generate.py
     ab_mma_runs
+    ;;
+pf24)  # session 24: kernel A's bulk L2 requests of kernel B's weights (FFNSPLIT_PREFETCH_DOWN
+    # 0 / 1 / 2): GPU tests, then the layer at M = 1, 4, 16 per mode, interleaved (~5 min)
+    run 200 test_pf24 env FFNSPLIT_PREFETCH_DOWN=2 python3 -m pytest -q -rf -x -n 4 \
+        tests/test_mma_decode.py -k "down_weights or ticket or swap_configs"
+    for round in 1 2; do
+        for mode in 0 1 2; do
+            run 120 "pf24_${mode}_$round" env FFNSPLIT_PREFETCH_DOWN=$mode python3 -m ffnsplit.cli \
+                bench --shape 4096x14336 --m 1,4,16 --json "$OUT/pf24_${mode}_$round.json"
+        done
+    done
     ;;
 wg23)  # session 23 (ran): the Hopper wgmma int4 GEMM prototype (benchmarks/proto_wgmma.py):
     # correctness on odd shapes (fp16, bf16), then the 8B FFN's light parts at M = 128-2048
