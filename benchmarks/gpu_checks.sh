@@ -369,7 +369,7 @@ ptr23)  # session 23 (ran on branch s23-ptrs, dropped; out/base = dd561ea): kern
         tests/test_decode_ops.py tests/test_generate.py
     ab_mma_runs
     ;;
-pf24)  # session 24: kernel A's bulk L2 requests of kernel B's weights (FFNSPLIT_PREFETCH_DOWN
+pf24)  # session 24 (branch s24-prefetch-down; ran, dropped): kernel A's bulk L2 requests of kernel B's weights (FFNSPLIT_PREFETCH_DOWN
     # 0 / 1 / 2): GPU tests, then the layer at M = 1, 4, 16 per mode, interleaved (~5 min)
     run 200 test_pf24 env FFNSPLIT_PREFETCH_DOWN=2 python3 -m pytest -q -rf -x -n 4 \
         tests/test_mma_decode.py -k "down_weights or ticket or swap_configs"

@@ -401,35 +401,6 @@ def test_dense_linear_with_its_l2_requests(poison, monkeypatch, dtype, prefetch)
 @gpu
 @needs_mma
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_down_weights_requested_by_kernel_a_change_nothing(monkeypatch, dtype) -> None:
-    """Kernel A's bulk L2 requests of kernel B's weights (FFNSPLIT_PREFETCH_DOWN 1 and 2; on
-    GPUs before sm_90 the mode is 0) are hints: split_ffn's outputs are bit-equal to those
-    without them, in CUDA-graph replays too, with odd shapes and unaligned heavy rows, and
-    kernel A called alone requests nothing."""
-    w = random_split_weights(1536, 77, 4000, "silu", True, False, dtype, bits=4, group=128)
-    for rows in (1, 5, 16):
-        x = torch.randn(rows, 1536, device=DEVICE).to(dtype)
-        monkeypatch.setenv("FFNSPLIT_PREFETCH_DOWN", "0")
-        base = sffn.split_ffn(x, w, path="mma")
-        assert rel_err(base, ref_split_ffn(x, w)) < TOL[dtype]
-        for mode in ("1", "2"):
-            monkeypatch.setenv("FFNSPLIT_PREFETCH_DOWN", mode)
-            assert torch.equal(sffn.split_ffn(x, w, path="mma"), base), (rows, mode)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                y = sffn.split_ffn(x, w, path="mma")
-            for _ in range(3):
-                graph.replay()
-            torch.cuda.synchronize()
-            assert torch.equal(y, base), (rows, mode)
-    regions = mma_decode.down_regions(w, x)
-    assert all(int(n) % 16 == 0 for n in regions[1::2])
-    assert all(t.data_ptr() % 16 == 0 for t in regions[0::2])
-
-
-@gpu
-@needs_mma
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_quant_matmul_and_auto(poison, dtype) -> None:
     """A plain packed linear (no dense part) with a bias, and "auto" taking this tier at M = 8."""
     qw = random_qweight(300, 1056, 4, 128, False)
@@ -497,37 +468,6 @@ def test_dense_prefetch_is_issued_before_the_wait() -> None:
     requests = [i for i, line in enumerate(ptx.splitlines()) if "prefetch.global.L2" in line]
     assert any(w > max(requests) for w in waits)
     assert res["spills"] == 0 and res["regs"] <= (cfg.maxnreg or 255)
-
-
-def test_kernel_a_requests_down_weights_in_bulk() -> None:
-    """Kernel A with PF 1 / 2 (sm_90 AOT, installed Triton): four cp.async.bulk.prefetch
-    requests a branch (evict_last policies with 2), none without PF, no spills, and registers
-    that still fit the config's programs an SM."""
-    if mma_decode.gluon is None:
-        pytest.skip(f"Gluon does not import here: {mma_decode._IMPORT_ERROR}")
-    cfg = mma_decode.UP_SWAP[0]
-    plain = _aot("c = md.aot_compile('up', md.UP_SWAP[0], 1)")
-    assert "cp.async.bulk.prefetch" not in plain["ptx"]
-    for pf in (1, 2):
-        res = _aot(f"c = md.aot_compile('up', md.UP_SWAP[0], 1, pf={pf})")
-        assert res["ptx"].count("cp.async.bulk.prefetch.L2") == 8  # heavy and light branches
-        assert ("createpolicy.fractional.L2::evict_last" in res["ptx"]) == (pf == 2)
-        allocated = -(-res["regs"] // 8) * 8
-        assert res["spills"] == 0 and allocated * 32 * cfg.num_warps * cfg.resident <= 65536
-
-
-def test_byte_regions_are_aligned_views() -> None:
-    """down_regions' byte views start on 16-byte boundaries and stop at a multiple of 16 bytes
-    inside the tensor; strided or missing tensors give nothing to request."""
-    base = torch.arange(1000, dtype=torch.float16)
-    for offset in (0, 1, 3, 8):
-        t = base[offset : offset + 517]
-        view, n = mma_decode._byte_region(t, base)
-        assert view.data_ptr() % 16 == 0 and n % 16 == 0
-        assert t.data_ptr() <= view.data_ptr() and view.data_ptr() + n <= t.data_ptr() + 2 * 517
-        assert n >= 2 * 517 - 30
-    assert mma_decode._byte_region(base.view(20, 50)[:, :7], base)[1] == 0
-    assert mma_decode._byte_region(None, base)[1] == 0
 
 
 def _aot(statement: str) -> dict:

@@ -356,53 +356,6 @@ if gluon is not None:
                 dtype=gl.int32, is_pure=False, pack=1,
             )  # fmt: skip
 
-    # One bulk request of `$3` bytes at `$1` into L2 (sm_90: cp.async.bulk.prefetch), by the
-    # thread whose `$2` is set; nothing waits for it. PF 2 marks the lines evict_last.
-    _BULK_PF = gl.constexpr(
-        "{ .reg .pred p; setp.ne.b32 p, $2, 0; "
-        "@p cp.async.bulk.prefetch.L2.global [$1], $3; mov.u32 $0, 0; }"
-    )  # fmt: skip
-    _BULK_PF_LAST = gl.constexpr(
-        "{ .reg .pred p; .reg .b64 pol; setp.ne.b32 p, $2, 0; "
-        "createpolicy.fractional.L2::evict_last.b64 pol, 1.0; "
-        "@p cp.async.bulk.prefetch.L2.global.L2::cache_hint [$1], $3, pol; mov.u32 $0, 0; }"
-    )  # fmt: skip
-
-    @gluon.jit
-    def _bulk_share(ptr, nbytes, q, P, PF: gl.constexpr):
-        """Program q of P requests its share of a region [ptr, ptr + nbytes) into L2 (ptr
-        16-byte aligned, nbytes a multiple of 16): one bulk request from one thread."""
-        T: gl.constexpr = 32 * gl.num_warps()
-        L: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
-        i = gl.arange(0, T, layout=L)
-        piece = gl.cdiv(gl.cdiv(nbytes, P), 16) * 16
-        start = q * piece
-        size = gl.minimum(piece, nbytes - start)
-        go = (i == 0) & (size > 0)
-        if PF == 2:
-            gl.inline_asm_elementwise(
-                _BULK_PF_LAST, "=r,l,r,r", [ptr + start + i * 0, go.to(gl.int32), size + i * 0],
-                dtype=gl.int32, is_pure=False, pack=1,
-            )  # fmt: skip
-        else:
-            gl.inline_asm_elementwise(
-                _BULK_PF, "=r,l,r,r", [ptr + start + i * 0, go.to(gl.int32), size + i * 0],
-                dtype=gl.int32, is_pure=False, pack=1,
-            )  # fmt: skip
-
-    @gluon.jit
-    def _prefetch_down(pf0, n0, pf1, n1, pf2, n2, pf3, n3, PF: gl.constexpr):
-        """Kernel A's program, its slice done: its share of kernel B's weights (four regions:
-        light words, scales, zeros, heavy rows) requested into L2, so that they stream in
-        during kernel A's tail and the launch boundary instead of after kernel B starts."""
-        if PF > 0:
-            q = gl.program_id(0) * gl.num_programs(1) + gl.program_id(1)
-            P = gl.num_programs(0) * gl.num_programs(1)
-            _bulk_share(pf0, n0, q, P, PF)
-            _bulk_share(pf1, n1, q, P, PF)
-            _bulk_share(pf2, n2, q, P, PF)
-            _bulk_share(pf3, n3, q, P, PF)
-
     @gluon.jit
     def _pdl_wait(PDL: gl.constexpr):
         """tiles.pdl_wait in Gluon: wait for the previous kernel on the stream (its writes
@@ -1004,8 +957,7 @@ if gluon is not None:
     @gluon.jit
     def _up_kernel(x_ptr, hu_ptr, hg_ptr, up_ptr, us_ptr, uz_ptr, gp_ptr, gs_ptr, gz_ptr, ws_ptr,
                    cnt_ptr, a_ptr, ub_ptr, gb_ptr, M, K, NH, NL, stride_xm, stride_hw,
-                   stride_am, pf0, n0, pf1, n1, pf2, n2, pf3, n3,
-                   DUAL: gl.constexpr, FUSED: gl.constexpr,
+                   stride_am, DUAL: gl.constexpr, FUSED: gl.constexpr,
                    ACTIVATION: gl.constexpr, HAS_UP_BIAS: gl.constexpr,
                    HAS_GATE_BIAS: gl.constexpr,
                    SYMMETRIC: gl.constexpr, GROUP: gl.constexpr, TAIL: gl.constexpr,
@@ -1013,8 +965,7 @@ if gluon is not None:
                    BNH: gl.constexpr, DEPTH: gl.constexpr, CHAINS: gl.constexpr,
                    W_LAYOUT: gl.constexpr, H_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
                    C_LAYOUT: gl.constexpr, MMA: gl.constexpr, SWAP: gl.constexpr,
-                   BMH: gl.constexpr, MMA_H: gl.constexpr, PDL: gl.constexpr,
-                   PF: gl.constexpr = 0):  # fmt: skip
+                   BMH: gl.constexpr, MMA_H: gl.constexpr, PDL: gl.constexpr):  # fmt: skip
         """Kernel A's up (and gate) sums of K-slice program_id(1) for one tile of heavy rows
         (the first programs along axis 0, BNH neurons) or light columns (BN neurons), as fp32
         partials into ws [slices, 2 (1 without DUAL), M, NH + NL]. FUSED: the last of a tile's
@@ -1022,8 +973,7 @@ if gluon is not None:
         otherwise gemv's reduce kernel does, in a second launch. Heavy tiles are always x-as-A
         products (BMH rows, layout MMA_H): in the W-as-A form (SWAP) the light tiles only.
         PDL: a programmatic dependent launch (trigger first; each slice loads its first words,
-        then waits for the previous kernel before it reads x). PF: each program, its slice
-        done, requests its share of kernel B's weights (pf0..pf3, n0..n3 bytes) into L2."""
+        then waits for the previous kernel before it reads x)."""
         _pdl_trigger(PDL)
         pid = gl.program_id(0)
         split = gl.program_id(1)
@@ -1039,7 +989,6 @@ if gluon is not None:
             h_u, h_g = _heavy_slice(x_ptr, stride_xm, M, K, hu_ptr, hg_ptr, stride_hw, NH,
                                     pid * BNH, c_lo, c_hi, DUAL, TAIL, DTYPE, BMH, BNH,
                                     H_LAYOUT, X_LAYOUT, MMA_H, PDL)  # fmt: skip
-            _prefetch_down(pf0, n0, pf1, n1, pf2, n2, pf3, n3, PF)
             h_cols = _columns(pid * BNH, BNH, MMA_H, False)
             _store_partial(ws_ptr, h_u, split * DUALS, M, NT, h_cols, h_cols < NH, BMH, MMA_H,
                            False)  # fmt: skip
@@ -1062,7 +1011,6 @@ if gluon is not None:
                                         gs_ptr, gz_ptr, NL, l0, c_lo, c_hi, DUAL, SYMMETRIC,
                                         GROUP, TAIL, DTYPE, BM, BN, DEPTH, CHAINS, W_LAYOUT,
                                         X_LAYOUT, MMA, SWAP, PDL)  # fmt: skip
-            _prefetch_down(pf0, n0, pf1, n1, pf2, n2, pf3, n3, PF)
             l_cols = _columns(l0, BN, MMA, SWAP)
             _store_partial(ws_ptr, l_u, split * DUALS, M, NT, NH + l_cols, l_cols < NL, BM, MMA,
                            SWAP)  # fmt: skip
@@ -1387,45 +1335,11 @@ def _gl_dtype(dtype: torch.dtype):
     return gl.float16 if dtype == torch.float16 else gl.bfloat16
 
 
-def prefetch_mode(device: torch.device) -> int:
-    """Kernel A's requests of kernel B's weights into L2 (`_prefetch_down`): 0 none, 1 plain,
-    2 evict_last lines (FFNSPLIT_PREFETCH_DOWN; sm_90 only: cp.async.bulk.prefetch)."""
-    mode = int(os.environ.get("FFNSPLIT_PREFETCH_DOWN", "0"))
-    if mode and device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if _capability(index) >= (9, 0):
-            return mode
-    return 0
-
-
-def _byte_region(t: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """A contiguous tensor as (uint8 view from a 16-byte boundary, bytes rounded down to 16);
-    (like, 0) for None or a strided tensor (nothing requested)."""
-    if t is None or not t.is_contiguous() or t.numel() == 0:
-        return like, 0
-    flat = t.reshape(-1).view(torch.uint8)
-    skip = -t.data_ptr() % 16
-    return flat[skip:], (flat.numel() - skip) // 16 * 16
-
-
-def down_regions(w: SplitFFNWeights, like: torch.Tensor) -> list:
-    """pf0, n0 .. pf3, n3 of `_up_kernel`: kernel B's light words, scales, zeros and heavy
-    rows as byte regions."""
-    d = w.light_down if w.n_light else None
-    out = []
-    for t in (d.planes[0] if d else None, d.scales if d else None, d.zeros if d else None,
-              w.heavy_down if w.n_heavy else None):  # fmt: skip
-        out += _byte_region(t, like)
-    return out
-
-
-def split_activations(x2: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor,
-                      prefetch_down: bool = False) -> None:  # fmt: skip
+def split_activations(x2: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor) -> None:
     """Kernel A into a [M, h + l] (x2 [M <= MAX_M, H] contiguous rows; light weights per
     `light_ok`): fp32 partials of every heavy and light tile, added in slot order with biases,
     activation and gating by the last slice of each tile (fused configs) or by gemv's reduce
-    kernel. `prefetch_down` (kernel B of the same weights comes next): per `prefetch_mode`,
-    each program requests its share of kernel B's weights into L2 when its slice is done."""
+    kernel."""
     m, hidden = x2.shape
     h, n_light = w.n_heavy, w.n_light
     nt = h + n_light
@@ -1449,8 +1363,6 @@ def split_activations(x2: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor,
     up_bias = w.up_bias if w.up_bias is not None else a
     gate_bias = w.gate_bias if w.gate_bias is not None else a
     pdl = pdl_options(x2.device)  # PDL (constexpr) and launch_pdl
-    pf = prefetch_mode(x2.device) if prefetch_down else 0
-    regions = down_regions(w, dummy) if pf else [dummy, 0] * 4
 
     def run(cfg: MmaConfig) -> None:
         bnh = cfg.block_nh
@@ -1460,11 +1372,11 @@ def split_activations(x2: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor,
         counters = gemv._zeroed(x2.device, tiles, torch.int32) if cfg.fused else dummy
         _up_kernel[(tiles, split)](
             x2, hu, hg, *light, ws, counters, a, up_bias, gate_bias, m, hidden, h, n_light,
-            x2.stride(0), hu.stride(0), a.stride(0), *regions, DUAL=w.gated, FUSED=cfg.fused,
+            x2.stride(0), hu.stride(0), a.stride(0), DUAL=w.gated, FUSED=cfg.fused,
             ACTIVATION=w.activation, HAS_UP_BIAS=w.up_bias is not None,
             HAS_GATE_BIAS=w.gated and w.gate_bias is not None, SYMMETRIC=symmetric, GROUP=group,
             TAIL=hidden % CHUNK != 0, DTYPE=_gl_dtype(x2.dtype), **up_meta(cfg, m), **pdl,
-            PF=pf, num_warps=cfg.num_warps,
+            num_warps=cfg.num_warps,
             maxnreg=cfg.maxnreg,
         )  # fmt: skip
         if cfg.fused:
@@ -1478,7 +1390,7 @@ def split_activations(x2: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor,
         )  # fmt: skip
 
     key = (triton.next_power_of_2(m), hidden, h, n_light, group, symmetric, w.gated, x2.dtype,
-           x2.device, pf)  # fmt: skip
+           x2.device)  # fmt: skip
     run(_up_tuner.pick(key, candidates(UP_CONFIGS, UP_ROWS, UP_SWAP, m), run))
 
 
@@ -1580,14 +1492,13 @@ def split_linear(x2: torch.Tensor, heavy: torch.Tensor | None, light: QuantizedW
 
 def aot_compile(kernel: str, cfg: MmaConfig, m: int = 1, dtype: str = "fp16", *,
                 heavy: int = 720, light: int = 13632, hidden: int = 4096, arch: int = 90,
-                sms: int = 132, prefetch: bool = False, pf: int = 0):  # fmt: skip
+                sms: int = 132, prefetch: bool = False):  # fmt: skip
     """Compile `kernel` ("up": kernel A, "down": kernel B) for one config and M rows ahead of
     time for CUDA sm_`arch`, no GPU needed (Triton's pipeline with its bundled ptxas), at the
     Llama-3-8B FFN shape by default; returns Triton's CompiledKernel (`.asm`: ptx, cubin;
     `aot_resources` reads its registers and spills). benchmarks/aot_mma.py reports it; a CPU test compiles each form with the installed
     Triton, whose Gluon API moves between releases. `prefetch`: kernel B's PREFETCH (the dense
-    slices' L2 requests before the wait; light=0 makes it a dense-only split_linear). `pf`:
-    kernel A's PF (its requests of kernel B's weights, `prefetch_mode`)."""
+    slices' L2 requests before the wait; light=0 makes it a dense-only split_linear)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -1599,11 +1510,9 @@ def aot_compile(kernel: str, cfg: MmaConfig, m: int = 1, dtype: str = "fp16", *,
         sig = dict(x_ptr=t, hu_ptr=t, hg_ptr=t, up_ptr="*i32", us_ptr=t, uz_ptr=t, gp_ptr="*i32",
                    gs_ptr=t, gz_ptr=t, ws_ptr="*fp32", cnt_ptr="*i32", a_ptr=t, ub_ptr=t,
                    gb_ptr=t, M="i32", K="i32", NH="i32", NL="i32", stride_xm="i32",
-                   stride_hw="i32", stride_am="i32", pf0="*u8", n0="i32", pf1="*u8", n1="i32",
-                   pf2="*u8", n2="i32", pf3="*u8", n3="i32")  # fmt: skip
+                   stride_hw="i32", stride_am="i32")  # fmt: skip
         const = dict(common, **up_meta(cfg, m), DUAL=True, FUSED=cfg.fused, ACTIVATION="silu",
-                     HAS_UP_BIAS=False, HAS_GATE_BIAS=False, TAIL=hidden % CHUNK != 0,
-                     PF=pf)  # fmt: skip
+                     HAS_UP_BIAS=False, HAS_GATE_BIAS=False, TAIL=hidden % CHUNK != 0)  # fmt: skip
         aligned = [n for n in sig if n.endswith("_ptr")] + ["K", "stride_xm", "stride_hw"]
         # the runtime specializes an integer divisible by 16 (the Llama-3-8B counts are)
         aligned += [n for n, v in (("NH", heavy), ("NL", light)) if v % 16 == 0]

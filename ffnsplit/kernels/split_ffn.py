@@ -233,11 +233,8 @@ def ffn_path(m: int, x: torch.Tensor, w: SplitFFNWeights, path: str = "auto") ->
     return kernel_path(m, x, w, path)
 
 
-def split_activations(x: torch.Tensor, w: SplitFFNWeights, *, path: str = "auto",
-                      _down_next: bool = False) -> torch.Tensor:  # fmt: skip
-    """Kernel A: a [..., h + l] = act(gate x + gate_bias) * (up x + up_bias) (or act(up x + b)).
-    `_down_next` (split_ffn): the down projection of the same weights follows, so the Gluon
-    tier may request its weights into L2 as it finishes (mma_decode.prefetch_mode)."""
+def split_activations(x: torch.Tensor, w: SplitFFNWeights, *, path: str = "auto") -> torch.Tensor:
+    """Kernel A: a [..., h + l] = act(gate x + gate_bias) * (up x + up_bias) (or act(up x + b))."""
     _validate(x, w)
     h, n_light, hidden = w.n_heavy, w.n_light, w.hidden_size
     lead = x.shape[:-1]
@@ -252,11 +249,8 @@ def split_activations(x: torch.Tensor, w: SplitFFNWeights, *, path: str = "auto"
         a = dequant_gemm.aligned_empty(m, h + n_light, x2)
     else:
         a = torch.empty((m, h + n_light), dtype=x.dtype, device=x.device)
-    if chosen == "mma":
-        mma_decode.split_activations(x2, w, a, prefetch_down=_down_next)
-        return a.reshape(*lead, h + n_light)
-    if chosen in ("gemv", "dequant"):
-        module = {"gemv": gemv, "dequant": dequant_gemm}[chosen]
+    if chosen in ("mma", "gemv", "dequant"):
+        module = {"mma": mma_decode, "gemv": gemv, "dequant": dequant_gemm}[chosen]
         module.split_activations(x2, w, a)
         return a.reshape(*lead, h + n_light)
     hu = w.heavy_up.contiguous() if h else x2
@@ -332,7 +326,7 @@ def split_ffn(x: torch.Tensor, w: SplitFFNWeights, *, path: str = "auto") -> tor
             out = torch.empty((m, w.hidden_size), dtype=x.dtype, device=x.device)
             fused_decode.split_ffn(x2, w, out)
             return out.reshape(*x.shape[:-1], w.hidden_size)
-    a = split_activations(x, w, path=path, _down_next=True)
+    a = split_activations(x, w, path=path)
     a2 = a.reshape(-1, a.shape[-1])
     m = a2.shape[0]
     if m and quant_kernel_path(m, a2, w.light_down if w.n_light else None, path) == "dequant":
