@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -240,6 +241,64 @@ def test_whole_smollm2_shape_model_triton_matches_reference(dtype, tol) -> None:
             ref = reference(input_ids=ids, use_cache=False).logits.double()
             out = gpu(input_ids=ids.cuda(), use_cache=False).logits.double().cpu()
         assert ((out - ref).norm() / ref.norm()).item() < tol
+
+
+# Original prose (no dataset on the GPU machine): enough tokens for every kernel tier's M.
+_PROSE = (
+    "The river town woke slowly in the autumn of that year. Fishermen pulled their boats onto the "
+    "gravel before dawn, and the bakers on the square lit their ovens while the streets were "
+    "still dark. By seven the market was full: farmers from the valley sold apples, cabbages and "
+    "late plums, a cooper mended barrels by the fountain, and children ran between the stalls "
+    "with bread still warm in their hands. The mayor, a careful man who kept the accounts "
+    "himself, walked the length of the square every morning and wrote down the prices in a small "
+    "black notebook. Nobody knew why he did it. Some said he wanted to catch the merchants who "
+    "raised their prices in bad weather; others believed he was writing a history of the town, "
+    "one day at a time. In the afternoon the wind turned to the west and the first rain of the "
+    "season crossed the hills. The ferry stopped running at four, and the travellers who had "
+    "hoped to reach the city that night took rooms at the inn by the bridge. There, around a "
+    "long table, a teacher, two wool merchants, a surveyor and a young doctor argued about the "
+    "new railway. The surveyor said the line would reach the valley within three years and that "
+    "the town would double in size. The merchants doubted it: the hills were steep, the banks "
+    "cautious, and the government had promised the same thing twice before. The doctor listened "
+    "and said little, but when the teacher asked her opinion she answered that a railway would "
+    "bring the hospital closer, and that alone was worth the noise of the trains. Outside, the "
+    "river rose a hand's width in an hour, and the lamps along the quay swung in the wind. Late "
+    "that night the innkeeper counted the rooms, the guests and the bottles, found that the "
+    "numbers did not agree, and decided, as he did every autumn, that the error was his own."
+)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels need a CUDA GPU")
+@pytest.mark.skipif(
+    not os.environ.get("FFNSPLIT_SMOLLM2_DIR"),
+    reason="FFNSPLIT_SMOLLM2_DIR names no compressed SmolLM2-135M folder (ffnsplit demo's "
+    "compressed/; gpu_checks.sh smol24 reassembles one carried in parts)",
+)
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float16, 2e-2), (torch.bfloat16, 6e-2)])
+def test_whole_compressed_smollm2_triton_matches_reference(dtype, tol) -> None:
+    """The real compressed SmolLM2-135M (the packaged weights, profiled, split and saved by
+    `ffnsplit demo` on the CPU, loaded from its folder) on CUDA through ffnsplit's kernels at
+    M = 1 (decode tier), 17 (two row tiles), 2 x 40 (tensor-core tiers) and 340 (the dequantize +
+    cuBLAS path) on real text, against the same loaded model on the CPU in fp32 (the torch
+    reference path): relative error of the logits and agreement of the next-token picks."""
+    from ffnsplit.io import load_compressed
+
+    model, tokenizer = load_compressed(os.environ["FFNSPLIT_SMOLLM2_DIR"])
+    ids = tokenizer(_PROSE, return_tensors="pt").input_ids
+    assert ids.shape[1] >= 340
+    gpu = copy.deepcopy(model).to("cuda", dtype)
+    # the reference holds the same (cast) weights and scales, exactly, in fp32 on the CPU
+    reference = copy.deepcopy(gpu).to("cpu", torch.float32)
+    for batch in (ids[:, :1], ids[:, :17], torch.cat([ids[:, :40], ids[:, 40:80]]), ids[:, :340]):
+        with torch.no_grad():
+            ref = reference(input_ids=batch, use_cache=False).logits.double()
+            out = gpu(input_ids=batch.cuda(), use_cache=False).logits.double().cpu()
+        err = ((out - ref).norm() / ref.norm()).item()
+        agree = (out.argmax(-1) == ref.argmax(-1)).double().mean().item()
+        print(
+            f"SmolLM2 {dtype} {tuple(batch.shape)}: rel. error {err:.2e}, top-1 agree {agree:.3f}"
+        )
+        assert err < tol and agree >= 0.9, (tuple(batch.shape), err, agree)
 
 
 def test_pad_heavy_appends_zero_neurons() -> None:
