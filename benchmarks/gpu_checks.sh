@@ -17,7 +17,7 @@
 #   profprefill (benchmarks/prof_prefill.py + probe_cublas.py), odd (717 heavy neurons),
 #   swap (benchmarks/proto_swap.py), swaptier (the W-as-A form: tests + bench_mma), pdlmma,
 #   next14 (session 13's open questions), fused15 (the one-launch FFN), verify15, next16, s16ab, ncu16, proj, floor17 (ran in 17), finish17, trace17, ab17, ab18, ticket18, decoder18, trace18, slices18, trig19 (ran in 19), mid19, big20 (prepared), wg20 (branch s20-wgmma,
-#   ran in 20), attn20, attn21 (ran in 21), tune21 (branch s21-prepared, ran in 21), next22, fin22 (branch s22-prepared; both ran in 22), warps22, chunks22, split22, persm22 (ran in 22), gen23, wg23, ptr23, pf24, smol24, oracle, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
+#   ran in 20), attn20, attn21 (ran in 21), tune21 (branch s21-prepared, ran in 21), next22, fin22 (branch s22-prepared; both ran in 22), warps22, chunks22, split22, persm22 (ran in 22), gen23, wg23, ptr23, pf24, smol24, smolerr24, oracle, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
 #   (benchmarks/trace_decode.py), decode8b (M = 1, 4 + 8B decode once)
 # Several stages in one call: bash benchmarks/gpu_checks.sh gemv trace decode8b
 # Each step has its own time limit, so one slow step cannot take the whole call.
@@ -35,6 +35,13 @@ run() {  # run LIMIT NAME CMD...: log to $OUT/NAME.log, print its tail
     # a timed-out pytest -n leaves xdist workers on the GPU: they would spoil later timings
     pkill -f 'm pytes[t]' 2> /dev/null
     tail -n 3 "$OUT/$name.log"
+}
+
+SMOL=/tmp/smollm2_compressed
+smol_join() {  # the compressed SmolLM2 folder from its three carried parts (smollm2_parts.sh)
+    mkdir -p $SMOL && cp out/s24m/a/*.json out/s24m/a/*.jinja "$SMOL"/ 2> /dev/null
+    cat out/s24m/a/model.part out/s24m/b/model.part out/s24m/c/model.part > "$SMOL/model.safetensors"
+    (cd "$SMOL" && sha256sum -c /dev/stdin <<< "$(cat "$OLDPWD/out/s24m/a/model.sha256")")
 }
 
 ab_mma_runs() {  # this tree against the package in out/base (carry out; git archive BASE
@@ -373,13 +380,17 @@ smol24)  # session 24: the real compressed SmolLM2-135M (ffnsplit demo's compres
     # the CPU) through the kernels against the fp32 reference on real text. 158 MB cannot travel
     # in one call: benchmarks/smollm2_parts.sh split puts it in out/s24m/{a,b,c}, each carried by
     # its own call while the machine stays warm (30 s); this stage, in the last, joins them
-    d=/tmp/smollm2_compressed
-    mkdir -p $d && cp out/s24m/a/*.json out/s24m/a/*.jinja "$d"/ 2> /dev/null
-    cat out/s24m/a/model.part out/s24m/b/model.part out/s24m/c/model.part > "$d/model.safetensors"
-    (cd "$d" && sha256sum -c /dev/stdin <<< "$(cat "$OLDPWD/out/s24m/a/model.sha256")") || exit 1
-    run 400 test_smol24 env FFNSPLIT_SMOLLM2_DIR=$d python3 -m pytest -q -rf -s \
+    smol_join || exit 1
+    run 400 test_smol24 env FFNSPLIT_SMOLLM2_DIR=$SMOL python3 -m pytest -q -rf -s \
         tests/test_modules.py -k whole_compressed
     grep "SmolLM2" "$OUT/test_smol24.log"
+    ;;
+smolerr24)  # session 24: smol24's folder (carried the same way), each FFN per kernel path against
+    # the fp32 reference on its own real inputs (benchmarks/smollm2_ffn_error.py, ~3 min)
+    smol_join || exit 1
+    run 400 smolerr24 python3 benchmarks/smollm2_ffn_error.py --dir $SMOL \
+        --out "$OUT/smollm2_ffn_error.json"
+    grep "^worst" "$OUT/smolerr24.log"
     ;;
 pf24)  # session 24 (branch s24-prefetch-down; ran, dropped): kernel A's bulk L2 requests of kernel B's weights (FFNSPLIT_PREFETCH_DOWN
     # 0 / 1 / 2): GPU tests, then the layer at M = 1, 4, 16 per mode, interleaved (~5 min)
