@@ -7,7 +7,8 @@ while the fp16 (or bf16) model reads the test's prose; rows: the first token alo
 token 100 alone, 16 tokens, 80 tokens. Paths: "auto" (the tuner's picks: the Gluon tier's W-as-A
 form at M <= 8), "x-as-A" (the Gluon tier without the W-as-A form), "gemv" (the CUDA-core path)
 and "tl" (the Triton tl decode tier). Prints one line a layer and path with the relative error
-and max |x|; writes JSON.
+and max |x|; writes JSON. ("gemv" is the CUDA-core path up to 4 rows only; above, the Gluon
+tier's x-as-A form.)
 
     FFNSPLIT_SMOLLM2_DIR=<folder> PYTHONPATH=. python3 benchmarks/smollm2_ffn_error.py --out e.json
 """
@@ -51,6 +52,10 @@ def main() -> int:
     parser.add_argument("--out", default=None)
     parser.add_argument("--device", default="cuda", help="cpu: a smoke run of the plumbing only")
     args = parser.parse_args()
+    # each path's first config, untimed: the paths are compared, not their configs (with the
+    # tuner every call re-tunes after set_path: the H200 run of session 24 got through the fp16
+    # half of 30 layers in 400 s)
+    tiles.AUTOTUNE = False
     model, tokenizer = load_compressed(args.dir)
     ids = tokenizer(_PROSE, return_tensors="pt").input_ids[:, :128]
     results = []
