@@ -54,7 +54,7 @@ def qweight(n: int, k: int, group: int, symmetric: bool, dtype: torch.dtype) -> 
     return QuantizedWeight(pack_planes(q, 4), scales, zeros, 4, group, (n, k))
 
 
-def check(results: list) -> bool:
+def check(results: list, only_tma: bool = False) -> bool:
     ok = True
     cases = [  # (M, N, K, group, symmetric, dual, bt, split[, x_resident])
         (77, 1000, 4160, 128, False, True, 128, 1),
@@ -74,6 +74,13 @@ def check(results: list) -> bool:
         (9, 776, 2112, 64, True, False, 16, 3, True),
         (50, 1000, 13632, 128, False, False, 64, 16, True),
     ]
+    tma_cases = [  # x by TMA (4 warps), x_resident set to "tma"
+        (77, 1000, 4160, 128, False, True, 128, 1, "tma"),
+        (300, 520, 1088, 256, True, True, 128, 1, "tma"),
+        (129, 1000, 13632, 128, False, False, 128, 3, "tma"),
+        (33, 776, 2112, 64, True, False, 64, 1, "tma"),
+    ]
+    cases = tma_cases if only_tma else cases + tma_cases
     for dtype, bound in ((torch.float16, 2e-3), (torch.bfloat16, 1.2e-2)):
         for m, n, k, group, sym, dual, bt, split, xres in cases:
             torch.manual_seed(m + n)
@@ -85,7 +92,8 @@ def check(results: list) -> bool:
             out = torch.full((m, n + 24), float("nan"), device="cuda", dtype=dtype)
             try:
                 wg.light_gemm(x, w, out, out_col=8, gate=g, up_bias=ub, gate_bias=gb, bt=bt,
-                              split=split, x_resident=xres)  # fmt: skip
+                              split=split, x_resident=xres is True, x_tma=xres == "tma",
+                              num_warps=4 if xres == "tma" else 8)  # fmt: skip
                 torch.cuda.synchronize()
                 up = x.double() @ dequant(w).t() + ub.double()
                 if dual:
@@ -157,6 +165,57 @@ def timing(ms: list[int], results: list, hidden: int = 4096, inter: int = 14336,
         row["cublas_heavy_b_us"] = t(calls(lambda w, a: a[:, :heavy] @ w.heavy_down.t(), a))
         results.append(row)
         print(json.dumps(row), flush=True)
+
+
+def tma_timing(ms: list[int], results: list, hidden: int = 4096, heavy: int = 720) -> None:
+    """x by TMA (proto_wgmma's x_tma, x permuted by torch inside the call) against the
+    register-staged form, the tl tiers and cuBLAS, at prefill sizes."""
+    light = 13632
+    ws = [split_weights(hidden, heavy, light, 4, 128) for _ in range(2)]
+    dense_up = [torch.randn(2 * 14336, hidden, device="cuda", dtype=torch.float16) / 64
+                for _ in range(2)]  # fmt: skip
+    dense_down = [torch.randn(hidden, 14336, device="cuda", dtype=torch.float16) / 120
+                  for _ in range(2)]  # fmt: skip
+    for m in ms:
+        results.append(_tma_row(m, ws, dense_up, dense_down, hidden, heavy, light))
+        print(json.dumps(results[-1]), flush=True)
+
+
+def _tma_row(m, ws, dense_up, dense_down, hidden, heavy, light) -> dict:
+    x = torch.randn(m, hidden, device="cuda", dtype=torch.float16)
+    a = torch.randn(m, heavy + light, device="cuda", dtype=torch.float16) * 0.1
+    ad = torch.randn(m, 14336, device="cuda", dtype=torch.float16) * 0.1
+    out_a = torch.empty(m, heavy + light, device="cuda", dtype=torch.float16)
+    out_b = torch.empty(m, hidden, device="cuda", dtype=torch.float16)
+    row = dict(m=m)
+
+    def t(calls):
+        try:
+            return round(graph_time_us(calls), 2)
+        except Exception as exc:
+            return repr(exc)[:200]
+
+    row["dense_up_gate_us"] = t([lambda w=w: x @ w.t() for w in dense_up])
+    row["dense_down_us"] = t([lambda w=w: ad @ w.t() for w in dense_down])
+    row["tl_kernel_a_us"] = t([lambda w=w: sffn.split_activations(x, w) for w in ws])
+    row["tl_kernel_b_us"] = t(
+        [lambda w=w: qmm.split_linear(a, w.heavy_down, w.light_down, None) for w in ws]
+    )
+    row["wg_a_staged_us"] = t([
+        lambda w=w: wg.light_gemm(x, w.light_up, out_a, out_col=heavy, gate=w.light_gate)
+        for w in ws])  # fmt: skip
+    row["wg_a_tma_us"] = t([
+        lambda w=w: wg.light_gemm(x, w.light_up, out_a, out_col=heavy, gate=w.light_gate,
+                                  num_warps=4, x_tma=True) for w in ws])  # fmt: skip
+    for split in (1, 2, 4):
+        row[f"wg_b_staged_s{split}_us"] = t([
+            lambda w=w, split=split: wg.light_gemm(a[:, heavy:], w.light_down, out_b,
+                                                   split=split) for w in ws])  # fmt: skip
+        row[f"wg_b_tma_s{split}_us"] = t([
+            lambda w=w, split=split: wg.light_gemm(a[:, heavy:], w.light_down, out_b,
+                                                   split=split, num_warps=4, x_tma=True)
+            for w in ws])  # fmt: skip
+    return row
 
 
 def stacked(a: QuantizedWeight, b: QuantizedWeight) -> QuantizedWeight:
@@ -236,14 +295,18 @@ def main() -> int:
     parser.add_argument(
         "--mid", default=None, help="decode / mid sizes instead, e.g. 16,32,64,128 (mid_timing)"
     )
+    parser.add_argument("--tma", default=None,
+                        help="x by TMA: its checks only, then these M (tma_timing), e.g. 256")  # fmt: skip
     args = parser.parse_args()
     if not wg.available(torch.device("cuda")):
         print(f"wgmma path unavailable here: {wg._IMPORT_ERROR}", file=sys.stderr)
         return 2
     checks, times = [], []
-    ok = True if args.no_check else check(checks)
+    ok = True if args.no_check else check(checks, only_tma=args.tma is not None)
     print("checks:", "ok" if ok else "FAILED", flush=True)
-    if args.mid:
+    if args.tma:
+        tma_timing([int(v) for v in args.tma.split(",")], times)
+    elif args.mid:
         mid_timing([int(v) for v in args.mid.split(",")], times)
     else:
         timing([int(v) for v in args.m.split(",")], times, only_wg=args.only_wg)

@@ -58,6 +58,10 @@ except Exception as exc:  # pragma: no cover - depends on the installed Triton
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 else:
     _IMPORT_ERROR = md._IMPORT_ERROR
+try:  # TMA and mbarriers (Triton 3.6's Gluon names; x_tma only)
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+except Exception:  # pragma: no cover - depends on the installed Triton
+    mbarrier = tma = None
 
 # timing experiments only (wrong results): 1 x not restaged and no fence, 2 no fence, 3 neither
 # nor the barrier
@@ -198,17 +202,46 @@ if gluon is not None and warpgroup_mma is not None:
         return h0, h1, s0, z0, s1, z1
 
     @gluon.jit
+    def _tma_x(x_desc, bars, x_smem, i, lo, last, m0, DUAL: gl.constexpr, BT: gl.constexpr):
+        """x_tma: step i's x tiles (pre-permuted in memory) by TMA into ring stage (i - lo) % 3,
+        signalled on that stage's mbarrier; nothing past the slice's last step."""
+        st = (i - lo) % 3
+        bar = bars.index(st)
+        go = i <= last
+        if DUAL:
+            mbarrier.expect(bar, BT * 64 * 2, pred=go)
+            tma.async_copy_global_to_shared(x_desc, [m0, i * 64], bar, x_smem.index(st), pred=go)
+        else:
+            mbarrier.expect(bar, 2 * BT * 64 * 2, pred=go)
+            tma.async_copy_global_to_shared(x_desc, [m0, i * 128], bar, x_smem.index(2 * st),
+                                            pred=go)  # fmt: skip
+            tma.async_copy_global_to_shared(x_desc, [m0, i * 128 + 64], bar,
+                                            x_smem.index(2 * st + 1), pred=go)  # fmt: skip
+
+    @gluon.jit
     def _step(i, last, acc0, acc1, a1, h0, h1, s0, z0, s1, z1, x_ptr, x_off, x_rows, x_smem,
               p_ptr, s_ptr, z_ptr, q_ptr, t_ptr, u_ptr, w_off, w_rows, w_cols, w_mask, M, N, K,
               KR, G, DUAL: gl.constexpr, SYMMETRIC: gl.constexpr, GROUP: gl.constexpr,
               DTYPE: gl.constexpr, A3: gl.constexpr, EXP: gl.constexpr, lo=0,
-              XS: gl.constexpr = 0):  # fmt: skip
+              XS: gl.constexpr = 0, x_desc=0, bars=0, m0=0, BT: gl.constexpr = 0,
+              XT: gl.constexpr = False):  # fmt: skip
         """Step i: half 0's A operand is built while the previous step's half 1 runs, half 1's
         while half 0 runs; then the register set is reloaded for step i + 2 and step i + 1's x
         goes into the buffers step i - 2 read (both warpgroups waited for step i - 1's half 0,
         and so for everything of step i - 2, before the last barrier)."""
         nxt = gl.minimum(i + 1, last)  # clamped: the last steps load their own data again
-        if XS > 0:  # the slice's x resident in shared memory since the prologue
+        if XT:  # x by TMA: wait for this step's stage
+            st = (i - lo) % 3
+            mbarrier.wait(bars.index(st), ((i - lo) // 3) & 1)
+            if DUAL:
+                b_lo = x_smem.index(st).permute((1, 0))
+                b_hi = b_lo
+            else:
+                b_lo = x_smem.index(2 * st).permute((1, 0))
+                b_hi = x_smem.index(2 * st + 1).permute((1, 0))
+            xa = 0
+            xb = 0
+        elif XS > 0:  # the slice's x resident in shared memory since the prologue
             if DUAL:
                 b_lo = x_smem.index(i - lo).permute((1, 0))
                 b_hi = b_lo
@@ -232,13 +265,15 @@ if gluon is not None and warpgroup_mma is not None:
         a0 = _fragments(h0, ps0, pb0, DTYPE, A3)
         acc0 = warpgroup_mma(a0, b_lo, acc0, is_async=True)
         acc1, a1 = warpgroup_mma_wait(num_outstanding=1, deps=[acc1, a1])
+        if XT:  # step i - 1's products are complete: its stage takes step i + 2's x
+            _tma_x(x_desc, bars, x_smem, i + 2, lo, last, m0, DUAL, BT)
         a1 = _fragments(h1, ps1, pb1, DTYPE, A3)
         acc1 = warpgroup_mma(a1, b_hi, acc1, is_async=True)
         h0, h1, s0, z0, s1, z1 = _load_set(
             gl.minimum(i + 2, last), p_ptr, s_ptr, z_ptr, q_ptr, t_ptr, u_ptr, w_off, w_rows,
             w_cols, w_mask, N, KR, G, DUAL, SYMMETRIC, GROUP)  # fmt: skip
         acc0, a0 = warpgroup_mma_wait(num_outstanding=1, deps=[acc0, a0])
-        if XS == 0:
+        if XS == 0 and not XT:
             if EXP != 1 and EXP != 3:  # noqa: SIM102 (compile-time, then run-time)
                 if i < last:
                     x_smem.index((nxt % 3) * 2).store(_x_slots(xa))
@@ -259,7 +294,7 @@ if gluon is not None and warpgroup_mma is not None:
                         DTYPE: gl.constexpr, BT: gl.constexpr, V3: gl.constexpr,
                         W_L: gl.constexpr, X_L: gl.constexpr, O_L: gl.constexpr,
                         num_warps: gl.constexpr, EXP: gl.constexpr = 0,
-                        XS: gl.constexpr = 0):  # fmt: skip
+                        XS: gl.constexpr = 0, XT: gl.constexpr = False):  # fmt: skip
         """One [BN = 16 num_warps neurons, BT rows] tile (program ids 0, 1) over K-slice
         program_id(2) of num_programs(2). Weight (p, s, z) [N, K]; DUAL: gate (q, t, u) too,
         out[:, out_col + n] = act(gate + gb) * (up + ub); else out[:, out_col + n] = x W^T, or
@@ -290,7 +325,18 @@ if gluon is not None and warpgroup_mma is not None:
         )
         # XS > 0: x of the whole slice (at most XS steps) stays in shared memory, staged once
         # (no store, fence or barrier in the loop: decode / mid sizes); else three step buffers
-        if XS > 0:
+        x_desc = 0
+        bars = 0
+        if XT:  # x (pre-permuted) by TMA into a three-stage ring, one mbarrier a stage
+            x_smem = gl.allocate_shared_memory(DTYPE, [3 * (1 if DUAL else 2), BT, 64], XSL)
+            bars = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())
+            for st in gl.static_range(3):
+                mbarrier.init(bars.index(st), count=1)
+            fence_async_shared()
+            x_desc = tma.make_tensor_descriptor(x_ptr, [M, K], [stride_xm, 1], [BT, 64], XSL)
+            _tma_x(x_desc, bars, x_smem, lo, lo, last, m0, DUAL, BT)
+            _tma_x(x_desc, bars, x_smem, lo + 1, lo, last, m0, DUAL, BT)
+        elif XS > 0:
             x_smem = gl.allocate_shared_memory(DTYPE, [XS * (1 if DUAL else 2), BT, 64], XSL)
             for j in range(0, hi - lo):
                 if DUAL:
@@ -324,16 +370,19 @@ if gluon is not None and warpgroup_mma is not None:
             acc0, acc1, a1, hA0, hA1, sA0, zA0, sA1, zA1 = _step(
                 i, last, acc0, acc1, a1, hA0, hA1, sA0, zA0, sA1, zA1, x_ptr, x_off, x_rows,
                 x_smem, p_ptr, s_ptr, z_ptr, q_ptr, t_ptr, u_ptr, w_off, w_rows, w_cols, w_mask,
-                M, N, K, KR, G, DUAL, SYMMETRIC, GROUP, DTYPE, A3, EXP, lo, XS)  # fmt: skip
+                M, N, K, KR, G, DUAL, SYMMETRIC, GROUP, DTYPE, A3, EXP, lo, XS, x_desc, bars,
+                m0, BT, XT)  # fmt: skip
             acc0, acc1, a1, hB0, hB1, sB0, zB0, sB1, zB1 = _step(
                 i + 1, last, acc0, acc1, a1, hB0, hB1, sB0, zB0, sB1, zB1, x_ptr, x_off, x_rows,
                 x_smem, p_ptr, s_ptr, z_ptr, q_ptr, t_ptr, u_ptr, w_off, w_rows, w_cols, w_mask,
-                M, N, K, KR, G, DUAL, SYMMETRIC, GROUP, DTYPE, A3, EXP, lo, XS)  # fmt: skip
+                M, N, K, KR, G, DUAL, SYMMETRIC, GROUP, DTYPE, A3, EXP, lo, XS, x_desc, bars,
+                m0, BT, XT)  # fmt: skip
         if (hi - lo) % 2 == 1:
             acc0, acc1, a1, hA0, hA1, sA0, zA0, sA1, zA1 = _step(
                 last, last, acc0, acc1, a1, hA0, hA1, sA0, zA0, sA1, zA1, x_ptr, x_off, x_rows,
                 x_smem, p_ptr, s_ptr, z_ptr, q_ptr, t_ptr, u_ptr, w_off, w_rows, w_cols, w_mask,
-                M, N, K, KR, G, DUAL, SYMMETRIC, GROUP, DTYPE, A3, EXP, lo, XS)  # fmt: skip
+                M, N, K, KR, G, DUAL, SYMMETRIC, GROUP, DTYPE, A3, EXP, lo, XS, x_desc, bars,
+                m0, BT, XT)  # fmt: skip
         acc1, a1 = warpgroup_mma_wait(num_outstanding=0, deps=[acc1, a1])
 
         # epilogue: [BN, BT] tiles -> out[m, out_col + n], n fastest (coalesced)
@@ -378,6 +427,18 @@ def layouts(bt: int, num_warps: int) -> dict:
     )  # fmt: skip
 
 
+def permute_x(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (K a multiple of 32) with each 32-k block in the fragments' k-slot order
+    (`_x_slots`, mma_decode.LIGHT_X_PERM), contiguous: what x_tma's TMA copies read."""
+    m, k = x.shape
+    t = x.reshape(m, k // 32, 4, 2, 2, 2).permute(*md.LIGHT_X_PERM)
+    return t.reshape(m, k).contiguous()
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
 def _gl_dtype(dtype: torch.dtype):
     return gl.float16 if dtype == torch.float16 else gl.bfloat16
 
@@ -386,16 +447,24 @@ def light_gemm(x: torch.Tensor, w: QuantizedWeight, out: torch.Tensor, *, out_co
                gate: QuantizedWeight | None = None, up_bias: torch.Tensor | None = None,
                gate_bias: torch.Tensor | None = None, activation: str = "silu", bt: int = 128,
                num_warps: int = 8, split: int = 1, reduce: bool = True,
-               x_resident: bool = False) -> torch.Tensor:  # fmt: skip
+               x_resident: bool = False, x_tma: bool = False) -> torch.Tensor:  # fmt: skip
     """out[:, out_col:out_col + N] = x @ W^T (+ up_bias), or with `gate` kernel A's
     act(x G^T + gate_bias) * (x W^T + up_bias); x [M, K] contiguous rows, out [M, *] rows.
     `split` > 1 (single weight only): fp32 partials summed by torch (prototype); without
     `reduce` the partials [split, M, N] are returned unsummed (timing the kernel alone).
     `x_resident`: the slice's x is staged in shared memory once (decode / mid sizes: no
-    restaging, fence or barrier a step; fails when it does not fit: more slices)."""
+    restaging, fence or barrier a step; fails when it does not fit: more slices).
+    `x_tma` (4 warps: one warpgroup, so a stage is free once its products are waited for): x
+    permuted into the fragments' k-slot order (a copy, part of the call), then read by TMA
+    into a three-stage ring with an mbarrier a stage; no register staging, fence or barrier."""
     m, k = x.shape
     n = w.shape[0]
     dual = gate is not None
+    if x_tma:
+        if num_warps != 4 or tma is None:
+            raise ValueError("x_tma takes num_warps=4 and Triton 3.6's Gluon TMA")
+        x = permute_x(x)
+        triton.set_allocator(_scratch)  # the in-kernel tensor descriptor's global memory
     ws = None
     if split > 1:
         if dual:
@@ -416,6 +485,7 @@ def light_gemm(x: torch.Tensor, w: QuantizedWeight, out: torch.Tensor, *, out_co
         HAS_GATE_BIAS=dual and gate_bias is not None, DTYPE=_gl_dtype(x.dtype), BT=bt,
         **layouts(bt, num_warps), num_warps=num_warps, EXP=EXPERIMENT,
         XS=triton.cdiv(triton.cdiv(k, 64 if dual else 128), split) if x_resident else 0,
+        XT=x_tma,
     )  # fmt: skip
     if ws is not None and not reduce:
         return ws
@@ -428,7 +498,8 @@ def light_gemm(x: torch.Tensor, w: QuantizedWeight, out: torch.Tensor, *, out_co
 
 
 def aot_compile(dual: bool, m: int = 256, dtype: str = "fp16", *, n: int = 13632, k: int = 4096,
-                bt: int = 128, num_warps: int = 8, arch: int = 90, xs: int = 0):  # fmt: skip
+                bt: int = 128, num_warps: int = 8, arch: int = 90, xs: int = 0,
+                xt: bool = False):  # fmt: skip
     """Compile the kernel ahead of time for sm_`arch` (no GPU needed); Triton's CompiledKernel."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -441,7 +512,7 @@ def aot_compile(dual: bool, m: int = 256, dtype: str = "fp16", *, n: int = 13632
     const = dict(DUAL=dual, PARTIAL=False, SYMMETRIC=False, GROUP=128, ACTIVATION="silu",
                  HAS_UP_BIAS=False, HAS_GATE_BIAS=False,
                  DTYPE=gl.float16 if dtype == "fp16" else gl.bfloat16, BT=bt,
-                 **layouts(bt, num_warps), num_warps=num_warps, XS=xs)  # fmt: skip
+                 **layouts(bt, num_warps), num_warps=num_warps, XS=xs, XT=xt)  # fmt: skip
     names = [p.name for p in fn.params]
     signature = {nm: sig.get(nm, "constexpr") for nm in names}
     aligned = [nm for nm in sig if nm.endswith("_ptr")] + ["K", "stride_xm", "stride_om"]
