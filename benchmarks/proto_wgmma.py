@@ -33,6 +33,12 @@ experiments (FFNSPLIT_WGMMA_EXPERIMENT, wrong results): without the per-step res
 TFLOP/s against cuBLAS's 590-690 on the same FLOPs (M = 256 also loses ~19% to a 1.6-wave grid).
 A TMA-fed x (pre-permuted in memory, mbarrier ring, no CTA barrier) would approach the
 experiment's numbers: ~15% under the tl tiers at M = 128-512, still ~0.7x dense at M = 256.
+
+Session 24: `x_tma` is that form (one warpgroup a program, x permuted by a torch copy inside the
+call, a three-stage TMA ring): at M = 256 kernel A's light part 136.6 us and kernel B's 83.4
+(2 slices) against 186.9 / 135.9 staged and the tl tiers' 164.7 / 85.5 with their heavy parts
+(H200, benchmarks/RESULTS.md). `x_resident` (the slice's x staged once, for M = 16-64) was
+slower: at those sizes the words' bytes in flight, not x, set the pace.
 """
 
 from __future__ import annotations
