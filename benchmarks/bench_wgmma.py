@@ -115,27 +115,43 @@ def check(results: list, only_tma: bool = False) -> bool:
     return ok
 
 
+def _t(calls) -> float | str:
+    """Median us of one call from CUDA-graph replays of `calls`, or the error (a config that does
+    not fit: reported, and the run goes on)."""
+    try:
+        return round(graph_time_us(calls), 2)
+    except Exception as exc:
+        return repr(exc)[:200]
+
+
+def _inputs(m: int, hidden: int, heavy: int, light: int, a_cols: int) -> tuple:
+    """x [m, hidden], kernel B's input a [m, heavy + light], outputs [m, a_cols] and [m, hidden]."""
+    x = torch.randn(m, hidden, device="cuda", dtype=torch.float16)
+    a = torch.randn(m, heavy + light, device="cuda", dtype=torch.float16) * 0.1
+    out_a = torch.empty(m, a_cols, device="cuda", dtype=torch.float16)
+    out_b = torch.empty(m, hidden, device="cuda", dtype=torch.float16)
+    return x, a, out_a, out_b
+
+
+def _dense(hidden: int, inter: int) -> tuple[list, list]:
+    """Two copies of dense up+gate [2 inter, hidden] and down [hidden, inter] weights (fp16)."""
+    up = [torch.randn(2 * inter, hidden, device="cuda", dtype=torch.float16) / 64
+          for _ in range(2)]  # fmt: skip
+    down = [torch.randn(hidden, inter, device="cuda", dtype=torch.float16) / 120
+            for _ in range(2)]  # fmt: skip
+    return up, down
+
+
 def timing(ms: list[int], results: list, hidden: int = 4096, inter: int = 14336,
            heavy: int = 720, only_wg: bool = False) -> None:  # fmt: skip
     light = 13632  # the bench's split: 720 heavy fp16 + 13,632 int4 neurons (padded to 32)
     ws = [split_weights(hidden, heavy, light, 4, 128) for _ in range(2)]
-    dense_up = [torch.randn(2 * inter, hidden, device="cuda", dtype=torch.float16) / 64
-                for _ in range(2)]  # fmt: skip
-    dense_down = [torch.randn(hidden, inter, device="cuda", dtype=torch.float16) / 120
-                  for _ in range(2)]  # fmt: skip
+    dense_up, dense_down = _dense(hidden, inter)
+    t = _t
     for m in ms:
-        x = torch.randn(m, hidden, device="cuda", dtype=torch.float16)
-        a = torch.randn(m, heavy + light, device="cuda", dtype=torch.float16) * 0.1
+        x, a, out_a, out_b = _inputs(m, hidden, heavy, light, heavy + light)
         ad = torch.randn(m, inter, device="cuda", dtype=torch.float16) * 0.1
-        out_a = torch.empty(m, heavy + light, device="cuda", dtype=torch.float16)
-        out_b = torch.empty(m, hidden, device="cuda", dtype=torch.float16)
         row = dict(m=m)
-
-        def t(calls):
-            try:
-                return round(graph_time_us(calls), 2)
-            except Exception as exc:
-                return repr(exc)[:200]
 
         def calls(fn, *args):  # one call per weight copy, its arguments bound now
             return [lambda w=w, args=args: fn(w, *args) for w in ws]
@@ -172,28 +188,18 @@ def tma_timing(ms: list[int], results: list, hidden: int = 4096, heavy: int = 72
     register-staged form, the tl tiers and cuBLAS, at prefill sizes."""
     light = 13632
     ws = [split_weights(hidden, heavy, light, 4, 128) for _ in range(2)]
-    dense_up = [torch.randn(2 * 14336, hidden, device="cuda", dtype=torch.float16) / 64
-                for _ in range(2)]  # fmt: skip
-    dense_down = [torch.randn(hidden, 14336, device="cuda", dtype=torch.float16) / 120
-                  for _ in range(2)]  # fmt: skip
+    dense_up, dense_down = _dense(hidden, 14336)
     for m in ms:
         results.append(_tma_row(m, ws, dense_up, dense_down, hidden, heavy, light))
         print(json.dumps(results[-1]), flush=True)
 
 
 def _tma_row(m, ws, dense_up, dense_down, hidden, heavy, light) -> dict:
-    x = torch.randn(m, hidden, device="cuda", dtype=torch.float16)
-    a = torch.randn(m, heavy + light, device="cuda", dtype=torch.float16) * 0.1
+    """One M of tma_timing."""
+    x, a, out_a, out_b = _inputs(m, hidden, heavy, light, heavy + light)
     ad = torch.randn(m, 14336, device="cuda", dtype=torch.float16) * 0.1
-    out_a = torch.empty(m, heavy + light, device="cuda", dtype=torch.float16)
-    out_b = torch.empty(m, hidden, device="cuda", dtype=torch.float16)
     row = dict(m=m)
-
-    def t(calls):
-        try:
-            return round(graph_time_us(calls), 2)
-        except Exception as exc:
-            return repr(exc)[:200]
+    t = _t
 
     row["dense_up_gate_us"] = t([lambda w=w: x @ w.t() for w in dense_up])
     row["dense_down_us"] = t([lambda w=w: ad @ w.t() for w in dense_down])
@@ -241,17 +247,9 @@ def mid_timing(ms: list[int], results: list, hidden: int = 4096, heavy: int = 72
 
 def _mid_row(m: int, ws: list, ups: list, hidden: int, heavy: int, light: int) -> dict:
     """One M of mid_timing."""
-    x = torch.randn(m, hidden, device="cuda", dtype=torch.float16)
-    a = torch.randn(m, heavy + light, device="cuda", dtype=torch.float16) * 0.1
-    out_a = torch.empty(m, 2 * light, device="cuda", dtype=torch.float16)
-    out_b = torch.empty(m, hidden, device="cuda", dtype=torch.float16)
+    x, a, out_a, out_b = _inputs(m, hidden, heavy, light, 2 * light)
     row = dict(m=m)
-
-    def t(calls):
-        try:
-            return round(graph_time_us(calls), 2)
-        except Exception as exc:
-            return repr(exc)[:200]
+    t = _t
 
     row["tier_kernel_a_us"] = t([lambda w=w: sffn.split_activations(x, w) for w in ws])
     row["tier_kernel_b_us"] = t(
