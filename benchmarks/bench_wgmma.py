@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 
 import torch
 
@@ -110,6 +111,39 @@ def check(results: list, only_tma: bool = False) -> bool:
             row = dict(dtype=str(dtype), m=m, n=n, k=k, group=group, symmetric=sym, dual=dual,
                        bt=bt, split=split, x_resident=xres, rel_err=err, bound=bound, untouched=untouched,
                        ok=good)  # fmt: skip
+            results.append(row)
+            print(json.dumps(row), flush=True)
+    if only_tma:
+        ok &= check_kernel_a(results)
+    return ok
+
+
+def check_kernel_a(results: list) -> bool:
+    """proto_wgmma.kernel_a (heavy and light tiles in one launch) against float64 on odd shapes:
+    heavy counts off the 64-neuron tiles, M off the 128-row tiles, K with a partial step."""
+    ok = True
+    for dtype, bound in ((torch.float16, 2e-3), (torch.bfloat16, 1.2e-2)):
+        for m, hidden, heavy, light in ((77, 4160, 77, 1000), (300, 1088, 200, 520),
+                                        (129, 4096, 720, 13632)):  # fmt: skip
+            torch.manual_seed(m + heavy)
+            w = split_weights(hidden, heavy, light, 4, 128)
+            if dtype != torch.float16:
+                w = replace(w, heavy_up=w.heavy_up.to(dtype), heavy_gate=w.heavy_gate.to(dtype),
+                            heavy_down=w.heavy_down.to(dtype))  # fmt: skip
+            x = torch.randn(m, hidden, device="cuda", dtype=dtype)
+            out = torch.full((m, heavy + light), float("nan"), device="cuda", dtype=dtype)
+            try:
+                wg.kernel_a(x, w, out)
+                torch.cuda.synchronize()
+                up = x.double() @ torch.cat([w.heavy_up.double(), dequant(w.light_up)]).t()
+                gate = x.double() @ torch.cat([w.heavy_gate.double(), dequant(w.light_gate)]).t()
+                err = rel_err(out, torch.nn.functional.silu(gate) * up)
+                good = err < bound
+            except Exception as exc:  # report and go on
+                err, good = repr(exc)[:300], False
+            ok &= good
+            row = dict(kernel="kernel_a", dtype=str(dtype), m=m, hidden=hidden, heavy=heavy,
+                       light=light, rel_err=err, bound=bound, ok=good)  # fmt: skip
             results.append(row)
             print(json.dumps(row), flush=True)
     return ok
@@ -210,6 +244,7 @@ def _tma_row(m, ws, dense_up, dense_down, hidden, heavy, light) -> dict:
     row["wg_a_staged_us"] = t([
         lambda w=w: wg.light_gemm(x, w.light_up, out_a, out_col=heavy, gate=w.light_gate)
         for w in ws])  # fmt: skip
+    row["wg_kernel_a_us"] = t([lambda w=w: wg.kernel_a(x, w, out_a) for w in ws])
     row["wg_a_tma_us"] = t([
         lambda w=w: wg.light_gemm(x, w.light_up, out_a, out_col=heavy, gate=w.light_gate,
                                   num_warps=4, x_tma=True) for w in ws])  # fmt: skip

@@ -49,7 +49,7 @@ import torch
 import triton
 
 from ffnsplit.kernels import mma_decode as md
-from ffnsplit.kernels.format import QuantizedWeight
+from ffnsplit.kernels.format import QuantizedWeight, SplitFFNWeights
 
 gluon, gl = md.gluon, md.gl
 try:  # Hopper's warpgroup MMA
@@ -191,11 +191,36 @@ if gluon is not None and warpgroup_mma is not None:
             )
 
     @gluon.jit
+    def _heavy_rows(h_ptr, h_off, h_rows, i, K, n_mask):
+        """Heavy fp16/bf16 rows of step i (64 k): [8 (32-k block b, lane t: 4 b + t), BN, 8]
+        holding k = 64 i + 8 (4 b + t) + c, 16 bytes a lane and row (k past K read as 0)."""
+        k = i * 64 + h_rows
+        return gl.load(h_ptr + h_off + i * 64, mask=n_mask & (k < K), other=0.0)
+
+    @gluon.jit
+    def _heavy_fragments(h, A3: gl.constexpr):
+        """Heavy rows [8, BN, 8] -> the A operand [BN, 64 k-slots] as loaded: slot
+        32 b + 16 i2 + 8 i1 + 2 t + i0 holds k = 32 b + 8 t + 4 i2 + 2 i1 + i0 (the dense rows'
+        order, mma_decode.DENSE_X_PERM: x is permuted the same way), a trivial conversion."""
+        bn: gl.constexpr = h.shape[1]
+        t = gl.reshape(h, [2, 4, bn, 2, 2, 2])  # [b, t, n, i2, i1, i0]
+        t = gl.reshape(gl.permute(t, (2, 0, 3, 4, 1, 5)), [bn, 64])
+        return gl.convert_layout(t, A3, assert_trivial=True)
+
+    @gluon.jit
     def _load_set(i, p_ptr, s_ptr, z_ptr, q_ptr, t_ptr, u_ptr, w_off, w_rows, w_cols, w_mask, N,
                   KR, G, DUAL: gl.constexpr, SYMMETRIC: gl.constexpr,
-                  GROUP: gl.constexpr):  # fmt: skip
-        """Step i's words and scales of its two half products: (words, scale, zero) twice."""
-        if DUAL:
+                  GROUP: gl.constexpr, HV: gl.constexpr = False, K=0):  # fmt: skip
+        """Step i's words and scales of its two half products: (words, scale, zero) twice. HV:
+        heavy rows of up (p) and gate (q), no scales (w_rows: their k offsets, w_mask: rows)."""
+        if HV:
+            h0 = _heavy_rows(p_ptr, w_off, w_rows, i, K, w_mask)
+            h1 = _heavy_rows(q_ptr, w_off, w_rows, i, K, w_mask)
+            s0 = w_mask
+            z0 = w_mask
+            s1 = w_mask
+            z1 = w_mask
+        elif DUAL:
             h0 = _words(p_ptr, w_off, w_rows, i * 8, KR, N, w_mask)
             h1 = _words(q_ptr, w_off, w_rows, i * 8, KR, N, w_mask)
             s0, z0 = _scales(s_ptr, z_ptr, i * 64, N, G, w_cols, w_mask, SYMMETRIC, GROUP)
@@ -230,7 +255,7 @@ if gluon is not None and warpgroup_mma is not None:
               KR, G, DUAL: gl.constexpr, SYMMETRIC: gl.constexpr, GROUP: gl.constexpr,
               DTYPE: gl.constexpr, A3: gl.constexpr, EXP: gl.constexpr, lo=0,
               XS: gl.constexpr = 0, x_desc=0, bars=0, m0=0, BT: gl.constexpr = 0,
-              XT: gl.constexpr = False):  # fmt: skip
+              XT: gl.constexpr = False, HV: gl.constexpr = False):  # fmt: skip
         """Step i: half 0's A operand is built while the previous step's half 1 runs, half 1's
         while half 0 runs; then the register set is reloaded for step i + 2 and step i + 1's x
         goes into the buffers step i - 2 read (both warpgroups waited for step i - 1's half 0,
@@ -266,18 +291,24 @@ if gluon is not None and warpgroup_mma is not None:
             b_hi = x_smem.index((i % 3) * 2 + 1).permute((1, 0))
             xa = _x_tile(x_ptr, x_off, x_rows, nxt * 128, K, M)
             xb = _x_tile(x_ptr, x_off, x_rows, nxt * 128 + 64, K, M)
-        ps0, pb0 = _prep(s0, z0, SYMMETRIC, DTYPE)
-        ps1, pb1 = _prep(s1, z1, SYMMETRIC, DTYPE)
-        a0 = _fragments(h0, ps0, pb0, DTYPE, A3)
+        if HV:
+            a0 = _heavy_fragments(h0, A3)
+        else:
+            ps0, pb0 = _prep(s0, z0, SYMMETRIC, DTYPE)
+            ps1, pb1 = _prep(s1, z1, SYMMETRIC, DTYPE)
+            a0 = _fragments(h0, ps0, pb0, DTYPE, A3)
         acc0 = warpgroup_mma(a0, b_lo, acc0, is_async=True)
         acc1, a1 = warpgroup_mma_wait(num_outstanding=1, deps=[acc1, a1])
         if XT:  # step i - 1's products are complete: its stage takes step i + 2's x
             _tma_x(x_desc, bars, x_smem, i + 2, lo, last, m0, DUAL, BT)
-        a1 = _fragments(h1, ps1, pb1, DTYPE, A3)
+        if HV:  # noqa: SIM108 (a compile-time branch)
+            a1 = _heavy_fragments(h1, A3)
+        else:
+            a1 = _fragments(h1, ps1, pb1, DTYPE, A3)
         acc1 = warpgroup_mma(a1, b_hi, acc1, is_async=True)
         h0, h1, s0, z0, s1, z1 = _load_set(
             gl.minimum(i + 2, last), p_ptr, s_ptr, z_ptr, q_ptr, t_ptr, u_ptr, w_off, w_rows,
-            w_cols, w_mask, N, KR, G, DUAL, SYMMETRIC, GROUP)  # fmt: skip
+            w_cols, w_mask, N, KR, G, DUAL, SYMMETRIC, GROUP, HV, K)  # fmt: skip
         acc0, a0 = warpgroup_mma_wait(num_outstanding=1, deps=[acc0, a0])
         if XS == 0 and not XT:
             if EXP != 1 and EXP != 3:  # noqa: SIM102 (compile-time, then run-time)
@@ -305,12 +336,54 @@ if gluon is not None and warpgroup_mma is not None:
         program_id(2) of num_programs(2). Weight (p, s, z) [N, K]; DUAL: gate (q, t, u) too,
         out[:, out_col + n] = act(gate + gb) * (up + ub); else out[:, out_col + n] = x W^T, or
         with PARTIAL fp32 partials ws[slice, m, n] at out_ptr (stride_om = N)."""
+        _tile(x_ptr, p_ptr, s_ptr, z_ptr, q_ptr, t_ptr, u_ptr, out_ptr, ub_ptr, gb_ptr, M, N, K,
+              stride_xm, stride_om, out_col, gl.program_id(0) * 16 * num_warps, 0, DUAL,
+              PARTIAL, SYMMETRIC, GROUP, ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS, DTYPE, BT, V3,
+              W_L, X_L, O_L, num_warps, EXP, XS, XT, False, W_L)  # fmt: skip
+
+    @gluon.jit
+    def _w4_up_kernel(xl_ptr, xd_ptr, hu_ptr, hg_ptr, p_ptr, s_ptr, z_ptr, q_ptr, t_ptr, u_ptr,
+                      out_ptr, ub_ptr, gb_ptr, M, NH, NL, K, stride_xm, stride_h, stride_om,
+                      SYMMETRIC: gl.constexpr, GROUP: gl.constexpr, ACTIVATION: gl.constexpr,
+                      HAS_UP_BIAS: gl.constexpr, HAS_GATE_BIAS: gl.constexpr,
+                      DTYPE: gl.constexpr, BT: gl.constexpr, V3: gl.constexpr,
+                      W_L: gl.constexpr, X_L: gl.constexpr, O_L: gl.constexpr,
+                      H_L: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+        """Kernel A whole, x by TMA: out[:, :NH] from the heavy fp16/bf16 rows (hu, hg [NH, K],
+        row stride stride_h; x permuted in the dense rows' order, xd), out[:, NH:] from the light
+        int4 words (x in the light order, xl): act(gate + gb) * (up + ub). Heavy tiles are the
+        first programs along axis 0; [BN = 16 num_warps neurons, BT rows] a program."""
+        BN: gl.constexpr = 16 * num_warps
+        heavy_tiles = gl.cdiv(NH, BN)
+        pid = gl.program_id(0)
+        if pid < heavy_tiles:
+            _tile(xd_ptr, hu_ptr, s_ptr, z_ptr, hg_ptr, t_ptr, u_ptr, out_ptr, ub_ptr, gb_ptr, M,
+                  NH, K, stride_xm, stride_om, 0, pid * BN, stride_h, True, False, SYMMETRIC,
+                  GROUP, ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS, DTYPE, BT, V3, W_L, X_L, O_L,
+                  num_warps, 0, 0, True, True, H_L)  # fmt: skip
+        else:
+            _tile(xl_ptr, p_ptr, s_ptr, z_ptr, q_ptr, t_ptr, u_ptr, out_ptr, ub_ptr + NH,
+                  gb_ptr + NH, M, NL, K, stride_xm, stride_om, NH, (pid - heavy_tiles) * BN, 0,
+                  True, False, SYMMETRIC, GROUP, ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS, DTYPE,
+                  BT, V3, W_L, X_L, O_L, num_warps, 0, 0, True, False, H_L)  # fmt: skip
+
+    @gluon.jit
+    def _tile(x_ptr, p_ptr, s_ptr, z_ptr, q_ptr, t_ptr, u_ptr, out_ptr, ub_ptr, gb_ptr, M, N, K,
+              stride_xm, stride_om, out_col, n0, stride_h, DUAL: gl.constexpr,
+              PARTIAL: gl.constexpr, SYMMETRIC: gl.constexpr, GROUP: gl.constexpr,
+              ACTIVATION: gl.constexpr, HAS_UP_BIAS: gl.constexpr, HAS_GATE_BIAS: gl.constexpr,
+              DTYPE: gl.constexpr, BT: gl.constexpr, V3: gl.constexpr, W_L: gl.constexpr,
+              X_L: gl.constexpr, O_L: gl.constexpr, num_warps: gl.constexpr,
+              EXP: gl.constexpr, XS: gl.constexpr, XT: gl.constexpr, HV: gl.constexpr,
+              H_L: gl.constexpr):  # fmt: skip
+        """The kernels' tile: columns n0 .. n0 + BN of the weight(s) (HV: heavy rows p / q with
+        row stride stride_h and x in the dense rows' order), rows program_id(1) * BT, K-slice
+        program_id(2)."""
         BN: gl.constexpr = 16 * num_warps
         A3: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=V3, k_width=2)
         XSL: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16,
                                                  rank=2)  # fmt: skip
 
-        n0 = gl.program_id(0) * BN
         m0 = gl.program_id(1) * BT
         # steps: DUAL 64 k (up and gate), else 128 k (two 64-k halves)
         KS: gl.constexpr = 64 if DUAL else 128
@@ -321,10 +394,20 @@ if gluon is not None and warpgroup_mma is not None:
         KR = K // 8
         G = gl.cdiv(K, GROUP)
 
-        w_rows = gl.arange(0, 8, layout=gl.SliceLayout(1, W_L))
-        w_cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, W_L))
-        w_mask = w_cols < N
-        w_off = w_rows[:, None] * N + w_cols[None, :]
+        if HV:  # heavy rows [8 (4 b + t), BN, 8 (c)]: k offsets 8 (4 b + t) + c, their rows
+            hr = gl.arange(0, 8, layout=gl.SliceLayout(1, gl.SliceLayout(2, H_L)))
+            hn = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, gl.SliceLayout(2, H_L)))
+            hc = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, H_L)))
+            w_rows = (hr * 8)[:, None][:, :, None] + hc[None, :][:, None, :]
+            n3 = hn[None, :][:, :, None]
+            w_mask = n3 < N
+            w_off = n3 * stride_h + w_rows
+            w_cols = hn
+        else:
+            w_rows = gl.arange(0, 8, layout=gl.SliceLayout(1, W_L))
+            w_cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, W_L))
+            w_mask = w_cols < N
+            w_off = w_rows[:, None] * N + w_cols[None, :]
         x_rows = m0 + gl.arange(0, BT, layout=gl.SliceLayout(1, X_L))
         x_off = (
             x_rows[:, None] * stride_xm + gl.arange(0, 64, layout=gl.SliceLayout(0, X_L))[None, :]
@@ -362,10 +445,10 @@ if gluon is not None and warpgroup_mma is not None:
         # step read it: no register copies wait for loads in flight)
         hA0, hA1, sA0, zA0, sA1, zA1 = _load_set(
             lo, p_ptr, s_ptr, z_ptr, q_ptr, t_ptr, u_ptr, w_off, w_rows, w_cols, w_mask, N, KR,
-            G, DUAL, SYMMETRIC, GROUP)  # fmt: skip
+            G, DUAL, SYMMETRIC, GROUP, HV, K)  # fmt: skip
         hB0, hB1, sB0, zB0, sB1, zB1 = _load_set(
             gl.minimum(lo + 1, last), p_ptr, s_ptr, z_ptr, q_ptr, t_ptr, u_ptr, w_off, w_rows,
-            w_cols, w_mask, N, KR, G, DUAL, SYMMETRIC, GROUP)  # fmt: skip
+            w_cols, w_mask, N, KR, G, DUAL, SYMMETRIC, GROUP, HV, K)  # fmt: skip
         fence_async_shared()
         md._barrier()
 
@@ -377,18 +460,18 @@ if gluon is not None and warpgroup_mma is not None:
                 i, last, acc0, acc1, a1, hA0, hA1, sA0, zA0, sA1, zA1, x_ptr, x_off, x_rows,
                 x_smem, p_ptr, s_ptr, z_ptr, q_ptr, t_ptr, u_ptr, w_off, w_rows, w_cols, w_mask,
                 M, N, K, KR, G, DUAL, SYMMETRIC, GROUP, DTYPE, A3, EXP, lo, XS, x_desc, bars,
-                m0, BT, XT)  # fmt: skip
+                m0, BT, XT, HV)  # fmt: skip
             acc0, acc1, a1, hB0, hB1, sB0, zB0, sB1, zB1 = _step(
                 i + 1, last, acc0, acc1, a1, hB0, hB1, sB0, zB0, sB1, zB1, x_ptr, x_off, x_rows,
                 x_smem, p_ptr, s_ptr, z_ptr, q_ptr, t_ptr, u_ptr, w_off, w_rows, w_cols, w_mask,
                 M, N, K, KR, G, DUAL, SYMMETRIC, GROUP, DTYPE, A3, EXP, lo, XS, x_desc, bars,
-                m0, BT, XT)  # fmt: skip
+                m0, BT, XT, HV)  # fmt: skip
         if (hi - lo) % 2 == 1:
             acc0, acc1, a1, hA0, hA1, sA0, zA0, sA1, zA1 = _step(
                 last, last, acc0, acc1, a1, hA0, hA1, sA0, zA0, sA1, zA1, x_ptr, x_off, x_rows,
                 x_smem, p_ptr, s_ptr, z_ptr, q_ptr, t_ptr, u_ptr, w_off, w_rows, w_cols, w_mask,
                 M, N, K, KR, G, DUAL, SYMMETRIC, GROUP, DTYPE, A3, EXP, lo, XS, x_desc, bars,
-                m0, BT, XT)  # fmt: skip
+                m0, BT, XT, HV)  # fmt: skip
         acc1, a1 = warpgroup_mma_wait(num_outstanding=0, deps=[acc1, a1])
 
         # epilogue: [BN, BT] tiles -> out[m, out_col + n], n fastest (coalesced)
@@ -433,12 +516,51 @@ def layouts(bt: int, num_warps: int) -> dict:
     )  # fmt: skip
 
 
-def permute_x(x: torch.Tensor) -> torch.Tensor:
+def permute_x(x: torch.Tensor, dense: bool = False) -> torch.Tensor:
     """x [M, K] (K a multiple of 32) with each 32-k block in the fragments' k-slot order
-    (`_x_slots`, mma_decode.LIGHT_X_PERM), contiguous: what x_tma's TMA copies read."""
+    (`_x_slots`, mma_decode.LIGHT_X_PERM; `dense`: the heavy rows' order, DENSE_X_PERM),
+    contiguous: what the TMA copies of x read."""
     m, k = x.shape
-    t = x.reshape(m, k // 32, 4, 2, 2, 2).permute(*md.LIGHT_X_PERM)
-    return t.reshape(m, k).contiguous()
+    perm = md.DENSE_X_PERM if dense else md.LIGHT_X_PERM
+    return x.reshape(m, k // 32, 4, 2, 2, 2).permute(*perm).reshape(m, k).contiguous()
+
+
+def kernel_a(x: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor, bt: int = 128) -> torch.Tensor:
+    """The whole kernel A in one launch (`_w4_up_kernel`): a [M, h + l] = act(x G^T + gb) *
+    (x U^T + ub) over the heavy fp16/bf16 rows and the light int4 words, x [M, K] contiguous
+    rows, both parts by TMA-fed wgmma (x permuted twice by torch inside the call). Gated
+    FFNs with both parts, light weights of one format (prototype)."""
+    m, k = x.shape
+    nh, nl = w.n_heavy, w.n_light
+    if not (w.gated and nh and nl) or tma is None:
+        raise ValueError("kernel_a takes a gated FFN with heavy and light neurons (Triton 3.6 TMA)")
+    xl, xd = permute_x(x), permute_x(x, dense=True)
+    triton.set_allocator(_scratch)
+    up, gate = w.light_up, w.light_gate
+    hu, hg = w.heavy_up.contiguous(), w.heavy_gate.contiguous()
+    grid = (triton.cdiv(nh, 64) + triton.cdiv(nl, 64), triton.cdiv(m, bt))
+    _w4_up_kernel[grid](
+        xl, xd, hu, hg, up.planes[0], up.scales, up.zeros if up.zeros is not None else up.scales,
+        gate.planes[0], gate.scales, gate.zeros if gate.zeros is not None else gate.scales, a,
+        w.up_bias if w.up_bias is not None else a, w.gate_bias if w.gate_bias is not None else a,
+        m, nh, nl, k, xl.stride(0), hu.stride(0), a.stride(0), SYMMETRIC=up.symmetric,
+        GROUP=up.group_size, ACTIVATION=w.activation, HAS_UP_BIAS=w.up_bias is not None,
+        HAS_GATE_BIAS=w.gate_bias is not None, DTYPE=_gl_dtype(x.dtype), BT=bt,
+        **layouts(bt, 4), H_L=heavy_layout(4), num_warps=4,
+    )  # fmt: skip
+    return a
+
+
+def heavy_layout(num_warps: int):
+    """Heavy rows [8 (4 b + t), 16 num_warps, 8 (c)]: lane 4 g + t holds k = 8 (4 b + t) .. + 7
+    (16 bytes) of rows g and g + 8 of its warp's 16, both 32-k blocks of a step."""
+    log_w = num_warps.bit_length() - 1
+    return gl.DistributedLinearLayout(
+        reg_bases=[[0, 0, 1], [0, 0, 2], [0, 0, 4], [0, 8, 0], [4, 0, 0]],
+        lane_bases=[[1, 0, 0], [2, 0, 0], [0, 1, 0], [0, 2, 0], [0, 4, 0]],
+        warp_bases=[[0, 16 << i, 0] for i in range(log_w)], block_bases=[],
+        shape=[8, 16 * num_warps, 8],
+    )  # fmt: skip
 
 
 def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
@@ -501,6 +623,32 @@ def light_gemm(x: torch.Tensor, w: QuantizedWeight, out: torch.Tensor, *, out_co
             res += up_bias.float()
         out[:, out_col : out_col + n] = res.to(out.dtype)
     return out
+
+
+def aot_compile_up(dtype: str = "fp16", *, bt: int = 128, arch: int = 90):
+    """`_w4_up_kernel` (the whole kernel A, x by TMA) compiled ahead of time for sm_`arch`."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    fn = _w4_up_kernel
+    t = "*" + dtype
+    sig = dict(xl_ptr=t, xd_ptr=t, hu_ptr=t, hg_ptr=t, p_ptr="*i32", s_ptr=t, z_ptr=t,
+               q_ptr="*i32", t_ptr=t, u_ptr=t, out_ptr=t, ub_ptr=t, gb_ptr=t, M="i32",
+               NH="i32", NL="i32", K="i32", stride_xm="i32", stride_h="i32",
+               stride_om="i32")  # fmt: skip
+    const = dict(SYMMETRIC=False, GROUP=128, ACTIVATION="silu", HAS_UP_BIAS=False,
+                 HAS_GATE_BIAS=False, DTYPE=gl.float16 if dtype == "fp16" else gl.bfloat16,
+                 BT=bt, **layouts(bt, 4), H_L=heavy_layout(4), num_warps=4)  # fmt: skip
+    names = [p.name for p in fn.params]
+    signature = {nm: sig.get(nm, "constexpr") for nm in names}
+    aligned = [nm for nm in sig if nm.endswith("_ptr")] + ["K", "stride_xm", "stride_h",
+                                                           "stride_om", "NH", "NL"]  # fmt: skip
+    attrs = {(names.index(nm),): [["tt.divisibility", 16]] for nm in aligned}
+    return triton.compile(
+        GluonASTSource(fn, signature, const, attrs),
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": 4},
+    )
 
 
 def aot_compile(dual: bool, m: int = 256, dtype: str = "fp16", *, n: int = 13632, k: int = 4096,
