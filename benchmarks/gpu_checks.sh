@@ -376,7 +376,7 @@ ptr23)  # session 23 (ran on branch s23-ptrs, dropped; out/base = dd561ea): kern
         tests/test_decode_ops.py tests/test_generate.py
     ab_mma_runs
     ;;
-wga25)  # prepared in session 24 (not run): proto_wgmma.kernel_a, the whole kernel A (heavy fp16
+wga25)  # session 24 (ran at M = 256 only): proto_wgmma.kernel_a, the whole kernel A (heavy fp16
     # rows and light int4 words, x by TMA) in one launch: its checks and the x_tma ones, then
     # M = 128, 256, 512 against the tl tiers and the light-only kernels (~3 min)
     run 400 wga25 python3 benchmarks/bench_wgmma.py --tma 128,256,512 --out "$OUT/wga25.json"
