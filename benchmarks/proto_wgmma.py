@@ -261,7 +261,9 @@ if gluon is not None and warpgroup_mma is not None:
         """Step i: half 0's A operand is built while the previous step's half 1 runs, half 1's
         while half 0 runs; then the register set is reloaded for step i + 2 and step i + 1's x
         goes into the buffers step i - 2 read (both warpgroups waited for step i - 1's half 0,
-        and so for everything of step i - 2, before the last barrier)."""
+        and so for everything of step i - 2, before the last barrier). XT: the step waits for its
+        TMA stage and, once step i - 1's products are done, refills that stage for step i + 2;
+        XS: x is already resident; HV: the A operands are heavy rows as loaded."""
         nxt = gl.minimum(i + 1, last)  # clamped: the last steps load their own data again
         if XT:  # x by TMA: wait for this step's stage
             st = (i - lo) % 3
@@ -414,8 +416,9 @@ if gluon is not None and warpgroup_mma is not None:
         x_off = (
             x_rows[:, None] * stride_xm + gl.arange(0, 64, layout=gl.SliceLayout(0, X_L))[None, :]
         )
-        # XS > 0: x of the whole slice (at most XS steps) stays in shared memory, staged once
-        # (no store, fence or barrier in the loop: decode / mid sizes); else three step buffers
+        # x in shared memory, three ways: XT, a three-stage ring filled by TMA from x permuted
+        # in memory; XS > 0, the whole slice (at most XS steps) staged once (no store, fence or
+        # barrier in the loop); else three step buffers restaged through registers each step
         x_desc = 0
         bars = 0
         if XT:  # x (pre-permuted) by TMA into a three-stage ring, one mbarrier a stage
