@@ -118,34 +118,39 @@ def check(results: list, only_tma: bool = False) -> bool:
     return ok
 
 
-def check_kernel_a(results: list) -> bool:
+def check_kernel_a(results: list, variants=((4, 128),)) -> bool:
     """proto_wgmma.kernel_a (heavy and light tiles in one launch) against float64 on odd shapes:
-    heavy counts off the 64-neuron tiles, M off the 128-row tiles, K with a partial step."""
+    heavy counts off the 64-neuron tiles, M off the 128-row tiles, K with a partial step; each
+    (num_warps, bt) of `variants`."""
     ok = True
-    for dtype, bound in ((torch.float16, 2e-3), (torch.bfloat16, 1.2e-2)):
-        for m, hidden, heavy, light in ((77, 4160, 77, 1024), (300, 1088, 200, 544),
-                                        (129, 4096, 720, 13632)):  # fmt: skip
-            torch.manual_seed(m + heavy)
-            w = split_weights(hidden, heavy, light, 4, 128)
-            if dtype != torch.float16:
-                w = replace(w, heavy_up=w.heavy_up.to(dtype), heavy_gate=w.heavy_gate.to(dtype),
-                            heavy_down=w.heavy_down.to(dtype))  # fmt: skip
-            x = torch.randn(m, hidden, device="cuda", dtype=dtype)
-            out = torch.full((m, heavy + light), float("nan"), device="cuda", dtype=dtype)
-            try:
-                wg.kernel_a(x, w, out)
-                torch.cuda.synchronize()
-                up = x.double() @ torch.cat([w.heavy_up.double(), dequant(w.light_up)]).t()
-                gate = x.double() @ torch.cat([w.heavy_gate.double(), dequant(w.light_gate)]).t()
-                err = rel_err(out, torch.nn.functional.silu(gate) * up)
-                good = err < bound
-            except Exception as exc:  # report and go on
-                err, good = repr(exc)[:300], False
-            ok &= good
-            row = dict(kernel="kernel_a", dtype=str(dtype), m=m, hidden=hidden, heavy=heavy,
-                       light=light, rel_err=err, bound=bound, ok=good)  # fmt: skip
-            results.append(row)
-            print(json.dumps(row), flush=True)
+    cases = [(dtype, bound, m, hidden, heavy, light, nw, bt)
+             for dtype, bound in ((torch.float16, 2e-3), (torch.bfloat16, 1.2e-2))
+             for m, hidden, heavy, light in ((77, 4160, 77, 1024), (300, 1088, 200, 544),
+                                             (129, 4096, 720, 13632))
+             for nw, bt in variants]  # fmt: skip
+    for dtype, bound, m, hidden, heavy, light, nw, bt in cases:
+        torch.manual_seed(m + heavy)
+        w = split_weights(hidden, heavy, light, 4, 128)
+        if dtype != torch.float16:
+            w = replace(w, heavy_up=w.heavy_up.to(dtype), heavy_gate=w.heavy_gate.to(dtype),
+                        heavy_down=w.heavy_down.to(dtype))  # fmt: skip
+        x = torch.randn(m, hidden, device="cuda", dtype=dtype)
+        out = torch.full((m, heavy + light), float("nan"), device="cuda", dtype=dtype)
+        try:
+            wg.kernel_a(x, w, out, bt=bt, num_warps=nw)
+            torch.cuda.synchronize()
+            up = x.double() @ torch.cat([w.heavy_up.double(), dequant(w.light_up)]).t()
+            gate = x.double() @ torch.cat([w.heavy_gate.double(), dequant(w.light_gate)]).t()
+            err = rel_err(out, torch.nn.functional.silu(gate) * up)
+            good = err < bound
+        except Exception as exc:  # report and go on
+            err, good = repr(exc)[:300], False
+        ok &= good
+        row = dict(kernel="kernel_a", dtype=str(dtype), m=m, hidden=hidden, heavy=heavy,
+                   light=light, num_warps=nw, bt=bt, rel_err=err, bound=bound,
+                   ok=good)  # fmt: skip
+        results.append(row)
+        print(json.dumps(row), flush=True)
     return ok
 
 
@@ -259,6 +264,33 @@ def _tma_row(m, ws, dense_up, dense_down, hidden, heavy, light) -> dict:
     return row
 
 
+KA_VARIANTS = ((4, 128), (8, 128), (4, 64), (8, 64))
+
+
+def ka_timing(ms: list[int], results: list, hidden: int = 4096, heavy: int = 720) -> None:
+    """proto_wgmma.kernel_a per (num_warps, bt) of KA_VARIANTS against the tl kernel A and
+    cuBLAS's dense up+gate, at prefill sizes."""
+    light = 13632
+    ws = [split_weights(hidden, heavy, light, 4, 128) for _ in range(2)]
+    dense_up, _ = _dense(hidden, 14336)
+    for m in ms:
+        results.append(_ka_row(m, ws, dense_up, hidden, heavy, light))
+        print(json.dumps(results[-1]), flush=True)
+
+
+def _ka_row(m, ws, dense_up, hidden, heavy, light) -> dict:
+    """One M of ka_timing."""
+    x, _, out_a, _ = _inputs(m, hidden, heavy, light, heavy + light)
+    row = dict(m=m)
+    row["dense_up_gate_us"] = _t([lambda w=w: x @ w.t() for w in dense_up])
+    row["tl_kernel_a_us"] = _t([lambda w=w: sffn.split_activations(x, w) for w in ws])
+    for nw, bt in KA_VARIANTS:
+        row[f"wg_kernel_a_nw{nw}_bt{bt}_us"] = _t(
+            [lambda w=w, nw=nw, bt=bt: wg.kernel_a(x, w, out_a, bt=bt, num_warps=nw)
+             for w in ws])  # fmt: skip
+    return row
+
+
 def stacked(a: QuantizedWeight, b: QuantizedWeight) -> QuantizedWeight:
     """up and gate as one weight [2N, K] (the same bytes as kernel A's light part, timed as one
     single-weight product: no activation)."""
@@ -330,14 +362,24 @@ def main() -> int:
     )
     parser.add_argument("--tma", default=None,
                         help="x by TMA: its checks only, then these M (tma_timing), e.g. 256")  # fmt: skip
+    parser.add_argument(
+        "--ka",
+        default=None,
+        help="kernel_a per (num_warps, bt): its checks, then these M, e.g. 256",
+    )
     args = parser.parse_args()
     if not wg.available(torch.device("cuda")):
         print(f"wgmma path unavailable here: {wg._IMPORT_ERROR}", file=sys.stderr)
         return 2
     checks, times = [], []
-    ok = True if args.no_check else check(checks, only_tma=args.tma is not None)
+    if args.ka:
+        ok = True if args.no_check else check_kernel_a(checks, KA_VARIANTS)
+    else:
+        ok = True if args.no_check else check(checks, only_tma=args.tma is not None)
     print("checks:", "ok" if ok else "FAILED", flush=True)
-    if args.tma:
+    if args.ka:
+        ka_timing([int(v) for v in args.ka.split(",")], times)
+    elif args.tma:
         tma_timing([int(v) for v in args.tma.split(",")], times)
     elif args.mid:
         mid_timing([int(v) for v in args.mid.split(",")], times)

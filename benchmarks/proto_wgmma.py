@@ -257,7 +257,8 @@ if gluon is not None and warpgroup_mma is not None:
               KR, G, DUAL: gl.constexpr, SYMMETRIC: gl.constexpr, GROUP: gl.constexpr,
               DTYPE: gl.constexpr, A3: gl.constexpr, EXP: gl.constexpr, lo=0,
               XS: gl.constexpr = 0, x_desc=0, bars=0, m0=0, BT: gl.constexpr = 0,
-              XT: gl.constexpr = False, HV: gl.constexpr = False):  # fmt: skip
+              XT: gl.constexpr = False, HV: gl.constexpr = False,
+              NW: gl.constexpr = 4):  # fmt: skip
         """Step i: half 0's A operand is built while the previous step's half 1 runs, half 1's
         while half 0 runs; then the register set is reloaded for step i + 2 and step i + 1's x
         goes into the buffers step i - 2 read (both warpgroups waited for step i - 1's half 0,
@@ -304,6 +305,8 @@ if gluon is not None and warpgroup_mma is not None:
         acc0 = warpgroup_mma(a0, b_lo, acc0, is_async=True)
         acc1, a1 = warpgroup_mma_wait(num_outstanding=1, deps=[acc1, a1])
         if XT:  # step i - 1's products are complete: its stage takes step i + 2's x
+            if NW > 4:  # two warpgroups read each stage: both must be past their wait
+                md._barrier()
             _tma_x(x_desc, bars, x_smem, i + 2, lo, last, m0, DUAL, BT)
         if HV:  # noqa: SIM108 (a compile-time branch)
             a1 = _heavy_fragments(h1, A3)
@@ -465,18 +468,18 @@ if gluon is not None and warpgroup_mma is not None:
                 i, last, acc0, acc1, a1, hA0, hA1, sA0, zA0, sA1, zA1, x_ptr, x_off, x_rows,
                 x_smem, p_ptr, s_ptr, z_ptr, q_ptr, t_ptr, u_ptr, w_off, w_rows, w_cols, w_mask,
                 M, N, K, KR, G, DUAL, SYMMETRIC, GROUP, DTYPE, A3, EXP, lo, XS, x_desc, bars,
-                m0, BT, XT, HV)  # fmt: skip
+                m0, BT, XT, HV, num_warps)  # fmt: skip
             acc0, acc1, a1, hB0, hB1, sB0, zB0, sB1, zB1 = _step(
                 i + 1, last, acc0, acc1, a1, hB0, hB1, sB0, zB0, sB1, zB1, x_ptr, x_off, x_rows,
                 x_smem, p_ptr, s_ptr, z_ptr, q_ptr, t_ptr, u_ptr, w_off, w_rows, w_cols, w_mask,
                 M, N, K, KR, G, DUAL, SYMMETRIC, GROUP, DTYPE, A3, EXP, lo, XS, x_desc, bars,
-                m0, BT, XT, HV)  # fmt: skip
+                m0, BT, XT, HV, num_warps)  # fmt: skip
         if (hi - lo) % 2 == 1:
             acc0, acc1, a1, hA0, hA1, sA0, zA0, sA1, zA1 = _step(
                 last, last, acc0, acc1, a1, hA0, hA1, sA0, zA0, sA1, zA1, x_ptr, x_off, x_rows,
                 x_smem, p_ptr, s_ptr, z_ptr, q_ptr, t_ptr, u_ptr, w_off, w_rows, w_cols, w_mask,
                 M, N, K, KR, G, DUAL, SYMMETRIC, GROUP, DTYPE, A3, EXP, lo, XS, x_desc, bars,
-                m0, BT, XT, HV)  # fmt: skip
+                m0, BT, XT, HV, num_warps)  # fmt: skip
         acc1, a1 = warpgroup_mma_wait(num_outstanding=0, deps=[acc1, a1])
 
         # epilogue: [BN, BT] tiles -> out[m, out_col + n], n fastest (coalesced)
@@ -530,7 +533,9 @@ def permute_x(x: torch.Tensor, dense: bool = False) -> torch.Tensor:
     return x.reshape(m, k // 32, 4, 2, 2, 2).permute(*perm).reshape(m, k).contiguous()
 
 
-def kernel_a(x: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor, bt: int = 128) -> torch.Tensor:
+def kernel_a(
+    x: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor, bt: int = 128, num_warps: int = 4
+) -> torch.Tensor:
     """The whole kernel A in one launch (`_w4_up_kernel`): a [M, h + l] = act(x G^T + gb) *
     (x U^T + ub) over the heavy fp16/bf16 rows and the light int4 words, x [M, K] contiguous
     rows, both parts by TMA-fed wgmma (x permuted twice by torch inside the call). Gated
@@ -543,7 +548,8 @@ def kernel_a(x: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor, bt: int = 128
     triton.set_allocator(_scratch)
     up, gate = w.light_up, w.light_gate
     hu, hg = w.heavy_up.contiguous(), w.heavy_gate.contiguous()
-    grid = (triton.cdiv(nh, 64) + triton.cdiv(nl, 64), triton.cdiv(m, bt))
+    bn = 16 * num_warps  # one or two warpgroups of 64 neurons sharing each x stage
+    grid = (triton.cdiv(nh, bn) + triton.cdiv(nl, bn), triton.cdiv(m, bt))
     _w4_up_kernel[grid](
         xl, xd, hu, hg, up.planes[0], up.scales, up.zeros if up.zeros is not None else up.scales,
         gate.planes[0], gate.scales, gate.zeros if gate.zeros is not None else gate.scales, a,
@@ -551,7 +557,7 @@ def kernel_a(x: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor, bt: int = 128
         m, nh, nl, k, xl.stride(0), hu.stride(0), a.stride(0), SYMMETRIC=up.symmetric,
         GROUP=up.group_size, ACTIVATION=w.activation, HAS_UP_BIAS=w.up_bias is not None,
         HAS_GATE_BIAS=w.gate_bias is not None, DTYPE=_gl_dtype(x.dtype), BT=bt,
-        **layouts(bt, 4), H_L=heavy_layout(4), num_warps=4,
+        **layouts(bt, num_warps), H_L=heavy_layout(num_warps), num_warps=num_warps,
     )  # fmt: skip
     return a
 
@@ -594,8 +600,8 @@ def light_gemm(x: torch.Tensor, w: QuantizedWeight, out: torch.Tensor, *, out_co
     n = w.shape[0]
     dual = gate is not None
     if x_tma:
-        if num_warps != 4 or tma is None:
-            raise ValueError("x_tma takes num_warps=4 and Triton 3.6's Gluon TMA")
+        if num_warps not in (4, 8) or tma is None:
+            raise ValueError("x_tma takes num_warps 4 or 8 and Triton 3.6's Gluon TMA")
         x = permute_x(x)
         triton.set_allocator(_scratch)  # the in-kernel tensor descriptor's global memory
     ws = None
@@ -630,7 +636,7 @@ def light_gemm(x: torch.Tensor, w: QuantizedWeight, out: torch.Tensor, *, out_co
     return out
 
 
-def aot_compile_up(dtype: str = "fp16", *, bt: int = 128, arch: int = 90):
+def aot_compile_up(dtype: str = "fp16", *, bt: int = 128, arch: int = 90, num_warps: int = 4):
     """`_w4_up_kernel` (the whole kernel A, x by TMA) compiled ahead of time for sm_`arch`."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -643,7 +649,8 @@ def aot_compile_up(dtype: str = "fp16", *, bt: int = 128, arch: int = 90):
                stride_om="i32")  # fmt: skip
     const = dict(SYMMETRIC=False, GROUP=128, ACTIVATION="silu", HAS_UP_BIAS=False,
                  HAS_GATE_BIAS=False, DTYPE=gl.float16 if dtype == "fp16" else gl.bfloat16,
-                 BT=bt, **layouts(bt, 4), H_L=heavy_layout(4), num_warps=4)  # fmt: skip
+                 BT=bt, **layouts(bt, num_warps), H_L=heavy_layout(num_warps),
+                 num_warps=num_warps)  # fmt: skip
     names = [p.name for p in fn.params]
     signature = {nm: sig.get(nm, "constexpr") for nm in names}
     aligned = [nm for nm in sig if nm.endswith("_ptr")] + ["K", "stride_xm", "stride_h",
@@ -652,7 +659,7 @@ def aot_compile_up(dtype: str = "fp16", *, bt: int = 128, arch: int = 90):
     return triton.compile(
         GluonASTSource(fn, signature, const, attrs),
         target=GPUTarget("cuda", arch, 32),
-        options={"num_warps": 4},
+        options={"num_warps": num_warps},
     )
 
 
