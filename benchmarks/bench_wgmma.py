@@ -118,17 +118,17 @@ def check(results: list, only_tma: bool = False) -> bool:
     return ok
 
 
-def check_kernel_a(results: list, variants=((4, 128),)) -> bool:
+def check_kernel_a(results: list, variants=((4, 128, 0),)) -> bool:
     """proto_wgmma.kernel_a (heavy and light tiles in one launch) against float64 on odd shapes:
     heavy counts off the 64-neuron tiles, M off the 128-row tiles, K with a partial step; each
-    (num_warps, bt) of `variants`."""
+    (num_warps, bt, words-ring stages) of `variants`."""
     ok = True
-    cases = [(dtype, bound, m, hidden, heavy, light, nw, bt)
+    cases = [(dtype, bound, m, hidden, heavy, light, nw, bt, ring)
              for dtype, bound in ((torch.float16, 2e-3), (torch.bfloat16, 1.2e-2))
              for m, hidden, heavy, light in ((77, 4160, 77, 1024), (300, 1088, 200, 544),
                                              (129, 4096, 720, 13632))
-             for nw, bt in variants]  # fmt: skip
-    for dtype, bound, m, hidden, heavy, light, nw, bt in cases:
+             for nw, bt, ring in variants]  # fmt: skip
+    for dtype, bound, m, hidden, heavy, light, nw, bt, ring in cases:
         torch.manual_seed(m + heavy)
         w = split_weights(hidden, heavy, light, 4, 128)
         if dtype != torch.float16:
@@ -137,7 +137,7 @@ def check_kernel_a(results: list, variants=((4, 128),)) -> bool:
         x = torch.randn(m, hidden, device="cuda", dtype=dtype)
         out = torch.full((m, heavy + light), float("nan"), device="cuda", dtype=dtype)
         try:
-            wg.kernel_a(x, w, out, bt=bt, num_warps=nw)
+            wg.kernel_a(x, w, out, bt=bt, num_warps=nw, ring=ring)
             torch.cuda.synchronize()
             up = x.double() @ torch.cat([w.heavy_up.double(), dequant(w.light_up)]).t()
             gate = x.double() @ torch.cat([w.heavy_gate.double(), dequant(w.light_gate)]).t()
@@ -147,7 +147,7 @@ def check_kernel_a(results: list, variants=((4, 128),)) -> bool:
             err, good = repr(exc)[:300], False
         ok &= good
         row = dict(kernel="kernel_a", dtype=str(dtype), m=m, hidden=hidden, heavy=heavy,
-                   light=light, num_warps=nw, bt=bt, rel_err=err, bound=bound,
+                   light=light, num_warps=nw, bt=bt, ring=ring, rel_err=err, bound=bound,
                    ok=good)  # fmt: skip
         results.append(row)
         print(json.dumps(row), flush=True)
@@ -264,11 +264,13 @@ def _tma_row(m, ws, dense_up, dense_down, hidden, heavy, light) -> dict:
     return row
 
 
-KA_VARIANTS = ((4, 128), (8, 128), (4, 64), (8, 64))
+# (num_warps, bt, words-ring stages); session 25's first run: 8 warps and 64-row tiles slower
+KA_VARIANTS = ((4, 128, 0), (4, 128, 3), (4, 128, 4), (4, 128, 6), (4, 128, 8))
+KA_CHECKS = ((4, 128, 0), (4, 128, 3), (4, 128, 4), (4, 128, 8))
 
 
 def ka_timing(ms: list[int], results: list, hidden: int = 4096, heavy: int = 720) -> None:
-    """proto_wgmma.kernel_a per (num_warps, bt) of KA_VARIANTS against the tl kernel A and
+    """proto_wgmma.kernel_a per (num_warps, bt, ring) of KA_VARIANTS against the tl kernel A and
     cuBLAS's dense up+gate, at prefill sizes."""
     light = 13632
     ws = [split_weights(hidden, heavy, light, 4, 128) for _ in range(2)]
@@ -284,9 +286,10 @@ def _ka_row(m, ws, dense_up, hidden, heavy, light) -> dict:
     row = dict(m=m)
     row["dense_up_gate_us"] = _t([lambda w=w: x @ w.t() for w in dense_up])
     row["tl_kernel_a_us"] = _t([lambda w=w: sffn.split_activations(x, w) for w in ws])
-    for nw, bt in KA_VARIANTS:
-        row[f"wg_kernel_a_nw{nw}_bt{bt}_us"] = _t(
-            [lambda w=w, nw=nw, bt=bt: wg.kernel_a(x, w, out_a, bt=bt, num_warps=nw)
+    for nw, bt, ring in KA_VARIANTS:
+        row[f"wg_kernel_a_nw{nw}_bt{bt}_r{ring}_us"] = _t(
+            [lambda w=w, nw=nw, bt=bt, ring=ring: wg.kernel_a(x, w, out_a, bt=bt, num_warps=nw,
+                                                              ring=ring)
              for w in ws])  # fmt: skip
     return row
 
@@ -365,7 +368,7 @@ def main() -> int:
     parser.add_argument(
         "--ka",
         default=None,
-        help="kernel_a per (num_warps, bt): its checks, then these M, e.g. 256",
+        help="kernel_a per (num_warps, bt, ring): its checks, then these M, e.g. 256",
     )
     args = parser.parse_args()
     if not wg.available(torch.device("cuda")):
@@ -373,7 +376,7 @@ def main() -> int:
         return 2
     checks, times = [], []
     if args.ka:
-        ok = True if args.no_check else check_kernel_a(checks, KA_VARIANTS)
+        ok = True if args.no_check else check_kernel_a(checks, KA_CHECKS)
     else:
         ok = True if args.no_check else check(checks, only_tma=args.tma is not None)
     print("checks:", "ok" if ok else "FAILED", flush=True)

@@ -17,7 +17,7 @@
 #   profprefill (benchmarks/prof_prefill.py + probe_cublas.py), odd (717 heavy neurons),
 #   swap (benchmarks/proto_swap.py), swaptier (the W-as-A form: tests + bench_mma), pdlmma,
 #   next14 (session 13's open questions), fused15 (the one-launch FFN), verify15, next16, s16ab, ncu16, proj, floor17 (ran in 17), finish17, trace17, ab17, ab18, ticket18, decoder18, trace18, slices18, trig19 (ran in 19), mid19, big20 (prepared), wg20 (branch s20-wgmma,
-#   ran in 20), attn20, attn21 (ran in 21), tune21 (branch s21-prepared, ran in 21), next22, fin22 (branch s22-prepared; both ran in 22), warps22, chunks22, split22, persm22 (ran in 22), gen23, wg23, ptr23, pf24, smol24, smolerr24, wga25, ka25, oracle, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
+#   ran in 20), attn20, attn21 (ran in 21), tune21 (branch s21-prepared, ran in 21), next22, fin22 (branch s22-prepared; both ran in 22), warps22, chunks22, split22, persm22 (ran in 22), gen23, wg23, ptr23, pf24, smol24, smolerr24, wga25, ka25, ring25, oracle, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
 #   (benchmarks/trace_decode.py), decode8b (M = 1, 4 + 8B decode once)
 # Several stages in one call: bash benchmarks/gpu_checks.sh gemv trace decode8b
 # Each step has its own time limit, so one slow step cannot take the whole call.
@@ -393,6 +393,16 @@ ka25)  # session 25: proto_wgmma.kernel_a per (num_warps, bt) (two warpgroups of
             --metrics "regex:sm__pipe_tensor_op.*pct_of_peak_sustained_active,regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
             python3 benchmarks/ncu_wgmma.py --m 256 --num-warps $1 --bt $2
     done
+    ;;
+ring25)  # session 25: kernel_a's light words, scales and zeros through a cp.async ring (ring 3-8
+    # stages) against the register sets (0): checks, M = 128-1024 (bench_wgmma.py --ka), then ncu
+    # of ring 4 at M = 256 (~4 min)
+    run 330 ring25 python3 benchmarks/bench_wgmma.py --ka 128,256,512,1024 --out "$OUT/ring25.json"
+    run 150 ncu_ring25 /usr/local/cuda/bin/ncu --clock-control none -k regex:_w4_up_kernel \
+        --launch-skip 3 --launch-count 1 --section SpeedOfLight --section Occupancy \
+        --section SchedulerStats --section WarpStateStats \
+        --metrics "regex:sm__pipe_tensor_op_hmma_cycles_active.avg.pct.*,regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+        python3 benchmarks/ncu_wgmma.py --m 256 --ring 4
     ;;
 smol24)  # session 24: the real compressed SmolLM2-135M (ffnsplit demo's compressed/ folder, made on
     # the CPU) through the kernels against the fp32 reference on real text. 158 MB cannot travel

@@ -23,12 +23,13 @@ def main() -> int:
     parser.add_argument("--m", type=int, default=256)
     parser.add_argument("--num-warps", type=int, default=4)
     parser.add_argument("--bt", type=int, default=128)
+    parser.add_argument("--ring", type=int, default=0, help="words-ring stages (0: off)")
     args = parser.parse_args()
     w = split_weights(4096, 720, 13632, 4, 128)
     x = torch.randn(args.m, 4096, device="cuda", dtype=torch.float16)
     a = torch.empty(args.m, 720 + 13632, device="cuda", dtype=torch.float16)
     for _ in range(5):
-        wg.kernel_a(x, w, a, bt=args.bt, num_warps=args.num_warps)
+        wg.kernel_a(x, w, a, bt=args.bt, num_warps=args.num_warps, ring=args.ring)
     torch.cuda.synchronize()
     return 0
 
