@@ -51,11 +51,13 @@ import torch
 import triton
 
 from ffnsplit.kernels import mma_decode as md
+from ffnsplit.kernels import wgmma_prefill as wp
 from ffnsplit.kernels.format import QuantizedWeight, SplitFFNWeights
 
 gluon, gl = md.gluon, md.gl
-async_copy = md.async_copy
-_async_load = md._async_load if gluon is not None else None
+permute_x = wp.permute_x
+if gluon is not None and wp.warpgroup_mma is not None:  # the pieces the package kernel shares
+    from ffnsplit.kernels.wgmma_prefill import _fragments, _heavy_fragments, _heavy_rows, _prep
 try:  # Hopper's warpgroup MMA
     from triton.experimental.gluon.language.nvidia.hopper import (
         fence_async_shared,
@@ -87,56 +89,8 @@ def available(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) == (9, 0)
 
 
-def _dequant_asm(magic: str, kind: str) -> str:
-    """Inline PTX: one word (given twice: pack=2), a column's scale s and b = -z s (two halves
-    each) -> the four A fragment registers of its lane, register j = ((MAGIC + q) - MAGIC) s + b
-    for the codes at nibbles (j, j + 4): exact codes, one rounding of q s + b. MAGIC is the
-    exponent of 1024 (fp16) or 128 (bf16) that the codes land under."""
-    lines = ["{", ".reg .b32 t, u, m;", f"mov.b32 m, {magic};"]
-    for j in range(4):
-        word = "$4" if j == 0 else "u"
-        if j:
-            lines.append(f"shr.u32 u, $4, {4 * j};")
-        lines += [
-            f"lop3.b32 t, {word}, 0x000f000f, {magic}, 0xea;",
-            f"sub.{kind} t, t, m;",
-            f"fma.rn.{kind} ${j}, t, $6, $7;",
-        ]
-    return "\n".join([*lines, "}"])
-
-
 if gluon is not None and warpgroup_mma is not None:
-    _ASM_DQ_F16 = gl.constexpr(_dequant_asm("0x64006400", "f16x2"))
-    # bf16: 128 + q (7 mantissa bits), the same steps (sub.bf16x2: sm_90)
-    _ASM_DQ_BF16 = gl.constexpr(_dequant_asm("0x43004300", "bf16x2"))
-    # [b, t1, t0, n, i0, i1, i2] -> [n, b, i2, i1, t1, t0, i0]: slot 32 b + 16 i2 + 8 i1 + 2 t + i0
-    # holds k = 32 b + 8 t + i1 + 2 i2 + 4 i0 (mma_decode.CODE_PERM_A with the block bit on top)
-    _A_PERM = gl.constexpr((3, 0, 6, 5, 1, 2, 4))
     _LIGHT_X_PERM = gl.constexpr(md.LIGHT_X_PERM)
-
-    @gluon.jit
-    def _fragments(w, s, b, DTYPE: gl.constexpr, A_LAYOUT: gl.constexpr):
-        """Words [8 (two 32-k blocks of 4 rows), BN] and per-column s, b [BN] -> the dequantized
-        A operand [BN, 64 k-slots] in wgmma's register layout (a trivial conversion)."""
-        sb, _ = gl.broadcast(s[None, :], w)
-        bb, _ = gl.broadcast(b[None, :], w)
-        if gl.float16 == DTYPE:
-            p0, p1, p2, p3 = gl.inline_asm_elementwise(
-                _ASM_DQ_F16, "=r,=r,=r,=r,r,r,r,r", [gl.join(w, w), gl.join(sb, sb),
-                                                     gl.join(bb, bb)],
-                dtype=(gl.float16, gl.float16, gl.float16, gl.float16), is_pure=True, pack=2,
-            )  # fmt: skip
-        else:
-            p0, p1, p2, p3 = gl.inline_asm_elementwise(
-                _ASM_DQ_BF16, "=r,=r,=r,=r,r,r,r,r", [gl.join(w, w), gl.join(sb, sb),
-                                                      gl.join(bb, bb)],
-                dtype=(gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16), is_pure=True, pack=2,
-            )  # fmt: skip
-        t = gl.join(gl.join(p0, p1), gl.join(p2, p3))  # [r, n, i0, i1, i2]
-        n: gl.constexpr = w.shape[1]
-        t = gl.reshape(t, [2, 2, 2, n, 2, 2, 2])  # [b, t1, t0, n, i0, i1, i2]
-        t = gl.reshape(gl.permute(t, _A_PERM.value), [n, 64])
-        return gl.convert_layout(t, A_LAYOUT, assert_trivial=True)
 
     @gluon.jit
     def _x_slots(x):
@@ -167,16 +121,6 @@ if gluon is not None and warpgroup_mma is not None:
         return s, z
 
     @gluon.jit
-    def _prep(s, z, SYMMETRIC: gl.constexpr, DTYPE: gl.constexpr):
-        """(s, b = -z s) in DTYPE for `_fragments` (z = 8 for SYMMETRIC)."""
-        sf = s.to(gl.float32)
-        if SYMMETRIC:  # noqa: SIM108 (a compile-time branch)
-            b = -8.0 * sf
-        else:
-            b = -z.to(gl.float32) * sf
-        return sf.to(DTYPE), b.to(DTYPE)
-
-    @gluon.jit
     def _x_tile(x_ptr, x_off, x_rows, k0, K, M):
         """x [BT, 64] at k0 (rows past M, k past K read as 0)."""
         k = k0 + gl.arange(0, 64, layout=gl.SliceLayout(0, x_off.type.layout))
@@ -193,23 +137,6 @@ if gluon is not None and warpgroup_mma is not None:
             x_smem.index((i % 3) * 2 + 1).store(
                 _x_slots(_x_tile(x_ptr, x_off, x_rows, i * 128 + 64, K, M))
             )
-
-    @gluon.jit
-    def _heavy_rows(h_ptr, h_off, h_rows, i, K, n_mask):
-        """Heavy fp16/bf16 rows of step i (64 k): [8 (32-k block b, lane t: 4 b + t), BN, 8]
-        holding k = 64 i + 8 (4 b + t) + c, 16 bytes a lane and row (k past K read as 0)."""
-        k = i * 64 + h_rows
-        return gl.load(h_ptr + h_off + i * 64, mask=n_mask & (k < K), other=0.0)
-
-    @gluon.jit
-    def _heavy_fragments(h, A3: gl.constexpr):
-        """Heavy rows [8, BN, 8] -> the A operand [BN, 64 k-slots] as loaded: slot
-        32 b + 16 i2 + 8 i1 + 2 t + i0 holds k = 32 b + 8 t + 4 i2 + 2 i1 + i0 (the dense rows'
-        order, mma_decode.DENSE_X_PERM: x is permuted the same way), a trivial conversion."""
-        bn: gl.constexpr = h.shape[1]
-        t = gl.reshape(h, [2, 4, bn, 2, 2, 2])  # [b, t, n, i2, i1, i0]
-        t = gl.reshape(gl.permute(t, (2, 0, 3, 4, 1, 5)), [bn, 64])
-        return gl.convert_layout(t, A3, assert_trivial=True)
 
     @gluon.jit
     def _load_set(i, p_ptr, s_ptr, z_ptr, q_ptr, t_ptr, u_ptr, w_off, w_rows, w_cols, w_mask, N,
@@ -351,152 +278,13 @@ if gluon is not None and warpgroup_mma is not None:
               W_L, X_L, O_L, num_warps, EXP, XS, XT, False, W_L)  # fmt: skip
 
     @gluon.jit
-    def _ring_issue(wu_smem, wg_smem, s_smem, i, last, st, pu, pg, ps, w_rows, w_ok, s_ok, N, KR,
-                    G, GROUP: gl.constexpr):  # fmt: skip
-        """Words ring: cp.async of step min(i, last)'s words of up and gate ([8 word rows, BN]
-        each, 16 bytes a thread: pu, pg point at word row 0 of the tile's columns) and of its
-        group's up scale, up zero, gate scale, gate zero ([4 BN], 4 bytes a thread: ps at group
-        0) into stage st (rows past KR, columns past N and groups past G zero-filled): nothing
-        of it passes through registers."""
-        j = gl.minimum(i, last)
-        mask = ((j * 8 + w_rows) < KR)[:, None] & w_ok
-        _async_load(wu_smem.index(st), pu + j * 8 * N, mask=mask)
-        _async_load(wg_smem.index(st), pg + j * 8 * N, mask=mask)
-        g = (j * 64) // GROUP
-        _async_load(s_smem.index(st), ps + g * N, mask=s_ok & (g < G))
-
-    @gluon.jit
-    def _ring_step(i, lo, last, acc0, acc1, a1, wu_smem, wg_smem, s_smem, x_smem, bars, x_desc,
-                   m0, pu, pg, ps, w_rows, w_ok, s_ok, N, KR, G, SYMMETRIC: gl.constexpr,
-                   GROUP: gl.constexpr, DTYPE: gl.constexpr, BT: gl.constexpr,
-                   BN: gl.constexpr, A3: gl.constexpr, W_L: gl.constexpr,
-                   WR: gl.constexpr):  # fmt: skip
-        """Step i of `_tile_ring`."""
-        SV: gl.constexpr = gl.SliceLayout(0, W_L)
-        st = (i - lo) % WR
-        async_copy.wait_group(WR - 2)
-        md._barrier()
-        _ring_issue(wu_smem, wg_smem, s_smem, i + WR - 1, last, (i - lo + WR - 1) % WR, pu, pg,
-                    ps, w_rows, w_ok, s_ok, N, KR, G, GROUP)  # fmt: skip
-        async_copy.commit_group()
-        h0 = wu_smem.index(st).load(W_L)
-        h1 = wg_smem.index(st).load(W_L)
-        sv = s_smem.index(st)
-        ps0, pb0 = _prep(sv.slice(0, BN).load(SV), sv.slice(BN, BN).load(SV), SYMMETRIC, DTYPE)
-        ps1, pb1 = _prep(sv.slice(2 * BN, BN).load(SV), sv.slice(3 * BN, BN).load(SV), SYMMETRIC,
-                         DTYPE)  # fmt: skip
-        xs = (i - lo) % 3
-        mbarrier.wait(bars.index(xs), ((i - lo) // 3) & 1)
-        b = x_smem.index(xs).permute((1, 0))
-        a0 = _fragments(h0, ps0, pb0, DTYPE, A3)
-        acc0 = warpgroup_mma(a0, b, acc0, is_async=True)
-        acc1, a1 = warpgroup_mma_wait(num_outstanding=1, deps=[acc1, a1])
-        _tma_x(x_desc, bars, x_smem, i + 2, lo, last, m0, True, BT)
-        a1 = _fragments(h1, ps1, pb1, DTYPE, A3)
-        acc1 = warpgroup_mma(a1, b, acc1, is_async=True)
-        acc0, a0 = warpgroup_mma_wait(num_outstanding=1, deps=[acc0, a0])
-        return acc0, acc1, a1
-
-    @gluon.jit
-    def _tile_ring(x_ptr, p_ptr, s_ptr, z_ptr, q_ptr, t_ptr, u_ptr, out_ptr, ub_ptr, gb_ptr, M,
-                   N, K, stride_xm, stride_om, out_col, n0, SYMMETRIC: gl.constexpr,
-                   GROUP: gl.constexpr, ACTIVATION: gl.constexpr, HAS_UP_BIAS: gl.constexpr,
-                   HAS_GATE_BIAS: gl.constexpr, DTYPE: gl.constexpr, BT: gl.constexpr,
-                   V3: gl.constexpr, W_L: gl.constexpr, O_L: gl.constexpr, C_L: gl.constexpr,
-                   S_L: gl.constexpr, WR: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
-        """Kernel A's light tile with its words, scales and zeros through a WR-stage cp.async
-        ring (one warpgroup; x by TMA as `_tile`'s XT): the register sets of `_tile` loaded
-        words from global memory two steps ahead, and ncu (session 25) put the warps' top stall
-        on those loads. Step i: wait for this thread's copies of step i, one CTA barrier
-        (everyone's copies visible; everyone done reading step i - 1's stage), refill that stage
-        with step i + WR - 1, read step i's words and scales from shared memory, then the two
-        half products as `_step`."""
-        BN: gl.constexpr = 16 * num_warps
-        A3: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=V3, k_width=2)
-        XSL: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16,
-                                                 rank=2)  # fmt: skip
-        # lane 4 g + t reads word rows t, t + 4 of columns g, g + 8: vec 8 swizzled by row,
-        # conflict-free; the 16-byte copies stay whole
-        WS: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=4,
-                                                   order=[1, 0])  # fmt: skip
-        SS: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1,
-                                                   order=[0])  # fmt: skip
-        m0 = gl.program_id(1) * BT
-        lo = 0
-        last = gl.cdiv(K, 64) - 1
-        KR = K // 8
-        G = gl.cdiv(K, GROUP)
-        wu_smem = gl.allocate_shared_memory(gl.int32, [WR, 8, BN], WS)
-        wg_smem = gl.allocate_shared_memory(gl.int32, [WR, 8, BN], WS)
-        s_smem = gl.allocate_shared_memory(DTYPE, [WR, 4 * BN], SS)
-        x_smem = gl.allocate_shared_memory(DTYPE, [3, BT, 64], XSL)
-        bars = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())
-        for sb in gl.static_range(3):
-            mbarrier.init(bars.index(sb), count=1)
-        fence_async_shared()
-        x_desc = tma.make_tensor_descriptor(x_ptr, [M, K], [stride_xm, 1], [BT, 64], XSL)
-        # the ring's source pointers at step 0 (loop-invariant but for the step's offset)
-        w_rows = gl.arange(0, 8, layout=gl.SliceLayout(1, C_L))
-        w_cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, C_L))
-        w_off = w_rows[:, None] * N + w_cols[None, :]
-        w_ok = (w_cols < N)[None, :]
-        pu = p_ptr + w_off
-        pg = q_ptr + w_off
-        e = gl.arange(0, 4 * BN, layout=S_L)  # up scale, up zero, gate scale, gate zero
-        sr = e // BN
-        sc = n0 + e % BN
-        ps = gl.where(sr == 0, s_ptr + sc, gl.where(sr == 1, z_ptr + sc,
-                      gl.where(sr == 2, t_ptr + sc, u_ptr + sc)))  # fmt: skip
-        s_ok = sc < N
-        for j in gl.static_range(WR - 1):
-            _ring_issue(wu_smem, wg_smem, s_smem, lo + j, last, j, pu, pg, ps, w_rows, w_ok,
-                        s_ok, N, KR, G, GROUP)  # fmt: skip
-            async_copy.commit_group()
-        _tma_x(x_desc, bars, x_smem, lo, lo, last, m0, True, BT)
-        _tma_x(x_desc, bars, x_smem, lo + 1, lo, last, m0, True, BT)
-
-        acc0 = gl.zeros([BN, BT], gl.float32, layout=V3)
-        acc1 = warpgroup_mma_init(gl.zeros([BN, BT], gl.float32, layout=V3))
-        a1 = gl.zeros([BN, 64], DTYPE, layout=A3)
-        for i in range(lo, last, 2):  # two steps an iteration, as `_tile`
-            acc0, acc1, a1 = _ring_step(i, lo, last, acc0, acc1, a1, wu_smem, wg_smem, s_smem,
-                                        x_smem, bars, x_desc, m0, pu, pg, ps, w_rows, w_ok, s_ok,
-                                        N, KR, G, SYMMETRIC, GROUP, DTYPE, BT, BN, A3, W_L,
-                                        WR)  # fmt: skip
-            acc0, acc1, a1 = _ring_step(i + 1, lo, last, acc0, acc1, a1, wu_smem, wg_smem,
-                                        s_smem, x_smem, bars, x_desc, m0, pu, pg, ps, w_rows,
-                                        w_ok, s_ok, N, KR, G, SYMMETRIC, GROUP, DTYPE, BT, BN,
-                                        A3, W_L, WR)  # fmt: skip
-        if (last - lo) % 2 == 0:
-            acc0, acc1, a1 = _ring_step(last, lo, last, acc0, acc1, a1, wu_smem, wg_smem, s_smem,
-                                        x_smem, bars, x_desc, m0, pu, pg, ps, w_rows, w_ok, s_ok,
-                                        N, KR, G, SYMMETRIC, GROUP, DTYPE, BT, BN, A3, W_L,
-                                        WR)  # fmt: skip
-        acc1, a1 = warpgroup_mma_wait(num_outstanding=0, deps=[acc1, a1])
-        async_copy.wait_group(0)
-
-        on = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, O_L))
-        om = m0 + gl.arange(0, BT, layout=gl.SliceLayout(0, O_L))
-        mask = (on < N)[:, None] & (om < M)[None, :]
-        up = gl.convert_layout(acc0, O_L)
-        gate = gl.convert_layout(acc1, O_L)
-        if HAS_UP_BIAS:
-            up += gl.load(ub_ptr + on, mask=on < N, other=0.0).to(gl.float32)[:, None]
-        if HAS_GATE_BIAS:
-            gate += gl.load(gb_ptr + on, mask=on < N, other=0.0).to(gl.float32)[:, None]
-        res = md._act(gate, ACTIVATION) * up
-        ptrs = out_ptr + om[None, :] * stride_om + (out_col + on)[:, None]
-        gl.store(ptrs, res.to(out_ptr.dtype.element_ty), mask=mask)
-
-    @gluon.jit
     def _w4_up_kernel(xl_ptr, xd_ptr, hu_ptr, hg_ptr, p_ptr, s_ptr, z_ptr, q_ptr, t_ptr, u_ptr,
                       out_ptr, ub_ptr, gb_ptr, M, NH, NL, K, stride_xm, stride_h, stride_om,
                       SYMMETRIC: gl.constexpr, GROUP: gl.constexpr, ACTIVATION: gl.constexpr,
                       HAS_UP_BIAS: gl.constexpr, HAS_GATE_BIAS: gl.constexpr,
                       DTYPE: gl.constexpr, BT: gl.constexpr, V3: gl.constexpr,
                       W_L: gl.constexpr, X_L: gl.constexpr, O_L: gl.constexpr,
-                      H_L: gl.constexpr, num_warps: gl.constexpr, WR: gl.constexpr = 0,
-                      C_L: gl.constexpr = 0, S_L: gl.constexpr = 0):  # fmt: skip
+                      H_L: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
         """Kernel A whole, x by TMA: out[:, :NH] from the heavy fp16/bf16 rows (hu, hg [NH, K],
         row stride stride_h; x permuted in the dense rows' order, xd), out[:, NH:] from the light
         int4 words (x in the light order, xl): act(gate + gb) * (up + ub). Heavy tiles are the
@@ -509,11 +297,6 @@ if gluon is not None and warpgroup_mma is not None:
                   NH, K, stride_xm, stride_om, 0, pid * BN, stride_h, True, False, SYMMETRIC,
                   GROUP, ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS, DTYPE, BT, V3, W_L, X_L, O_L,
                   num_warps, 0, 0, True, True, H_L)  # fmt: skip
-        elif WR > 0:  # light tiles: words, scales and zeros through a cp.async ring
-            _tile_ring(xl_ptr, p_ptr, s_ptr, z_ptr, q_ptr, t_ptr, u_ptr, out_ptr, ub_ptr + NH,
-                       gb_ptr + NH, M, NL, K, stride_xm, stride_om, NH, (pid - heavy_tiles) * BN,
-                       SYMMETRIC, GROUP, ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS, DTYPE, BT, V3,
-                       W_L, O_L, C_L, S_L, WR, num_warps)  # fmt: skip
         else:
             _tile(xl_ptr, p_ptr, s_ptr, z_ptr, q_ptr, t_ptr, u_ptr, out_ptr, ub_ptr + NH,
                   gb_ptr + NH, M, NL, K, stride_xm, stride_om, NH, (pid - heavy_tiles) * BN, 0,
@@ -670,15 +453,6 @@ def layouts(bt: int, num_warps: int) -> dict:
     )  # fmt: skip
 
 
-def permute_x(x: torch.Tensor, dense: bool = False) -> torch.Tensor:
-    """x [M, K] (K a multiple of 32) with each 32-k block in the fragments' k-slot order
-    (`_x_slots`, mma_decode.LIGHT_X_PERM; `dense`: the heavy rows' order, DENSE_X_PERM),
-    contiguous: what the TMA copies of x read."""
-    m, k = x.shape
-    perm = md.DENSE_X_PERM if dense else md.LIGHT_X_PERM
-    return x.reshape(m, k // 32, 4, 2, 2, 2).permute(*perm).reshape(m, k).contiguous()
-
-
 def kernel_a(
     x: torch.Tensor,
     w: SplitFFNWeights,
@@ -690,7 +464,13 @@ def kernel_a(
     """The whole kernel A in one launch (`_w4_up_kernel`): a [M, h + l] = act(x G^T + gb) *
     (x U^T + ub) over the heavy fp16/bf16 rows and the light int4 words, x [M, K] contiguous
     rows, both parts by TMA-fed wgmma (x permuted twice by torch inside the call). Gated
-    FFNs with both parts, light weights of one format (prototype)."""
+    FFNs with both parts, light weights of one format (prototype). `ring` > 0 runs the
+    package's form of it instead (ffnsplit/kernels/wgmma_prefill.py: the light words through a
+    cp.async ring of that many stages; 128 rows, 4 warps)."""
+    if ring:
+        if (bt, num_warps) != (wp.BT, wp.NUM_WARPS):
+            raise ValueError(f"the words ring takes bt={wp.BT}, num_warps={wp.NUM_WARPS}")
+        return wp.split_activations(x, w, a, ring=ring)
     m, k = x.shape
     nh, nl = w.n_heavy, w.n_light
     if not (w.gated and nh and nl) or tma is None:
@@ -709,24 +489,8 @@ def kernel_a(
         GROUP=up.group_size, ACTIVATION=w.activation, HAS_UP_BIAS=w.up_bias is not None,
         HAS_GATE_BIAS=w.gate_bias is not None, DTYPE=_gl_dtype(x.dtype), BT=bt,
         **layouts(bt, num_warps), H_L=heavy_layout(num_warps), num_warps=num_warps,
-        **ring_layouts(ring, num_warps),
     )  # fmt: skip
     return a
-
-
-def ring_layouts(ring: int, num_warps: int) -> dict:
-    """The words ring's constexprs (`_tile_ring`, kernel A's light tiles): WR stages (0: off,
-    the register sets of `_tile`), C_L (the words' copies, [8, BN] int32, 16 bytes a thread),
-    S_L (scales and zeros [4, BN], 4 bytes a thread). One warpgroup only."""
-    if not ring:
-        return dict(WR=0)
-    if num_warps != 4 or ring < 2:
-        raise ValueError("the words ring takes num_warps=4 and at least 2 stages")
-    return dict(
-        WR=ring,
-        C_L=gl.BlockedLayout([1, 4], [2, 16], [4, 1], [1, 0]),
-        S_L=gl.BlockedLayout([2], [32], [4], [0]),
-    )
 
 
 def heavy_layout(num_warps: int):
@@ -803,9 +567,7 @@ def light_gemm(x: torch.Tensor, w: QuantizedWeight, out: torch.Tensor, *, out_co
     return out
 
 
-def aot_compile_up(
-    dtype: str = "fp16", *, bt: int = 128, arch: int = 90, num_warps: int = 4, ring: int = 0
-):
+def aot_compile_up(dtype: str = "fp16", *, bt: int = 128, arch: int = 90, num_warps: int = 4):
     """`_w4_up_kernel` (the whole kernel A, x by TMA) compiled ahead of time for sm_`arch`."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -819,7 +581,7 @@ def aot_compile_up(
     const = dict(SYMMETRIC=False, GROUP=128, ACTIVATION="silu", HAS_UP_BIAS=False,
                  HAS_GATE_BIAS=False, DTYPE=gl.float16 if dtype == "fp16" else gl.bfloat16,
                  BT=bt, **layouts(bt, num_warps), H_L=heavy_layout(num_warps),
-                 num_warps=num_warps, **ring_layouts(ring, num_warps))  # fmt: skip
+                 num_warps=num_warps)  # fmt: skip
     names = [p.name for p in fn.params]
     signature = {nm: sig.get(nm, "constexpr") for nm in names}
     aligned = [nm for nm in sig if nm.endswith("_ptr")] + ["K", "stride_xm", "stride_h",

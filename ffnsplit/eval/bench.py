@@ -769,9 +769,8 @@ def bench_layer(
             row["rel_err"] = error
             if name in ("ffnsplit", "kernel_A", "kernel_B"):  # which kernel tier served this M
                 probe = torch.empty(0, device=device, dtype=torch.float16)
-                row["path"] = (sffn.ffn_path if name == "ffnsplit" else sffn.kernel_path)(
-                    m, probe, weights[0]
-                )
+                which = {"ffnsplit": sffn.ffn_path, "kernel_A": sffn.kernel_a_path}
+                row["path"] = which.get(name, sffn.kernel_path)(m, probe, weights[0])
             dense_us = us if name == "dense" else dense_us
             row["vs_dense"] = None if dense_us is None else dense_us / us
             rows.append(row)

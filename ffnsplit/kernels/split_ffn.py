@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ffnsplit.kernels import dequant_gemm, fused_decode, gemv, mma_decode
+from ffnsplit.kernels import dequant_gemm, fused_decode, gemv, mma_decode, wgmma_prefill
 from ffnsplit.kernels.format import QuantizedWeight, SplitFFNWeights
 from ffnsplit.kernels.quant_matmul import kernel_path as quant_kernel_path
 from ffnsplit.kernels.quant_matmul import split_linear, wave_splits
@@ -226,11 +226,21 @@ def kernel_path(m: int, x: torch.Tensor, w: SplitFFNWeights, path: str = "auto")
     return quant_kernel_path(m, x, w.light_up if w.n_light else None, path)
 
 
+def kernel_a_path(m: int, x: torch.Tensor, w: SplitFFNWeights, path: str = "auto") -> str:
+    """The path `split_activations` takes for M rows like x: "wgmma" (the Hopper prefill
+    kernel, wgmma_prefill.py) where "auto" takes it, else kernel_path's."""
+    if path == "auto" and wgmma_prefill.use(m, x, w):
+        return "wgmma"
+    return kernel_path(m, x, w, path)
+
+
 def ffn_path(m: int, x: torch.Tensor, w: SplitFFNWeights, path: str = "auto") -> str:
-    """The path `split_ffn` takes for M rows like x: "fused" (one launch), else kernel_path's."""
+    """The path `split_ffn` takes for M rows like x: "fused" (one launch), "wgmma+P" (kernel A
+    by wgmma_prefill, the down projection by path P), else kernel_path's."""
     if path == "fused" or path == "auto" and fused_decode.use(m, x, w, path):
         return "fused"
-    return kernel_path(m, x, w, path)
+    down = kernel_path(m, x, w, path)
+    return f"wgmma+{down}" if kernel_a_path(m, x, w, path) == "wgmma" else down
 
 
 def split_activations(x: torch.Tensor, w: SplitFFNWeights, *, path: str = "auto") -> torch.Tensor:
@@ -249,6 +259,9 @@ def split_activations(x: torch.Tensor, w: SplitFFNWeights, *, path: str = "auto"
         a = dequant_gemm.aligned_empty(m, h + n_light, x2)
     else:
         a = torch.empty((m, h + n_light), dtype=x.dtype, device=x.device)
+    if path == "auto" and wgmma_prefill.use(m, x2, w):  # Hopper, prefill sizes
+        wgmma_prefill.split_activations(x2, w, a)
+        return a.reshape(*lead, h + n_light)
     if chosen in ("mma", "gemv", "dequant"):
         module = {"mma": mma_decode, "gemv": gemv, "dequant": dequant_gemm}[chosen]
         module.split_activations(x2, w, a)
