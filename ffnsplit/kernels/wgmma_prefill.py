@@ -504,8 +504,8 @@ def split_activations(
         w.up_bias if w.up_bias is not None else a, w.gate_bias if w.gate_bias is not None else a,
         m, nh, nl, k, hu.stride(0), a.stride(0), SYMMETRIC=up.symmetric, GROUP=up.group_size,
         ACTIVATION=w.activation, HAS_UP_BIAS=w.up_bias is not None,
-        HAS_GATE_BIAS=w.gate_bias is not None, DTYPE=_gl_dtype(x2.dtype), **layouts(ring=ring),
-        num_warps=NUM_WARPS,
+        HAS_GATE_BIAS=w.gate_bias is not None, DTYPE=_gl_dtype(x2.dtype), BT=BT,
+        **layouts(ring=ring), num_warps=NUM_WARPS,
     )  # fmt: skip
     return a
 
