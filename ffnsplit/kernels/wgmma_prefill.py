@@ -57,8 +57,13 @@ except Exception as exc:  # pragma: no cover - depends on the installed Triton
     _IMPORT_ERROR = _IMPORT_ERROR or f"{type(exc).__name__}: {exc}"
 
 ENABLED = os.environ.get("FFNSPLIT_WGMMA", "1") != "0"
-MIN_M = int(os.environ.get("FFNSPLIT_WGMMA_MIN_M", "192"))
-MAX_M = int(os.environ.get("FFNSPLIT_WGMMA_MAX_M", "640"))
+# H200, Llama-3-8B FFN, `ffnsplit bench` (benchmarks/RESULTS.md, session 25), kernel A us with this
+# path / without (the tl prefill tier to 319 rows, the dequant path from 320): M = 128 104.6 /
+# 82.2 (one 128-row tile: the tl tier's one wave wins), 192 129 / 161, 256 119 / 163, 384 185 /
+# 221, 512 241 / 269, 768 382 / 357, 1024 512 / 446: from 129 rows (two row tiles either way)
+# to 576 (the crossover interpolates to ~640)
+MIN_M = int(os.environ.get("FFNSPLIT_WGMMA_MIN_M", "129"))
+MAX_M = int(os.environ.get("FFNSPLIT_WGMMA_MAX_M", "576"))
 BT = 128  # rows of x a program
 NUM_WARPS = 4  # one warpgroup: 64 neurons a program
 RING = 4  # words-ring stages (3-8 within 2% of each other at M = 256-1024, session 25)
