@@ -17,7 +17,7 @@
 #   profprefill (benchmarks/prof_prefill.py + probe_cublas.py), odd (717 heavy neurons),
 #   swap (benchmarks/proto_swap.py), swaptier (the W-as-A form: tests + bench_mma), pdlmma,
 #   next14 (session 13's open questions), fused15 (the one-launch FFN), verify15, next16, s16ab, ncu16, proj, floor17 (ran in 17), finish17, trace17, ab17, ab18, ticket18, decoder18, trace18, slices18, trig19 (ran in 19), mid19, big20 (prepared), wg20 (branch s20-wgmma,
-#   ran in 20), attn20, attn21 (ran in 21), tune21 (branch s21-prepared, ran in 21), next22, fin22 (branch s22-prepared; both ran in 22), warps22, chunks22, split22, persm22 (ran in 22), gen23, wg23, ptr23, pf24, smol24, smolerr24, wga25, ka25, ring25, wgp25, oracle, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
+#   ran in 20), attn20, attn21 (ran in 21), tune21 (branch s21-prepared, ran in 21), next22, fin22 (branch s22-prepared; both ran in 22), warps22, chunks22, split22, persm22 (ran in 22), gen23, wg23, ptr23, pf24, smol24, smolerr24, wga25, ka25, ring25, wgp25, wgb25, oracle, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
 #   (benchmarks/trace_decode.py), decode8b (M = 1, 4 + 8B decode once)
 # Several stages in one call: bash benchmarks/gpu_checks.sh gemv trace decode8b
 # Each step has its own time limit, so one slow step cannot take the whole call.
@@ -414,6 +414,17 @@ wgp25)  # session 25: the package's Hopper prefill kernel A (ffnsplit/kernels/wg
                 FFNSPLIT_WGMMA_MAX_M=1024 python3 -m ffnsplit.cli bench --shape 4096x14336 \
                 --m 128,192,256,384,512,768,1024 --json "$OUT/wgp25_${on}_$round.json"
         done
+    done
+    ;;
+wgb25)  # session 25: the package's Hopper prefill kernel B too (wgmma_prefill.split_linear): the
+    # GPU tests of both kernels and the large split FFN at every tier, then the layer with kernel
+    # B on (up to 1024 rows) against off, kernel A on in both (~5 min)
+    run 300 test_wgb25 python3 -m pytest -q -rf -x tests/test_wgmma_prefill.py \
+        tests/test_kernels.py -k "wgmma or kernel_a or kernel_b or auto_takes or large_split_ffn"
+    for on in 1 0; do
+        run 150 "wgb25_$on" env FFNSPLIT_WGMMA_DOWN=$on FFNSPLIT_WGMMA_DOWN_MAX_M=1024 \
+            python3 -m ffnsplit.cli bench --shape 4096x14336 --m 192,256,384,512,768 \
+            --json "$OUT/wgb25_$on.json"
     done
     ;;
 smol24)  # session 24: the real compressed SmolLM2-135M (ffnsplit demo's compressed/ folder, made on

@@ -1,4 +1,4 @@
-"""The Hopper prefill kernel A (ffnsplit/kernels/wgmma_prefill.py).
+"""The Hopper prefill kernels A and B (ffnsplit/kernels/wgmma_prefill.py).
 
 Gluon has no interpreter: the kernel runs on sm_90 GPUs only (the `gpu` tests: odd shapes, partial
 last steps and groups, heavy counts off the 64-neuron tiles, rows off the 128-row tiles, every
@@ -16,8 +16,16 @@ import torch
 
 from ffnsplit.kernels import mma_decode, reference, tiles, wgmma_prefill
 from ffnsplit.kernels import split_ffn as sffn
-from ffnsplit.kernels.format import SplitFFNWeights
-from tests.test_kernels import DEVICE, ON_GPU, TOL, gpu, random_split_weights, rel_err
+from ffnsplit.kernels.format import SplitFFNWeights, pad_heavy
+from tests.test_kernels import (
+    DEVICE,
+    ON_GPU,
+    TOL,
+    gpu,
+    random_split_weights,
+    ref_split_ffn,
+    rel_err,
+)
 from tests.test_mma_decode import _aot
 
 needs_sm90 = pytest.mark.skipif(
@@ -85,15 +93,32 @@ def test_auto_never_takes_it_off_sm90() -> None:
         assert not sffn.ffn_path(m, x, w).startswith("wgmma")
 
 
+def test_down_formats_and_slices() -> None:
+    """Kernel B takes int4 light columns with heavy rows 16 bytes apart; its K-slices fill one
+    wave of two programs an SM (132 SMs: 128 tiles at 129-256 rows -> 2 slices)."""
+    w = random_split_weights(576, 24, 64, "silu", True, False, torch.float16, bits=4, group=128,
+                             device="cpu")  # fmt: skip
+    a = torch.empty(0, 88, dtype=torch.float16)
+    assert wgmma_prefill.down_unsupported(a, w.heavy_down, w.light_down) is None
+    assert "light" in wgmma_prefill.down_unsupported(a, w.heavy_down, None)
+    odd = torch.zeros(576, 21, dtype=torch.float16)  # rows 42 bytes apart
+    assert "16-byte" in wgmma_prefill.down_unsupported(a, odd, w.light_down)
+    assert "fp16/bf16" in wgmma_prefill.down_unsupported(a.float(), w.heavy_down, w.light_down)
+    assert wgmma_prefill.down_splits(256, 4096, 132) == 2
+    assert wgmma_prefill.down_splits(512, 4096, 132) == 1
+    assert wgmma_prefill.down_splits(129, 64, 132) == 8
+
+
+@pytest.mark.parametrize("kernel", ["aot_compile", "aot_compile_down"])
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-def test_compiles_for_sm90_without_serialized_wgmmas(dtype) -> None:
+def test_compiles_for_sm90_without_serialized_wgmmas(kernel, dtype) -> None:
     """The kernel compiles for sm_90 with the installed Triton (no GPU: its own ptxas), fits the
     two programs an SM its grid assumes (255 registers, 2 x 128 threads), and ptxas keeps its
     wgmmas asynchronous: a non-wgmma instruction writing an accumulator between a wgmma and its
     wait makes ptxas serialize them (warning C7515; a one-step loop of the light tile did)."""
     if mma_decode.gluon is None or wgmma_prefill.warpgroup_mma is None:
         pytest.skip(f"Gluon's Hopper ops do not import here: {wgmma_prefill._IMPORT_ERROR}")
-    res = _aot(f"from ffnsplit.kernels import wgmma_prefill as wp\nc = wp.aot_compile({dtype!r})")
+    res = _aot(f"from ffnsplit.kernels import wgmma_prefill as wp\nc = wp.{kernel}({dtype!r})")
     assert res["regs"] <= 255
     assert "wgmma.mma_async" in res["ptx"] and "cp.async" in res["ptx"]
     assert "C7515" not in tiles.ptxas_log(res["ptx"], 90)
@@ -112,23 +137,56 @@ def test_kernel_a_matches_float64(poison, dtype, case) -> None:
     assert rel_err(a, _ref_activations(x, w)) < TOL[dtype]
 
 
+# kernel B: (hidden = outputs, heavy, light, m, group, symmetric, bias, slices): heavy counts
+# off the 32-k blocks (padded to 8: 80, 200) and none, light K with a partial pair-step of 128
+# (544, 4128), slices whose ranges cross from heavy to light pair-steps
+DOWN_SHAPES = [
+    (1088, 77, 544, 300, 64, True, True, 3),
+    (576, 0, 224, 129, 256, False, False, 2),
+    (640, 200, 4128, 200, 128, False, True, 5),
+    (4160, 720, 1024, 77, 128, False, False, 1),
+]
+
+
 @gpu
 @needs_sm90
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_auto_takes_it_at_prefill_sizes(poison, monkeypatch, dtype) -> None:
-    """split_ffn "auto" at M = 256 runs kernel A here (and the down projection as before), the
-    whole FFN matching float64; outside MIN_M .. MAX_M it does not."""
-    w = random_split_weights(1088, 200, 544, "silu", True, True, dtype, bits=4, group=128)
+@pytest.mark.parametrize("case", range(len(DOWN_SHAPES)))
+def test_kernel_b_matches_float64(poison, dtype, case) -> None:
+    hidden, h, light, m, group, symmetric, bias, slices = DOWN_SHAPES[case]
+    w = pad_heavy(random_split_weights(hidden, h, light, "silu", True, bias, dtype, bits=4,
+                                       group=group, symmetric=symmetric))  # fmt: skip
+    a = torch.randn(m, w.n_heavy + w.n_light, device=DEVICE).to(dtype)
+    heavy = w.heavy_down if w.n_heavy else None
+    assert wgmma_prefill.down_unsupported(a, heavy, w.light_down) is None
+    ref = reference.split_linear(a.double(), None if heavy is None else heavy.double(),
+                                 w.light_down, w.down_bias)  # fmt: skip
+    for split in (slices, None):
+        out = torch.empty(m, hidden, device=DEVICE, dtype=dtype)
+        wgmma_prefill.split_linear(a, heavy, w.light_down, w.down_bias, out, split=split)
+        assert rel_err(out, ref) < TOL[dtype], split
+
+
+@gpu
+@needs_sm90
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_auto_takes_them_at_prefill_sizes(poison, monkeypatch, dtype) -> None:
+    """split_ffn "auto" at M = 256 runs kernels A and B here, the FFN matching float64; below
+    MIN_M it takes neither."""
+    w = pad_heavy(random_split_weights(1088, 200, 544, "silu", True, True, dtype, bits=4,
+                                       group=128))  # fmt: skip
     calls = []
-    run = wgmma_prefill.split_activations
-    monkeypatch.setattr(wgmma_prefill, "split_activations",
-                        lambda *args: calls.append(1) or run(*args))  # fmt: skip
+    for name in ("split_activations", "split_linear"):
+        run = getattr(wgmma_prefill, name)
+        monkeypatch.setattr(wgmma_prefill, name,
+                            lambda *args, run=run, name=name, **kw: calls.append(name)
+                            or run(*args, **kw))  # fmt: skip
     x = torch.randn(256, 1088, device=DEVICE).to(dtype)
     out = sffn.split_ffn(x, w)
-    assert calls and sffn.kernel_a_path(256, x, w) == "wgmma"
-    ref = _ref_activations(x, w)
-    assert rel_err(sffn.split_activations(x, w), ref) < TOL[dtype]
-    assert out.shape == (256, 1088) and not out.isnan().any()
+    assert calls == ["split_activations", "split_linear"]
+    assert sffn.ffn_path(256, x, w) == "wgmma"
+    assert rel_err(out, ref_split_ffn(x, w)) < TOL[dtype]
+    assert rel_err(sffn.split_activations(x, w), _ref_activations(x, w)) < TOL[dtype]
     calls.clear()
-    sffn.split_activations(x[: wgmma_prefill.MIN_M - 1], w)
+    sffn.split_ffn(x[: wgmma_prefill.MIN_M - 1], w)
     assert not calls

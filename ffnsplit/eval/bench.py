@@ -731,11 +731,11 @@ def bench_layer(
             )
             methods["kernel_B"] = (
                 [
-                    lambda w=w, a=a: qmm.split_linear(a, w.heavy_down, w.light_down, w.down_bias)
+                    lambda w=w, a=a: sffn.down_projection(a, w)
                     for w, a in zip(weights, acts, strict=True)
                 ],
                 lambda: rel_err(
-                    qmm.split_linear(acts[0], w0.heavy_down, w0.light_down, w0.down_bias),
+                    sffn.down_projection(acts[0], w0),
                     reference.split_linear(
                         acts[0].float(), w0.heavy_down, w0.light_down, w0.down_bias
                     ),
@@ -769,8 +769,9 @@ def bench_layer(
             row["rel_err"] = error
             if name in ("ffnsplit", "kernel_A", "kernel_B"):  # which kernel tier served this M
                 probe = torch.empty(0, device=device, dtype=torch.float16)
-                which = {"ffnsplit": sffn.ffn_path, "kernel_A": sffn.kernel_a_path}
-                row["path"] = which.get(name, sffn.kernel_path)(m, probe, weights[0])
+                which = {"ffnsplit": sffn.ffn_path, "kernel_A": sffn.kernel_a_path,
+                         "kernel_B": sffn.kernel_b_path}  # fmt: skip
+                row["path"] = which[name](m, probe, weights[0])
             dense_us = us if name == "dense" else dense_us
             row["vs_dense"] = None if dense_us is None else dense_us / us
             rows.append(row)

@@ -234,13 +234,22 @@ def kernel_a_path(m: int, x: torch.Tensor, w: SplitFFNWeights, path: str = "auto
     return kernel_path(m, x, w, path)
 
 
+def kernel_b_path(m: int, x: torch.Tensor, w: SplitFFNWeights, path: str = "auto") -> str:
+    """The path `down_projection` takes for M rows like x (kernel A's output): "wgmma" where
+    "auto" takes wgmma_prefill's kernel B, else kernel_path's."""
+    if path == "auto" and wgmma_prefill.use_down(m, x, w):
+        return "wgmma"
+    return kernel_path(m, x, w, path)
+
+
 def ffn_path(m: int, x: torch.Tensor, w: SplitFFNWeights, path: str = "auto") -> str:
-    """The path `split_ffn` takes for M rows like x: "fused" (one launch), "wgmma+P" (kernel A
-    by wgmma_prefill, the down projection by path P), else kernel_path's."""
+    """The path `split_ffn` takes for M rows like x: "fused" (one launch), else kernel A's and
+    kernel B's paths ("wgmma+prefill": kernel A by wgmma_prefill, B by the tl prefill tier),
+    one name when they agree."""
     if path == "fused" or path == "auto" and fused_decode.use(m, x, w, path):
         return "fused"
-    down = kernel_path(m, x, w, path)
-    return f"wgmma+{down}" if kernel_a_path(m, x, w, path) == "wgmma" else down
+    a, b = kernel_a_path(m, x, w, path), kernel_b_path(m, x, w, path)
+    return a if a == b else f"{a}+{b}"
 
 
 def split_activations(x: torch.Tensor, w: SplitFFNWeights, *, path: str = "auto") -> torch.Tensor:
@@ -339,13 +348,23 @@ def split_ffn(x: torch.Tensor, w: SplitFFNWeights, *, path: str = "auto") -> tor
             out = torch.empty((m, w.hidden_size), dtype=x.dtype, device=x.device)
             fused_decode.split_ffn(x2, w, out)
             return out.reshape(*x.shape[:-1], w.hidden_size)
-    a = split_activations(x, w, path=path)
+    return down_projection(split_activations(x, w, path=path), w, path=path)
+
+
+def down_projection(a: torch.Tensor, w: SplitFFNWeights, *, path: str = "auto") -> torch.Tensor:
+    """Kernel B: y [..., H] = a[..., :h] heavy_down^T + a[..., h:] light_down^T + down_bias, with
+    a from `split_activations(..., path=path)` (whose allocation the dequant path relies on)."""
     a2 = a.reshape(-1, a.shape[-1])
     m = a2.shape[0]
+    if m and path == "auto" and wgmma_prefill.use_down(m, a2, w):  # Hopper, prefill sizes
+        out = torch.empty((m, w.hidden_size), dtype=a.dtype, device=a.device)
+        wgmma_prefill.split_linear(a2, w.heavy_down if w.n_heavy else None, w.light_down,
+                                   w.down_bias, out)  # fmt: skip
+        return out.reshape(*a.shape[:-1], w.hidden_size)
     if m and quant_kernel_path(m, a2, w.light_down if w.n_light else None, path) == "dequant":
         # kernel A took this path too (the choice hangs on M and `path` alone from here on), so
         # a is its aligned_empty: K padded with zero columns
-        out = torch.empty((m, w.hidden_size), dtype=x.dtype, device=x.device)
+        out = torch.empty((m, w.hidden_size), dtype=a.dtype, device=a.device)
         dequant_gemm.split_linear(a2, w.heavy_down, w.light_down, w.down_bias, out, padded=True)
         return out.reshape(*a.shape[:-1], w.hidden_size)
     return split_linear(a, w.heavy_down, w.light_down, w.down_bias, path=path)

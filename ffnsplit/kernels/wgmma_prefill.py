@@ -38,7 +38,8 @@ import torch
 import triton
 
 from ffnsplit.kernels import mma_decode as md
-from ffnsplit.kernels.format import SplitFFNWeights
+from ffnsplit.kernels.format import QuantizedWeight, SplitFFNWeights
+from ffnsplit.kernels.tiles import sm_count
 
 gluon, gl = md.gluon, md.gl
 _IMPORT_ERROR = md._IMPORT_ERROR
@@ -64,6 +65,10 @@ ENABLED = os.environ.get("FFNSPLIT_WGMMA", "1") != "0"
 # to 576 (the crossover interpolates to ~640)
 MIN_M = int(os.environ.get("FFNSPLIT_WGMMA_MIN_M", "129"))
 MAX_M = int(os.environ.get("FFNSPLIT_WGMMA_MAX_M", "576"))
+# kernel B (the down projection) by its own bounds, measured apart (FFNSPLIT_WGMMA_DOWN=0: off)
+DOWN_ENABLED = os.environ.get("FFNSPLIT_WGMMA_DOWN", "1") != "0"
+DOWN_MIN_M = int(os.environ.get("FFNSPLIT_WGMMA_DOWN_MIN_M", "129"))
+DOWN_MAX_M = int(os.environ.get("FFNSPLIT_WGMMA_DOWN_MAX_M", "576"))
 BT = 128  # rows of x a program
 NUM_WARPS = 4  # one warpgroup: 64 neurons a program
 RING = 4  # words-ring stages (3-8 within 2% of each other at M = 256-1024, session 25)
@@ -110,6 +115,48 @@ def use(m: int, x2: torch.Tensor, w: SplitFFNWeights) -> bool:
         and available(x2.device)
         and unsupported(x2, w) is None
     )  # fmt: skip
+
+
+def down_unsupported(
+    a2: torch.Tensor, heavy: torch.Tensor | None, light: QuantizedWeight | None
+) -> str | None:
+    """Why the down projection a2 [M, kh + kl] -> [M, N] over heavy [N, kh] and light [N, kl]
+    cannot take kernel B here, or None."""
+    if a2.dtype not in (torch.float16, torch.bfloat16):
+        return f"activations are {a2.dtype}, not fp16/bf16"
+    if light is None:
+        return "light columns only"
+    if light.bits != 4 or light.group_size < 64 or light.group_size & (light.group_size - 1):
+        return f"{light.bits}-bit weights in groups of {light.group_size} (int4, groups 64, ...)"
+    n = light.shape[0]
+    if n % 4:
+        return f"{n} outputs (a multiple of 4)"
+    if not (light.planes[0].is_contiguous() and light.scales.is_contiguous()):
+        return "non-contiguous packed planes or scales"
+    if light.zeros is not None and not light.zeros.is_contiguous():
+        return "non-contiguous zeros"
+    if heavy is not None and (heavy.dtype != a2.dtype or heavy.stride(1) != 1
+                              or heavy.stride(0) % 8):  # fmt: skip
+        return "heavy rows not 16-byte aligned rows in the activations' dtype"
+    return None
+
+
+def use_down(m: int, a2: torch.Tensor, w: SplitFFNWeights) -> bool:
+    """Whether "auto" takes this path for the down projection of M rows like a2."""
+    return (
+        DOWN_ENABLED
+        and DOWN_MIN_M <= m <= DOWN_MAX_M
+        and available(a2.device)
+        and down_unsupported(a2, w.heavy_down if w.n_heavy else None,
+                             w.light_down if w.n_light else None) is None
+    )  # fmt: skip
+
+
+def down_splits(m: int, n: int, sms: int, per_sm: int = 2) -> int:
+    """K-slices of kernel B: as many as fill one wave of `per_sm` programs an SM (at least one,
+    at most 8): a partial last wave of these programs costs about a full one."""
+    tiles = triton.cdiv(n, 16 * NUM_WARPS) * triton.cdiv(m, BT)
+    return max(1, min(8, per_sm * sms // tiles))
 
 
 def permute_x(x: torch.Tensor, dense: bool = False) -> torch.Tensor:
@@ -231,23 +278,25 @@ if gluon is not None and warpgroup_mma is not None:
         return x_smem.index(st).permute((1, 0))
 
     @gluon.jit
-    def _ring_issue(wu_smem, wg_smem, s_smem, i, last, st, pu, pg, ps, w_rows, w_ok, s_ok, N, KR,
-                    G, GROUP: gl.constexpr):  # fmt: skip
-        """Words ring: cp.async of step min(i, last)'s words of up and gate ([8 word rows, BN]
-        each, 16 bytes a thread: pu, pg point at word row 0 of the tile's columns) and of its
-        group's up scale, up zero, gate scale, gate zero ([4 BN], 4 bytes a thread: ps at group
-        0) into stage st (rows past KR, columns past N and groups past G zero-filled): nothing
-        of it passes through registers."""
+    def _ring_issue(wu_smem, wg_smem, s_smem, i, last, st, pu, pg, ps, ru, rg, w_ok, s_ok, sh, N,
+                    KR, G, GROUP: gl.constexpr, RS: gl.constexpr):  # fmt: skip
+        """Words ring: cp.async of step min(i, last)'s two [8 word rows, BN] word tiles (16 bytes
+        a thread: pu, pg point at them in step 0, their rows are ru, rg; RS word rows a step)
+        and of its halves' scales and zeros ([4 BN], 4 bytes a thread: ps at group 0, sh the
+        k offset of each element's half) into stage st (rows past KR, columns past N and groups
+        past G zero-filled): nothing of it passes through registers. Kernel A: up and gate of
+        the same 64 k (RS 8); kernel B: k and k + 64 of one weight (RS 16)."""
         j = gl.minimum(i, last)
-        mask = ((j * 8 + w_rows) < KR)[:, None] & w_ok
-        md._async_load(wu_smem.index(st), pu + j * 8 * N, mask=mask)
-        md._async_load(wg_smem.index(st), pg + j * 8 * N, mask=mask)
-        g = (j * 64) // GROUP
+        md._async_load(wu_smem.index(st), pu + j * RS * N,
+                       mask=((j * RS + ru) < KR)[:, None] & w_ok)  # fmt: skip
+        md._async_load(wg_smem.index(st), pg + j * RS * N,
+                       mask=((j * RS + rg) < KR)[:, None] & w_ok)  # fmt: skip
+        g = (j * RS * 8 + sh) // GROUP
         md._async_load(s_smem.index(st), ps + g * N, mask=s_ok & (g < G))
 
     @gluon.jit
     def _ring_step(i, last, acc0, acc1, a1, wu_smem, wg_smem, s_smem, x_smem, bars, x_desc, m0,
-                   pu, pg, ps, w_rows, w_ok, s_ok, N, KR, G, SYMMETRIC: gl.constexpr,
+                   pu, pg, ps, w_rows, w_ok, s_ok, sh, N, KR, G, SYMMETRIC: gl.constexpr,
                    GROUP: gl.constexpr, DTYPE: gl.constexpr, BN: gl.constexpr,
                    A3: gl.constexpr, W_L: gl.constexpr, WR: gl.constexpr):  # fmt: skip
         """Step i of a light tile: wait for this thread's copies of step i, one CTA barrier
@@ -260,7 +309,7 @@ if gluon is not None and warpgroup_mma is not None:
         md.async_copy.wait_group(WR - 2)
         md._barrier()
         _ring_issue(wu_smem, wg_smem, s_smem, i + WR - 1, last, (i + WR - 1) % WR, pu, pg, ps,
-                    w_rows, w_ok, s_ok, N, KR, G, GROUP)  # fmt: skip
+                    w_rows, w_rows, w_ok, s_ok, sh, N, KR, G, GROUP, 8)  # fmt: skip
         md.async_copy.commit_group()
         h0 = wu_smem.index(st).load(W_L)
         h1 = wg_smem.index(st).load(W_L)
@@ -312,9 +361,10 @@ if gluon is not None and warpgroup_mma is not None:
         ps = gl.where(sr == 0, s_ptr + sc, gl.where(sr == 1, z_ptr + sc,
                       gl.where(sr == 2, t_ptr + sc, u_ptr + sc)))  # fmt: skip
         s_ok = sc < N
+        sh = e * 0
         for j in gl.static_range(WR - 1):
-            _ring_issue(wu_smem, wg_smem, s_smem, j, last, j, pu, pg, ps, w_rows, w_ok, s_ok, N,
-                        KR, G, GROUP)  # fmt: skip
+            _ring_issue(wu_smem, wg_smem, s_smem, j, last, j, pu, pg, ps, w_rows, w_rows, w_ok,
+                        s_ok, sh, N, KR, G, GROUP, 8)  # fmt: skip
             md.async_copy.commit_group()
         x_smem, bars = _x_ring(x_desc, last, m0, DTYPE, BT)
 
@@ -324,16 +374,16 @@ if gluon is not None and warpgroup_mma is not None:
         for i in range(0, last, 2):  # two steps an iteration: ptxas keeps the wgmmas async
             acc0, acc1, a1 = _ring_step(i, last, acc0, acc1, a1, wu_smem, wg_smem, s_smem,
                                         x_smem, bars, x_desc, m0, pu, pg, ps, w_rows, w_ok, s_ok,
-                                        N, KR, G, SYMMETRIC, GROUP, DTYPE, BN, A3, W_L,
+                                        sh, N, KR, G, SYMMETRIC, GROUP, DTYPE, BN, A3, W_L,
                                         WR)  # fmt: skip
             acc0, acc1, a1 = _ring_step(i + 1, last, acc0, acc1, a1, wu_smem, wg_smem, s_smem,
                                         x_smem, bars, x_desc, m0, pu, pg, ps, w_rows, w_ok, s_ok,
-                                        N, KR, G, SYMMETRIC, GROUP, DTYPE, BN, A3, W_L,
+                                        sh, N, KR, G, SYMMETRIC, GROUP, DTYPE, BN, A3, W_L,
                                         WR)  # fmt: skip
         if last % 2 == 0:
             acc0, acc1, a1 = _ring_step(last, last, acc0, acc1, a1, wu_smem, wg_smem, s_smem,
                                         x_smem, bars, x_desc, m0, pu, pg, ps, w_rows, w_ok, s_ok,
-                                        N, KR, G, SYMMETRIC, GROUP, DTYPE, BN, A3, W_L,
+                                        sh, N, KR, G, SYMMETRIC, GROUP, DTYPE, BN, A3, W_L,
                                         WR)  # fmt: skip
         acc1, a1 = warpgroup_mma_wait(num_outstanding=0, deps=[acc1, a1])
         md.async_copy.wait_group(0)
@@ -446,6 +496,233 @@ if gluon is not None and warpgroup_mma is not None:
             _store(acc0, acc1, out_ptr, ub_ptr + NH, gb_ptr + NH, n0, m0, NL, M, stride_om, NH,
                    ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS, BN, BT, O_L)  # fmt: skip
 
+    # ---- kernel B: the down projection over [heavy | light] K, in K-slices ------------------
+
+    @gluon.jit
+    def _x_fetch(xl_desc, xd_desc, bars, x_smem, u, n_tiles, nh2, kh0, kl0, m0):
+        """Kernel B: x tile u of the program's range (its first nh2 tiles heavy, read from
+        xd_desc at column kh0 + 64 u, the rest light, from xl_desc) into ring stage u % 3."""
+        st = u % 3
+        bar = bars.index(st)
+        go = u < n_tiles
+        mbarrier.expect(bar, x_smem.shape[1] * 64 * 2, pred=go)
+        _tma_load(xd_desc, [m0, kh0 + u * 64], bar, x_smem.index(st), pred=go & (u < nh2))
+        _tma_load(xl_desc, [m0, kl0 + (u - nh2) * 64], bar, x_smem.index(st),
+                  pred=go & (u >= nh2))  # fmt: skip
+
+    @gluon.jit
+    def _down_heavy_step(t, last, u, acc0, acc1, a1, h0, h1, x_smem, bars, xl_desc, xd_desc,
+                         n_tiles, nh2, kh0, kl0, m0, h_ptr, w_off, w_rows, w_mask, K,
+                         A3: gl.constexpr):  # fmt: skip
+        """Kernel B, heavy pair-step t (k 128 t .. 128 t + 127: tiles u, u + 1); its rows were
+        loaded two pair-steps ahead. After each half's wait the stage the other half's product
+        read is refilled (3 stages, tiles two ahead)."""
+        b = _x_operand(x_smem, bars, u)
+        a0 = _heavy_fragments(h0, A3)
+        acc0 = warpgroup_mma(a0, b, acc0, is_async=True)
+        acc1, a1 = warpgroup_mma_wait(num_outstanding=1, deps=[acc1, a1])
+        _x_fetch(xl_desc, xd_desc, bars, x_smem, u + 2, n_tiles, nh2, kh0, kl0, m0)
+        b = _x_operand(x_smem, bars, u + 1)
+        a1 = _heavy_fragments(h1, A3)
+        acc1 = warpgroup_mma(a1, b, acc1, is_async=True)
+        nxt = gl.minimum(t + 2, last)  # clamped: the last steps load their own rows again
+        h0 = _heavy_rows(h_ptr, w_off, w_rows, 2 * nxt, K, w_mask)
+        h1 = _heavy_rows(h_ptr, w_off, w_rows, 2 * nxt + 1, K, w_mask)
+        acc0, a0 = warpgroup_mma_wait(num_outstanding=1, deps=[acc0, a0])
+        _x_fetch(xl_desc, xd_desc, bars, x_smem, u + 3, n_tiles, nh2, kh0, kl0, m0)
+        return acc0, acc1, a1, h0, h1
+
+    @gluon.jit
+    def _down_heavy(acc0, acc1, t_lo, t_hi, x_smem, bars, xl_desc, xd_desc, n_tiles, nh2, kh0,
+                    kl0, m0, h_ptr, N, K, stride_h, n0, DTYPE: gl.constexpr, V3: gl.constexpr,
+                    H_L: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+        """Kernel B's heavy pair-steps t_lo .. t_hi - 1 (rows of h [N outputs, K heavy],
+        row stride stride_h) added to acc0, acc1 (x tiles 0 .. 2 (t_hi - t_lo) - 1)."""
+        BN: gl.constexpr = 16 * num_warps
+        A3: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=V3, k_width=2)
+        hr = gl.arange(0, 8, layout=gl.SliceLayout(1, gl.SliceLayout(2, H_L)))
+        hn = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, gl.SliceLayout(2, H_L)))
+        hc = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, H_L)))
+        w_rows = (hr * 8)[:, None][:, :, None] + hc[None, :][:, None, :]
+        n3 = hn[None, :][:, :, None]
+        w_mask = n3 < N
+        w_off = n3 * stride_h + w_rows
+        last = t_hi - 1
+        hA0 = _heavy_rows(h_ptr, w_off, w_rows, 2 * t_lo, K, w_mask)
+        hA1 = _heavy_rows(h_ptr, w_off, w_rows, 2 * t_lo + 1, K, w_mask)
+        nxt = gl.minimum(t_lo + 1, last)
+        hB0 = _heavy_rows(h_ptr, w_off, w_rows, 2 * nxt, K, w_mask)
+        hB1 = _heavy_rows(h_ptr, w_off, w_rows, 2 * nxt + 1, K, w_mask)
+        acc1 = warpgroup_mma_init(acc1)
+        a1 = gl.zeros([BN, 64], DTYPE, layout=A3)
+        for t in range(t_lo, last, 2):
+            u = 2 * (t - t_lo)
+            acc0, acc1, a1, hA0, hA1 = _down_heavy_step(
+                t, last, u, acc0, acc1, a1, hA0, hA1, x_smem, bars, xl_desc, xd_desc, n_tiles,
+                nh2, kh0, kl0, m0, h_ptr, w_off, w_rows, w_mask, K, A3)  # fmt: skip
+            acc0, acc1, a1, hB0, hB1 = _down_heavy_step(
+                t + 1, last, u + 2, acc0, acc1, a1, hB0, hB1, x_smem, bars, xl_desc, xd_desc,
+                n_tiles, nh2, kh0, kl0, m0, h_ptr, w_off, w_rows, w_mask, K, A3)  # fmt: skip
+        if (last - t_lo) % 2 == 0:
+            acc0, acc1, a1, hA0, hA1 = _down_heavy_step(
+                last, last, 2 * (last - t_lo), acc0, acc1, a1, hA0, hA1, x_smem, bars, xl_desc,
+                xd_desc, n_tiles, nh2, kh0, kl0, m0, h_ptr, w_off, w_rows, w_mask, K,
+                A3)  # fmt: skip
+        acc1, a1 = warpgroup_mma_wait(num_outstanding=0, deps=[acc1, a1])
+        return acc0, acc1
+
+    @gluon.jit
+    def _down_light_step(t, t_lo, last, u, acc0, acc1, a1, wu_smem, wg_smem, s_smem, x_smem,
+                         bars, xl_desc, xd_desc, n_tiles, nh2, kh0, kl0, m0, pu, pg, ps, ru, rg,
+                         w_ok, s_ok, sh, N, KR, G, SYMMETRIC: gl.constexpr,
+                         GROUP: gl.constexpr, DTYPE: gl.constexpr, BN: gl.constexpr,
+                         A3: gl.constexpr, W_L: gl.constexpr, WR: gl.constexpr):  # fmt: skip
+        """Kernel B, light pair-step t (word rows 16 t .. 16 t + 15: tiles u, u + 1) from the
+        words ring (as kernel A's `_ring_step`)."""
+        SV: gl.constexpr = gl.SliceLayout(0, W_L)
+        st = (t - t_lo) % WR
+        md.async_copy.wait_group(WR - 2)
+        md._barrier()
+        _ring_issue(wu_smem, wg_smem, s_smem, t + WR - 1, last, (t - t_lo + WR - 1) % WR, pu, pg,
+                    ps, ru, rg, w_ok, s_ok, sh, N, KR, G, GROUP, 16)  # fmt: skip
+        md.async_copy.commit_group()
+        h0 = wu_smem.index(st).load(W_L)
+        h1 = wg_smem.index(st).load(W_L)
+        sv = s_smem.index(st)
+        ps0, pb0 = _prep(sv.slice(0, BN).load(SV), sv.slice(BN, BN).load(SV), SYMMETRIC, DTYPE)
+        ps1, pb1 = _prep(sv.slice(2 * BN, BN).load(SV), sv.slice(3 * BN, BN).load(SV), SYMMETRIC,
+                         DTYPE)  # fmt: skip
+        b = _x_operand(x_smem, bars, u)
+        a0 = _fragments(h0, ps0, pb0, DTYPE, A3)
+        acc0 = warpgroup_mma(a0, b, acc0, is_async=True)
+        acc1, a1 = warpgroup_mma_wait(num_outstanding=1, deps=[acc1, a1])
+        _x_fetch(xl_desc, xd_desc, bars, x_smem, u + 2, n_tiles, nh2, kh0, kl0, m0)
+        b = _x_operand(x_smem, bars, u + 1)
+        a1 = _fragments(h1, ps1, pb1, DTYPE, A3)
+        acc1 = warpgroup_mma(a1, b, acc1, is_async=True)
+        acc0, a0 = warpgroup_mma_wait(num_outstanding=1, deps=[acc0, a0])
+        _x_fetch(xl_desc, xd_desc, bars, x_smem, u + 3, n_tiles, nh2, kh0, kl0, m0)
+        return acc0, acc1, a1
+
+    @gluon.jit
+    def _down_light(acc0, acc1, t_lo, t_hi, u0, wu_smem, wg_smem, s_smem, x_smem, bars, xl_desc,
+                    xd_desc, n_tiles, nh2, kh0, kl0, m0, p_ptr, s_ptr, z_ptr, N, K, n0,
+                    SYMMETRIC: gl.constexpr, GROUP: gl.constexpr, DTYPE: gl.constexpr,
+                    V3: gl.constexpr, W_L: gl.constexpr, C_L: gl.constexpr, S_L: gl.constexpr,
+                    WR: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+        """Kernel B's light pair-steps t_lo .. t_hi - 1 (words p [K / 8, N], scales s, zeros z)
+        added to acc0 (first 64 k of each) and acc1 (the other 64); x tiles from u0."""
+        BN: gl.constexpr = 16 * num_warps
+        A3: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=V3, k_width=2)
+        last = t_hi - 1
+        KR = K // 8
+        G = gl.cdiv(K, GROUP)
+        ru = gl.arange(0, 8, layout=gl.SliceLayout(1, C_L))
+        rg = ru + 8
+        w_cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, C_L))
+        w_ok = (w_cols < N)[None, :]
+        pu = p_ptr + ru[:, None] * N + w_cols[None, :]
+        pg = pu + 8 * N
+        e = gl.arange(0, 4 * BN, layout=S_L)  # first half's scale, zero, second half's
+        sr = e // BN
+        sc = n0 + e % BN
+        ps = gl.where(sr % 2 == 0, s_ptr + sc, z_ptr + sc)
+        sh = (sr // 2) * 64
+        s_ok = sc < N
+        for j in gl.static_range(WR - 1):
+            _ring_issue(wu_smem, wg_smem, s_smem, t_lo + j, last, j, pu, pg, ps, ru, rg, w_ok,
+                        s_ok, sh, N, KR, G, GROUP, 16)  # fmt: skip
+            md.async_copy.commit_group()
+        acc1 = warpgroup_mma_init(acc1)
+        a1 = gl.zeros([BN, 64], DTYPE, layout=A3)
+        for t in range(t_lo, last, 2):
+            u = u0 + 2 * (t - t_lo)
+            acc0, acc1, a1 = _down_light_step(
+                t, t_lo, last, u, acc0, acc1, a1, wu_smem, wg_smem, s_smem, x_smem, bars,
+                xl_desc, xd_desc, n_tiles, nh2, kh0, kl0, m0, pu, pg, ps, ru, rg, w_ok, s_ok, sh,
+                N, KR, G, SYMMETRIC, GROUP, DTYPE, BN, A3, W_L, WR)  # fmt: skip
+            acc0, acc1, a1 = _down_light_step(
+                t + 1, t_lo, last, u + 2, acc0, acc1, a1, wu_smem, wg_smem, s_smem, x_smem, bars,
+                xl_desc, xd_desc, n_tiles, nh2, kh0, kl0, m0, pu, pg, ps, ru, rg, w_ok, s_ok, sh,
+                N, KR, G, SYMMETRIC, GROUP, DTYPE, BN, A3, W_L, WR)  # fmt: skip
+        if (last - t_lo) % 2 == 0:
+            acc0, acc1, a1 = _down_light_step(
+                last, t_lo, last, u0 + 2 * (last - t_lo), acc0, acc1, a1, wu_smem, wg_smem,
+                s_smem, x_smem, bars, xl_desc, xd_desc, n_tiles, nh2, kh0, kl0, m0, pu, pg, ps,
+                ru, rg, w_ok, s_ok, sh, N, KR, G, SYMMETRIC, GROUP, DTYPE, BN, A3, W_L,
+                WR)  # fmt: skip
+        acc1, a1 = warpgroup_mma_wait(num_outstanding=0, deps=[acc1, a1])
+        md.async_copy.wait_group(0)
+        return acc0, acc1
+
+    @gluon.jit
+    def _down_kernel(xl_desc, xd_desc, h_ptr, p_ptr, s_ptr, z_ptr, out_ptr, bias_ptr, M, N, KH,
+                     KL, stride_h, stride_om, SYMMETRIC: gl.constexpr, GROUP: gl.constexpr,
+                     HAS_BIAS: gl.constexpr, PARTIAL: gl.constexpr, DTYPE: gl.constexpr,
+                     BT: gl.constexpr, V3: gl.constexpr, W_L: gl.constexpr, O_L: gl.constexpr,
+                     H_L: gl.constexpr, C_L: gl.constexpr, S_L: gl.constexpr, WR: gl.constexpr,
+                     num_warps: gl.constexpr):  # fmt: skip
+        """Kernel B: out [M, N] = x[:, :KH] h^T + x[:, KH:] W^T (+ bias) for outputs
+        program_id(0) * BN .., rows program_id(1) * BT .., over K-slice program_id(2) of
+        num_programs(2) (PARTIAL: fp32 partials [slices, M, N] at out_ptr instead). K goes in
+        pair-steps of 128 k, heavy ones first; a slice's heavy and light pair-steps share one x
+        ring (x in the dense rows' order behind xd_desc, the light order behind xl_desc)."""
+        BN: gl.constexpr = 16 * num_warps
+        WS: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=4,
+                                                   order=[1, 0])  # fmt: skip
+        SS: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
+        XSL: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16,
+                                                 rank=2)  # fmt: skip
+        n0 = gl.program_id(0) * BN
+        m0 = gl.program_id(1) * BT
+        hs = gl.cdiv(KH, 128)
+        steps = hs + gl.cdiv(KL, 128)
+        lo = gl.program_id(2) * steps // gl.num_programs(2)
+        hi = (gl.program_id(2) + 1) * steps // gl.num_programs(2)
+        h_lo = gl.minimum(lo, hs)
+        h_hi = gl.minimum(hi, hs)
+        l_lo = gl.maximum(lo, hs) - hs
+        l_hi = gl.maximum(hi, hs) - hs
+        nh2 = 2 * (h_hi - h_lo)
+        n_tiles = 2 * (hi - lo)
+        kh0 = h_lo * 128
+        kl0 = l_lo * 128
+
+        wu_smem = gl.allocate_shared_memory(gl.int32, [WR, 8, BN], WS)
+        wg_smem = gl.allocate_shared_memory(gl.int32, [WR, 8, BN], WS)
+        s_smem = gl.allocate_shared_memory(s_ptr.dtype.element_ty, [WR, 4 * BN], SS)
+        x_smem = gl.allocate_shared_memory(DTYPE, [3, BT, 64], XSL)
+        bars = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())
+        for sb in gl.static_range(3):
+            mbarrier.init(bars.index(sb), count=1)
+        fence_async_shared()
+        _x_fetch(xl_desc, xd_desc, bars, x_smem, 0, n_tiles, nh2, kh0, kl0, m0)
+        _x_fetch(xl_desc, xd_desc, bars, x_smem, 1, n_tiles, nh2, kh0, kl0, m0)
+
+        acc0 = gl.zeros([BN, BT], gl.float32, layout=V3)
+        acc1 = gl.zeros([BN, BT], gl.float32, layout=V3)
+        if h_hi > h_lo:
+            acc0, acc1 = _down_heavy(acc0, acc1, h_lo, h_hi, x_smem, bars, xl_desc, xd_desc,
+                                     n_tiles, nh2, kh0, kl0, m0, h_ptr, N, KH, stride_h, n0,
+                                     DTYPE, V3, H_L, num_warps)  # fmt: skip
+        if l_hi > l_lo:
+            acc0, acc1 = _down_light(acc0, acc1, l_lo, l_hi, nh2, wu_smem, wg_smem, s_smem,
+                                     x_smem, bars, xl_desc, xd_desc, n_tiles, nh2, kh0, kl0, m0,
+                                     p_ptr, s_ptr, z_ptr, N, KL, n0, SYMMETRIC, GROUP, DTYPE, V3,
+                                     W_L, C_L, S_L, WR, num_warps)  # fmt: skip
+
+        on = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, O_L))
+        om = m0 + gl.arange(0, BT, layout=gl.SliceLayout(0, O_L))
+        mask = (on < N)[:, None] & (om < M)[None, :]
+        res = gl.convert_layout(acc0 + acc1, O_L)
+        ptrs = out_ptr + om[None, :] * stride_om + on[:, None]
+        if PARTIAL:
+            gl.store(ptrs + gl.program_id(2) * M * stride_om, res, mask=mask)
+        else:
+            if HAS_BIAS:
+                res += gl.load(bias_ptr + on, mask=on < N, other=0.0).to(gl.float32)[:, None]
+            gl.store(ptrs, res.to(out_ptr.dtype.element_ty), mask=mask)
+
 
 def layouts(bt: int = BT, num_warps: int = NUM_WARPS, ring: int = RING) -> dict:
     """The kernel's layout constexprs for BT rows a program and num_warps warps (BN = 16
@@ -513,6 +790,80 @@ def split_activations(
         **layouts(ring=ring), num_warps=NUM_WARPS,
     )  # fmt: skip
     return a
+
+
+def split_linear(
+    a2: torch.Tensor,
+    heavy: torch.Tensor | None,
+    light: QuantizedWeight,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    *,
+    split: int | None = None,
+) -> torch.Tensor:
+    """Kernel B into out [M, N] (contiguous): a2[:, :kh] heavy^T + a2[:, kh:] light^T + bias
+    (`down_unsupported` must say None). `split`: K-slices (default `down_splits`), summed in
+    slice order by a second launch."""
+    from ffnsplit.kernels.quant_matmul import _splitk_reduce_kernel
+
+    m = a2.shape[0]
+    nh = heavy.shape[1] if heavy is not None else 0
+    n, kl = light.shape
+    xl = permute_x(a2[:, nh:])
+    if nh:  # zero columns up to a whole 32-k block (the heavy rows read 0 past kh)
+        xd = torch.zeros((m, triton.cdiv(nh, 32) * 32), dtype=a2.dtype, device=a2.device)
+        xd[:, :nh] = a2[:, :nh]
+        xd = permute_x(xd, dense=True)
+    else:
+        xd = xl
+    xl_desc = TensorDescriptor.from_tensor(xl, [BT, 64], x_layout())
+    xd_desc = TensorDescriptor.from_tensor(xd, [BT, 64], x_layout())
+    slices = split or down_splits(m, n, sm_count(a2.device))
+    target = out
+    if slices > 1:
+        target = torch.empty((slices, m, n), dtype=torch.float32, device=a2.device)
+    grid = (triton.cdiv(n, 16 * NUM_WARPS), triton.cdiv(m, BT), slices)
+    _down_kernel[grid](
+        xl_desc, xd_desc, heavy if nh else xl, light.planes[0], light.scales,
+        light.zeros if light.zeros is not None else light.scales, target,
+        bias if bias is not None else out, m, n, nh, kl, heavy.stride(0) if nh else 0,
+        n if slices > 1 else out.stride(0), SYMMETRIC=light.symmetric, GROUP=light.group_size,
+        HAS_BIAS=bias is not None, PARTIAL=slices > 1, DTYPE=_gl_dtype(a2.dtype), BT=BT,
+        **layouts(), num_warps=NUM_WARPS,
+    )  # fmt: skip
+    if slices > 1:
+        block = 1024
+        _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
+            target, bias if bias is not None else out, out, m * n, n, SPLIT=slices,
+            HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
+        )  # fmt: skip
+    return out
+
+
+def aot_compile_down(dtype: str = "fp16", *, arch: int = 90, ring: int = RING):
+    """`_down_kernel` compiled ahead of time for sm_`arch`, as `aot_compile`."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    fn = _down_kernel
+    t = "*" + dtype
+    desc = f"tensordesc<{dtype}[{BT}, 64],{x_layout()!r}>"
+    sig = dict(xl_desc=desc, xd_desc=desc, h_ptr=t, p_ptr="*i32", s_ptr="*fp16", z_ptr="*fp16",
+               out_ptr="*fp32", bias_ptr=t, M="i32", N="i32", KH="i32", KL="i32",
+               stride_h="i32", stride_om="i32")  # fmt: skip
+    const = dict(SYMMETRIC=False, GROUP=128, HAS_BIAS=False, PARTIAL=True,
+                 DTYPE=gl.float16 if dtype == "fp16" else gl.bfloat16, BT=BT,
+                 **layouts(ring=ring), num_warps=NUM_WARPS)  # fmt: skip
+    names = [p.name for p in fn.params]
+    signature = {nm: sig.get(nm, "constexpr") for nm in names}
+    aligned = [nm for nm in sig if nm.endswith("_ptr")] + ["N", "KH", "KL", "stride_h",
+                                                           "stride_om"]  # fmt: skip
+    attrs = {(names.index(nm),): [["tt.divisibility", 16]] for nm in aligned}
+    return triton.compile(
+        GluonASTSource(fn, signature, const, attrs),
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": NUM_WARPS},
+    )
 
 
 def aot_compile(dtype: str = "fp16", *, arch: int = 90, ring: int = RING):
