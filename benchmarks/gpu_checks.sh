@@ -17,7 +17,7 @@
 #   profprefill (benchmarks/prof_prefill.py + probe_cublas.py), odd (717 heavy neurons),
 #   swap (benchmarks/proto_swap.py), swaptier (the W-as-A form: tests + bench_mma), pdlmma,
 #   next14 (session 13's open questions), fused15 (the one-launch FFN), verify15, next16, s16ab, ncu16, proj, floor17 (ran in 17), finish17, trace17, ab17, ab18, ticket18, decoder18, trace18, slices18, trig19 (ran in 19), mid19, big20 (prepared), wg20 (branch s20-wgmma,
-#   ran in 20), attn20, attn21 (ran in 21), tune21 (branch s21-prepared, ran in 21), next22, fin22 (branch s22-prepared; both ran in 22), warps22, chunks22, split22, persm22 (ran in 22), gen23, wg23, ptr23, pf24, smol24, smolerr24, wga25, ka25, ring25, wgp25, wgb25, oracle, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
+#   ran in 20), attn20, attn21 (ran in 21), tune21 (branch s21-prepared, ran in 21), next22, fin22 (branch s22-prepared; both ran in 22), warps22, chunks22, split22, persm22 (ran in 22), gen23, wg23, ptr23, pf24, smol24, smolerr24, wga25, ka25, ring25, wgp25, wgb25, fin25, oracle, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
 #   (benchmarks/trace_decode.py), decode8b (M = 1, 4 + 8B decode once)
 # Several stages in one call: bash benchmarks/gpu_checks.sh gemv trace decode8b
 # Each step has its own time limit, so one slow step cannot take the whole call.
@@ -425,6 +425,14 @@ wgb25)  # session 25: the package's Hopper prefill kernel B too (wgmma_prefill.s
         run 150 "wgb25_$on" env FFNSPLIT_WGMMA_DOWN=$on FFNSPLIT_WGMMA_DOWN_MAX_M=1024 \
             python3 -m ffnsplit.cli bench --shape 4096x14336 --m 192,256,384,512,768 \
             --json "$OUT/wgb25_$on.json"
+    done
+    ;;
+fin25)  # session 25's last call: the GPU tests of both Hopper prefill kernels (kernel A writing
+    # kernel B's x in place), then the layer with kernel B on against off (~5 min)
+    run 270 test_fin25 python3 -m pytest -q -rf -x tests/test_wgmma_prefill.py
+    for on in 1 0; do
+        run 100 "fin25_$on" env FFNSPLIT_WGMMA_DOWN=$on python3 -m ffnsplit.cli bench \
+            --shape 4096x14336 --m 192,256,384,512 --json "$OUT/fin25_$on.json"
     done
     ;;
 smol24)  # session 24: the real compressed SmolLM2-135M (ffnsplit demo's compressed/ folder, made on

@@ -134,7 +134,21 @@ def test_kernel_a_matches_float64(poison, dtype, case) -> None:
     assert wgmma_prefill.unsupported(x, w) is None
     a = torch.empty(m, w.n_heavy + w.n_light, device=DEVICE, dtype=dtype)
     wgmma_prefill.split_activations(x, w, a)
-    assert rel_err(a, _ref_activations(x, w)) < TOL[dtype]
+    ref = _ref_activations(x, w)
+    assert rel_err(a, ref) < TOL[dtype]
+    # for kernel B: each part in its k order, the heavy one zero-padded to whole 32-k blocks
+    h = w.n_heavy
+    a = torch.empty(m, wgmma_prefill.heavy_cols(h) + w.n_light, device=DEVICE, dtype=dtype)
+    wgmma_prefill.split_activations(x, w, a, for_down=True)
+    assert rel_err(a, _down_layout(ref, h)) < TOL[dtype]
+
+
+def _down_layout(a: torch.Tensor, h: int) -> torch.Tensor:
+    """a [M, h + l] in kernel B's x layout (`split_activations(..., for_down=True)`)."""
+    heavy = torch.zeros(a.shape[0], wgmma_prefill.heavy_cols(h), dtype=a.dtype, device=a.device)
+    heavy[:, :h] = a[:, :h]
+    parts = [wgmma_prefill.permute_x(heavy, dense=True)] if h else []
+    return torch.cat([*parts, wgmma_prefill.permute_x(a[:, h:])], dim=1)
 
 
 # kernel B: (hidden = outputs, heavy, light, m, group, symmetric, bias, slices): heavy counts
@@ -165,14 +179,18 @@ def test_kernel_b_matches_float64(poison, dtype, case) -> None:
         out = torch.empty(m, hidden, device=DEVICE, dtype=dtype)
         wgmma_prefill.split_linear(a, heavy, w.light_down, w.down_bias, out, split=split)
         assert rel_err(out, ref) < TOL[dtype], split
+    out = torch.empty(m, hidden, device=DEVICE, dtype=dtype)  # x as kernel A writes it for B
+    wgmma_prefill.split_linear(_down_layout(a, w.n_heavy), heavy, w.light_down, w.down_bias, out,
+                               split=slices, permuted=True)  # fmt: skip
+    assert rel_err(out, ref) < TOL[dtype]
 
 
 @gpu
 @needs_sm90
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_auto_takes_them_at_prefill_sizes(poison, monkeypatch, dtype) -> None:
-    """split_ffn "auto" at M = 256 runs kernels A and B here, the FFN matching float64; below
-    MIN_M it takes neither."""
+    """split_ffn "auto" at M = 256 runs kernels A and B here (B only while DOWN_ENABLED: else
+    the tl prefill tier), the FFN matching float64; below MIN_M it takes neither."""
     w = pad_heavy(random_split_weights(1088, 200, 544, "silu", True, True, dtype, bits=4,
                                        group=128))  # fmt: skip
     calls = []
@@ -182,10 +200,15 @@ def test_auto_takes_them_at_prefill_sizes(poison, monkeypatch, dtype) -> None:
                             lambda *args, run=run, name=name, **kw: calls.append(name)
                             or run(*args, **kw))  # fmt: skip
     x = torch.randn(256, 1088, device=DEVICE).to(dtype)
+    monkeypatch.setattr(wgmma_prefill, "DOWN_ENABLED", True)
     out = sffn.split_ffn(x, w)
     assert calls == ["split_activations", "split_linear"]
     assert sffn.ffn_path(256, x, w) == "wgmma"
     assert rel_err(out, ref_split_ffn(x, w)) < TOL[dtype]
+    monkeypatch.setattr(wgmma_prefill, "DOWN_ENABLED", False)
+    calls.clear()
+    assert rel_err(sffn.split_ffn(x, w), ref_split_ffn(x, w)) < TOL[dtype]
+    assert calls == ["split_activations"] and sffn.ffn_path(256, x, w) == "wgmma+prefill"
     assert rel_err(sffn.split_activations(x, w), _ref_activations(x, w)) < TOL[dtype]
     calls.clear()
     sffn.split_ffn(x[: wgmma_prefill.MIN_M - 1], w)

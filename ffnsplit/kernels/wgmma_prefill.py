@@ -93,8 +93,8 @@ def unsupported(x2: torch.Tensor, w: SplitFFNWeights) -> str | None:
     if up.bits != 4 or up.group_size < 64 or up.group_size & (up.group_size - 1):
         return f"{up.bits}-bit weights in groups of {up.group_size} (int4, groups 64, 128, ...)"
     k = w.hidden_size
-    if k % 32 or w.n_light % 4:
-        return f"hidden size {k} (multiple of 32) or light count {w.n_light} (multiple of 4)"
+    if k % 32 or w.n_light % 16:  # the copies' alignment must be proven: multiples of 16
+        return f"hidden size {k} (multiple of 32) or light count {w.n_light} (multiple of 16)"
     for q in (up, gate):
         if not (q.planes[0].is_contiguous() and q.scales.is_contiguous()):
             return "non-contiguous packed planes or scales"
@@ -129,8 +129,8 @@ def down_unsupported(
     if light.bits != 4 or light.group_size < 64 or light.group_size & (light.group_size - 1):
         return f"{light.bits}-bit weights in groups of {light.group_size} (int4, groups 64, ...)"
     n = light.shape[0]
-    if n % 4:
-        return f"{n} outputs (a multiple of 4)"
+    if n % 16:  # the words' 16-byte and the scales' 4-byte copies need it proven
+        return f"{n} outputs (a multiple of 16)"
     if not (light.planes[0].is_contiguous() and light.scales.is_contiguous()):
         return "non-contiguous packed planes or scales"
     if light.zeros is not None and not light.zeros.is_contiguous():
@@ -150,6 +150,11 @@ def use_down(m: int, a2: torch.Tensor, w: SplitFFNWeights) -> bool:
         and down_unsupported(a2, w.heavy_down if w.n_heavy else None,
                              w.light_down if w.n_light else None) is None
     )  # fmt: skip
+
+
+def heavy_cols(nh: int) -> int:
+    """Columns of the heavy part in kernel B's x: whole 32-k blocks (their permutation's unit)."""
+    return triton.cdiv(nh, 32) * 32
 
 
 def down_splits(m: int, n: int, sms: int, per_sm: int = 2) -> int:
@@ -448,11 +453,14 @@ if gluon is not None and warpgroup_mma is not None:
         return acc0, acc1
 
     @gluon.jit
-    def _store(acc0, acc1, out_ptr, ub_ptr, gb_ptr, n0, m0, N, M, stride_om, out_col,
+    def _store(acc0, acc1, out_ptr, ub_ptr, gb_ptr, n0, m0, N, NS, M, stride_om, out_col,
                ACTIVATION: gl.constexpr, HAS_UP_BIAS: gl.constexpr,
                HAS_GATE_BIAS: gl.constexpr, BN: gl.constexpr, BT: gl.constexpr,
-               O_L: gl.constexpr):  # fmt: skip
-        """out[m, out_col + n] = act(gate + gb) * (up + ub) of [BN, BT] tiles, n fastest."""
+               O_L: gl.constexpr, PERM: gl.constexpr):  # fmt: skip
+        """out[m, out_col + c(n)] = act(gate + gb) * (up + ub) of [BN, BT] tiles (N neurons,
+        columns up to NS written: the ones past N get act(0) * 0 = 0), n fastest. c(n) = n, or
+        with PERM 1 / 2 n's slot in its 32-k block in the light words' / heavy rows' order
+        (`permute_x`): kernel B's x, written in place."""
         on = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, O_L))
         om = m0 + gl.arange(0, BT, layout=gl.SliceLayout(0, O_L))
         up = gl.convert_layout(acc0, O_L)
@@ -462,22 +470,36 @@ if gluon is not None and warpgroup_mma is not None:
         if HAS_GATE_BIAS:
             gate += gl.load(gb_ptr + on, mask=on < N, other=0.0).to(gl.float32)[:, None]
         res = md._act(gate, ACTIVATION) * up
-        ptrs = out_ptr + om[None, :] * stride_om + (out_col + on)[:, None]
-        mask = (on < N)[:, None] & (om < M)[None, :]
+        col = on
+        if PERM > 0:  # k = 8 t + 4 j2 + 2 j1 + j0 of a 32-k block -> its slot
+            r = on % 32
+            t = (r >> 3) & 3
+            j2 = (r >> 2) & 1
+            j1 = (r >> 1) & 1
+            j0 = r & 1
+            if PERM == 1:  # noqa: SIM108 (compile-time)
+                slot = (j1 << 4) | (j0 << 3) | (t << 1) | j2
+            else:
+                slot = (j2 << 4) | (j1 << 3) | (t << 1) | j0
+            col = on - r + slot
+        ptrs = out_ptr + om[None, :] * stride_om + (out_col + col)[:, None]
+        mask = (on < NS)[:, None] & (om < M)[None, :]
         gl.store(ptrs, res.to(out_ptr.dtype.element_ty), mask=mask)
 
     @gluon.jit
     def _up_kernel(xl_desc, xd_desc, hu_ptr, hg_ptr, p_ptr, s_ptr, z_ptr, q_ptr, t_ptr, u_ptr,
-                   out_ptr, ub_ptr, gb_ptr, M, NH, NL, K, stride_h, stride_om,
+                   out_ptr, ub_ptr, gb_ptr, M, NH, NL, K, stride_h, stride_om, NHS,
                    SYMMETRIC: gl.constexpr, GROUP: gl.constexpr, ACTIVATION: gl.constexpr,
                    HAS_UP_BIAS: gl.constexpr, HAS_GATE_BIAS: gl.constexpr, DTYPE: gl.constexpr,
                    BT: gl.constexpr, V3: gl.constexpr, W_L: gl.constexpr, O_L: gl.constexpr,
                    H_L: gl.constexpr, C_L: gl.constexpr, S_L: gl.constexpr, WR: gl.constexpr,
-                   num_warps: gl.constexpr):  # fmt: skip
+                   num_warps: gl.constexpr, PERM: gl.constexpr = False):  # fmt: skip
         """Kernel A: out[:, :NH] from the heavy rows (hu, hg [NH, K], row stride stride_h; x
         in the dense rows' order behind xd_desc), out[:, NH:] from the light words (x in the
         light order behind xl_desc). Heavy tiles are the first programs along axis 0 (they are
-        the longest); [BN = 64 neurons, BT rows] a program, rows program_id(1) * BT."""
+        the longest); [BN = 64 neurons, BT rows] a program, rows program_id(1) * BT. PERM: out is
+        kernel B's x instead, [:, :NHS] the heavy part in the heavy rows' k order (zeros past NH
+        up to NHS, a multiple of 32), [:, NHS:] the light part in the light order."""
         BN: gl.constexpr = 16 * num_warps
         heavy_tiles = gl.cdiv(NH, BN)
         pid = gl.program_id(0)
@@ -486,15 +508,17 @@ if gluon is not None and warpgroup_mma is not None:
             n0 = pid * BN
             acc0, acc1 = _heavy_tile(xd_desc, hu_ptr, hg_ptr, NH, K, stride_h, n0, m0, DTYPE,
                                      BT, V3, H_L, num_warps)  # fmt: skip
-            _store(acc0, acc1, out_ptr, ub_ptr, gb_ptr, n0, m0, NH, M, stride_om, 0, ACTIVATION,
-                   HAS_UP_BIAS, HAS_GATE_BIAS, BN, BT, O_L)  # fmt: skip
+            _store(acc0, acc1, out_ptr, ub_ptr, gb_ptr, n0, m0, NH, NHS, M, stride_om, 0,
+                   ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS, BN, BT, O_L,
+                   2 if PERM else 0)  # fmt: skip
         else:
             n0 = (pid - heavy_tiles) * BN
             acc0, acc1 = _light_tile(xl_desc, p_ptr, s_ptr, z_ptr, q_ptr, t_ptr, u_ptr, NL, K,
                                      n0, m0, SYMMETRIC, GROUP, DTYPE, BT, V3, W_L, C_L, S_L, WR,
                                      num_warps)  # fmt: skip
-            _store(acc0, acc1, out_ptr, ub_ptr + NH, gb_ptr + NH, n0, m0, NL, M, stride_om, NH,
-                   ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS, BN, BT, O_L)  # fmt: skip
+            _store(acc0, acc1, out_ptr, ub_ptr + NH, gb_ptr + NH, n0, m0, NL, NL, M, stride_om,
+                   NHS, ACTIVATION, HAS_UP_BIAS, HAS_GATE_BIAS, BN, BT, O_L,
+                   1 if PERM else 0)  # fmt: skip
 
     # ---- kernel B: the down projection over [heavy | light] K, in K-slices ------------------
 
@@ -764,10 +788,17 @@ def _gl_dtype(dtype: torch.dtype):
 
 
 def split_activations(
-    x2: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor, *, ring: int = RING
+    x2: torch.Tensor,
+    w: SplitFFNWeights,
+    a: torch.Tensor,
+    *,
+    ring: int = RING,
+    for_down: bool = False,
 ) -> torch.Tensor:
     """Kernel A into a [M, h + l] (x2 [M, H] contiguous rows; `unsupported` must say None;
-    `ring`: words-ring stages, at least 2)."""
+    `ring`: words-ring stages, at least 2). `for_down`: a [M, heavy_cols(h) + l] is kernel B's
+    x as `split_linear(..., permuted=True)` reads it (the heavy part zero-padded to 32-k blocks,
+    each part's blocks in its order), written by the epilogue: no permuting copies."""
     m, k = x2.shape
     nh, nl = w.n_heavy, w.n_light
     xl = permute_x(x2)
@@ -784,7 +815,8 @@ def split_activations(
         up.zeros if up.zeros is not None else up.scales, gate.planes[0], gate.scales,
         gate.zeros if gate.zeros is not None else gate.scales, a,
         w.up_bias if w.up_bias is not None else a, w.gate_bias if w.gate_bias is not None else a,
-        m, nh, nl, k, hu.stride(0), a.stride(0), SYMMETRIC=up.symmetric, GROUP=up.group_size,
+        m, nh, nl, k, hu.stride(0), a.stride(0), heavy_cols(nh) if for_down else nh,
+        SYMMETRIC=up.symmetric, GROUP=up.group_size, PERM=for_down,
         ACTIVATION=w.activation, HAS_UP_BIAS=w.up_bias is not None,
         HAS_GATE_BIAS=w.gate_bias is not None, DTYPE=_gl_dtype(x2.dtype), BT=BT,
         **layouts(ring=ring), num_warps=NUM_WARPS,
@@ -800,22 +832,24 @@ def split_linear(
     out: torch.Tensor,
     *,
     split: int | None = None,
+    permuted: bool = False,
 ) -> torch.Tensor:
     """Kernel B into out [M, N] (contiguous): a2[:, :kh] heavy^T + a2[:, kh:] light^T + bias
     (`down_unsupported` must say None). `split`: K-slices (default `down_splits`), summed in
-    slice order by a second launch."""
+    slice order by a second launch. `permuted`: a2 is kernel A's `for_down` output instead
+    ([M, heavy_cols(kh) + kl], read in place); else each part is permuted by a copy."""
     from ffnsplit.kernels.quant_matmul import _splitk_reduce_kernel
 
     m = a2.shape[0]
     nh = heavy.shape[1] if heavy is not None else 0
     n, kl = light.shape
-    xl = permute_x(a2[:, nh:])
-    if nh:  # zero columns up to a whole 32-k block (the heavy rows read 0 past kh)
-        xd = torch.zeros((m, triton.cdiv(nh, 32) * 32), dtype=a2.dtype, device=a2.device)
-        xd[:, :nh] = a2[:, :nh]
-        xd = permute_x(xd, dense=True)
+    if permuted:  # kernel A's for_down layout, read in place
+        xd, xl = a2[:, : heavy_cols(nh)], a2[:, heavy_cols(nh) :]
     else:
-        xd = xl
+        xl = permute_x(a2[:, nh:])
+        xd = torch.zeros((m, heavy_cols(nh)), dtype=a2.dtype, device=a2.device)
+        xd[:, :nh] = a2[:, :nh]  # zeros up to a whole 32-k block: the heavy rows read 0 past kh
+    xd = permute_x(xd, dense=True) if nh and not permuted else (xd if nh else xl)
     xl_desc = TensorDescriptor.from_tensor(xl, [BT, 64], x_layout())
     xd_desc = TensorDescriptor.from_tensor(xd, [BT, 64], x_layout())
     slices = split or down_splits(m, n, sm_count(a2.device))
@@ -838,6 +872,18 @@ def split_linear(
             HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
         )  # fmt: skip
     return out
+
+
+def split_ffn(x2: torch.Tensor, w: SplitFFNWeights) -> torch.Tensor:
+    """The whole FFN by kernels A and B here (`use` and `use_down` must hold): kernel A writes
+    kernel B's x in its k orders, kernel B reads it in place. [M, H] in x2's dtype."""
+    m = x2.shape[0]
+    nh, nl = w.n_heavy, w.n_light
+    a = torch.empty((m, heavy_cols(nh) + nl), dtype=x2.dtype, device=x2.device)
+    split_activations(x2, w, a, for_down=True)
+    out = torch.empty((m, w.hidden_size), dtype=x2.dtype, device=x2.device)
+    return split_linear(a, w.heavy_down if nh else None, w.light_down, w.down_bias, out,
+                        permuted=True)  # fmt: skip
 
 
 def aot_compile_down(dtype: str = "fp16", *, arch: int = 90, ring: int = RING):
@@ -866,7 +912,7 @@ def aot_compile_down(dtype: str = "fp16", *, arch: int = 90, ring: int = RING):
     )
 
 
-def aot_compile(dtype: str = "fp16", *, arch: int = 90, ring: int = RING):
+def aot_compile(dtype: str = "fp16", *, arch: int = 90, ring: int = RING, perm: bool = False):
     """`_up_kernel` compiled ahead of time for sm_`arch` (no GPU needed; Llama-3-8B-like
     arguments, 16-byte aligned): Triton's CompiledKernel (`mma_decode.aot_resources` reads its
     registers and spills)."""
@@ -879,10 +925,10 @@ def aot_compile(dtype: str = "fp16", *, arch: int = 90, ring: int = RING):
     sig = dict(xl_desc=desc, xd_desc=desc, hu_ptr=t, hg_ptr=t, p_ptr="*i32", s_ptr="*fp16",
                z_ptr="*fp16", q_ptr="*i32", t_ptr="*fp16", u_ptr="*fp16", out_ptr=t, ub_ptr=t,
                gb_ptr=t, M="i32", NH="i32", NL="i32", K="i32", stride_h="i32",
-               stride_om="i32")  # fmt: skip
+               stride_om="i32", NHS="i32")  # fmt: skip
     const = dict(SYMMETRIC=False, GROUP=128, ACTIVATION="silu", HAS_UP_BIAS=False,
                  HAS_GATE_BIAS=False, DTYPE=gl.float16 if dtype == "fp16" else gl.bfloat16,
-                 BT=BT, **layouts(ring=ring), num_warps=NUM_WARPS)  # fmt: skip
+                 BT=BT, **layouts(ring=ring), num_warps=NUM_WARPS, PERM=perm)  # fmt: skip
     names = [p.name for p in fn.params]
     signature = {nm: sig.get(nm, "constexpr") for nm in names}
     aligned = [nm for nm in sig if nm.endswith("_ptr")] + ["K", "stride_h", "stride_om", "NH",
