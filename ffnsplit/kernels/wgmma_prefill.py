@@ -1,33 +1,40 @@
-"""Kernel A of the split FFN at prefill sizes on Hopper (sm_90): one Gluon launch of warpgroup MMAs
-(wgmma) for a gated FFN's heavy (fp16/bf16) and light (int4, groups of 64, 128, ...) neurons.
+"""The split FFN at prefill sizes on Hopper (sm_90): kernels A and B as Gluon launches of warpgroup
+MMAs (wgmma) over a gated FFN's heavy (fp16/bf16) and light (int4, groups of 64, 128, ...) parts.
 
-a [M, h + l] = act(x G^T + gb) * (x U^T + ub), the heavy neurons first. A program owns 64 neurons
-(one warpgroup) and 128 rows of x; the neurons are the wgmma's M, the rows its N, so the
-accumulators hold a^T tiles and the weights are the register A operand:
+Kernel A: a [M, h + l] = act(x G^T + gb) * (x U^T + ub), the heavy neurons first. Kernel B:
+y [M, H] = a[:, :h] D_h^T + a[:, h:] D_l^T + db over K-slices (fp32 partials summed in slice
+order by a second launch). A program owns 64 neurons or outputs (one warpgroup) and 128 rows;
+those are the wgmma's M and N, so the accumulators hold transposed tiles and the weights are the
+register A operand:
 
   * light words (the format's canonical order, no repacking): lane 4 g + t of each warp takes
     word row t of each 32-k block of columns g and g + 8 of its 16 neurons, which is exactly its
     wgmma A fragment once each word is turned into four fp16x2 (bf16x2) registers of (q - z) s
     (inline PTX: lop3 under the exponent of 1024 (128), sub, fma; 15 instructions a word;
     `convert_layout(..., assert_trivial=True)` proves nothing crosses threads). The words,
-    scales and zeros of the next RING - 1 steps of 64 k stream into shared memory by cp.async
-    (nothing of them in registers), one CTA barrier a step;
+    scales and zeros of the next RING - 1 steps stream into shared memory by cp.async (nothing
+    of them in registers), one CTA barrier a step;
   * heavy rows: 16 bytes a lane and row are their A fragment as loaded, loaded two steps ahead
     in registers;
-  * x: permuted once per call into the k-slot order the fragments imply (two orders: the light
-    words' and the heavy rows', `mma_decode.LIGHT_X_PERM` / `DENSE_X_PERM`), then read by TMA
-    into a three-stage ring with an mbarrier a stage, where it is wgmma's B operand;
-  * a step is two half products (up, gate on the same x tile); each half's A operand is built
-    while the other half's wgmma runs (`warpgroup_mma_wait(1)`).
+  * x (kernel A's input, kernel B's `a`): in the k-slot order the fragments imply, one order for
+    the light words and one for the heavy rows (`mma_decode.LIGHT_X_PERM` / `DENSE_X_PERM`:
+    a permutation inside each 32-k block), read by TMA into a three-stage ring with an mbarrier
+    a stage, where it is wgmma's B operand. Kernel A's x is permuted by two copies a call;
+    within `split_ffn` kernel A's epilogue writes `a` in kernel B's orders, so B reads it in
+    place;
+  * a step is two half products (kernel A: up and gate on one x tile; kernel B: two 64-k tiles);
+    each half's A operand is built while the other half's wgmma runs (`warpgroup_mma_wait(1)`).
 
-H200, Llama-3-8B FFN (720 heavy + 13,632 int4 g128 neurons, K 4096; benchmarks/RESULTS.md,
-session 25): M = 256 123.6 us against the tl prefill tier's 165.1 and cuBLAS's dense up + gate
-94.4; M = 512 251-254 against 261.8; M = 128 110.6 against the tl tier's 83.8 (a 0.85-wave grid
-of one program an SM), M = 1024 493-505 against 449. ncu at M = 256: the tensor pipe busy 65% of
-the active cycles (52.6% with the words in registers two steps ahead, whose loads were the warps'
-top stall). "auto" takes it for MIN_M <= M <= MAX_M on sm_90 (FFNSPLIT_WGMMA=0: off).
-Gluon has no interpreter: this path runs on sm_90 GPUs only and is tested there
-(tests/test_wgmma_prefill.py); a CPU test compiles it for sm_90.
+H200, Llama-3-8B FFN (720 heavy + 13,632 int4 g128 neurons; benchmarks/RESULTS.md, session 25).
+Kernel A at M = 256 119-124 us against the tl prefill tier's 163-165 and cuBLAS's dense up +
+gate 94-96; ncu: the tensor pipe busy 65% of the active cycles (52.6% with the words loaded into
+registers two steps ahead, whose loads were the warps' top stall). The whole layer (`ffnsplit
+bench`) at M = 256 186.9 us, 0.85x dense fp16 (session start: 246-247, 0.64x); M = 384 285.7
+(0.74x; was 355-356), M = 192 213-215 (0.60x; was 244-246), M = 512 361.9 (0.79x; was 406-407).
+"auto" takes kernel A for MIN_M <= M <= MAX_M and kernel B for DOWN_MIN_M .. DOWN_MAX_M on
+sm_90 (FFNSPLIT_WGMMA=0 / FFNSPLIT_WGMMA_DOWN=0: off). Gluon has no interpreter: these kernels
+run on sm_90 GPUs only and are tested there (tests/test_wgmma_prefill.py); a CPU test compiles
+both for sm_90 with the installed Triton.
 """
 
 from __future__ import annotations
@@ -65,10 +72,13 @@ ENABLED = os.environ.get("FFNSPLIT_WGMMA", "1") != "0"
 # to 576 (the crossover interpolates to ~640)
 MIN_M = int(os.environ.get("FFNSPLIT_WGMMA_MIN_M", "129"))
 MAX_M = int(os.environ.get("FFNSPLIT_WGMMA_MAX_M", "576"))
-# kernel B (the down projection) by its own bounds, measured apart (FFNSPLIT_WGMMA_DOWN=0: off)
+# kernel B (the down projection) by its own bounds (FFNSPLIT_WGMMA_DOWN=0: off). The same bench,
+# the whole layer with kernel A here, kernel B here (reading kernel A's output in place) / by the
+# tl prefill tier or the dequant path: M = 192 215.0 / 213.0 us, 256 186.9 / 204.8, 384 285.7 /
+# 317.3, 512 385.5 / 361.9 (crossover interpolated ~460)
 DOWN_ENABLED = os.environ.get("FFNSPLIT_WGMMA_DOWN", "1") != "0"
-DOWN_MIN_M = int(os.environ.get("FFNSPLIT_WGMMA_DOWN_MIN_M", "129"))
-DOWN_MAX_M = int(os.environ.get("FFNSPLIT_WGMMA_DOWN_MAX_M", "576"))
+DOWN_MIN_M = int(os.environ.get("FFNSPLIT_WGMMA_DOWN_MIN_M", "193"))
+DOWN_MAX_M = int(os.environ.get("FFNSPLIT_WGMMA_DOWN_MAX_M", "448"))
 BT = 128  # rows of x a program
 NUM_WARPS = 4  # one warpgroup: 64 neurons a program
 RING = 4  # words-ring stages (3-8 within 2% of each other at M = 256-1024, session 25)
