@@ -41,6 +41,12 @@ call, a three-stage TMA ring): at M = 256 kernel A's light part 136.6 us and ker
 slower: at those sizes the words' bytes in flight, not x, set the pace. `kernel_a` is the whole
 kernel A in one launch (heavy fp16/bf16 rows as the A operand as loaded, with x in the dense
 rows' order behind a second descriptor): M = 256 150.5 us against the tl tier's 165.8.
+
+Session 25: `kernel_a(num_warps=8)` (two warpgroups sharing each x stage) and 64-row tiles were no
+faster; ncu put the warps' top stall on the words' register loads, and with the words, scales
+and zeros through a cp.async ring kernel A took M = 256 in 123.6 us. That form, kernel B in it,
+and kernel A writing kernel B's x in place are the package's `ffnsplit/kernels/wgmma_prefill.py`
+(`kernel_a(ring=...)` runs it; the shared pieces are imported from there).
 """
 
 from __future__ import annotations

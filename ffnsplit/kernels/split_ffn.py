@@ -9,6 +9,11 @@ the others tiles of light neurons (packed, dequantized in registers); up and gat
 loads, and bias, activation and gating run in the epilogue, so `a` [M, h + l] is written once.
 Kernel B (quant_matmul.split_linear) is the down projection over K = [heavy | light] columns of
 `a`, both parts accumulated into one fp32 tile, then the down bias.
+
+On sm_90 at prefill sizes "auto" takes wgmma_prefill's Gluon kernels instead (kernel A from its
+MIN_M to MAX_M rows, kernel B from DOWN_MIN_M to DOWN_MAX_M; with both, kernel A writes `a` in
+kernel B's k order and B reads it in place): `kernel_a_path`, `kernel_b_path` and `ffn_path`
+name what a call takes.
 """
 
 from __future__ import annotations
