@@ -78,6 +78,8 @@ def test_formats_it_takes() -> None:
     heavy_only = random_split_weights(576, 20, 0, "silu", True, False, torch.float16,
                                       device="cpu")  # fmt: skip
     assert "light" in wgmma_prefill.unsupported(x, heavy_only)
+    f32_zeros = replace(w, light_up=replace(w.light_up, zeros=w.light_up.zeros.float()))
+    assert "dtype" in wgmma_prefill.unsupported(x, f32_zeros)
 
 
 def test_auto_never_takes_it_off_sm90() -> None:

@@ -108,8 +108,8 @@ def unsupported(x2: torch.Tensor, w: SplitFFNWeights) -> str | None:
     for q in (up, gate):
         if not (q.planes[0].is_contiguous() and q.scales.is_contiguous()):
             return "non-contiguous packed planes or scales"
-        if q.zeros is not None and not q.zeros.is_contiguous():
-            return "non-contiguous zeros"
+        if q.zeros is not None and (not q.zeros.is_contiguous() or q.zeros.dtype != q.scales.dtype):
+            return "zeros not contiguous or not in the scales' dtype (one copy stages both)"
     if w.n_heavy:
         hu, hg = w.heavy_up, w.heavy_gate
         if hu.stride(1) != 1 or hu.stride(0) % 8 or hg.stride() != hu.stride():
@@ -143,8 +143,9 @@ def down_unsupported(
         return f"{n} outputs (a multiple of 16)"
     if not (light.planes[0].is_contiguous() and light.scales.is_contiguous()):
         return "non-contiguous packed planes or scales"
-    if light.zeros is not None and not light.zeros.is_contiguous():
-        return "non-contiguous zeros"
+    if light.zeros is not None and (not light.zeros.is_contiguous()
+                                    or light.zeros.dtype != light.scales.dtype):  # fmt: skip
+        return "zeros not contiguous or not in the scales' dtype (one copy stages both)"
     if heavy is not None and (heavy.dtype != a2.dtype or heavy.stride(1) != 1
                               or heavy.stride(0) % 8):  # fmt: skip
         return "heavy rows not 16-byte aligned rows in the activations' dtype"
