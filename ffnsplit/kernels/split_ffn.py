@@ -353,10 +353,10 @@ def split_ffn(x: torch.Tensor, w: SplitFFNWeights, *, path: str = "auto") -> tor
             out = torch.empty((m, w.hidden_size), dtype=x.dtype, device=x.device)
             fused_decode.split_ffn(x2, w, out)
             return out.reshape(*x.shape[:-1], w.hidden_size)
-    if m and path == "auto" and x.dim() and x.shape[-1] == w.hidden_size:
+    if path == "auto" and m >= wgmma_prefill.MIN_M:  # Hopper, prefill sizes: both kernels
+        _validate(x, w)  # before `use` reads the weights' formats
         x2 = x.reshape(-1, w.hidden_size)
-        if wgmma_prefill.use(m, x2, w) and wgmma_prefill.use_down(m, x2, w):  # Hopper, prefill
-            _validate(x, w)
+        if wgmma_prefill.use(m, x2, w) and wgmma_prefill.use_down(m, x2, w):
             out = wgmma_prefill.split_ffn(x2 if x2.stride(-1) == 1 else x2.contiguous(), w)
             return out.reshape(*x.shape[:-1], w.hidden_size)
     return down_projection(split_activations(x, w, path=path), w, path=path)
