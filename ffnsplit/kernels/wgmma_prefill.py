@@ -93,23 +93,29 @@ def available(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) == (9, 0)
 
 
+def _light_unsupported(q: QuantizedWeight) -> str | None:
+    """Why a packed weight's format cannot be read by these kernels, or None."""
+    if q.bits != 4 or q.group_size < 64 or q.group_size & (q.group_size - 1):
+        return f"{q.bits}-bit weights in groups of {q.group_size} (int4, groups 64, 128, ...)"
+    if not (q.planes[0].is_contiguous() and q.scales.is_contiguous()):
+        return "non-contiguous packed planes or scales"
+    if q.zeros is not None and (not q.zeros.is_contiguous() or q.zeros.dtype != q.scales.dtype):
+        return "zeros not contiguous or not in the scales' dtype (one copy stages both)"
+    return None
+
+
 def unsupported(x2: torch.Tensor, w: SplitFFNWeights) -> str | None:
     """Why kernel A of `w` on rows like x2 cannot take this path, or None."""
     if x2.dtype not in (torch.float16, torch.bfloat16):
         return f"activations are {x2.dtype}, not fp16/bf16"
     if not w.gated or not w.n_light:
         return "a gated FFN with light neurons only"
-    up, gate = w.light_up, w.light_gate
-    if up.bits != 4 or up.group_size < 64 or up.group_size & (up.group_size - 1):
-        return f"{up.bits}-bit weights in groups of {up.group_size} (int4, groups 64, 128, ...)"
     k = w.hidden_size
     if k % 32 or w.n_light % 16:  # the copies' alignment must be proven: multiples of 16
         return f"hidden size {k} (multiple of 32) or light count {w.n_light} (multiple of 16)"
-    for q in (up, gate):
-        if not (q.planes[0].is_contiguous() and q.scales.is_contiguous()):
-            return "non-contiguous packed planes or scales"
-        if q.zeros is not None and (not q.zeros.is_contiguous() or q.zeros.dtype != q.scales.dtype):
-            return "zeros not contiguous or not in the scales' dtype (one copy stages both)"
+    reason = _light_unsupported(w.light_up) or _light_unsupported(w.light_gate)
+    if reason:
+        return reason
     if w.n_heavy:
         hu, hg = w.heavy_up, w.heavy_gate
         if hu.stride(1) != 1 or hu.stride(0) % 8 or hg.stride() != hu.stride():
@@ -136,16 +142,12 @@ def down_unsupported(
         return f"activations are {a2.dtype}, not fp16/bf16"
     if light is None:
         return "light columns only"
-    if light.bits != 4 or light.group_size < 64 or light.group_size & (light.group_size - 1):
-        return f"{light.bits}-bit weights in groups of {light.group_size} (int4, groups 64, ...)"
+    reason = _light_unsupported(light)
+    if reason:
+        return reason
     n = light.shape[0]
     if n % 16:  # the words' 16-byte and the scales' 4-byte copies need it proven
         return f"{n} outputs (a multiple of 16)"
-    if not (light.planes[0].is_contiguous() and light.scales.is_contiguous()):
-        return "non-contiguous packed planes or scales"
-    if light.zeros is not None and (not light.zeros.is_contiguous()
-                                    or light.zeros.dtype != light.scales.dtype):  # fmt: skip
-        return "zeros not contiguous or not in the scales' dtype (one copy stages both)"
     if heavy is not None and (heavy.dtype != a2.dtype or heavy.stride(1) != 1
                               or heavy.stride(0) % 8):  # fmt: skip
         return "heavy rows not 16-byte aligned rows in the activations' dtype"
