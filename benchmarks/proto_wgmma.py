@@ -63,23 +63,21 @@ from ffnsplit.kernels.format import QuantizedWeight, SplitFFNWeights
 gluon, gl = md.gluon, md.gl
 permute_x = wp.permute_x
 if gluon is not None and wp.warpgroup_mma is not None:  # the pieces the package kernel shares
-    from ffnsplit.kernels.wgmma_prefill import _fragments, _heavy_fragments, _heavy_rows, _prep
-try:  # Hopper's warpgroup MMA
-    from triton.experimental.gluon.language.nvidia.hopper import (
-        fence_async_shared,
-        warpgroup_mma,
-        warpgroup_mma_init,
-        warpgroup_mma_wait,
+    from ffnsplit.kernels.wgmma_prefill import (
+        _fragments,
+        _heavy_fragments,
+        _heavy_offsets,
+        _heavy_rows,
+        _prep,
     )
-except Exception as exc:  # pragma: no cover - depends on the installed Triton
-    fence_async_shared = warpgroup_mma = warpgroup_mma_init = warpgroup_mma_wait = None
-    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
-else:
-    _IMPORT_ERROR = md._IMPORT_ERROR
-try:  # TMA and mbarriers (Triton 3.6's Gluon names; x_tma only)
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
-except Exception:  # pragma: no cover - depends on the installed Triton
-    mbarrier = tma = None
+# Hopper's warpgroup MMA, TMA and mbarriers: the package module's imports (None where absent)
+fence_async_shared, mbarrier, tma = wp.fence_async_shared, wp.mbarrier, wp.tma
+warpgroup_mma, warpgroup_mma_init, warpgroup_mma_wait = (
+    wp.warpgroup_mma,
+    wp.warpgroup_mma_init,
+    wp.warpgroup_mma_wait,
+)
+_IMPORT_ERROR = wp._IMPORT_ERROR
 
 # timing experiments only (wrong results): 1 x not restaged and no fence, 2 no fence, 3 neither
 # nor the barrier
@@ -337,14 +335,7 @@ if gluon is not None and warpgroup_mma is not None:
         G = gl.cdiv(K, GROUP)
 
         if HV:  # heavy rows [8 (4 b + t), BN, 8 (c)]: k offsets 8 (4 b + t) + c, their rows
-            hr = gl.arange(0, 8, layout=gl.SliceLayout(1, gl.SliceLayout(2, H_L)))
-            hn = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, gl.SliceLayout(2, H_L)))
-            hc = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, H_L)))
-            w_rows = (hr * 8)[:, None][:, :, None] + hc[None, :][:, None, :]
-            n3 = hn[None, :][:, :, None]
-            w_mask = n3 < N
-            w_off = n3 * stride_h + w_rows
-            w_cols = hn
+            w_rows, w_mask, w_off, w_cols = _heavy_offsets(n0, N, stride_h, BN, H_L)
         else:
             w_rows = gl.arange(0, 8, layout=gl.SliceLayout(1, W_L))
             w_cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, W_L))

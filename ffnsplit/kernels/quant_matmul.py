@@ -118,6 +118,16 @@ def _splitk_reduce_kernel(ws_ptr, bias_ptr, out_ptr, MN, N, SPLIT: tl.constexpr,
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def reduce_slices(ws: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    """out [M, N] (contiguous) = the fp32 partials ws [slices, M, N] summed in slice order + bias."""
+    m, n = out.shape
+    block = 1024
+    _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
+        ws, bias if bias is not None else out, out, m * n, n, SPLIT=ws.shape[0],
+        HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
+    )  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------
 # configs: one small config under the interpreter, a few per tier on the GPU (first is default)
 
@@ -304,11 +314,7 @@ def split_linear(
             num_stages=cfg.num_stages,
         )  # fmt: skip
         if split > 1:
-            block = 1024
-            _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
-                ws, bias if bias is not None else out, out, m * n, n, SPLIT=split,
-                HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
-            )  # fmt: skip
+            reduce_slices(ws, bias, out)
 
     key = (tier, triton.next_power_of_2(m), n, kh, kl, bits, group, symmetric, x.dtype, x.device)
     run(_tuner.pick(key, configs, run))

@@ -61,7 +61,8 @@ try:  # Hopper's warpgroup MMA, TMA and mbarriers, and the host-side tensor desc
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 except Exception as exc:  # pragma: no cover - depends on the installed Triton
-    warpgroup_mma = tma = mbarrier = TensorDescriptor = None
+    fence_async_shared = mbarrier = tma = TensorDescriptor = None
+    warpgroup_mma = warpgroup_mma_init = warpgroup_mma_wait = None
     _IMPORT_ERROR = _IMPORT_ERROR or f"{type(exc).__name__}: {exc}"
 
 ENABLED = os.environ.get("FFNSPLIT_WGMMA", "1") != "0"
@@ -255,6 +256,18 @@ if gluon is not None and warpgroup_mma is not None:
         return gl.load(h_ptr + h_off + i * 64, mask=n_mask & (k < K), other=0.0)
 
     @gluon.jit
+    def _heavy_offsets(n0, N, stride_h, BN: gl.constexpr, H_L: gl.constexpr):
+        """Heavy rows n0 .. n0 + BN (row stride stride_h) as [8 (4 b + t), BN, 8 (c)] tiles:
+        their k offsets 8 (4 b + t) + c, the rows' mask (rows past N), the offsets into the
+        weight, and the rows."""
+        hr = gl.arange(0, 8, layout=gl.SliceLayout(1, gl.SliceLayout(2, H_L)))
+        hn = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, gl.SliceLayout(2, H_L)))
+        hc = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, H_L)))
+        w_rows = (hr * 8)[:, None][:, :, None] + hc[None, :][:, None, :]
+        n3 = hn[None, :][:, :, None]
+        return w_rows, n3 < N, n3 * stride_h + w_rows, hn
+
+    @gluon.jit
     def _heavy_fragments(h, A3: gl.constexpr):
         """Heavy rows [8, BN, 8] -> the A operand [BN, 64 k-slots] as loaded: slot
         32 b + 16 i2 + 8 i1 + 2 t + i0 holds k = 32 b + 8 t + 4 i2 + 2 i1 + i0 (the dense rows'
@@ -313,6 +326,28 @@ if gluon is not None and warpgroup_mma is not None:
         md._async_load(s_smem.index(st), ps + g * N, mask=s_ok & (g < G))
 
     @gluon.jit
+    def _ring_take(wu_smem, wg_smem, s_smem, st, i_next, st_next, last, pu, pg, ps, ru, rg, w_ok,
+                   s_ok, sh, N, KR, G, SYMMETRIC: gl.constexpr, GROUP: gl.constexpr,
+                   DTYPE: gl.constexpr, BN: gl.constexpr, W_L: gl.constexpr, WR: gl.constexpr,
+                   RS: gl.constexpr):  # fmt: skip
+        """A step's words and (scale, b) pairs from words-ring stage st: wait for this thread's
+        copies of it, one CTA barrier (everyone's copies visible, everyone done reading the
+        stage before), refill that earlier stage (st_next) with step i_next, read stage st."""
+        SV: gl.constexpr = gl.SliceLayout(0, W_L)
+        md.async_copy.wait_group(WR - 2)
+        md._barrier()
+        _ring_issue(wu_smem, wg_smem, s_smem, i_next, last, st_next, pu, pg, ps, ru, rg, w_ok,
+                    s_ok, sh, N, KR, G, GROUP, RS)  # fmt: skip
+        md.async_copy.commit_group()
+        h0 = wu_smem.index(st).load(W_L)
+        h1 = wg_smem.index(st).load(W_L)
+        sv = s_smem.index(st)
+        ps0, pb0 = _prep(sv.slice(0, BN).load(SV), sv.slice(BN, BN).load(SV), SYMMETRIC, DTYPE)
+        ps1, pb1 = _prep(sv.slice(2 * BN, BN).load(SV), sv.slice(3 * BN, BN).load(SV), SYMMETRIC,
+                         DTYPE)  # fmt: skip
+        return h0, h1, ps0, pb0, ps1, pb1
+
+    @gluon.jit
     def _ring_step(i, last, acc0, acc1, a1, wu_smem, wg_smem, s_smem, x_smem, bars, x_desc, m0,
                    pu, pg, ps, w_rows, w_ok, s_ok, sh, N, KR, G, SYMMETRIC: gl.constexpr,
                    GROUP: gl.constexpr, DTYPE: gl.constexpr, BN: gl.constexpr,
@@ -322,19 +357,10 @@ if gluon is not None and warpgroup_mma is not None:
         stage with step i + WR - 1, read step i's words and scales from shared memory; then
         up's half product is built and issued while gate's of step i - 1 runs, and the other
         way round."""
-        SV: gl.constexpr = gl.SliceLayout(0, W_L)
-        st = i % WR
-        md.async_copy.wait_group(WR - 2)
-        md._barrier()
-        _ring_issue(wu_smem, wg_smem, s_smem, i + WR - 1, last, (i + WR - 1) % WR, pu, pg, ps,
-                    w_rows, w_rows, w_ok, s_ok, sh, N, KR, G, GROUP, 8)  # fmt: skip
-        md.async_copy.commit_group()
-        h0 = wu_smem.index(st).load(W_L)
-        h1 = wg_smem.index(st).load(W_L)
-        sv = s_smem.index(st)
-        ps0, pb0 = _prep(sv.slice(0, BN).load(SV), sv.slice(BN, BN).load(SV), SYMMETRIC, DTYPE)
-        ps1, pb1 = _prep(sv.slice(2 * BN, BN).load(SV), sv.slice(3 * BN, BN).load(SV), SYMMETRIC,
-                         DTYPE)  # fmt: skip
+        h0, h1, ps0, pb0, ps1, pb1 = _ring_take(
+            wu_smem, wg_smem, s_smem, i % WR, i + WR - 1, (i + WR - 1) % WR, last, pu, pg, ps,
+            w_rows, w_rows, w_ok, s_ok, sh, N, KR, G, SYMMETRIC, GROUP, DTYPE, BN, W_L, WR,
+            8)  # fmt: skip
         b = _x_operand(x_smem, bars, i)
         a0 = _fragments(h0, ps0, pb0, DTYPE, A3)
         acc0 = warpgroup_mma(a0, b, acc0, is_async=True)
@@ -433,14 +459,7 @@ if gluon is not None and warpgroup_mma is not None:
         BN: gl.constexpr = 16 * num_warps
         A3: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=V3, k_width=2)
         last = gl.cdiv(K, 64) - 1
-        # rows [8 (4 b + t), BN, 8 (c)]: k offsets 8 (4 b + t) + c of their rows
-        hr = gl.arange(0, 8, layout=gl.SliceLayout(1, gl.SliceLayout(2, H_L)))
-        hn = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, gl.SliceLayout(2, H_L)))
-        hc = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, H_L)))
-        w_rows = (hr * 8)[:, None][:, :, None] + hc[None, :][:, None, :]
-        n3 = hn[None, :][:, :, None]
-        w_mask = n3 < N
-        w_off = n3 * stride_h + w_rows
+        w_rows, w_mask, w_off, _ = _heavy_offsets(n0, N, stride_h, BN, H_L)
         x_smem, bars = _x_ring(x_desc, last, m0, DTYPE, BT)
         hA0 = _heavy_rows(hu_ptr, w_off, w_rows, 0, K, w_mask)
         hA1 = _heavy_rows(hg_ptr, w_off, w_rows, 0, K, w_mask)
@@ -577,13 +596,7 @@ if gluon is not None and warpgroup_mma is not None:
         row stride stride_h) added to acc0, acc1 (x tiles 0 .. 2 (t_hi - t_lo) - 1)."""
         BN: gl.constexpr = 16 * num_warps
         A3: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=V3, k_width=2)
-        hr = gl.arange(0, 8, layout=gl.SliceLayout(1, gl.SliceLayout(2, H_L)))
-        hn = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, gl.SliceLayout(2, H_L)))
-        hc = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, H_L)))
-        w_rows = (hr * 8)[:, None][:, :, None] + hc[None, :][:, None, :]
-        n3 = hn[None, :][:, :, None]
-        w_mask = n3 < N
-        w_off = n3 * stride_h + w_rows
+        w_rows, w_mask, w_off, _ = _heavy_offsets(n0, N, stride_h, BN, H_L)
         last = t_hi - 1
         hA0 = _heavy_rows(h_ptr, w_off, w_rows, 2 * t_lo, K, w_mask)
         hA1 = _heavy_rows(h_ptr, w_off, w_rows, 2 * t_lo + 1, K, w_mask)
@@ -616,19 +629,10 @@ if gluon is not None and warpgroup_mma is not None:
                          A3: gl.constexpr, W_L: gl.constexpr, WR: gl.constexpr):  # fmt: skip
         """Kernel B, light pair-step t (word rows 16 t .. 16 t + 15: tiles u, u + 1) from the
         words ring (as kernel A's `_ring_step`)."""
-        SV: gl.constexpr = gl.SliceLayout(0, W_L)
-        st = (t - t_lo) % WR
-        md.async_copy.wait_group(WR - 2)
-        md._barrier()
-        _ring_issue(wu_smem, wg_smem, s_smem, t + WR - 1, last, (t - t_lo + WR - 1) % WR, pu, pg,
-                    ps, ru, rg, w_ok, s_ok, sh, N, KR, G, GROUP, 16)  # fmt: skip
-        md.async_copy.commit_group()
-        h0 = wu_smem.index(st).load(W_L)
-        h1 = wg_smem.index(st).load(W_L)
-        sv = s_smem.index(st)
-        ps0, pb0 = _prep(sv.slice(0, BN).load(SV), sv.slice(BN, BN).load(SV), SYMMETRIC, DTYPE)
-        ps1, pb1 = _prep(sv.slice(2 * BN, BN).load(SV), sv.slice(3 * BN, BN).load(SV), SYMMETRIC,
-                         DTYPE)  # fmt: skip
+        h0, h1, ps0, pb0, ps1, pb1 = _ring_take(
+            wu_smem, wg_smem, s_smem, (t - t_lo) % WR, t + WR - 1, (t - t_lo + WR - 1) % WR, last,
+            pu, pg, ps, ru, rg, w_ok, s_ok, sh, N, KR, G, SYMMETRIC, GROUP, DTYPE, BN, W_L, WR,
+            16)  # fmt: skip
         b = _x_operand(x_smem, bars, u)
         a0 = _fragments(h0, ps0, pb0, DTYPE, A3)
         acc0 = warpgroup_mma(a0, b, acc0, is_async=True)
@@ -851,7 +855,7 @@ def split_linear(
     (`down_unsupported` must say None). `split`: K-slices (default `down_splits`), summed in
     slice order by a second launch. `permuted`: a2 is kernel A's `for_down` output instead
     ([M, heavy_cols(kh) + kl], read in place); else each part is permuted by a copy."""
-    from ffnsplit.kernels.quant_matmul import _splitk_reduce_kernel
+    from ffnsplit.kernels.quant_matmul import reduce_slices
 
     m = a2.shape[0]
     nh = heavy.shape[1] if heavy is not None else 0
@@ -879,11 +883,7 @@ def split_linear(
         **layouts(), num_warps=NUM_WARPS,
     )  # fmt: skip
     if slices > 1:
-        block = 1024
-        _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
-            target, bias if bias is not None else out, out, m * n, n, SPLIT=slices,
-            HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
-        )  # fmt: skip
+        reduce_slices(target, bias, out)
     return out
 
 
