@@ -1,0 +1,162 @@
+"""W4A8 split FFN (kernels/w4a8.py) against its torch definition, stage by stage.
+
+Kernel A is checked on its own against `reference_activations` and kernel B against
+`reference_down` of kernel A's actual output (same a, same row maxima: an fp32 rounding
+difference in a cannot move an int8 code across a rounding boundary between the two sides),
+the row quantizer bit for bit; the whole FFN against `reference_split_ffn` with a bound that
+leaves room for such moves, and against the unquantized FFN for the size of the int8 error.
+On CPU under TRITON_INTERPRET=1 (conftest), compiled on a GPU (plus bf16 there). Weights come
+from the project's own RTN quantizer (integer zero points), shapes off every block size.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ffnsplit.compress.quant import quantize_rtn
+from ffnsplit.kernels import reference, w4a8
+from ffnsplit.kernels.format import QuantizedWeight, SplitFFNWeights, pack_planes
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ON_GPU = DEVICE == "cuda"
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
+PER_CHANNEL = 1 << 20
+DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if ON_GPU else [])
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not out.isnan().any(), "unwritten (NaN-poisoned) or non-finite output"
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def weights(hidden: int, h: int, light: int, *, bits: int = 4, group: int = 32,
+            symmetric: bool = False, gated: bool = True, activation: str = "silu",
+            biases: bool = True, dtype: torch.dtype = torch.float16,
+            seed: int = 0) -> SplitFFNWeights:  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+
+    def dense(rows: int, cols: int) -> torch.Tensor:
+        return (torch.randn(rows, cols, generator=g) / cols**0.5).to(DEVICE, dtype)
+
+    def packed(n: int, k: int) -> QuantizedWeight:
+        return quantize_rtn(torch.randn(n, k, generator=g) / k**0.5, bits, group,
+                            symmetric).to(DEVICE)  # fmt: skip
+
+    def vec(n: int) -> torch.Tensor | None:
+        return (torch.randn(n, generator=g) * 0.1).to(DEVICE) if biases else None
+
+    return SplitFFNWeights(
+        activation=activation, gated=gated,
+        heavy_up=dense(h, hidden) if h else None,
+        heavy_gate=dense(h, hidden) if h and gated else None,
+        heavy_down=dense(hidden, h) if h else None,
+        light_up=packed(light, hidden), light_gate=packed(light, hidden) if gated else None,
+        light_down=packed(hidden, light), up_bias=vec(h + light),
+        gate_bias=vec(h + light) if gated else None, down_bias=vec(hidden),
+    )  # fmt: skip
+
+
+def rows(m: int, hidden: int, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, hidden, generator=g)
+    x[:, 3] *= 20.0  # an outlier channel, as real FFN inputs have
+    return x.to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("m", "k"), [(1, 32), (5, 70), (9, 257)])
+def test_quantize_rows_matches_reference(dtype, m, k) -> None:
+    x = rows(m, k, dtype)
+    x[m // 2] = 0.0  # a zero row: zero codes, zero scale
+    q, s = w4a8.quantize_rows(x)
+    rq, rs = w4a8.quantize_rows_ref(x)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32
+    assert q.abs().max() <= 127 and (q[m // 2] == 0).all() and s[m // 2] == 0
+    if ON_GPU:  # the GPU's division may round 127 / absmax differently: a code moves by one
+        assert (q.int() - rq.int()).abs().max() <= 1
+        assert (q != rq).float().mean() < 1e-3 and torch.allclose(s, rs)
+    else:
+        assert torch.equal(q, rq) and torch.equal(s, rs)
+    # per-row error at most half a step of the row's scale
+    assert ((q.float() * s[:, None] - x.float()).abs() <= 0.5 * s[:, None] * (1 + 1e-5)).all()
+
+
+# (bits, group, symmetric, gated, activation, heavy, light, hidden, m, config)
+CASES = [
+    (4, 32, False, True, "silu", 5, 96, 160, 7, None),
+    (4, 64, True, True, "gelu_tanh", 0, 64, 128, 19, None),
+    (4, 128, False, False, "relu", 9, 96, 256, 3, None),
+    (4, PER_CHANNEL, False, True, "gelu", 3, 64, 96, 5, None),
+    (3, 32, False, True, "silu", 6, 64, 96, 4, None),
+    (2, 64, False, True, "silu", 2, 128, 192, 6, None),
+    (8, 32, True, True, "silu", 4, 64, 96, 5, None),
+    (4, 64, False, True, "silu", 13, 96, 160, 21, (16, 64, 64, 32, 4, 1)),  # N, K off blocks
+    (4, 32, False, True, "silu", 7, 160, 96, 33, (32, 64, 32, 64, 4, 1)),
+]
+
+
+def _case(i: int, dtype: torch.dtype):
+    bits, group, sym, gated, act, h, light, hidden, m, config = CASES[i]
+    w = weights(hidden, h, light, bits=bits, group=group, symmetric=sym, gated=gated,
+                activation=act, biases=i % 2 == 0, dtype=dtype, seed=i)  # fmt: skip
+    return w, rows(m, hidden, dtype, seed=100 + i), config
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("i", range(len(CASES)))
+def test_kernels_match_reference(poison, dtype, i) -> None:
+    w, x, config = _case(i, dtype)
+    assert w4a8.unsupported(x, w) is None
+    a, amax = w4a8.split_activations(x, w, config=config)
+    ref_a = w4a8.reference_activations(x, w)
+    assert a.dtype == dtype and rel_err(a, ref_a) < TOL[dtype]
+    light_max = a[:, w.n_heavy :].float().abs().amax(1)
+    assert torch.equal(amax.view(torch.float32), light_max)  # the stored values' row maxima
+    y = w4a8.down_projection(a, amax, w, config=config)
+    assert y.dtype == dtype and rel_err(y, w4a8.reference_down(a, w)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("i", [0, 2, 5])
+def test_split_ffn_end_to_end(poison, dtype, i) -> None:
+    w, x, config = _case(i, dtype)
+    x3 = x.reshape(1, *x.shape)  # leading dims
+    y = w4a8.split_ffn(x3, w, config=config)
+    assert y.shape == x3.shape
+    ref = w4a8.reference_split_ffn(x3, w)
+    # a code of a may move by one between the two sides where a differs by an ulp
+    assert rel_err(y, ref) < max(TOL[dtype], 2e-3)
+    # the int8 activations' own error: small against the unquantized FFN, but not zero
+    plain = reference.split_ffn(x3.double(), _as64(w))
+    assert 1e-4 < rel_err(y, plain) < 6e-2  # an outlier channel 20x: steps of ~1/6 of |x|
+
+
+def _as64(w: SplitFFNWeights) -> SplitFFNWeights:
+    fields = ("heavy_up", "heavy_gate", "heavy_down", "up_bias", "gate_bias", "down_bias")
+    changes = {f: getattr(w, f).double() for f in fields if getattr(w, f) is not None}
+    return SplitFFNWeights(**{**w.__dict__, **changes})
+
+
+def test_unsupported_reasons() -> None:
+    w = weights(96, 4, 64)
+    x = rows(3, 96, torch.float16)
+    assert w4a8.unsupported(x, w) is None
+    assert "activations" in w4a8.unsupported(x.to(torch.float64), w)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 256, (64, 96), generator=g)
+    asym8 = QuantizedWeight(pack_planes(q, 8), torch.rand(3, 64).half(), torch.rand(3, 64).half(),
+                            8, 32, (64, 96)).to(DEVICE)  # fmt: skip
+    assert "int8" in w4a8.unsupported(x, SplitFFNWeights(**{**w.__dict__, "light_up": asym8}))
+    frac = w.light_up.zeros.clone()
+    frac[0, 0] += 0.25  # fractional zero points are valid in the format, not here
+    fq = QuantizedWeight(w.light_up.planes, w.light_up.scales, frac, 4, 32, (64, 96))
+    assert "fractional" in w4a8.unsupported(x, SplitFFNWeights(**{**w.__dict__, "light_up": fq}))
+    assert "light" in w4a8.unsupported(x, SplitFFNWeights(**{**w.__dict__, "light_up": None}))
+
+
+def test_integer_zeros_is_remembered_per_version() -> None:
+    z = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    assert w4a8.integer_zeros(z)
+    z[0, 0] = 1.5  # an in-place write bumps the version: checked again
+    assert not w4a8.integer_zeros(z)
