@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -399,11 +400,15 @@ def evaluate(
     json_path: str | os.PathLike | None = None,
     trust_remote_code: bool = False,
     progress=None,
+    light_act: str | Sequence[str] = "none",
 ) -> dict:
     """Evaluate each model (one at a time, freed after) with one protocol; name -> EvalReport.
 
     Sizes count floating-point tensors at 16 bits (as deployed on a GPU), whatever dtype the
     model runs in here, so a dense original and its compressed version compare fairly.
+    `light_act` (one for all models, or one per model): "int8" runs a compressed model's light
+    part on int8 activations (`modules.set_light_act`); its report is named "SPEC (int8 light
+    act.)", so a checkpoint can stand beside itself.
     """
     import gc
     import json
@@ -412,8 +417,21 @@ def evaluate(
     from ffnsplit.errors import OptionError
     from ffnsplit.eval.compare import evaluate as evaluate_model
     from ffnsplit.fsutil import atomic_write_text
+    from ffnsplit.io import is_compressed_dir
+    from ffnsplit.modules import LIGHT_ACTS, set_light_act
     from ffnsplit.runtime import resolve_device, resolve_dtype
 
+    acts = [light_act] * len(model_specs) if isinstance(light_act, str) else list(light_act)
+    if len(acts) != len(model_specs):
+        raise OptionError(f"{len(acts)} light activation modes for {len(model_specs)} models")
+    for spec, act in zip(model_specs, acts, strict=True):  # before any model is evaluated
+        if act not in LIGHT_ACTS:
+            raise OptionError(f"--light-act {act!r}: choose one of {', '.join(LIGHT_ACTS)}")
+        path = Path(str(spec)).expanduser()
+        if act != "none" and not (path.is_dir() and is_compressed_dir(path)):
+            raise OptionError(
+                f"--light-act {act} applies to a compressed model's folder; {spec} is not one"
+            )
     if seq_len < 2:
         raise OptionError(f"--seq-len must be at least 2 (got {seq_len})")
     if max_tokens is not None and max_tokens < 1:
@@ -428,14 +446,18 @@ def evaluate(
         compute_dtype = torch.float32  # fp16 checkpoints run in fp32 on the CPU
     _same_kind(model_specs)
     reports = {}
-    for spec in model_specs:
+    for spec, act in zip(model_specs, acts, strict=True):
         model, tokenizer = open_model(
             spec, device=run_device, dtype=compute_dtype, trust_remote_code=trust_remote_code
         )
-        reports[str(spec)] = evaluate_model(
+        name = str(spec)
+        if act != "none":
+            set_light_act(model, act)
+            name = f"{spec} ({act} light act.)"
+        reports[name] = evaluate_model(
             model,
             tokenizer,
-            name=str(spec),
+            name=name,
             corpora=corpora,
             seq_len=seq_len,
             max_tokens=max_tokens,

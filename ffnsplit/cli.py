@@ -506,6 +506,14 @@ def eval_command(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     trust_remote_code: TrustOpt = False,
+    light_act: Annotated[
+        str,
+        typer.Option(
+            "--light-act",
+            help="MODEL's light-part activations: none, or int8 (quantized per token for int8 "
+            "tensor-core products; compare with --against the same checkpoint).",
+        ),
+    ] = "none",
 ) -> None:
     """Perplexity, zero-shot polarity (causal LMs) or similarity (encoders), sizes; side by side.
 
@@ -533,6 +541,7 @@ def eval_command(
             json_path=json_file,
             trust_remote_code=trust_remote_code,
             progress=_stage_callback(progress),
+            light_act=["none"] * (len(specs) - 1) + [light_act],
         )
     console.print(comparison_table(reports))
     if all(not report.perplexity for report in reports.values()):

@@ -38,6 +38,7 @@ MODULE_FORMAT = "splitffn"
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 LIGHT_KINDS = ("quant", "lowrank", "none")
 HEAVY_KINDS = ("dense", "int8", "none")
+LIGHT_ACTS = ("none", "int8")  # the light part's activations: as they are, or int8 per row
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -215,6 +216,9 @@ class SplitFFN(nn.Module):
             stored_heavy = int(quantized_heavy.up.shape[0])
         self.n_heavy = stored_heavy if n_heavy is None else int(n_heavy)
         self._dense_cache: tuple[torch.dtype, SplitFFNWeights] | None = None
+        # "int8": the light part's activations quantized per row to int8 (kernels/w4a8.py); set
+        # through `set_light_act`, which checks that the format allows it
+        self.light_act = "none"
 
     @property
     def heavy_kind(self) -> str:
@@ -267,6 +271,7 @@ class SplitFFN(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         self._dense_cache = None  # moved or cast: the dequantized copy is stale
+        self.__dict__.pop("_w4a8_cache", None)
         self.__dict__.pop("_padded", None)
         self._clear_graphs()
         return super()._apply(fn, recurse)
@@ -278,6 +283,7 @@ class SplitFFN(nn.Module):
         # tensors; one with assign=True (or swapped tensors) puts new tensors in place, which
         # __setattr__ or the address check at the next replay catches
         self._dense_cache = None
+        self.__dict__.pop("_w4a8_cache", None)
         if self.__dict__.pop("_padded", None) is not None:
             self._clear_graphs()
         super()._load_from_state_dict(*args, **kwargs)
@@ -286,12 +292,13 @@ class SplitFFN(nn.Module):
         super().__setattr__(name, value)
         if not name.startswith("_"):  # a tensor or part reassigned: recorded graphs are stale
             self.__dict__.pop("_padded", None)
+            self.__dict__.pop("_w4a8_cache", None)
             self._clear_graphs()
 
     def __getstate__(self) -> dict:
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
         # CUDA graphs are not copied or pickled; nor the padded layout (rebuilt on first use)
-        return {**state, "_graphs": None, "_padded": None}
+        return {**state, "_graphs": None, "_padded": None, "_w4a8_cache": None}
 
     def _pad_heavy(self) -> None:
         """Give the kernels a heavy part of a multiple of 8 neurons (format.pad_heavy: zero
@@ -407,6 +414,8 @@ class SplitFFN(nn.Module):
         return self._forward(x)
 
     def _forward(self, x: Tensor) -> Tensor:
+        if self.light_act == "int8":
+            return self._w4a8_forward(x)
         tiers = self._tiers()
         if tiers and not x.is_cuda:
             y = split_ffn(x, self._dense_weights(x.dtype))
@@ -421,6 +430,19 @@ class SplitFFN(nn.Module):
         if self.lowrank_up is not None:
             y = y + self._lowrank_forward(x)
         return y
+
+    def _w4a8_forward(self, x: Tensor) -> Tensor:
+        """The FFN with int8 light activations: the W4A8 kernels on a GPU, their torch definition
+        (light weights dequantized once, like the CPU path's dense copy) elsewhere."""
+        from ffnsplit.kernels import w4a8
+
+        (tier,) = self._tiers()
+        if x.is_cuda:
+            return w4a8.split_ffn(x, tier)
+        cache = self.__dict__.get("_w4a8_cache")
+        if cache is None:
+            cache = self.__dict__["_w4a8_cache"] = w4a8.dequantized(tier)
+        return w4a8.reference_split_ffn(x, cache)
 
     def _lowrank_forward(self, x: Tensor) -> Tensor:
         up = self.lowrank_up.factors().apply(x)
@@ -472,6 +494,7 @@ class SplitFFN(nn.Module):
             "biases": {name: getattr(self, name) is not None for name in _BIASES},
             "heavy": heavy,
             "light": light,
+            **({"light_act": self.light_act} if self.light_act != "none" else {}),
         }
 
     @classmethod
@@ -548,10 +571,50 @@ class SplitFFN(nn.Module):
                 up_bias=empty(up.shape[0]) if biases["light_up_bias"] else None,
                 gate_bias=empty(up.shape[0]) if biases["light_gate_bias"] else None,
             )
-        return cls(
+        module = cls(
             weights,
             lowrank=lowrank,
             n_light=int(meta["n_light"]),
             quantized_heavy=quantized_heavy,
             n_heavy=heavy,
         )
+        act = meta.get("light_act", "none")
+        if act not in LIGHT_ACTS or act != "none" and (kind != "quant" or heavy_kind == "int8"):
+            raise CheckpointError(f"SplitFFN metadata has light activations {act!r} for a "
+                                  f"{heavy_kind}/{kind} FFN: file is corrupt")  # fmt: skip
+        module.light_act = act  # the format was checked by set_light_act before it was saved
+        return module
+
+
+def set_light_act(model: nn.Module, mode: str) -> int:
+    """How every SplitFFN of `model` feeds its light part: "none" (x and a as they are) or
+    "int8" (quantized per row to int8 for int8 tensor-core products: kernels/w4a8.py; it changes
+    the numerics, `ffnsplit eval --light-act int8` measures by how much). Every FFN is checked
+    before any is changed; returns how many were set."""
+    from ffnsplit.errors import OptionError
+    from ffnsplit.kernels import w4a8
+
+    if mode not in LIGHT_ACTS:
+        raise OptionError(
+            f"unknown light activations {mode!r}: choose one of {', '.join(LIGHT_ACTS)}"
+        )
+    ffns = [m for m in model.modules() if isinstance(m, SplitFFN)]
+    if mode != "none" and not ffns:
+        raise OptionError(
+            f"--light-act {mode} applies to a compressed model's split FFNs; this model has none"
+        )
+    for index, ffn in enumerate(ffns if mode != "none" else ()):
+        if ffn.light_kind != "quant" or ffn.heavy_kind == "int8":
+            why = f"its light part is {ffn.light_kind}, its heavy part {ffn.heavy_kind}"
+        else:
+            weights = (ffn.light_up, ffn.light_gate, ffn.light_down)
+            why = next((r for p in weights if p is not None
+                        and (r := w4a8.light_unsupported(p.weight()))), None)  # fmt: skip
+        if why:
+            raise OptionError(
+                f"--light-act {mode} cannot run split FFN {index} ({why}): it needs a quantized "
+                "light part with integer zero points and a dense heavy part; use --light-act none"
+            )
+    for ffn in ffns:
+        ffn.light_act = mode
+    return len(ffns)

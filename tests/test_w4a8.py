@@ -160,3 +160,95 @@ def test_integer_zeros_is_remembered_per_version() -> None:
     assert w4a8.integer_zeros(z)
     z[0, 0] = 1.5  # an in-place write bumps the version: checked again
     assert not w4a8.integer_zeros(z)
+
+
+# ---- the module switch: SplitFFN.light_act, set_light_act, the checkpoint, `ffnsplit eval`
+
+
+def _split_module(light, n_heavy: int = 17, seed: int = 0):
+    from ffnsplit.apply import build_split_ffn
+    from ffnsplit.arch import get_ffn_blocks
+    from tests.test_modules import random_layer_plan
+    from tests.tiny_models import tiny_model
+
+    model = tiny_model("llama")
+    parts = get_ffn_blocks(model)[0].parts()
+    return build_split_ffn(parts, random_layer_plan(parts.intermediate_size, n_heavy, light, seed))
+
+
+def test_split_ffn_module_runs_its_definition_when_set() -> None:
+    from ffnsplit.modules import set_light_act
+    from ffnsplit.plan import LightFormat
+
+    module = _split_module(LightFormat(bits=4, group_size=32))
+    model = torch.nn.Sequential(module)
+    x = torch.randn(2, 5, module.hidden_size)
+    plain = module(x)
+    assert set_light_act(model, "int8") == 1 and module.light_act == "int8"
+    y = module(x)
+    assert torch.equal(y, w4a8.reference_split_ffn(x, module.split_weights()))
+    assert 1e-4 < rel_err(y, plain) < 5e-2
+    if ON_GPU:  # the kernels, from the module, on the GPU
+        gpu = module.to(DEVICE, torch.float16)
+        xg = x.to(DEVICE, torch.float16)
+        ref = w4a8.reference_split_ffn(xg, gpu.split_weights())
+        assert rel_err(gpu(xg), ref) < 2e-3
+        module = gpu.cpu().float()
+    set_light_act(model, "none")
+    assert torch.allclose(module(x), plain, atol=1e-5)
+
+
+def test_light_act_round_trips_through_the_meta() -> None:
+    import json
+
+    from ffnsplit.errors import CheckpointError
+    from ffnsplit.modules import SplitFFN, set_light_act
+    from ffnsplit.plan import LightFormat
+
+    module = _split_module(LightFormat(bits=4, group_size=32))
+    assert "light_act" not in module.meta()  # checkpoints without it read as before
+    set_light_act(module, "int8")
+    meta = json.loads(json.dumps(module.meta()))
+    assert meta["light_act"] == "int8"
+    skeleton = SplitFFN.from_meta(meta)
+    assert skeleton.light_act == "int8"
+    skeleton.load_state_dict(module.state_dict(), assign=True, strict=True)
+    x = torch.randn(3, module.hidden_size)
+    assert torch.equal(skeleton(x), module(x))
+    with pytest.raises(CheckpointError, match="light activations"):
+        SplitFFN.from_meta({**meta, "light_act": "int4"})
+
+
+def test_set_light_act_refuses_what_it_cannot_run() -> None:
+    from ffnsplit.errors import OptionError
+    from ffnsplit.modules import set_light_act
+    from ffnsplit.plan import LightFormat
+    from tests.tiny_models import tiny_model
+
+    with pytest.raises(OptionError, match="choose one of"):
+        set_light_act(_split_module(LightFormat(bits=4, group_size=32)), "fp8")
+    with pytest.raises(OptionError, match="has none"):
+        set_light_act(tiny_model("llama"), "int8")
+    assert set_light_act(tiny_model("llama"), "none") == 0
+    lowrank = _split_module(LightFormat(kind="lowrank", rank=4))
+    ok = _split_module(LightFormat(bits=4, group_size=32))
+    model = torch.nn.Sequential(ok, lowrank)
+    with pytest.raises(OptionError, match="split FFN 1 .*lowrank"):
+        set_light_act(model, "int8")
+    assert ok.light_act == "none"  # nothing changed when one FFN cannot
+    asym8 = _split_module(LightFormat(bits=8, group_size=32))
+    with pytest.raises(OptionError, match="asymmetric int8"):
+        set_light_act(asym8, "int8")
+
+
+def test_eval_light_act_on_a_dense_model_is_one_line(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from ffnsplit.cli import app
+
+    result = CliRunner().invoke(app, ["eval", str(tmp_path), "--light-act", "int8"])
+    assert result.exit_code != 0
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--light-act int8 applies to a compressed model" in lines[0]
+    result = CliRunner().invoke(app, ["eval", str(tmp_path), "--light-act", "int4"])
+    assert result.exit_code != 0 and "choose one of none, int8" in result.output

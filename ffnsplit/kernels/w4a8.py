@@ -67,8 +67,18 @@ def _fake(x: torch.Tensor) -> torch.Tensor:
     return q.float() * s[:, None]
 
 
-def _deq(q: QuantizedWeight) -> torch.Tensor:
-    return q.dequantize(torch.float32)
+def _deq(q: QuantizedWeight | torch.Tensor) -> torch.Tensor:
+    """A light weight in fp32: dequantized, or as given (`dequantized` made it already)."""
+    return q.float() if isinstance(q, torch.Tensor) else q.dequantize(torch.float32)
+
+
+def dequantized(w: SplitFFNWeights) -> SplitFFNWeights:
+    """`w` with its light weights dequantized to fp32 once (the references accept it: the CPU
+    path keeps it instead of dequantizing every call)."""
+    from dataclasses import replace
+
+    return replace(w, **{name: _deq(q) for name in ("light_up", "light_gate", "light_down")
+                         if (q := getattr(w, name)) is not None})  # fmt: skip
 
 
 def reference_activations(x: torch.Tensor, w: SplitFFNWeights) -> torch.Tensor:
@@ -151,6 +161,26 @@ def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl
 
 
 @triton.jit
+def _int4_as_int8(w, z, SYMMETRIC: tl.constexpr):
+    """int4 words [ROWS, BN] and their zeros z [1, BN] (integers, fp32) -> q - z as int8
+    [8 ROWS, BN] in k order, four codes a word operation: the even and the odd nibbles as bytes
+    (w & 0x0F0F0F0F), plus 128 - z in every byte (no carry: q + 128 - z <= 143), xor 0x80 per
+    byte (= q - z in two's complement), then each byte its own element."""
+    if SYMMETRIC:
+        zc = tl.full(z.shape, 120 * 0x01010101, tl.int32)
+    else:
+        zc = (128 - z.to(tl.int32)) * 0x01010101
+    flip = -2139062144  # 0x80808080
+    lo = ((w & 0x0F0F0F0F) + zc) ^ flip  # bytes i: codes 2 i
+    hi = (((w >> 4) & 0x0F0F0F0F) + zc) ^ flip  # codes 2 i + 1
+    t = tl.join(lo, hi)  # [R, BN, 2 (p)]
+    i = tl.arange(0, 4)
+    b = (t[:, :, None, :] >> (8 * i)[None, None, :, None]).to(tl.int8)  # [R, BN, 4 (i), 2 (p)]
+    b = tl.permute(b, [0, 2, 3, 1])  # [R, i, p, BN]: k = 8 r + 2 i + p
+    return tl.reshape(b, [8 * w.shape[0], w.shape[1]])
+
+
+@triton.jit
 def _int8_block(acc, x8, p0_ptr, p1_ptr, s_ptr, z_ptr, N, K, k0, offs_n, mask_n,
                 BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
                 BLOCK_K: tl.constexpr):  # fmt: skip
@@ -160,12 +190,16 @@ def _int8_block(acc, x8, p0_ptr, p1_ptr, s_ptr, z_ptr, N, K, k0, offs_n, mask_n,
     ROWS: tl.constexpr = BLOCK_K // PACK
     w0, w1, _ = load_words(p0_ptr, p1_ptr, N, K, k0, offs_n, mask_n, BITS, ROWS)
     s, z = block_scales(s_ptr, z_ptr, N, K, k0, offs_n, mask_n, GROUP, SYMMETRIC, True)
-    q = unpack_codes(w0, w1, BITS, False)
-    if SYMMETRIC:
-        q = q - (1 << (BITS - 1))
+    if BITS == 4:
+        q = _int4_as_int8(w0, z, SYMMETRIC)
     else:
-        q = q - z.to(tl.int32)
-    blk = tl.dot(x8, q.to(tl.int8), out_dtype=tl.int32)
+        q = unpack_codes(w0, w1, BITS, False)
+        if SYMMETRIC:
+            q = q - (1 << (BITS - 1))
+        else:
+            q = q - z.to(tl.int32)
+        q = q.to(tl.int8)
+    blk = tl.dot(x8, q, out_dtype=tl.int32)
     return acc + blk.to(tl.float32) * s
 
 
@@ -300,7 +334,8 @@ def integer_zeros(zeros: torch.Tensor) -> bool:
     return _INTEGER_ZEROS[key]
 
 
-def _light_unsupported(q: QuantizedWeight) -> str | None:
+def light_unsupported(q: QuantizedWeight) -> str | None:
+    """Why the W4A8 kernels cannot read the packed weight `q`, or None."""
     if q.bits == 8 and not q.symmetric:
         return "asymmetric int8 codes (q - z does not fit an int8)"
     if q.zeros is not None and not integer_zeros(q.zeros):
@@ -315,7 +350,7 @@ def unsupported(x: torch.Tensor, w: SplitFFNWeights) -> str | None:
     if w.light_up is None or w.light_down is None:
         return "no light part"
     for q in (w.light_up, w.light_gate, w.light_down):
-        if q is not None and (reason := _light_unsupported(q)):
+        if q is not None and (reason := light_unsupported(q)):
             return reason
     return None
 
@@ -413,6 +448,8 @@ def split_ffn(
 __all__ = [
     "QMAX",
     "integer_zeros",
+    "light_unsupported",
+    "dequantized",
     "quantize_rows",
     "quantize_rows_ref",
     "reference_activations",
