@@ -11,6 +11,8 @@ from the project's own RTN quantizer (integer zero points), shapes off every blo
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -252,3 +254,78 @@ def test_eval_light_act_on_a_dense_model_is_one_line(tmp_path) -> None:
     assert len(lines) == 1 and "--light-act int8 applies to a compressed model" in lines[0]
     result = CliRunner().invoke(app, ["eval", str(tmp_path), "--light-act", "int4"])
     assert result.exit_code != 0 and "choose one of none, int8" in result.output
+
+
+# ---- the Hopper kernel for kernel A's light tiles (w4a8_hopper.py: int8 wgmma, opt-in)
+
+
+def test_hopper_fragments_hold_the_codes_minus_zero_in_slot_order() -> None:
+    """The A operand `_fragments8` builds (emulated with the kernel's layout facts) holds, at
+    k-slot 32 b + s of a step, code q - z of k = 32 b + X8_PERM[s]: the order x8 is permuted to."""
+    from ffnsplit.kernels import w4a8_hopper as hop
+    from ffnsplit.kernels.format import pack_planes
+
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 16, (64, 128), generator=g)  # [neurons, k] of one 128-k step
+    zeros = torch.randint(0, 16, (64,), generator=g)
+    words = pack_planes(codes, 4)[0]  # [16 word rows, 64 neurons]: rows 4 b + t hold k 8 (4b+t)..
+    frag = hop.emulate_fragments(words, zeros)
+    slot_k = torch.tensor([32 * (s // 32) + hop.X8_PERM[s % 32] for s in range(128)])
+    assert sorted(hop.X8_PERM) == list(range(32))
+    assert torch.equal(frag.long(), codes[:, slot_k] - zeros[:, None])
+    x8 = torch.randint(-127, 128, (5, 256), generator=g, dtype=torch.int8)
+    xp = hop.permute_x8(x8)
+    assert torch.equal(xp.view(5, 8, 32), x8.view(5, 8, 32)[:, :, hop.X8_PERM])
+
+
+@pytest.mark.parametrize("fold", ["magic", "i2f"])
+def test_hopper_kernel_compiles_for_sm90_without_serialized_wgmmas(fold) -> None:
+    """The kernel compiles for sm_90 with the installed Triton (its own ptxas, no GPU): within 255
+    registers (two programs an SM), the int8 wgmma from registers, and ptxas keeps the wgmmas
+    asynchronous (C7514: an accumulator read inside a wgmma pipeline stage; C7515: written)."""
+    from ffnsplit.kernels import tiles, wgmma_prefill
+    from tests.test_mma_decode import _aot
+
+    if wgmma_prefill.warpgroup_mma is None:
+        pytest.skip(f"Gluon's Hopper ops do not import here: {wgmma_prefill._IMPORT_ERROR}")
+    res = _aot(f"from ffnsplit.kernels import w4a8_hopper as h\nc = h.aot_compile(fold={fold!r})")
+    assert res["regs"] <= 255 and res["spills"] < 256
+    assert "wgmma.mma_async" in res["ptx"] and ".s8.s8" in res["ptx"]
+    log = tiles.ptxas_log(res["ptx"], 90)
+    assert "C7514" not in log and "C7515" not in log
+
+
+def test_hopper_kernel_formats_and_opt_in(monkeypatch) -> None:
+    from ffnsplit.kernels import w4a8_hopper as hop
+
+    w = weights(256, 8, 64, group=128)
+    x = rows(3, 256, torch.float16)
+    assert hop.unsupported(x, w) is None
+    assert "groups of 32" in hop.unsupported(x, weights(256, 8, 64, group=32))
+    assert "fp16/bf16" in hop.unsupported(x.float(), w)
+    assert "gated" in hop.unsupported(x, weights(256, 8, 64, group=128, gated=False))
+    monkeypatch.setattr(hop, "ENABLED", True)
+    assert hop.use(x, w) == (ON_GPU and hop.available(x.device))  # sm_90 only
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("m", "h", "light", "hidden", "sym"),
+                         [(77, 13, 208, 4160, False), (256, 0, 1024, 1024, True),
+                          (5, 8, 64, 256, False)])  # fmt: skip
+def test_hopper_kernel_matches_reference(poison, monkeypatch, dtype, m, h, light, hidden, sym):
+    from ffnsplit.kernels import w4a8_hopper as hop
+
+    w = weights(hidden, h, light, group=128, symmetric=sym, dtype=dtype, seed=m)
+    x = rows(m, hidden, dtype, seed=m + 1)
+    if not hop.available(x.device):
+        pytest.skip("the Hopper kernel needs an sm_90 GPU")
+    monkeypatch.setattr(hop, "ENABLED", True)
+    assert hop.use(x, w)
+    light = hop.light_activations
+    for fold in ("magic", "i2f"):
+        monkeypatch.setattr(hop, "light_activations", functools.partial(light, fold=fold))
+        a, amax = w4a8.split_activations(x, w)
+        assert rel_err(a, w4a8.reference_activations(x, w)) < TOL[dtype]
+        light_max = a[:, w.n_heavy :].float().abs().amax(1)
+        assert torch.equal(amax.view(torch.float32), light_max)

@@ -21,7 +21,8 @@ perplexity on a compressed checkpoint at 24.17; on every neuron +0.27).
 
 Weights: the packed format as stored (2 to 4 bits, and symmetric int8; integer zero points, as
 quant.py and gptq.py write them: `unsupported` says why not). Portable Triton (int8 `tl.dot`:
-mma on sm_80+, wgmma on sm_90), and runs under TRITON_INTERPRET=1. Opt-in: it changes the numerics (`reference_split_ffn` is the
+mma on sm_80+, wgmma on sm_90), and runs under TRITON_INTERPRET=1; on sm_90, FFNSPLIT_W4A8_WGMMA=1 gives kernel A's light tiles
+to w4a8_hopper.py's int8 wgmma kernel instead (not yet measured). Opt-in: it changes the numerics (`reference_split_ffn` is the
 definition the kernels are checked against).
 """
 
@@ -31,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ffnsplit.kernels import w4a8_hopper
 from ffnsplit.kernels.format import QuantizedWeight, SplitFFNWeights
 from ffnsplit.kernels.reference import apply_activation
 from ffnsplit.kernels.tiles import (
@@ -395,17 +397,21 @@ def split_activations(
     amax = torch.zeros((m,), dtype=torch.int32, device=x2.device)
     hu = w.heavy_up if nh else x2
     hg = w.heavy_gate if nh and w.gated else hu
-    grid = (triton.cdiv(m, bm), triton.cdiv(nh, bn) + triton.cdiv(nl, bn))
-    _up_kernel[grid](
-        x2, x8, sx, hu, hg, *_planes(up), *_planes(gate),
-        w.up_bias if w.up_bias is not None else a, w.gate_bias if w.gate_bias is not None else a,
-        a, amax, m, k, nh, nl, x2.stride(0), hu.stride(0), a.stride(0),
-        BITS=up.bits, GROUP=up.group_size, SYMMETRIC=up.symmetric, GATED=w.gated,
-        ACTIVATION=w.activation, HAS_UP_BIAS=w.up_bias is not None,
-        HAS_GATE_BIAS=w.gate_bias is not None, PRECISION=dot_precision(x2.dtype), BLOCK_M=bm,
-        BLOCK_N=bn, BLOCK_K=_block_k(up.group_size, k, bk), BLOCK_KH=bkh, num_warps=warps,
-        num_stages=stages,
-    )  # fmt: skip
+    hopper = w4a8_hopper.use(x2, w)  # light tiles by int8 wgmma (opt-in, sm_90)
+    grid = (triton.cdiv(m, bm), triton.cdiv(nh, bn) + (0 if hopper else triton.cdiv(nl, bn)))
+    if grid[1]:  # heavy tiles, and the light ones unless the Hopper kernel takes them
+        _up_kernel[grid](
+            x2, x8, sx, hu, hg, *_planes(up), *_planes(gate),
+            w.up_bias if w.up_bias is not None else a, w.gate_bias if w.gate_bias is not None else a,
+            a, amax, m, k, nh, nl, x2.stride(0), hu.stride(0), a.stride(0),
+            BITS=up.bits, GROUP=up.group_size, SYMMETRIC=up.symmetric, GATED=w.gated,
+            ACTIVATION=w.activation, HAS_UP_BIAS=w.up_bias is not None,
+            HAS_GATE_BIAS=w.gate_bias is not None, PRECISION=dot_precision(x2.dtype), BLOCK_M=bm,
+            BLOCK_N=bn, BLOCK_K=_block_k(up.group_size, k, bk), BLOCK_KH=bkh, num_warps=warps,
+            num_stages=stages,
+        )  # fmt: skip
+    if hopper:
+        w4a8_hopper.light_activations(x8, sx, w, a, amax)
     return a, amax
 
 
