@@ -21,8 +21,9 @@ perplexity on a compressed checkpoint at 24.17; on every neuron +0.27).
 
 Weights: the packed format as stored (2 to 4 bits, and symmetric int8; integer zero points, as
 quant.py and gptq.py write them: `unsupported` says why not). Portable Triton (int8 `tl.dot`:
-mma on sm_80+, wgmma on sm_90), and runs under TRITON_INTERPRET=1; on sm_90, FFNSPLIT_W4A8_WGMMA=1 gives kernel A's light tiles
-to w4a8_hopper.py's int8 wgmma kernel instead (not yet measured). Opt-in: it changes the numerics (`reference_split_ffn` is the
+mma on sm_80+, wgmma on sm_90), and runs under TRITON_INTERPRET=1; on sm_90
+FFNSPLIT_W4A8_WGMMA=1 gives kernel A's light tiles to w4a8_hopper.py's int8 wgmma kernel
+instead (not yet measured). Opt-in: it changes the numerics (`reference_split_ffn` is the
 definition the kernels are checked against).
 """
 
