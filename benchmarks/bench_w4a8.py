@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__))))
 from bench_decode import graph_time_us, rel_err, split_weights  # noqa: E402
 
 from ffnsplit.kernels import split_ffn as sffn  # noqa: E402
-from ffnsplit.kernels import w4a8  # noqa: E402
+from ffnsplit.kernels import w4a8, w4a8_hopper  # noqa: E402
 
 
 def main() -> int:
@@ -93,6 +93,24 @@ def main() -> int:
             )  # fmt: skip
             row["vs_dense"] = row["dense_us"] / us
             row["vs_split_fp16"] = row["split_fp16_us"] / us
+            if (
+                w4a8_hopper.available(xs[0].device)
+                and w4a8_hopper.unsupported(xs[0], ws[0]) is None
+            ):
+                w4a8_hopper.ENABLED = True  # kernel A's light tiles by int8 wgmma (opt-in)
+                try:
+                    row["hopper_rel_err"] = rel_err(w4a8.split_ffn(xs[0], ws[0], config=cfg), ref)
+                    row["hopper_us"] = graph_time_us(
+                        [lambda x=x, w=w, cfg=cfg: w4a8.split_ffn(x, w, config=cfg)
+                         for x, w in zip(xs, ws, strict=True)])  # fmt: skip
+                    row["hopper_kernel_a_us"] = graph_time_us(
+                        [lambda x=x, w=w, cfg=cfg: w4a8.split_activations(x, w, config=cfg)
+                         for x, w in zip(xs, ws, strict=True)])  # fmt: skip
+                    row["hopper_vs_dense"] = row["dense_us"] / row["hopper_us"]
+                except Exception as exc:  # report it, keep the rest of the table
+                    row["hopper_failed"] = f"{type(exc).__name__}: {exc}"[:300]
+                finally:
+                    w4a8_hopper.ENABLED = False
         rows.append(row)
         print(json.dumps(row), flush=True)
     meta = dict(
