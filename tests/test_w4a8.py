@@ -278,8 +278,9 @@ def test_hopper_fragments_hold_the_codes_minus_zero_in_slot_order() -> None:
     assert torch.equal(xp.view(5, 8, 32), x8.view(5, 8, 32)[:, :, hop.X8_PERM])
 
 
+@pytest.mark.parametrize("kernel", ["aot_compile", "aot_compile_down"])
 @pytest.mark.parametrize("fold", ["magic", "i2f"])
-def test_hopper_kernel_compiles_for_sm90_without_serialized_wgmmas(fold) -> None:
+def test_hopper_kernel_compiles_for_sm90_without_serialized_wgmmas(kernel, fold) -> None:
     """The kernel compiles for sm_90 with the installed Triton (its own ptxas, no GPU): within 255
     registers (two programs an SM), the int8 wgmma from registers, and ptxas keeps the wgmmas
     asynchronous (C7514: an accumulator read inside a wgmma pipeline stage; C7515: written)."""
@@ -288,7 +289,7 @@ def test_hopper_kernel_compiles_for_sm90_without_serialized_wgmmas(fold) -> None
 
     if wgmma_prefill.warpgroup_mma is None:
         pytest.skip(f"Gluon's Hopper ops do not import here: {wgmma_prefill._IMPORT_ERROR}")
-    res = _aot(f"from ffnsplit.kernels import w4a8_hopper as h\nc = h.aot_compile(fold={fold!r})")
+    res = _aot(f"from ffnsplit.kernels import w4a8_hopper as h\nc = h.{kernel}(fold={fold!r})")
     assert res["regs"] <= 255 and res["spills"] < 256
     assert "wgmma.mma_async" in res["ptx"] and ".s8.s8" in res["ptx"]
     log = tiles.ptxas_log(res["ptx"], 90)
@@ -304,8 +305,16 @@ def test_hopper_kernel_formats_and_opt_in(monkeypatch) -> None:
     assert "groups of 32" in hop.unsupported(x, weights(256, 8, 64, group=32))
     assert "fp16/bf16" in hop.unsupported(x.float(), w)
     assert "gated" in hop.unsupported(x, weights(256, 8, 64, group=128, gated=False))
+    a = torch.empty(3, 72, dtype=torch.float16, device=DEVICE)
+    assert hop.down_unsupported(a, w) is None
+    assert "groups of 128" in hop.down_unsupported(a, weights(256, 8, 64, group=64))
+    assert "fp16/bf16" in hop.down_unsupported(a.float(), w)
+    assert hop.down_slices(256, 4096, 107, 132) == 1
+    assert hop.down_slices(64, 4096, 107, 132) == 4
+    assert hop.down_slices(16, 256, 3, 132) == 2  # no more slices than pairs of groups
     monkeypatch.setattr(hop, "ENABLED", True)
     assert hop.use(x, w) == (ON_GPU and hop.available(x.device))  # sm_90 only
+    assert hop.use_down(a, w) == (ON_GPU and hop.available(x.device))
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
@@ -329,3 +338,21 @@ def test_hopper_kernel_matches_reference(poison, monkeypatch, dtype, m, h, light
         assert rel_err(a, w4a8.reference_activations(x, w)) < TOL[dtype]
         light_max = a[:, w.n_heavy :].float().abs().amax(1)
         assert torch.equal(amax.view(torch.float32), light_max)
+        for slices in (None, 3):  # kernel B: its own pick, and slices across the groups
+            out = torch.empty(m, hidden, dtype=dtype, device=DEVICE)
+            y = hop.down_projection(a, amax, w, out, slices=slices, fold=fold)
+            assert rel_err(y, w4a8.reference_down(a, w)) < TOL[dtype]
+    y = w4a8.split_ffn(x, w)  # both kernels through the module's entry
+    assert rel_err(y, w4a8.reference_split_ffn(x, w)) < max(TOL[dtype], 2e-3)
+
+
+def test_quantize_rows_permuted_and_from_known_maxima() -> None:
+    from ffnsplit.kernels import w4a8_hopper as hop
+
+    x = rows(6, 96, torch.float16)
+    q, s = w4a8.quantize_rows(x)
+    qp, sp = w4a8.quantize_rows(x, perm=True)
+    assert torch.equal(qp.cpu(), hop.permute_x8(q.cpu())) and torch.equal(s, sp)
+    amax = x.float().abs().amax(1).view(torch.int32)
+    qa, sa = w4a8.quantize_rows(x, amax=amax)
+    assert torch.equal(qa, q) and torch.equal(sa, s)

@@ -147,19 +147,30 @@ def _to_int8(v, inv):
 
 
 @triton.jit
-def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr):
-    """One row a program: its absmax, then x8 = floor(x * 127 / absmax + 1/2) and sx."""
+def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, amax_ptr, K, stride_xm, stride_qm,
+                       BLOCK_K: tl.constexpr, PERM: tl.constexpr,
+                       HAS_AMAX: tl.constexpr):  # fmt: skip
+    """One row a program: its absmax (HAS_AMAX: given as fp32 bits), then x8 = floor(x * 127 /
+    absmax + 1/2) and sx. PERM: x8's columns in w4a8_hopper's slot order inside each 32-k block
+    (k = 8 t + 2 i + p at slot 16 p + 4 t + i)."""
     row = tl.program_id(0)
     k = tl.arange(0, BLOCK_K)
-    amax = tl.zeros([1], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        v = tl.load(x_ptr + row * stride_xm + k0 + k, mask=k0 + k < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.max(tl.abs(v), 0))
+    if HAS_AMAX:
+        amax = tl.load(amax_ptr + row + tl.arange(0, 1)).to(tl.float32, bitcast=True)
+    else:
+        amax = tl.zeros([1], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            v = tl.load(x_ptr + row * stride_xm + k0 + k, mask=k0 + k < K, other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(v.to(tl.float32)), 0))
     inv, sx = _row_scale(amax)
     for k0 in range(0, K, BLOCK_K):
         v = tl.load(x_ptr + row * stride_xm + k0 + k, mask=k0 + k < K, other=0.0).to(tl.float32)
         q = _to_int8(v[None, :], inv)
-        tl.store(q_ptr + row * stride_qm + k0 + k[None, :], q, mask=(k0 + k < K)[None, :])
+        col = k0 + k
+        if PERM:
+            r = col % 32
+            col = col - r + 16 * (r % 2) + 4 * (r // 8) + (r // 2) % 4
+        tl.store(q_ptr + row * stride_qm + col[None, :], q, mask=(k0 + k < K)[None, :])
     tl.store(s_ptr + row + tl.arange(0, 1), sx)
 
 
@@ -358,15 +369,21 @@ def unsupported(x: torch.Tensor, w: SplitFFNWeights) -> str | None:
     return None
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton `quantize_rows_ref`: x [M, K] (last dim contiguous) -> (x8 [M, K], sx [M])."""
+def quantize_rows(
+    x: torch.Tensor, *, perm: bool = False, amax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton `quantize_rows_ref`: x [M, K] (last dim contiguous) -> (x8 [M, K], sx [M]).
+    `perm`: x8's columns in w4a8_hopper's slot order (K a multiple of 32); `amax`: the rows'
+    absolute maxima already known (int32 fp32 bits, as kernel A leaves them): one pass."""
     torch_to_triton_ok(x)
     m, k = x.shape
     x8 = torch.empty((m, k), dtype=torch.int8, device=x.device)
     sx = torch.empty((m,), dtype=torch.float32, device=x.device)
     if m:
         block = 32 if INTERPRET else min(triton.next_power_of_2(k), 8192)
-        _quant_rows_kernel[(m,)](x, x8, sx, k, x.stride(0), x8.stride(0), BLOCK_K=block,
+        _quant_rows_kernel[(m,)](x, x8, sx, amax if amax is not None else sx, k, x.stride(0),
+                                 x8.stride(0), BLOCK_K=block, PERM=perm,
+                                 HAS_AMAX=amax is not None,
                                  num_warps=4 if block >= 1024 else 1)  # fmt: skip
     return x8, sx
 
@@ -393,12 +410,12 @@ def split_activations(
     nh, nl = w.n_heavy, w.n_light
     bm, bn, bk, bkh, warps, stages = config or _pick(m)
     up, gate = w.light_up, w.light_gate or w.light_up
-    x8, sx = quantize_rows(x2)
+    hopper = w4a8_hopper.use(x2, w)  # light tiles by int8 wgmma (opt-in, sm_90)
+    x8, sx = quantize_rows(x2, perm=hopper)  # its fragments' k order
     a = torch.empty((m, nh + nl), dtype=x2.dtype, device=x2.device)
     amax = torch.zeros((m,), dtype=torch.int32, device=x2.device)
     hu = w.heavy_up if nh else x2
     hg = w.heavy_gate if nh and w.gated else hu
-    hopper = w4a8_hopper.use(x2, w)  # light tiles by int8 wgmma (opt-in, sm_90)
     grid = (triton.cdiv(m, bm), triton.cdiv(nh, bn) + (0 if hopper else triton.cdiv(nl, bn)))
     if grid[1]:  # heavy tiles, and the light ones unless the Hopper kernel takes them
         _up_kernel[grid](
@@ -426,6 +443,8 @@ def down_projection(
     bm, bn, bk, bkh, warps, stages = config or _pick(m)
     down = w.light_down
     out = torch.empty((m, w.hidden_size), dtype=a.dtype, device=a.device)
+    if m and w4a8_hopper.use_down(a, w):  # int8 wgmma on sm_90 (opt-in)
+        return w4a8_hopper.down_projection(a, amax, w, out)
     hd = w.heavy_down if nh else a
     grid = (triton.cdiv(m, bm), triton.cdiv(w.hidden_size, bn))
     _down_kernel[grid](

@@ -256,6 +256,156 @@ if gluon is not None and wp.warpgroup_mma is not None:
         big = gl.max(gl.where(mask, gl.abs(res.to(gl.float32)), 0.0), axis=0)
         gl.atomic_max(amax_ptr + om, big.to(gl.int32, bitcast=True), mask=om < M)
 
+    # ---- kernel B's light columns: y += sa * sum_g s_g (a8 . (q - z)_g) over K-slices ----------
+
+    @gluon.jit
+    def _down_issue(wa_smem, wb_smem, s_smem, t, last, st, pa, ps, gsub, rows, w_ok, s_ok, N, KR,
+                    G):  # fmt: skip
+        """Words ring of kernel B: pair-step min(t, last)'s word rows 32 t .. + 15 (group 2 t)
+        and 32 t + 16 .. + 31 (group 2 t + 1) and both groups' scales and zeros, stage st."""
+        j = gl.maximum(gl.minimum(t, last), 0)  # an empty slice still reads inside the weight
+        md._async_load(wa_smem.index(st), pa + j * 32 * N,
+                       mask=((j * 32 + rows) < KR)[:, None] & w_ok)  # fmt: skip
+        md._async_load(wb_smem.index(st), pa + (j * 32 + 16) * N,
+                       mask=((j * 32 + 16 + rows) < KR)[:, None] & w_ok)  # fmt: skip
+        md._async_load(s_smem.index(st), ps + 2 * j * N, mask=s_ok & (2 * j + gsub < G))
+
+    @gluon.jit
+    def _down_fetch(x_desc, bars, x_smem, u, n_tiles, m0, kx0):
+        """a8 tile u of the slice (k kx0 + 128 u) into x ring stage u % 3; none past n_tiles."""
+        st = u % 3
+        go = u < n_tiles
+        mbarrier.expect(bars.index(st), x_smem.shape[1] * _STEP, pred=go)
+        _tma_load(x_desc, [m0, kx0 + u * _STEP], bars.index(st), x_smem.index(st), pred=go)
+
+    @gluon.jit
+    def _down_step(t, t_lo, last, acc, tmp1, a1, s1_prev, wa_smem, wb_smem, s_smem, x_smem, bars,
+                   x_desc, m0, kx0, n_tiles, pa, ps, gsub, rows, w_ok, s_ok, N, KR, G,
+                   V3: gl.constexpr, W_L: gl.constexpr, X_L: gl.constexpr, A8: gl.constexpr,
+                   WR: gl.constexpr, FOLD: gl.constexpr, SYMMETRIC: gl.constexpr):  # fmt: skip
+        """Pair-step t (groups 2 t, 2 t + 1; x tiles u, u + 1): as kernel A's `_step` with the
+        two halves on two groups of one weight, both folded into acc."""
+        SV: gl.constexpr = gl.SliceLayout(0, W_L)
+        SA: gl.constexpr = gl.SliceLayout(1, V3)
+        st = (t - t_lo) % WR
+        md.async_copy.wait_group(WR - 2)
+        md._barrier()
+        _down_issue(wa_smem, wb_smem, s_smem, t + WR - 1, last, (t - t_lo + WR - 1) % WR, pa, ps,
+                    gsub, rows, w_ok, s_ok, N, KR, G)  # fmt: skip
+        md.async_copy.commit_group()
+        ha = wa_smem.index(st).load(W_L)
+        hb = wb_smem.index(st).load(W_L)
+        sv = s_smem.index(st)
+        s0 = sv.slice(0, _BN).load(SA).to(gl.float32)
+        z0 = sv.slice(_BN, _BN).load(SV).to(gl.int32)
+        s1 = sv.slice(2 * _BN, _BN).load(SA).to(gl.float32)
+        z1 = sv.slice(3 * _BN, _BN).load(SV).to(gl.int32)
+        if SYMMETRIC:  # noqa: SIM108
+            z0 = z0 * 0 + 8
+            z1 = z1 * 0 + 8
+        u = 2 * (t - t_lo)
+        mbarrier.wait(bars.index(u % 3), (u // 3) & 1)
+        b0 = x_smem.index(u % 3).permute((1, 0))
+        a0 = _fragments8(ha, (128 - z0) * 0x01010101, X_L, A8)  # while the last half runs
+        tmp1 = warpgroup_mma_wait(num_outstanding=0, deps=[tmp1])
+        _keep(a1)
+        acc = _fold(acc, s1_prev, tmp1, FOLD)
+        _down_fetch(x_desc, bars, x_smem, u + 2, n_tiles, m0, kx0)  # tile u - 1's stage: free
+        tmp0 = warpgroup_mma(a0, b0, gl.zeros([_BN, _BT], gl.int32, layout=V3), use_acc=False,
+                             is_async=True)  # fmt: skip
+        mbarrier.wait(bars.index((u + 1) % 3), ((u + 1) // 3) & 1)
+        b1 = x_smem.index((u + 1) % 3).permute((1, 0))
+        a1 = _fragments8(hb, (128 - z1) * 0x01010101, X_L, A8)  # while tmp0's runs
+        tmp0 = warpgroup_mma_wait(num_outstanding=0, deps=[tmp0])
+        _keep(a0)
+        acc = _fold(acc, s0, tmp0, FOLD)
+        _down_fetch(x_desc, bars, x_smem, u + 3, n_tiles, m0, kx0)  # tile u's stage: free
+        tmp1 = warpgroup_mma(a1, b1, gl.zeros([_BN, _BT], gl.int32, layout=V3), use_acc=False,
+                             is_async=True)  # fmt: skip
+        return acc, tmp1, a1, s1
+
+    @gluon.jit
+    def _w4a8_down_kernel(x_desc, sa_ptr, p_ptr, s_ptr, z_ptr, out_ptr, M, N, KL,
+                          V3: gl.constexpr, W_L: gl.constexpr, X_L: gl.constexpr,
+                          C_L: gl.constexpr, S_L: gl.constexpr, O_L: gl.constexpr,
+                          WR: gl.constexpr, FOLD: gl.constexpr = "magic",
+                          SYMMETRIC: gl.constexpr = False):  # fmt: skip
+        """fp32 partials out[slice, m, n] = sa[m] sum_g s[g, n] (a8[m] . (q - z)[n])_g over the
+        slice's groups (program_id 2 of num_programs 2, in pairs of groups) for outputs n0 ..
+        n0 + _BN (program_id 0) and rows m0 .. m0 + _BT (program_id 1): words p [KL / 8, N],
+        scales s and zeros z [KL / 128, N], a8 [M, KL] behind x_desc in the slot order."""
+        A8: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=V3, k_width=4)
+        WS: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=4,
+                                                   order=[1, 0])  # fmt: skip
+        SS: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
+        XSL: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8,
+                                                 rank=2)  # fmt: skip
+        n0 = gl.program_id(0) * _BN
+        m0 = gl.program_id(1) * _BT
+        G = gl.cdiv(KL, _STEP)
+        pairs = gl.cdiv(G, 2)
+        t_lo = gl.program_id(2) * pairs // gl.num_programs(2)
+        t_hi = (gl.program_id(2) + 1) * pairs // gl.num_programs(2)
+        last = t_hi - 1
+        KR = KL // 8
+        n_tiles = 2 * (t_hi - t_lo)
+        kx0 = t_lo * 2 * _STEP
+        wa_smem = gl.allocate_shared_memory(gl.int32, [WR, 16, _BN], WS)
+        wb_smem = gl.allocate_shared_memory(gl.int32, [WR, 16, _BN], WS)
+        s_smem = gl.allocate_shared_memory(s_ptr.dtype.element_ty, [WR, 4 * _BN], SS)
+        rows = gl.arange(0, 16, layout=gl.SliceLayout(1, C_L))
+        cols = n0 + gl.arange(0, _BN, layout=gl.SliceLayout(0, C_L))
+        w_ok = (cols < N)[None, :]
+        pa = p_ptr + rows[:, None] * N + cols[None, :]
+        e = gl.arange(0, 4 * _BN, layout=S_L)  # group 2 t's scale, zero; group 2 t + 1's
+        sr = e // _BN
+        sc = n0 + e % _BN
+        gsub = sr // 2
+        ps = gl.where(sr % 2 == 0, s_ptr + sc, z_ptr + sc) + gsub * N
+        s_ok = sc < N
+        for j in gl.static_range(WR - 1):
+            _down_issue(wa_smem, wb_smem, s_smem, t_lo + j, last, j, pa, ps, gsub, rows, w_ok,
+                        s_ok, N, KR, G)  # fmt: skip
+            md.async_copy.commit_group()
+        x_smem = gl.allocate_shared_memory(gl.int8, [3, _BT, _STEP], XSL)
+        bars = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())
+        for sb in gl.static_range(3):
+            mbarrier.init(bars.index(sb), count=1)
+        fence_async_shared()
+        _down_fetch(x_desc, bars, x_smem, 0, n_tiles, m0, kx0)
+        _down_fetch(x_desc, bars, x_smem, 1, n_tiles, m0, kx0)
+
+        acc = gl.zeros([_BN, _BT], gl.float32, layout=V3)
+        tmp1 = warpgroup_mma_init(gl.zeros([_BN, _BT], gl.int32, layout=V3))  # s1 = 0: adds 0
+        a1 = gl.zeros([_BN, _STEP], gl.int8, layout=A8)
+        s1 = gl.zeros([_BN], gl.float32, layout=gl.SliceLayout(1, V3))
+        for t in range(t_lo, last, 2):
+            acc, tmp1, a1, s1 = _down_step(
+                t, t_lo, last, acc, tmp1, a1, s1, wa_smem, wb_smem, s_smem, x_smem, bars, x_desc,
+                m0, kx0, n_tiles, pa, ps, gsub, rows, w_ok, s_ok, N, KR, G, V3, W_L, X_L, A8, WR,
+                FOLD, SYMMETRIC)  # fmt: skip
+            acc, tmp1, a1, s1 = _down_step(
+                t + 1, t_lo, last, acc, tmp1, a1, s1, wa_smem, wb_smem, s_smem, x_smem, bars,
+                x_desc, m0, kx0, n_tiles, pa, ps, gsub, rows, w_ok, s_ok, N, KR, G, V3, W_L, X_L,
+                A8, WR, FOLD, SYMMETRIC)  # fmt: skip
+        if (last - t_lo) % 2 == 0:
+            acc, tmp1, a1, s1 = _down_step(
+                last, t_lo, last, acc, tmp1, a1, s1, wa_smem, wb_smem, s_smem, x_smem, bars,
+                x_desc, m0, kx0, n_tiles, pa, ps, gsub, rows, w_ok, s_ok, N, KR, G, V3, W_L, X_L,
+                A8, WR, FOLD, SYMMETRIC)  # fmt: skip
+        tmp1 = warpgroup_mma_wait(num_outstanding=0, deps=[tmp1])
+        _keep(a1)
+        acc = _fold(acc, s1, tmp1, FOLD)
+        md.async_copy.wait_group(0)
+
+        on = n0 + gl.arange(0, _BN, layout=gl.SliceLayout(1, O_L))
+        om = m0 + gl.arange(0, _BT, layout=gl.SliceLayout(0, O_L))
+        sa = gl.load(sa_ptr + om, mask=om < M, other=0.0)[None, :]
+        res = gl.convert_layout(acc, O_L) * sa
+        mask = (on < N)[:, None] & (om < M)[None, :]
+        ptrs = out_ptr + gl.program_id(2) * M * N + om[None, :] * N + on[:, None]
+        gl.store(ptrs, res, mask=mask)
+
 
 def layouts(ring: int = RING) -> dict:
     """V3 ([BN, BT] int8 wgmma accumulators), W_L (words [16, BN]: lane 4 g + t holds word row
@@ -323,12 +473,12 @@ def light_activations(
     x8: torch.Tensor, sx: torch.Tensor, w: SplitFFNWeights, a: torch.Tensor, amax: torch.Tensor,
     *, fold: str = "magic",
 ) -> None:  # fmt: skip
-    """a[:, h:] and amax (raised, not reset) of kernel A's light tiles from x8 [M, K] and sx [M]
-    (w4a8.quantize_rows), as w4a8.split_activations writes them (`use` must hold)."""
+    """a[:, h:] and amax (raised, not reset) of kernel A's light tiles from x8 [M, K] in the
+    fragments' slot order and sx [M] (w4a8.quantize_rows(x, perm=True)), as
+    w4a8.split_activations writes them (`use` must hold)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    x8p = permute_x8(x8)
-    desc = TensorDescriptor.from_tensor(x8p, [BT, STEP], x_layout())
+    desc = TensorDescriptor.from_tensor(x8, [BT, STEP], x_layout())
     up, gate = w.light_up, w.light_gate
     m, k = x8.shape
     nl = w.n_light
@@ -341,6 +491,65 @@ def light_activations(
         HAS_UP_BIAS=w.up_bias is not None, HAS_GATE_BIAS=w.gate_bias is not None,
         **layouts(), FOLD=fold, SYMMETRIC=up.symmetric, num_warps=4,
     )  # fmt: skip
+
+
+def down_unsupported(a: torch.Tensor, w: SplitFFNWeights) -> str | None:
+    """Why kernel B's light columns of `w` on rows like a cannot take this kernel, or None."""
+    if a.dtype not in (torch.float16, torch.bfloat16):
+        return f"activations are {a.dtype}, not fp16/bf16"
+    q = w.light_down
+    if q is None or q.bits != 4 or q.group_size != STEP:
+        return "int4 light columns in groups of 128"
+    if q.shape[0] % 16 or not (q.planes[0].is_contiguous() and q.scales.is_contiguous()):
+        return "outputs a multiple of 16, contiguous packed planes and scales"
+    if q.zeros is not None and (not q.zeros.is_contiguous() or q.zeros.dtype != q.scales.dtype):
+        return "zeros not contiguous or not in the scales' dtype"
+    return None
+
+
+def use_down(a: torch.Tensor, w: SplitFFNWeights) -> bool:
+    """Whether w4a8.down_projection takes this kernel for the light columns (opt-in)."""
+    return ENABLED and available(a.device) and down_unsupported(a, w) is None
+
+
+def down_slices(m: int, n: int, groups: int, sms: int, per_sm: int = 2) -> int:
+    """K-slices (in pairs of groups) that fill one wave of `per_sm` programs an SM, 1 to 8."""
+    tiles = triton.cdiv(n, BN) * triton.cdiv(m, BT)
+    return max(1, min(8, per_sm * sms // tiles, triton.cdiv(groups, 2)))
+
+
+def down_projection(
+    a: torch.Tensor, amax: torch.Tensor, w: SplitFFNWeights, out: torch.Tensor, *,
+    slices: int | None = None, fold: str = "magic",
+) -> torch.Tensor:  # fmt: skip
+    """Kernel B into out [M, H] (contiguous): the light columns a[:, h:] quantized per row from
+    kernel A's row maxima (one pass, slot order), their int8 products by this kernel into fp32
+    K-slice partials, summed in order with the down bias, then the heavy columns by cuBLAS
+    added in place (`use_down` must hold)."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from ffnsplit.kernels import w4a8
+    from ffnsplit.kernels.quant_matmul import reduce_slices
+    from ffnsplit.kernels.tiles import sm_count
+
+    m = a.shape[0]
+    h = w.n_heavy
+    q = w.light_down
+    n, kl = q.shape
+    a8, sa = w4a8.quantize_rows(a[:, h:], perm=True, amax=amax)
+    desc = TensorDescriptor.from_tensor(a8, [BT, STEP], x_layout())
+    groups = triton.cdiv(kl, STEP)
+    slices = slices or down_slices(m, n, groups, sm_count(a.device))
+    partial = torch.empty((slices, m, n), dtype=torch.float32, device=a.device)
+    grid = (triton.cdiv(n, BN), triton.cdiv(m, BT), slices)
+    _w4a8_down_kernel[grid](
+        desc, sa, q.planes[0], q.scales, q.zeros if q.zeros is not None else q.scales, partial,
+        m, n, kl, **layouts(), FOLD=fold, SYMMETRIC=q.symmetric, num_warps=4,
+    )  # fmt: skip
+    reduce_slices(partial, w.down_bias, out)
+    if h:
+        out.addmm_(a[:, :h], w.heavy_down.t())
+    return out
 
 
 def emulate_fragments(words: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
@@ -378,6 +587,24 @@ def aot_compile(arch: int = 90, fold: str = "magic"):
     names = [p.name for p in fn.params]
     signature = {nm: sig.get(nm, "constexpr") for nm in names}
     aligned = [nm for nm in sig if nm.endswith("_ptr")] + ["NL", "K", "stride_am"]
+    attrs = {(names.index(nm),): [["tt.divisibility", 16]] for nm in aligned}
+    return triton.compile(GluonASTSource(fn, signature, const, attrs),
+                          target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})  # fmt: skip
+
+
+def aot_compile_down(arch: int = 90, fold: str = "magic"):
+    """`_w4a8_down_kernel` compiled for sm_`arch` without a GPU, as `aot_compile`."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    fn = _w4a8_down_kernel
+    desc = f"tensordesc<i8[{BT}, {STEP}],{x_layout()!r}>"
+    sig = dict(x_desc=desc, sa_ptr="*fp32", p_ptr="*i32", s_ptr="*fp16", z_ptr="*fp16",
+               out_ptr="*fp32", M="i32", N="i32", KL="i32")  # fmt: skip
+    const = dict(**layouts(), FOLD=fold, SYMMETRIC=False)
+    names = [p.name for p in fn.params]
+    signature = {nm: sig.get(nm, "constexpr") for nm in names}
+    aligned = [nm for nm in sig if nm.endswith("_ptr")] + ["N", "KL"]
     attrs = {(names.index(nm),): [["tt.divisibility", 16]] for nm in aligned}
     return triton.compile(GluonASTSource(fn, signature, const, attrs),
                           target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})  # fmt: skip
