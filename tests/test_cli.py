@@ -97,6 +97,17 @@ def test_profile_compress_eval_info_pipeline(workspace: dict[str, Path]) -> None
     ppl_d = next(iter(dense["perplexity"].values()))["ppl"]
     assert 0.5 < ppl_c / ppl_d < 2.0
 
+    # the same checkpoint with int8 light activations, beside itself (W4A8)
+    code, output = run(
+        "eval", out, "--against", out, "--light-act", "int8", "--corpora", corpus,
+        "--seq-len", 32, "--max-tokens", 256, "--json", results, "--overwrite", "--device", "cpu",
+    )  # fmt: skip
+    assert code == 0, output
+    reports = json.loads(results.read_text())
+    assert set(reports) == {str(out), f"{out} (int8 light act.)"}
+    ppl_8 = next(iter(reports[f"{out} (int8 light act.)"]["perplexity"].values()))["ppl"]
+    assert ppl_8 != ppl_c and abs(ppl_8 / ppl_c - 1) < 0.05
+
     completions = root / "generate.json"
     code, output = run(
         "generate", out, "--against", model, "-p", "w3 w9 w27", "-p", "w81 w43",

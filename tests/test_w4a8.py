@@ -278,8 +278,8 @@ def test_hopper_fragments_hold_the_codes_minus_zero_in_slot_order() -> None:
     assert torch.equal(xp.view(5, 8, 32), x8.view(5, 8, 32)[:, :, hop.X8_PERM])
 
 
-@pytest.mark.parametrize("kernel", ["aot_compile", "aot_compile_down"])
-@pytest.mark.parametrize("fold", ["magic", "i2f"])
+@pytest.mark.parametrize(("kernel", "fold"), [("aot_compile", "magic"), ("aot_compile", "i2f"),
+                                              ("aot_compile_down", "magic")])  # fmt: skip
 def test_hopper_kernel_compiles_for_sm90_without_serialized_wgmmas(kernel, fold) -> None:
     """The kernel compiles for sm_90 with the installed Triton (its own ptxas, no GPU): within 255
     registers (two programs an SM), the int8 wgmma from registers, and ptxas keeps the wgmmas
