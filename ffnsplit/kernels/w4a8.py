@@ -12,7 +12,7 @@ FFSplit's heavy hitters, the neurons with the largest activations, stay out of t
 row scale (benchmarks/study_act_quant.py: SmolLM2-135M, int8 on the light part only +0.11
 perplexity on a compressed checkpoint at 24.17; on every neuron +0.27).
 
-  x8, sx = quantize_rows(x)                               x8 = floor(x * 127 / absmax + 1/2)
+  x8, sx = quantize_rows(x)                               x8 = round(x * 127 / absmax)
   kernel A: a[:, :h] = act(x Gh^T + gb) * (x Uh^T + ub)   fp16/bf16 products
             a[:, h:] = the same with sx * sum_g s_g (x8 . (q - z)_g)   int8 products
             and amax[m] = max |a[m, h:]| (one atomic max a tile and row)
@@ -57,11 +57,12 @@ QMAX = 127.0
 
 def quantize_rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (x8 [M, K] int8, sx [M] fp32) with x ~ x8 * sx: per-row absmax scaling,
-    x8 = floor(x * (127 / absmax) + 1/2) (a zero row gives zeros and sx = 0)."""
+    x8 = x * (127 / absmax) rounded to the nearest integer, ties to even (a zero row gives zeros
+    and sx = 0)."""
     xf = x.float()
     amax = xf.abs().amax(-1)
     inv = torch.where(amax > 0, QMAX / amax.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-    q = torch.floor(xf * inv[:, None] + 0.5).clamp(-QMAX, QMAX).to(torch.int8)
+    q = torch.round(xf * inv[:, None]).clamp(-QMAX, QMAX).to(torch.int8)
     return q, amax / QMAX
 
 
@@ -141,17 +142,20 @@ def _row_scale(amax):
 
 @triton.jit
 def _to_int8(v, inv):
-    """floor(v * inv + 1/2) of fp32 v [BM, BK] with per-row inv [BM], as int8."""
-    r = tl.floor(v * inv[:, None] + 0.5)
-    return tl.minimum(tl.maximum(r, -127.0), 127.0).to(tl.int8)
+    """v * inv rounded to the nearest integer (ties to even) as int8, for fp32 v [BM, BK] and
+    per-row inv [BM] with |v * inv| <= 127 (inv from the rows' absolute maxima): adding
+    1.5 * 2^23 rounds at a unit in fp32 and leaves the integer in the low bits (no clamp, no
+    quarter-rate float-to-int conversion)."""
+    r = v * inv[:, None] + 12582912.0
+    return (r.to(tl.int32, bitcast=True) - 0x4B400000).to(tl.int8)
 
 
 @triton.jit
 def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, amax_ptr, K, stride_xm, stride_qm,
                        BLOCK_K: tl.constexpr, PERM: tl.constexpr,
                        HAS_AMAX: tl.constexpr):  # fmt: skip
-    """One row a program: its absmax (HAS_AMAX: given as fp32 bits), then x8 = floor(x * 127 /
-    absmax + 1/2) and sx. PERM: x8's columns in w4a8_hopper's slot order inside each 32-k block
+    """One row a program: its absmax (HAS_AMAX: given as fp32 bits), then x8 = round(x * 127 /
+    absmax) and sx. PERM: x8's columns in w4a8_hopper's slot order inside each 32-k block
     (k = 8 t + 2 i + p at slot 16 p + 4 t + i)."""
     row = tl.program_id(0)
     k = tl.arange(0, BLOCK_K)
@@ -214,7 +218,10 @@ def _int8_block(acc, x8, p0_ptr, p1_ptr, s_ptr, z_ptr, N, K, k0, offs_n, mask_n,
             q = q - z.to(tl.int32)
         q = q.to(tl.int8)
     blk = tl.dot(x8, q, out_dtype=tl.int32)
-    return acc + blk.to(tl.float32) * s
+    # float(blk) by the bits of 1.5 * 2^23 (|blk| <= 128 * 127 * 128 < 2^22 for blocks of up to
+    # 128 codes): full-rate integer and float adds instead of a quarter-rate conversion
+    f = (blk + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+    return acc + f * s
 
 
 @triton.jit
@@ -315,13 +322,15 @@ def _down_kernel(a_ptr, amax_ptr, hd_ptr, p0_ptr, p1_ptr, s_ptr, z_ptr, bias_ptr
 # launchers
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_KH, num_warps, num_stages); the interpreter's is small.
-# Not yet tuned on a GPU: a first set around the int8 MMA's shapes (k 32 an instruction).
+# Not yet timed on a GPU. sm_90 AOT (Triton 3.6, Llama-3-8B FFN): 64 x 64 x 128 fits both
+# kernels without spills (A 220 registers, B 221); 64 x 128 spills in kernel A, 128 x 128 more.
 CONFIGS = (
+    (64, 64, 128, 64, 4, 3),
     (64, 128, 128, 64, 4, 3),
-    (128, 128, 128, 64, 8, 3),
     (128, 64, 128, 64, 4, 3),
     (64, 64, 64, 64, 4, 4),
     (16, 128, 128, 64, 4, 3),
+    (16, 64, 128, 64, 4, 4),
 )
 INTERPRET_CONFIG = (16, 32, 32, 32, 4, 1)
 
@@ -391,9 +400,7 @@ def quantize_rows(
 def _pick(m: int) -> tuple[int, ...]:
     if INTERPRET:
         return INTERPRET_CONFIG
-    if m <= 16:
-        return CONFIGS[4]
-    return CONFIGS[0] if m <= 512 else CONFIGS[1]
+    return CONFIGS[4] if m <= 16 else CONFIGS[0]
 
 
 def _planes(q: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
