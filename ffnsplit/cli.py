@@ -813,11 +813,12 @@ def _us(value: float) -> str:
 def _layer_table(case: dict):
     from rich.table import Table
 
-    from ffnsplit.eval.bench import METHODS, max_errors
+    from ffnsplit.eval.bench import METHODS, W4A8_METHOD, max_errors
 
     by = {(r["m"], r["method"]): r for r in case["rows"] if "us" in r}
-    methods = [method for method in METHODS if any(key[1] == method for key in by)]
-    short = {"torch_int4": "int4", "kernel_A": "A", "kernel_B": "B", "reference": "ref"}
+    methods = [m for m in (*METHODS, W4A8_METHOD) if any(key[1] == m for key in by)]
+    short = {"torch_int4": "int4", "kernel_A": "A", "kernel_B": "B", "reference": "ref",
+             W4A8_METHOD: "w4a8"}  # fmt: skip
     table = Table(
         title=f"{case['label']}: us per call; ffnsplit x byte floor, speedup vs dense; "
         "last row: largest relative error",
@@ -975,6 +976,13 @@ def bench_command(
             "(fused kernels), torch (the model's own modules and SDPA).",
         ),
     ] = "auto",
+    light_act: Annotated[
+        str,
+        typer.Option(
+            "--light-act",
+            help="int8: the layer bench adds the split FFN on int8 light activations (W4A8).",
+        ),
+    ] = "none",
     seed: Annotated[int, typer.Option(help="Seed of random weights, heavy sets, prompts.")] = 0,
     json_file: Annotated[
         Path | None, typer.Option("--json", help="Write every result to this JSON file.")
@@ -1015,6 +1023,7 @@ def bench_command(
         decode_steps=decode_steps,
         graphs=graphs,
         decoder_kernels=decoder_kernels,
+        light_act=light_act,
         seed=seed,
         device=device,
         json_path=json_file,

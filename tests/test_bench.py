@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ffnsplit.errors import OptionError
 from ffnsplit.eval import bench
 from ffnsplit.kernels import fused_decode, mma_decode, tiles
 from ffnsplit.plan import parse_light_format
@@ -38,19 +39,35 @@ def _layer(options: bench.BenchOptions) -> dict:
 
 
 def test_layer_bench_runs_every_method_and_each_matches_fp32() -> None:
-    case = _layer(bench.BenchOptions(shapes=(SHAPE,), ms=(1, 20), copies=2, repeats=1,
-                                     device=DEVICE))  # fmt: skip
+    """Every method, W4A8 included (--light-act int8: the split FFN on int8 light activations,
+    checked against the same fp32 reference: its error is the int8 activations' own, small, and
+    here hardly above fp16's, the bench's random light weights being small beside the heavy)."""
+    payload = bench.run_bench(bench.BenchOptions(shapes=(SHAPE,), ms=(1, 20), copies=2,
+                                                 repeats=1, device=DEVICE, light_act="int8"))  # fmt: skip
+    assert len(payload["layers"]) == 1 and payload["settings"]["light_act"] == "int8"
+    case = payload["layers"][0]
     assert case["heavy"] == 16 and case["light"] == 256 and case["copies"] == 2
-    assert not case["notes"]
+    assert case["notes"] == [f"{bench.W4A8_METHOD}: int8 light activations (a different "
+                             "numerics), error against the fp16-activation fp32 reference"]  # fmt: skip
     rows = {(r["m"], r["method"]): r for r in case["rows"]}
     assert not [r for r in case["rows"] if "error" in r]
-    assert set(rows) == {(m, method) for m in (1, 20) for method in bench.METHODS}
+    methods = (*bench.METHODS, bench.W4A8_METHOD)
+    assert set(rows) == {(m, method) for m in (1, 20) for method in methods}
+    for m in (1, 20):
+        w4 = rows[(m, bench.W4A8_METHOD)]
+        assert 0 < w4["rel_err"] < 5e-2 and w4["us"] > 0
+        assert w4["path"] in ("w4a8", "w4a8+wgmma")
+    assert f"{bench.W4A8_METHOD} (int8 light activations): M = 1" in bench.markdown(payload)
+    with pytest.raises(OptionError, match="choose one of none, int8"):
+        bench.BenchOptions(shapes=(SHAPE,), light_act="fp8")
     runs_mma = (
         DEVICE == "cuda" and mma_decode.ENABLED and mma_decode.available(torch.device(DEVICE))
     )
     tier = {m: "mma" if runs_mma and mma_decode.MIN_M <= m <= mma_decode.AUTO_MAX_M else None
             for m in (1, 20)}  # fmt: skip
     for (m, method), row in rows.items():
+        if method == bench.W4A8_METHOD:
+            continue
         assert row["rel_err"] < TOLERANCE[method], (m, method, row["rel_err"])
         assert row["us"] > 0 and row["GBps"] > 0
         assert row["x_floor"] == pytest.approx(row["us"] / row["floor_us"])

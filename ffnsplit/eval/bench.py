@@ -48,9 +48,10 @@ from torch import Tensor, nn
 
 from ffnsplit.errors import FFNSplitError, OptionError, UnsupportedModelError
 from ffnsplit.fsutil import atomic_write_text
-from ffnsplit.kernels import decode_ops, ops, reference, tiles
+from ffnsplit.kernels import decode_ops, ops, reference, tiles, w4a8_hopper
 from ffnsplit.kernels import quant_matmul as qmm
 from ffnsplit.kernels import split_ffn as sffn
+from ffnsplit.kernels import w4a8 as w4a8_kernels
 from ffnsplit.kernels.format import (
     PACK_ALIGN,
     QuantizedWeight,
@@ -69,6 +70,7 @@ CPU_DEFAULT_SHAPE = "256x1024"  # --device cpu runs eagerly: smoke numbers in se
 DEFAULT_MS = (1, 4, 16, 64, 256, 2048)
 REFERENCE_MAX_M = 256  # the reference dequantizes per call: too slow to time beyond
 METHODS = ("dense", "torch_int4", "ffnsplit", "kernel_A", "kernel_B", "reference")
+W4A8_METHOD = "ffnsplit_w4a8"  # with --light-act int8: the split FFN on int8 light activations
 GRAPH_REPEAT = 4  # passes over the weight copies per CUDA graph
 MAX_COPIES = 128
 E2E_REPEATS = 5  # medians of this many prefills / decode runs on a GPU (one on the CPU)
@@ -161,6 +163,7 @@ class BenchOptions:
     decode_steps: int = 128
     graphs: bool = True  # CUDA graphs (layer timings and decode steps)
     decoder_kernels: str = "auto"  # StaticDecoder's kernels: auto (triton on CUDA), triton, torch
+    light_act: str = "none"  # "int8": the layer bench adds the W4A8 split FFN (kernels/w4a8.py)
     # kernels.tiles.GEMV_MAX_M for this run (threshold experiments; the Gluon mma tier takes
     # 2 <= M <= 32 first where it can run, FFNSPLIT_MMA=0 takes it out)
     gemv_max_m: int | None = None
@@ -206,6 +209,8 @@ class BenchOptions:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise OptionError(f"--{name} must be at least 1")
+        if self.light_act not in ("none", "int8"):
+            raise OptionError(f"--light-act {self.light_act!r}: choose one of none, int8")
         if self.decoder_kernels not in ops.BACKENDS:
             raise OptionError(
                 f"unknown --decoder-kernels {self.decoder_kernels!r}: choose one of "
@@ -662,8 +667,11 @@ def bench_layer(
     graphs: bool = True,
     reps: int | None = None,
     log: Log | None = None,
+    w4a8: bool = False,
 ) -> dict:
-    """Time every method on `case` for every M; returns the case's description and rows."""
+    """Time every method on `case` for every M; returns the case's description and rows.
+    `w4a8`: also the split FFN on int8 light activations (W4A8_METHOD; its error is against the
+    same fp32 reference as the others', so it shows what the int8 activations cost)."""
     log = log or (lambda message: None)
     cuda = device.type == "cuda"
     reps = reps or (15 if cuda else 3)
@@ -688,8 +696,18 @@ def bench_layer(
         "kernel_A": split_bytes(weights[0]) - down_bytes(weights[0]),
         "kernel_B": down_bytes(weights[0]),
         "reference": split_bytes(weights[0]),
+        W4A8_METHOD: split_bytes(weights[0]),
     }
     act = case.activation
+    if w4a8:
+        probe = torch.empty(0, case.hidden, device=device, dtype=torch.float16)
+        why = w4a8_kernels.unsupported(probe, weights[0]) if triton_ok else "no Triton here"
+        if why:
+            notes.append(f"{W4A8_METHOD} skipped: {why}")
+            w4a8 = False
+        else:
+            notes.append(f"{W4A8_METHOD}: int8 light activations (a different numerics), "
+                         "error against the fp16-activation fp32 reference")  # fmt: skip
 
     def unpack(ws: list) -> tuple:
         return (ws[0], ws[1] if case.gated else None, ws[-1])
@@ -741,6 +759,11 @@ def bench_layer(
                     ),
                 ),
             )
+        if w4a8:
+            methods[W4A8_METHOD] = (
+                [lambda w=w: w4a8_kernels.split_ffn(x, w) for w in weights],
+                lambda: rel_err(w4a8_kernels.split_ffn(x, w0), ref_split),
+            )
         if m <= REFERENCE_MAX_M:
             methods["reference"] = (
                 [lambda w=w: ops.split_ffn(x, w, backend="torch") for w in weights],
@@ -772,6 +795,10 @@ def bench_layer(
                 which = {"ffnsplit": sffn.ffn_path, "kernel_A": sffn.kernel_a_path,
                          "kernel_B": sffn.kernel_b_path}  # fmt: skip
                 row["path"] = which[name](m, probe, weights[0])
+            if name == W4A8_METHOD:
+                probe = torch.empty(0, case.hidden, device=device, dtype=torch.float16)
+                hopper = w4a8_hopper.use(probe, weights[0])
+                row["path"] = "w4a8+wgmma" if hopper else "w4a8"
             dense_us = us if name == "dense" else dense_us
             row["vs_dense"] = None if dense_us is None else dense_us / us
             rows.append(row)
@@ -1479,7 +1506,7 @@ def run_bench(
         "copies": options.copies, "repeats": options.repeats, "graphs": options.graphs,
         "batch": options.batch, "prompt_len": options.prompt_len,
         "decode_steps": options.decode_steps, "seed": options.seed,
-        "decoder_kernels": options.decoder_kernels,
+        "decoder_kernels": options.decoder_kernels, "light_act": options.light_act,
         "decoder_projections": decoder_projections(device),
         "decoder_attention": decoder_attention(),
         "gemv_max_m": options.gemv_max_m if options.gemv_max_m is not None else tiles.GEMV_MAX_M,
@@ -1503,7 +1530,8 @@ def run_bench(
                 log(f"layer {case.label} ({len(case.copies)} weight copies)")
                 payload["layers"].append(
                     bench_layer(case, options.ms, device, bandwidth=payload["copy_GBps"] * 1e9,
-                                graphs=options.graphs, reps=options.repeats, log=log)
+                                graphs=options.graphs, reps=options.repeats, log=log,
+                                w4a8=options.light_act == "int8")
                 )  # fmt: skip
                 del case
             _free(device)
@@ -1596,6 +1624,11 @@ def _layer_markdown(case: dict, payload: dict) -> list[str]:
             f"{_fmt(split and split['GBps'], '.0f')} | {_fmt(split and split['x_floor'], '.2f')} "
             f"| {with_floor(m, 'kernel_A')} | {with_floor(m, 'kernel_B')} |"
         )
+    w4 = [by[(m, W4A8_METHOD)] for m in ms if (m, W4A8_METHOD) in by]
+    if w4:
+        lines += ["", f"{W4A8_METHOD} (int8 light activations): " + ", ".join(
+            f"M = {r['m']} {r['us']:.1f} us ({_fmt(r['vs_dense'], '.2f', 'x')} dense, path "
+            f"{r.get('path', '?')})" for r in w4) + "."]  # fmt: skip
     errors = max_errors(case)
     lines += ["", "Checks (largest relative error vs fp32 over M): "
               + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()) + "."]  # fmt: skip
