@@ -17,7 +17,7 @@
 #   profprefill (benchmarks/prof_prefill.py + probe_cublas.py), odd (717 heavy neurons),
 #   swap (benchmarks/proto_swap.py), swaptier (the W-as-A form: tests + bench_mma), pdlmma,
 #   next14 (session 13's open questions), fused15 (the one-launch FFN), verify15, next16, s16ab, ncu16, proj, floor17 (ran in 17), finish17, trace17, ab17, ab18, ticket18, decoder18, trace18, slices18, trig19 (ran in 19), mid19, big20 (prepared), wg20 (branch s20-wgmma,
-#   ran in 20), attn20, attn21 (ran in 21), tune21 (branch s21-prepared, ran in 21), next22, fin22 (branch s22-prepared; both ran in 22), warps22, chunks22, split22, persm22 (ran in 22), gen23, wg23, ptr23, pf24, smol24, smolerr24, wga25, ka25, ring25, wgp25, wgb25, fin25, w4a826 (prepared in 26), oracle, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
+#   ran in 20), attn20, attn21 (ran in 21), tune21 (branch s21-prepared, ran in 21), next22, fin22 (branch s22-prepared; both ran in 22), warps22, chunks22, split22, persm22 (ran in 22), gen23, wg23, ptr23, pf24, smol24, smolerr24, wga25, ka25, ring25, wgp25, wgb25, fin25, w4a826 and w4a826b (prepared in 26), oracle, padheavy, s14, final14, swap16, verify14, final13, graphs (tests/test_graphs.py), eager (benchmarks/bench_eager.py),
 #   (benchmarks/trace_decode.py), decode8b (M = 1, 4 + 8B decode once)
 # Several stages in one call: bash benchmarks/gpu_checks.sh gemv trace decode8b
 # Each step has its own time limit, so one slow step cannot take the whole call.
@@ -434,6 +434,13 @@ w4a826)  # session 26 (prepared, not run): the W4A8 split FFN (kernels/w4a8.py) 
     run 240 w4a826 python3 benchmarks/bench_w4a8.py --out "$OUT/w4a826.json"
     run 150 w4a826_all python3 benchmarks/bench_w4a8.py --m 16,256 --configs all \
         --out "$OUT/w4a826_all.json"
+    ;;
+w4a826b)  # session 26 (prepared): ffnsplit bench's table with the W4A8 rows, the Hopper kernels
+    # on and off (~4 min)
+    for on in 1 0; do
+        run 120 "w4a826b_$on" env FFNSPLIT_W4A8_WGMMA=$on python3 -m ffnsplit.cli bench \
+            --shape 4096x14336 --m 1,16,64,256,2048 --light-act int8 --json "$OUT/w4a826b_$on.json"
+    done
     ;;
 fin25)  # session 25's last call: the GPU tests of both Hopper prefill kernels (kernel A writing
     # kernel B's x in place), then the layer with kernel B on against off (~5 min)
