@@ -106,25 +106,32 @@ if gluon is not None and wp.warpgroup_mma is not None:
         gl.inline_asm_elementwise("", "=r,r", [a], dtype=gl.int8, is_pure=False, pack=4)
 
     @gluon.jit
-    def _issue(wu_smem, wg_smem, s_smem, i, last, st, pu, pg, ps, rows, w_ok, s_ok, N, KR, G):
-        """Words ring: cp.async of step min(i, last)'s up and gate word tiles [16, _BN] and of
-        its group's up scale, up zero, gate scale, gate zero [4 _BN] into stage st."""
-        j = gl.minimum(i, last)
-        mask = ((j * 16 + rows) < KR)[:, None] & w_ok
-        md._async_load(wu_smem.index(st), pu + j * 16 * N, mask=mask)
-        md._async_load(wg_smem.index(st), pg + j * 16 * N, mask=mask)
-        md._async_load(s_smem.index(st), ps + j * N, mask=s_ok & (j < G))
+    def _issue(wa_smem, wb_smem, s_smem, t, last, st, pa, pb, ps, gsub, rows, w_ok, s_ok, N, KR,
+               G, RS: gl.constexpr, RB: gl.constexpr):  # fmt: skip
+        """Words ring: cp.async of step min(t, last)'s two word tiles [16, _BN] into stage st:
+        word rows RS t .. + 15 behind pa and RS t + RB .. + 15 behind pb (kernel A: up's and
+        gate's, RS 16, RB 0; kernel B: a pair of groups of one weight, RS 32, RB 16), and the
+        step's RS / 16 groups' scales and zeros [4 _BN] (gsub: each element's group in the step;
+        rows past KR and groups past G zero-filled)."""
+        j = gl.maximum(gl.minimum(t, last), 0)  # an empty K-slice still reads inside the weight
+        md._async_load(wa_smem.index(st), pa + j * RS * N,
+                       mask=((j * RS + rows) < KR)[:, None] & w_ok)  # fmt: skip
+        md._async_load(wb_smem.index(st), pb + j * RS * N,
+                       mask=((j * RS + RB + rows) < KR)[:, None] & w_ok)  # fmt: skip
+        g = j * (RS // 16) + gsub
+        md._async_load(s_smem.index(st), ps + j * (RS // 16) * N, mask=s_ok & (g < G))
 
     @gluon.jit
-    def _x_fetch(x_desc, bars, x_smem, i, last, m0):
-        st = i % 3
-        go = i <= last
+    def _x8_fetch(x_desc, bars, x_smem, u, n_tiles, m0, kx0):
+        """x8 tile u (k kx0 + 128 u) into the x ring's stage u % 3; none from n_tiles on."""
+        st = u % 3
+        go = u < n_tiles
         mbarrier.expect(bars.index(st), x_smem.shape[1] * _STEP, pred=go)
-        _tma_load(x_desc, [m0, i * _STEP], bars.index(st), x_smem.index(st), pred=go)
+        _tma_load(x_desc, [m0, kx0 + u * _STEP], bars.index(st), x_smem.index(st), pred=go)
 
     @gluon.jit
     def _step(i, last, acc_u, acc_g, tmp_g, a_g, sg_prev, wu_smem, wg_smem, s_smem, x_smem, bars,
-              x_desc, m0, pu, pg, ps, rows, w_ok, s_ok, N, KR, G, V3: gl.constexpr,
+              x_desc, m0, pu, pg, ps, gsub, rows, w_ok, s_ok, N, KR, G, V3: gl.constexpr,
               W_L: gl.constexpr, X_L: gl.constexpr, A8: gl.constexpr, WR: gl.constexpr,
               FOLD: gl.constexpr, SYMMETRIC: gl.constexpr):  # fmt: skip
         """Step i: up's fragment built while gate's product of step i - 1 runs, which is then
@@ -135,8 +142,8 @@ if gluon is not None and wp.warpgroup_mma is not None:
         st = i % WR
         md.async_copy.wait_group(WR - 2)
         md._barrier()
-        _issue(wu_smem, wg_smem, s_smem, i + WR - 1, last, (i + WR - 1) % WR, pu, pg, ps, rows,
-               w_ok, s_ok, N, KR, G)  # fmt: skip
+        _issue(wu_smem, wg_smem, s_smem, i + WR - 1, last, (i + WR - 1) % WR, pu, pg, ps, gsub,
+               rows, w_ok, s_ok, N, KR, G, 16, 0)  # fmt: skip
         md.async_copy.commit_group()
         hu = wu_smem.index(st).load(W_L)
         hg = wg_smem.index(st).load(W_L)
@@ -157,7 +164,7 @@ if gluon is not None and wp.warpgroup_mma is not None:
         tmp_g = warpgroup_mma_wait(num_outstanding=0, deps=[tmp_g])
         _keep(a_g)
         acc_g = _fold(acc_g, sg_prev, tmp_g, FOLD)
-        _x_fetch(x_desc, bars, x_smem, i + 2, last, m0)  # step i - 1 read that stage: done
+        _x8_fetch(x_desc, bars, x_smem, i + 2, last + 1, m0, 0)  # step i - 1's stage: free
         tmp_u = warpgroup_mma(
             a_u, b, gl.zeros([_BN, _BT], gl.int32, layout=V3), use_acc=False, is_async=True
         )  # (reusing the folded tmp_u here: C7514 again)
@@ -206,16 +213,18 @@ if gluon is not None and wp.warpgroup_mma is not None:
         ps = gl.where(sr == 0, s_ptr + sc, gl.where(sr == 1, z_ptr + sc,
                       gl.where(sr == 2, t_ptr + sc, u_ptr + sc)))  # fmt: skip
         s_ok = sc < NL
+        gsub = e * 0  # one group a step
         for j in gl.static_range(WR - 1):
-            _issue(wu_smem, wg_smem, s_smem, j, last, j, pu, pg, ps, rows, w_ok, s_ok, NL, KR, G)
+            _issue(wu_smem, wg_smem, s_smem, j, last, j, pu, pg, ps, gsub, rows, w_ok, s_ok, NL, KR,
+                   G, 16, 0)  # fmt: skip
             md.async_copy.commit_group()
         x_smem = gl.allocate_shared_memory(gl.int8, [3, _BT, _STEP], XSL)
         bars = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())
         for sb in gl.static_range(3):
             mbarrier.init(bars.index(sb), count=1)
         fence_async_shared()
-        _x_fetch(x_desc, bars, x_smem, 0, last, m0)
-        _x_fetch(x_desc, bars, x_smem, 1, last, m0)
+        _x8_fetch(x_desc, bars, x_smem, 0, last + 1, m0, 0)
+        _x8_fetch(x_desc, bars, x_smem, 1, last + 1, m0, 0)
 
         acc_u = gl.zeros([_BN, _BT], gl.float32, layout=V3)
         acc_g = gl.zeros([_BN, _BT], gl.float32, layout=V3)
@@ -225,17 +234,17 @@ if gluon is not None and wp.warpgroup_mma is not None:
         for i in range(0, last, 2):  # two steps an iteration: ptxas keeps the wgmmas async
             acc_u, acc_g, tmp_g, a_g, sg = _step(
                 i, last, acc_u, acc_g, tmp_g, a_g, sg, wu_smem, wg_smem, s_smem, x_smem, bars,
-                x_desc, m0, pu, pg, ps, rows, w_ok, s_ok, NL, KR, G, V3, W_L, X_L, A8, WR, FOLD,
-                SYMMETRIC)  # fmt: skip
+                x_desc, m0, pu, pg, ps, gsub, rows, w_ok, s_ok, NL, KR, G, V3, W_L, X_L, A8, WR,
+                FOLD, SYMMETRIC)  # fmt: skip
             acc_u, acc_g, tmp_g, a_g, sg = _step(
                 i + 1, last, acc_u, acc_g, tmp_g, a_g, sg, wu_smem, wg_smem, s_smem, x_smem, bars,
-                x_desc, m0, pu, pg, ps, rows, w_ok, s_ok, NL, KR, G, V3, W_L, X_L, A8, WR, FOLD,
-                SYMMETRIC)  # fmt: skip
+                x_desc, m0, pu, pg, ps, gsub, rows, w_ok, s_ok, NL, KR, G, V3, W_L, X_L, A8, WR,
+                FOLD, SYMMETRIC)  # fmt: skip
         if last % 2 == 0:
             acc_u, acc_g, tmp_g, a_g, sg = _step(
                 last, last, acc_u, acc_g, tmp_g, a_g, sg, wu_smem, wg_smem, s_smem, x_smem, bars,
-                x_desc, m0, pu, pg, ps, rows, w_ok, s_ok, NL, KR, G, V3, W_L, X_L, A8, WR, FOLD,
-                SYMMETRIC)  # fmt: skip
+                x_desc, m0, pu, pg, ps, gsub, rows, w_ok, s_ok, NL, KR, G, V3, W_L, X_L, A8, WR,
+                FOLD, SYMMETRIC)  # fmt: skip
         tmp_g = warpgroup_mma_wait(num_outstanding=0, deps=[tmp_g])
         _keep(a_g)
         acc_g = _fold(acc_g, sg, tmp_g, FOLD)
@@ -259,26 +268,6 @@ if gluon is not None and wp.warpgroup_mma is not None:
     # ---- kernel B's light columns: y += sa * sum_g s_g (a8 . (q - z)_g) over K-slices ----------
 
     @gluon.jit
-    def _down_issue(wa_smem, wb_smem, s_smem, t, last, st, pa, ps, gsub, rows, w_ok, s_ok, N, KR,
-                    G):  # fmt: skip
-        """Words ring of kernel B: pair-step min(t, last)'s word rows 32 t .. + 15 (group 2 t)
-        and 32 t + 16 .. + 31 (group 2 t + 1) and both groups' scales and zeros, stage st."""
-        j = gl.maximum(gl.minimum(t, last), 0)  # an empty slice still reads inside the weight
-        md._async_load(wa_smem.index(st), pa + j * 32 * N,
-                       mask=((j * 32 + rows) < KR)[:, None] & w_ok)  # fmt: skip
-        md._async_load(wb_smem.index(st), pa + (j * 32 + 16) * N,
-                       mask=((j * 32 + 16 + rows) < KR)[:, None] & w_ok)  # fmt: skip
-        md._async_load(s_smem.index(st), ps + 2 * j * N, mask=s_ok & (2 * j + gsub < G))
-
-    @gluon.jit
-    def _down_fetch(x_desc, bars, x_smem, u, n_tiles, m0, kx0):
-        """a8 tile u of the slice (k kx0 + 128 u) into x ring stage u % 3; none past n_tiles."""
-        st = u % 3
-        go = u < n_tiles
-        mbarrier.expect(bars.index(st), x_smem.shape[1] * _STEP, pred=go)
-        _tma_load(x_desc, [m0, kx0 + u * _STEP], bars.index(st), x_smem.index(st), pred=go)
-
-    @gluon.jit
     def _down_step(t, t_lo, last, acc, tmp1, a1, s1_prev, wa_smem, wb_smem, s_smem, x_smem, bars,
                    x_desc, m0, kx0, n_tiles, pa, ps, gsub, rows, w_ok, s_ok, N, KR, G,
                    V3: gl.constexpr, W_L: gl.constexpr, X_L: gl.constexpr, A8: gl.constexpr,
@@ -290,8 +279,8 @@ if gluon is not None and wp.warpgroup_mma is not None:
         st = (t - t_lo) % WR
         md.async_copy.wait_group(WR - 2)
         md._barrier()
-        _down_issue(wa_smem, wb_smem, s_smem, t + WR - 1, last, (t - t_lo + WR - 1) % WR, pa, ps,
-                    gsub, rows, w_ok, s_ok, N, KR, G)  # fmt: skip
+        _issue(wa_smem, wb_smem, s_smem, t + WR - 1, last, (t - t_lo + WR - 1) % WR, pa,
+               pa + 16 * N, ps, gsub, rows, w_ok, s_ok, N, KR, G, 32, 16)  # fmt: skip
         md.async_copy.commit_group()
         ha = wa_smem.index(st).load(W_L)
         hb = wb_smem.index(st).load(W_L)
@@ -310,7 +299,7 @@ if gluon is not None and wp.warpgroup_mma is not None:
         tmp1 = warpgroup_mma_wait(num_outstanding=0, deps=[tmp1])
         _keep(a1)
         acc = _fold(acc, s1_prev, tmp1, FOLD)
-        _down_fetch(x_desc, bars, x_smem, u + 2, n_tiles, m0, kx0)  # tile u - 1's stage: free
+        _x8_fetch(x_desc, bars, x_smem, u + 2, n_tiles, m0, kx0)  # tile u - 1's stage: free
         tmp0 = warpgroup_mma(a0, b0, gl.zeros([_BN, _BT], gl.int32, layout=V3), use_acc=False,
                              is_async=True)  # fmt: skip
         mbarrier.wait(bars.index((u + 1) % 3), ((u + 1) // 3) & 1)
@@ -319,7 +308,7 @@ if gluon is not None and wp.warpgroup_mma is not None:
         tmp0 = warpgroup_mma_wait(num_outstanding=0, deps=[tmp0])
         _keep(a0)
         acc = _fold(acc, s0, tmp0, FOLD)
-        _down_fetch(x_desc, bars, x_smem, u + 3, n_tiles, m0, kx0)  # tile u's stage: free
+        _x8_fetch(x_desc, bars, x_smem, u + 3, n_tiles, m0, kx0)  # tile u's stage: free
         tmp1 = warpgroup_mma(a1, b1, gl.zeros([_BN, _BT], gl.int32, layout=V3), use_acc=False,
                              is_async=True)  # fmt: skip
         return acc, tmp1, a1, s1
@@ -364,16 +353,16 @@ if gluon is not None and wp.warpgroup_mma is not None:
         ps = gl.where(sr % 2 == 0, s_ptr + sc, z_ptr + sc) + gsub * N
         s_ok = sc < N
         for j in gl.static_range(WR - 1):
-            _down_issue(wa_smem, wb_smem, s_smem, t_lo + j, last, j, pa, ps, gsub, rows, w_ok,
-                        s_ok, N, KR, G)  # fmt: skip
+            _issue(wa_smem, wb_smem, s_smem, t_lo + j, last, j, pa, pa + 16 * N, ps, gsub, rows,
+                   w_ok, s_ok, N, KR, G, 32, 16)  # fmt: skip
             md.async_copy.commit_group()
         x_smem = gl.allocate_shared_memory(gl.int8, [3, _BT, _STEP], XSL)
         bars = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())
         for sb in gl.static_range(3):
             mbarrier.init(bars.index(sb), count=1)
         fence_async_shared()
-        _down_fetch(x_desc, bars, x_smem, 0, n_tiles, m0, kx0)
-        _down_fetch(x_desc, bars, x_smem, 1, n_tiles, m0, kx0)
+        _x8_fetch(x_desc, bars, x_smem, 0, n_tiles, m0, kx0)
+        _x8_fetch(x_desc, bars, x_smem, 1, n_tiles, m0, kx0)
 
         acc = gl.zeros([_BN, _BT], gl.float32, layout=V3)
         tmp1 = warpgroup_mma_init(gl.zeros([_BN, _BT], gl.int32, layout=V3))  # s1 = 0: adds 0
