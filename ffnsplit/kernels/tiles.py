@@ -414,7 +414,8 @@ def activation(g, ACTIVATION: tl.constexpr):
 def store_activations(acc_u, acc_g, ub_ptr, gb_ptr, a_ptr, stride_am, offs_m, mask_m, cols,
                        mask_n, GATED: tl.constexpr, ACTIVATION: tl.constexpr,
                        HAS_UP_BIAS: tl.constexpr, HAS_GATE_BIAS: tl.constexpr):  # fmt: skip
-    """Epilogue: biases, activation and gating on fp32 tiles, one store of `a` columns `cols`."""
+    """Epilogue: biases, activation and gating on fp32 tiles, one store of `a` columns `cols`;
+    returns what was stored (in a's dtype)."""
     if HAS_UP_BIAS:
         acc_u += tl.load(ub_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if GATED:
@@ -423,8 +424,10 @@ def store_activations(acc_u, acc_g, ub_ptr, gb_ptr, a_ptr, stride_am, offs_m, ma
         out = activation(acc_g, ACTIVATION) * acc_u
     else:
         out = activation(acc_u, ACTIVATION)
+    out = out.to(a_ptr.dtype.element_ty)
     ptrs = a_ptr + offs_m[:, None] * stride_am + cols[None, :]
-    tl.store(ptrs, out.to(a_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(ptrs, out, mask=mask_m[:, None] & mask_n[None, :])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,12 +38,12 @@ from ffnsplit.kernels.format import QuantizedWeight, SplitFFNWeights
 from ffnsplit.kernels.reference import apply_activation
 from ffnsplit.kernels.tiles import (
     INTERPRET,
-    activation,
     block_in_group,
     block_scales,
     dense_block,
     dot_precision,
     load_words,
+    store_activations,
     torch_to_triton_ok,
     unpack_codes,
 )
@@ -266,18 +266,11 @@ def _up_kernel(x_ptr, x8_ptr, sx_ptr, hu_ptr, hg_ptr, up0_ptr, up1_ptr, us_ptr, 
         acc_u = acc_u * sx
         acc_g = acc_g * sx
         out_cols = NH + cols
-    if HAS_UP_BIAS:
-        acc_u += tl.load(ub_ptr + out_cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    if GATED:
-        if HAS_GATE_BIAS:
-            acc_g += tl.load(gb_ptr + out_cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        out = activation(acc_g, ACTIVATION) * acc_u
-    else:
-        out = activation(acc_u, ACTIVATION)
-    out = out.to(a_ptr.dtype.element_ty)
-    mask = mask_m[:, None] & mask_n[None, :]
-    tl.store(a_ptr + offs_m[:, None] * stride_am + out_cols[None, :], out, mask=mask)
+    out = store_activations(acc_u, acc_g, ub_ptr, gb_ptr, a_ptr, stride_am, offs_m, mask_m,
+                            out_cols, mask_n, GATED, ACTIVATION, HAS_UP_BIAS,
+                            HAS_GATE_BIAS)  # fmt: skip
     if pid_n >= heavy_tiles:  # the row maxima of what was stored (kernel B's row scales)
+        mask = mask_m[:, None] & mask_n[None, :]
         big = tl.max(tl.where(mask, tl.abs(out.to(tl.float32)), 0.0), 1)
         tl.atomic_max(amax_ptr + offs_m, big.to(tl.int32, bitcast=True), mask=mask_m)
 

@@ -130,6 +130,33 @@ if gluon is not None and wp.warpgroup_mma is not None:
         _tma_load(x_desc, [m0, kx0 + u * _STEP], bars.index(st), x_smem.index(st), pred=go)
 
     @gluon.jit
+    def _words_ring(s_ptr, WR: gl.constexpr):
+        """The words ring's shared memory: two [WR, 16, _BN] word tiles a stage (8-word vectors
+        swizzled by row, as wgmma_prefill's) and a [WR, 4 _BN] row of scales and zeros."""
+        WS: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=4,
+                                                   order=[1, 0])  # fmt: skip
+        SS: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
+        wa_smem = gl.allocate_shared_memory(gl.int32, [WR, 16, _BN], WS)
+        wb_smem = gl.allocate_shared_memory(gl.int32, [WR, 16, _BN], WS)
+        s_smem = gl.allocate_shared_memory(s_ptr.dtype.element_ty, [WR, 4 * _BN], SS)
+        return wa_smem, wb_smem, s_smem
+
+    @gluon.jit
+    def _x8_ring(x_desc, n_tiles, m0, kx0):
+        """x8's three-stage TMA ring [3, _BT, _STEP] (128-byte swizzle), its mbarriers, and the
+        copies of tiles 0 and 1 (none from n_tiles on)."""
+        XSL: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8,
+                                                 rank=2)  # fmt: skip
+        x_smem = gl.allocate_shared_memory(gl.int8, [3, _BT, _STEP], XSL)
+        bars = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())
+        for sb in gl.static_range(3):
+            mbarrier.init(bars.index(sb), count=1)
+        fence_async_shared()
+        _x8_fetch(x_desc, bars, x_smem, 0, n_tiles, m0, kx0)
+        _x8_fetch(x_desc, bars, x_smem, 1, n_tiles, m0, kx0)
+        return x_smem, bars
+
+    @gluon.jit
     def _step(i, last, acc_u, acc_g, tmp_g, a_g, sg_prev, wu_smem, wg_smem, s_smem, x_smem, bars,
               x_desc, m0, pu, pg, ps, gsub, rows, w_ok, s_ok, N, KR, G, V3: gl.constexpr,
               W_L: gl.constexpr, X_L: gl.constexpr, A8: gl.constexpr, WR: gl.constexpr,
@@ -188,43 +215,24 @@ if gluon is not None and wp.warpgroup_mma is not None:
         (program_id 1): words p / q [K / 8, NL], scales s / t and zeros z / u [K / 128, NL]
         (groups of 128, integer zeros), x8 behind x_desc (permuted by X8_PERM), sx [M]."""
         A8: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=V3, k_width=4)
-        WS: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=4,
-                                                   order=[1, 0])  # fmt: skip
-        SS: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
-        XSL: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8,
-                                                 rank=2)  # fmt: skip
         n0 = gl.program_id(0) * _BN
         m0 = gl.program_id(1) * _BT
         last = gl.cdiv(K, _STEP) - 1
         KR = K // 8
         G = gl.cdiv(K, _STEP)
-        wu_smem = gl.allocate_shared_memory(gl.int32, [WR, 16, _BN], WS)
-        wg_smem = gl.allocate_shared_memory(gl.int32, [WR, 16, _BN], WS)
-        s_smem = gl.allocate_shared_memory(s_ptr.dtype.element_ty, [WR, 4 * _BN], SS)
+        wu_smem, wg_smem, s_smem = _words_ring(s_ptr, WR)
         rows = gl.arange(0, 16, layout=gl.SliceLayout(1, C_L))
         cols = n0 + gl.arange(0, _BN, layout=gl.SliceLayout(0, C_L))
         w_off = rows[:, None] * NL + cols[None, :]
         w_ok = (cols < NL)[None, :]
         pu = p_ptr + w_off
         pg = q_ptr + w_off
-        e = gl.arange(0, 4 * _BN, layout=S_L)  # up scale, up zero, gate scale, gate zero
-        sr = e // _BN
-        sc = n0 + e % _BN
-        ps = gl.where(sr == 0, s_ptr + sc, gl.where(sr == 1, z_ptr + sc,
-                      gl.where(sr == 2, t_ptr + sc, u_ptr + sc)))  # fmt: skip
-        s_ok = sc < NL
-        gsub = e * 0  # one group a step
+        ps, s_ok, gsub = wp._up_gate_scales(s_ptr, z_ptr, t_ptr, u_ptr, n0, NL, _BN, S_L)
         for j in gl.static_range(WR - 1):
             _issue(wu_smem, wg_smem, s_smem, j, last, j, pu, pg, ps, gsub, rows, w_ok, s_ok, NL, KR,
                    G, 16, 0)  # fmt: skip
             md.async_copy.commit_group()
-        x_smem = gl.allocate_shared_memory(gl.int8, [3, _BT, _STEP], XSL)
-        bars = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())
-        for sb in gl.static_range(3):
-            mbarrier.init(bars.index(sb), count=1)
-        fence_async_shared()
-        _x8_fetch(x_desc, bars, x_smem, 0, last + 1, m0, 0)
-        _x8_fetch(x_desc, bars, x_smem, 1, last + 1, m0, 0)
+        x_smem, bars = _x8_ring(x_desc, last + 1, m0, 0)
 
         acc_u = gl.zeros([_BN, _BT], gl.float32, layout=V3)
         acc_g = gl.zeros([_BN, _BT], gl.float32, layout=V3)
@@ -324,11 +332,6 @@ if gluon is not None and wp.warpgroup_mma is not None:
         n0 + _BN (program_id 0) and rows m0 .. m0 + _BT (program_id 1): words p [KL / 8, N],
         scales s and zeros z [KL / 128, N], a8 [M, KL] behind x_desc in the slot order."""
         A8: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=V3, k_width=4)
-        WS: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=4,
-                                                   order=[1, 0])  # fmt: skip
-        SS: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
-        XSL: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8,
-                                                 rank=2)  # fmt: skip
         n0 = gl.program_id(0) * _BN
         m0 = gl.program_id(1) * _BT
         G = gl.cdiv(KL, _STEP)
@@ -339,9 +342,7 @@ if gluon is not None and wp.warpgroup_mma is not None:
         KR = KL // 8
         n_tiles = 2 * (t_hi - t_lo)
         kx0 = t_lo * 2 * _STEP
-        wa_smem = gl.allocate_shared_memory(gl.int32, [WR, 16, _BN], WS)
-        wb_smem = gl.allocate_shared_memory(gl.int32, [WR, 16, _BN], WS)
-        s_smem = gl.allocate_shared_memory(s_ptr.dtype.element_ty, [WR, 4 * _BN], SS)
+        wa_smem, wb_smem, s_smem = _words_ring(s_ptr, WR)
         rows = gl.arange(0, 16, layout=gl.SliceLayout(1, C_L))
         cols = n0 + gl.arange(0, _BN, layout=gl.SliceLayout(0, C_L))
         w_ok = (cols < N)[None, :]
@@ -356,13 +357,7 @@ if gluon is not None and wp.warpgroup_mma is not None:
             _issue(wa_smem, wb_smem, s_smem, t_lo + j, last, j, pa, pa + 16 * N, ps, gsub, rows,
                    w_ok, s_ok, N, KR, G, 32, 16)  # fmt: skip
             md.async_copy.commit_group()
-        x_smem = gl.allocate_shared_memory(gl.int8, [3, _BT, _STEP], XSL)
-        bars = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())
-        for sb in gl.static_range(3):
-            mbarrier.init(bars.index(sb), count=1)
-        fence_async_shared()
-        _x8_fetch(x_desc, bars, x_smem, 0, n_tiles, m0, kx0)
-        _x8_fetch(x_desc, bars, x_smem, 1, n_tiles, m0, kx0)
+        x_smem, bars = _x8_ring(x_desc, n_tiles, m0, kx0)
 
         acc = gl.zeros([_BN, _BT], gl.float32, layout=V3)
         tmp1 = warpgroup_mma_init(gl.zeros([_BN, _BT], gl.int32, layout=V3))  # s1 = 0: adds 0

@@ -372,6 +372,18 @@ if gluon is not None and warpgroup_mma is not None:
         return acc0, acc1, a1
 
     @gluon.jit
+    def _up_gate_scales(s_ptr, z_ptr, t_ptr, u_ptr, n0, N, BN: gl.constexpr, S_L: gl.constexpr):
+        """Kernel A's scales ring row [4 BN]: pointers to up's scales and zeros (s, z) and
+        gate's (t, u) of neurons n0 .. n0 + BN at group 0, their mask (neurons past N), and
+        zeros in the row's layout (one group a step: no k offset)."""
+        e = gl.arange(0, 4 * BN, layout=S_L)  # up scale, up zero, gate scale, gate zero
+        sr = e // BN
+        sc = n0 + e % BN
+        ps = gl.where(sr == 0, s_ptr + sc, gl.where(sr == 1, z_ptr + sc,
+                      gl.where(sr == 2, t_ptr + sc, u_ptr + sc)))  # fmt: skip
+        return ps, sc < N, e * 0
+
+    @gluon.jit
     def _light_tile(x_desc, p_ptr, s_ptr, z_ptr, q_ptr, t_ptr, u_ptr, N, K, n0, m0,
                     SYMMETRIC: gl.constexpr, GROUP: gl.constexpr, DTYPE: gl.constexpr,
                     BT: gl.constexpr, V3: gl.constexpr, W_L: gl.constexpr, C_L: gl.constexpr,
@@ -399,13 +411,7 @@ if gluon is not None and warpgroup_mma is not None:
         w_ok = (w_cols < N)[None, :]
         pu = p_ptr + w_off
         pg = q_ptr + w_off
-        e = gl.arange(0, 4 * BN, layout=S_L)  # up scale, up zero, gate scale, gate zero
-        sr = e // BN
-        sc = n0 + e % BN
-        ps = gl.where(sr == 0, s_ptr + sc, gl.where(sr == 1, z_ptr + sc,
-                      gl.where(sr == 2, t_ptr + sc, u_ptr + sc)))  # fmt: skip
-        s_ok = sc < N
-        sh = e * 0
+        ps, s_ok, sh = _up_gate_scales(s_ptr, z_ptr, t_ptr, u_ptr, n0, N, BN, S_L)
         for j in gl.static_range(WR - 1):
             _ring_issue(wu_smem, wg_smem, s_smem, j, last, j, pu, pg, ps, w_rows, w_rows, w_ok,
                         s_ok, sh, N, KR, G, GROUP, 8)  # fmt: skip
